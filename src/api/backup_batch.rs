@@ -1,0 +1,166 @@
+//! `BackupBatch` (stash.appscode.com/v1beta1): one schedule, one repository, many members.
+
+use super::common::{
+    Condition, EmptyDirSettings, ExecutionOrder, Handler, HookExecutionPolicy, ObjectReference,
+    PersistentVolumeClaimTemplate, RetentionPolicy, RuntimeSettings, TargetRef, TaskRef,
+};
+use super::duration::DurationString;
+use k8s_openapi::api::core::v1::VolumeMount;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "stash.appscode.com",
+    version = "v1beta1",
+    kind = "BackupBatch",
+    plural = "backupbatches",
+    shortname = "bb",
+    category = "stash",
+    namespaced,
+    status = "BackupBatchStatus",
+    printcolumn = r#"{"name":"Schedule","type":"string","jsonPath":".spec.schedule"}"#,
+    printcolumn = r#"{"name":"Paused","type":"boolean","jsonPath":".spec.paused"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupBatchSpec {
+    /// How data is captured. Only `Restic` is supported; `VolumeSnapshotter` is refused with a reason.
+    #[serde(default)]
+    pub driver: Driver,
+    pub repository: ObjectReference,
+    /// Cron schedule of the trigger CronJob (standard five fields, or a `@every`/`@daily` macro).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// Upper bound of one session (a duration such as `30m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_out: Option<DurationString>,
+    /// Bounded so that the API server can budget the CEL rules nested in members.
+    #[schemars(length(min = 1, max = 64))]
+    pub members: Vec<BackupMember>,
+    /// Applies to the trigger CronJob's pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_settings: Option<RuntimeSettings>,
+    /// Run once per session, before the first and after the last member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<BackupHooks>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_policy: Option<RetentionPolicy>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+    /// How many finished sessions to keep.
+    #[serde(default = "default_backup_history_limit")]
+    #[schemars(range(min = 0))]
+    pub backup_history_limit: i32,
+    #[serde(default)]
+    pub execution_order: ExecutionOrder,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_config: Option<RetryConfig>,
+}
+
+fn default_backup_history_limit() -> i32 {
+    1
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Driver {
+    #[default]
+    Restic,
+    VolumeSnapshotter,
+}
+
+/// One part of the application: a workload (sidecar model), a PVC or a database (job model).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupMember {
+    pub target: BackupTarget,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_settings: Option<RuntimeSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temp_dir: Option<EmptyDirSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interim_volume_template: Option<PersistentVolumeClaimTemplate>,
+    /// Run around this member's backup, on each of its hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<BackupHooks>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupTarget {
+    /// The restic `--host` of this member (StatefulSet pods: `<alias>-<ordinal>`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub alias: String,
+    #[serde(rename = "ref")]
+    pub reference: TargetRef,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<VolumeMount>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub replicas: Option<i32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupHooks {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_backup: Option<Handler>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_backup: Option<PostBackupHook>,
+}
+
+/// A post-backup hook: a handler plus when to run it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PostBackupHook {
+    #[serde(flatten)]
+    pub handler: Handler,
+    #[serde(default)]
+    pub execution_policy: HookExecutionPolicy,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryConfig {
+    #[schemars(range(min = 0))]
+    pub max_retry: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<DurationString>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupBatchStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<BackupInvokerPhase>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub member_conditions: Vec<MemberConditions>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum BackupInvokerPhase {
+    Ready,
+    NotReady,
+    Invalid,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct MemberConditions {
+    pub target: TargetRef,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

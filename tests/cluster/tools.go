@@ -1,0 +1,10 @@
+//go:build tools
+
+// Package testcluster only pins the binaries built by build.sh.
+package testcluster
+
+import (
+	_ "go.etcd.io/etcd/server/v3"
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+)
