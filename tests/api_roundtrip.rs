@@ -7,37 +7,13 @@ use stash::api::backup_batch::{BackupMember, Driver};
 use stash::api::backup_session::{BackupSessionPhase, HostPhase};
 use stash::api::common::{ExecutionOrder, HookExecutionPolicy};
 use stash::api::{BackupBatch, BackupSession, Repository, RestoreBatch};
-use std::path::Path;
+
+mod support;
+
+use support::{load_yaml, without_empty};
 
 fn load(name: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/valid")
-        .join(name);
-    let text = std::fs::read_to_string(&path).expect("test data is readable");
-    serde_yaml::from_str(&text).expect("test data is YAML")
-}
-
-/// Drops what Go's `omitempty` drops (false, empty lists and maps, null), so both sides compare alike.
-fn without_empty(value: Value) -> Value {
-    match value {
-        Value::Object(map) => Value::Object(
-            map.into_iter()
-                .map(|(k, v)| (k, without_empty(v)))
-                .filter(|(_, v)| !is_empty(v))
-                .collect(),
-        ),
-        Value::Array(items) => Value::Array(items.into_iter().map(without_empty).collect()),
-        other => other,
-    }
-}
-
-fn is_empty(value: &Value) -> bool {
-    match value {
-        Value::Null | Value::Bool(false) => true,
-        Value::Array(items) => items.is_empty(),
-        Value::Object(map) => map.is_empty(),
-        _ => false,
-    }
+    load_yaml(&format!("valid/{name}"))
 }
 
 /// Parses `manifest` as `T`, serializes it back, and checks that nothing was renamed, lost or added.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kube-controller-manager and etcd from the pinned modules in go.mod into a cache
+# Builds kube-apiserver, kube-controller-manager, kubectl and etcd from the pinned modules in go.mod into a cache
 # directory keyed by version; a second run finds them there and returns at once.
 # Prints the directory holding the binaries.
 set -euo pipefail
@@ -10,7 +10,7 @@ etcd_version=$(awk '$1 == "go.etcd.io/etcd/server/v3" { print $2; exit }' "$here
 cache_root=${STASH_TEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/stash-testcluster}
 bin_dir="$cache_root/k8s-$k8s_version-etcd-$etcd_version"
 
-if [[ -x "$bin_dir/kube-apiserver" && -x "$bin_dir/kube-controller-manager" && -x "$bin_dir/etcd" ]]; then
+if [[ -x "$bin_dir/kube-apiserver" && -x "$bin_dir/kube-controller-manager" && -x "$bin_dir/kubectl" && -x "$bin_dir/etcd" ]]; then
   echo "$bin_dir"
   exit 0
 fi
@@ -28,6 +28,7 @@ echo "build.sh: building Kubernetes $k8s_version and etcd $etcd_version into $bi
 start=$SECONDS
 go build -trimpath -pgo=off -ldflags "$ldflags" -o "$staging/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver >&2
 go build -trimpath -pgo=off -ldflags "$ldflags" -o "$staging/kube-controller-manager" k8s.io/kubernetes/cmd/kube-controller-manager >&2
+go build -trimpath -pgo=off -ldflags "$ldflags" -o "$staging/kubectl" k8s.io/kubernetes/cmd/kubectl >&2
 go build -trimpath -pgo=off -ldflags "-s -w" -o "$staging/etcd" go.etcd.io/etcd/server/v3 >&2
 rm -rf "$bin_dir"
 mv "$staging" "$bin_dir"
