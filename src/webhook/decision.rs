@@ -1,0 +1,221 @@
+//! Which BackupBatch member, if any, a new Pod belongs to — answered from reflector caches only.
+
+use super::pod_view::PodView;
+use crate::api::backup_batch::BackupMember;
+use crate::api::{BackupBatch, Repository};
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use kube::ResourceExt;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{ObjectRef, Store};
+use std::sync::Arc;
+
+/// The label the Deployment controller puts on Pods; it is also the suffix of the ReplicaSet's name.
+const POD_TEMPLATE_HASH: &str = "pod-template-hash";
+
+/// The reflector caches the webhook answers from.
+#[derive(Clone)]
+pub struct Catalog {
+    pub batches: Store<BackupBatch>,
+    pub repositories: Store<Repository>,
+    pub replicasets: Store<PartialObjectMeta<ReplicaSet>>,
+}
+
+/// A workload kind whose Pods can carry the sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkloadKind {
+    Deployment,
+    ReplicaSet,
+    StatefulSet,
+    DaemonSet,
+    ReplicationController,
+}
+
+impl WorkloadKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkloadKind::Deployment => "Deployment",
+            WorkloadKind::ReplicaSet => "ReplicaSet",
+            WorkloadKind::StatefulSet => "StatefulSet",
+            WorkloadKind::DaemonSet => "DaemonSet",
+            WorkloadKind::ReplicationController => "ReplicationController",
+        }
+    }
+
+    /// The API group of the kind (`apps`, or the core group).
+    pub fn group(self) -> &'static str {
+        match self {
+            WorkloadKind::ReplicationController => "",
+            _ => "apps",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub kind: WorkloadKind,
+    pub name: String,
+}
+
+/// What to do with a Pod being created.
+#[derive(Debug)]
+pub enum Decision {
+    /// No BackupBatch member targets the Pod's workload (or the Pod has none).
+    NotTargeted,
+    /// The Pod already has a `stash` container (reinvocation, or a manual one).
+    AlreadyInjected,
+    /// Targeted, but the batch's Repository is not known yet; the controller reports the Pod.
+    RepositoryUnknown {
+        batch: String,
+    },
+    Inject(Injection),
+}
+
+/// Everything the patch needs, resolved from the caches.
+#[derive(Debug)]
+pub struct Injection {
+    pub batch: Arc<BackupBatch>,
+    pub member: usize,
+    pub workload: Workload,
+    pub secret_name: String,
+}
+
+impl Injection {
+    pub fn member(&self) -> &BackupMember {
+        &self.batch.spec.members[self.member]
+    }
+}
+
+impl Catalog {
+    pub fn decide(&self, pod: &PodView, namespace: &str, sidecar_name: &str) -> Decision {
+        if pod.has_container(sidecar_name) {
+            return Decision::AlreadyInjected;
+        }
+        let Some(workload) = self.controlling_workload(pod, namespace) else {
+            return Decision::NotTargeted;
+        };
+        let Some((batch, member)) = self.member_for(&workload, namespace) else {
+            return Decision::NotTargeted;
+        };
+        let repository = &batch.spec.repository;
+        let repository_namespace = repository.namespace.as_deref().unwrap_or(namespace);
+        let key = ObjectRef::new(&repository.name).within(repository_namespace);
+        match self.repositories.get(&key) {
+            Some(repo) if !repo.spec.backend.storage_secret_name.is_empty() => {
+                let secret_name = repo.spec.backend.storage_secret_name.clone();
+                Decision::Inject(Injection {
+                    batch,
+                    member,
+                    workload,
+                    secret_name,
+                })
+            }
+            _ => Decision::RepositoryUnknown {
+                batch: batch.name_any(),
+            },
+        }
+    }
+
+    /// Follows the Pod's controller reference up to the workload a BackupBatch can name.
+    pub fn controlling_workload(&self, pod: &PodView, namespace: &str) -> Option<Workload> {
+        let owner = pod.controller()?;
+        let group = owner
+            .api_version
+            .split_once('/')
+            .map_or("", |(group, _)| group);
+        let kind = match (group, owner.kind.as_str()) {
+            ("apps", "ReplicaSet") => {
+                return Some(self.replicaset_owner(pod, namespace, &owner.name));
+            }
+            ("apps", "StatefulSet") => WorkloadKind::StatefulSet,
+            ("apps", "DaemonSet") => WorkloadKind::DaemonSet,
+            ("", "ReplicationController") => WorkloadKind::ReplicationController,
+            // Jobs (and CronJobs through them) and foreign controllers are never targets.
+            _ => return None,
+        };
+        Some(Workload {
+            kind,
+            name: owner.name.clone(),
+        })
+    }
+
+    /// A ReplicaSet's Deployment, from the cache; on a cache miss (a ReplicaSet created moments ago),
+    /// from the Deployment controller's naming rule `<deployment>-<pod-template-hash>`.
+    fn replicaset_owner(&self, pod: &PodView, namespace: &str, replicaset: &str) -> Workload {
+        let key = ObjectRef::new(replicaset).within(namespace);
+        if let Some(cached) = self.replicasets.get(&key) {
+            let deployment = cached
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|o| o.controller == Some(true) && o.kind == "Deployment");
+            return match deployment {
+                Some(owner) => Workload {
+                    kind: WorkloadKind::Deployment,
+                    name: owner.name.clone(),
+                },
+                None => Workload {
+                    kind: WorkloadKind::ReplicaSet,
+                    name: replicaset.to_string(),
+                },
+            };
+        }
+        let by_convention = pod
+            .metadata
+            .labels
+            .get(POD_TEMPLATE_HASH)
+            .and_then(|hash| replicaset.strip_suffix(hash.as_str()))
+            .and_then(|prefix| prefix.strip_suffix('-'))
+            .filter(|name| !name.is_empty());
+        match by_convention {
+            Some(name) => Workload {
+                kind: WorkloadKind::Deployment,
+                name: name.to_string(),
+            },
+            None => Workload {
+                kind: WorkloadKind::ReplicaSet,
+                name: replicaset.to_string(),
+            },
+        }
+    }
+
+    /// The member that targets `workload`; when several batches do (the controller flags that), the
+    /// batch with the smallest name wins so that every replica of the webhook answers alike.
+    fn member_for(
+        &self,
+        workload: &Workload,
+        namespace: &str,
+    ) -> Option<(Arc<BackupBatch>, usize)> {
+        let mut candidates: Vec<(Arc<BackupBatch>, usize)> = self
+            .batches
+            .state_filter(|batch| batch.namespace().as_deref() == Some(namespace))
+            .into_iter()
+            .filter(|batch| batch.metadata.deletion_timestamp.is_none())
+            .filter_map(|batch| {
+                let index = batch
+                    .spec
+                    .members
+                    .iter()
+                    .position(|m| targets(m, workload, namespace))?;
+                Some((batch, index))
+            })
+            .collect();
+        candidates.sort_by(|a, b| a.0.name_any().cmp(&b.0.name_any()));
+        candidates.into_iter().next()
+    }
+}
+
+fn targets(member: &BackupMember, workload: &Workload, namespace: &str) -> bool {
+    let reference = &member.target.reference;
+    let group = reference
+        .api_version
+        .split_once('/')
+        .map_or("", |(group, _)| group);
+    reference.kind == workload.kind.as_str()
+        && reference.name == workload.name
+        && reference
+            .namespace
+            .as_deref()
+            .is_none_or(|ns| ns == namespace)
+        && (reference.api_version.is_empty() || group == workload.kind.group())
+}

@@ -1,0 +1,9 @@
+//! The mutating admission webhook: injects the `stash` sidecar into targeted Pods at creation.
+
+pub mod decision;
+pub mod mutate;
+#[cfg(test)]
+mod mutate_tests;
+pub mod pod_view;
+pub mod review;
+pub mod sidecar;

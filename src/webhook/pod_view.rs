@@ -1,0 +1,78 @@
+//! The few parts of a Pod the mutator reads. Parsing only these keeps admission cheap and lets any
+//! Pod the API server accepts through, whatever else it carries.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Deserialize, Debug, Default)]
+pub struct PodView {
+    #[serde(default)]
+    pub metadata: PodMeta,
+    #[serde(default)]
+    pub spec: PodSpecView,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PodMeta {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// `None` when the Pod has no annotations map at all (the patch must then add the map).
+    #[serde(default)]
+    pub annotations: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub owner_references: Vec<OwnerReference>,
+}
+
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(rename_all = "camelCase")]
+pub struct OwnerReference {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub controller: Option<bool>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpecView {
+    #[serde(default)]
+    pub containers: Vec<Named>,
+    #[serde(default)]
+    pub init_containers: Vec<Named>,
+    /// `None` when the Pod has no volumes list (the patch must then add the list).
+    #[serde(default)]
+    pub volumes: Option<Vec<Named>>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+pub struct Named {
+    #[serde(default)]
+    pub name: String,
+}
+
+impl PodView {
+    /// The owner reference marked as the Pod's controller.
+    pub fn controller(&self) -> Option<&OwnerReference> {
+        self.metadata
+            .owner_references
+            .iter()
+            .find(|o| o.controller == Some(true))
+    }
+
+    pub fn has_container(&self, name: &str) -> bool {
+        self.spec
+            .containers
+            .iter()
+            .chain(&self.spec.init_containers)
+            .any(|c| c.name == name)
+    }
+
+    pub fn has_volume(&self, name: &str) -> bool {
+        self.spec.volumes.iter().flatten().any(|v| v.name == name)
+    }
+}
