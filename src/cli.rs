@@ -1,6 +1,9 @@
 //! The command line: one binary, one subcommand per role.
 
 use clap::{Args, Parser, Subcommand};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -16,9 +19,9 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the operator: admission webhook, controllers and the admin port.
-    Operator,
+    Operator(OperatorArgs),
     /// Run as the `stash` sidecar of a workload Pod, backing it up when a session asks.
-    RunBackup(InvokerArgs),
+    RunBackup(RunBackupArgs),
     /// Run one job-model backup (a PVC or a database member) for one session.
     BackupJob(InvokerArgs),
     /// Create a BackupSession for an invoker (the trigger CronJob runs this at each slot).
@@ -26,7 +29,8 @@ pub enum Command {
     /// Run the restore of one RestoreBatch member.
     Restore,
     /// Generate or rotate the webhook's certificates.
-    Certs,
+    #[command(subcommand)]
+    Certs(CertsCommand),
     /// Print every CustomResourceDefinition as one multi-document YAML stream.
     Crds,
     /// Back up a BackupBatch now, outside its schedule.
@@ -53,6 +57,80 @@ pub struct InvokerArgs {
     pub namespace: Option<String>,
 }
 
+#[derive(Args, Debug)]
+pub struct OperatorArgs {
+    /// Where the admission webhook listens (HTTPS).
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    pub webhook_addr: SocketAddr,
+    /// Where /livez, /readyz and /metrics are served (plain HTTP).
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub admin_addr: SocketAddr,
+    /// PEM certificate chain of the webhook; reloaded when it changes.
+    #[arg(long, default_value = "/etc/stash/webhook/tls.crt")]
+    pub tls_cert_file: PathBuf,
+    /// PEM private key of the webhook; reloaded when it changes.
+    #[arg(long, default_value = "/etc/stash/webhook/tls.key")]
+    pub tls_key_file: PathBuf,
+    /// Image of the injected `stash` sidecar (operator setting, never taken from user objects).
+    #[arg(long, env = "STASH_SIDECAR_IMAGE", default_value = concat!("stash:", env!("CARGO_PKG_VERSION")))]
+    pub sidecar_image: String,
+    /// Larger admission request bodies are refused with 413.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// How often the certificate files are re-read, in addition to file-change events.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub cert_poll_interval: Duration,
+}
+
+/// Parses a Go-style duration such as `30s` or `1h30m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    crate::api::duration::DurationString::new(text)
+        .parse()
+        .map_err(|err| format!("{text:?}: {err}"))
+}
+
+/// Sidecar flags: the invoker and the workload the sidecar belongs to.
+#[derive(Args, Debug)]
+pub struct RunBackupArgs {
+    #[command(flatten)]
+    pub invoker: InvokerArgs,
+    /// Kind of the workload this sidecar runs in.
+    #[arg(long)]
+    pub target_kind: String,
+    /// Name of the workload this sidecar runs in.
+    #[arg(long)]
+    pub target_name: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertsCommand {
+    /// Create a CA (or reuse one from --ca-dir) and a serving certificate it signs:
+    /// ca.crt, tls.crt and tls.key in --out-dir.
+    Generate(GenerateCertsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateCertsArgs {
+    /// Directory to write ca.crt, tls.crt and tls.key into (created if missing).
+    #[arg(long)]
+    pub out_dir: PathBuf,
+    /// DNS names of the serving certificate, e.g. stash-webhook.stash.svc.
+    #[arg(long = "dns")]
+    pub dns: Vec<String>,
+    /// IP addresses of the serving certificate, e.g. 127.0.0.1.
+    #[arg(long = "ip")]
+    pub ip: Vec<IpAddr>,
+    /// Sign with the CA in this directory (ca.crt, ca.key) instead of creating a new one.
+    #[arg(long)]
+    pub ca_dir: Option<PathBuf>,
+    /// Lifetime of the serving certificate.
+    #[arg(long, default_value = "2160h", value_parser = parse_duration)]
+    pub validity: Duration,
+    /// Lifetime of a newly created CA.
+    #[arg(long, default_value = "87600h", value_parser = parse_duration)]
+    pub ca_validity: Duration,
+}
+
 /// Names one BackupBatch.
 #[derive(Args, Debug)]
 pub struct BatchArgs {
@@ -67,12 +145,12 @@ impl Command {
     /// The subcommand's name as typed on the command line.
     pub fn name(&self) -> &'static str {
         match self {
-            Command::Operator => "operator",
+            Command::Operator(_) => "operator",
             Command::RunBackup(_) => "run-backup",
             Command::BackupJob(_) => "backup-job",
             Command::CreateBackupsession(_) => "create-backupsession",
             Command::Restore => "restore",
-            Command::Certs => "certs",
+            Command::Certs(_) => "certs",
             Command::Crds => "crds",
             Command::Trigger(_) => "trigger",
             Command::Pause(_) => "pause",

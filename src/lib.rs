@@ -1,5 +1,9 @@
 //! stash: batch backup for Kubernetes applications, API-compatible with Stash's v1beta1 BackupBatch.
 
+pub mod admin;
 pub mod api;
+pub mod certs;
 pub mod cli;
+pub mod metrics;
+pub mod operator;
 pub mod webhook;

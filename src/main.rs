@@ -1,7 +1,8 @@
 use clap::Parser;
-use stash::cli::{Cli, Command};
+use stash::cli::{CertsCommand, Cli, Command};
 use std::io::Write;
 use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 enum MainError {
@@ -11,10 +12,15 @@ enum MainError {
     Crds(#[from] serde_yaml::Error),
     #[error("writing to stdout: {0}")]
     Stdout(#[from] std::io::Error),
+    #[error(transparent)]
+    Certs(#[from] stash::certs::CertError),
+    #[error(transparent)]
+    Operator(#[from] stash::operator::OperatorError),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_tracing();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -24,12 +30,80 @@ fn main() -> ExitCode {
     }
 }
 
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 fn run(command: Command) -> Result<(), MainError> {
     match command {
         Command::Crds => {
             std::io::stdout().write_all(stash::api::crds_yaml()?.as_bytes())?;
             Ok(())
         }
+        Command::Certs(CertsCommand::Generate(args)) => Ok(stash::certs::generate_to_dir(
+            &args.out_dir,
+            &args.dns,
+            &args.ip,
+            args.ca_dir.as_deref(),
+            args.validity,
+            args.ca_validity,
+        )?),
+        Command::Operator(args) => {
+            let config = stash::operator::OperatorConfig {
+                webhook_addr: args.webhook_addr,
+                admin_addr: args.admin_addr,
+                tls_cert_file: args.tls_cert_file,
+                tls_key_file: args.tls_key_file,
+                sidecar_image: args.sidecar_image,
+                max_body_bytes: args.max_body_bytes,
+                cert_poll_interval: args.cert_poll_interval,
+            };
+            runtime()?.block_on(async {
+                let cancel = shutdown_on_signal();
+                stash::operator::run(config, cancel).await
+            })?;
+            Ok(())
+        }
         other => Err(MainError::NotImplemented(other.name())),
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+/// Cancelled on SIGTERM or Ctrl-C.
+fn shutdown_on_signal() -> CancellationToken {
+    let cancel = CancellationToken::new();
+    let trigger = cancel.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(term) => term,
+                    Err(_) => {
+                        let _ = ctrl_c.await;
+                        trigger.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        trigger.cancel();
+    });
+    cancel
 }

@@ -1,9 +1,15 @@
 //! The mutating admission webhook: injects the `stash` sidecar into targeted Pods at creation.
 
+pub mod caches;
 pub mod decision;
 pub mod mutate;
+#[cfg(test)]
+mod mutate_props;
 #[cfg(test)]
 mod mutate_tests;
 pub mod pod_view;
 pub mod review;
+pub mod routes;
+pub mod server;
 pub mod sidecar;
+pub mod tls;

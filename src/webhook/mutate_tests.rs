@@ -37,7 +37,7 @@ fn batch(name: &str, targets: &[(&str, &str, &str)]) -> BackupBatch {
     .expect("a BackupBatch")
 }
 
-fn catalog(with_repository: bool) -> Catalog {
+pub(super) fn catalog(with_repository: bool) -> Catalog {
     let mut batches = Writer::<BackupBatch>::default();
     batches.apply_watcher_event(&Event::Apply(batch(
         "app-backup",

@@ -1,0 +1,117 @@
+//! `stash operator`: the webhook, the caches behind it and the admin port, in one process.
+
+use crate::admin::{self, Readiness};
+use crate::metrics::Metrics;
+use crate::webhook::mutate::Mutator;
+use crate::webhook::server::{ConnectionLimits, serve_tls};
+use crate::webhook::tls::{CertificateReloader, TlsError, server_config};
+use crate::webhook::{caches, routes};
+use kube::Client;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    #[error("connecting to the Kubernetes API (KUBECONFIG or in-cluster config): {0}")]
+    Kube(#[from] kube::Error),
+    #[error("serving certificate: {0}")]
+    Tls(#[from] TlsError),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct OperatorConfig {
+    pub webhook_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub tls_cert_file: PathBuf,
+    pub tls_key_file: PathBuf,
+    pub sidecar_image: String,
+    pub max_body_bytes: usize,
+    pub cert_poll_interval: Duration,
+}
+
+async fn listen(addr: SocketAddr) -> Result<TcpListener, OperatorError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| OperatorError::Listen { addr, source })
+}
+
+/// Runs until `cancel` fires, then drains and returns.
+pub async fn run(config: OperatorConfig, cancel: CancellationToken) -> Result<(), OperatorError> {
+    let client = Client::try_default().await?;
+    let metrics = Arc::new(Metrics::default());
+    let readiness = Arc::new(Readiness::default());
+    let mut tasks = JoinSet::new();
+
+    let catalog = caches::start(&client, &mut tasks);
+    {
+        let (catalog, readiness) = (catalog.clone(), readiness.clone());
+        tasks.spawn(async move {
+            if catalog.synced().await.is_ok() {
+                readiness.caches_synced.store(true, Ordering::Release);
+                tracing::info!("caches synced");
+            }
+        });
+    }
+
+    let reloader = CertificateReloader::load(
+        config.tls_cert_file.clone(),
+        config.tls_key_file.clone(),
+        metrics.clone(),
+    )?;
+    readiness.certificate_loaded.store(true, Ordering::Release);
+    let tls = server_config(reloader.clone())?;
+    {
+        let cancel = cancel.clone();
+        let poll = config.cert_poll_interval;
+        tasks.spawn(async move {
+            if let Err(err) = reloader.watch(poll, cancel).await {
+                tracing::error!(error = %err, "certificate watch stopped; relying on restarts for rotation");
+            }
+        });
+    }
+
+    let mutator = Arc::new(Mutator {
+        catalog,
+        sidecar_image: config.sidecar_image.clone(),
+    });
+    let webhook_app = routes::router(mutator, metrics.clone(), config.max_body_bytes);
+    let webhook_listener = listen(config.webhook_addr).await?;
+    let admin_listener = listen(config.admin_addr).await?;
+    tracing::info!(webhook = %config.webhook_addr, admin = %config.admin_addr, "operator serving");
+
+    let webhook = tokio::spawn(serve_tls(
+        webhook_listener,
+        tls,
+        webhook_app,
+        ConnectionLimits::default(),
+        cancel.clone(),
+    ));
+    let admin_app = admin::router(readiness, metrics);
+    let admin_cancel = cancel.clone();
+    let admin = tokio::spawn(async move {
+        let served = axum::serve(admin_listener, admin_app)
+            .with_graceful_shutdown(async move { admin_cancel.cancelled().await })
+            .await;
+        if let Err(err) = served {
+            tracing::error!(error = %err, "admin server failed");
+        }
+    });
+
+    cancel.cancelled().await;
+    tracing::info!("shutting down");
+    let _ = webhook.await;
+    let _ = admin.await;
+    tasks.abort_all();
+    Ok(())
+}

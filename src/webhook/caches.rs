@@ -1,0 +1,76 @@
+//! The reflector caches behind the webhook's answers: BackupBatches, Repositories, ReplicaSet metadata.
+
+use super::decision::Catalog;
+use crate::api::{BackupBatch, Repository};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use std::fmt::Debug;
+use std::hash::Hash;
+use tokio::task::JoinSet;
+
+/// Starts one reflector per kind on `tasks`; the returned catalog fills as they list and watch.
+pub fn start(client: &Client, tasks: &mut JoinSet<()>) -> Catalog {
+    let batches = reflect(
+        tasks,
+        watcher(
+            Api::<BackupBatch>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    );
+    let repositories = reflect(
+        tasks,
+        watcher(
+            Api::<Repository>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    );
+    // Metadata only: the owner chain is all the webhook reads from a ReplicaSet.
+    let replicasets = reflect(
+        tasks,
+        watcher(
+            Api::<PartialObjectMeta<ReplicaSet>>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    );
+    Catalog {
+        batches,
+        repositories,
+        replicasets,
+    }
+}
+
+fn reflect<K>(
+    tasks: &mut JoinSet<()>,
+    events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
+    let (reader, writer) = reflector::store();
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    let stream = reflector::reflector(writer, events.default_backoff()).touched_objects();
+    tasks.spawn(async move {
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(err) = event {
+                tracing::warn!(%kind, error = %err, "watch failed; retrying with backoff");
+            }
+        }
+    });
+    reader
+}
+
+impl Catalog {
+    /// Resolves once every cache has completed its first list.
+    pub async fn synced(&self) -> Result<(), reflector::store::WriterDropped> {
+        self.batches.wait_until_ready().await?;
+        self.repositories.wait_until_ready().await?;
+        self.replicasets.wait_until_ready().await
+    }
+}

@@ -1,0 +1,226 @@
+//! The serving certificate: loaded from PEM files and swapped atomically when they change.
+//!
+//! Kubernetes updates a mounted Secret by re-pointing a `..data` symlink, so the parent directory is
+//! watched (not the files), and a periodic poll catches anything the watcher misses. A new pair that
+//! does not load (half-written, key not matching) is counted and logged, and the old pair stays in use.
+
+use crate::metrics::{Metrics, ReloadLabels, ReloadResult};
+use arc_swap::ArcSwap;
+use notify::{RecursiveMode, Watcher};
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("parsing the PEM in {path}: {source}")]
+    Pem {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("the private key in {path} is not usable: {source}")]
+    Key {
+        path: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("the certificate and the private key do not match: {0}")]
+    Mismatch(rustls::Error),
+    #[error("the certificate cannot be parsed as X.509")]
+    X509,
+    #[error("building the TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+    #[error("watching the certificate directory: {0}")]
+    Watch(#[from] notify::Error),
+}
+
+/// A loaded certificate/key pair and when it expires.
+pub struct LoadedPair {
+    pub certified: CertifiedKey,
+    pub not_after: i64,
+}
+
+/// Parses and checks a PEM certificate chain and private key.
+pub fn parse_pair(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<LoadedPair, TlsError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|source| TlsError::Pem {
+            path: cert_path.into(),
+            source,
+        })?;
+    let leaf = chain.first().ok_or_else(|| TlsError::NoCertificate {
+        path: cert_path.into(),
+    })?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf).map_err(|_| TlsError::X509)?;
+    let not_after = parsed.validity().not_after.timestamp();
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|source| TlsError::Pem {
+        path: key_path.into(),
+        source,
+    })?;
+    let signer =
+        rustls::crypto::ring::sign::any_supported_type(&key).map_err(|source| TlsError::Key {
+            path: key_path.into(),
+            source,
+        })?;
+    let certified = CertifiedKey::new(chain, signer);
+    certified.keys_match().map_err(TlsError::Mismatch)?;
+    Ok(LoadedPair {
+        certified,
+        not_after,
+    })
+}
+
+/// The live serving certificate, readable lock-free on every handshake.
+pub struct CertificateReloader {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    current: ArcSwap<CertifiedKey>,
+    /// The bytes behind `current`, so that a poll that finds nothing new does no parsing.
+    loaded_bytes: Mutex<(Vec<u8>, Vec<u8>)>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for CertificateReloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateReloader")
+            .field("cert_path", &self.cert_path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResolvesServerCert for CertificateReloader {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.into(),
+        source,
+    })
+}
+
+impl CertificateReloader {
+    /// Loads the pair once; start-up fails if it cannot.
+    pub fn load(
+        cert_path: PathBuf,
+        key_path: PathBuf,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, TlsError> {
+        let (cert, key) = (read(&cert_path)?, read(&key_path)?);
+        let pair = parse_pair(&cert, &key, &cert_path, &key_path)?;
+        metrics.tls.certificate_not_after.set(pair.not_after);
+        Ok(Arc::new(Self {
+            cert_path,
+            key_path,
+            current: ArcSwap::from_pointee(pair.certified),
+            loaded_bytes: Mutex::new((cert, key)),
+            metrics,
+        }))
+    }
+
+    /// Re-reads the files; swaps in the new pair when it differs and is valid.
+    /// Returns whether the certificate in use changed.
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        let result = self.try_reload();
+        let outcome = match &result {
+            Ok(false) => return result,
+            Ok(true) => ReloadResult::Ok,
+            Err(_) => ReloadResult::Failed,
+        };
+        self.metrics
+            .tls
+            .reloads
+            .get_or_create(&ReloadLabels { result: outcome })
+            .inc();
+        result
+    }
+
+    fn try_reload(&self) -> Result<bool, TlsError> {
+        let (cert, key) = (read(&self.cert_path)?, read(&self.key_path)?);
+        let mut loaded = self
+            .loaded_bytes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if loaded.0 == cert && loaded.1 == key {
+            return Ok(false);
+        }
+        let pair = parse_pair(&cert, &key, &self.cert_path, &self.key_path)?;
+        self.current.store(Arc::new(pair.certified));
+        self.metrics.tls.certificate_not_after.set(pair.not_after);
+        *loaded = (cert, key);
+        Ok(true)
+    }
+
+    /// Reloads on every change in the certificates' directories and every `poll`, until cancelled.
+    pub async fn watch(
+        self: Arc<Self>,
+        poll: Duration,
+        cancel: CancellationToken,
+    ) -> Result<(), TlsError> {
+        let (events_tx, mut events) = tokio::sync::mpsc::channel::<()>(1);
+        let mut watcher =
+            notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
+                // A full channel already holds a pending wake-up; dropping this one loses nothing.
+                let _ = events_tx.try_send(());
+            })?;
+        let mut directories: Vec<&Path> = [&self.cert_path, &self.key_path]
+            .iter()
+            .filter_map(|p| p.parent())
+            .collect();
+        directories.dedup();
+        for directory in directories {
+            watcher.watch(directory, RecursiveMode::NonRecursive)?;
+        }
+        let mut ticker = tokio::time::interval(poll);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                Some(()) = events.recv() => {
+                    // Writers replace the two files one after the other; let them finish.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                _ = ticker.tick() => {}
+            }
+            match self.reload() {
+                Ok(true) => {
+                    tracing::info!(cert = %self.cert_path.display(), "serving certificate reloaded")
+                }
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, "serving certificate not reloaded; keeping the current one")
+                }
+            }
+        }
+    }
+}
+
+/// TLS 1.2 and 1.3 only, ALPN h2 then http/1.1, certificates from `resolver`.
+pub fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
