@@ -65,7 +65,10 @@ fn run(command: Command) -> Result<(), MainError> {
             };
             runtime()?.block_on(async {
                 let cancel = shutdown_on_signal();
-                stash::operator::run(config, cancel).await
+                let client = kube::Client::try_default()
+                    .await
+                    .map_err(stash::operator::OperatorError::from)?;
+                stash::operator::run(client, config, cancel).await
             })?;
             Ok(())
         }

@@ -47,8 +47,11 @@ async fn listen(addr: SocketAddr) -> Result<TcpListener, OperatorError> {
 }
 
 /// Runs until `cancel` fires, then drains and returns.
-pub async fn run(config: OperatorConfig, cancel: CancellationToken) -> Result<(), OperatorError> {
-    let client = Client::try_default().await?;
+pub async fn run(
+    client: Client,
+    config: OperatorConfig,
+    cancel: CancellationToken,
+) -> Result<(), OperatorError> {
     let metrics = Arc::new(Metrics::default());
     let readiness = Arc::new(Readiness::default());
     let mut tasks = JoinSet::new();

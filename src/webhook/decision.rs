@@ -181,13 +181,21 @@ impl Catalog {
 
     /// The member that targets `workload`; when several batches do (the controller flags that), the
     /// batch with the smallest name wins so that every replica of the webhook answers alike.
-    fn member_for(&self, workload: &Workload, namespace: &str) -> Option<(Arc<BackupBatch>, usize)> {
+    fn member_for(
+        &self,
+        workload: &Workload,
+        namespace: &str,
+    ) -> Option<(Arc<BackupBatch>, usize)> {
         self.batches
             .state_filter(|batch| batch.namespace().as_deref() == Some(namespace))
             .into_iter()
             .filter(|batch| batch.metadata.deletion_timestamp.is_none())
             .filter_map(|batch| {
-                let index = batch.spec.members.iter().position(|m| targets(m, workload, namespace))?;
+                let index = batch
+                    .spec
+                    .members
+                    .iter()
+                    .position(|m| targets(m, workload, namespace))?;
                 Some((batch, index))
             })
             .min_by(|a, b| a.0.metadata.name.cmp(&b.0.metadata.name))

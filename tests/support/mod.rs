@@ -17,6 +17,8 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+pub mod operator;
+
 pub const FIELD_MANAGER: &str = "stash-tests";
 
 /// Where the test control plane's admin kubeconfig is.

@@ -1,0 +1,88 @@
+//! Runs `stash operator` in-process against the test cluster, on free loopback ports.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub struct RunningOperator {
+    pub webhook_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub ca_pem: Vec<u8>,
+    cancel: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _certs: tempfile::TempDir,
+}
+
+fn free_port() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("an address")
+}
+
+/// Starts the operator and waits until its `/readyz` says ok.
+pub async fn start() -> RunningOperator {
+    let certs = tempfile::tempdir().expect("temp dir");
+    stash::certs::generate_to_dir(
+        certs.path(),
+        &["localhost".into()],
+        &["127.0.0.1".parse().expect("IP")],
+        None,
+        Duration::from_secs(3600),
+        Duration::from_secs(86400),
+    )
+    .expect("certificates");
+    let config = stash::operator::OperatorConfig {
+        webhook_addr: free_port(),
+        admin_addr: free_port(),
+        tls_cert_file: certs.path().join("tls.crt"),
+        tls_key_file: certs.path().join("tls.key"),
+        sidecar_image: "stash:test".into(),
+        max_body_bytes: 4 * 1024 * 1024,
+        cert_poll_interval: Duration::from_secs(30),
+    };
+    let (webhook_addr, admin_addr) = (config.webhook_addr, config.admin_addr);
+    let cancel = CancellationToken::new();
+    let client = super::client().await;
+    let run = stash::operator::run(client, config, cancel.clone());
+    let task = tokio::spawn(async move { run.await.expect("the operator runs") });
+    let http = reqwest::Client::new();
+    super::eventually("the operator to be ready", Duration::from_secs(60), || {
+        let request = http.get(format!("http://{admin_addr}/readyz")).send();
+        async move { request.await.ok().filter(|r| r.status() == 200).map(|_| ()) }
+    })
+    .await;
+    let ca_pem = std::fs::read(certs.path().join("ca.crt")).expect("CA");
+    RunningOperator {
+        webhook_addr,
+        admin_addr,
+        ca_pem,
+        cancel,
+        task: Some(task),
+        _certs: certs,
+    }
+}
+
+impl RunningOperator {
+    /// Stops the operator the way SIGTERM does and waits for it to finish.
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.expect("the operator stops cleanly");
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.admin_addr);
+        reqwest::get(url)
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+}
+
+impl Drop for RunningOperator {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
