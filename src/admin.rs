@@ -18,8 +18,7 @@ pub struct Readiness {
 
 impl Readiness {
     pub fn is_ready(&self) -> bool {
-        self.certificate_loaded.load(Ordering::Acquire)
-            && self.caches_synced.load(Ordering::Acquire)
+        self.certificate_loaded.load(Ordering::Acquire) && self.caches_synced.load(Ordering::Acquire)
     }
 }
 
@@ -54,13 +53,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 
 async fn metrics_text(State(state): State<AdminState>) -> Response {
     match state.metrics.encode() {
-        Ok(text) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            text,
-        )
+        Ok(text) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
             .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }

@@ -1,8 +1,8 @@
 //! Certificates for the admission webhook, made with rcgen: a CA and a serving leaf it signs.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 use std::net::IpAddr;
 use std::path::Path;
@@ -18,15 +18,9 @@ pub enum CertError {
     #[error("a serving certificate needs at least one --dns name or --ip address")]
     NoSubjectAltName,
     #[error("writing {path}: {source}")]
-    Write {
-        path: String,
-        source: std::io::Error,
-    },
+    Write { path: String, source: std::io::Error },
     #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
 }
 
 /// A certificate and its private key, both PEM.
@@ -36,12 +30,13 @@ pub struct PemPair {
     pub key_pem: String,
 }
 
-/// Backdating absorbs clock skew between the issuer and the API server.
-const BACKDATE: Duration = Duration::from_secs(5 * 60);
+/// Backdating absorbs clock skew between the issuer and the API server; a tenth of the lifetime at
+/// most, so that short-lived certificates keep most of their window ahead of them.
+const MAX_BACKDATE: Duration = Duration::from_secs(5 * 60);
 
 fn validity(params: &mut CertificateParams, lifetime: Duration) {
     let now = OffsetDateTime::now_utc();
-    params.not_before = now - BACKDATE;
+    params.not_before = now - MAX_BACKDATE.min(lifetime / 10);
     params.not_after = now + lifetime;
 }
 
@@ -53,26 +48,14 @@ pub fn generate_ca(common_name: &str, lifetime: Duration) -> Result<PemPair, Cer
     name.push(DnType::CommonName, common_name);
     params.distinguished_name = name;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     validity(&mut params, lifetime);
     let cert = params.self_signed(&key)?;
-    Ok(PemPair {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    Ok(PemPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }
 
 /// A serving certificate for `dns` names and `ips`, signed by `ca`.
-pub fn issue_serving(
-    ca: &PemPair,
-    dns: &[String],
-    ips: &[IpAddr],
-    lifetime: Duration,
-) -> Result<PemPair, CertError> {
+pub fn issue_serving(ca: &PemPair, dns: &[String], ips: &[IpAddr], lifetime: Duration) -> Result<PemPair, CertError> {
     if dns.is_empty() && ips.is_empty() {
         return Err(CertError::NoSubjectAltName);
     }
@@ -81,42 +64,25 @@ pub fn issue_serving(
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
-    name.push(
-        DnType::CommonName,
-        dns.first().cloned().unwrap_or_else(|| ips[0].to_string()),
-    );
+    name.push(DnType::CommonName, dns.first().cloned().unwrap_or_else(|| ips[0].to_string()));
     params.distinguished_name = name;
     for name in dns {
-        let ia5 = name
-            .clone()
-            .try_into()
-            .map_err(|_| CertError::DnsName(name.clone()))?;
+        let ia5 = name.clone().try_into().map_err(|_| CertError::DnsName(name.clone()))?;
         params.subject_alt_names.push(SanType::DnsName(ia5));
     }
-    params
-        .subject_alt_names
-        .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
+    params.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.use_authority_key_identifier_extension = true;
     validity(&mut params, lifetime);
     let cert = params.signed_by(&key, &issuer)?;
-    Ok(PemPair {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    Ok(PemPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }
 
 /// Writes `contents` to `path` through a temporary file and a rename, so that a reader (the
 /// certificate reloader) sees the old file or the new one, never half of one.
 pub fn write_atomically(path: &Path, contents: &str) -> Result<(), CertError> {
-    let write_err = |source| CertError::Write {
-        path: path.display().to_string(),
-        source,
-    };
+    let write_err = |source| CertError::Write { path: path.display().to_string(), source };
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, contents).map_err(write_err)?;
     std::fs::rename(&tmp, path).map_err(write_err)
@@ -124,15 +90,9 @@ pub fn write_atomically(path: &Path, contents: &str) -> Result<(), CertError> {
 
 pub fn read_pair(cert: &Path, key: &Path) -> Result<PemPair, CertError> {
     let read = |path: &Path| {
-        std::fs::read_to_string(path).map_err(|source| CertError::Read {
-            path: path.display().to_string(),
-            source,
-        })
+        std::fs::read_to_string(path).map_err(|source| CertError::Read { path: path.display().to_string(), source })
     };
-    Ok(PemPair {
-        cert_pem: read(cert)?,
-        key_pem: read(key)?,
-    })
+    Ok(PemPair { cert_pem: read(cert)?, key_pem: read(key)? })
 }
 
 /// What `stash certs generate` does: a CA (new, or the one in `ca_dir`) and a serving leaf, written
@@ -145,10 +105,8 @@ pub fn generate_to_dir(
     validity: Duration,
     ca_validity: Duration,
 ) -> Result<(), CertError> {
-    std::fs::create_dir_all(out_dir).map_err(|source| CertError::Write {
-        path: out_dir.display().to_string(),
-        source,
-    })?;
+    std::fs::create_dir_all(out_dir)
+        .map_err(|source| CertError::Write { path: out_dir.display().to_string(), source })?;
     let ca = match ca_dir {
         Some(dir) => read_pair(&dir.join("ca.crt"), &dir.join("ca.key"))?,
         None => {
@@ -178,21 +136,15 @@ mod tests {
             Duration::from_secs(600),
         )
         .expect("leaf");
-        let der = rustls::pki_types::pem::PemObject::from_pem_slice(leaf.cert_pem.as_bytes())
-            .expect("PEM");
+        let der = rustls::pki_types::pem::PemObject::from_pem_slice(leaf.cert_pem.as_bytes()).expect("PEM");
         let der: rustls::pki_types::CertificateDer = der;
         let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("X.509");
         let ca_der: rustls::pki_types::CertificateDer =
             rustls::pki_types::pem::PemObject::from_pem_slice(ca.cert_pem.as_bytes()).expect("PEM");
         let (_, ca_cert) = x509_parser::parse_x509_certificate(&ca_der).expect("X.509");
         assert_eq!(cert.issuer(), ca_cert.subject());
-        cert.verify_signature(Some(ca_cert.public_key()))
-            .expect("signed by the CA");
-        let sans = cert
-            .subject_alternative_name()
-            .expect("parses")
-            .expect("present")
-            .value;
+        cert.verify_signature(Some(ca_cert.public_key())).expect("signed by the CA");
+        let sans = cert.subject_alternative_name().expect("parses").expect("present").value;
         assert_eq!(sans.general_names.len(), 2);
         assert!(!cert.is_ca());
         assert!(ca_cert.is_ca());
@@ -201,9 +153,6 @@ mod tests {
     #[test]
     fn a_leaf_needs_a_subject() {
         let ca = generate_ca("ca", Duration::from_secs(60)).expect("CA");
-        assert!(matches!(
-            issue_serving(&ca, &[], &[], Duration::from_secs(60)),
-            Err(CertError::NoSubjectAltName)
-        ));
+        assert!(matches!(issue_serving(&ca, &[], &[], Duration::from_secs(60)), Err(CertError::NoSubjectAltName)));
     }
 }

@@ -80,13 +80,42 @@ pub struct OperatorArgs {
     /// How often the certificate files are re-read, in addition to file-change events.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub cert_poll_interval: Duration,
+    /// Generate and rotate the webhook's CA and certificate in a Secret, and keep the webhook
+    /// configuration's caBundle in step (instead of reading --tls-cert-file/--tls-key-file).
+    #[arg(long)]
+    pub self_signed_certs: bool,
+    /// The operator's namespace (holds the certificate Secret).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "stash")]
+    pub namespace: String,
+    /// Secret holding the self-managed CA and serving certificate.
+    #[arg(long, default_value = "stash-webhook-certs")]
+    pub cert_secret_name: String,
+    /// MutatingWebhookConfiguration whose caBundle the self-managed mode maintains.
+    #[arg(long, default_value = "stash")]
+    pub webhook_configuration_name: String,
+    /// Service the API server calls; the self-managed certificate names <service>.<namespace>.svc.
+    #[arg(long, default_value = "stash-webhook")]
+    pub webhook_service_name: String,
+    /// Extra IP addresses for the self-managed certificate (local development: 127.0.0.1).
+    #[arg(long = "cert-ip")]
+    pub cert_ips: Vec<IpAddr>,
+    /// Lifetime of a self-managed serving certificate (renewed with a third left).
+    #[arg(long, default_value = "720h", value_parser = parse_duration)]
+    pub cert_validity: Duration,
+    /// Lifetime of a self-managed CA (rotated with a third left, old and new trusted meanwhile).
+    #[arg(long, default_value = "8760h", value_parser = parse_duration)]
+    pub ca_validity: Duration,
+    /// How often the self-managed certificates are checked.
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    pub cert_check_interval: Duration,
+    /// How long a new caBundle must have been published before a leaf signed by a new CA is served.
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    pub ca_propagation_delay: Duration,
 }
 
 /// Parses a Go-style duration such as `30s` or `1h30m`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    crate::api::duration::DurationString::new(text)
-        .parse()
-        .map_err(|err| format!("{text:?}: {err}"))
+    crate::api::duration::DurationString::new(text).parse().map_err(|err| format!("{text:?}: {err}"))
 }
 
 /// Sidecar flags: the invoker and the workload the sidecar belongs to.

@@ -33,10 +33,7 @@ fn main() -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 fn run(command: Command) -> Result<(), MainError> {
@@ -54,20 +51,10 @@ fn run(command: Command) -> Result<(), MainError> {
             args.ca_validity,
         )?),
         Command::Operator(args) => {
-            let config = stash::operator::OperatorConfig {
-                webhook_addr: args.webhook_addr,
-                admin_addr: args.admin_addr,
-                tls_cert_file: args.tls_cert_file,
-                tls_key_file: args.tls_key_file,
-                sidecar_image: args.sidecar_image,
-                max_body_bytes: args.max_body_bytes,
-                cert_poll_interval: args.cert_poll_interval,
-            };
+            let config = operator_config(args);
             runtime()?.block_on(async {
                 let cancel = shutdown_on_signal();
-                let client = kube::Client::try_default()
-                    .await
-                    .map_err(stash::operator::OperatorError::from)?;
+                let client = kube::Client::try_default().await.map_err(stash::operator::OperatorError::from)?;
                 stash::operator::run(client, config, cancel).await
             })?;
             Ok(())
@@ -76,10 +63,39 @@ fn run(command: Command) -> Result<(), MainError> {
     }
 }
 
+fn operator_config(args: stash::cli::OperatorArgs) -> stash::operator::OperatorConfig {
+    use stash::operator::CertificateSource;
+    let certificates = if args.self_signed_certs {
+        let service = &args.webhook_service_name;
+        let namespace = &args.namespace;
+        CertificateSource::SelfSigned(stash::webhook::self_signed::SelfSignedConfig {
+            dns_names: vec![format!("{service}.{namespace}.svc"), format!("{service}.{namespace}.svc.cluster.local")],
+            ips: args.cert_ips,
+            namespace: args.namespace.clone(),
+            secret_name: args.cert_secret_name,
+            webhook_configuration: args.webhook_configuration_name,
+            leaf_lifetime: args.cert_validity,
+            ca_lifetime: args.ca_validity,
+            check_interval: args.cert_check_interval,
+            propagation_delay: args.ca_propagation_delay,
+        })
+    } else {
+        CertificateSource::Files {
+            files: stash::webhook::tls::CertificateFiles { cert: args.tls_cert_file, key: args.tls_key_file },
+            poll: args.cert_poll_interval,
+        }
+    };
+    stash::operator::OperatorConfig {
+        webhook_addr: args.webhook_addr,
+        admin_addr: args.admin_addr,
+        certificates,
+        sidecar_image: args.sidecar_image,
+        max_body_bytes: args.max_body_bytes,
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
 }
 
 /// Cancelled on SIGTERM or Ctrl-C.
@@ -90,15 +106,14 @@ fn shutdown_on_signal() -> CancellationToken {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(term) => term,
-                    Err(_) => {
-                        let _ = ctrl_c.await;
-                        trigger.cancel();
-                        return;
-                    }
-                };
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    trigger.cancel();
+                    return;
+                }
+            };
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}

@@ -9,9 +9,8 @@ use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicI64;
 
 /// Admission latency buckets: answering is pure CPU, so most of the mass sits well under a millisecond.
-const ADMISSION_BUCKETS: [f64; 12] = [
-    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.5,
-];
+const ADMISSION_BUCKETS: [f64; 12] =
+    [0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.5];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AdmissionLabels {
@@ -57,10 +56,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("stash");
-        let webhook = WebhookMetrics {
-            requests: Family::default(),
-            latency: Histogram::new(ADMISSION_BUCKETS),
-        };
+        let webhook = WebhookMetrics { requests: Family::default(), latency: Histogram::new(ADMISSION_BUCKETS) };
         registry.register(
             "webhook_requests",
             "Admission requests answered, by operation, result and whether a patch was returned",
@@ -71,10 +67,7 @@ impl Default for Metrics {
             "Time to answer one admission request, from body received to response built",
             webhook.latency.clone(),
         );
-        let tls = TlsMetrics {
-            certificate_not_after: Gauge::default(),
-            reloads: Family::default(),
-        };
+        let tls = TlsMetrics { certificate_not_after: Gauge::default(), reloads: Family::default() };
         registry.register(
             "webhook_certificate_not_after_seconds",
             "Expiry (Unix time) of the serving certificate in use",
@@ -85,11 +78,7 @@ impl Default for Metrics {
             "Serving certificate reload attempts, by result",
             tls.reloads.clone(),
         );
-        Self {
-            registry,
-            webhook,
-            tls,
-        }
+        Self { registry, webhook, tls }
     }
 }
 

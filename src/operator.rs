@@ -3,12 +3,12 @@
 use crate::admin::{self, Readiness};
 use crate::metrics::Metrics;
 use crate::webhook::mutate::Mutator;
+use crate::webhook::self_signed::{SelfManagedCertificates, SelfSignedConfig, SelfSignedError};
 use crate::webhook::server::{ConnectionLimits, serve_tls};
-use crate::webhook::tls::{CertificateReloader, TlsError, server_config};
+use crate::webhook::tls::{CertificateFiles, ServingCertificate, TlsError, server_config};
 use crate::webhook::{caches, routes};
 use kube::Client;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -22,36 +22,67 @@ pub enum OperatorError {
     Kube(#[from] kube::Error),
     #[error("serving certificate: {0}")]
     Tls(#[from] TlsError),
+    #[error("self-managed certificates: {0}")]
+    SelfSigned(#[from] SelfSignedError),
     #[error("listening on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Listen { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Where the webhook's serving certificate comes from.
+#[derive(Debug, Clone)]
+pub enum CertificateSource {
+    /// PEM files, reloaded on change and every `poll` (Secret volume, cert-manager, platform tooling).
+    Files { files: CertificateFiles, poll: Duration },
+    /// A CA and leaf the operator generates, keeps in a Secret and rotates itself.
+    SelfSigned(SelfSignedConfig),
 }
 
 #[derive(Debug, Clone)]
 pub struct OperatorConfig {
     pub webhook_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    pub tls_cert_file: PathBuf,
-    pub tls_key_file: PathBuf,
+    pub certificates: CertificateSource,
     pub sidecar_image: String,
     pub max_body_bytes: usize,
-    pub cert_poll_interval: Duration,
 }
 
 async fn listen(addr: SocketAddr) -> Result<TcpListener, OperatorError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| OperatorError::Listen { addr, source })
+    TcpListener::bind(addr).await.map_err(|source| OperatorError::Listen { addr, source })
+}
+
+/// Loads the first serving pair and starts keeping it current on `tasks`.
+async fn serving_certificate(
+    client: &Client,
+    source: CertificateSource,
+    metrics: &Arc<Metrics>,
+    tasks: &mut JoinSet<()>,
+    cancel: &CancellationToken,
+) -> Result<Arc<ServingCertificate>, OperatorError> {
+    let cancel = cancel.clone();
+    match source {
+        CertificateSource::Files { files, poll } => {
+            let serving = files.load(metrics.clone())?;
+            let watched = serving.clone();
+            tasks.spawn(async move {
+                if let Err(err) = files.watch(watched, poll, cancel).await {
+                    tracing::error!(error = %err, "certificate watch stopped; relying on restarts for rotation");
+                }
+            });
+            Ok(serving)
+        }
+        CertificateSource::SelfSigned(config) => {
+            let manager = SelfManagedCertificates::new(client.clone(), config);
+            let pair = manager.reconcile().await?;
+            let serving =
+                ServingCertificate::new(pair.cert_pem.into_bytes(), pair.key_pem.into_bytes(), metrics.clone())?;
+            tasks.spawn(manager.run(serving.clone(), cancel));
+            Ok(serving)
+        }
+    }
 }
 
 /// Runs until `cancel` fires, then drains and returns.
-pub async fn run(
-    client: Client,
-    config: OperatorConfig,
-    cancel: CancellationToken,
-) -> Result<(), OperatorError> {
+pub async fn run(client: Client, config: OperatorConfig, cancel: CancellationToken) -> Result<(), OperatorError> {
     let metrics = Arc::new(Metrics::default());
     let readiness = Arc::new(Readiness::default());
     let mut tasks = JoinSet::new();
@@ -67,39 +98,18 @@ pub async fn run(
         });
     }
 
-    let reloader = CertificateReloader::load(
-        config.tls_cert_file.clone(),
-        config.tls_key_file.clone(),
-        metrics.clone(),
-    )?;
+    let serving = serving_certificate(&client, config.certificates, &metrics, &mut tasks, &cancel).await?;
     readiness.certificate_loaded.store(true, Ordering::Release);
-    let tls = server_config(reloader.clone())?;
-    {
-        let cancel = cancel.clone();
-        let poll = config.cert_poll_interval;
-        tasks.spawn(async move {
-            if let Err(err) = reloader.watch(poll, cancel).await {
-                tracing::error!(error = %err, "certificate watch stopped; relying on restarts for rotation");
-            }
-        });
-    }
+    let tls = server_config(serving)?;
 
-    let mutator = Arc::new(Mutator {
-        catalog,
-        sidecar_image: config.sidecar_image.clone(),
-    });
+    let mutator = Arc::new(Mutator { catalog, sidecar_image: config.sidecar_image.clone() });
     let webhook_app = routes::router(mutator, metrics.clone(), config.max_body_bytes);
     let webhook_listener = listen(config.webhook_addr).await?;
     let admin_listener = listen(config.admin_addr).await?;
     tracing::info!(webhook = %config.webhook_addr, admin = %config.admin_addr, "operator serving");
 
-    let webhook = tokio::spawn(serve_tls(
-        webhook_listener,
-        tls,
-        webhook_app,
-        ConnectionLimits::default(),
-        cancel.clone(),
-    ));
+    let webhook =
+        tokio::spawn(serve_tls(webhook_listener, tls, webhook_app, ConnectionLimits::default(), cancel.clone()));
     let admin_app = admin::router(readiness, metrics);
     let admin_cancel = cancel.clone();
     let admin = tokio::spawn(async move {

@@ -27,22 +27,14 @@ fn round_trip<T: DeserializeOwned + Serialize>(manifest: Value) -> T {
 #[test]
 fn backup_batch_with_workload_pvc_and_database_members_round_trips() {
     let batch: BackupBatch = round_trip(load("backupbatch.yaml"));
-    let kinds: Vec<&str> = batch
-        .spec
-        .members
-        .iter()
-        .map(|m| m.target.reference.kind.as_str())
-        .collect();
+    let kinds: Vec<&str> = batch.spec.members.iter().map(|m| m.target.reference.kind.as_str()).collect();
     assert_eq!(kinds, ["Deployment", "PersistentVolumeClaim", "AppBinding"]);
     assert_eq!(batch.spec.execution_order, ExecutionOrder::Sequential);
     assert_eq!(batch.spec.backup_history_limit, 3);
     let time_out = batch.spec.time_out.as_ref().map(|t| t.parse());
     assert_eq!(time_out, Some(Ok(std::time::Duration::from_secs(1800))));
     let hooks = batch.spec.hooks.as_ref().expect("global hooks");
-    assert_eq!(
-        hooks.post_backup.as_ref().map(|h| h.execution_policy),
-        Some(HookExecutionPolicy::OnSuccess)
-    );
+    assert_eq!(hooks.post_backup.as_ref().map(|h| h.execution_policy), Some(HookExecutionPolicy::OnSuccess));
     let mount = &batch.spec.members[0].target.volume_mounts[0];
     assert_eq!(mount.mount_path, "/var/www/html");
 }
@@ -72,8 +64,7 @@ fn unknown_fields_from_newer_stash_releases_are_ignored() {
     manifest["spec"]["members"][0]["target"]["volumeSnapshotClassName"] = "csi-snapclass".into();
     manifest["spec"]["members"][0]["futureMemberSetting"] = 3.into();
     manifest["status"] = serde_json::json!({"phase": "Ready", "sessionsPending": 2});
-    let batch: BackupBatch =
-        serde_json::from_value(manifest).expect("newer fields do not break parsing");
+    let batch: BackupBatch = serde_json::from_value(manifest).expect("newer fields do not break parsing");
     assert_eq!(batch.spec.members.len(), 3);
 }
 
@@ -86,10 +77,7 @@ fn backup_session_status_with_per_host_stats_round_trips() {
     assert_eq!(target.total_hosts, Some(2));
     assert_eq!(target.stats.len(), 2);
     assert_eq!(target.stats[1].phase, Some(HostPhase::Failed));
-    let files = target.stats[0].snapshots[0]
-        .file_stats
-        .as_ref()
-        .expect("file stats");
+    let files = target.stats[0].snapshots[0].file_stats.as_ref().expect("file stats");
     assert_eq!(files.total_files, Some(2004));
 }
 
@@ -107,11 +95,7 @@ fn repository_of_every_backend_kind_round_trips() {
             backend.b2.is_some(),
             backend.rest.is_some(),
         ];
-        assert_eq!(
-            set.iter().filter(|s| **s).count(),
-            1,
-            "{kind} sets exactly one backend"
-        );
+        assert_eq!(set.iter().filter(|s| **s).count(), 1, "{kind} sets exactly one backend");
         assert_eq!(backend.storage_secret_name, format!("{kind}-secret"));
     }
 }

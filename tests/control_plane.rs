@@ -24,26 +24,16 @@ fn dynamic_api(ns: &TestNamespace, manifest: &Value) -> Api<DynamicObject> {
 
 async fn create(ns: &TestNamespace, mut manifest: Value) -> Result<DynamicObject, kube::Error> {
     manifest["metadata"]["namespace"] = ns.name.clone().into();
-    let object: DynamicObject =
-        serde_json::from_value(manifest.clone()).expect("a Kubernetes object");
-    dynamic_api(ns, &manifest)
-        .create(&PostParams::default(), &object)
-        .await
+    let object: DynamicObject = serde_json::from_value(manifest.clone()).expect("a Kubernetes object");
+    dynamic_api(ns, &manifest).create(&PostParams::default(), &object).await
 }
 
 fn data_files(dir: &str) -> Vec<String> {
-    let mut files: Vec<String> =
-        std::fs::read_dir(support::repo_root().join("tests/data").join(dir))
-            .expect("test data directory")
-            .map(|entry| {
-                entry
-                    .expect("a directory entry")
-                    .file_name()
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .filter(|name| name.ends_with(".yaml"))
-            .collect();
+    let mut files: Vec<String> = std::fs::read_dir(support::repo_root().join("tests/data").join(dir))
+        .expect("test data directory")
+        .map(|entry| entry.expect("a directory entry").file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".yaml"))
+        .collect();
     files.sort();
     files
 }
@@ -58,9 +48,7 @@ async fn crds_install_and_become_established() {
         let live = crds.get(&name).await.expect("CRD is installed");
         let conditions = live.status.and_then(|s| s.conditions).unwrap_or_default();
         assert!(
-            conditions
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True"),
+            conditions.iter().any(|c| c.type_ == "Established" && c.status == "True"),
             "{name} is not Established: {conditions:?}"
         );
     }
@@ -71,37 +59,19 @@ async fn valid_stash_manifests_are_accepted_and_read_back_unchanged() {
     let ns = TestNamespace::new("valid").await;
     for file in data_files("valid") {
         let manifest = load_yaml(&format!("valid/{file}"));
-        let created = create(&ns, manifest.clone())
-            .await
-            .unwrap_or_else(|e| panic!("{file} is refused: {e}"));
+        let created = create(&ns, manifest.clone()).await.unwrap_or_else(|e| panic!("{file} is refused: {e}"));
         let name = created.metadata.name.clone().expect("named");
         let kind = manifest["kind"].as_str().expect("kind");
         // Read back through our typed API, then compare the spec with what was written.
         let spec = match kind {
-            "BackupBatch" => {
-                serde_json::to_value(ns.api::<BackupBatch>().get(&name).await.expect("get").spec)
-            }
-            "BackupSession" => serde_json::to_value(
-                ns.api::<BackupSession>()
-                    .get(&name)
-                    .await
-                    .expect("get")
-                    .spec,
-            ),
-            "Repository" => {
-                serde_json::to_value(ns.api::<Repository>().get(&name).await.expect("get").spec)
-            }
-            "RestoreBatch" => {
-                serde_json::to_value(ns.api::<RestoreBatch>().get(&name).await.expect("get").spec)
-            }
+            "BackupBatch" => serde_json::to_value(ns.api::<BackupBatch>().get(&name).await.expect("get").spec),
+            "BackupSession" => serde_json::to_value(ns.api::<BackupSession>().get(&name).await.expect("get").spec),
+            "Repository" => serde_json::to_value(ns.api::<Repository>().get(&name).await.expect("get").spec),
+            "RestoreBatch" => serde_json::to_value(ns.api::<RestoreBatch>().get(&name).await.expect("get").spec),
             other => panic!("unexpected kind {other} in {file}"),
         }
         .expect("spec serializes");
-        assert_eq!(
-            without_empty(spec),
-            without_empty(manifest["spec"].clone()),
-            "{file} changed on the way"
-        );
+        assert_eq!(without_empty(spec), without_empty(manifest["spec"].clone()), "{file} changed on the way");
     }
 }
 
@@ -122,11 +92,7 @@ async fn invalid_objects_are_refused_naming_the_field() {
             Ok(_) => panic!("{file}: the API server accepted an invalid object"),
             Err(kube::Error::Api(status)) => {
                 assert_eq!(status.code, 422, "{file}: {status:?}");
-                assert!(
-                    status.message.contains(field),
-                    "{file}: `{}` does not name {field}",
-                    status.message
-                );
+                assert!(status.message.contains(field), "{file}: `{}` does not name {field}", status.message);
             }
             Err(other) => panic!("{file}: unexpected error {other}"),
         }
@@ -136,27 +102,15 @@ async fn invalid_objects_are_refused_naming_the_field() {
 #[tokio::test]
 async fn backup_session_invoker_is_immutable() {
     let ns = TestNamespace::new("immutable").await;
-    create(&ns, load_yaml("valid/backupsession.yaml"))
-        .await
-        .expect("session is created");
+    create(&ns, load_yaml("valid/backupsession.yaml")).await.expect("session is created");
     let sessions = ns.api::<BackupSession>();
     let patch = json!({"spec": {"invoker": {"name": "another-batch"}}});
     let err = sessions
-        .patch(
-            "wordpress-backup-1764043200",
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
+        .patch("wordpress-backup-1764043200", &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .expect_err("the invoker cannot change");
-    let kube::Error::Api(status) = err else {
-        panic!("unexpected error {err}")
-    };
-    assert!(
-        status.message.contains("spec.invoker is immutable"),
-        "{}",
-        status.message
-    );
+    let kube::Error::Api(status) = err else { panic!("unexpected error {err}") };
+    assert!(status.message.contains("spec.invoker is immutable"), "{}", status.message);
 }
 
 fn deployment(name: &str) -> Deployment {
@@ -178,62 +132,40 @@ fn deployment(name: &str) -> Deployment {
 async fn deployment_gets_a_replicaset_and_pending_pods_and_is_garbage_collected() {
     let ns = TestNamespace::new("workloads").await;
     let deployments = ns.api::<Deployment>();
-    deployments
-        .create(&PostParams::default(), &deployment("web"))
-        .await
-        .expect("created");
+    deployments.create(&PostParams::default(), &deployment("web")).await.expect("created");
     let pods = ns.api::<Pod>();
     let listed = eventually("two Pods of web", Duration::from_secs(60), || {
         let pods = pods.clone();
         async move {
-            let list = pods
-                .list(&ListParams::default().labels("app=web"))
-                .await
-                .ok()?;
+            let list = pods.list(&ListParams::default().labels("app=web")).await.ok()?;
             (list.items.len() == 2).then_some(list.items)
         }
     })
     .await;
     for pod in &listed {
         let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
-        assert_eq!(
-            phase.as_deref(),
-            Some("Pending"),
-            "no kubelet, so Pods stay Pending"
-        );
+        assert_eq!(phase.as_deref(), Some("Pending"), "no kubelet, so Pods stay Pending");
         let owner = &pod.metadata.owner_references.as_ref().expect("owned")[0];
         assert_eq!(owner.kind, "ReplicaSet");
     }
 
-    deployments
-        .delete("web", &DeleteParams::background())
-        .await
-        .expect("deleted");
+    deployments.delete("web", &DeleteParams::background()).await.expect("deleted");
     let replicasets = ns.api::<ReplicaSet>();
-    eventually(
-        "ReplicaSets and Pods of web collected",
-        Duration::from_secs(60),
-        || {
-            let (replicasets, pods) = (replicasets.clone(), pods.clone());
-            async move {
-                let sets = replicasets.list(&ListParams::default()).await.ok()?;
-                let left = pods
-                    .list(&ListParams::default().labels("app=web"))
-                    .await
-                    .ok()?;
-                (sets.items.is_empty() && left.items.is_empty()).then_some(())
-            }
-        },
-    )
+    eventually("ReplicaSets and Pods of web collected", Duration::from_secs(60), || {
+        let (replicasets, pods) = (replicasets.clone(), pods.clone());
+        async move {
+            let sets = replicasets.list(&ListParams::default()).await.ok()?;
+            let left = pods.list(&ListParams::default().labels("app=web")).await.ok()?;
+            (sets.items.is_empty() && left.items.is_empty()).then_some(())
+        }
+    })
     .await;
 }
 
 #[tokio::test]
 async fn deleting_a_backup_batch_collects_what_it_owns() {
     let ns = TestNamespace::new("gc").await;
-    let batch = create(&ns, load_yaml("valid/backupbatch.yaml"))
-        .await
-        .expect("batch is created");
+    let batch = create(&ns, load_yaml("valid/backupbatch.yaml")).await.expect("batch is created");
     let owned: ConfigMap = serde_json::from_value(json!({
         "metadata": {
             "name": "owned-by-batch",
@@ -248,29 +180,12 @@ async fn deleting_a_backup_batch_collects_what_it_owns() {
     }))
     .expect("a ConfigMap");
     let configmaps = ns.api::<ConfigMap>();
-    configmaps
-        .create(&PostParams::default(), &owned)
-        .await
-        .expect("created");
-    ns.api::<BackupBatch>()
-        .delete("wordpress-backup", &DeleteParams::background())
-        .await
-        .expect("deleted");
-    eventually(
-        "the owned ConfigMap collected",
-        Duration::from_secs(60),
-        || {
-            let configmaps = configmaps.clone();
-            async move {
-                configmaps
-                    .get_opt("owned-by-batch")
-                    .await
-                    .ok()?
-                    .is_none()
-                    .then_some(())
-            }
-        },
-    )
+    configmaps.create(&PostParams::default(), &owned).await.expect("created");
+    ns.api::<BackupBatch>().delete("wordpress-backup", &DeleteParams::background()).await.expect("deleted");
+    eventually("the owned ConfigMap collected", Duration::from_secs(60), || {
+        let configmaps = configmaps.clone();
+        async move { configmaps.get_opt("owned-by-batch").await.ok()?.is_none().then_some(()) }
+    })
     .await;
 }
 
@@ -289,26 +204,13 @@ async fn cronjob_creates_a_job_at_the_next_minute() {
         }
     }))
     .expect("a CronJob");
-    ns.api::<CronJob>()
-        .create(&PostParams::default(), &cronjob)
-        .await
-        .expect("created");
+    ns.api::<CronJob>().create(&PostParams::default(), &cronjob).await.expect("created");
     let jobs = ns.api::<Job>();
     let job = eventually("a Job from the CronJob", Duration::from_secs(75), || {
         let jobs = jobs.clone();
-        async move {
-            jobs.list(&ListParams::default())
-                .await
-                .ok()?
-                .items
-                .into_iter()
-                .next()
-        }
+        async move { jobs.list(&ListParams::default()).await.ok()?.items.into_iter().next() }
     })
     .await;
     let owner = &job.metadata.owner_references.as_ref().expect("owned")[0];
-    assert_eq!(
-        (owner.kind.as_str(), owner.name.as_str()),
-        ("CronJob", "every-minute")
-    );
+    assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("CronJob", "every-minute"));
 }

@@ -9,22 +9,12 @@ const CHECKED_IN: &str = "deploy/crds/stash.yaml";
 
 #[test]
 fn checked_in_crds_match_generated() {
-    let output = Command::new(env!("CARGO_BIN_EXE_stash"))
-        .arg("crds")
-        .output()
-        .expect("stash runs");
-    assert!(
-        output.status.success(),
-        "stash crds failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = Command::new(env!("CARGO_BIN_EXE_stash")).arg("crds").output().expect("stash runs");
+    assert!(output.status.success(), "stash crds failed: {}", String::from_utf8_lossy(&output.stderr));
     let printed = String::from_utf8(output.stdout).expect("UTF-8 output");
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(CHECKED_IN);
     let checked_in = std::fs::read_to_string(&path).expect("deploy/crds/stash.yaml exists");
-    assert!(
-        printed == checked_in,
-        "{CHECKED_IN} is stale: regenerate it with `cargo run -- crds > {CHECKED_IN}`"
-    );
+    assert!(printed == checked_in, "{CHECKED_IN} is stale: regenerate it with `cargo run -- crds > {CHECKED_IN}`");
 }
 
 #[test]
@@ -32,31 +22,16 @@ fn crds_are_structural_apiextensions_v1() {
     let yaml = stash::api::crds_yaml().expect("CRDs render");
     let mut names = Vec::new();
     for document in serde_yaml::Deserializer::from_str(&yaml) {
-        let crd =
-            CustomResourceDefinition::deserialize(document).expect("a CustomResourceDefinition");
+        let crd = CustomResourceDefinition::deserialize(document).expect("a CustomResourceDefinition");
         let spec = &crd.spec;
         assert_eq!(spec.group, "stash.appscode.com");
         assert_eq!(spec.scope, "Namespaced");
-        assert_eq!(
-            spec.names.categories.as_deref(),
-            Some(&["stash".to_string()][..])
-        );
+        assert_eq!(spec.names.categories.as_deref(), Some(&["stash".to_string()][..]));
         assert_eq!(spec.versions.len(), 1);
         let version = &spec.versions[0];
         assert!(version.served && version.storage);
-        assert!(
-            version
-                .subresources
-                .as_ref()
-                .and_then(|s| s.status.as_ref())
-                .is_some(),
-            "status subresource"
-        );
-        let schema = version
-            .schema
-            .as_ref()
-            .and_then(|s| s.open_api_v3_schema.as_ref())
-            .expect("a schema");
+        assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(), "status subresource");
+        let schema = version.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref()).expect("a schema");
         assert_eq!(schema.type_.as_deref(), Some("object"));
         names.push(crd.metadata.name.unwrap_or_default());
     }

@@ -10,7 +10,7 @@ use stash::webhook::decision::Catalog;
 use stash::webhook::mutate::Mutator;
 use stash::webhook::routes;
 use stash::webhook::server::{ConnectionLimits, serve_tls};
-use stash::webhook::tls::{CertificateReloader, server_config};
+use stash::webhook::tls::{CertificateFiles, ServingCertificate, server_config};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,39 +36,20 @@ fn empty_catalog() -> Catalog {
     }
 }
 
-async fn start(cert: PathBuf, key: PathBuf) -> (Server, Arc<CertificateReloader>) {
+async fn start(cert: PathBuf, key: PathBuf) -> (Server, Arc<ServingCertificate>, CertificateFiles) {
     let metrics = Arc::new(Metrics::default());
-    let reloader =
-        CertificateReloader::load(cert, key, metrics.clone()).expect("the first pair loads");
-    let tls = server_config(reloader.clone()).expect("TLS config");
-    let mutator = Arc::new(Mutator {
-        catalog: empty_catalog(),
-        sidecar_image: "stash:test".into(),
-    });
+    let files = CertificateFiles { cert, key };
+    let serving = files.load(metrics.clone()).expect("the first pair loads");
+    let tls = server_config(serving.clone()).expect("TLS config");
+    let mutator = Arc::new(Mutator { catalog: empty_catalog(), sidecar_image: "stash:test".into() });
     let app = routes::router(mutator, metrics.clone(), MAX_BODY);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
     let cancel = CancellationToken::new();
-    let task = tokio::spawn(serve_tls(
-        listener,
-        tls,
-        app,
-        ConnectionLimits::default(),
-        cancel.clone(),
-    ));
-    let watch = reloader
-        .clone()
-        .watch(Duration::from_millis(200), cancel.clone());
+    let task = tokio::spawn(serve_tls(listener, tls, app, ConnectionLimits::default(), cancel.clone()));
+    let watch = files.clone().watch(serving.clone(), Duration::from_millis(200), cancel.clone());
     tokio::spawn(async move { watch.await.expect("watching works") });
-    (
-        Server {
-            addr,
-            metrics,
-            cancel,
-            task,
-        },
-        reloader,
-    )
+    (Server { addr, metrics, cancel, task }, serving, files)
 }
 
 fn generate(dir: &Path, ca_dir: Option<&Path>) {
@@ -85,15 +66,8 @@ fn generate(dir: &Path, ca_dir: Option<&Path>) {
 
 fn client(ca_pem: &[u8], http2: bool) -> reqwest::Client {
     let ca = reqwest::Certificate::from_pem(ca_pem).expect("CA PEM");
-    let builder = reqwest::Client::builder()
-        .use_rustls_tls()
-        .add_root_certificate(ca)
-        .timeout(Duration::from_secs(10));
-    let builder = if http2 {
-        builder.http2_prior_knowledge()
-    } else {
-        builder.http1_only()
-    };
+    let builder = reqwest::Client::builder().use_rustls_tls().add_root_certificate(ca).timeout(Duration::from_secs(10));
+    let builder = if http2 { builder.http2_prior_knowledge() } else { builder.http1_only() };
     builder.build().expect("a client")
 }
 
@@ -106,16 +80,8 @@ fn review_body(uid: &str) -> Vec<u8> {
     .expect("JSON")
 }
 
-async fn post(
-    client: &reqwest::Client,
-    addr: SocketAddr,
-    body: Vec<u8>,
-) -> reqwest::Result<reqwest::Response> {
-    client
-        .post(format!("https://localhost:{}/mutate-pods", addr.port()))
-        .body(body)
-        .send()
-        .await
+async fn post(client: &reqwest::Client, addr: SocketAddr, body: Vec<u8>) -> reqwest::Result<reqwest::Response> {
+    client.post(format!("https://localhost:{}/mutate-pods", addr.port())).body(body).send().await
 }
 
 /// The leaf certificate a fresh TLS connection is served.
@@ -124,65 +90,42 @@ async fn served_leaf(addr: SocketAddr, ca_pem: &[u8]) -> CertificateDer<'static>
     for cert in CertificateDer::pem_slice_iter(ca_pem) {
         roots.add(cert.expect("CA PEM")).expect("a root");
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = TcpStream::connect(addr).await.expect("connect");
-    let tls = connector
-        .connect(ServerName::try_from("localhost").expect("name"), tcp)
-        .await
-        .expect("handshake");
-    tls.get_ref().1.peer_certificates().expect("a chain")[0]
-        .clone()
-        .into_owned()
+    let tls = connector.connect(ServerName::try_from("localhost").expect("name"), tcp).await.expect("handshake");
+    tls.get_ref().1.peer_certificates().expect("a chain")[0].clone().into_owned()
 }
 
 fn leaf_on_disk(path: &Path) -> CertificateDer<'static> {
-    CertificateDer::pem_file_iter(path)
-        .expect("PEM")
-        .next()
-        .expect("a certificate")
-        .expect("valid PEM")
+    CertificateDer::pem_file_iter(path).expect("PEM").next().expect("a certificate").expect("valid PEM")
 }
 
 #[tokio::test]
 async fn serves_admission_reviews_over_http1_and_h2() {
     let dir = tempfile::tempdir().expect("temp dir");
     generate(dir.path(), None);
-    let (server, _reloader) = start(dir.path().join("tls.crt"), dir.path().join("tls.key")).await;
+    let (server, _, _) = start(dir.path().join("tls.crt"), dir.path().join("tls.key")).await;
     let ca = std::fs::read(dir.path().join("ca.crt")).expect("CA");
-    for (http2, version) in [
-        (false, reqwest::Version::HTTP_11),
-        (true, reqwest::Version::HTTP_2),
-    ] {
-        let response = post(&client(&ca, http2), server.addr, review_body("uid-1"))
-            .await
-            .expect("a response");
+    for (http2, version) in [(false, reqwest::Version::HTTP_11), (true, reqwest::Version::HTTP_2)] {
+        let response = post(&client(&ca, http2), server.addr, review_body("uid-1")).await.expect("a response");
         assert_eq!(response.version(), version);
         assert_eq!(response.status(), 200);
         let review: serde_json::Value = response.json().await.expect("JSON");
         assert_eq!(review["response"]["uid"], "uid-1");
         assert_eq!(review["response"]["allowed"], true);
     }
-    let bad = post(&client(&ca, false), server.addr, b"{not json".to_vec())
-        .await
-        .expect("a response");
+    let bad = post(&client(&ca, false), server.addr, b"{not json".to_vec()).await.expect("a response");
     assert_eq!(bad.status(), 400);
-    let huge = post(&client(&ca, false), server.addr, vec![b' '; MAX_BODY + 1])
-        .await
-        .expect("a response");
+    let huge = post(&client(&ca, false), server.addr, vec![b' '; MAX_BODY + 1]).await.expect("a response");
     assert_eq!(huge.status(), 413);
     server.cancel.cancel();
     server.task.await.expect("the server stops cleanly");
-    assert!(
-        TcpStream::connect(server.addr).await.is_err(),
-        "nothing listens after shutdown"
-    );
+    assert!(TcpStream::connect(server.addr).await.is_err(), "nothing listens after shutdown");
 }
 
 /// Replaces the pair the way kubelet updates a Secret volume: a new timestamped directory, then an
@@ -208,31 +151,23 @@ async fn rotating_certificates_under_load_fails_no_request() {
     let volume = tempfile::tempdir().expect("temp dir");
     swap_secret_volume(volume.path(), 0, ca_dir.path());
     for name in ["tls.crt", "tls.key"] {
-        std::os::unix::fs::symlink(format!("..data/{name}"), volume.path().join(name))
-            .expect("symlink");
+        std::os::unix::fs::symlink(format!("..data/{name}"), volume.path().join(name)).expect("symlink");
     }
 
     for (dir, secret_volume) in [(plain.path(), false), (volume.path(), true)] {
-        let (server, _reloader) = start(dir.join("tls.crt"), dir.join("tls.key")).await;
+        let (server, _, _) = start(dir.join("tls.crt"), dir.join("tls.key")).await;
         let stop = CancellationToken::new();
         let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let mut load = Vec::new();
         for http2 in [false, true] {
-            let (client, stop, sent, failed, addr) = (
-                client(&ca, http2),
-                stop.clone(),
-                sent.clone(),
-                failed.clone(),
-                server.addr,
-            );
+            let (client, stop, sent, failed, addr) =
+                (client(&ca, http2), stop.clone(), sent.clone(), failed.clone(), server.addr);
             load.push(tokio::spawn(async move {
                 let mut n = 0;
                 while !stop.is_cancelled() {
                     n += 1;
                     match post(&client, addr, review_body(&format!("uid-{n}"))).await {
-                        Ok(response) if response.status() == 200 => {
-                            sent.fetch_add(1, Ordering::Relaxed)
-                        }
+                        Ok(response) if response.status() == 200 => sent.fetch_add(1, Ordering::Relaxed),
                         _ => failed.fetch_add(1, Ordering::Relaxed),
                     };
                 }
@@ -250,10 +185,7 @@ async fn rotating_certificates_under_load_fails_no_request() {
             assert_ne!(before, expected, "a new leaf was written");
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             while served_leaf(server.addr, &ca).await != expected {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "new connections never saw rotation {generation}"
-                );
+                assert!(tokio::time::Instant::now() < deadline, "new connections never saw rotation {generation}");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -262,23 +194,9 @@ async fn rotating_certificates_under_load_fails_no_request() {
         for task in load {
             task.await.expect("load task");
         }
-        assert!(
-            sent.load(Ordering::Relaxed) > 0,
-            "requests were sent during the rotations"
-        );
-        assert_eq!(
-            failed.load(Ordering::Relaxed),
-            0,
-            "no request failed during rotation"
-        );
-        let ok = server
-            .metrics
-            .tls
-            .reloads
-            .get_or_create(&ReloadLabels {
-                result: ReloadResult::Ok,
-            })
-            .get();
+        assert!(sent.load(Ordering::Relaxed) > 0, "requests were sent during the rotations");
+        assert_eq!(failed.load(Ordering::Relaxed), 0, "no request failed during rotation");
+        let ok = server.metrics.tls.reloads.get_or_create(&ReloadLabels { result: ReloadResult::Ok }).get();
         assert_eq!(ok, 5, "each rotation was one reload");
         server.cancel.cancel();
         server.task.await.expect("the server stops cleanly");
@@ -290,34 +208,21 @@ async fn a_bad_new_pair_keeps_the_old_one_and_is_counted() {
     let dir = tempfile::tempdir().expect("temp dir");
     generate(dir.path(), None);
     let ca = std::fs::read(dir.path().join("ca.crt")).expect("CA");
-    let (server, reloader) = start(dir.path().join("tls.crt"), dir.path().join("tls.key")).await;
+    let (server, serving, files) = start(dir.path().join("tls.crt"), dir.path().join("tls.key")).await;
     let original = served_leaf(server.addr, &ca).await;
 
     // A key that does not belong to the certificate, then a certificate that is not PEM.
     let other = tempfile::tempdir().expect("temp dir");
     generate(other.path(), None);
     std::fs::copy(other.path().join("tls.key"), dir.path().join("tls.key")).expect("copy");
-    assert!(reloader.reload().is_err());
+    assert!(files.reload(&serving).is_err());
     std::fs::write(dir.path().join("tls.crt"), "not a certificate").expect("write");
-    assert!(reloader.reload().is_err());
+    assert!(files.reload(&serving).is_err());
 
-    assert_eq!(
-        served_leaf(server.addr, &ca).await,
-        original,
-        "the old pair is still served"
-    );
-    let response = post(&client(&ca, true), server.addr, review_body("still-up"))
-        .await
-        .expect("served");
+    assert_eq!(served_leaf(server.addr, &ca).await, original, "the old pair is still served");
+    let response = post(&client(&ca, true), server.addr, review_body("still-up")).await.expect("served");
     assert_eq!(response.status(), 200);
-    let failed = server
-        .metrics
-        .tls
-        .reloads
-        .get_or_create(&ReloadLabels {
-            result: ReloadResult::Failed,
-        })
-        .get();
+    let failed = server.metrics.tls.reloads.get_or_create(&ReloadLabels { result: ReloadResult::Failed }).get();
     assert!(failed >= 2, "failed reloads are counted ({failed})");
     server.cancel.cancel();
 }

@@ -3,9 +3,8 @@
 //! Field names follow Stash's public API exactly; they are the compatibility contract.
 
 use k8s_openapi::api::core::v1::{
-    Affinity, EnvFromSource, EnvVar, ExecAction, HTTPHeader, LocalObjectReference,
-    PersistentVolumeClaimSpec, PodSecurityContext, ResourceRequirements, SecurityContext,
-    TCPSocketAction, Toleration,
+    Affinity, EnvFromSource, EnvVar, ExecAction, HTTPHeader, LocalObjectReference, PersistentVolumeClaimSpec,
+    PodSecurityContext, ResourceRequirements, SecurityContext, TCPSocketAction, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -191,8 +190,7 @@ pub struct Handler {
 // Arithmetic over `has()` keeps the rule's estimated cost low enough to nest under list items.
 const HANDLER_EXACTLY_ONE: &str = "(has(self.exec) ? 1 : 0) + (has(self.httpGet) ? 1 : 0) + \
      (has(self.httpPost) ? 1 : 0) + (has(self.tcpSocket) ? 1 : 0) == 1";
-const HANDLER_EXACTLY_ONE_MESSAGE: &str =
-    "a hook must set exactly one of exec, httpGet, httpPost, tcpSocket";
+const HANDLER_EXACTLY_ONE_MESSAGE: &str = "a hook must set exactly one of exec, httpGet, httpPost, tcpSocket";
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

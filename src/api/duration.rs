@@ -54,14 +54,8 @@ mod tests {
 
     #[test]
     fn parses_go_durations() {
-        assert_eq!(
-            DurationString::new("1h30m").parse(),
-            Ok(Duration::from_secs(5400))
-        );
-        assert_eq!(
-            DurationString::new("90s").parse(),
-            Ok(Duration::from_secs(90))
-        );
+        assert_eq!(DurationString::new("1h30m").parse(), Ok(Duration::from_secs(5400)));
+        assert_eq!(DurationString::new("90s").parse(), Ok(Duration::from_secs(90)));
         assert!(DurationString::new("soon").parse().is_err());
     }
 }

@@ -20,12 +20,7 @@ pub const PART_OF: (&str, &str) = ("app.kubernetes.io/part-of", "stash");
 
 /// Every CRD this project serves, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    let mut crds = vec![
-        BackupBatch::crd(),
-        BackupSession::crd(),
-        Repository::crd(),
-        RestoreBatch::crd(),
-    ];
+    let mut crds = vec![BackupBatch::crd(), BackupSession::crd(), Repository::crd(), RestoreBatch::crd()];
     for crd in &mut crds {
         let labels = crd.metadata.labels.get_or_insert_with(Default::default);
         labels.insert(PART_OF.0.to_string(), PART_OF.1.to_string());

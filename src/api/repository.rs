@@ -1,8 +1,7 @@
 //! `Repository` (stash.appscode.com/v1alpha1): where a restic repository lives and which Secret opens it.
 
 use k8s_openapi::api::core::v1::{
-    CSIVolumeSource, EmptyDirVolumeSource, HostPathVolumeSource, NFSVolumeSource,
-    PersistentVolumeClaimVolumeSource,
+    CSIVolumeSource, EmptyDirVolumeSource, HostPathVolumeSource, NFSVolumeSource, PersistentVolumeClaimVolumeSource,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 use kube::{CustomResource, KubeSchema};
@@ -61,8 +60,7 @@ pub struct Backend {
 const EXACTLY_ONE_BACKEND: &str = "(has(self.local) ? 1 : 0) + (has(self.s3) ? 1 : 0) + \
      (has(self.gcs) ? 1 : 0) + (has(self.azure) ? 1 : 0) + (has(self.swift) ? 1 : 0) + \
      (has(self.b2) ? 1 : 0) + (has(self.rest) ? 1 : 0) == 1";
-const EXACTLY_ONE_BACKEND_MESSAGE: &str =
-    "spec.backend must set exactly one of local, s3, gcs, azure, swift, b2, rest";
+const EXACTLY_ONE_BACKEND_MESSAGE: &str = "spec.backend must set exactly one of local, s3, gcs, azure, swift, b2, rest";
 
 /// A volume mounted into the backup pods; `mountPath` is the restic repository directory.
 ///
@@ -90,7 +88,8 @@ pub struct LocalSpec {
 
 const AT_MOST_ONE_VOLUME: &str = "(has(self.hostPath) ? 1 : 0) + (has(self.persistentVolumeClaim) ? 1 : 0) + \
      (has(self.nfs) ? 1 : 0) + (has(self.emptyDir) ? 1 : 0) + (has(self.csi) ? 1 : 0) <= 1";
-const AT_MOST_ONE_VOLUME_MESSAGE: &str = "spec.backend.local may name at most one of hostPath, persistentVolumeClaim, nfs, emptyDir, csi";
+const AT_MOST_ONE_VOLUME_MESSAGE: &str =
+    "spec.backend.local may name at most one of hostPath, persistentVolumeClaim, nfs, emptyDir, csi";
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -104,11 +103,7 @@ pub struct S3Spec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
     /// Skip TLS verification of the endpoint (test setups only).
-    #[serde(
-        default,
-        rename = "insecureTLS",
-        skip_serializing_if = "std::ops::Not::not"
-    )]
+    #[serde(default, rename = "insecureTLS", skip_serializing_if = "std::ops::Not::not")]
     pub insecure_tls: bool,
 }
 

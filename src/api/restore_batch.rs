@@ -2,8 +2,8 @@
 
 use super::backup_batch::Driver;
 use super::common::{
-    Condition, EmptyDirSettings, ExecutionOrder, Handler, ObjectReference,
-    PersistentVolumeClaimTemplate, RuntimeSettings, TargetRef, TaskRef,
+    Condition, EmptyDirSettings, ExecutionOrder, Handler, ObjectReference, PersistentVolumeClaimTemplate,
+    RuntimeSettings, TargetRef, TaskRef,
 };
 use super::duration::DurationString;
 use k8s_openapi::api::core::v1::VolumeMount;

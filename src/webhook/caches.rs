@@ -15,33 +15,12 @@ use tokio::task::JoinSet;
 
 /// Starts one reflector per kind on `tasks`; the returned catalog fills as they list and watch.
 pub fn start(client: &Client, tasks: &mut JoinSet<()>) -> Catalog {
-    let batches = reflect(
-        tasks,
-        watcher(
-            Api::<BackupBatch>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-    );
-    let repositories = reflect(
-        tasks,
-        watcher(
-            Api::<Repository>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-    );
+    let batches = reflect(tasks, watcher(Api::<BackupBatch>::all(client.clone()), watcher::Config::default()));
+    let repositories = reflect(tasks, watcher(Api::<Repository>::all(client.clone()), watcher::Config::default()));
     // Metadata only: the owner chain is all the webhook reads from a ReplicaSet.
-    let replicasets = reflect(
-        tasks,
-        watcher(
-            Api::<PartialObjectMeta<ReplicaSet>>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-    );
-    Catalog {
-        batches,
-        repositories,
-        replicasets,
-    }
+    let replicasets =
+        reflect(tasks, watcher(Api::<PartialObjectMeta<ReplicaSet>>::all(client.clone()), watcher::Config::default()));
+    Catalog { batches, repositories, replicasets }
 }
 
 fn reflect<K>(

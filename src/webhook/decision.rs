@@ -102,26 +102,16 @@ impl Catalog {
         match self.repositories.get(&key) {
             Some(repo) if !repo.spec.backend.storage_secret_name.is_empty() => {
                 let secret_name = repo.spec.backend.storage_secret_name.clone();
-                Decision::Inject(Injection {
-                    batch,
-                    member,
-                    workload,
-                    secret_name,
-                })
+                Decision::Inject(Injection { batch, member, workload, secret_name })
             }
-            _ => Decision::RepositoryUnknown {
-                batch: batch.name_any(),
-            },
+            _ => Decision::RepositoryUnknown { batch: batch.name_any() },
         }
     }
 
     /// Follows the Pod's controller reference up to the workload a BackupBatch can name.
     pub fn controlling_workload(&self, pod: &PodView, namespace: &str) -> Option<Workload> {
         let owner = pod.controller()?;
-        let group = owner
-            .api_version
-            .split_once('/')
-            .map_or("", |(group, _)| group);
+        let group = owner.api_version.split_once('/').map_or("", |(group, _)| group);
         let kind = match (group, owner.kind.as_str()) {
             ("apps", "ReplicaSet") => {
                 return Some(self.replicaset_owner(pod, namespace, &owner.name));
@@ -132,10 +122,7 @@ impl Catalog {
             // Jobs (and CronJobs through them) and foreign controllers are never targets.
             _ => return None,
         };
-        Some(Workload {
-            kind,
-            name: owner.name.clone(),
-        })
+        Some(Workload { kind, name: owner.name.clone() })
     }
 
     /// A ReplicaSet's Deployment, from the cache; on a cache miss (a ReplicaSet created moments ago),
@@ -150,14 +137,8 @@ impl Catalog {
                 .flatten()
                 .find(|o| o.controller == Some(true) && o.kind == "Deployment");
             return match deployment {
-                Some(owner) => Workload {
-                    kind: WorkloadKind::Deployment,
-                    name: owner.name.clone(),
-                },
-                None => Workload {
-                    kind: WorkloadKind::ReplicaSet,
-                    name: replicaset.to_string(),
-                },
+                Some(owner) => Workload { kind: WorkloadKind::Deployment, name: owner.name.clone() },
+                None => Workload { kind: WorkloadKind::ReplicaSet, name: replicaset.to_string() },
             };
         }
         let by_convention = pod
@@ -168,34 +149,20 @@ impl Catalog {
             .and_then(|prefix| prefix.strip_suffix('-'))
             .filter(|name| !name.is_empty());
         match by_convention {
-            Some(name) => Workload {
-                kind: WorkloadKind::Deployment,
-                name: name.to_string(),
-            },
-            None => Workload {
-                kind: WorkloadKind::ReplicaSet,
-                name: replicaset.to_string(),
-            },
+            Some(name) => Workload { kind: WorkloadKind::Deployment, name: name.to_string() },
+            None => Workload { kind: WorkloadKind::ReplicaSet, name: replicaset.to_string() },
         }
     }
 
     /// The member that targets `workload`; when several batches do (the controller flags that), the
     /// batch with the smallest name wins so that every replica of the webhook answers alike.
-    fn member_for(
-        &self,
-        workload: &Workload,
-        namespace: &str,
-    ) -> Option<(Arc<BackupBatch>, usize)> {
+    fn member_for(&self, workload: &Workload, namespace: &str) -> Option<(Arc<BackupBatch>, usize)> {
         self.batches
             .state_filter(|batch| batch.namespace().as_deref() == Some(namespace))
             .into_iter()
             .filter(|batch| batch.metadata.deletion_timestamp.is_none())
             .filter_map(|batch| {
-                let index = batch
-                    .spec
-                    .members
-                    .iter()
-                    .position(|m| targets(m, workload, namespace))?;
+                let index = batch.spec.members.iter().position(|m| targets(m, workload, namespace))?;
                 Some((batch, index))
             })
             .min_by(|a, b| a.0.metadata.name.cmp(&b.0.metadata.name))
@@ -204,15 +171,9 @@ impl Catalog {
 
 fn targets(member: &BackupMember, workload: &Workload, namespace: &str) -> bool {
     let reference = &member.target.reference;
-    let group = reference
-        .api_version
-        .split_once('/')
-        .map_or("", |(group, _)| group);
+    let group = reference.api_version.split_once('/').map_or("", |(group, _)| group);
     reference.kind == workload.kind.as_str()
         && reference.name == workload.name
-        && reference
-            .namespace
-            .as_deref()
-            .is_none_or(|ns| ns == namespace)
+        && reference.namespace.as_deref().is_none_or(|ns| ns == namespace)
         && (reference.api_version.is_empty() || group == workload.kind.group())
 }

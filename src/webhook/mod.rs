@@ -10,6 +10,7 @@ mod mutate_tests;
 pub mod pod_view;
 pub mod review;
 pub mod routes;
+pub mod self_signed;
 pub mod server;
 pub mod sidecar;
 pub mod tls;

@@ -37,10 +37,7 @@ pub struct Mutator {
 impl Mutator {
     pub fn review(&self, body: &[u8]) -> Result<Reviewed, BadReview> {
         let envelope: ReviewRequestEnvelope = serde_json::from_slice(body)?;
-        if let Some(version) = envelope
-            .api_version
-            .filter(|v| v != super::review::API_VERSION)
-        {
+        if let Some(version) = envelope.api_version.filter(|v| v != super::review::API_VERSION) {
             return Err(BadReview::Version(version));
         }
         let request = envelope.request.ok_or(BadReview::NoRequest)?;
@@ -54,38 +51,28 @@ impl Mutator {
             return Ok(unchanged(ReviewResponse::allow(request.uid)));
         }
         let namespace = request.namespace.as_deref().unwrap_or_default();
-        let pod = match request
-            .object
-            .map(|raw| serde_json::from_str::<PodView>(raw.get()))
-        {
+        let pod = match request.object.map(|raw| serde_json::from_str::<PodView>(raw.get())) {
             Some(Ok(pod)) if !namespace.is_empty() => pod,
             Some(Err(err)) => {
-                let warning =
-                    format!("stash: Pod not mutated, its object could not be read: {err}");
-                return Ok(unchanged(
-                    ReviewResponse::allow(request.uid).with_warning(warning),
-                ));
+                let warning = format!("stash: Pod not mutated, its object could not be read: {err}");
+                return Ok(unchanged(ReviewResponse::allow(request.uid).with_warning(warning)));
             }
             _ => return Ok(unchanged(ReviewResponse::allow(request.uid))),
         };
         match self.catalog.decide(&pod, namespace, SIDECAR_NAME) {
-            Decision::Inject(injection) => {
-                match injection_patch(&pod, &injection, &self.sidecar_image) {
-                    Ok(patch) => Ok(Reviewed {
-                        operation,
-                        verdict: Verdict::Mutated,
-                        review: ReviewResponse::patch(request.uid, &patch)?.into_review(),
-                    }),
-                    Err(err) => Err(BadReview::Malformed(err)),
-                }
-            }
+            Decision::Inject(injection) => match injection_patch(&pod, &injection, &self.sidecar_image) {
+                Ok(patch) => Ok(Reviewed {
+                    operation,
+                    verdict: Verdict::Mutated,
+                    review: ReviewResponse::patch(request.uid, &patch)?.into_review(),
+                }),
+                Err(err) => Err(BadReview::Malformed(err)),
+            },
             Decision::RepositoryUnknown { batch } => {
                 tracing::warn!(%namespace, %batch, "Pod targeted but its Repository is not known yet; not injected");
                 Ok(unchanged(ReviewResponse::allow(request.uid)))
             }
-            Decision::NotTargeted | Decision::AlreadyInjected => {
-                Ok(unchanged(ReviewResponse::allow(request.uid)))
-            }
+            Decision::NotTargeted | Decision::AlreadyInjected => Ok(unchanged(ReviewResponse::allow(request.uid))),
         }
     }
 }

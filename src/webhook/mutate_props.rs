@@ -7,10 +7,7 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 
 fn mutator() -> Mutator {
-    Mutator {
-        catalog: catalog(true),
-        sidecar_image: "stash:test".into(),
-    }
+    Mutator { catalog: catalog(true), sidecar_image: "stash:test".into() }
 }
 
 /// Arbitrary JSON, biased towards the keys a Pod and a review use.
@@ -33,9 +30,7 @@ fn arbitrary_json() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(|n| json!(n)),
-        any::<f64>()
-            .prop_filter("finite", |f| f.is_finite())
-            .prop_map(|f| json!(f)),
+        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
         prop_oneof![
             Just("ReplicaSet".to_string()),
             Just("app-7d9c5".to_string()),
@@ -47,8 +42,7 @@ fn arbitrary_json() -> impl Strategy<Value = Value> {
     leaf.prop_recursive(4, 64, 6, move |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-            prop::collection::btree_map(key.clone(), inner, 0..6)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            prop::collection::btree_map(key.clone(), inner, 0..6).prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
 }

@@ -61,11 +61,7 @@ pub(super) fn catalog(with_repository: bool) -> Catalog {
         repositories.apply_watcher_event(&Event::Apply(repo));
     }
     let mut replicasets = Writer::<PartialObjectMeta<ReplicaSet>>::default();
-    for (name, owner) in [
-        ("app-7d9c5", Some("app")),
-        ("bare", None),
-        ("other-5f6d7", Some("other")),
-    ] {
+    for (name, owner) in [("app-7d9c5", Some("app")), ("bare", None), ("other-5f6d7", Some("other"))] {
         let owners: Vec<Value> = owner
             .map(|o| json!({"apiVersion": "apps/v1", "kind": "Deployment", "name": o, "uid": "u", "controller": true}))
             .into_iter()
@@ -95,7 +91,8 @@ fn pod(owner: Option<(&str, &str, &str)>) -> Value {
         }
     });
     if let Some((api_version, kind, name)) = owner {
-        pod["metadata"]["ownerReferences"] = json!([{"apiVersion": api_version, "kind": kind, "name": name, "uid": "u", "controller": true}]);
+        pod["metadata"]["ownerReferences"] =
+            json!([{"apiVersion": api_version, "kind": kind, "name": name, "uid": "u", "controller": true}]);
     }
     pod
 }
@@ -115,17 +112,12 @@ fn review(operation: &str, object: &Value, dry_run: bool) -> Vec<u8> {
 }
 
 fn mutator(with_repository: bool) -> Mutator {
-    Mutator {
-        catalog: catalog(with_repository),
-        sidecar_image: IMAGE.into(),
-    }
+    Mutator { catalog: catalog(with_repository), sidecar_image: IMAGE.into() }
 }
 
 /// Answers `object`, checks the envelope, and returns the patched Pod when there was a patch.
 fn answer(mutator: &Mutator, operation: &str, object: &Value, dry_run: bool) -> Option<Pod> {
-    let reviewed = mutator
-        .review(&review(operation, object, dry_run))
-        .expect("a readable review");
+    let reviewed = mutator.review(&review(operation, object, dry_run)).expect("a readable review");
     let response = serde_json::to_value(&reviewed.review).expect("serializable");
     assert_eq!(response["apiVersion"], "admission.k8s.io/v1");
     assert_eq!(response["response"]["uid"], "7c8e-uid");
@@ -133,9 +125,7 @@ fn answer(mutator: &Mutator, operation: &str, object: &Value, dry_run: bool) -> 
     let patch = response["response"]["patch"].as_str()?;
     assert_eq!(reviewed.verdict, Verdict::Mutated);
     assert_eq!(response["response"]["patchType"], "JSONPatch");
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(patch)
-        .expect("base64");
+    let bytes = base64::engine::general_purpose::STANDARD.decode(patch).expect("base64");
     let patch: json_patch::Patch = serde_json::from_slice(&bytes).expect("a JSON patch");
     let mut patched = object.clone();
     json_patch::patch(&mut patched, &patch).expect("the patch applies");
@@ -144,66 +134,28 @@ fn answer(mutator: &Mutator, operation: &str, object: &Value, dry_run: bool) -> 
 
 fn assert_injected(pod: &Pod, kind: &str, name: &str) {
     let spec = pod.spec.as_ref().expect("spec");
-    let sidecars: Vec<_> = spec
-        .containers
-        .iter()
-        .filter(|c| c.name == SIDECAR_NAME)
-        .collect();
+    let sidecars: Vec<_> = spec.containers.iter().filter(|c| c.name == SIDECAR_NAME).collect();
     assert_eq!(sidecars.len(), 1, "exactly one stash container");
     let sidecar = sidecars[0];
     assert_eq!(sidecar.image.as_deref(), Some(IMAGE));
     let args = sidecar.args.clone().unwrap_or_default();
-    assert!(
-        args.contains(&"--invoker-name=app-backup".to_string()),
-        "{args:?}"
-    );
+    assert!(args.contains(&"--invoker-name=app-backup".to_string()), "{args:?}");
     assert!(args.contains(&format!("--target-kind={kind}")), "{args:?}");
     assert!(args.contains(&format!("--target-name={name}")), "{args:?}");
-    let volumes: Vec<&str> = spec
-        .volumes
-        .iter()
-        .flatten()
-        .map(|v| v.name.as_str())
-        .collect();
+    let volumes: Vec<&str> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
     for mount in sidecar.volume_mounts.iter().flatten() {
-        assert!(
-            volumes.contains(&mount.name.as_str()),
-            "mount {} has a volume",
-            mount.name
-        );
+        assert!(volumes.contains(&mount.name.as_str()), "mount {} has a volume", mount.name);
         if mount.mount_path != "/tmp" {
-            assert_eq!(
-                mount.read_only,
-                Some(true),
-                "{} is read-only",
-                mount.mount_path
-            );
+            assert_eq!(mount.read_only, Some(true), "{} is read-only", mount.mount_path);
         }
     }
-    let paths: Vec<&str> = sidecar
-        .volume_mounts
-        .iter()
-        .flatten()
-        .map(|m| m.mount_path.as_str())
-        .collect();
-    assert_eq!(
-        paths,
-        ["/data", "/tmp", "/etc/stash/repository/secret"],
-        "the missing volume is left out"
-    );
-    let env: Vec<&str> = sidecar
-        .env
-        .iter()
-        .flatten()
-        .map(|e| e.name.as_str())
-        .collect();
+    let paths: Vec<&str> = sidecar.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
+    assert_eq!(paths, ["/data", "/tmp", "/etc/stash/repository/secret"], "the missing volume is left out");
+    let env: Vec<&str> = sidecar.env.iter().flatten().map(|e| e.name.as_str()).collect();
     assert_eq!(env, ["POD_NAME", "POD_NAMESPACE", "NODE_NAME", "EXTRA"]);
     assert!(sidecar.resources.is_some());
     let annotations = pod.metadata.annotations.as_ref().expect("annotations");
-    assert_eq!(
-        annotations.get(BATCH_ANNOTATION).map(String::as_str),
-        Some("app-backup")
-    );
+    assert_eq!(annotations.get(BATCH_ANNOTATION).map(String::as_str), Some("app-backup"));
 }
 
 #[test]
@@ -214,15 +166,11 @@ fn pods_of_each_targeted_workload_kind_get_the_sidecar() {
         (("apps/v1", "StatefulSet", "db"), "StatefulSet", "db"),
         (("apps/v1", "DaemonSet", "agent"), "DaemonSet", "agent"),
         (("apps/v1", "ReplicaSet", "bare"), "ReplicaSet", "bare"),
-        (
-            ("v1", "ReplicationController", "legacy"),
-            "ReplicationController",
-            "legacy",
-        ),
+        (("v1", "ReplicationController", "legacy"), "ReplicationController", "legacy"),
     ];
     for (owner, kind, name) in cases {
-        let patched = answer(&mutator, "CREATE", &pod(Some(owner)), false)
-            .unwrap_or_else(|| panic!("{kind}/{name} is injected"));
+        let patched =
+            answer(&mutator, "CREATE", &pod(Some(owner)), false).unwrap_or_else(|| panic!("{kind}/{name} is injected"));
         assert_injected(&patched, kind, name);
     }
 }
@@ -240,24 +188,12 @@ fn pods_that_are_not_targets_are_left_alone() {
     let mutator = mutator(true);
     let untouched = [
         ("no owner", pod(None)),
-        (
-            "another Deployment",
-            pod(Some(("apps/v1", "ReplicaSet", "other-5f6d7"))),
-        ),
-        (
-            "a Job, even when a member names it",
-            pod(Some(("batch/v1", "Job", "migrate"))),
-        ),
-        (
-            "a StatefulSet no member names",
-            pod(Some(("apps/v1", "StatefulSet", "cache"))),
-        ),
+        ("another Deployment", pod(Some(("apps/v1", "ReplicaSet", "other-5f6d7")))),
+        ("a Job, even when a member names it", pod(Some(("batch/v1", "Job", "migrate")))),
+        ("a StatefulSet no member names", pod(Some(("apps/v1", "StatefulSet", "cache")))),
     ];
     for (what, object) in untouched {
-        assert!(
-            answer(&mutator, "CREATE", &object, false).is_none(),
-            "{what} is not patched"
-        );
+        assert!(answer(&mutator, "CREATE", &object, false).is_none(), "{what} is not patched");
     }
 }
 
@@ -267,39 +203,19 @@ fn an_already_injected_pod_gets_no_second_sidecar() {
     let object = pod(Some(("apps/v1", "StatefulSet", "db")));
     let patched = answer(&mutator, "CREATE", &object, false).expect("first pass injects");
     let again = serde_json::to_value(&patched).expect("JSON");
-    assert!(
-        answer(&mutator, "CREATE", &again, false).is_none(),
-        "reinvocation changes nothing"
-    );
+    assert!(answer(&mutator, "CREATE", &again, false).is_none(), "reinvocation changes nothing");
 }
 
 #[test]
 fn pods_without_volumes_or_annotations_get_the_lists_created() {
     let mut object = pod(Some(("apps/v1", "StatefulSet", "db")));
-    object["spec"]
-        .as_object_mut()
-        .expect("spec")
-        .remove("volumes");
+    object["spec"].as_object_mut().expect("spec").remove("volumes");
     object["metadata"]["annotations"] = json!({"keep": "me"});
     let patched = answer(&mutator(true), "CREATE", &object, false).expect("injected");
-    let volumes: Vec<String> = patched
-        .spec
-        .expect("spec")
-        .volumes
-        .expect("volumes")
-        .into_iter()
-        .map(|v| v.name)
-        .collect();
+    let volumes: Vec<String> =
+        patched.spec.expect("spec").volumes.expect("volumes").into_iter().map(|v| v.name).collect();
     assert_eq!(volumes, ["stash-tmp-dir", "stash-repository-secret"]);
-    assert_eq!(
-        patched
-            .metadata
-            .annotations
-            .expect("annotations")
-            .get("keep")
-            .map(String::as_str),
-        Some("me")
-    );
+    assert_eq!(patched.metadata.annotations.expect("annotations").get("keep").map(String::as_str), Some("me"));
 }
 
 #[test]
@@ -317,10 +233,7 @@ fn other_operations_are_allowed_unchanged() {
     let mutator = mutator(true);
     let object = pod(Some(("apps/v1", "StatefulSet", "db")));
     for operation in ["UPDATE", "DELETE", "CONNECT"] {
-        assert!(
-            answer(&mutator, operation, &object, false).is_none(),
-            "{operation}"
-        );
+        assert!(answer(&mutator, operation, &object, false).is_none(), "{operation}");
     }
 }
 
@@ -334,29 +247,18 @@ fn an_unknown_repository_means_no_injection() {
 fn an_unreadable_pod_is_allowed_with_a_warning_and_the_uid() {
     let mut object = pod(Some(("apps/v1", "StatefulSet", "db")));
     object["spec"]["containers"] = "not a list".into();
-    let reviewed = mutator(true)
-        .review(&review("CREATE", &object, false))
-        .expect("envelope is fine");
+    let reviewed = mutator(true).review(&review("CREATE", &object, false)).expect("envelope is fine");
     let response = serde_json::to_value(&reviewed.review).expect("JSON");
     assert_eq!(response["response"]["uid"], "7c8e-uid");
     assert_eq!(response["response"]["allowed"], true);
-    assert!(
-        response["response"]["warnings"][0]
-            .as_str()
-            .expect("a warning")
-            .contains("could not be read")
-    );
+    assert!(response["response"]["warnings"][0].as_str().expect("a warning").contains("could not be read"));
 }
 
 #[test]
 fn malformed_bodies_are_bad_requests() {
     let mutator = mutator(true);
     for body in [&b"not json"[..], b"{}", b"{\"request\": {}}", b"[1,2]", b""] {
-        assert!(
-            mutator.review(body).is_err(),
-            "{:?}",
-            String::from_utf8_lossy(body)
-        );
+        assert!(mutator.review(body).is_err(), "{:?}", String::from_utf8_lossy(body));
     }
     let old = br#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview","request":{"uid":"1"}}"#;
     assert!(matches!(mutator.review(old), Err(BadReview::Version(_))));

@@ -58,18 +58,11 @@ pub struct Named {
 impl PodView {
     /// The owner reference marked as the Pod's controller.
     pub fn controller(&self) -> Option<&OwnerReference> {
-        self.metadata
-            .owner_references
-            .iter()
-            .find(|o| o.controller == Some(true))
+        self.metadata.owner_references.iter().find(|o| o.controller == Some(true))
     }
 
     pub fn has_container(&self, name: &str) -> bool {
-        self.spec
-            .containers
-            .iter()
-            .chain(&self.spec.init_containers)
-            .any(|c| c.name == name)
+        self.spec.containers.iter().chain(&self.spec.init_containers).any(|c| c.name == name)
     }
 
     pub fn has_volume(&self, name: &str) -> bool {

@@ -76,13 +76,7 @@ pub struct ReviewResponse {
 impl ReviewResponse {
     /// Allow the request unchanged.
     pub fn allow(uid: String) -> Self {
-        Self {
-            uid,
-            allowed: true,
-            patch_type: None,
-            patch: None,
-            warnings: Vec::new(),
-        }
+        Self { uid, allowed: true, patch_type: None, patch: None, warnings: Vec::new() }
     }
 
     /// Allow the request with a JSON patch applied.
@@ -103,10 +97,6 @@ impl ReviewResponse {
     }
 
     pub fn into_review(self) -> ReviewResponseEnvelope {
-        ReviewResponseEnvelope {
-            api_version: API_VERSION,
-            kind: "AdmissionReview",
-            response: self,
-        }
+        ReviewResponseEnvelope { api_version: API_VERSION, kind: "AdmissionReview", response: self }
     }
 }

@@ -33,40 +33,20 @@ async fn mutate_pods(State(state): State<WebhookState>, body: Bytes) -> Response
     let (labels, response) = match state.mutator.review(&body) {
         Ok(reviewed) => {
             let mutated = reviewed.verdict == Verdict::Mutated;
-            let labels = AdmissionLabels {
-                operation: reviewed.operation,
-                result: AdmissionResult::Allowed,
-                mutated,
-            };
+            let labels = AdmissionLabels { operation: reviewed.operation, result: AdmissionResult::Allowed, mutated };
             match serde_json::to_vec(&reviewed.review) {
-                Ok(json) => (
-                    labels,
-                    ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
-                ),
-                Err(err) => (
-                    labels,
-                    (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
-                ),
+                Ok(json) => (labels, ([(header::CONTENT_TYPE, "application/json")], json).into_response()),
+                Err(err) => (labels, (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response()),
             }
         }
         Err(bad) => {
             tracing::debug!(error = %bad, "bad admission request");
-            let labels = AdmissionLabels {
-                operation: String::new(),
-                result: AdmissionResult::BadRequest,
-                mutated: false,
-            };
-            (
-                labels,
-                (StatusCode::BAD_REQUEST, bad.to_string()).into_response(),
-            )
+            let labels =
+                AdmissionLabels { operation: String::new(), result: AdmissionResult::BadRequest, mutated: false };
+            (labels, (StatusCode::BAD_REQUEST, bad.to_string()).into_response())
         }
     };
-    state
-        .metrics
-        .webhook
-        .latency
-        .observe(started.elapsed().as_secs_f64());
+    state.metrics.webhook.latency.observe(started.elapsed().as_secs_f64());
     state.metrics.webhook.requests.get_or_create(&labels).inc();
     response
 }

@@ -6,8 +6,7 @@ use crate::api::common::EmptyDirSettings;
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, SecretVolumeSource,
-    Volume, VolumeMount,
+    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, SecretVolumeSource, Volume, VolumeMount,
 };
 use kube::ResourceExt;
 use serde_json::Value;
@@ -21,55 +20,36 @@ pub const TMP_MOUNT_PATH: &str = "/tmp";
 pub const SECRET_MOUNT_PATH: &str = "/etc/stash/repository/secret";
 
 /// The patch that injects the sidecar, its volumes and the batch annotation.
-pub fn injection_patch(
-    pod: &PodView,
-    injection: &Injection,
-    image: &str,
-) -> Result<Patch, serde_json::Error> {
+pub fn injection_patch(pod: &PodView, injection: &Injection, image: &str) -> Result<Patch, serde_json::Error> {
     let mut ops = Vec::with_capacity(5);
     let container = serde_json::to_value(sidecar_container(pod, injection, image))?;
     ops.push(add(&["spec", "containers", "-"], container));
 
-    let volumes = [
-        tmp_volume(injection.member().temp_dir.as_ref()),
-        secret_volume(&injection.secret_name),
-    ];
+    let volumes = [tmp_volume(injection.member().temp_dir.as_ref()), secret_volume(&injection.secret_name)];
     match pod.spec.volumes {
         None => ops.push(add(&["spec", "volumes"], serde_json::to_value(volumes)?)),
         Some(_) => {
             for volume in volumes {
-                ops.push(add(
-                    &["spec", "volumes", "-"],
-                    serde_json::to_value(volume)?,
-                ));
+                ops.push(add(&["spec", "volumes", "-"], serde_json::to_value(volume)?));
             }
         }
     }
 
     let batch = Value::String(injection.batch.name_any());
     match pod.metadata.annotations {
-        None => ops.push(add(
-            &["metadata", "annotations"],
-            serde_json::json!({ BATCH_ANNOTATION: batch }),
-        )),
+        None => ops.push(add(&["metadata", "annotations"], serde_json::json!({ BATCH_ANNOTATION: batch }))),
         Some(_) => ops.push(add(&["metadata", "annotations", BATCH_ANNOTATION], batch)),
     }
     Ok(Patch(ops))
 }
 
 fn add(tokens: &[&str], value: Value) -> PatchOperation {
-    PatchOperation::Add(AddOperation {
-        path: PointerBuf::from_tokens(tokens.iter().copied()),
-        value,
-    })
+    PatchOperation::Add(AddOperation { path: PointerBuf::from_tokens(tokens.iter().copied()), value })
 }
 
 fn sidecar_container(pod: &PodView, injection: &Injection, image: &str) -> Container {
     let member = injection.member();
-    let runtime = member
-        .runtime_settings
-        .as_ref()
-        .and_then(|r| r.container.as_ref());
+    let runtime = member.runtime_settings.as_ref().and_then(|r| r.container.as_ref());
     let mut env = vec![
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
@@ -83,21 +63,10 @@ fn sidecar_container(pod: &PodView, injection: &Injection, image: &str) -> Conta
         .target
         .volume_mounts
         .iter()
-        .filter(|m| {
-            pod.has_volume(&m.name)
-                && m.mount_path != TMP_MOUNT_PATH
-                && m.mount_path != SECRET_MOUNT_PATH
-        })
-        .map(|m| VolumeMount {
-            read_only: Some(true),
-            ..m.clone()
-        })
+        .filter(|m| pod.has_volume(&m.name) && m.mount_path != TMP_MOUNT_PATH && m.mount_path != SECRET_MOUNT_PATH)
+        .map(|m| VolumeMount { read_only: Some(true), ..m.clone() })
         .collect();
-    mounts.push(VolumeMount {
-        name: TMP_VOLUME.into(),
-        mount_path: TMP_MOUNT_PATH.into(),
-        ..Default::default()
-    });
+    mounts.push(VolumeMount { name: TMP_VOLUME.into(), mount_path: TMP_MOUNT_PATH.into(), ..Default::default() });
     mounts.push(VolumeMount {
         name: SECRET_VOLUME.into(),
         mount_path: SECRET_MOUNT_PATH.into(),
@@ -116,9 +85,7 @@ fn sidecar_container(pod: &PodView, injection: &Injection, image: &str) -> Conta
             format!("--target-name={}", injection.workload.name),
         ]),
         env: Some(env),
-        env_from: runtime
-            .map(|r| r.env_from.clone())
-            .filter(|e| !e.is_empty()),
+        env_from: runtime.map(|r| r.env_from.clone()).filter(|e| !e.is_empty()),
         resources: runtime.and_then(|r| r.resources.clone()),
         security_context: runtime.and_then(|r| r.security_context.clone()),
         volume_mounts: Some(mounts),
@@ -130,10 +97,7 @@ fn field_env(name: &str, path: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector {
-                field_path: path.into(),
-                ..Default::default()
-            }),
+            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
             ..Default::default()
         }),
         ..Default::default()

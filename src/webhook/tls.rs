@@ -20,22 +20,13 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path} holds no PEM certificate")]
     NoCertificate { path: PathBuf },
     #[error("parsing the PEM in {path}: {source}")]
-    Pem {
-        path: PathBuf,
-        source: rustls::pki_types::pem::Error,
-    },
+    Pem { path: PathBuf, source: rustls::pki_types::pem::Error },
     #[error("the private key in {path} is not usable: {source}")]
-    Key {
-        path: PathBuf,
-        source: rustls::Error,
-    },
+    Key { path: PathBuf, source: rustls::Error },
     #[error("the certificate and the private key do not match: {0}")]
     Mismatch(rustls::Error),
     #[error("the certificate cannot be parsed as X.509")]
@@ -53,139 +44,116 @@ pub struct LoadedPair {
 }
 
 /// Parses and checks a PEM certificate chain and private key.
-pub fn parse_pair(
-    cert_pem: &[u8],
-    key_pem: &[u8],
-    cert_path: &Path,
-    key_path: &Path,
-) -> Result<LoadedPair, TlsError> {
+pub fn parse_pair(cert_pem: &[u8], key_pem: &[u8], cert_path: &Path, key_path: &Path) -> Result<LoadedPair, TlsError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
-        .map_err(|source| TlsError::Pem {
-            path: cert_path.into(),
-            source,
-        })?;
-    let leaf = chain.first().ok_or_else(|| TlsError::NoCertificate {
-        path: cert_path.into(),
-    })?;
+        .map_err(|source| TlsError::Pem { path: cert_path.into(), source })?;
+    let leaf = chain.first().ok_or_else(|| TlsError::NoCertificate { path: cert_path.into() })?;
     let (_, parsed) = x509_parser::parse_x509_certificate(leaf).map_err(|_| TlsError::X509)?;
     let not_after = parsed.validity().not_after.timestamp();
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|source| TlsError::Pem {
-        path: key_path.into(),
-        source,
-    })?;
-    let signer =
-        rustls::crypto::ring::sign::any_supported_type(&key).map_err(|source| TlsError::Key {
-            path: key_path.into(),
-            source,
-        })?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem).map_err(|source| TlsError::Pem { path: key_path.into(), source })?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|source| TlsError::Key { path: key_path.into(), source })?;
     let certified = CertifiedKey::new(chain, signer);
     certified.keys_match().map_err(TlsError::Mismatch)?;
-    Ok(LoadedPair {
-        certified,
-        not_after,
-    })
+    Ok(LoadedPair { certified, not_after })
 }
 
 /// The live serving certificate, readable lock-free on every handshake.
-pub struct CertificateReloader {
-    cert_path: PathBuf,
-    key_path: PathBuf,
+pub struct ServingCertificate {
     current: ArcSwap<CertifiedKey>,
-    /// The bytes behind `current`, so that a poll that finds nothing new does no parsing.
-    loaded_bytes: Mutex<(Vec<u8>, Vec<u8>)>,
+    /// The PEM bytes behind `current`, so that offering the same pair again does no parsing.
+    loaded: Mutex<(Vec<u8>, Vec<u8>)>,
     metrics: Arc<Metrics>,
 }
 
-impl std::fmt::Debug for CertificateReloader {
+impl std::fmt::Debug for ServingCertificate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertificateReloader")
-            .field("cert_path", &self.cert_path)
-            .finish_non_exhaustive()
+        f.debug_struct("ServingCertificate").finish_non_exhaustive()
     }
 }
 
-impl ResolvesServerCert for CertificateReloader {
+impl ResolvesServerCert for ServingCertificate {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current.load_full())
     }
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        path: path.into(),
-        source,
-    })
-}
-
-impl CertificateReloader {
-    /// Loads the pair once; start-up fails if it cannot.
-    pub fn load(
-        cert_path: PathBuf,
-        key_path: PathBuf,
-        metrics: Arc<Metrics>,
-    ) -> Result<Arc<Self>, TlsError> {
-        let (cert, key) = (read(&cert_path)?, read(&key_path)?);
-        let pair = parse_pair(&cert, &key, &cert_path, &key_path)?;
+impl ServingCertificate {
+    /// Starts serving the PEM pair; fails if it is not a usable pair.
+    pub fn new(cert_pem: Vec<u8>, key_pem: Vec<u8>, metrics: Arc<Metrics>) -> Result<Arc<Self>, TlsError> {
+        let pair = parse_pair(&cert_pem, &key_pem, Path::new("tls.crt"), Path::new("tls.key"))?;
         metrics.tls.certificate_not_after.set(pair.not_after);
         Ok(Arc::new(Self {
-            cert_path,
-            key_path,
             current: ArcSwap::from_pointee(pair.certified),
-            loaded_bytes: Mutex::new((cert, key)),
+            loaded: Mutex::new((cert_pem, key_pem)),
             metrics,
         }))
     }
 
-    /// Re-reads the files; swaps in the new pair when it differs and is valid.
-    /// Returns whether the certificate in use changed.
-    pub fn reload(&self) -> Result<bool, TlsError> {
-        let result = self.try_reload();
-        let outcome = match &result {
-            Ok(false) => return result,
-            Ok(true) => ReloadResult::Ok,
-            Err(_) => ReloadResult::Failed,
-        };
-        self.metrics
-            .tls
-            .reloads
-            .get_or_create(&ReloadLabels { result: outcome })
-            .inc();
-        result
-    }
-
-    fn try_reload(&self) -> Result<bool, TlsError> {
-        let (cert, key) = (read(&self.cert_path)?, read(&self.key_path)?);
-        let mut loaded = self
-            .loaded_bytes
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if loaded.0 == cert && loaded.1 == key {
+    /// Swaps in a new pair when it differs from the one in use and is valid; a bad pair is counted
+    /// and the current one stays. Returns whether the certificate in use changed.
+    pub fn install(&self, cert_pem: Vec<u8>, key_pem: Vec<u8>) -> Result<bool, TlsError> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if loaded.0 == cert_pem && loaded.1 == key_pem {
             return Ok(false);
         }
-        let pair = parse_pair(&cert, &key, &self.cert_path, &self.key_path)?;
+        let result = parse_pair(&cert_pem, &key_pem, Path::new("tls.crt"), Path::new("tls.key"));
+        let outcome = if result.is_ok() { ReloadResult::Ok } else { ReloadResult::Failed };
+        self.metrics.tls.reloads.get_or_create(&ReloadLabels { result: outcome }).inc();
+        let pair = result?;
         self.current.store(Arc::new(pair.certified));
         self.metrics.tls.certificate_not_after.set(pair.not_after);
-        *loaded = (cert, key);
+        *loaded = (cert_pem, key_pem);
         Ok(true)
     }
+}
 
-    /// Reloads on every change in the certificates' directories and every `poll`, until cancelled.
+/// A certificate and key on disk (`--tls-cert-file`, `--tls-key-file`).
+#[derive(Debug, Clone)]
+pub struct CertificateFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read { path: path.into(), source })
+}
+
+impl CertificateFiles {
+    /// Loads the pair once; start-up fails if it cannot.
+    pub fn load(&self, metrics: Arc<Metrics>) -> Result<Arc<ServingCertificate>, TlsError> {
+        let (cert, key) = (read(&self.cert)?, read(&self.key)?);
+        parse_pair(&cert, &key, &self.cert, &self.key)?;
+        ServingCertificate::new(cert, key, metrics)
+    }
+
+    /// Re-reads the files into `serving`. Returns whether the certificate in use changed.
+    pub fn reload(&self, serving: &ServingCertificate) -> Result<bool, TlsError> {
+        let (cert, key) = match (read(&self.cert), read(&self.key)) {
+            (Ok(cert), Ok(key)) => (cert, key),
+            (Err(err), _) | (_, Err(err)) => {
+                serving.metrics.tls.reloads.get_or_create(&ReloadLabels { result: ReloadResult::Failed }).inc();
+                return Err(err);
+            }
+        };
+        serving.install(cert, key)
+    }
+
+    /// Reloads on every change in the files' directories and every `poll`, until cancelled.
     pub async fn watch(
-        self: Arc<Self>,
+        self,
+        serving: Arc<ServingCertificate>,
         poll: Duration,
         cancel: CancellationToken,
     ) -> Result<(), TlsError> {
         let (events_tx, mut events) = tokio::sync::mpsc::channel::<()>(1);
-        let mut watcher =
-            notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
-                // A full channel already holds a pending wake-up; dropping this one loses nothing.
-                let _ = events_tx.try_send(());
-            })?;
-        let mut directories: Vec<&Path> = [&self.cert_path, &self.key_path]
-            .iter()
-            .filter_map(|p| p.parent())
-            .collect();
+        let mut watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
+            // A full channel already holds a pending wake-up; dropping this one loses nothing.
+            let _ = events_tx.try_send(());
+        })?;
+        let mut directories: Vec<&Path> = [&self.cert, &self.key].iter().filter_map(|p| p.parent()).collect();
         directories.dedup();
         for directory in directories {
             watcher.watch(directory, RecursiveMode::NonRecursive)?;
@@ -201,14 +169,10 @@ impl CertificateReloader {
                 }
                 _ = ticker.tick() => {}
             }
-            match self.reload() {
-                Ok(true) => {
-                    tracing::info!(cert = %self.cert_path.display(), "serving certificate reloaded")
-                }
+            match self.reload(&serving) {
+                Ok(true) => tracing::info!(cert = %self.cert.display(), "serving certificate reloaded"),
                 Ok(false) => {}
-                Err(err) => {
-                    tracing::warn!(error = %err, "serving certificate not reloaded; keeping the current one")
-                }
+                Err(err) => tracing::warn!(error = %err, "serving certificate not reloaded; keeping the current one"),
             }
         }
     }

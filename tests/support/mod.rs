@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 pub mod operator;
+pub mod webhook;
 
 pub const FIELD_MANAGER: &str = "stash-tests";
 
@@ -46,15 +47,9 @@ pub fn cluster() -> &'static TestCluster {
 
 fn start_local_cluster() -> PathBuf {
     let script = repo_root().join("tests/cluster/cluster.sh");
-    let up = Command::new(&script)
-        .arg("up")
-        .status()
-        .expect("cluster.sh runs");
+    let up = Command::new(&script).arg("up").status().expect("cluster.sh runs");
     assert!(up.success(), "tests/cluster/cluster.sh up failed");
-    let out = Command::new(&script)
-        .arg("kubeconfig")
-        .output()
-        .expect("cluster.sh runs");
+    let out = Command::new(&script).arg("kubeconfig").output().expect("cluster.sh runs");
     PathBuf::from(String::from_utf8(out.stdout).expect("UTF-8 path").trim())
 }
 
@@ -65,11 +60,7 @@ where
     F::Output: Send + 'static,
 {
     std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a tokio runtime")
-            .block_on(future)
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime").block_on(future)
     })
     .join()
     .expect("the helper thread finished")
@@ -77,9 +68,8 @@ where
 
 pub async fn client_for(kubeconfig: &Path) -> Client {
     let kubeconfig = Kubeconfig::read_from(kubeconfig).expect("kubeconfig is readable");
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("kubeconfig is valid");
+    let config =
+        Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("kubeconfig is valid");
     Client::try_from(config).expect("a client")
 }
 
@@ -92,9 +82,7 @@ async fn api_reachable(kubeconfig: PathBuf) -> bool {
     let Ok(kubeconfig) = Kubeconfig::read_from(&kubeconfig) else {
         return false;
     };
-    let Ok(config) =
-        Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await
-    else {
+    let Ok(config) = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await else {
         return false;
     };
     let Ok(client) = Client::try_from(config) else {
@@ -109,28 +97,19 @@ async fn install_crds(kubeconfig: PathBuf) {
     let params = PatchParams::apply(FIELD_MANAGER).force();
     for crd in stash::api::crds() {
         let name = crd.metadata.name.clone().expect("CRDs are named");
-        crds.patch(&name, &params, &Patch::Apply(&crd))
-            .await
-            .expect("CRD applies");
+        crds.patch(&name, &params, &Patch::Apply(&crd)).await.expect("CRD applies");
     }
     for crd in stash::api::crds() {
         let name = crd.metadata.name.clone().expect("CRDs are named");
-        eventually(
-            &format!("CRD {name} Established"),
-            Duration::from_secs(60),
-            || {
-                let crds = crds.clone();
-                let name = name.clone();
-                async move {
-                    let crd = crds.get(&name).await.ok()?;
-                    let conditions = crd.status?.conditions?;
-                    conditions
-                        .iter()
-                        .any(|c| c.type_ == "Established" && c.status == "True")
-                        .then_some(())
-                }
-            },
-        )
+        eventually(&format!("CRD {name} Established"), Duration::from_secs(60), || {
+            let crds = crds.clone();
+            let name = name.clone();
+            async move {
+                let crd = crds.get(&name).await.ok()?;
+                let conditions = crd.status?.conditions?;
+                conditions.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
+            }
+        })
         .await;
     }
 }
@@ -147,10 +126,7 @@ where
         if let Some(value) = probe().await {
             return value;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -170,21 +146,13 @@ impl TestNamespace {
         let n = NAMESPACES.fetch_add(1, Ordering::Relaxed);
         let name = format!("{prefix}-{}-{n}", std::process::id());
         let namespaces: Api<Namespace> = Api::all(client.clone());
-        let namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))
-            .expect("a namespace");
-        namespaces
-            .create(&PostParams::default(), &namespace)
-            .await
-            .expect("namespace is created");
+        let namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("a namespace");
+        namespaces.create(&PostParams::default(), &namespace).await.expect("namespace is created");
         let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
-        eventually(
-            "the default ServiceAccount",
-            Duration::from_secs(60),
-            || {
-                let accounts = accounts.clone();
-                async move { accounts.get_opt("default").await.ok().flatten() }
-            },
-        )
+        eventually("the default ServiceAccount", Duration::from_secs(60), || {
+            let accounts = accounts.clone();
+            async move { accounts.get_opt("default").await.ok().flatten() }
+        })
         .await;
         Self { name, client }
     }
@@ -213,20 +181,16 @@ impl Drop for TestNamespace {
 /// Reads a YAML file under `tests/data/`.
 pub fn load_yaml(relative: &str) -> Value {
     let path = repo_root().join("tests/data").join(relative);
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
 }
 
 /// Drops what Go's `omitempty` drops (false, empty lists and maps, null), so both sides compare alike.
 pub fn without_empty(value: Value) -> Value {
     match value {
-        Value::Object(map) => Value::Object(
-            map.into_iter()
-                .map(|(k, v)| (k, without_empty(v)))
-                .filter(|(_, v)| !is_empty(v))
-                .collect(),
-        ),
+        Value::Object(map) => {
+            Value::Object(map.into_iter().map(|(k, v)| (k, without_empty(v))).filter(|(_, v)| !is_empty(v)).collect())
+        }
         Value::Array(items) => Value::Array(items.into_iter().map(without_empty).collect()),
         other => other,
     }

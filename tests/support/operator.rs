@@ -18,8 +18,17 @@ fn free_port() -> SocketAddr {
     listener.local_addr().expect("an address")
 }
 
-/// Starts the operator and waits until its `/readyz` says ok.
+/// Starts the operator with a generated certificate on disk and waits until `/readyz` says ok.
 pub async fn start() -> RunningOperator {
+    start_on(None, None).await
+}
+
+/// Starts the operator with its webhook on `webhook_port` (else a free one) and `certificates` (else a
+/// generated pair on disk), and waits until ready.
+pub async fn start_on(
+    webhook_port: Option<u16>,
+    certificates: Option<stash::operator::CertificateSource>,
+) -> RunningOperator {
     let certs = tempfile::tempdir().expect("temp dir");
     stash::certs::generate_to_dir(
         certs.path(),
@@ -31,13 +40,17 @@ pub async fn start() -> RunningOperator {
     )
     .expect("certificates");
     let config = stash::operator::OperatorConfig {
-        webhook_addr: free_port(),
+        webhook_addr: webhook_port.map_or_else(free_port, |port| SocketAddr::from(([127, 0, 0, 1], port))),
         admin_addr: free_port(),
-        tls_cert_file: certs.path().join("tls.crt"),
-        tls_key_file: certs.path().join("tls.key"),
+        certificates: certificates.unwrap_or(stash::operator::CertificateSource::Files {
+            files: stash::webhook::tls::CertificateFiles {
+                cert: certs.path().join("tls.crt"),
+                key: certs.path().join("tls.key"),
+            },
+            poll: Duration::from_secs(30),
+        }),
         sidecar_image: "stash:test".into(),
         max_body_bytes: 4 * 1024 * 1024,
-        cert_poll_interval: Duration::from_secs(30),
     };
     let (webhook_addr, admin_addr) = (config.webhook_addr, config.admin_addr);
     let cancel = CancellationToken::new();
@@ -51,14 +64,7 @@ pub async fn start() -> RunningOperator {
     })
     .await;
     let ca_pem = std::fs::read(certs.path().join("ca.crt")).expect("CA");
-    RunningOperator {
-        webhook_addr,
-        admin_addr,
-        ca_pem,
-        cancel,
-        task: Some(task),
-        _certs: certs,
-    }
+    RunningOperator { webhook_addr, admin_addr, ca_pem, cancel, task: Some(task), _certs: certs }
 }
 
 impl RunningOperator {
@@ -72,12 +78,7 @@ impl RunningOperator {
 
     pub async fn metrics(&self) -> String {
         let url = format!("http://{}/metrics", self.admin_addr);
-        reqwest::get(url)
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text")
+        reqwest::get(url).await.expect("metrics").text().await.expect("text")
     }
 }
 

@@ -1,0 +1,116 @@
+//! Webhook test helpers: register the local webhook configuration, create a batch, probe injection.
+
+use super::{TestNamespace, eventually, load_yaml};
+use base64::Engine;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, PostParams};
+use serde_json::json;
+use stash::api::{BackupBatch, Repository};
+use std::time::Duration;
+
+/// `webhook-config/local.yaml` named `name`, pointed at `port`, trusting `ca_pem` (none: left for the
+/// operator to fill), limited to the test's namespace.
+pub async fn register_webhook(
+    ns: &TestNamespace,
+    name: &str,
+    port: u16,
+    ca_pem: Option<&[u8]>,
+) -> Api<MutatingWebhookConfiguration> {
+    let mut config = load_yaml("../../webhook-config/local.yaml");
+    config["metadata"]["name"] = name.into();
+    let webhook = &mut config["webhooks"][0];
+    webhook["clientConfig"]["url"] = format!("https://127.0.0.1:{port}/mutate-pods").into();
+    match ca_pem {
+        Some(ca) => webhook["clientConfig"]["caBundle"] = base64::engine::general_purpose::STANDARD.encode(ca).into(),
+        None => drop(webhook["clientConfig"].as_object_mut().expect("clientConfig").remove("caBundle")),
+    }
+    webhook["namespaceSelector"] = json!({"matchLabels": {"kubernetes.io/metadata.name": ns.name}});
+    let config: MutatingWebhookConfiguration = serde_json::from_value(config).expect("a webhook configuration");
+    let api: Api<MutatingWebhookConfiguration> = Api::all(ns.client.clone());
+    api.create(&PostParams::default(), &config).await.expect("webhook configuration is created");
+    api
+}
+
+/// A REST Repository and BackupBatch `app-backup` whose members are the Deployments `targets`.
+pub async fn create_app_batch(ns: &TestNamespace, targets: &[&str]) {
+    let mut repository = load_yaml("valid/repository-rest.yaml");
+    repository["metadata"]["namespace"] = ns.name.clone().into();
+    let repository: Repository = serde_json::from_value(repository).expect("a Repository");
+    ns.api::<Repository>().create(&PostParams::default(), &repository).await.expect("repository");
+    let members: Vec<_> = targets
+        .iter()
+        .map(|name| {
+            json!({"target": {"alias": name, "ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+                              "paths": ["/data"], "volumeMounts": [{"name": "data", "mountPath": "/data"}]}})
+        })
+        .collect();
+    let batch: BackupBatch = serde_json::from_value(json!({
+        "apiVersion": "stash.appscode.com/v1beta1", "kind": "BackupBatch",
+        "metadata": {"name": "app-backup", "namespace": ns.name},
+        "spec": {"repository": {"name": "rest-repo"}, "schedule": "0 * * * *", "members": members}
+    }))
+    .expect("a BackupBatch");
+    ns.api::<BackupBatch>().create(&PostParams::default(), &batch).await.expect("batch");
+}
+
+/// A one-replica Deployment whose Pods mount an emptyDir `data` at /data.
+pub fn deployment(name: &str) -> Deployment {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "containers": [{"name": "app", "image": "registry.invalid/app:1",
+                                    "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+                    "volumes": [{"name": "data", "emptyDir": {}}]
+                }
+            }
+        }
+    }))
+    .expect("a Deployment")
+}
+
+pub fn has_sidecar(pod: &Pod) -> bool {
+    pod.spec.as_ref().is_some_and(|s| s.containers.iter().any(|c| c.name == "stash"))
+}
+
+/// The first Pod labelled `app=<app>`, once there is one.
+pub async fn pod_of(pods: &Api<Pod>, app: &str) -> Pod {
+    eventually(&format!("a Pod of {app}"), Duration::from_secs(60), || {
+        let pods = pods.clone();
+        let selector = format!("app={app}");
+        async move { pods.list(&ListParams::default().labels(&selector)).await.ok()?.items.into_iter().next() }
+    })
+    .await
+}
+
+/// A dry-run Pod that claims a ReplicaSet of Deployment `app` comes back with the sidecar: the API
+/// server calls the webhook, trusts its certificate, and the operator's caches hold the batch.
+pub async fn mutates_dry_run_pod(pods: &Api<Pod>) -> bool {
+    let probe: Pod = serde_json::from_value(json!({
+        "metadata": {
+            "name": "probe", "labels": {"pod-template-hash": "probe1"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "app-probe1",
+                                 "uid": "00000000-0000-0000-0000-000000000001", "controller": true}]
+        },
+        "spec": {"containers": [{"name": "c", "image": "registry.invalid/c:1"}],
+                 "volumes": [{"name": "data", "emptyDir": {}}]}
+    }))
+    .expect("a Pod");
+    let dry_run = PostParams { dry_run: true, ..Default::default() };
+    pods.create(&dry_run, &probe).await.is_ok_and(|pod| has_sidecar(&pod))
+}
+
+/// Waits until [`mutates_dry_run_pod`] holds (the API server picks up configurations asynchronously).
+pub async fn webhook_is_effective(pods: &Api<Pod>) {
+    eventually("the webhook to mutate a dry-run Pod", Duration::from_secs(60), || {
+        let pods = pods.clone();
+        async move { mutates_dry_run_pod(&pods).await.then_some(()) }
+    })
+    .await;
+}
