@@ -19,7 +19,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the operator: admission webhook, controllers and the admin port.
-    Operator(OperatorArgs),
+    Operator(Box<OperatorArgs>),
     /// Run as the `stash` sidecar of a workload Pod, backing it up when a session asks.
     RunBackup(RunBackupArgs),
     /// Run one job-model backup (a PVC or a database member) for one session.

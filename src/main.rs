@@ -63,7 +63,7 @@ fn run(command: Command) -> Result<(), MainError> {
     }
 }
 
-fn operator_config(args: stash::cli::OperatorArgs) -> stash::operator::OperatorConfig {
+fn operator_config(args: Box<stash::cli::OperatorArgs>) -> stash::operator::OperatorConfig {
     use stash::operator::CertificateSource;
     let certificates = if args.self_signed_certs {
         let service = &args.webhook_service_name;
