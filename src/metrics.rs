@@ -14,9 +14,32 @@ const ADMISSION_BUCKETS: [f64; 12] =
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AdmissionLabels {
-    pub operation: String,
+    pub operation: AdmissionOperation,
     pub result: AdmissionResult,
     pub mutated: bool,
+}
+
+/// The admission operation, bounded so that odd requests cannot grow the label set.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(clippy::upper_case_acronyms)] // Kubernetes spells them this way
+pub enum AdmissionOperation {
+    CREATE,
+    UPDATE,
+    DELETE,
+    CONNECT,
+    Other,
+}
+
+impl AdmissionOperation {
+    pub fn parse(operation: &str) -> Self {
+        match operation {
+            "CREATE" => Self::CREATE,
+            "UPDATE" => Self::UPDATE,
+            "DELETE" => Self::DELETE,
+            "CONNECT" => Self::CONNECT,
+            _ => Self::Other,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]

@@ -29,11 +29,7 @@ struct Server {
 }
 
 fn empty_catalog() -> Catalog {
-    Catalog {
-        batches: Writer::default().as_reader(),
-        repositories: Writer::default().as_reader(),
-        replicasets: Writer::default().as_reader(),
-    }
+    Catalog::new(Writer::default().as_reader(), Writer::default().as_reader(), Writer::default().as_reader())
 }
 
 async fn start(cert: PathBuf, key: PathBuf) -> (Server, Arc<ServingCertificate>, CertificateFiles) {

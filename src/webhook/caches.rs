@@ -1,6 +1,7 @@
 //! The reflector caches behind the webhook's answers: BackupBatches, Repositories, ReplicaSet metadata.
 
 use super::decision::Catalog;
+use super::target_index::TargetIndex;
 use crate::api::{BackupBatch, Repository};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::ReplicaSet;
@@ -11,21 +12,33 @@ use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use std::fmt::Debug;
 use std::hash::Hash;
+use std::sync::Arc;
 use tokio::task::JoinSet;
 
 /// Starts one reflector per kind on `tasks`; the returned catalog fills as they list and watch.
 pub fn start(client: &Client, tasks: &mut JoinSet<()>) -> Catalog {
-    let batches = reflect(tasks, watcher(Api::<BackupBatch>::all(client.clone()), watcher::Config::default()));
-    let repositories = reflect(tasks, watcher(Api::<Repository>::all(client.clone()), watcher::Config::default()));
+    let targets = Arc::new(TargetIndex::default());
+    let invalidate = targets.clone();
+    let batches =
+        reflect(tasks, watcher(Api::<BackupBatch>::all(client.clone()), watcher::Config::default()), move || {
+            invalidate.invalidate()
+        });
+    let repositories =
+        reflect(tasks, watcher(Api::<Repository>::all(client.clone()), watcher::Config::default()), || {});
     // Metadata only: the owner chain is all the webhook reads from a ReplicaSet.
-    let replicasets =
-        reflect(tasks, watcher(Api::<PartialObjectMeta<ReplicaSet>>::all(client.clone()), watcher::Config::default()));
-    Catalog { batches, repositories, replicasets }
+    let replicasets = reflect(
+        tasks,
+        watcher(Api::<PartialObjectMeta<ReplicaSet>>::all(client.clone()), watcher::Config::default()),
+        || {},
+    );
+    Catalog { batches, repositories, replicasets, targets }
 }
 
+/// Starts a reflector for `K`; `changed` runs after the store applied each event.
 fn reflect<K>(
     tasks: &mut JoinSet<()>,
     events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    changed: impl Fn() + Send + 'static,
 ) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -33,12 +46,13 @@ where
 {
     let (reader, writer) = reflector::store();
     let kind = K::kind(&K::DynamicType::default()).into_owned();
-    let stream = reflector::reflector(writer, events.default_backoff()).touched_objects();
+    let stream = reflector::reflector(writer, events.default_backoff());
     tasks.spawn(async move {
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {
-            if let Err(err) = event {
-                tracing::warn!(%kind, error = %err, "watch failed; retrying with backoff");
+            match event {
+                Ok(_) => changed(),
+                Err(err) => tracing::warn!(%kind, error = %err, "watch failed; retrying with backoff"),
             }
         }
     });

@@ -1,6 +1,7 @@
 //! Which BackupBatch member, if any, a new Pod belongs to — answered from reflector caches only.
 
 use super::pod_view::PodView;
+use super::target_index::TargetIndex;
 use crate::api::backup_batch::BackupMember;
 use crate::api::{BackupBatch, Repository};
 use k8s_openapi::api::apps::v1::ReplicaSet;
@@ -18,6 +19,8 @@ pub struct Catalog {
     pub batches: Store<BackupBatch>,
     pub repositories: Store<Repository>,
     pub replicasets: Store<PartialObjectMeta<ReplicaSet>>,
+    /// Members by target; whoever feeds `batches` must call `targets.invalidate()` on every change.
+    pub targets: Arc<TargetIndex>,
 }
 
 /// A workload kind whose Pods can carry the sidecar.
@@ -31,6 +34,17 @@ pub enum WorkloadKind {
 }
 
 impl WorkloadKind {
+    pub fn parse(kind: &str) -> Option<Self> {
+        match kind {
+            "Deployment" => Some(WorkloadKind::Deployment),
+            "ReplicaSet" => Some(WorkloadKind::ReplicaSet),
+            "StatefulSet" => Some(WorkloadKind::StatefulSet),
+            "DaemonSet" => Some(WorkloadKind::DaemonSet),
+            "ReplicationController" => Some(WorkloadKind::ReplicationController),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             WorkloadKind::Deployment => "Deployment",
@@ -86,6 +100,15 @@ impl Injection {
 }
 
 impl Catalog {
+    /// A catalog over these stores, with a fresh target index.
+    pub fn new(
+        batches: Store<BackupBatch>,
+        repositories: Store<Repository>,
+        replicasets: Store<PartialObjectMeta<ReplicaSet>>,
+    ) -> Self {
+        Self { batches, repositories, replicasets, targets: Arc::default() }
+    }
+
     pub fn decide(&self, pod: &PodView, namespace: &str, sidecar_name: &str) -> Decision {
         if pod.has_container(sidecar_name) {
             return Decision::AlreadyInjected;
@@ -93,7 +116,7 @@ impl Catalog {
         let Some(workload) = self.controlling_workload(pod, namespace) else {
             return Decision::NotTargeted;
         };
-        let Some((batch, member)) = self.member_for(&workload, namespace) else {
+        let Some((batch, member)) = self.targets.lookup(&self.batches, namespace, &workload) else {
             return Decision::NotTargeted;
         };
         let repository = &batch.spec.repository;
@@ -153,27 +176,4 @@ impl Catalog {
             None => Workload { kind: WorkloadKind::ReplicaSet, name: replicaset.to_string() },
         }
     }
-
-    /// The member that targets `workload`; when several batches do (the controller flags that), the
-    /// batch with the smallest name wins so that every replica of the webhook answers alike.
-    fn member_for(&self, workload: &Workload, namespace: &str) -> Option<(Arc<BackupBatch>, usize)> {
-        self.batches
-            .state_filter(|batch| batch.namespace().as_deref() == Some(namespace))
-            .into_iter()
-            .filter(|batch| batch.metadata.deletion_timestamp.is_none())
-            .filter_map(|batch| {
-                let index = batch.spec.members.iter().position(|m| targets(m, workload, namespace))?;
-                Some((batch, index))
-            })
-            .min_by(|a, b| a.0.metadata.name.cmp(&b.0.metadata.name))
-    }
-}
-
-fn targets(member: &BackupMember, workload: &Workload, namespace: &str) -> bool {
-    let reference = &member.target.reference;
-    let group = reference.api_version.split_once('/').map_or("", |(group, _)| group);
-    reference.kind == workload.kind.as_str()
-        && reference.name == workload.name
-        && reference.namespace.as_deref().is_none_or(|ns| ns == namespace)
-        && (reference.api_version.is_empty() || group == workload.kind.group())
 }

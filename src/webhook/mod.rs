@@ -13,4 +13,5 @@ pub mod routes;
 pub mod self_signed;
 pub mod server;
 pub mod sidecar;
+pub mod target_index;
 pub mod tls;

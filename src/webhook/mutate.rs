@@ -1,9 +1,9 @@
 //! AdmissionReview in, AdmissionReview out: the pure decision path of `POST /mutate-pods`.
 
 use super::decision::{Catalog, Decision};
-use super::pod_view::PodView;
-use super::review::{ReviewRequestEnvelope, ReviewResponse, ReviewResponseEnvelope};
+use super::review::{ReviewRequestEnvelope, ReviewResponse, UidOnly};
 use super::sidecar::{SIDECAR_NAME, injection_patch};
+use crate::metrics::AdmissionOperation;
 
 /// A request the webhook cannot read at all: answered with HTTP 400.
 #[derive(Debug, thiserror::Error)]
@@ -24,9 +24,9 @@ pub enum Verdict {
 }
 
 pub struct Reviewed {
-    pub operation: String,
+    pub operation: AdmissionOperation,
     pub verdict: Verdict,
-    pub review: ReviewResponseEnvelope,
+    pub review: ReviewResponse,
 }
 
 pub struct Mutator {
@@ -36,27 +36,18 @@ pub struct Mutator {
 
 impl Mutator {
     pub fn review(&self, body: &[u8]) -> Result<Reviewed, BadReview> {
-        let envelope: ReviewRequestEnvelope = serde_json::from_slice(body)?;
-        if let Some(version) = envelope.api_version.filter(|v| v != super::review::API_VERSION) {
-            return Err(BadReview::Version(version));
-        }
-        let request = envelope.request.ok_or(BadReview::NoRequest)?;
-        let operation = request.operation.clone();
-        let unchanged = |response: ReviewResponse| Reviewed {
-            operation: operation.clone(),
-            verdict: Verdict::AllowedUnchanged,
-            review: response.into_review(),
+        let envelope: ReviewRequestEnvelope = match serde_json::from_slice(body) {
+            Ok(envelope) => envelope,
+            Err(err) => return Self::unreadable(body, err),
         };
-        if !(request.kind.is_core_v1_pod() && request.operation == "CREATE") {
-            return Ok(unchanged(ReviewResponse::allow(request.uid)));
-        }
+        check_version(envelope.api_version)?;
+        let request = envelope.request.ok_or(BadReview::NoRequest)?;
+        let operation = AdmissionOperation::parse(&request.operation);
+        let unchanged =
+            |response: ReviewResponse| Reviewed { operation, verdict: Verdict::AllowedUnchanged, review: response };
         let namespace = request.namespace.as_deref().unwrap_or_default();
-        let pod = match request.object.map(|raw| serde_json::from_str::<PodView>(raw.get())) {
-            Some(Ok(pod)) if !namespace.is_empty() => pod,
-            Some(Err(err)) => {
-                let warning = format!("stash: Pod not mutated, its object could not be read: {err}");
-                return Ok(unchanged(ReviewResponse::allow(request.uid).with_warning(warning)));
-            }
+        let pod = match request.object {
+            Some(pod) if request.kind.is_core_v1_pod() && request.operation == "CREATE" && !namespace.is_empty() => pod,
             _ => return Ok(unchanged(ReviewResponse::allow(request.uid))),
         };
         match self.catalog.decide(&pod, namespace, SIDECAR_NAME) {
@@ -64,7 +55,7 @@ impl Mutator {
                 Ok(patch) => Ok(Reviewed {
                     operation,
                     verdict: Verdict::Mutated,
-                    review: ReviewResponse::patch(request.uid, &patch)?.into_review(),
+                    review: ReviewResponse::patch(request.uid, patch),
                 }),
                 Err(err) => Err(BadReview::Malformed(err)),
             },
@@ -74,5 +65,27 @@ impl Mutator {
             }
             Decision::NotTargeted | Decision::AlreadyInjected => Ok(unchanged(ReviewResponse::allow(request.uid))),
         }
+    }
+
+    /// The envelope parses but its object does not: allow, unchanged, echoing the uid.
+    fn unreadable(body: &[u8], err: serde_json::Error) -> Result<Reviewed, BadReview> {
+        let Ok(envelope) = serde_json::from_slice::<UidOnly>(body) else {
+            return Err(BadReview::Malformed(err));
+        };
+        check_version(envelope.api_version)?;
+        let request = envelope.request.ok_or(BadReview::NoRequest)?;
+        let warning = format!("stash: Pod not mutated, its object could not be read: {err}");
+        Ok(Reviewed {
+            operation: AdmissionOperation::parse(&request.operation),
+            verdict: Verdict::AllowedUnchanged,
+            review: ReviewResponse::allow(request.uid).with_warning(warning),
+        })
+    }
+}
+
+fn check_version(api_version: Option<String>) -> Result<(), BadReview> {
+    match api_version {
+        Some(version) if version != super::review::API_VERSION => Err(BadReview::Version(version)),
+        _ => Ok(()),
     }
 }

@@ -15,13 +15,22 @@ pub struct PodView {
 #[derive(Deserialize, Debug, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct PodMeta {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub labels: BTreeMap<String, String>,
     /// `None` when the Pod has no annotations map at all (the patch must then add the map).
     #[serde(default)]
     pub annotations: Option<BTreeMap<String, String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub owner_references: Vec<OwnerReference>,
+}
+
+/// `null` reads as empty, like Go's nil maps and slices.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 #[derive(Deserialize, Debug, Default, Clone)]
@@ -40,9 +49,9 @@ pub struct OwnerReference {
 #[derive(Deserialize, Debug, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct PodSpecView {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub containers: Vec<Named>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub init_containers: Vec<Named>,
     /// `None` when the Pod has no volumes list (the patch must then add the list).
     #[serde(default)]

@@ -1,27 +1,26 @@
 //! AdmissionReview (admission.k8s.io/v1) on the wire, reduced to what a Pod mutator reads.
 //!
-//! kube's typed review parses the whole object up front and loses the request `uid` when the object is
-//! malformed; these lean types keep the `uid` whenever the envelope parses and leave `object` raw until
-//! the request is known to be a Pod CREATE.
+//! The request is read in one pass, straight into the few Pod fields the mutator needs (`PodView`):
+//! scanning the object twice (raw, then typed) was half the cost of a review. kube's typed review
+//! would parse every field and lose the request `uid` on a malformed object; when the one-pass read
+//! fails, [`UidOnly`] recovers the `uid` so that the answer still echoes it.
 
+use super::pod_view::PodView;
 use base64::Engine;
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
+use serde::Deserialize;
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 
 #[derive(Deserialize, Debug)]
 #[serde(rename_all = "camelCase")]
-pub struct ReviewRequestEnvelope<'a> {
+pub struct ReviewRequestEnvelope {
     pub api_version: Option<String>,
-    pub kind: Option<String>,
-    #[serde(borrow)]
-    pub request: Option<ReviewRequest<'a>>,
+    pub request: Option<ReviewRequest>,
 }
 
 #[derive(Deserialize, Debug)]
 #[serde(rename_all = "camelCase")]
-pub struct ReviewRequest<'a> {
+pub struct ReviewRequest {
     pub uid: String,
     #[serde(default)]
     pub kind: RequestKind,
@@ -31,8 +30,23 @@ pub struct ReviewRequest<'a> {
     pub namespace: Option<String>,
     #[serde(default)]
     pub dry_run: Option<bool>,
-    #[serde(borrow, default)]
-    pub object: Option<&'a RawValue>,
+    #[serde(default)]
+    pub object: Option<PodView>,
+}
+
+/// The envelope with everything but the `uid` skipped: read when [`ReviewRequestEnvelope`] fails.
+#[derive(Deserialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct UidOnly {
+    pub api_version: Option<String>,
+    pub request: Option<UidOnlyRequest>,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct UidOnlyRequest {
+    pub uid: String,
+    #[serde(default)]
+    pub operation: String,
 }
 
 #[derive(Deserialize, Debug, Default, PartialEq, Eq)]
@@ -51,44 +65,25 @@ impl RequestKind {
     }
 }
 
-#[derive(Serialize, Debug)]
-#[serde(rename_all = "camelCase")]
-pub struct ReviewResponseEnvelope {
-    pub api_version: &'static str,
-    pub kind: &'static str,
-    pub response: ReviewResponse,
-}
-
-#[derive(Serialize, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
+/// The answer to one review; [`ReviewResponse::to_json`] is its wire form.
+#[derive(Debug, PartialEq)]
 pub struct ReviewResponse {
     pub uid: String,
     pub allowed: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub patch_type: Option<&'static str>,
-    /// Base64 of the JSON patch.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub patch: Option<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    /// The JSON patch, as JSON bytes (base64-encoded on the wire).
+    pub patch: Option<Vec<u8>>,
     pub warnings: Vec<String>,
 }
 
 impl ReviewResponse {
     /// Allow the request unchanged.
     pub fn allow(uid: String) -> Self {
-        Self { uid, allowed: true, patch_type: None, patch: None, warnings: Vec::new() }
+        Self { uid, allowed: true, patch: None, warnings: Vec::new() }
     }
 
-    /// Allow the request with a JSON patch applied.
-    pub fn patch(uid: String, patch: &json_patch::Patch) -> Result<Self, serde_json::Error> {
-        let json = serde_json::to_vec(patch)?;
-        Ok(Self {
-            uid,
-            allowed: true,
-            patch_type: Some("JSONPatch"),
-            patch: Some(base64::engine::general_purpose::STANDARD.encode(json)),
-            warnings: Vec::new(),
-        })
+    /// Allow the request with a JSON patch (its serialized bytes) applied.
+    pub fn patch(uid: String, patch_json: Vec<u8>) -> Self {
+        Self { uid, allowed: true, patch: Some(patch_json), warnings: Vec::new() }
     }
 
     pub fn with_warning(mut self, warning: impl Into<String>) -> Self {
@@ -96,7 +91,31 @@ impl ReviewResponse {
         self
     }
 
-    pub fn into_review(self) -> ReviewResponseEnvelope {
-        ReviewResponseEnvelope { api_version: API_VERSION, kind: "AdmissionReview", response: self }
+    /// The AdmissionReview (admission.k8s.io/v1) carrying this response.
+    ///
+    /// Written by hand because serde would escape-scan the base64 patch character by character, which
+    /// was a tenth of the server's CPU per request; base64 needs no escaping.
+    pub fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let patch_len = self.patch.as_ref().map_or(0, |p| p.len() * 4 / 3 + 4);
+        let mut out = Vec::with_capacity(160 + self.uid.len() + patch_len);
+        out.extend_from_slice(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"#);
+        serde_json::to_writer(&mut out, &self.uid)?;
+        out.extend_from_slice(if self.allowed { br#","allowed":true"# } else { br#","allowed":false"# });
+        if let Some(patch) = &self.patch {
+            out.extend_from_slice(br#","patchType":"JSONPatch","patch":""#);
+            let start = out.len();
+            out.resize(start + base64::encoded_len(patch.len(), true).unwrap_or(0), 0);
+            let written = base64::engine::general_purpose::STANDARD
+                .encode_slice(patch, &mut out[start..])
+                .map_err(|err| serde::ser::Error::custom(err.to_string()))?;
+            out.truncate(start + written);
+            out.push(b'"');
+        }
+        if !self.warnings.is_empty() {
+            out.extend_from_slice(br#","warnings":"#);
+            serde_json::to_writer(&mut out, &self.warnings)?;
+        }
+        out.extend_from_slice(b"}}");
+        Ok(out)
     }
 }

@@ -1,7 +1,7 @@
 //! `POST /mutate-pods`: timing, metrics and the HTTP shape around the mutator.
 
 use super::mutate::{Mutator, Verdict};
-use crate::metrics::{AdmissionLabels, AdmissionResult, Metrics};
+use crate::metrics::{AdmissionLabels, AdmissionOperation, AdmissionResult, Metrics};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -34,15 +34,18 @@ async fn mutate_pods(State(state): State<WebhookState>, body: Bytes) -> Response
         Ok(reviewed) => {
             let mutated = reviewed.verdict == Verdict::Mutated;
             let labels = AdmissionLabels { operation: reviewed.operation, result: AdmissionResult::Allowed, mutated };
-            match serde_json::to_vec(&reviewed.review) {
+            match reviewed.review.to_json() {
                 Ok(json) => (labels, ([(header::CONTENT_TYPE, "application/json")], json).into_response()),
                 Err(err) => (labels, (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response()),
             }
         }
         Err(bad) => {
             tracing::debug!(error = %bad, "bad admission request");
-            let labels =
-                AdmissionLabels { operation: String::new(), result: AdmissionResult::BadRequest, mutated: false };
+            let labels = AdmissionLabels {
+                operation: AdmissionOperation::Other,
+                result: AdmissionResult::BadRequest,
+                mutated: false,
+            };
             (labels, (StatusCode::BAD_REQUEST, bad.to_string()).into_response())
         }
     };
