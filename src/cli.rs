@@ -111,6 +111,27 @@ pub struct OperatorArgs {
     /// How long a new caBundle must have been published before a leaf signed by a new CA is served.
     #[arg(long, default_value = "1m", value_parser = parse_duration)]
     pub ca_propagation_delay: Duration,
+    /// Serve the webhook only; run no controllers.
+    #[arg(long)]
+    pub disable_controllers: bool,
+    /// Reconcile BackupBatches and BackupSessions of this namespace only (default: all namespaces).
+    #[arg(long)]
+    pub watch_namespace: Option<String>,
+    /// Image of the trigger CronJobs and backup Jobs (default: the sidecar image).
+    #[arg(long, env = "STASH_JOB_IMAGE")]
+    pub job_image: Option<String>,
+    /// This replica's identity for the Lease and Events (default: hostname-pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// The Lease (in --namespace) that elects the replica running the controllers.
+    #[arg(long, default_value = "stash-operator")]
+    pub lease_name: String,
+    /// How long the Lease stays valid without renewal.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+    /// How often the Lease is renewed, or a takeover tried.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub lease_renew_interval: Duration,
 }
 
 /// Parses a Go-style duration such as `30s` or `1h30m`.
@@ -161,7 +182,7 @@ pub struct GenerateCertsArgs {
 }
 
 /// Names one BackupBatch.
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct BatchArgs {
     /// Name of the BackupBatch.
     pub name: String,

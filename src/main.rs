@@ -16,6 +16,10 @@ enum MainError {
     Certs(#[from] stash::certs::CertError),
     #[error(transparent)]
     Operator(#[from] stash::operator::OperatorError),
+    #[error(transparent)]
+    Session(#[from] stash::session::SessionError),
+    #[error("connecting to the Kubernetes API (KUBECONFIG or in-cluster config): {0}")]
+    Kube(#[from] kube::Error),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +63,38 @@ fn run(command: Command) -> Result<(), MainError> {
             })?;
             Ok(())
         }
+        Command::CreateBackupsession(args) => {
+            if args.invoker_kind != stash::session::BACKUP_BATCH_KIND {
+                return Err(stash::session::SessionError::UnsupportedInvoker(args.invoker_kind).into());
+            }
+            let namespace = stash::session::resolve_namespace(args.namespace)?;
+            runtime()?.block_on(async {
+                let client = kube::Client::try_default().await?;
+                let session =
+                    stash::session::create_backup_session(client, &namespace, &args.invoker_name, None).await?;
+                println!("backupsession/{} created", kube::ResourceExt::name_any(&session));
+                Ok(())
+            })
+        }
+        Command::Trigger(args) => batch_command(args, |client, namespace, name| async move {
+            let session = stash::commands::trigger(client, &namespace, &name).await?;
+            println!("backupsession/{session} created");
+            Ok(())
+        }),
+        Command::Pause(args) => batch_command(args, |client, namespace, name| async move {
+            stash::commands::set_paused(client, &namespace, &name, true).await?;
+            println!("backupbatch/{name} paused");
+            Ok(())
+        }),
+        Command::Resume(args) => batch_command(args, |client, namespace, name| async move {
+            stash::commands::set_paused(client, &namespace, &name, false).await?;
+            println!("backupbatch/{name} resumed");
+            Ok(())
+        }),
+        Command::Sessions(args) => batch_command(args, |client, namespace, name| async move {
+            print!("{}", stash::commands::sessions_table(client, &namespace, &name).await?);
+            Ok(())
+        }),
         other => Err(MainError::NotImplemented(other.name())),
     }
 }
@@ -85,13 +121,46 @@ fn operator_config(args: Box<stash::cli::OperatorArgs>) -> stash::operator::Oper
             poll: args.cert_poll_interval,
         }
     };
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let controllers = (!args.disable_controllers).then(|| {
+        let settings = stash::controller::ControllerSettings {
+            image: args.job_image.clone().unwrap_or_else(|| args.sidecar_image.clone()),
+            namespace: args.watch_namespace.clone(),
+            identity: identity.clone(),
+        };
+        let lease = stash::controller::leader::LeaseConfig {
+            namespace: args.namespace.clone(),
+            name: args.lease_name.clone(),
+            identity,
+            duration: args.lease_duration,
+            renew_every: args.lease_renew_interval,
+        };
+        (settings, lease)
+    });
     stash::operator::OperatorConfig {
+        controllers,
         webhook_addr: args.webhook_addr,
         admin_addr: args.admin_addr,
         certificates,
         sidecar_image: args.sidecar_image,
         max_body_bytes: args.max_body_bytes,
     }
+}
+
+/// Runs a command about one BackupBatch, in `--namespace` or the kubeconfig's namespace.
+fn batch_command<F, Fut>(args: stash::cli::BatchArgs, command: F) -> Result<(), MainError>
+where
+    F: FnOnce(kube::Client, String, String) -> Fut,
+    Fut: std::future::Future<Output = Result<(), MainError>>,
+{
+    runtime()?.block_on(async {
+        let client = kube::Client::try_default().await?;
+        let namespace = args.namespace.unwrap_or_else(|| client.default_namespace().to_string());
+        command(client, namespace, args.name).await
+    })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {

@@ -69,11 +69,49 @@ pub struct TlsMetrics {
     pub reloads: Family<ReloadLabels, Counter>,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileLabels {
+    pub controller: &'static str,
+    pub result: ReconcileResult,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum ReconcileResult {
+    Ok,
+    Error,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabels {
+    pub controller: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SessionLabels {
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BatchLabels {
+    pub namespace: String,
+    pub batch: String,
+}
+
+pub struct ControllerMetrics {
+    pub reconciles: Family<ReconcileLabels, Counter>,
+    pub reconcile_duration: Family<ControllerLabels, Histogram>,
+    pub sessions_finished: Family<SessionLabels, Counter>,
+    pub last_success: Family<BatchLabels, Gauge<i64, AtomicI64>>,
+    pub managed_batches: Gauge<i64, AtomicI64>,
+    pub leader: Gauge<i64, AtomicI64>,
+}
+
 /// Every metric of the process, registered once at start-up.
 pub struct Metrics {
     registry: Registry,
     pub webhook: WebhookMetrics,
     pub tls: TlsMetrics,
+    pub controller: ControllerMetrics,
 }
 
 impl Default for Metrics {
@@ -101,7 +139,43 @@ impl Default for Metrics {
             "Serving certificate reload attempts, by result",
             tls.reloads.clone(),
         );
-        Self { registry, webhook, tls }
+        let controller = ControllerMetrics {
+            reconciles: Family::default(),
+            reconcile_duration: Family::new_with_constructor(|| {
+                Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0])
+            }),
+            sessions_finished: Family::default(),
+            last_success: Family::default(),
+            managed_batches: Gauge::default(),
+            leader: Gauge::default(),
+        };
+        registry.register("reconciles", "Reconciles, by controller and result", controller.reconciles.clone());
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one reconcile took, by controller",
+            controller.reconcile_duration.clone(),
+        );
+        registry.register(
+            "backup_sessions_finished",
+            "BackupSessions that reached a final phase, by phase",
+            controller.sessions_finished.clone(),
+        );
+        registry.register(
+            "backup_last_success_timestamp_seconds",
+            "When the last successful session of a batch finished (Unix time)",
+            controller.last_success.clone(),
+        );
+        registry.register(
+            "managed_backup_batches",
+            "BackupBatches the controller manages",
+            controller.managed_batches.clone(),
+        );
+        registry.register(
+            "controller_leader",
+            "1 while this replica holds the controller Lease",
+            controller.leader.clone(),
+        );
+        Self { registry, webhook, tls, controller }
     }
 }
 

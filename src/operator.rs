@@ -1,6 +1,8 @@
 //! `stash operator`: the webhook, the caches behind it and the admin port, in one process.
 
 use crate::admin::{self, Readiness};
+use crate::controller::ControllerSettings;
+use crate::controller::leader::{LeaseConfig, run_while_leader};
 use crate::metrics::Metrics;
 use crate::webhook::mutate::Mutator;
 use crate::webhook::self_signed::{SelfManagedCertificates, SelfSignedConfig, SelfSignedError};
@@ -44,6 +46,8 @@ pub struct OperatorConfig {
     pub certificates: CertificateSource,
     pub sidecar_image: String,
     pub max_body_bytes: usize,
+    /// The controllers and the Lease they run under; `None` serves the webhook only.
+    pub controllers: Option<(ControllerSettings, LeaseConfig)>,
 }
 
 async fn listen(addr: SocketAddr) -> Result<TcpListener, OperatorError> {
@@ -102,6 +106,14 @@ pub async fn run(client: Client, config: OperatorConfig, cancel: CancellationTok
     readiness.certificate_loaded.store(true, Ordering::Release);
     let tls = server_config(serving)?;
 
+    let controllers = config.controllers.clone().map(|(settings, lease)| {
+        let (client, metrics, cancel) = (client.clone(), metrics.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let lead = |token| crate::controller::run(client.clone(), metrics.clone(), settings.clone(), token);
+            run_while_leader(client.clone(), lease, metrics.clone(), cancel, lead).await;
+        })
+    });
+
     let mutator = Arc::new(Mutator { catalog, sidecar_image: config.sidecar_image.clone() });
     let webhook_app = routes::router(mutator, metrics.clone(), config.max_body_bytes);
     let webhook_listener = listen(config.webhook_addr).await?;
@@ -125,6 +137,10 @@ pub async fn run(client: Client, config: OperatorConfig, cancel: CancellationTok
     tracing::info!("shutting down");
     let _ = webhook.await;
     let _ = admin.await;
+    // The leader stops its controllers and hands back its Lease before the caches stop.
+    if let Some(controllers) = controllers {
+        let _ = tokio::time::timeout(Duration::from_secs(10), controllers).await;
+    }
     tasks.abort_all();
     Ok(())
 }

@@ -62,7 +62,7 @@ async fn self_managed_certificates_rotate_without_a_failed_handshake() {
         check_interval: Duration::from_millis(200),
         propagation_delay: Duration::from_secs(1),
     };
-    let operator = support::operator::start_on(Some(port), Some(CertificateSource::SelfSigned(config))).await;
+    let operator = support::operator::start_on(Some(port), Some(CertificateSource::SelfSigned(config)), None).await;
 
     let secret = ns.api::<Secret>().get("stash-webhook-certs").await.expect("the operator created its Secret");
     let keys: BTreeSet<String> = secret.data.unwrap_or_default().into_keys().collect();

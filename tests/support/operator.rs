@@ -20,7 +20,27 @@ fn free_port() -> SocketAddr {
 
 /// Starts the operator with a generated certificate on disk and waits until `/readyz` says ok.
 pub async fn start() -> RunningOperator {
-    start_on(None, None).await
+    start_on(None, None, None).await
+}
+
+/// Controllers for `namespace` only, under a Lease of that namespace, renewed every second.
+pub fn controllers_for(
+    namespace: &str,
+    identity: &str,
+) -> (stash::controller::ControllerSettings, stash::controller::leader::LeaseConfig) {
+    let settings = stash::controller::ControllerSettings {
+        image: "stash:test".into(),
+        namespace: Some(namespace.into()),
+        identity: identity.into(),
+    };
+    let lease = stash::controller::leader::LeaseConfig {
+        namespace: namespace.into(),
+        name: "stash-operator".into(),
+        identity: identity.into(),
+        duration: Duration::from_secs(4),
+        renew_every: Duration::from_secs(1),
+    };
+    (settings, lease)
 }
 
 /// Starts the operator with its webhook on `webhook_port` (else a free one) and `certificates` (else a
@@ -28,6 +48,7 @@ pub async fn start() -> RunningOperator {
 pub async fn start_on(
     webhook_port: Option<u16>,
     certificates: Option<stash::operator::CertificateSource>,
+    controllers: Option<(stash::controller::ControllerSettings, stash::controller::leader::LeaseConfig)>,
 ) -> RunningOperator {
     let certs = tempfile::tempdir().expect("temp dir");
     stash::certs::generate_to_dir(
@@ -51,6 +72,7 @@ pub async fn start_on(
         }),
         sidecar_image: "stash:test".into(),
         max_body_bytes: 4 * 1024 * 1024,
+        controllers,
     };
     let (webhook_addr, admin_addr) = (config.webhook_addr, config.admin_addr);
     let cancel = CancellationToken::new();

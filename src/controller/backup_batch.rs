@@ -1,0 +1,365 @@
+//! BackupBatch → validation conditions, the trigger CronJob and its identity, status and Events.
+
+use super::backup_job::BACKUP_SERVICE_ACCOUNT;
+use super::conditions::{self, Desired};
+use super::context::{Context, ControllerError, FIELD_MANAGER};
+use super::targets::{self, TargetState};
+use super::trigger::{
+    BACKUP_CLUSTER_ROLE, TRIGGER_CLUSTER_ROLE, TRIGGER_SERVICE_ACCOUNT, cronjob_name, namespace_identity,
+    trigger_cronjob,
+};
+use crate::api::backup_batch::{BackupBatchStatus, BackupInvokerPhase, Driver, MemberConditions};
+use crate::api::common::{ConditionStatus, TargetRef};
+use crate::api::repository::FromNamespaces;
+use crate::api::{BackupBatch, Repository};
+use k8s_openapi::api::batch::v1::CronJob;
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::RoleBinding;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const REPOSITORY_FOUND: &str = "RepositoryFound";
+pub const BACKEND_SECRET_FOUND: &str = "BackendSecretFound";
+pub const CRONJOB_CREATED: &str = "CronJobCreated";
+pub const VALIDATION_PASSED: &str = "ValidationPassed";
+pub const BACKUP_TARGET_FOUND: &str = "BackupTargetFound";
+pub const SIDECAR_INJECTED: &str = "StashSidecarInjected";
+
+/// While something is missing or Pods still lack the sidecar, look again after this. (Secrets are not
+/// watched: that would need list/watch on every Secret of the cluster.)
+const RECHECK: Duration = Duration::from_secs(10);
+
+#[tracing::instrument(skip_all, fields(namespace = batch.namespace().unwrap_or_default(), name = batch.name_any()))]
+pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
+    let namespace = batch.namespace().unwrap_or_default();
+    let generation = batch.metadata.generation;
+
+    let validation = validate(&batch, &ctx);
+    let repository = find_repository(&batch, &ctx, &namespace).await?;
+    let secret = match &repository {
+        Ok(repo) => check_secret(&ctx, repo).await?,
+        Err(_) => Desired::new(BACKEND_SECRET_FOUND, false, "RepositoryNotFound", "the Repository is not there yet"),
+    };
+    let repository_condition = match &repository {
+        Ok(repo) => {
+            Desired::new(REPOSITORY_FOUND, true, "RepositoryAvailable", format!("Repository {} found", repo.name_any()))
+        }
+        Err(desired) => desired.clone(),
+    };
+
+    let mut member_conditions = Vec::with_capacity(batch.spec.members.len());
+    let mut members_ready = true;
+    let mut sidecars_pending = false;
+    for member in &batch.spec.members {
+        let reference = &member.target.reference;
+        let state = targets::inspect(&ctx.client, &namespace, reference).await?;
+        let mut conditions = previous_member_conditions(&batch, reference);
+        let found = match &state {
+            TargetState::Missing => Desired::new(
+                BACKUP_TARGET_FOUND,
+                false,
+                "TargetNotFound",
+                format!("{} {} does not exist", reference.kind, reference.name),
+            ),
+            TargetState::Unsupported => Desired::new(
+                BACKUP_TARGET_FOUND,
+                false,
+                "TargetKindNotSupported",
+                format!("kind {:?} cannot be backed up", reference.kind),
+            ),
+            _ => Desired::new(
+                BACKUP_TARGET_FOUND,
+                true,
+                "TargetAvailable",
+                format!("{} {} found", reference.kind, reference.name),
+            ),
+        };
+        members_ready &= found.is_true();
+        record(&ctx, &batch, &mut conditions, &found, generation).await;
+        if let TargetState::Workload(workload) = &state {
+            let injected = targets::sidecar_status(&ctx.client, &namespace, workload, &batch).await?;
+            sidecars_pending |= !injected.desired.is_true();
+            record(&ctx, &batch, &mut conditions, &injected.desired, generation).await;
+            if injected.rolled {
+                publish(
+                    &ctx,
+                    &batch,
+                    EventType::Normal,
+                    "WorkloadRolled",
+                    &format!(
+                        "{} {} restarted once so that its Pods get the stash sidecar",
+                        reference.kind, reference.name
+                    ),
+                )
+                .await;
+            }
+        }
+        member_conditions.push(MemberConditions { target: reference.clone(), conditions });
+    }
+
+    let mut status_conditions = batch.status.as_ref().map(|s| s.conditions.clone()).unwrap_or_default();
+    record(&ctx, &batch, &mut status_conditions, &validation, generation).await;
+    record(&ctx, &batch, &mut status_conditions, &repository_condition, generation).await;
+    record(&ctx, &batch, &mut status_conditions, &secret, generation).await;
+
+    let cronjob = if validation.is_true() {
+        ensure_trigger(&batch, &ctx, &namespace).await?
+    } else {
+        Desired::new(CRONJOB_CREATED, false, "ValidationFailed", "no CronJob while the batch is invalid")
+    };
+    record(&ctx, &batch, &mut status_conditions, &cronjob, generation).await;
+
+    let phase = if !validation.is_true() {
+        BackupInvokerPhase::Invalid
+    } else if repository_condition.is_true() && secret.is_true() && members_ready {
+        BackupInvokerPhase::Ready
+    } else {
+        BackupInvokerPhase::NotReady
+    };
+    let status = BackupBatchStatus {
+        observed_generation: generation,
+        phase: Some(phase),
+        conditions: status_conditions,
+        member_conditions,
+    };
+    let batches: Api<BackupBatch> = Api::namespaced(ctx.client.clone(), &namespace);
+    let patch = serde_json::json!({
+        "apiVersion": "stash.appscode.com/v1beta1",
+        "kind": "BackupBatch",
+        "status": status,
+    });
+    batches.patch_status(&batch.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+
+    Ok(if phase == BackupInvokerPhase::Ready && !sidecars_pending {
+        Action::await_change()
+    } else {
+        Action::requeue(RECHECK)
+    })
+}
+
+/// Checks that need no API call: driver, schedule, and that no other batch claims the same workload.
+fn validate(batch: &BackupBatch, ctx: &Context) -> Desired {
+    if batch.spec.driver == Driver::VolumeSnapshotter {
+        return Desired::new(
+            VALIDATION_PASSED,
+            false,
+            "DriverNotSupported",
+            "spec.driver VolumeSnapshotter is not supported yet; use Restic",
+        );
+    }
+    if let Some(schedule) = &batch.spec.schedule
+        && let Err(err) = croner::Cron::from_str(schedule)
+    {
+        return Desired::new(VALIDATION_PASSED, false, "InvalidSchedule", format!("spec.schedule {schedule:?}: {err}"));
+    }
+    if let Some((target, other)) = claimed_elsewhere(batch, ctx) {
+        return Desired::new(
+            VALIDATION_PASSED,
+            false,
+            "TargetClaimedByAnotherBatch",
+            format!(
+                "{} {} already belongs to BackupBatch {other}; a workload belongs to one batch",
+                target.kind, target.name
+            ),
+        );
+    }
+    Desired::new(VALIDATION_PASSED, true, "ValidationSucceeded", "the batch is valid")
+}
+
+/// A member target that an older batch of the namespace already backs up.
+fn claimed_elsewhere(batch: &BackupBatch, ctx: &Context) -> Option<(TargetRef, String)> {
+    let namespace = batch.namespace();
+    let older = |other: &BackupBatch| {
+        (other.metadata.creation_timestamp.as_ref(), other.name_any())
+            < (batch.metadata.creation_timestamp.as_ref(), batch.name_any())
+    };
+    let others = ctx.batches.state_filter(|other| {
+        other.namespace() == namespace && other.metadata.uid != batch.metadata.uid && older(other)
+    });
+    for member in &batch.spec.members {
+        let target = &member.target.reference;
+        if target.kind == "PersistentVolumeClaim" {
+            continue;
+        }
+        for other in &others {
+            let same = |m: &crate::api::backup_batch::BackupMember| {
+                m.target.reference.kind == target.kind && m.target.reference.name == target.name
+            };
+            if other.spec.members.iter().any(same) {
+                return Some((target.clone(), other.name_any()));
+            }
+        }
+    }
+    None
+}
+
+/// The batch's Repository, or the condition saying why it cannot be used.
+async fn find_repository(
+    batch: &BackupBatch,
+    ctx: &Context,
+    namespace: &str,
+) -> Result<Result<Repository, Desired>, ControllerError> {
+    let reference = &batch.spec.repository;
+    let repo_namespace = reference.namespace.clone().unwrap_or_else(|| namespace.to_string());
+    let repositories: Api<Repository> = Api::namespaced(ctx.client.clone(), &repo_namespace);
+    let Some(repository) = repositories.get_opt(&reference.name).await? else {
+        return Ok(Err(Desired::new(
+            REPOSITORY_FOUND,
+            false,
+            "RepositoryNotFound",
+            format!("Repository {repo_namespace}/{} does not exist", reference.name),
+        )));
+    };
+    if repo_namespace != namespace && !usable_from(&repository, namespace, ctx).await? {
+        return Ok(Err(Desired::new(
+            REPOSITORY_FOUND,
+            false,
+            "RepositoryNotAllowed",
+            format!(
+                "Repository {repo_namespace}/{} does not allow use from namespace {namespace} (spec.usagePolicy)",
+                reference.name
+            ),
+        )));
+    }
+    Ok(Ok(repository))
+}
+
+/// `spec.usagePolicy.allowedNamespaces` of a Repository in another namespace.
+async fn usable_from(repository: &Repository, namespace: &str, ctx: &Context) -> Result<bool, ControllerError> {
+    let allowed = repository.spec.usage_policy.as_ref().and_then(|p| p.allowed_namespaces.as_ref());
+    let Some(allowed) = allowed else { return Ok(false) };
+    Ok(match allowed.from {
+        FromNamespaces::All => true,
+        FromNamespaces::Same => false,
+        FromNamespaces::Selector => {
+            let labels =
+                Api::<Namespace>::all(ctx.client.clone()).get(namespace).await?.metadata.labels.unwrap_or_default();
+            let wanted = allowed.selector.as_ref().and_then(|s| s.match_labels.clone()).unwrap_or_default();
+            wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
+        }
+    })
+}
+
+/// BackendSecretFound: the Secret exists and holds RESTIC_PASSWORD (its value is never read into logs).
+async fn check_secret(ctx: &Context, repository: &Repository) -> Result<Desired, ControllerError> {
+    let namespace = repository.namespace().unwrap_or_default();
+    let name = &repository.spec.backend.storage_secret_name;
+    if name.is_empty() {
+        return Ok(Desired::new(
+            BACKEND_SECRET_FOUND,
+            false,
+            "SecretNotNamed",
+            "the Repository names no spec.backend.storageSecretName",
+        ));
+    }
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    Ok(match secrets.get_opt(name).await? {
+        None => Desired::new(
+            BACKEND_SECRET_FOUND,
+            false,
+            "SecretNotFound",
+            format!("Secret {namespace}/{name} does not exist"),
+        ),
+        Some(secret) if !has_key(&secret, "RESTIC_PASSWORD") => Desired::new(
+            BACKEND_SECRET_FOUND,
+            false,
+            "ResticPasswordMissing",
+            format!("Secret {namespace}/{name} has no RESTIC_PASSWORD key"),
+        ),
+        Some(_) => {
+            Desired::new(BACKEND_SECRET_FOUND, true, "SecretAvailable", format!("Secret {namespace}/{name} found"))
+        }
+    })
+}
+
+fn has_key(secret: &Secret, key: &str) -> bool {
+    secret.data.as_ref().is_some_and(|d| d.contains_key(key))
+        || secret.string_data.as_ref().is_some_and(|d| d.contains_key(key))
+}
+
+/// Applies the trigger CronJob (when there is a schedule) and the namespace's trigger identity.
+async fn ensure_trigger(batch: &BackupBatch, ctx: &Context, namespace: &str) -> Result<Desired, ControllerError> {
+    let cronjobs: Api<CronJob> = Api::namespaced(ctx.client.clone(), namespace);
+    let Some(schedule) = &batch.spec.schedule else {
+        let name = cronjob_name(&batch.name_any());
+        if cronjobs.get_opt(&name).await?.is_some() {
+            cronjobs.delete(&name, &Default::default()).await?;
+        }
+        return Ok(Desired::new(
+            CRONJOB_CREATED,
+            false,
+            "NoSchedule",
+            "spec.schedule is empty: back up with `stash trigger`",
+        ));
+    };
+    // Shared by every batch of the namespace: each batch applies its own ownerReference under its own
+    // field manager, so one batch's apply never drops another's.
+    let shared = PatchParams::apply(&format!("{FIELD_MANAGER}/{}", batch.name_any())).force();
+    let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), namespace);
+    let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), namespace);
+    for (account, role) in
+        [(TRIGGER_SERVICE_ACCOUNT, TRIGGER_CLUSTER_ROLE), (BACKUP_SERVICE_ACCOUNT, BACKUP_CLUSTER_ROLE)]
+    {
+        let (service_account, binding) = namespace_identity(batch, account, role);
+        accounts.patch(account, &shared, &Patch::Apply(&typed(service_account))).await?;
+        bindings.patch(account, &shared, &Patch::Apply(&typed(binding))).await?;
+    }
+
+    let cronjob = trigger_cronjob(batch, schedule, &ctx.trigger_image);
+    let name = cronjob.name_any();
+    cronjobs.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&typed(cronjob))).await?;
+    Ok(Desired::new(CRONJOB_CREATED, true, "CronJobApplied", format!("CronJob {name} runs on {schedule:?}")))
+}
+
+/// A built-in object with apiVersion and kind filled in, as server-side apply needs.
+fn typed<K: Resource<DynamicType = ()> + serde::Serialize>(object: K) -> serde_json::Value {
+    let mut value = serde_json::to_value(&object).unwrap_or_default();
+    value["apiVersion"] = K::api_version(&()).into();
+    value["kind"] = K::kind(&()).into();
+    value
+}
+
+fn previous_member_conditions(batch: &BackupBatch, target: &TargetRef) -> Vec<crate::api::common::Condition> {
+    batch
+        .status
+        .iter()
+        .flat_map(|s| &s.member_conditions)
+        .find(|m| &m.target == target)
+        .map(|m| m.conditions.clone())
+        .unwrap_or_default()
+}
+
+/// Sets a condition and publishes an Event when its status changed.
+async fn record(
+    ctx: &Context,
+    batch: &BackupBatch,
+    conditions: &mut Vec<crate::api::common::Condition>,
+    desired: &Desired,
+    generation: Option<i64>,
+) {
+    if let Some(previous) = conditions::set(conditions, desired, generation) {
+        let first_and_fine = previous.is_none() && desired.is_true();
+        if !first_and_fine || matches!(previous, Some(ConditionStatus::False)) {
+            let type_ = if desired.is_true() { EventType::Normal } else { EventType::Warning };
+            publish(ctx, batch, type_, &desired.reason, &desired.message).await;
+        }
+    }
+}
+
+async fn publish(ctx: &Context, batch: &BackupBatch, type_: EventType, reason: &str, note: &str) {
+    let event = Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note.to_string()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(err) = ctx.recorder.publish(&event, &batch.object_ref(&())).await {
+        tracing::debug!(error = %err, "publishing an Event failed");
+    }
+}

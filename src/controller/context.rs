@@ -1,0 +1,29 @@
+//! What every reconcile shares: the client, the Event recorder, metrics, caches and settings.
+
+use crate::api::BackupBatch;
+use crate::metrics::Metrics;
+use kube::Client;
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::Store;
+use std::sync::Arc;
+
+/// The field manager of everything the controllers apply.
+pub const FIELD_MANAGER: &str = "stash-operator";
+
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Image of the trigger CronJob and backup Jobs.
+    pub trigger_image: String,
+    /// The controller's own BackupBatch cache.
+    pub batches: Store<BackupBatch>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("serializing: {0}")]
+    Serialize(#[from] serde_json::Error),
+}

@@ -1,0 +1,118 @@
+//! Global hooks of a session: run once before the first and after the last member.
+
+use crate::api::common::{Handler, HookExecutionPolicy, UriScheme};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use std::time::Duration;
+
+const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs `handler`; `Err` says why it failed, in words fit for a condition message.
+pub async fn run(handler: &Handler) -> Result<(), String> {
+    if handler.exec.is_some() {
+        // Exec needs the kubelet's exec API; the test control plane has no kubelet yet.
+        return Err("exec hooks are not supported yet; use httpGet, httpPost or tcpSocket".into());
+    }
+    if let Some(tcp) = &handler.tcp_socket {
+        let host = tcp.host.clone().ok_or("tcpSocket hook needs a host")?;
+        let port = numeric_port(&tcp.port)?;
+        return match tokio::time::timeout(HOOK_TIMEOUT, tokio::net::TcpStream::connect((host.as_str(), port))).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(err)) => Err(format!("tcpSocket {host}:{port}: {err}")),
+            Err(_) => Err(format!("tcpSocket {host}:{port}: timed out")),
+        };
+    }
+    let client = reqwest::Client::builder().timeout(HOOK_TIMEOUT).build().map_err(|e| e.to_string())?;
+    let request = if let Some(get) = &handler.http_get {
+        client
+            .get(url(get.scheme, get.host.as_deref(), &get.port, get.path.as_deref())?)
+            .headers(headers(&get.http_headers)?)
+    } else if let Some(post) = &handler.http_post {
+        let mut request = client
+            .post(url(post.scheme, post.host.as_deref(), &post.port, post.path.as_deref())?)
+            .headers(headers(&post.http_headers)?);
+        if let Some(body) = &post.body {
+            request = request.body(body.clone());
+        } else if !post.form.is_empty() {
+            let form: Vec<(String, String)> =
+                post.form.iter().flat_map(|f| f.values.iter().map(|v| (f.key.clone(), v.clone()))).collect();
+            let encoded: Vec<String> = form.iter().map(|(k, v)| format!("{}={}", encode(k), encode(v))).collect();
+            request = request.header("content-type", "application/x-www-form-urlencoded").body(encoded.join("&"));
+        }
+        request
+    } else {
+        return Err("the hook names no action".into());
+    };
+    let response = request.send().await.map_err(|e| format!("hook request failed: {e}"))?;
+    if response.status().is_success() { Ok(()) } else { Err(format!("hook answered HTTP {}", response.status())) }
+}
+
+/// Whether a post-backup hook runs for a session that `succeeded`, with `retries_left`.
+pub fn post_hook_applies(policy: HookExecutionPolicy, succeeded: bool, retries_left: bool) -> bool {
+    match policy {
+        HookExecutionPolicy::Always => true,
+        HookExecutionPolicy::OnSuccess => succeeded,
+        HookExecutionPolicy::OnFailure => !succeeded,
+        HookExecutionPolicy::OnFinalRetryFailure => !succeeded && !retries_left,
+    }
+}
+
+fn numeric_port(port: &IntOrString) -> Result<u16, String> {
+    match port {
+        IntOrString::Int(n) => u16::try_from(*n).map_err(|_| format!("port {n} is out of range")),
+        IntOrString::String(name) => {
+            name.parse().map_err(|_| format!("named port {name:?} needs a Pod to resolve; give a number"))
+        }
+    }
+}
+
+fn url(
+    scheme: Option<UriScheme>,
+    host: Option<&str>,
+    port: &IntOrString,
+    path: Option<&str>,
+) -> Result<String, String> {
+    let host = host.ok_or("HTTP hooks need a host (resolving a Pod's IP is not supported yet)")?;
+    let scheme = if scheme == Some(UriScheme::Https) { "https" } else { "http" };
+    let path = path.unwrap_or("/");
+    let path = if path.starts_with('/') { path.to_string() } else { format!("/{path}") };
+    Ok(format!("{scheme}://{host}:{}{path}", numeric_port(port)?))
+}
+
+fn headers(headers: &[k8s_openapi::api::core::v1::HTTPHeader]) -> Result<reqwest::header::HeaderMap, String> {
+    let mut map = reqwest::header::HeaderMap::new();
+    for header in headers {
+        let name = reqwest::header::HeaderName::from_bytes(header.name.as_bytes()).map_err(|e| e.to_string())?;
+        let value = reqwest::header::HeaderValue::from_str(&header.value).map_err(|e| e.to_string())?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn post_hook_policies() {
+        use HookExecutionPolicy::*;
+        assert!(post_hook_applies(Always, false, true));
+        assert!(post_hook_applies(OnSuccess, true, false) && !post_hook_applies(OnSuccess, false, false));
+        assert!(post_hook_applies(OnFailure, false, true) && !post_hook_applies(OnFailure, true, false));
+        assert!(post_hook_applies(OnFinalRetryFailure, false, false));
+        assert!(!post_hook_applies(OnFinalRetryFailure, false, true));
+    }
+
+    #[test]
+    fn form_values_are_url_encoded() {
+        assert_eq!(encode("a b&c=d/é"), "a%20b%26c%3Dd%2F%C3%A9");
+    }
+}

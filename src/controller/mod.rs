@@ -1,0 +1,121 @@
+//! The operator's controllers: BackupBatch → trigger CronJob, and the BackupSession lifecycle.
+
+pub mod backup_batch;
+pub mod backup_job;
+pub mod backup_session;
+pub mod conditions;
+pub mod context;
+pub mod hooks;
+pub mod leader;
+pub mod progress;
+pub mod targets;
+pub mod trigger;
+
+use crate::api::{BackupBatch, BackupSession, Repository};
+use crate::metrics::{ControllerLabels, Metrics, ReconcileLabels, ReconcileResult};
+use context::{Context, ControllerError};
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone)]
+pub struct ControllerSettings {
+    /// Image of the trigger CronJobs and backup Jobs.
+    pub image: String,
+    /// Watch one namespace only (a namespaced install); all namespaces when `None`.
+    pub namespace: Option<String>,
+    /// This replica's name, for Events and the Lease.
+    pub identity: String,
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs both controllers until `cancel` fires.
+pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSettings, cancel: CancellationToken) {
+    let namespace = settings.namespace.as_deref();
+    let ours = watcher::Config::default().labels(&format!("{}={}", crate::api::PART_OF.0, crate::api::PART_OF.1));
+    let reporter = Reporter { controller: "stash-operator".into(), instance: Some(settings.identity.clone()) };
+    let batch_controller = Controller::new(api::<BackupBatch>(&client, namespace), watcher::Config::default());
+    let batches = batch_controller.store();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics: metrics.clone(),
+        trigger_image: settings.image.clone(),
+        batches: batches.clone(),
+    });
+
+    let by_repository = batches.clone();
+    let batch_loop = batch_controller
+        .owns(api::<CronJob>(&client, namespace), ours.clone())
+        .watches(api::<Repository>(&client, namespace), watcher::Config::default(), move |repository: Repository| {
+            // A Repository appearing or changing re-checks the batches that use it.
+            let (name, namespace) = (repository.name_any(), repository.namespace());
+            by_repository
+                .state()
+                .into_iter()
+                .filter(|b| {
+                    b.spec.repository.name == name && b.spec.repository.namespace.clone().or(b.namespace()) == namespace
+                })
+                .map(|b| ObjectRef::from_obj(&*b))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(cancel.clone().cancelled_owned())
+        .run(
+            |batch, ctx: Arc<Context>| {
+                ctx.metrics.controller.managed_batches.set(i64::try_from(ctx.batches.len()).unwrap_or(i64::MAX));
+                timed("backupbatch", ctx.clone(), backup_batch::reconcile(batch, ctx))
+            },
+            |_, err, ctx| error_policy("backupbatch", err, ctx),
+            ctx.clone(),
+        )
+        .for_each(|_| futures::future::ready(()));
+
+    let session_loop = Controller::new(api::<BackupSession>(&client, namespace), watcher::Config::default())
+        .owns(api::<Job>(&client, namespace), ours)
+        .graceful_shutdown_on(cancel.clone().cancelled_owned())
+        .run(
+            |session, ctx: Arc<Context>| timed("backupsession", ctx.clone(), backup_session::reconcile(session, ctx)),
+            |_, err, ctx| error_policy("backupsession", err, ctx),
+            ctx,
+        )
+        .for_each(|_| futures::future::ready(()));
+
+    futures::join!(batch_loop, session_loop);
+}
+
+async fn timed(
+    controller: &'static str,
+    ctx: Arc<Context>,
+    reconcile: impl Future<Output = Result<Action, ControllerError>>,
+) -> Result<Action, ControllerError> {
+    let started = Instant::now();
+    let result = reconcile.await;
+    let metrics = &ctx.metrics.controller;
+    metrics.reconcile_duration.get_or_create(&ControllerLabels { controller }).observe(started.elapsed().as_secs_f64());
+    let outcome = if result.is_ok() { ReconcileResult::Ok } else { ReconcileResult::Error };
+    metrics.reconciles.get_or_create(&ReconcileLabels { controller, result: outcome }).inc();
+    result
+}
+
+fn error_policy(controller: &'static str, err: &ControllerError, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(controller, error = %err, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(10))
+}

@@ -1,0 +1,200 @@
+//! Member targets: do they exist, how many hosts back them up, and do their Pods carry the sidecar.
+
+use super::backup_batch::SIDECAR_INJECTED;
+use super::conditions::Desired;
+use crate::api::BackupBatch;
+use crate::api::common::TargetRef;
+use crate::webhook::decision::WorkloadKind;
+use crate::webhook::sidecar::SIDECAR_NAME;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ReplicationController};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use std::collections::BTreeMap;
+
+/// Set on a workload's pod template when the controller restarted it once to inject the sidecar.
+pub const ROLLOUT_ANNOTATION: &str = "stash.appscode.com/sidecar-rollout";
+
+#[derive(Debug, Clone)]
+pub struct WorkloadInfo {
+    pub kind: WorkloadKind,
+    pub name: String,
+    pub selector: Option<LabelSelector>,
+    pub template_annotations: BTreeMap<String, String>,
+    /// How many hosts back the workload up: StatefulSet replicas, DaemonSet desired Pods, else 1.
+    pub hosts: i32,
+}
+
+#[derive(Debug, Clone)]
+pub enum TargetState {
+    Missing,
+    Unsupported,
+    Workload(WorkloadInfo),
+    Volume,
+}
+
+impl TargetState {
+    pub fn hosts(&self) -> i32 {
+        match self {
+            TargetState::Workload(workload) => workload.hosts,
+            _ => 1,
+        }
+    }
+}
+
+fn workload<K>(
+    kind: WorkloadKind,
+    object: K,
+    hosts: i32,
+    selector: Option<LabelSelector>,
+    template: Option<BTreeMap<String, String>>,
+) -> TargetState
+where
+    K: ResourceExt,
+{
+    TargetState::Workload(WorkloadInfo {
+        kind,
+        name: object.name_any(),
+        selector,
+        template_annotations: template.unwrap_or_default(),
+        hosts,
+    })
+}
+
+pub async fn inspect(client: &Client, namespace: &str, target: &TargetRef) -> Result<TargetState, kube::Error> {
+    let namespace = target.namespace.as_deref().unwrap_or(namespace);
+    let name = target.name.as_str();
+    let annotations = |t: Option<&k8s_openapi::api::core::v1::PodTemplateSpec>| {
+        t.and_then(|t| t.metadata.as_ref()).and_then(|m| m.annotations.clone())
+    };
+    Ok(match target.kind.as_str() {
+        "Deployment" => match Api::<Deployment>::namespaced(client.clone(), namespace).get_opt(name).await? {
+            Some(d) => {
+                let spec = d.spec.clone().unwrap_or_default();
+                workload(WorkloadKind::Deployment, d, 1, Some(spec.selector), annotations(Some(&spec.template)))
+            }
+            None => TargetState::Missing,
+        },
+        "StatefulSet" => match Api::<StatefulSet>::namespaced(client.clone(), namespace).get_opt(name).await? {
+            Some(s) => {
+                let spec = s.spec.clone().unwrap_or_default();
+                let replicas = spec.replicas.unwrap_or(1);
+                workload(WorkloadKind::StatefulSet, s, replicas, Some(spec.selector), annotations(Some(&spec.template)))
+            }
+            None => TargetState::Missing,
+        },
+        "DaemonSet" => match Api::<DaemonSet>::namespaced(client.clone(), namespace).get_opt(name).await? {
+            Some(d) => {
+                let spec = d.spec.clone().unwrap_or_default();
+                let desired = d.status.as_ref().map_or(0, |s| s.desired_number_scheduled);
+                workload(WorkloadKind::DaemonSet, d, desired, Some(spec.selector), annotations(Some(&spec.template)))
+            }
+            None => TargetState::Missing,
+        },
+        "ReplicaSet" => match Api::<ReplicaSet>::namespaced(client.clone(), namespace).get_opt(name).await? {
+            Some(r) => {
+                let spec = r.spec.clone().unwrap_or_default();
+                workload(WorkloadKind::ReplicaSet, r, 1, Some(spec.selector), annotations(spec.template.as_ref()))
+            }
+            None => TargetState::Missing,
+        },
+        "ReplicationController" => {
+            match Api::<ReplicationController>::namespaced(client.clone(), namespace).get_opt(name).await? {
+                Some(r) => {
+                    let spec = r.spec.clone().unwrap_or_default();
+                    let selector =
+                        spec.selector.map(|labels| LabelSelector { match_labels: Some(labels), ..Default::default() });
+                    workload(WorkloadKind::ReplicationController, r, 1, selector, annotations(spec.template.as_ref()))
+                }
+                None => TargetState::Missing,
+            }
+        }
+        "PersistentVolumeClaim" => {
+            match Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace).get_opt(name).await? {
+                Some(_) => TargetState::Volume,
+                None => TargetState::Missing,
+            }
+        }
+        _ => TargetState::Unsupported,
+    })
+}
+
+pub struct SidecarStatus {
+    pub desired: Desired,
+    /// The workload was restarted by this reconcile.
+    pub rolled: bool,
+}
+
+/// StashSidecarInjected: how many of the workload's Pods carry the sidecar. Pods that predate the
+/// batch get it through one restart of the workload, never more: later edits of the batch change no
+/// pod template (the sidecar reads its configuration at run time).
+pub async fn sidecar_status(
+    client: &Client,
+    namespace: &str,
+    workload: &WorkloadInfo,
+    batch: &BackupBatch,
+) -> Result<SidecarStatus, kube::Error> {
+    let Some(selector) = workload.selector.clone().and_then(|s| kube::core::Selector::try_from(s).ok()) else {
+        let desired = Desired::new(SIDECAR_INJECTED, false, "NoSelector", "the workload has no usable selector");
+        return Ok(SidecarStatus { desired, rolled: false });
+    };
+    let pods =
+        Api::<Pod>::namespaced(client.clone(), namespace).list(&ListParams::default().labels_from(&selector)).await?;
+    let live: Vec<&Pod> = pods.items.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+    let injected = live
+        .iter()
+        .filter(|p| p.spec.as_ref().is_some_and(|s| s.containers.iter().any(|c| c.name == SIDECAR_NAME)))
+        .count();
+    let total = live.len();
+    if injected == total {
+        let message = if total == 0 {
+            "no Pods yet; they get the sidecar when created".to_string()
+        } else {
+            format!("{injected} of {total} Pods carry the stash sidecar")
+        };
+        return Ok(SidecarStatus {
+            desired: Desired::new(SIDECAR_INJECTED, true, "SidecarInjected", message),
+            rolled: false,
+        });
+    }
+    let already_rolled = workload.template_annotations.contains_key(ROLLOUT_ANNOTATION);
+    let rollable =
+        matches!(workload.kind, WorkloadKind::Deployment | WorkloadKind::StatefulSet | WorkloadKind::DaemonSet);
+    let rolled = !already_rolled && rollable && roll(client, namespace, workload, batch).await?;
+    let message = match (rollable, already_rolled || rolled) {
+        (true, true) => {
+            format!("{injected} of {total} Pods carry the stash sidecar; the workload was restarted once to add it")
+        }
+        (true, false) => format!("{injected} of {total} Pods carry the stash sidecar"),
+        (false, _) => format!(
+            "{injected} of {total} Pods carry the stash sidecar; a {} is not restarted automatically: delete its Pods to add it",
+            workload.kind.as_str()
+        ),
+    };
+    Ok(SidecarStatus { desired: Desired::new(SIDECAR_INJECTED, false, "PodsWithoutSidecar", message), rolled })
+}
+
+async fn roll(
+    client: &Client,
+    namespace: &str,
+    workload: &WorkloadInfo,
+    batch: &BackupBatch,
+) -> Result<bool, kube::Error> {
+    let patch = serde_json::json!({"spec": {"template": {"metadata": {"annotations": {ROLLOUT_ANNOTATION: batch.name_any()}}}}});
+    let params = PatchParams::default();
+    let patch = Patch::Merge(&patch);
+    match workload.kind {
+        WorkloadKind::Deployment => {
+            drop(Api::<Deployment>::namespaced(client.clone(), namespace).patch(&workload.name, &params, &patch).await?)
+        }
+        WorkloadKind::StatefulSet => drop(
+            Api::<StatefulSet>::namespaced(client.clone(), namespace).patch(&workload.name, &params, &patch).await?,
+        ),
+        WorkloadKind::DaemonSet => {
+            drop(Api::<DaemonSet>::namespaced(client.clone(), namespace).patch(&workload.name, &params, &patch).await?)
+        }
+        WorkloadKind::ReplicaSet | WorkloadKind::ReplicationController => return Ok(false),
+    }
+    Ok(true)
+}

@@ -1,0 +1,148 @@
+//! The trigger CronJob `stash-trigger-<batch>` and the identity it runs as.
+
+use crate::api::BackupBatch;
+use crate::api::common::RuntimeSettings;
+use crate::session::{invoker_labels, owned_by};
+use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
+use k8s_openapi::api::core::v1::{
+    Container, EnvVar, EnvVarSource, ObjectFieldSelector, PodSpec, PodTemplateSpec, ServiceAccount,
+};
+use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
+use kube::ResourceExt;
+use kube::core::ObjectMeta;
+
+/// The ServiceAccount trigger Jobs run as, one per namespace.
+pub const TRIGGER_SERVICE_ACCOUNT: &str = "stash-trigger";
+/// The ClusterRole (deploy/base/rbac.yaml) it is bound to: create BackupSessions, read BackupBatches.
+pub const TRIGGER_CLUSTER_ROLE: &str = "stash-trigger";
+/// The ClusterRole of backup Jobs and sidecars: read their batch, write their own session entries.
+pub const BACKUP_CLUSTER_ROLE: &str = "stash-sidecar";
+
+pub fn cronjob_name(batch: &str) -> String {
+    format!("stash-trigger-{batch}")
+}
+
+/// The CronJob that creates a BackupSession at every slot of the batch's schedule.
+pub fn trigger_cronjob(batch: &BackupBatch, schedule: &str, image: &str) -> CronJob {
+    let name = batch.name_any();
+    let runtime = batch.spec.runtime_settings.as_ref();
+    let pod = runtime.and_then(|r| r.pod.as_ref());
+    let container = runtime.and_then(|r| r.container.as_ref());
+    let mut env = vec![EnvVar {
+        name: "POD_NAMESPACE".into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: "metadata.namespace".into(), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    env.extend(container.map(|c| c.env.clone()).unwrap_or_default());
+    let pod_spec = PodSpec {
+        service_account_name: Some(
+            pod.and_then(|p| p.service_account_name.clone()).unwrap_or_else(|| TRIGGER_SERVICE_ACCOUNT.into()),
+        ),
+        restart_policy: Some("OnFailure".into()),
+        containers: vec![Container {
+            name: "trigger".into(),
+            image: Some(image.into()),
+            args: Some(vec![
+                "create-backupsession".into(),
+                "--invoker-kind=BackupBatch".into(),
+                format!("--invoker-name={name}"),
+            ]),
+            env: Some(env),
+            env_from: container.map(|c| c.env_from.clone()).filter(|e| !e.is_empty()),
+            resources: container.and_then(|c| c.resources.clone()),
+            security_context: container.and_then(|c| c.security_context.clone()),
+            ..Default::default()
+        }],
+        ..pod_settings(runtime)
+    };
+    CronJob {
+        metadata: ObjectMeta {
+            name: Some(cronjob_name(&name)),
+            namespace: batch.namespace(),
+            labels: Some(invoker_labels(&name)),
+            owner_references: owned_by(batch).map(|owner| vec![owner]),
+            ..Default::default()
+        },
+        spec: Some(CronJobSpec {
+            schedule: schedule.to_string(),
+            suspend: Some(batch.spec.paused),
+            concurrency_policy: Some("Forbid".into()),
+            successful_jobs_history_limit: Some(1),
+            failed_jobs_history_limit: Some(1),
+            job_template: JobTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(invoker_labels(&name)), ..Default::default() }),
+                spec: Some(JobSpec {
+                    backoff_limit: Some(3),
+                    ttl_seconds_after_finished: Some(3600),
+                    template: PodTemplateSpec {
+                        metadata: Some(ObjectMeta {
+                            labels: Some(invoker_labels(&name)),
+                            annotations: pod.map(|p| p.pod_annotations.clone()).filter(|a| !a.is_empty()),
+                            ..Default::default()
+                        }),
+                        spec: Some(pod_spec),
+                    },
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The pod-level `runtimeSettings` as a PodSpec to merge under the trigger's own fields.
+fn pod_settings(runtime: Option<&RuntimeSettings>) -> PodSpec {
+    let Some(pod) = runtime.and_then(|r| r.pod.as_ref()) else { return PodSpec::default() };
+    PodSpec {
+        node_selector: Some(pod.node_selector.clone()).filter(|s| !s.is_empty()),
+        security_context: pod.security_context.clone(),
+        image_pull_secrets: Some(pod.image_pull_secrets.clone()).filter(|s| !s.is_empty()),
+        affinity: pod.affinity.clone(),
+        tolerations: Some(pod.tolerations.clone()).filter(|t| !t.is_empty()),
+        priority_class_name: pod.priority_class_name.clone(),
+        scheduler_name: pod.scheduler_name.clone(),
+        runtime_class_name: pod.runtime_class_name.clone(),
+        automount_service_account_token: pod.automount_service_account_token,
+        ..Default::default()
+    }
+}
+
+/// A per-namespace ServiceAccount bound to one of our ClusterRoles (deploy/base/rbac.yaml). Every
+/// batch of the namespace is an owner, so garbage collection removes it with the last batch: no
+/// finalizer is needed for what ownerReferences can express.
+pub fn namespace_identity(batch: &BackupBatch, account: &str, cluster_role: &str) -> (ServiceAccount, RoleBinding) {
+    let service_account = ServiceAccount { metadata: shared_meta(batch, account), ..Default::default() };
+    let binding = RoleBinding {
+        metadata: shared_meta(batch, account),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name: cluster_role.into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: account.into(),
+            namespace: batch.namespace(),
+            ..Default::default()
+        }]),
+    };
+    (service_account, binding)
+}
+
+fn shared_meta(batch: &BackupBatch, name: &str) -> ObjectMeta {
+    let owner = owned_by(batch).map(|mut owner| {
+        owner.controller = None;
+        owner
+    });
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: batch.namespace(),
+        labels: Some([(crate::api::PART_OF.0.to_string(), crate::api::PART_OF.1.to_string())].into()),
+        owner_references: owner.map(|owner| vec![owner]),
+        ..Default::default()
+    }
+}

@@ -1,0 +1,502 @@
+//! The controllers against the real control plane, with the operator running in-process (controllers
+//! limited to the test's namespace) or as real processes for leader election.
+
+mod support;
+
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use serde_json::json;
+use stash::api::backup_batch::BackupInvokerPhase;
+use stash::api::backup_session::{BackupSessionPhase, HostPhase, TargetPhase};
+use stash::api::common::ConditionStatus;
+use stash::api::{BackupBatch, BackupSession};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::fixtures::{self, PASSWORD, member, report_host, session_phase};
+use support::{TestNamespace, eventually};
+
+async fn with_controllers(ns: &TestNamespace) -> support::operator::RunningOperator {
+    let controllers = support::operator::controllers_for(&ns.name, "test-operator");
+    support::operator::start_on(None, None, Some(controllers)).await
+}
+
+/// Waits until the batch's status says `phase`, and returns the batch.
+async fn batch_phase(ns: &TestNamespace, name: &str, phase: BackupInvokerPhase) -> BackupBatch {
+    let batches = ns.api::<BackupBatch>();
+    eventually(&format!("batch {name} to be {phase:?}"), Duration::from_secs(60), || {
+        let batches = batches.clone();
+        let name = name.to_string();
+        async move { batches.get(&name).await.ok().filter(|b| b.status.as_ref().and_then(|s| s.phase) == Some(phase)) }
+    })
+    .await
+}
+
+fn condition<'a>(batch: &'a BackupBatch, type_: &str) -> &'a stash::api::common::Condition {
+    let status = batch.status.as_ref().expect("status");
+    status.conditions.iter().find(|c| c.type_ == type_).unwrap_or_else(|| panic!("no {type_} condition"))
+}
+
+async fn cronjob_where(ns: &TestNamespace, what: &str, check: impl Fn(&CronJob) -> bool + Clone) -> CronJob {
+    let cronjobs = ns.api::<CronJob>();
+    eventually(what, Duration::from_secs(60), || {
+        let (cronjobs, check) = (cronjobs.clone(), check.clone());
+        async move { cronjobs.get_opt("stash-trigger-nightly").await.ok().flatten().filter(|c| check(c)) }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_ready_batch_gets_its_cronjob_which_follows_edits_and_goes_with_it() {
+    let ns = TestNamespace::new("cronjob").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    fixtures::batch(&ns, "nightly", vec![member("Deployment", "app")], json!({"schedule": "0 2 * * *"})).await;
+
+    let batch = batch_phase(&ns, "nightly", BackupInvokerPhase::Ready).await;
+    for type_ in ["ValidationPassed", "RepositoryFound", "BackendSecretFound", "CronJobCreated"] {
+        assert_eq!(condition(&batch, type_).status, ConditionStatus::True, "{type_}");
+    }
+    let status = batch.status.as_ref().expect("status");
+    assert_eq!(status.observed_generation, batch.metadata.generation);
+    let member = &status.member_conditions[0];
+    assert!(member.conditions.iter().any(|c| c.type_ == "BackupTargetFound" && c.status == ConditionStatus::True));
+    assert!(member.conditions.iter().any(|c| c.type_ == "StashSidecarInjected"), "sidecar injection is reported");
+
+    let cronjob = cronjob_where(&ns, "the trigger CronJob", |_| true).await;
+    let spec = cronjob.spec.as_ref().expect("spec");
+    assert_eq!(spec.schedule, "0 2 * * *");
+    assert_eq!(spec.suspend, Some(false));
+    assert_eq!(spec.concurrency_policy.as_deref(), Some("Forbid"));
+    assert_eq!(spec.successful_jobs_history_limit, Some(1));
+    let owner = &cronjob.metadata.owner_references.as_ref().expect("owned")[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("BackupBatch", "nightly", Some(true)));
+    let labels = cronjob.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(labels.get("stash.appscode.com/invoker-name").map(String::as_str), Some("nightly"));
+    let pod = spec.job_template.spec.as_ref().and_then(|j| j.template.spec.as_ref()).expect("pod spec");
+    assert_eq!(pod.service_account_name.as_deref(), Some("stash-trigger"));
+    assert_eq!(
+        pod.containers[0].args.as_deref().expect("args"),
+        ["create-backupsession", "--invoker-kind=BackupBatch", "--invoker-name=nightly"]
+    );
+
+    let batches = ns.api::<BackupBatch>();
+    batches
+        .patch("nightly", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"paused": true}})))
+        .await
+        .expect("pause");
+    cronjob_where(&ns, "the CronJob to be suspended", |c| c.spec.as_ref().and_then(|s| s.suspend) == Some(true)).await;
+    let every_minute = json!({"spec": {"paused": false, "schedule": "* * * * *"}});
+    batches.patch("nightly", &PatchParams::default(), &Patch::Merge(&every_minute)).await.expect("reschedule");
+    cronjob_where(&ns, "the CronJob to follow the new schedule", |c| {
+        c.spec.as_ref().is_some_and(|s| s.schedule == "* * * * *" && s.suspend == Some(false))
+    })
+    .await;
+
+    // The controller-manager fires it at the next minute: its Job (Pending, no kubelet) runs our command.
+    let jobs = ns.api::<Job>();
+    let job = eventually("a Job from the trigger CronJob", Duration::from_secs(75), || {
+        let jobs = jobs.clone();
+        async move {
+            jobs.list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|j| j.metadata.name.as_deref().is_some_and(|n| n.starts_with("stash-trigger-nightly")))
+        }
+    })
+    .await;
+    let container = &job.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod").containers[0];
+    assert_eq!(container.args.as_deref().expect("args")[0], "create-backupsession");
+
+    batches.delete("nightly", &DeleteParams::background()).await.expect("delete");
+    let cronjobs = ns.api::<CronJob>();
+    eventually("the CronJob to be garbage-collected", Duration::from_secs(60), || {
+        let cronjobs = cronjobs.clone();
+        async move { cronjobs.get_opt("stash-trigger-nightly").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn missing_repository_or_secret_keeps_the_batch_not_ready_saying_which() {
+    let ns = TestNamespace::new("notready").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::targets(&ns).await;
+    fixtures::batch(&ns, "nightly", vec![member("Deployment", "app")], json!({"schedule": "0 2 * * *"})).await;
+    let batch = batch_phase(&ns, "nightly", BackupInvokerPhase::NotReady).await;
+    let repository = condition(&batch, "RepositoryFound");
+    assert_eq!((repository.status, repository.reason.as_deref()), (ConditionStatus::False, Some("RepositoryNotFound")));
+
+    fixtures::repository(&ns).await;
+    fixtures::secret(&ns, false).await;
+    let batches = ns.api::<BackupBatch>();
+    let batch = eventually("the missing password to be reported", Duration::from_secs(60), || {
+        let batches = batches.clone();
+        async move {
+            let batch = batches.get("nightly").await.ok()?;
+            let reason =
+                batch.status.as_ref()?.conditions.iter().find(|c| c.type_ == "BackendSecretFound")?.reason.clone();
+            (reason.as_deref() == Some("ResticPasswordMissing")).then_some(batch)
+        }
+    })
+    .await;
+    assert_eq!(condition(&batch, "RepositoryFound").status, ConditionStatus::True);
+    assert_eq!(batch.status.as_ref().and_then(|s| s.phase), Some(BackupInvokerPhase::NotReady));
+    let message = condition(&batch, "BackendSecretFound").message.clone().unwrap_or_default();
+    assert!(message.contains("RESTIC_PASSWORD") && !message.contains(PASSWORD));
+
+    let secrets = ns.api::<k8s_openapi::api::core::v1::Secret>();
+    let fixed = json!({"stringData": {"RESTIC_PASSWORD": PASSWORD}});
+    secrets.patch("repo-secret", &PatchParams::default(), &Patch::Merge(&fixed)).await.expect("fix the secret");
+    batch_phase(&ns, "nightly", BackupInvokerPhase::Ready).await;
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn bad_schedules_and_unsupported_drivers_make_the_batch_invalid() {
+    let ns = TestNamespace::new("invalid-batch").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    fixtures::batch(&ns, "bad-cron", vec![member("Deployment", "app")], json!({"schedule": "every tuesday"})).await;
+    fixtures::batch(&ns, "snapshots", vec![member("StatefulSet", "db")], json!({"driver": "VolumeSnapshotter"})).await;
+    let bad = batch_phase(&ns, "bad-cron", BackupInvokerPhase::Invalid).await;
+    let validation = condition(&bad, "ValidationPassed");
+    assert_eq!(validation.reason.as_deref(), Some("InvalidSchedule"));
+    assert!(validation.message.clone().unwrap_or_default().contains("every tuesday"));
+    let snapshots = batch_phase(&ns, "snapshots", BackupInvokerPhase::Invalid).await;
+    assert_eq!(condition(&snapshots, "ValidationPassed").reason.as_deref(), Some("DriverNotSupported"));
+    assert!(ns.api::<CronJob>().get_opt("stash-trigger-bad-cron").await.expect("get").is_none());
+    operator.stop().await;
+}
+
+async fn new_session(ns: &TestNamespace, batch: &str) -> String {
+    let session =
+        stash::session::create_backup_session(ns.client.clone(), &ns.name, batch, None).await.expect("session");
+    kube::ResourceExt::name_any(&session)
+}
+
+#[tokio::test]
+async fn sessions_run_aggregate_skip_time_out_and_keep_a_bounded_history() {
+    let ns = TestNamespace::new("sessions").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    let members = vec![member("Deployment", "app"), member("StatefulSet", "db")];
+    fixtures::batch(&ns, "app-backup", members, json!({"backupHistoryLimit": 1})).await;
+    let sessions = ns.api::<BackupSession>();
+
+    // Running, with a target per member and the right host counts.
+    let first = new_session(&ns, "app-backup").await;
+    let running = session_phase(&sessions, &first, BackupSessionPhase::Running).await;
+    let targets = &running.status.as_ref().expect("status").targets;
+    let hosts: Vec<_> = targets.iter().map(|t| (t.reference.name.as_str(), t.total_hosts)).collect();
+    assert_eq!(hosts, [("app", Some(1)), ("db", Some(2))]);
+    assert!(targets.iter().all(|t| t.phase == Some(TargetPhase::Running)), "Parallel starts every member");
+    let owner = &running.metadata.owner_references.as_ref().expect("owned")[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("BackupBatch", "app-backup"));
+
+    // A second session while the first runs is skipped, not queued.
+    std::thread::sleep(Duration::from_millis(1100)); // session names carry the second
+    let second = new_session(&ns, "app-backup").await;
+    let skipped = session_phase(&sessions, &second, BackupSessionPhase::Skipped).await;
+    assert!(
+        skipped
+            .status
+            .expect("status")
+            .conditions
+            .iter()
+            .any(|c| c.reason.as_deref() == Some("PreviousSessionRunning"))
+    );
+
+    // Every host reports success → Succeeded.
+    report_host(&sessions, &first, 0, "app", HostPhase::Succeeded).await;
+    report_host(&sessions, &first, 1, "db-0", HostPhase::Succeeded).await;
+    let still = sessions.get(&first).await.expect("get");
+    assert_eq!(still.status.and_then(|s| s.phase), Some(BackupSessionPhase::Running), "db has one of two hosts");
+    report_host(&sessions, &first, 1, "db-1", HostPhase::Succeeded).await;
+    let done = session_phase(&sessions, &first, BackupSessionPhase::Succeeded).await;
+    assert!(done.status.expect("status").session_duration.is_some());
+
+    // One failed host fails its target and the session.
+    std::thread::sleep(Duration::from_millis(1100));
+    let third = new_session(&ns, "app-backup").await;
+    session_phase(&sessions, &third, BackupSessionPhase::Running).await;
+    report_host(&sessions, &third, 0, "app", HostPhase::Succeeded).await;
+    report_host(&sessions, &third, 1, "db-0", HostPhase::Failed).await;
+    report_host(&sessions, &third, 1, "db-1", HostPhase::Succeeded).await;
+    let failed = session_phase(&sessions, &third, BackupSessionPhase::Failed).await;
+    let message = failed.status.expect("status").conditions.iter().find_map(|c| c.message.clone()).unwrap_or_default();
+    assert!(message.contains("StatefulSet db"), "{message}");
+
+    // History (backupHistoryLimit: 1): the newest finished session, and the newest skipped one.
+    eventually("history trimmed to the limit", Duration::from_secs(60), || {
+        let sessions = sessions.clone();
+        let expected = [second.clone(), third.clone()];
+        async move {
+            let mut names: Vec<String> = sessions
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .iter()
+                .map(kube::ResourceExt::name_any)
+                .collect();
+            names.sort();
+            (names == expected).then_some(())
+        }
+    })
+    .await;
+    let table = stash::commands::sessions_table(ns.client.clone(), &ns.name, "app-backup").await.expect("table");
+    assert!(table.contains(&third) && table.contains("Failed"), "{table}");
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn the_deadline_fails_a_session_nobody_finishes() {
+    let ns = TestNamespace::new("deadline").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    fixtures::batch(&ns, "slow", vec![member("Deployment", "app")], json!({"timeOut": "3s"})).await;
+    let sessions = ns.api::<BackupSession>();
+    let name = new_session(&ns, "slow").await;
+    let running = session_phase(&sessions, &name, BackupSessionPhase::Running).await;
+    assert!(running.status.as_ref().and_then(|s| s.session_deadline.clone()).is_some());
+    let failed = session_phase(&sessions, &name, BackupSessionPhase::Failed).await;
+    let status = failed.status.expect("status");
+    assert!(status.conditions.iter().any(|c| c.type_ == "DeadlineExceeded" && c.status == ConditionStatus::True));
+    assert_eq!(status.targets[0].phase, Some(TargetPhase::Failed));
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn sequential_members_start_in_order_and_pvc_members_get_a_read_only_job() {
+    let ns = TestNamespace::new("sequential").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    let members = vec![member("Deployment", "app"), member("PersistentVolumeClaim", "data")];
+    fixtures::batch(&ns, "ordered", members, json!({"executionOrder": "Sequential"})).await;
+    let sessions = ns.api::<BackupSession>();
+    let name = new_session(&ns, "ordered").await;
+    let running = session_phase(&sessions, &name, BackupSessionPhase::Running).await;
+    let phases: Vec<_> = running.status.expect("status").targets.iter().map(|t| t.phase).collect();
+    assert_eq!(phases, [Some(TargetPhase::Running), Some(TargetPhase::Pending)]);
+    let jobs = ns.api::<Job>();
+    let selector = format!("stash.appscode.com/backup-session={name}");
+    assert!(
+        jobs.list(&ListParams::default().labels(&selector)).await.expect("list").items.is_empty(),
+        "the PVC waits its turn"
+    );
+
+    report_host(&sessions, &name, 0, "app", HostPhase::Succeeded).await;
+    let job = eventually("the PVC member's Job", Duration::from_secs(60), || {
+        let (jobs, selector) = (jobs.clone(), selector.clone());
+        async move { jobs.list(&ListParams::default().labels(&selector)).await.ok()?.items.into_iter().next() }
+    })
+    .await;
+    let pod = job.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod");
+    let claim = pod.volumes.iter().flatten().find_map(|v| v.persistent_volume_claim.as_ref()).expect("the PVC volume");
+    assert_eq!((claim.claim_name.as_str(), claim.read_only), ("data", Some(true)));
+    let container = &pod.containers[0];
+    assert!(container.volume_mounts.iter().flatten().filter(|m| m.name == "target").all(|m| m.read_only == Some(true)));
+    let secret = pod.volumes.iter().flatten().find_map(|v| v.secret.as_ref()).expect("the Secret by reference");
+    assert_eq!(secret.secret_name.as_deref(), Some("repo-secret"));
+    let spec_text = serde_json::to_string(&job).expect("JSON");
+    assert!(!spec_text.contains(PASSWORD), "no secret value in the Job");
+    let owner = &job.metadata.owner_references.as_ref().expect("owned")[0];
+    assert_eq!((owner.kind.as_str(), owner.name.as_str()), ("BackupSession", name.as_str()));
+
+    // Restarting the operator mid-session neither duplicates the Job nor loses the session.
+    operator.stop().await;
+    let operator = with_controllers(&ns).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(jobs.list(&ListParams::default().labels(&selector)).await.expect("list").items.len(), 1);
+    let session = sessions.get(&name).await.expect("get");
+    assert_eq!(session.status.and_then(|s| s.phase), Some(BackupSessionPhase::Running));
+    report_host(&sessions, &name, 1, "data", HostPhase::Succeeded).await;
+    session_phase(&sessions, &name, BackupSessionPhase::Succeeded).await;
+    operator.stop().await;
+}
+
+/// A real `stash operator` process (controllers on, webhook on a free port).
+fn operator_process(ns: &TestNamespace, identity: &str, certs: &std::path::Path, admin_port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_stash"))
+        .args(["operator", "--webhook-addr", "127.0.0.1:0"])
+        .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
+        .arg("--tls-cert-file")
+        .arg(certs.join("tls.crt"))
+        .arg("--tls-key-file")
+        .arg(certs.join("tls.key"))
+        .args(["--namespace", &ns.name, "--watch-namespace", &ns.name, "--identity", identity])
+        .args(["--lease-duration", "4s", "--lease-renew-interval", "1s"])
+        .env("KUBECONFIG", &support::cluster().kubeconfig)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("the operator starts")
+}
+
+async fn holder(leases: &Api<Lease>) -> Option<String> {
+    leases.get_opt("stash-operator").await.ok()??.spec?.holder_identity
+}
+
+#[tokio::test]
+async fn one_of_two_operators_leads_and_the_other_takes_over_when_it_is_killed() {
+    let ns = TestNamespace::new("leader").await;
+    let certs = tempfile::tempdir().expect("temp dir");
+    stash::certs::generate_to_dir(
+        certs.path(),
+        &[],
+        &["127.0.0.1".parse().expect("IP")],
+        None,
+        Duration::from_secs(3600),
+        Duration::from_secs(7200),
+    )
+    .expect("certs");
+    let port = |()| std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let (port_a, port_b) = (port(()), port(()));
+    let mut a = operator_process(&ns, "operator-a", certs.path(), port_a);
+    let mut b = operator_process(&ns, "operator-b", certs.path(), port_b);
+    let leases = ns.api::<Lease>();
+    let leader = eventually("a leader", Duration::from_secs(60), || {
+        let leases = leases.clone();
+        async move { holder(&leases).await.filter(|h| !h.is_empty()) }
+    })
+    .await;
+
+    // Exactly one replica reports leadership in its metrics.
+    let leading = |port: u16| async move {
+        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.ok()?.text().await.ok()?;
+        text.lines().find(|l| l.starts_with("stash_controller_leader "))?.ends_with(" 1").then_some(())
+    };
+    eventually("the leader to report it", Duration::from_secs(30), || {
+        let port = if leader == "operator-a" { port_a } else { port_b };
+        leading(port)
+    })
+    .await;
+    let follower_port = if leader == "operator-a" { port_b } else { port_a };
+    assert!(leading(follower_port).await.is_none(), "only one replica leads");
+
+    let killed = Instant::now();
+    let (victim, survivor) = if leader == "operator-a" { (&mut a, "operator-b") } else { (&mut b, "operator-a") };
+    victim.kill().expect("SIGKILL");
+    let _ = victim.wait();
+    eventually("the survivor to take the Lease", Duration::from_secs(30), || {
+        let leases = leases.clone();
+        async move { holder(&leases).await.filter(|h| h == survivor) }
+    })
+    .await;
+    let takeover = killed.elapsed();
+    // The Lease lasts 4 s and is retried every second: the takeover cannot take much longer.
+    assert!(takeover < Duration::from_secs(4 + 1 + 3), "takeover took {takeover:?}");
+    println!("takeover after SIGKILL: {takeover:?}");
+    for child in [&mut a, &mut b] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_failed_session_is_retried_after_the_delay() {
+    let ns = TestNamespace::new("retry").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    let retry = json!({"retryConfig": {"maxRetry": 1, "delay": "2s"}, "backupHistoryLimit": 5});
+    fixtures::batch(&ns, "flaky", vec![member("Deployment", "app")], retry).await;
+    let sessions = ns.api::<BackupSession>();
+    let first = new_session(&ns, "flaky").await;
+    session_phase(&sessions, &first, BackupSessionPhase::Running).await;
+    report_host(&sessions, &first, 0, "app", HostPhase::Failed).await;
+    let failed = session_phase(&sessions, &first, BackupSessionPhase::Failed).await;
+    assert!(failed.status.as_ref().and_then(|s| s.next_retry.clone()).is_some(), "a retry is scheduled");
+    let retry = eventually("the retry session", Duration::from_secs(60), || {
+        let (sessions, first) = (sessions.clone(), first.clone());
+        async move {
+            sessions
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|s| kube::ResourceExt::name_any(s) != first)
+        }
+    })
+    .await;
+    assert_eq!(retry.spec.retry_left, Some(0), "the retry has no retries left");
+    let retried = sessions.get(&first).await.expect("get");
+    assert_eq!(retried.status.and_then(|s| s.retried), Some(true));
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn http_hooks_run_once_around_the_session() {
+    use std::sync::{Arc, Mutex};
+    let calls: Arc<Mutex<Vec<String>>> = Arc::default();
+    let recorded = calls.clone();
+    let app = axum::Router::new()
+        .route(
+            "/freeze",
+            axum::routing::get({
+                let recorded = recorded.clone();
+                move || async move {
+                    recorded.lock().expect("lock").push("freeze".into());
+                    "ok"
+                }
+            }),
+        )
+        .route(
+            "/thaw",
+            axum::routing::post(move |body: String| async move {
+                recorded.lock().expect("lock").push(format!("thaw {body}"));
+                "ok"
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+
+    let ns = TestNamespace::new("hooks").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    let hooks = json!({"hooks": {
+        "preBackup": {"httpGet": {"host": "127.0.0.1", "port": port, "path": "/freeze"}},
+        "postBackup": {"httpPost": {"host": "127.0.0.1", "port": port, "path": "/thaw", "body": "done"}, "executionPolicy": "OnSuccess"}
+    }});
+    fixtures::batch(&ns, "hooked", vec![member("Deployment", "app")], hooks).await;
+    let unreachable = json!({"hooks": {"preBackup": {"tcpSocket": {"host": "127.0.0.1", "port": 1}}}});
+    fixtures::batch(&ns, "blocked", vec![member("StatefulSet", "db")], unreachable).await;
+
+    let sessions = ns.api::<BackupSession>();
+    let name = new_session(&ns, "hooked").await;
+    session_phase(&sessions, &name, BackupSessionPhase::Running).await;
+    assert_eq!(*calls.lock().expect("lock"), ["freeze"], "the pre-backup hook ran before the members");
+    report_host(&sessions, &name, 0, "app", HostPhase::Succeeded).await;
+    session_phase(&sessions, &name, BackupSessionPhase::Succeeded).await;
+    assert_eq!(*calls.lock().expect("lock"), ["freeze", "thaw done"], "the post-backup hook ran once after");
+
+    let blocked = new_session(&ns, "blocked").await;
+    let failed = session_phase(&sessions, &blocked, BackupSessionPhase::Failed).await;
+    let status = failed.status.expect("status");
+    assert!(
+        status.conditions.iter().any(|c| c.reason.as_deref() == Some("PreBackupHookFailed")),
+        "{:?}",
+        status.conditions
+    );
+    assert!(status.targets.is_empty(), "no member started");
+    operator.stop().await;
+}

@@ -1,0 +1,131 @@
+//! Objects the controller tests build on: a backend Secret, a Repository, targets, a BackupBatch, and
+//! a stand-in for a backup host that writes its entry into a session.
+
+use super::TestNamespace;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
+use kube::api::{Api, PostParams};
+use serde_json::{Value, json};
+use stash::api::backup_session::{BackupSessionPhase, HostBackupStats, HostPhase};
+use stash::api::{BackupBatch, BackupSession, Repository};
+use std::time::Duration;
+
+pub const PASSWORD: &str = "not-a-real-password-7d41";
+
+pub async fn create<K>(ns: &TestNamespace, object: Value) -> K
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let object: K = serde_json::from_value(object).expect("a valid object");
+    ns.api::<K>().create(&PostParams::default(), &object).await.expect("object is created")
+}
+
+pub async fn secret(ns: &TestNamespace, with_password: bool) -> Secret {
+    let data = if with_password { json!({"RESTIC_PASSWORD": PASSWORD}) } else { json!({"OTHER": "x"}) };
+    create(ns, json!({"metadata": {"name": "repo-secret"}, "stringData": data})).await
+}
+
+pub async fn repository(ns: &TestNamespace) -> Repository {
+    create(
+        ns,
+        json!({
+            "apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
+            "metadata": {"name": "repo", "namespace": ns.name},
+            "spec": {"backend": {"storageSecretName": "repo-secret", "rest": {"url": "http://127.0.0.1:8000/repo"}}}
+        }),
+    )
+    .await
+}
+
+/// Deployment `app` (1 replica), StatefulSet `db` (2 replicas) and PVC `data`.
+pub async fn targets(ns: &TestNamespace) {
+    let template = |app: &str| {
+        json!({
+            "metadata": {"labels": {"app": app}},
+            "spec": {"containers": [{"name": "c", "image": "registry.invalid/c:1"}]}
+        })
+    };
+    create::<Deployment>(
+        ns,
+        json!({"metadata": {"name": "app"}, "spec": {
+        "replicas": 1, "selector": {"matchLabels": {"app": "app"}}, "template": template("app")}}),
+    )
+    .await;
+    create::<StatefulSet>(
+        ns,
+        json!({"metadata": {"name": "db"}, "spec": {
+        "replicas": 2, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}}, "template": template("db")}}),
+    )
+    .await;
+    create::<PersistentVolumeClaim>(
+        ns,
+        json!({"metadata": {"name": "data"}, "spec": {
+        "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}),
+    )
+    .await;
+}
+
+pub fn member(kind: &str, name: &str) -> Value {
+    let api_version = match kind {
+        "PersistentVolumeClaim" => "v1",
+        _ => "apps/v1",
+    };
+    json!({"target": {"alias": name, "ref": {"apiVersion": api_version, "kind": kind, "name": name}, "paths": ["/data"]}})
+}
+
+/// BackupBatch `name` over `members`, with `spec` merged in.
+pub async fn batch(ns: &TestNamespace, name: &str, members: Vec<Value>, spec: Value) -> BackupBatch {
+    let mut object = json!({
+        "apiVersion": "stash.appscode.com/v1beta1", "kind": "BackupBatch",
+        "metadata": {"name": name, "namespace": ns.name},
+        "spec": {"repository": {"name": "repo"}, "members": members}
+    });
+    for (key, value) in spec.as_object().cloned().unwrap_or_default() {
+        object["spec"][key] = value;
+    }
+    create(ns, object).await
+}
+
+/// Waits until the session reaches `phase`; on timeout, shows where it stood.
+pub async fn session_phase(sessions: &Api<BackupSession>, name: &str, phase: BackupSessionPhase) -> BackupSession {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let session = sessions.get_opt(name).await.expect("get");
+        if let Some(session) = &session
+            && session.status.as_ref().and_then(|s| s.phase) == Some(phase)
+        {
+            return session.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "session {name} never became {phase:?}; last seen: {:?}",
+            session.map(|s| s.status)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Plays a backup host: appends its own entry to target `index`, retrying on conflicts.
+pub async fn report_host(sessions: &Api<BackupSession>, name: &str, index: usize, host: &str, phase: HostPhase) {
+    loop {
+        let mut session = sessions.get(name).await.expect("session");
+        let status = session.status.as_mut().expect("a status");
+        status.targets[index].stats.push(HostBackupStats {
+            hostname: host.into(),
+            phase: Some(phase),
+            snapshots: Vec::new(),
+            duration: Some("1s".into()),
+            error: (phase == HostPhase::Failed).then(|| "restic backup: exit status 1".into()),
+        });
+        match sessions.replace_status(name, &PostParams::default(), &session).await {
+            Ok(_) => return,
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(err) => panic!("writing the host entry failed: {err}"),
+        }
+    }
+}
