@@ -7,4 +7,4 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export STASH_CLUSTER_DIR="${TMPDIR:-/tmp}/stash-test-cluster-$$"
 trap 'tests/cluster/cluster.sh down' EXIT
 eval "$(tests/cluster/cluster.sh up)"
-cargo test --all-targets "$@"
+cargo test --all-targets --no-fail-fast "$@"

@@ -14,10 +14,10 @@ fn is_final(phase: Option<TargetPhase>) -> bool {
     matches!(phase, Some(TargetPhase::Succeeded | TargetPhase::Failed))
 }
 
-/// Marks targets whose host entries reached `totalHosts` as Succeeded or Failed, then lets the next
-/// targets start: all at once (Parallel) or the first unfinished one (Sequential).
+/// Marks started targets whose host entries reached `totalHosts` as Succeeded or Failed, then lets the
+/// next targets start: all at once (Parallel) or the first unfinished one (Sequential).
 pub fn advance(targets: &mut [BackupTargetStatus], order: ExecutionOrder) -> Progress {
-    for target in targets.iter_mut().filter(|t| !is_final(t.phase)) {
+    for target in targets.iter_mut().filter(|t| t.phase == Some(TargetPhase::Running)) {
         let hosts = usize::try_from(target.total_hosts.unwrap_or(1).max(1)).unwrap_or(1);
         if target.stats.len() >= hosts {
             let all_ok = target.stats.iter().all(|s| s.phase == Some(HostPhase::Succeeded));
