@@ -113,26 +113,11 @@ async fn backup_session_invoker_is_immutable() {
     assert!(status.message.contains("spec.invoker is immutable"), "{}", status.message);
 }
 
-fn deployment(name: &str) -> Deployment {
-    serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": 2,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1"}]}
-            }
-        }
-    }))
-    .expect("a Deployment")
-}
-
 #[tokio::test]
 async fn deployment_gets_a_replicaset_and_pending_pods_and_is_garbage_collected() {
     let ns = TestNamespace::new("workloads").await;
     let deployments = ns.api::<Deployment>();
-    deployments.create(&PostParams::default(), &deployment("web")).await.expect("created");
+    deployments.create(&PostParams::default(), &support::webhook::deployment("web", 2)).await.expect("created");
     let pods = ns.api::<Pod>();
     let listed = eventually("two Pods of web", Duration::from_secs(60), || {
         let pods = pods.clone();

@@ -112,7 +112,18 @@ async fn a_ready_batch_gets_its_cronjob_which_follows_edits_and_goes_with_it() {
     let container = &job.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("pod").containers[0];
     assert_eq!(container.args.as_deref().expect("args")[0], "create-backupsession");
 
+    let accounts = ns.api::<k8s_openapi::api::core::v1::ServiceAccount>();
+    assert!(accounts.get_opt("stash-trigger").await.expect("get").is_some(), "the namespace's trigger identity");
     batches.delete("nightly", &DeleteParams::background()).await.expect("delete");
+    eventually("the last batch's finalizer to remove the shared identities", Duration::from_secs(60), || {
+        let accounts = accounts.clone();
+        async move {
+            let gone = accounts.get_opt("stash-trigger").await.ok()?.is_none()
+                && accounts.get_opt("stash-backup").await.ok()?.is_none();
+            gone.then_some(())
+        }
+    })
+    .await;
     let cronjobs = ns.api::<CronJob>();
     eventually("the CronJob to be garbage-collected", Duration::from_secs(60), || {
         let cronjobs = cronjobs.clone();

@@ -21,7 +21,7 @@ async fn targeted_deployment_pods_get_the_sidecar_and_a_stopped_webhook_fails_op
 
     let deployments = ns.api::<Deployment>();
     for name in ["app", "other"] {
-        deployments.create(&PostParams::default(), &deployment(name)).await.expect("deployment");
+        deployments.create(&PostParams::default(), &deployment(name, 1)).await.expect("deployment");
     }
     let app = pod_of(&pods, "app").await;
     assert!(has_sidecar(&app), "the targeted Deployment's Pod carries the sidecar");
@@ -37,7 +37,7 @@ async fn targeted_deployment_pods_get_the_sidecar_and_a_stopped_webhook_fails_op
     assert!(metrics.lines().any(|l| l.starts_with(mutated)), "mutations are counted:\n{metrics}");
 
     operator.stop().await;
-    deployments.create(&PostParams::default(), &deployment("late")).await.expect("deployment");
+    deployments.create(&PostParams::default(), &deployment("late", 1)).await.expect("deployment");
     let late = pod_of(&pods, "late").await;
     assert!(!has_sidecar(&late), "with the webhook down, Pods are still created, without the sidecar");
 

@@ -3,11 +3,11 @@
 use crate::api::backup_batch::BackupMember;
 use crate::api::{BackupBatch, BackupSession};
 use crate::session::invoker_labels;
-use crate::webhook::sidecar::{SECRET_MOUNT_PATH, TMP_MOUNT_PATH};
+use crate::webhook::sidecar::{SECRET_MOUNT_PATH, TMP_MOUNT_PATH, field_env};
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
-    PodSpec, PodTemplateSpec, SecretVolumeSource, Volume, VolumeMount,
+    Container, EmptyDirVolumeSource, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, SecretVolumeSource,
+    Volume, VolumeMount,
 };
 use kube::core::ObjectMeta;
 use kube::{Resource, ResourceExt};
@@ -29,17 +29,6 @@ pub fn job_name(session: &str, member: usize) -> String {
         session.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
     let keep = room - 9;
     format!("{}-{:08x}{suffix}", &session[..keep], digest as u32)
-}
-
-fn field_env(name: &str, path: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 /// The Job for member `index` of `batch` in `session`. The PVC is mounted read-only, credentials come

@@ -26,4 +26,6 @@ pub enum ControllerError {
     Kube(#[from] kube::Error),
     #[error("serializing: {0}")]
     Serialize(#[from] serde_json::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[from] Box<kube::runtime::finalizer::Error<ControllerError>>),
 }

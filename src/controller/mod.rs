@@ -81,7 +81,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
         .run(
             |batch, ctx: Arc<Context>| {
                 ctx.metrics.controller.managed_batches.set(i64::try_from(ctx.batches.len()).unwrap_or(i64::MAX));
-                timed("backupbatch", ctx.clone(), backup_batch::reconcile(batch, ctx))
+                timed("backupbatch", ctx.clone(), reconcile_batch(batch, ctx))
             },
             |_, err, ctx| error_policy("backupbatch", err, ctx),
             ctx.clone(),
@@ -99,6 +99,22 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
         .for_each(|_| futures::future::ready(()));
 
     futures::join!(batch_loop, session_loop);
+}
+
+/// The namespace's shared identities are removed with its last batch; this finalizer makes sure the
+/// controller sees each batch go.
+pub const BATCH_FINALIZER: &str = "stash.appscode.com/cleanup";
+
+async fn reconcile_batch(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
+    let api: Api<BackupBatch> = Api::namespaced(ctx.client.clone(), &batch.namespace().unwrap_or_default());
+    kube::runtime::finalizer(&api, BATCH_FINALIZER, batch, |event| async {
+        match event {
+            kube::runtime::finalizer::Event::Apply(batch) => backup_batch::reconcile(batch, ctx.clone()).await,
+            kube::runtime::finalizer::Event::Cleanup(batch) => backup_batch::cleanup(batch, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|err| ControllerError::Finalizer(Box::new(err)))
 }
 
 async fn timed(

@@ -3,10 +3,9 @@
 use crate::api::BackupBatch;
 use crate::api::common::RuntimeSettings;
 use crate::session::{invoker_labels, owned_by};
+use crate::webhook::sidecar::field_env;
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
-use k8s_openapi::api::core::v1::{
-    Container, EnvVar, EnvVarSource, ObjectFieldSelector, PodSpec, PodTemplateSpec, ServiceAccount,
-};
+use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
 use kube::ResourceExt;
 use kube::core::ObjectMeta;
@@ -28,14 +27,7 @@ pub fn trigger_cronjob(batch: &BackupBatch, schedule: &str, image: &str) -> Cron
     let runtime = batch.spec.runtime_settings.as_ref();
     let pod = runtime.and_then(|r| r.pod.as_ref());
     let container = runtime.and_then(|r| r.container.as_ref());
-    let mut env = vec![EnvVar {
-        name: "POD_NAMESPACE".into(),
-        value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector { field_path: "metadata.namespace".into(), ..Default::default() }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }];
+    let mut env = vec![field_env("POD_NAMESPACE", "metadata.namespace")];
     env.extend(container.map(|c| c.env.clone()).unwrap_or_default());
     let pod_spec = PodSpec {
         service_account_name: Some(
@@ -111,9 +103,10 @@ fn pod_settings(runtime: Option<&RuntimeSettings>) -> PodSpec {
     }
 }
 
-/// A per-namespace ServiceAccount bound to one of our ClusterRoles (deploy/base/rbac.yaml). Every
-/// batch of the namespace is an owner, so garbage collection removes it with the last batch: no
-/// finalizer is needed for what ownerReferences can express.
+/// A per-namespace ServiceAccount bound to one of our ClusterRoles (deploy/base/rbac.yaml), shared by
+/// every batch of the namespace and removed with the last one by the batch finalizer. (Owning it by
+/// every batch made these two objects collect one ownerReference and one field manager per batch:
+/// with hundreds of batches every write to them timed out — see BENCHMARKS.md.)
 pub fn namespace_identity(batch: &BackupBatch, account: &str, cluster_role: &str) -> (ServiceAccount, RoleBinding) {
     let service_account = ServiceAccount { metadata: shared_meta(batch, account), ..Default::default() };
     let binding = RoleBinding {
@@ -134,15 +127,10 @@ pub fn namespace_identity(batch: &BackupBatch, account: &str, cluster_role: &str
 }
 
 fn shared_meta(batch: &BackupBatch, name: &str) -> ObjectMeta {
-    let owner = owned_by(batch).map(|mut owner| {
-        owner.controller = None;
-        owner
-    });
     ObjectMeta {
         name: Some(name.into()),
         namespace: batch.namespace(),
         labels: Some([(crate::api::PART_OF.0.to_string(), crate::api::PART_OF.1.to_string())].into()),
-        owner_references: owner.map(|owner| vec![owner]),
         ..Default::default()
     }
 }

@@ -115,7 +115,8 @@ fn sidecar_container(pod: &PodView, injection: &Injection, image: &str) -> Conta
     }
 }
 
-fn field_env(name: &str, path: &str) -> EnvVar {
+/// An environment variable from the Pod's own fields (the downward API).
+pub fn field_env(name: &str, path: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {

@@ -6,6 +6,8 @@
 #   cluster.sh down        stop every process and remove the cluster's state
 #   cluster.sh kubeconfig  print the admin kubeconfig's path
 #   cluster.sh status      print each process's state and the API server's /readyz
+# With STASH_CLUSTER_AUDIT=1, the API server writes an audit log of every request (user agent, verb)
+# to <state>/audit.log, for benchmarks that count requests by client.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -116,7 +118,12 @@ up() {
     --initial-cluster "stash-test=http://127.0.0.1:$peer_port" --log-level warn
   wait_for etcd 30 curl -sf --max-time 2 "http://127.0.0.1:$etcd_port/health"
 
-  start kube-apiserver "$bin/kube-apiserver" \
+  local audit=()
+  if [[ ${STASH_CLUSTER_AUDIT:-} == 1 ]]; then
+    printf 'apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n' >"$state/audit-policy.yaml"
+    audit=(--audit-policy-file "$state/audit-policy.yaml" --audit-log-path "$state/audit.log")
+  fi
+  start kube-apiserver "$bin/kube-apiserver" "${audit[@]}" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
     --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
     --tls-cert-file "$state/pki/apiserver.crt" --tls-private-key-file "$state/pki/apiserver.key" \

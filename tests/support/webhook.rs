@@ -55,12 +55,12 @@ pub async fn create_app_batch(ns: &TestNamespace, targets: &[&str]) {
     ns.api::<BackupBatch>().create(&PostParams::default(), &batch).await.expect("batch");
 }
 
-/// A one-replica Deployment whose Pods mount an emptyDir `data` at /data.
-pub fn deployment(name: &str) -> Deployment {
+/// A Deployment of `replicas` Pods labelled `app=<name>` that mount an emptyDir `data` at /data.
+pub fn deployment(name: &str, replicas: i32) -> Deployment {
     serde_json::from_value(json!({
         "metadata": {"name": name},
         "spec": {
-            "replicas": 1,
+            "replicas": replicas,
             "selector": {"matchLabels": {"app": name}},
             "template": {
                 "metadata": {"labels": {"app": name}},
