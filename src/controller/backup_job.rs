@@ -3,7 +3,7 @@
 use crate::api::backup_batch::BackupMember;
 use crate::api::{BackupBatch, BackupSession};
 use crate::session::invoker_labels;
-use crate::webhook::sidecar::{SECRET_MOUNT_PATH, TMP_MOUNT_PATH, field_env};
+use crate::webhook::sidecar::{SECRET_MOUNT_PATH, TMP_MOUNT_PATH, executor_env};
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Container, EmptyDirVolumeSource, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, SecretVolumeSource,
@@ -59,12 +59,7 @@ pub fn backup_job(
         ..Default::default()
     });
     let runtime = member.runtime_settings.as_ref().and_then(|r| r.container.as_ref());
-    let mut env = vec![
-        field_env("POD_NAME", "metadata.name"),
-        field_env("POD_NAMESPACE", "metadata.namespace"),
-        field_env("NODE_NAME", "spec.nodeName"),
-    ];
-    env.extend(runtime.map(|r| r.env.clone()).unwrap_or_default());
+    let env = executor_env(runtime);
     let mut labels = invoker_labels(&batch.name_any());
     labels.insert(SESSION_LABEL.into(), session.name_any());
     let temp = member.temp_dir.as_ref();

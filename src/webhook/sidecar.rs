@@ -2,7 +2,7 @@
 
 use super::decision::Injection;
 use super::pod_view::PodView;
-use crate::api::common::EmptyDirSettings;
+use crate::api::common::{ContainerRuntimeSettings, EmptyDirSettings};
 use k8s_openapi::api::core::v1::{
     Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, SecretVolumeSource, Volume, VolumeMount,
 };
@@ -72,12 +72,7 @@ impl PatchWriter {
 fn sidecar_container(pod: &PodView, injection: &Injection, image: &str) -> Container {
     let member = injection.member();
     let runtime = member.runtime_settings.as_ref().and_then(|r| r.container.as_ref());
-    let mut env = vec![
-        field_env("POD_NAME", "metadata.name"),
-        field_env("POD_NAMESPACE", "metadata.namespace"),
-        field_env("NODE_NAME", "spec.nodeName"),
-    ];
-    env.extend(runtime.map(|r| r.env.clone()).unwrap_or_default());
+    let env = executor_env(runtime);
 
     // Target mounts are read-only; a mount naming a volume the Pod lacks (or one of our paths) is
     // left out rather than making the Pod invalid — the controller reports the member instead.
@@ -113,6 +108,17 @@ fn sidecar_container(pod: &PodView, injection: &Injection, image: &str) -> Conta
         volume_mounts: Some(mounts),
         ..Default::default()
     }
+}
+
+/// What every executor (sidecar or backup Job) is told about its Pod, then the member's own env.
+pub fn executor_env(runtime: Option<&ContainerRuntimeSettings>) -> Vec<EnvVar> {
+    let mut env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("NODE_NAME", "spec.nodeName"),
+    ];
+    env.extend(runtime.map(|r| r.env.clone()).unwrap_or_default());
+    env
 }
 
 /// An environment variable from the Pod's own fields (the downward API).
