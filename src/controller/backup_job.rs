@@ -3,11 +3,11 @@
 use crate::api::backup_batch::BackupMember;
 use crate::api::{BackupBatch, BackupSession};
 use crate::session::invoker_labels;
-use crate::webhook::sidecar::{SECRET_MOUNT_PATH, TMP_MOUNT_PATH, executor_env};
+use crate::webhook::sidecar::{SECRET_MOUNT_PATH, TMP_MOUNT_PATH, executor_container};
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, SecretVolumeSource,
-    Volume, VolumeMount,
+    EmptyDirVolumeSource, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, SecretVolumeSource, Volume,
+    VolumeMount,
 };
 use kube::core::ObjectMeta;
 use kube::{Resource, ResourceExt};
@@ -59,7 +59,14 @@ pub fn backup_job(
         ..Default::default()
     });
     let runtime = member.runtime_settings.as_ref().and_then(|r| r.container.as_ref());
-    let env = executor_env(runtime);
+    let args = vec![
+        "backup-job".into(),
+        "--invoker-kind=BackupBatch".into(),
+        format!("--invoker-name={}", batch.name_any()),
+        format!("--session={}", session.name_any()),
+        format!("--target-kind={}", target.kind),
+        format!("--target-name={}", target.name),
+    ];
     let mut labels = invoker_labels(&batch.name_any());
     labels.insert(SESSION_LABEL.into(), session.name_any());
     let temp = member.temp_dir.as_ref();
@@ -79,24 +86,7 @@ pub fn backup_job(
                 spec: Some(PodSpec {
                     service_account_name: Some(BACKUP_SERVICE_ACCOUNT.into()),
                     restart_policy: Some("Never".into()),
-                    containers: vec![Container {
-                        name: "backup".into(),
-                        image: Some(image.into()),
-                        args: Some(vec![
-                            "backup-job".into(),
-                            "--invoker-kind=BackupBatch".into(),
-                            format!("--invoker-name={}", batch.name_any()),
-                            format!("--session={}", session.name_any()),
-                            format!("--target-kind={}", target.kind),
-                            format!("--target-name={}", target.name),
-                        ]),
-                        env: Some(env),
-                        env_from: runtime.map(|r| r.env_from.clone()).filter(|e| !e.is_empty()),
-                        resources: runtime.and_then(|r| r.resources.clone()),
-                        security_context: runtime.and_then(|r| r.security_context.clone()),
-                        volume_mounts: Some(mounts),
-                        ..Default::default()
-                    }],
+                    containers: vec![executor_container("backup", image, args, runtime, mounts)],
                     volumes: Some(vec![
                         Volume {
                             name: "target".into(),

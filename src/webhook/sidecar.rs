@@ -72,7 +72,6 @@ impl PatchWriter {
 fn sidecar_container(pod: &PodView, injection: &Injection, image: &str) -> Container {
     let member = injection.member();
     let runtime = member.runtime_settings.as_ref().and_then(|r| r.container.as_ref());
-    let env = executor_env(runtime);
 
     // Target mounts are read-only; a mount naming a volume the Pod lacks (or one of our paths) is
     // left out rather than making the Pod invalid — the controller reports the member instead.
@@ -91,17 +90,29 @@ fn sidecar_container(pod: &PodView, injection: &Injection, image: &str) -> Conta
         ..Default::default()
     });
 
+    let args = vec![
+        "run-backup".into(),
+        "--invoker-kind=BackupBatch".into(),
+        format!("--invoker-name={}", injection.batch.name_any()),
+        format!("--target-kind={}", injection.workload.kind.as_str()),
+        format!("--target-name={}", injection.workload.name),
+    ];
+    executor_container(SIDECAR_NAME, image, args, runtime, mounts)
+}
+
+/// A container running a `stash` executor (sidecar or backup Job) with the member's runtime settings.
+pub fn executor_container(
+    name: &str,
+    image: &str,
+    args: Vec<String>,
+    runtime: Option<&ContainerRuntimeSettings>,
+    mounts: Vec<VolumeMount>,
+) -> Container {
     Container {
-        name: SIDECAR_NAME.into(),
+        name: name.into(),
         image: Some(image.into()),
-        args: Some(vec![
-            "run-backup".into(),
-            "--invoker-kind=BackupBatch".into(),
-            format!("--invoker-name={}", injection.batch.name_any()),
-            format!("--target-kind={}", injection.workload.kind.as_str()),
-            format!("--target-name={}", injection.workload.name),
-        ]),
-        env: Some(env),
+        args: Some(args),
+        env: Some(executor_env(runtime)),
         env_from: runtime.map(|r| r.env_from.clone()).filter(|e| !e.is_empty()),
         resources: runtime.and_then(|r| r.resources.clone()),
         security_context: runtime.and_then(|r| r.security_context.clone()),
