@@ -23,11 +23,13 @@ pub enum Command {
     /// Run as the `stash` sidecar of a workload Pod, backing it up when a session asks.
     RunBackup(RunBackupArgs),
     /// Run one job-model backup (a PVC or a database member) for one session.
-    BackupJob(InvokerArgs),
+    BackupJob(BackupJobArgs),
+    /// Finish a session in the repository: manifest, retention, check, Repository status.
+    FinalizeSession(FinalizeArgs),
     /// Create a BackupSession for an invoker (the trigger CronJob runs this at each slot).
     CreateBackupsession(InvokerArgs),
     /// Run the restore of one RestoreBatch member.
-    Restore,
+    Restore(RestoreArgs),
     /// Generate or rotate the webhook's certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -139,6 +141,26 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     crate::api::duration::DurationString::new(text).parse().map_err(|err| format!("{text:?}: {err}"))
 }
 
+/// What every executor (sidecar, backup Job, finalize Job, restore) is told about where it runs.
+#[derive(Args, Debug, Clone)]
+pub struct ExecutorArgs {
+    /// The repository Secret, one file per key (a mounted Secret volume).
+    #[arg(long, default_value = crate::webhook::sidecar::SECRET_MOUNT_PATH)]
+    pub secret_dir: PathBuf,
+    /// The restic binary (default: `restic` on PATH).
+    #[arg(long, env = crate::restic::BINARY_ENV)]
+    pub restic_binary: Option<PathBuf>,
+    /// Target paths are read (and restored) under this directory.
+    #[arg(long, default_value = "/")]
+    pub path_root: PathBuf,
+    /// This Pod's name: lock holder identity, StatefulSet ordinal.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// This Pod's node: a DaemonSet Pod's host name.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+}
+
 /// Sidecar flags: the invoker and the workload the sidecar belongs to.
 #[derive(Args, Debug)]
 pub struct RunBackupArgs {
@@ -150,6 +172,64 @@ pub struct RunBackupArgs {
     /// Name of the workload this sidecar runs in.
     #[arg(long)]
     pub target_name: String,
+    #[command(flatten)]
+    pub executor: ExecutorArgs,
+}
+
+/// One job-model member of one session.
+#[derive(Args, Debug)]
+pub struct BackupJobArgs {
+    #[command(flatten)]
+    pub invoker: InvokerArgs,
+    /// The BackupSession to back up for.
+    #[arg(long)]
+    pub session: String,
+    /// Kind of the member's target: PersistentVolumeClaim, or Secret for a database.
+    #[arg(long)]
+    pub target_kind: String,
+    /// Name of the member's target.
+    #[arg(long)]
+    pub target_name: String,
+    /// A database member's connection Secret, one file per key.
+    #[arg(long, default_value = crate::agent::database::DEFAULT_DATABASE_SECRET_DIR)]
+    pub database_secret_dir: PathBuf,
+    #[command(flatten)]
+    pub executor: ExecutorArgs,
+}
+
+/// The session to finish.
+#[derive(Args, Debug)]
+pub struct FinalizeArgs {
+    /// The finished BackupSession.
+    #[arg(long)]
+    pub session: String,
+    /// Namespace of the session; defaults to POD_NAMESPACE, then the in-cluster namespace.
+    #[arg(long, short = 'n', env = "POD_NAMESPACE")]
+    pub namespace: Option<String>,
+    #[command(flatten)]
+    pub executor: ExecutorArgs,
+}
+
+/// One member of a RestoreBatch.
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// The RestoreBatch.
+    #[arg(long)]
+    pub restore_batch: String,
+    /// Kind of the member's target.
+    #[arg(long)]
+    pub target_kind: String,
+    /// Name of the member's target.
+    #[arg(long)]
+    pub target_name: String,
+    /// A database member's connection Secret, one file per key.
+    #[arg(long, default_value = crate::agent::database::DEFAULT_DATABASE_SECRET_DIR)]
+    pub database_secret_dir: PathBuf,
+    /// Namespace of the RestoreBatch; defaults to POD_NAMESPACE, then the in-cluster namespace.
+    #[arg(long, short = 'n', env = "POD_NAMESPACE")]
+    pub namespace: Option<String>,
+    #[command(flatten)]
+    pub executor: ExecutorArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -199,7 +279,8 @@ impl Command {
             Command::RunBackup(_) => "run-backup",
             Command::BackupJob(_) => "backup-job",
             Command::CreateBackupsession(_) => "create-backupsession",
-            Command::Restore => "restore",
+            Command::FinalizeSession(_) => "finalize-session",
+            Command::Restore(_) => "restore",
             Command::Certs(_) => "certs",
             Command::Crds => "crds",
             Command::Trigger(_) => "trigger",

@@ -1,12 +1,15 @@
 //! stash: batch backup for Kubernetes applications, API-compatible with Stash's v1beta1 BackupBatch.
 
 pub mod admin;
+pub mod agent;
 pub mod api;
 pub mod certs;
 pub mod cli;
 pub mod commands;
 pub mod controller;
+pub mod lease;
 pub mod metrics;
 pub mod operator;
+pub mod restic;
 pub mod session;
 pub mod webhook;

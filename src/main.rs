@@ -6,8 +6,6 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 enum MainError {
-    #[error("`stash {0}` is not implemented yet")]
-    NotImplemented(&'static str),
     #[error("rendering the CRDs: {0}")]
     Crds(#[from] serde_yaml::Error),
     #[error("writing to stdout: {0}")]
@@ -20,6 +18,8 @@ enum MainError {
     Session(#[from] stash::session::SessionError),
     #[error("connecting to the Kubernetes API (KUBECONFIG or in-cluster config): {0}")]
     Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Agent(#[from] stash::agent::AgentError),
 }
 
 fn main() -> ExitCode {
@@ -95,8 +95,73 @@ fn run(command: Command) -> Result<(), MainError> {
             print!("{}", stash::commands::sessions_table(client, &namespace, &name).await?);
             Ok(())
         }),
-        other => Err(MainError::NotImplemented(other.name())),
+        Command::RunBackup(args) => {
+            let target = stash::agent::sidecar::SidecarTarget {
+                batch: args.invoker.invoker_name,
+                kind: args.target_kind,
+                name: args.target_name,
+            };
+            executor_command(args.invoker.namespace, args.executor, "sidecar", |executor| async move {
+                let cancel = shutdown_on_signal();
+                Ok(stash::agent::sidecar::run(&executor, &target, cancel).await?)
+            })
+        }
+        Command::BackupJob(args) => {
+            let job = stash::agent::job::JobTarget {
+                batch: args.invoker.invoker_name,
+                session: args.session,
+                kind: args.target_kind,
+                name: args.target_name,
+                database_secret_dir: args.database_secret_dir,
+            };
+            executor_command(args.invoker.namespace, args.executor, "backup-job", |executor| async move {
+                Ok(stash::agent::job::run(&executor, &job).await?)
+            })
+        }
+        Command::FinalizeSession(args) => {
+            let session = args.session;
+            executor_command(args.namespace, args.executor, "finalize", |executor| async move {
+                Ok(stash::agent::finalize::run(&executor, &session).await?)
+            })
+        }
+        Command::Restore(args) => {
+            let target = stash::agent::restore::RestoreTarget {
+                restore_batch: args.restore_batch,
+                kind: args.target_kind,
+                name: args.target_name,
+                database_secret_dir: args.database_secret_dir,
+            };
+            executor_command(args.namespace, args.executor, "restore", |executor| async move {
+                Ok(stash::agent::restore::run(&executor, &target).await?)
+            })
+        }
     }
+}
+
+/// Runs an executor role with a client from KUBECONFIG or the in-cluster config.
+fn executor_command<F, Fut>(
+    namespace: Option<String>,
+    args: stash::cli::ExecutorArgs,
+    role: &str,
+    command: F,
+) -> Result<(), MainError>
+where
+    F: FnOnce(stash::agent::Executor) -> Fut,
+    Fut: std::future::Future<Output = Result<(), MainError>>,
+{
+    let namespace = stash::session::resolve_namespace(namespace)?;
+    runtime()?.block_on(async {
+        let client = kube::Client::try_default().await?;
+        let settings = stash::agent::ExecutorSettings {
+            namespace,
+            pod_name: args.pod_name,
+            node_name: args.node_name,
+            secret_dir: args.secret_dir,
+            restic_binary: args.restic_binary,
+            path_root: args.path_root,
+        };
+        command(stash::agent::Executor::new(client, settings, role)).await
+    })
 }
 
 fn operator_config(args: Box<stash::cli::OperatorArgs>) -> stash::operator::OperatorConfig {
@@ -131,7 +196,7 @@ fn operator_config(args: Box<stash::cli::OperatorArgs>) -> stash::operator::Oper
             namespace: args.watch_namespace.clone(),
             identity: identity.clone(),
         };
-        let lease = stash::controller::leader::LeaseConfig {
+        let lease = stash::lease::LeaseConfig {
             namespace: args.namespace.clone(),
             name: args.lease_name.clone(),
             identity,

@@ -2,7 +2,8 @@
 
 use crate::admin::{self, Readiness};
 use crate::controller::ControllerSettings;
-use crate::controller::leader::{LeaseConfig, run_while_leader};
+use crate::controller::leader::run_while_leader;
+use crate::lease::LeaseConfig;
 use crate::metrics::Metrics;
 use crate::webhook::mutate::Mutator;
 use crate::webhook::self_signed::{SelfManagedCertificates, SelfSignedConfig, SelfSignedError};

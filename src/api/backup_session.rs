@@ -77,6 +77,13 @@ pub enum BackupSessionPhase {
     Unknown,
 }
 
+impl BackupSessionPhase {
+    /// Succeeded, Failed and Skipped sessions never change again.
+    pub fn is_final(self) -> bool {
+        matches!(self, BackupSessionPhase::Succeeded | BackupSessionPhase::Failed | BackupSessionPhase::Skipped)
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BackupTargetStatus {

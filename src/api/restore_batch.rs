@@ -53,6 +53,10 @@ pub struct RestoreBatchSpec {
 #[x_kube(validation = Rule::new("!(has(self.session) && has(self.before))")
     .message("set at most one of session, before"))]
 pub struct SessionSelector {
+    /// The BackupBatch whose sessions to choose from; needed only when the repository holds
+    /// complete sessions of several batches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<String>,
     /// A BackupSession name, e.g. `app-backup-1764043200`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,

@@ -4,7 +4,7 @@
 //! rest of the status. Every status write replaces the status at the resourceVersion it read, so a
 //! concurrent host write makes this reconcile start over instead of clobbering it.
 
-use super::backup_job::backup_job;
+use super::backup_job::{backup_job, finalize_job, is_job_model};
 use super::conditions::{self, Desired};
 use super::context::{Context, ControllerError, FIELD_MANAGER};
 use super::hooks;
@@ -185,8 +185,8 @@ async fn progress(
     }
 }
 
-/// For each started PVC member: make sure its Job exists; a failed Job with no host entry becomes a
-/// Failed entry, so a crashed Job cannot leave the session Running.
+/// For each started job-model member (PVC, database): make sure its Job exists; a failed Job with no
+/// host entry becomes a Failed entry, so a crashed Job cannot leave the session Running.
 async fn run_job_members(
     session: &BackupSession,
     batch: &BackupBatch,
@@ -195,25 +195,33 @@ async fn run_job_members(
 ) -> Result<(), ControllerError> {
     let namespace = session.namespace().unwrap_or_default();
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
-    let secret = repository_secret(batch, ctx, &namespace).await?;
+    let mut repository = None;
     let deadline_seconds = status.session_deadline.as_ref().map(|d| d.0.duration_since(now()).as_secs().max(1));
     for (index, member) in batch.spec.members.iter().enumerate() {
         let Some(target) = status.targets.get_mut(index) else { continue };
-        if member.target.reference.kind != "PersistentVolumeClaim" || target.phase != Some(TargetPhase::Running) {
+        if !is_job_model(member) || target.phase != Some(TargetPhase::Running) {
             continue;
         }
-        let job = backup_job(batch, session, index, member, &secret, &ctx.trigger_image, deadline_seconds);
+        if repository.is_none() {
+            repository = Some(batch_repository(batch, ctx, &namespace).await?);
+        }
+        let Some(Some(repository)) = &repository else {
+            target.stats.push(HostBackupStats {
+                hostname: member.target.alias.clone(),
+                phase: Some(HostPhase::Failed),
+                snapshots: Vec::new(),
+                duration: None,
+                error: Some(format!("Repository {} does not exist", batch.spec.repository.name)),
+            });
+            continue;
+        };
+        let job = backup_job(batch, session, index, member, repository, &ctx.trigger_image, deadline_seconds);
         let name = job.name_any();
         let existing = match jobs.get_opt(&name).await? {
             Some(existing) => existing,
             None => jobs.create(&PostParams::default(), &job).await?,
         };
-        let failed = existing
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|conditions| conditions.iter().any(|c| c.type_ == "Failed" && c.status == "True"));
-        if failed && target.stats.is_empty() {
+        if job_failed(&existing) && target.stats.is_empty() {
             target.stats.push(HostBackupStats {
                 hostname: member.target.alias.clone(),
                 phase: Some(HostPhase::Failed),
@@ -226,11 +234,43 @@ async fn run_job_members(
     Ok(())
 }
 
-async fn repository_secret(batch: &BackupBatch, ctx: &Context, namespace: &str) -> Result<String, ControllerError> {
+pub fn job_failed(job: &Job) -> bool {
+    job.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|conditions| conditions.iter().any(|c| c.type_ == "Failed" && c.status == "True"))
+}
+
+async fn batch_repository(
+    batch: &BackupBatch,
+    ctx: &Context,
+    namespace: &str,
+) -> Result<Option<Repository>, ControllerError> {
     let reference = &batch.spec.repository;
     let repositories: Api<Repository> =
         Api::namespaced(ctx.client.clone(), reference.namespace.as_deref().unwrap_or(namespace));
-    Ok(repositories.get_opt(&reference.name).await?.map(|r| r.spec.backend.storage_secret_name).unwrap_or_default())
+    Ok(repositories.get_opt(&reference.name).await?)
+}
+
+/// A Succeeded or Failed session gets one finalize Job: retention, the manifest (when complete) and
+/// the Repository's status, done in the repository by `stash finalize-session`.
+async fn ensure_finalized(session: &BackupSession, batch: &BackupBatch, ctx: &Context) -> Result<(), ControllerError> {
+    let phase = session.status.as_ref().and_then(|s| s.phase);
+    if !matches!(phase, Some(BackupSessionPhase::Succeeded | BackupSessionPhase::Failed)) {
+        return Ok(());
+    }
+    let namespace = session.namespace().unwrap_or_default();
+    let Some(repository) = batch_repository(batch, ctx, &namespace).await? else { return Ok(()) };
+    let job = finalize_job(batch, session, &repository, &ctx.trigger_image);
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
+    if jobs.get_opt(&job.name_any()).await?.is_none() {
+        match jobs.create(&PostParams::default(), &job).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
 }
 
 fn fail(status: &mut BackupSessionStatus, reason: &str, message: &str) {
@@ -312,6 +352,7 @@ async fn finished(
     sessions: &Api<BackupSession>,
 ) -> Result<Action, ControllerError> {
     let Some(batch) = batch else { return Ok(Action::await_change()) };
+    ensure_finalized(session, batch, ctx).await?;
     let status = session.status.clone().unwrap_or_default();
     let mut action = Action::await_change();
     if status.phase == Some(BackupSessionPhase::Failed)

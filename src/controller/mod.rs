@@ -1,17 +1,19 @@
-//! The operator's controllers: BackupBatch → trigger CronJob, and the BackupSession lifecycle.
+//! The operator's controllers: BackupBatch → trigger CronJob, the BackupSession lifecycle, and RestoreBatch.
 
 pub mod backup_batch;
 pub mod backup_job;
 pub mod backup_session;
 pub mod conditions;
 pub mod context;
+pub mod executor_job;
 pub mod hooks;
 pub mod leader;
 pub mod progress;
+pub mod restore_batch;
 pub mod targets;
 pub mod trigger;
 
-use crate::api::{BackupBatch, BackupSession, Repository};
+use crate::api::{BackupBatch, BackupSession, Repository, RestoreBatch};
 use crate::metrics::{ControllerLabels, Metrics, ReconcileLabels, ReconcileResult};
 use context::{Context, ControllerError};
 use futures::StreamExt;
@@ -88,6 +90,16 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
         )
         .for_each(|_| futures::future::ready(()));
 
+    let restore_loop = Controller::new(api::<RestoreBatch>(&client, namespace), watcher::Config::default())
+        .owns(api::<Job>(&client, namespace), ours.clone())
+        .graceful_shutdown_on(cancel.clone().cancelled_owned())
+        .run(
+            |restore, ctx: Arc<Context>| timed("restorebatch", ctx.clone(), restore_batch::reconcile(restore, ctx)),
+            |_, err, ctx| error_policy("restorebatch", err, ctx),
+            ctx.clone(),
+        )
+        .for_each(|_| futures::future::ready(()));
+
     let session_loop = Controller::new(api::<BackupSession>(&client, namespace), watcher::Config::default())
         .owns(api::<Job>(&client, namespace), ours)
         .graceful_shutdown_on(cancel.clone().cancelled_owned())
@@ -98,7 +110,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
         )
         .for_each(|_| futures::future::ready(()));
 
-    futures::join!(batch_loop, session_loop);
+    futures::join!(batch_loop, session_loop, restore_loop);
 }
 
 /// The namespace's shared identities are removed with its last batch; this finalizer makes sure the

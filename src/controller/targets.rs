@@ -7,7 +7,7 @@ use crate::api::common::TargetRef;
 use crate::webhook::decision::WorkloadKind;
 use crate::webhook::sidecar::SIDECAR_NAME;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ReplicationController};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ReplicationController, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
@@ -116,6 +116,11 @@ pub async fn inspect(client: &Client, namespace: &str, target: &TargetRef) -> Re
                 None => TargetState::Missing,
             }
         }
+        // A database member: the Secret holding its connection (see agent::database).
+        "Secret" => match Api::<Secret>::namespaced(client.clone(), namespace).get_metadata_opt(name).await? {
+            Some(_) => TargetState::Volume,
+            None => TargetState::Missing,
+        },
         _ => TargetState::Unsupported,
     })
 }

@@ -1,0 +1,162 @@
+//! What every executor shares: the API client, where it runs, the repository Secret and restic.
+
+use crate::api::repository::Repository;
+use crate::api::{BackupBatch, BackupSession};
+use crate::lease::{LeaseConfig, LeaseLock};
+use crate::restic::backend::{BackendError, Location};
+use crate::restic::secrets::{SecretError, SecretValues};
+use crate::restic::{Restic, ResticError};
+use kube::api::Api;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource, ResourceExt};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Restic(#[from] ResticError),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("{kind} {namespace}/{name} not found")]
+    NotFound { kind: &'static str, namespace: String, name: String },
+    #[error("BackupBatch {batch} has no member {kind}/{name}")]
+    NoSuchMember { batch: String, kind: String, name: String },
+    #[error("path {0} does not exist")]
+    PathMissing(String),
+    #[error("database: {0}")]
+    Database(String),
+    #[error("the session deadline passed")]
+    DeadlinePassed,
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Settings every executor takes from its flags and environment.
+#[derive(Debug, Clone)]
+pub struct ExecutorSettings {
+    pub namespace: String,
+    /// `POD_NAME`: the lock holder's identity and a StatefulSet Pod's ordinal.
+    pub pod_name: Option<String>,
+    /// `NODE_NAME`: a DaemonSet Pod's host name.
+    pub node_name: Option<String>,
+    /// The repository Secret, one file per key.
+    pub secret_dir: PathBuf,
+    pub restic_binary: Option<PathBuf>,
+    /// Target paths are read under this directory (`/` in a Pod).
+    pub path_root: PathBuf,
+}
+
+pub struct Executor {
+    pub client: Client,
+    pub settings: ExecutorSettings,
+    recorder: Recorder,
+}
+
+impl Executor {
+    pub fn new(client: Client, settings: ExecutorSettings, role: &str) -> Self {
+        let reporter = Reporter { controller: format!("stash-{role}"), instance: settings.pod_name.clone() };
+        let recorder = Recorder::new(client.clone(), reporter);
+        Executor { client, settings, recorder }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.settings.namespace
+    }
+
+    /// This process's name for Leases: the Pod name, else host and pid.
+    pub fn identity(&self) -> String {
+        self.settings.pod_name.clone().unwrap_or_else(|| format!("{}-{}", own_hostname(), std::process::id()))
+    }
+
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.settings.namespace)
+    }
+
+    pub async fn batch(&self, name: &str) -> Result<BackupBatch, AgentError> {
+        self.api::<BackupBatch>().get_opt(name).await?.ok_or_else(|| self.not_found("BackupBatch", name))
+    }
+
+    pub async fn session(&self, name: &str) -> Result<BackupSession, AgentError> {
+        self.api::<BackupSession>().get_opt(name).await?.ok_or_else(|| self.not_found("BackupSession", name))
+    }
+
+    pub async fn repository(&self, reference: &crate::api::common::ObjectReference) -> Result<Repository, AgentError> {
+        let namespace = reference.namespace.clone().unwrap_or_else(|| self.settings.namespace.clone());
+        Api::<Repository>::namespaced(self.client.clone(), &namespace)
+            .get_opt(&reference.name)
+            .await?
+            .ok_or(AgentError::NotFound { kind: "Repository", namespace, name: reference.name.clone() })
+    }
+
+    fn not_found(&self, kind: &'static str, name: &str) -> AgentError {
+        AgentError::NotFound { kind, namespace: self.settings.namespace.clone(), name: name.to_string() }
+    }
+
+    /// restic for `repository`, opened with the mounted Secret.
+    pub async fn restic(&self, repository: &Repository) -> Result<Restic, AgentError> {
+        let secrets = SecretValues::read_dir(&self.settings.secret_dir)?;
+        let location = Location::from_backend(&repository.spec.backend, &secrets)?;
+        let restic = Restic::open(self.settings.restic_binary.clone(), location, secrets).await?;
+        // restic retries an unreachable backend for 15 minutes; say so at once instead.
+        restic.probe().await?;
+        Ok(restic)
+    }
+
+    /// The Lease that serialises repository-wide work: creating it, retention, checks.
+    pub fn repository_lease(&self, repository: &Repository) -> LeaseLock {
+        LeaseLock::new(
+            self.client.clone(),
+            LeaseConfig {
+                namespace: repository.namespace().unwrap_or_else(|| self.settings.namespace.clone()),
+                name: format!("stash-repository-{}", repository.name_any()),
+                identity: self.identity(),
+                duration: Duration::from_secs(60),
+                renew_every: Duration::from_secs(5),
+            },
+        )
+    }
+
+    /// Creates the repository on first use. Two hosts racing `restic init` would leave a config
+    /// encrypted with a key the other overwrote, so creation happens under the repository's Lease.
+    pub async fn ensure_repository(&self, restic: &Restic, repository: &Repository) -> Result<(), AgentError> {
+        if restic.exists().await? {
+            return Ok(());
+        }
+        self.repository_lease(repository)
+            .hold_while(async {
+                if !restic.exists().await? {
+                    restic.init().await?;
+                }
+                Ok::<(), AgentError>(())
+            })
+            .await?
+    }
+
+    /// Publishes an Event about `object`; failing to publish never fails the backup.
+    pub async fn event<K: Resource<DynamicType = ()>>(&self, object: &K, warning: bool, reason: &str, note: String) {
+        let event = Event {
+            type_: if warning { EventType::Warning } else { EventType::Normal },
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(err) = self.recorder.publish(&event, &object.object_ref(&())).await {
+            tracing::warn!(error = %err, reason, "publishing an Event failed");
+        }
+    }
+}
+
+/// The kernel's host name: what restic writes into its lock files.
+pub fn own_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}

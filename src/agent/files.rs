@@ -1,0 +1,61 @@
+//! Backing up a tree of files (a workload's paths, a PVC) for one host of one session.
+
+use super::executor::{AgentError, Executor};
+use super::{locks, session_tags};
+use crate::api::BackupSession;
+use crate::api::backup_batch::BackupTarget;
+use crate::api::repository::Repository;
+use crate::restic::{BackupOutcome, BackupRequest, Restic};
+use kube::ResourceExt;
+use std::time::Duration;
+
+/// One host's backup of `paths` of a member.
+pub struct FileBackup<'a> {
+    pub batch: &'a str,
+    pub session: &'a BackupSession,
+    pub repository: &'a Repository,
+    pub target: &'a BackupTarget,
+    pub alias: &'a str,
+    pub host: &'a str,
+    pub paths: Vec<String>,
+}
+
+impl FileBackup<'_> {
+    /// Checks the paths, heals stale locks, then runs `restic backup`. Unreadable files fail the host:
+    /// a partial snapshot is not a backup to count on.
+    pub async fn run(
+        &self,
+        executor: &Executor,
+        restic: &Restic,
+        max_lock_age: Duration,
+    ) -> Result<BackupOutcome, AgentError> {
+        let root = &executor.settings.path_root;
+        for path in &self.paths {
+            if !root.join(path.trim_start_matches('/')).exists() {
+                return Err(AgentError::PathMissing(path.clone()));
+            }
+        }
+        executor.ensure_repository(restic, self.repository).await?;
+        locks::heal(executor, restic, self.repository, self.session, max_lock_age).await?;
+        let request = BackupRequest {
+            root: root.clone(),
+            paths: self.paths.clone(),
+            exclude: self.target.exclude.clone(),
+            host: self.host.to_string(),
+            tags: session_tags(&self.session.name_any(), self.batch, self.alias),
+            extra_args: self.target.args.clone(),
+        };
+        let outcome = restic.backup(&request).await?;
+        if !outcome.unreadable.is_empty() {
+            let items: Vec<String> = outcome.unreadable.iter().take(3).map(|e| e.describe()).collect();
+            let snapshot = outcome.summary.snapshot_id.clone();
+            restic.forget(&[snapshot]).await?;
+            return Err(AgentError::Invalid(format!(
+                "{} files could not be read, e.g. {}",
+                outcome.unreadable.len(),
+                items.join("; ")
+            )));
+        }
+        Ok(outcome)
+    }
+}

@@ -1,0 +1,299 @@
+//! `stash finalize-session`: once per finished session, under the repository's Lease — write the
+//! manifest (complete sessions only), apply the retention policy by whole sessions, check the
+//! repository, and update the Repository's status and the session's conditions.
+
+use super::executor::{AgentError, Executor};
+use super::locks;
+use super::manifest::{MANIFEST_HOST, MANIFEST_TAG, Manifest};
+use super::status::human_bytes;
+use crate::api::BackupSession;
+use crate::api::backup_session::BackupSessionPhase;
+use crate::api::common::RetentionPolicy;
+use crate::api::repository::Repository;
+use crate::controller::conditions::{self, Desired};
+use crate::restic::Restic;
+use crate::session::INVOKER_NAME_LABEL;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+pub const MANIFEST_WRITTEN: &str = "ManifestWritten";
+pub const RETENTION_APPLIED: &str = "RetentionPolicyApplied";
+pub const INTEGRITY_VERIFIED: &str = "RepositoryIntegrityVerified";
+pub const FINALIZED: &str = "SessionFinalized";
+
+/// What finalizing did, for the session's conditions.
+struct Outcome {
+    conditions: Vec<Desired>,
+}
+
+pub async fn run(executor: &Executor, session_name: &str) -> Result<(), AgentError> {
+    let result = finalize_session(executor, session_name).await;
+    // Every run ends with SessionFinalized, so a failure here is as visible as the session's own.
+    let conditions = match &result {
+        Ok(conditions) => {
+            let mut conditions = conditions.clone();
+            conditions.push(Desired::new(FINALIZED, true, "Finalized", "the session is finished in the repository"));
+            conditions
+        }
+        Err(err) => vec![Desired::new(FINALIZED, false, "FinalizeFailed", err.to_string())],
+    };
+    record_conditions(executor, session_name, conditions).await?;
+    result.map(drop)
+}
+
+async fn finalize_session(executor: &Executor, session_name: &str) -> Result<Vec<Desired>, AgentError> {
+    let session = executor.session(session_name).await?;
+    let phase = session.status.as_ref().and_then(|s| s.phase);
+    if !matches!(phase, Some(BackupSessionPhase::Succeeded | BackupSessionPhase::Failed)) {
+        return Err(AgentError::Invalid(format!("session {session_name} has not finished (phase {phase:?})")));
+    }
+    let batch = executor.batch(&session.spec.invoker.name).await?;
+    let repository = executor.repository(&batch.spec.repository).await?;
+    let restic = executor.restic(&repository).await?;
+    let policy = batch.spec.retention_policy.as_ref();
+    let outcome = executor
+        .repository_lease(&repository)
+        .hold_while(finalize(executor, &restic, &repository, &session, policy))
+        .await??;
+    Ok(outcome.conditions)
+}
+
+async fn finalize(
+    executor: &Executor,
+    restic: &Restic,
+    repository: &Repository,
+    session: &BackupSession,
+    policy: Option<&RetentionPolicy>,
+) -> Result<Outcome, AgentError> {
+    let batch = session.spec.invoker.name.clone();
+    let mut outcome = Outcome { conditions: Vec::new() };
+    locks::heal(executor, restic, repository, session, Duration::from_secs(3600)).await?;
+
+    let complete = Manifest::of_complete(session, &batch);
+    let already = restic
+        .snapshots(&[MANIFEST_TAG.to_string(), format!("session={}", session.name_any())])
+        .await?
+        .into_iter()
+        .next();
+    match (complete, already) {
+        (Some(_), Some(existing)) => outcome.conditions.push(Desired::new(
+            MANIFEST_WRITTEN,
+            true,
+            "ManifestWritten",
+            format!("manifest snapshot {}", existing.short_id),
+        )),
+        (Some(manifest), None) => {
+            let written = manifest.write(restic).await?;
+            let id = written.summary.snapshot_id;
+            outcome.conditions.push(Desired::new(
+                MANIFEST_WRITTEN,
+                true,
+                "ManifestWritten",
+                format!("manifest snapshot {id}"),
+            ));
+        }
+        (None, _) => outcome.conditions.push(Desired::new(
+            MANIFEST_WRITTEN,
+            false,
+            "SessionIncomplete",
+            "not every member succeeded: this session is not a restorable set",
+        )),
+    }
+
+    let removed = match policy {
+        Some(policy) => {
+            let (removed, message) = apply_retention(executor, restic, &batch, policy).await?;
+            outcome.conditions.push(Desired::new(RETENTION_APPLIED, true, "RetentionPolicyApplied", message));
+            Some(removed)
+        }
+        None => None,
+    };
+
+    let integrity = restic.check().await?;
+    outcome.conditions.push(Desired::new(
+        INTEGRITY_VERIFIED,
+        integrity,
+        if integrity { "CheckPassed" } else { "CheckFailed" },
+        if integrity { "restic check found no errors" } else { "restic check reported errors" },
+    ));
+    update_repository(executor, restic, repository, session, integrity, removed).await?;
+    Ok(outcome)
+}
+
+/// restic forget flags of a policy; empty when it keeps nothing explicitly (then nothing is removed).
+fn keep_flags(policy: &RetentionPolicy) -> Vec<String> {
+    let mut flags = Vec::new();
+    for (flag, value) in [
+        ("--keep-last", policy.keep_last),
+        ("--keep-hourly", policy.keep_hourly),
+        ("--keep-daily", policy.keep_daily),
+        ("--keep-weekly", policy.keep_weekly),
+        ("--keep-monthly", policy.keep_monthly),
+        ("--keep-yearly", policy.keep_yearly),
+    ] {
+        if let Some(n) = value.filter(|n| *n > 0) {
+            flags.extend([flag.to_string(), n.to_string()]);
+        }
+    }
+    for tag in &policy.keep_tags {
+        flags.extend(["--keep-tag".to_string(), tag.clone()]);
+    }
+    flags
+}
+
+/// Retention by whole sessions: restic's policy picks which manifests (complete sessions) to keep;
+/// every data snapshot of the batch outside a kept session is forgotten, except those of sessions
+/// still running. Per-host retention would keep snapshots of different runs and break the sets.
+async fn apply_retention(
+    executor: &Executor,
+    restic: &Restic,
+    batch: &str,
+    policy: &RetentionPolicy,
+) -> Result<(usize, String), AgentError> {
+    let flags = keep_flags(policy);
+    if flags.is_empty() {
+        return Ok((0, "the policy keeps everything".into()));
+    }
+    let mut args = vec![
+        "forget".to_string(),
+        "--json".into(),
+        "--dry-run".into(),
+        "--group-by".into(),
+        "host".into(),
+        "--host".into(),
+        MANIFEST_HOST.into(),
+        "--tag".into(),
+        format!("{MANIFEST_TAG},batch={batch}"),
+    ];
+    args.extend(flags);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let planned = restic.run(&argv).await?;
+    let kept_sessions: BTreeSet<String> =
+        kept_snapshots(&planned.stdout)?.iter().filter_map(|s| s.tag("session").map(str::to_string)).collect();
+
+    let running: BTreeSet<String> = executor
+        .api::<BackupSession>()
+        .list(&ListParams::default().labels(&format!("{INVOKER_NAME_LABEL}={batch}")))
+        .await?
+        .items
+        .into_iter()
+        .filter(|s| !matches!(s.status.as_ref().and_then(|st| st.phase), Some(p) if p.is_final()))
+        .map(|s| s.name_any())
+        .collect();
+    let forget: Vec<String> = restic
+        .snapshots(&[format!("batch={batch}")])
+        .await?
+        .into_iter()
+        .filter(|s| s.tag("session").is_some_and(|name| !kept_sessions.contains(name) && !running.contains(name)))
+        .map(|s| s.id)
+        .collect();
+    let sessions = kept_sessions.iter().cloned().collect::<Vec<_>>().join(", ");
+    if policy.dry_run {
+        return Ok((0, format!("dry run: would forget {} snapshots; keeping sessions {sessions}", forget.len())));
+    }
+    restic.forget(&forget).await?;
+    if policy.prune && !forget.is_empty() {
+        restic.prune().await?;
+    }
+    Ok((forget.len(), format!("forgot {} snapshots; keeping sessions {sessions}", forget.len())))
+}
+
+fn kept_snapshots(forget_json: &str) -> Result<Vec<crate::restic::output::Snapshot>, AgentError> {
+    #[derive(serde::Deserialize)]
+    struct Group {
+        #[serde(default)]
+        keep: Option<Vec<crate::restic::output::Snapshot>>,
+    }
+    let text = forget_json.lines().rev().find(|l| l.starts_with('[')).unwrap_or("[]");
+    let groups: Vec<Group> = serde_json::from_str(text)
+        .map_err(|e| AgentError::Invalid(format!("restic forget printed unexpected JSON: {e}")))?;
+    Ok(groups.into_iter().flat_map(|g| g.keep.unwrap_or_default()).collect())
+}
+
+async fn update_repository(
+    executor: &Executor,
+    restic: &Restic,
+    repository: &Repository,
+    session: &BackupSession,
+    integrity: bool,
+    removed: Option<usize>,
+) -> Result<(), AgentError> {
+    let snapshots = restic.snapshots(&[]).await?;
+    let data = snapshots.iter().filter(|s| s.hostname != MANIFEST_HOST).count();
+    let size = restic.stored_size().await?;
+    let succeeded = session.status.as_ref().and_then(|s| s.phase) == Some(BackupSessionPhase::Succeeded);
+    let now = Time(Timestamp::now());
+    let current = repository.status.clone().unwrap_or_default();
+    let mut status = serde_json::json!({
+        "integrity": integrity,
+        "totalSize": human_bytes(size),
+        "snapshotCount": data,
+    });
+    if succeeded {
+        status["lastBackupTime"] = serde_json::to_value(&now).unwrap_or_default();
+        if current.first_backup_time.is_none() {
+            status["firstBackupTime"] = serde_json::to_value(&now).unwrap_or_default();
+        }
+    }
+    if let Some(removed) = removed {
+        status["snapshotsRemovedOnLastCleanup"] = removed.into();
+    }
+    let api: Api<Repository> = Api::namespaced(
+        executor.client.clone(),
+        &repository.namespace().unwrap_or_else(|| executor.namespace().into()),
+    );
+    api.patch_status(
+        &repository.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "status": status })),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Adds the finalize conditions to the session, retrying on conflict with the operator's writes.
+async fn record_conditions(executor: &Executor, session: &str, conditions: Vec<Desired>) -> Result<(), AgentError> {
+    let api = executor.api::<BackupSession>();
+    loop {
+        let mut current = api.get(session).await?;
+        let status = current.status.get_or_insert_with(Default::default);
+        for desired in &conditions {
+            conditions::set(&mut status.conditions, desired, current.metadata.generation);
+        }
+        match api.replace_status(session, &PostParams::default(), &current).await {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_what_the_policy_names() {
+        let policy = RetentionPolicy {
+            keep_last: Some(5),
+            keep_daily: Some(7),
+            keep_tags: vec!["monthly".into()],
+            ..Default::default()
+        };
+        assert_eq!(keep_flags(&policy), ["--keep-last", "5", "--keep-daily", "7", "--keep-tag", "monthly"]);
+        assert!(keep_flags(&RetentionPolicy::default()).is_empty());
+    }
+
+    #[test]
+    fn reads_the_kept_manifests() {
+        let json = r#"[{"tags":null,"host":"stash-manifest","paths":null,"keep":[{"id":"a","time":"2026-11-25T07:00:00Z","tags":["session=s2"]}],"remove":[{"id":"b","time":"2026-11-24T07:00:00Z","tags":["session=s1"]}],"reasons":[]}]"#;
+        let kept = kept_snapshots(json).unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].tag("session"), Some("s2"));
+        assert!(kept_snapshots("[]").unwrap().is_empty());
+    }
+}

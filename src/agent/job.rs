@@ -1,0 +1,107 @@
+//! `stash backup-job`: one job-model member (a PVC or a database) of one session, then its host entry.
+
+use super::database::{Connection, Engine};
+use super::executor::{AgentError, Executor};
+use super::files::FileBackup;
+use super::status::{self, Turn};
+use super::{locks, member_alias, session_tags};
+use crate::api::backup_batch::BackupMember;
+use crate::api::{BackupBatch, BackupSession};
+use crate::controller::backup_job::{DATABASE_KIND, DEFAULT_DATA_PATH};
+use crate::restic::BackupOutcome;
+use crate::restic::secrets::SecretValues;
+use kube::ResourceExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+pub struct JobTarget {
+    pub batch: String,
+    pub session: String,
+    pub kind: String,
+    pub name: String,
+    /// The database member's connection Secret, one file per key.
+    pub database_secret_dir: PathBuf,
+}
+
+pub fn find_member<'a>(batch: &'a BackupBatch, kind: &str, name: &str) -> Result<&'a BackupMember, AgentError> {
+    batch
+        .spec
+        .members
+        .iter()
+        .find(|m| status::matches(&m.target.reference, kind, name))
+        .ok_or_else(|| AgentError::NoSuchMember { batch: batch.name_any(), kind: kind.into(), name: name.into() })
+}
+
+/// Time left until the session's deadline (an hour when it has none).
+pub fn time_left(session: &BackupSession) -> Duration {
+    session
+        .status
+        .as_ref()
+        .and_then(|s| s.session_deadline.as_ref())
+        .and_then(|d| d.0.duration_since(k8s_openapi::jiff::Timestamp::now()).try_into().ok())
+        .unwrap_or(Duration::from_secs(3600))
+}
+
+pub async fn run(executor: &Executor, job: &JobTarget) -> Result<(), AgentError> {
+    let sessions = executor.api::<BackupSession>();
+    let batch = executor.batch(&job.batch).await?;
+    let member = find_member(&batch, &job.kind, &job.name)?;
+    let host = member_alias(&member.target);
+    let session = executor.session(&job.session).await?;
+    if status::turn(&session, &job.kind, &job.name, &host) != Turn::Now {
+        tracing::info!(session = %job.session, host, "nothing to do: the target is not running or already reported");
+        return Ok(());
+    }
+    let started = Instant::now();
+    let limit = time_left(&session);
+    let result = match tokio::time::timeout(limit, back_up(executor, &batch, &session, member, &host, job)).await {
+        Ok(result) => result,
+        Err(_) => Err(AgentError::DeadlinePassed),
+    };
+    let entry = match &result {
+        Ok((path, outcome)) => status::succeeded(&host, path.clone(), outcome, started.elapsed()),
+        Err(err) => status::failed(&host, err.to_string(), started.elapsed()),
+    };
+    status::report_host(&sessions, &job.session, &job.kind, &job.name, entry).await?;
+    result.map(drop)
+}
+
+async fn back_up(
+    executor: &Executor,
+    batch: &BackupBatch,
+    session: &BackupSession,
+    member: &BackupMember,
+    host: &str,
+    job: &JobTarget,
+) -> Result<(String, BackupOutcome), AgentError> {
+    let repository = executor.repository(&batch.spec.repository).await?;
+    let restic = executor.restic(&repository).await?;
+    let max_lock_age = time_left(session).max(Duration::from_secs(60));
+    if job.kind == DATABASE_KIND {
+        let engine = Engine::from_task(member.task.as_ref().map(|t| t.name.as_str()));
+        let connection = Connection::from_secret(engine, SecretValues::read_dir(&job.database_secret_dir)?)?;
+        executor.ensure_repository(&restic, &repository).await?;
+        locks::heal(executor, &restic, &repository, session, max_lock_age).await?;
+        let tags = session_tags(&session.name_any(), &batch.name_any(), host);
+        let outcome = connection.backup(&restic, host, &tags).await?;
+        return Ok((format!("/{}", connection.dump_filename()), outcome));
+    }
+    let paths = if !member.target.paths.is_empty() {
+        member.target.paths.clone()
+    } else if !member.target.volume_mounts.is_empty() {
+        member.target.volume_mounts.iter().map(|m| m.mount_path.clone()).collect()
+    } else {
+        vec![DEFAULT_DATA_PATH.to_string()]
+    };
+    let backup = FileBackup {
+        batch: &batch.name_any(),
+        session,
+        repository: &repository,
+        target: &member.target,
+        alias: host,
+        host,
+        paths: paths.clone(),
+    };
+    let outcome = backup.run(executor, &restic, max_lock_age).await?;
+    Ok((paths.join(","), outcome))
+}

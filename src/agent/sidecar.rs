@@ -1,0 +1,159 @@
+//! `stash run-backup`: the sidecar. It watches its batch's sessions (idle between them: one watch),
+//! and when its target is running takes the target's Lease — so one Pod of a Deployment backs up,
+//! and the Pods of a StatefulSet or DaemonSet take turns, each as its own host — then backs up and
+//! writes its host entry. The batch is read at run time: editing it restarts nothing.
+
+use super::executor::{AgentError, Executor};
+use super::files::FileBackup;
+use super::job::{find_member, time_left};
+use super::member_alias;
+use super::status::{self, Turn};
+use crate::api::BackupSession;
+use crate::lease::{LeaseConfig, LeaseLock};
+use crate::session::INVOKER_NAME_LABEL;
+use futures::StreamExt;
+use kube::ResourceExt;
+use kube::runtime::{WatchStreamExt, watcher};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+pub struct SidecarTarget {
+    pub batch: String,
+    pub kind: String,
+    pub name: String,
+}
+
+/// The restic `--host` of this Pod: `<alias>-<ordinal>` in a StatefulSet, the node in a DaemonSet,
+/// else the alias.
+pub fn host_name(kind: &str, alias: &str, pod: Option<&str>, node: Option<&str>) -> Result<String, AgentError> {
+    match kind {
+        "StatefulSet" => {
+            let ordinal = pod.and_then(|p| p.rsplit_once('-')).map(|(_, o)| o).filter(|o| o.parse::<u32>().is_ok());
+            let ordinal = ordinal.ok_or_else(|| AgentError::Invalid("POD_NAME has no StatefulSet ordinal".into()))?;
+            Ok(format!("{alias}-{ordinal}"))
+        }
+        "DaemonSet" => node.map(str::to_string).ok_or_else(|| AgentError::Invalid("NODE_NAME is not set".into())),
+        _ => Ok(alias.to_string()),
+    }
+}
+
+pub async fn run(executor: &Executor, target: &SidecarTarget, cancel: CancellationToken) -> Result<(), AgentError> {
+    let sessions = executor.api::<BackupSession>();
+    let config = watcher::Config::default().labels(&format!("{INVOKER_NAME_LABEL}={}", target.batch));
+    let mut events = watcher(sessions, config).default_backoff().applied_objects().boxed();
+    let mut recheck = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        let session = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            event = events.next() => match event {
+                Some(Ok(session)) => Some(session),
+                Some(Err(err)) => { tracing::warn!(error = %err, "watching BackupSessions"); None }
+                None => return Ok(()),
+            },
+            _ = recheck.tick() => None,
+        };
+        let candidates = match session {
+            Some(session) => vec![session],
+            None => executor
+                .api::<BackupSession>()
+                .list(&kube::api::ListParams::default().labels(&format!("{INVOKER_NAME_LABEL}={}", target.batch)))
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default(),
+        };
+        for session in candidates {
+            if let Err(err) = take_turn(executor, target, &session).await {
+                tracing::warn!(session = %session.name_any(), error = %err, "backing up failed");
+            }
+        }
+    }
+}
+
+/// Backs up for `session` if it is this host's turn.
+async fn take_turn(executor: &Executor, target: &SidecarTarget, session: &BackupSession) -> Result<(), AgentError> {
+    let batch = executor.batch(&target.batch).await?;
+    let member = find_member(&batch, &target.kind, &target.name)?;
+    let alias = member_alias(&member.target);
+    let settings = &executor.settings;
+    let host = host_name(&target.kind, &alias, settings.pod_name.as_deref(), settings.node_name.as_deref())?;
+    if status::turn(session, &target.kind, &target.name, &host) != Turn::Now {
+        return Ok(());
+    }
+    let lease = LeaseLock::new(
+        executor.client.clone(),
+        LeaseConfig {
+            namespace: executor.namespace().to_string(),
+            name: format!("stash-{}-{}-{}", target.batch, target.kind.to_ascii_lowercase(), target.name),
+            identity: executor.identity(),
+            duration: Duration::from_secs(60),
+            renew_every: Duration::from_secs(10),
+        },
+    );
+    let session_name = session.name_any();
+    lease
+        .hold_while(async {
+            // Another Pod may have finished this host while we waited for the Lease.
+            let session = executor.session(&session_name).await?;
+            if status::turn(&session, &target.kind, &target.name, &host) != Turn::Now {
+                return Ok(());
+            }
+            let started = Instant::now();
+            let repository = executor.repository(&batch.spec.repository).await?;
+            let backup = FileBackup {
+                batch: &target.batch,
+                session: &session,
+                repository: &repository,
+                target: &member.target,
+                alias: &alias,
+                host: &host,
+                paths: member.target.paths.clone(),
+            };
+            let limit = time_left(&session);
+            let result = async {
+                if backup.paths.is_empty() {
+                    return Err(AgentError::Invalid(format!("member {alias} names no paths to back up")));
+                }
+                let restic = executor.restic(&repository).await?;
+                run_hook(member.hooks.as_ref().and_then(|h| h.pre_backup.as_ref()), "pre-backup").await?;
+                let outcome = backup.run(executor, &restic, limit.max(Duration::from_secs(60))).await;
+                if let Some(post) = member.hooks.as_ref().and_then(|h| h.post_backup.as_ref()) {
+                    let succeeded = outcome.is_ok();
+                    if crate::controller::hooks::post_hook_applies(post.execution_policy, succeeded, false) {
+                        run_hook(Some(&post.handler), "post-backup").await?;
+                    }
+                }
+                outcome
+            };
+            let result = tokio::time::timeout(limit, result).await.unwrap_or(Err(AgentError::DeadlinePassed));
+            let path = backup.paths.join(",");
+            let entry = match &result {
+                Ok(outcome) => status::succeeded(&host, path, outcome, started.elapsed()),
+                Err(err) => status::failed(&host, err.to_string(), started.elapsed()),
+            };
+            status::report_host(&executor.api(), &session_name, &target.kind, &target.name, entry).await?;
+            result.map(drop)
+        })
+        .await?
+}
+
+async fn run_hook(handler: Option<&crate::api::common::Handler>, which: &str) -> Result<(), AgentError> {
+    match handler {
+        Some(handler) => crate::controller::hooks::run(handler)
+            .await
+            .map_err(|err| AgentError::Invalid(format!("{which} hook failed: {err}"))),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_name;
+
+    #[test]
+    fn hosts_follow_the_workload_kind() {
+        assert_eq!(host_name("Deployment", "app", Some("app-7d9f8c-x2k4q"), None).unwrap(), "app");
+        assert_eq!(host_name("StatefulSet", "db", Some("db-2"), None).unwrap(), "db-2");
+        assert!(host_name("StatefulSet", "db", Some("db"), None).is_err());
+        assert_eq!(host_name("DaemonSet", "logs", Some("logs-abcde"), Some("node-1")).unwrap(), "node-1");
+    }
+}

@@ -1,0 +1,141 @@
+//! A host writes its own entry into `BackupSession.status.targets[]`, and nothing else: the write
+//! carries the resourceVersion it read and is retried on conflict, so hosts never clobber each other.
+
+use crate::api::BackupSession;
+use crate::api::backup_session::BackupSessionPhase;
+use crate::api::backup_session::FileStats;
+use crate::api::backup_session::{BackupTargetStatus, HostBackupStats, HostPhase, SnapshotStats, TargetPhase};
+use crate::api::common::TargetRef;
+use crate::restic::BackupOutcome;
+use kube::api::{Api, PostParams};
+use std::time::Duration;
+
+/// What a host should do about a session, read from its status.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Turn {
+    /// The target is Running and this host has no entry yet.
+    Now,
+    /// Not yet (Pending, or Sequential order not there yet).
+    Later,
+    /// Done, or the session is over.
+    Never,
+}
+
+pub fn matches(reference: &TargetRef, kind: &str, name: &str) -> bool {
+    reference.kind == kind && reference.name == name
+}
+
+pub fn target_status<'a>(session: &'a BackupSession, kind: &str, name: &str) -> Option<&'a BackupTargetStatus> {
+    session.status.as_ref()?.targets.iter().find(|t| matches(&t.reference, kind, name))
+}
+
+/// Whether `host` of target `kind/name` should back up now.
+pub fn turn(session: &BackupSession, kind: &str, name: &str, host: &str) -> Turn {
+    let Some(status) = session.status.as_ref() else { return Turn::Later };
+    match status.phase {
+        Some(BackupSessionPhase::Running) => {}
+        None | Some(BackupSessionPhase::Pending) => return Turn::Later,
+        _ => return Turn::Never,
+    }
+    let Some(target) = target_status(session, kind, name) else { return Turn::Never };
+    if target.stats.iter().any(|s| s.hostname == host) {
+        return Turn::Never;
+    }
+    match target.phase {
+        Some(TargetPhase::Running) => Turn::Now,
+        Some(TargetPhase::Succeeded | TargetPhase::Failed) => Turn::Never,
+        _ => Turn::Later,
+    }
+}
+
+/// Appends `stats` to the target's entries unless this host already reported.
+pub async fn report_host(
+    sessions: &Api<BackupSession>,
+    session: &str,
+    kind: &str,
+    name: &str,
+    stats: HostBackupStats,
+) -> Result<(), kube::Error> {
+    loop {
+        let mut current = sessions.get(session).await?;
+        let Some(target) =
+            current.status.as_mut().and_then(|s| s.targets.iter_mut().find(|t| matches(&t.reference, kind, name)))
+        else {
+            tracing::warn!(session, kind, name, "the session lists no such target; nothing reported");
+            return Ok(());
+        };
+        if target.stats.iter().any(|s| s.hostname == stats.hostname) {
+            return Ok(());
+        }
+        target.stats.push(stats.clone());
+        match sessions.replace_status(session, &PostParams::default(), &current).await {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// A successful host entry from restic's summary.
+pub fn succeeded(host: &str, path: String, outcome: &BackupOutcome, took: Duration) -> HostBackupStats {
+    let summary = &outcome.summary;
+    HostBackupStats {
+        hostname: host.into(),
+        phase: Some(HostPhase::Succeeded),
+        snapshots: vec![SnapshotStats {
+            name: summary.snapshot_id.clone(),
+            path: Some(path),
+            total_size: Some(human_bytes(summary.total_bytes_processed)),
+            uploaded: Some(human_bytes(summary.data_added)),
+            processing_time: Some(seconds(Duration::from_secs_f64(summary.total_duration.max(0.0)))),
+            file_stats: Some(FileStats {
+                total_files: Some(summary.total_files_processed),
+                new_files: Some(summary.files_new),
+                modified_files: Some(summary.files_changed),
+                unmodified_files: Some(summary.files_unmodified),
+            }),
+        }],
+        duration: Some(seconds(took)),
+        error: None,
+    }
+}
+
+pub fn failed(host: &str, error: String, took: Duration) -> HostBackupStats {
+    HostBackupStats {
+        hostname: host.into(),
+        phase: Some(HostPhase::Failed),
+        snapshots: Vec::new(),
+        duration: Some(seconds(took)),
+        error: Some(error),
+    }
+}
+
+/// `12.3s`: a Go-style duration with one decimal.
+pub fn seconds(duration: Duration) -> String {
+    format!("{:.1}s", duration.as_secs_f64())
+}
+
+/// `1.5 MiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_sizes_and_durations() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(50 * 1024 * 1024), "50.0 MiB");
+        assert_eq!(seconds(Duration::from_millis(12_345)), "12.3s");
+    }
+}

@@ -1,0 +1,141 @@
+//! The Pod of every executor Job (backup, finalize, restore): the repository Secret as a volume
+//! (never inline), a local repository's volume at its mountPath, scratch space, and optionally the
+//! member's PVC and its database-connection Secret.
+
+use crate::agent::database::DEFAULT_DATABASE_SECRET_DIR;
+use crate::api::common::{ContainerRuntimeSettings, EmptyDirSettings};
+use crate::api::repository::Repository;
+use crate::webhook::sidecar::{SECRET_MOUNT_PATH, TMP_MOUNT_PATH, executor_container};
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    EmptyDirVolumeSource, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, SecretVolumeSource, Volume,
+    VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::core::ObjectMeta;
+use std::collections::BTreeMap;
+
+/// Executor Jobs run as this per-namespace ServiceAccount, bound to the `stash-sidecar` ClusterRole.
+pub const BACKUP_SERVICE_ACCOUNT: &str = "stash-backup";
+
+/// A member's PVC, mounted where the member says.
+pub struct DataVolume {
+    pub claim: String,
+    pub mounts: Vec<VolumeMount>,
+    pub read_only: bool,
+}
+
+pub struct ExecutorJob<'a> {
+    pub name: String,
+    pub namespace: String,
+    pub owner: Option<OwnerReference>,
+    pub labels: BTreeMap<String, String>,
+    pub args: Vec<String>,
+    pub image: &'a str,
+    pub repository: &'a Repository,
+    pub runtime: Option<&'a ContainerRuntimeSettings>,
+    pub temp_dir: Option<&'a EmptyDirSettings>,
+    pub data: Option<DataVolume>,
+    pub database_secret: Option<String>,
+    pub deadline_seconds: Option<i64>,
+}
+
+fn volume(name: &str) -> Volume {
+    Volume { name: name.into(), ..Default::default() }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: read_only.then_some(true),
+        ..Default::default()
+    }
+}
+
+fn secret_volume(name: &str, secret: &str) -> Volume {
+    Volume {
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            default_mode: Some(0o400),
+            ..Default::default()
+        }),
+        ..volume(name)
+    }
+}
+
+/// A `local` repository's volume and where it is mounted (its mountPath is the repository).
+fn repository_volume(repository: &Repository) -> Option<(Volume, VolumeMount)> {
+    let local = repository.spec.backend.local.as_ref()?;
+    let mut volume = volume("repository");
+    volume.host_path = local.host_path.clone();
+    volume.persistent_volume_claim = local.persistent_volume_claim.clone();
+    volume.nfs = local.nfs.clone();
+    volume.empty_dir = local.empty_dir.clone();
+    volume.csi = local.csi.clone();
+    let mount = VolumeMount { sub_path: local.sub_path.clone(), ..mount("repository", &local.mount_path, false) };
+    Some((volume, mount))
+}
+
+impl ExecutorJob<'_> {
+    pub fn build(self) -> Job {
+        let mut volumes = vec![
+            Volume {
+                empty_dir: Some(EmptyDirVolumeSource {
+                    medium: self.temp_dir.and_then(|t| t.medium.clone()),
+                    size_limit: self.temp_dir.and_then(|t| t.size_limit.clone()),
+                }),
+                ..volume("tmp")
+            },
+            secret_volume("repository-secret", &self.repository.spec.backend.storage_secret_name),
+        ];
+        let mut mounts = vec![mount("tmp", TMP_MOUNT_PATH, false), mount("repository-secret", SECRET_MOUNT_PATH, true)];
+        if let Some((volume, mount)) = repository_volume(self.repository) {
+            volumes.push(volume);
+            mounts.push(mount);
+        }
+        if let Some(data) = self.data {
+            volumes.push(Volume {
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: data.claim,
+                    read_only: data.read_only.then_some(true),
+                }),
+                ..volume("target")
+            });
+            mounts.extend(data.mounts.into_iter().map(|m| VolumeMount {
+                name: "target".into(),
+                read_only: data.read_only.then_some(true),
+                ..m
+            }));
+        }
+        if let Some(secret) = &self.database_secret {
+            volumes.push(secret_volume("database-secret", secret));
+            mounts.push(mount("database-secret", DEFAULT_DATABASE_SECRET_DIR, true));
+        }
+        Job {
+            metadata: ObjectMeta {
+                name: Some(self.name),
+                namespace: Some(self.namespace),
+                labels: Some(self.labels.clone()),
+                owner_references: self.owner.map(|o| vec![o]),
+                ..Default::default()
+            },
+            spec: Some(JobSpec {
+                backoff_limit: Some(1),
+                active_deadline_seconds: self.deadline_seconds,
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta { labels: Some(self.labels), ..Default::default() }),
+                    spec: Some(PodSpec {
+                        service_account_name: Some(BACKUP_SERVICE_ACCOUNT.into()),
+                        restart_policy: Some("Never".into()),
+                        containers: vec![executor_container("stash", self.image, self.args, self.runtime, mounts)],
+                        volumes: Some(volumes),
+                        ..Default::default()
+                    }),
+                },
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+}

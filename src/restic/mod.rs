@@ -1,0 +1,420 @@
+//! The restic driver: builds restic invocations for a Repository and reads their `--json` output.
+//! Secrets travel in the environment (or files), never in argv; whatever restic prints is redacted
+//! before it becomes an error message.
+
+pub mod backend;
+pub mod output;
+pub mod secrets;
+
+use backend::Location;
+use output::{BackupItemError, BackupSummary, Lock, Snapshot, parse_backup_output};
+use secrets::{CA_CERT_DATA, RESTIC_PASSWORD, SecretError, SecretValues};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use tokio::process::Command;
+
+/// The restic the Dockerfile ships and the tests build; older releases (Debian's 0.14) work too.
+pub const PINNED_VERSION: &str = "0.18.1";
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Environment variable naming the restic binary when `--restic-binary` is not given.
+pub const BINARY_ENV: &str = "STASH_RESTIC_BINARY";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResticError {
+    #[error("starting {binary}: {source}")]
+    Spawn { binary: PathBuf, source: std::io::Error },
+    #[error("no restic repository at {0}")]
+    NoRepository(String),
+    #[error("wrong RESTIC_PASSWORD for the repository at {0}")]
+    WrongPassword(String),
+    #[error("the repository at {0} is locked by another restic process")]
+    Locked(String),
+    #[error("restic {command} failed ({status}): {message}")]
+    Failed { command: String, status: String, message: String },
+    #[error("restic {command} printed unexpected output: {message}")]
+    Output { command: String, message: String },
+    #[error("the backend at {url} is unreachable: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("writing the CA certificate file: {0}")]
+    CaCert(std::io::Error),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+}
+
+/// What restic printed and how it ended.
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// restic's release as `major.minor.patch`, for flags newer releases added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version(pub u32, pub u32, pub u32);
+
+impl Version {
+    /// Parses `restic 0.18.1 compiled with go1.25 on linux/amd64`.
+    pub fn parse(text: &str) -> Option<Version> {
+        let number = text.split_whitespace().nth(1)?;
+        let mut parts = number.split(['.', '-']).map(|p| p.parse::<u32>().ok());
+        Some(Version(parts.next()??, parts.next()??, parts.next().flatten().unwrap_or(0)))
+    }
+}
+
+/// One repository opened with one Secret.
+pub struct Restic {
+    binary: PathBuf,
+    location: Location,
+    secrets: SecretValues,
+    password: String,
+    version: Version,
+    /// Holds the CA file (when the Secret has CA_CERT_DATA) and restic's cache.
+    scratch: tempfile::TempDir,
+}
+
+/// What `restic backup` gets for a tree of files.
+#[derive(Debug, Clone, Default)]
+pub struct BackupRequest {
+    /// restic runs here, and `paths` are given relative to it, so that a tree mounted elsewhere (a
+    /// test's directory, a restore Job's volume) keeps the paths the application sees.
+    pub root: PathBuf,
+    pub paths: Vec<String>,
+    pub exclude: Vec<String>,
+    pub host: String,
+    pub tags: Vec<String>,
+    pub extra_args: Vec<String>,
+}
+
+/// A finished backup: restic's summary plus the items it could not read.
+#[derive(Debug)]
+pub struct BackupOutcome {
+    pub summary: BackupSummary,
+    pub unreadable: Vec<BackupItemError>,
+}
+
+impl Restic {
+    /// Resolves the binary (flag, then `STASH_RESTIC_BINARY`, then `restic` on PATH) and asks its version.
+    pub async fn open(binary: Option<PathBuf>, location: Location, secrets: SecretValues) -> Result<Self, ResticError> {
+        let binary = binary
+            .or_else(|| std::env::var_os(BINARY_ENV).map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("restic"));
+        let password = secrets.require(RESTIC_PASSWORD)?.to_string();
+        let scratch = tempfile::Builder::new().prefix("stash-restic-").tempdir().map_err(ResticError::CaCert)?;
+        if let Some(ca) = secrets.get(CA_CERT_DATA) {
+            std::fs::write(scratch.path().join("ca.crt"), ca).map_err(ResticError::CaCert)?;
+        }
+        let mut restic = Restic { binary, location, secrets, password, version: Version(0, 0, 0), scratch };
+        let printed = restic.run(&["version"]).await?;
+        restic.version = Version::parse(&printed.stdout).ok_or_else(|| ResticError::Output {
+            command: "version".into(),
+            message: printed.stdout.trim().to_string(),
+        })?;
+        Ok(restic)
+    }
+
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    pub fn secrets(&self) -> &SecretValues {
+        &self.secrets
+    }
+
+    /// A restic command with the repository's environment and global flags.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.binary);
+        command.env_clear();
+        for key in ["PATH", "TMPDIR", "HOME", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR"] {
+            if let Some(value) = std::env::var_os(key) {
+                command.env(key, value);
+            }
+        }
+        command
+            .env("RESTIC_REPOSITORY", &self.location.url)
+            .env("RESTIC_PASSWORD", &self.password)
+            .env("RESTIC_CACHE_DIR", self.scratch.path().join("cache"))
+            .envs(self.location.env.iter().map(|(k, v)| (k, v)));
+        for option in &self.location.options {
+            command.arg("-o").arg(option);
+        }
+        if self.location.insecure_tls {
+            command.arg("--insecure-tls");
+        }
+        let ca = self.scratch.path().join("ca.crt");
+        if ca.exists() {
+            command.arg("--cacert").arg(ca);
+        }
+        // Wait for another process's lock instead of failing at once (restic 0.16 and later).
+        if self.version >= Version(0, 16, 0) {
+            command.arg("--retry-lock").arg("2m");
+        }
+        command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        command
+    }
+
+    /// Runs restic to its end; a non-zero exit is an error that says what restic said.
+    pub async fn run(&self, args: &[&str]) -> Result<Finished, ResticError> {
+        let finished = self.finish(self.command(args)).await?;
+        if finished.status.success() { Ok(finished) } else { Err(self.failure(args, &finished)) }
+    }
+
+    /// Waits for a started restic and collects what it printed.
+    pub async fn finish(&self, mut command: Command) -> Result<Finished, ResticError> {
+        let output =
+            command.output().await.map_err(|source| ResticError::Spawn { binary: self.binary.clone(), source })?;
+        Ok(Finished {
+            status: output.status,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        })
+    }
+
+    /// Turns a failed run into an error, recognising the cases a user can act on.
+    pub fn failure(&self, args: &[&str], finished: &Finished) -> ResticError {
+        let url = self.location.display_url();
+        let stderr = &finished.stderr;
+        let code = finished.status.code();
+        if code == Some(10) || stderr.contains("Is there a repository at the following location?") {
+            return ResticError::NoRepository(url);
+        }
+        if code == Some(12) || stderr.contains("wrong password or no key found") {
+            return ResticError::WrongPassword(url);
+        }
+        if code == Some(11) || stderr.contains("repository is already locked") {
+            return ResticError::Locked(url);
+        }
+        let message = stderr
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('{'))
+            .rev()
+            .take(3)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("; ");
+        ResticError::Failed {
+            command: args.first().copied().unwrap_or_default().to_string(),
+            status: finished.status.to_string(),
+            message: self.secrets.redact(if message.is_empty() { "no message" } else { &message }),
+        }
+    }
+
+    /// Fails fast when a network backend does not accept connections: restic itself would retry
+    /// for 15 minutes before saying so.
+    pub async fn probe(&self) -> Result<(), ResticError> {
+        let Some(endpoint) = self.location.network_endpoint() else { return Ok(()) };
+        let unreachable = |reason: String| ResticError::Unreachable { url: self.location.display_url(), reason };
+        match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(endpoint.as_str())).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(err)) => Err(unreachable(format!("connecting to {endpoint}: {err}"))),
+            Err(_) => Err(unreachable(format!("connecting to {endpoint}: no answer in {}s", PROBE_TIMEOUT.as_secs()))),
+        }
+    }
+
+    /// Whether the repository exists (after a reachability probe).
+    pub async fn exists(&self) -> Result<bool, ResticError> {
+        self.probe().await?;
+        match self.run(&["cat", "config", "--no-lock"]).await {
+            Ok(_) => Ok(true),
+            Err(ResticError::NoRepository(_)) => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// `restic init`. Not safe against a concurrent init of the same repository: callers hold the
+    /// repository's Lease.
+    pub async fn init(&self) -> Result<(), ResticError> {
+        self.run(&["init"]).await.map(drop)
+    }
+
+    fn tag_args(tags: &[String]) -> Vec<String> {
+        tags.iter().flat_map(|t| ["--tag".to_string(), t.clone()]).collect()
+    }
+
+    /// `restic backup` of files. Exit 3 (a snapshot without some unreadable files) is reported as
+    /// an outcome with `unreadable` entries; the caller decides.
+    pub async fn backup(&self, request: &BackupRequest) -> Result<BackupOutcome, ResticError> {
+        let mut args: Vec<String> = vec!["backup".into(), "--json".into(), "--host".into(), request.host.clone()];
+        args.extend(Self::tag_args(&request.tags));
+        for pattern in &request.exclude {
+            args.push("--exclude".into());
+            args.push(pattern.clone());
+        }
+        args.extend(request.extra_args.iter().cloned());
+        args.push("--".into());
+        args.extend(request.paths.iter().map(|p| relative_to_root(p)));
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut command = self.command(&argv);
+        command.current_dir(&request.root);
+        let finished = self.finish(command).await?;
+        self.backup_outcome(&argv, &finished)
+    }
+
+    /// `restic backup --stdin` fed from `stdin` (a dump command's output).
+    pub async fn backup_stdin(
+        &self,
+        filename: &str,
+        host: &str,
+        tags: &[String],
+        stdin: Stdio,
+    ) -> Result<BackupOutcome, ResticError> {
+        let mut args: Vec<String> = vec!["backup".into(), "--json".into(), "--host".into(), host.into()];
+        args.extend(Self::tag_args(tags));
+        args.extend(["--stdin".into(), "--stdin-filename".into(), filename.into()]);
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut command = self.command(&argv);
+        command.stdin(stdin);
+        let finished = self.finish(command).await?;
+        self.backup_outcome(&argv, &finished)
+    }
+
+    fn backup_outcome(&self, argv: &[&str], finished: &Finished) -> Result<BackupOutcome, ResticError> {
+        let (summary, unreadable) = parse_backup_output(&finished.stdout);
+        match (finished.status.code(), summary) {
+            (Some(0 | 3), Some(summary)) if !summary.snapshot_id.is_empty() => {
+                Ok(BackupOutcome { summary, unreadable })
+            }
+            (Some(0), _) => {
+                Err(ResticError::Output { command: "backup".into(), message: "no summary with a snapshot id".into() })
+            }
+            _ => Err(self.failure(argv, finished)),
+        }
+    }
+
+    /// Snapshots carrying every tag in `tags`.
+    pub async fn snapshots(&self, tags: &[String]) -> Result<Vec<Snapshot>, ResticError> {
+        let mut args = vec!["snapshots".to_string(), "--json".into(), "--no-lock".into()];
+        if !tags.is_empty() {
+            args.push("--tag".into());
+            args.push(tags.join(","));
+        }
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let finished = self.run(&argv).await?;
+        let text = finished.stdout.trim();
+        if text.is_empty() || text == "null" {
+            return Ok(Vec::new());
+        }
+        serde_json::from_str(text)
+            .map_err(|err| ResticError::Output { command: "snapshots".into(), message: err.to_string() })
+    }
+
+    /// Forgets the snapshots `ids`.
+    pub async fn forget(&self, ids: &[String]) -> Result<(), ResticError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut args = vec!["forget"];
+        args.extend(ids.iter().map(String::as_str));
+        self.run(&args).await.map(drop)
+    }
+
+    pub async fn prune(&self) -> Result<(), ResticError> {
+        self.run(&["prune"]).await.map(drop)
+    }
+
+    /// `restic check`: true when the repository has no errors.
+    pub async fn check(&self) -> Result<bool, ResticError> {
+        let finished = self.finish(self.command(&["check"])).await?;
+        match finished.status.code() {
+            Some(0) => Ok(true),
+            Some(1) if finished.stdout.contains("error") || finished.stderr.contains("error") => Ok(false),
+            _ => Err(self.failure(&["check"], &finished)),
+        }
+    }
+
+    /// Bytes the repository stores (after deduplication and compression).
+    pub async fn stored_size(&self) -> Result<u64, ResticError> {
+        #[derive(serde::Deserialize)]
+        struct Stats {
+            total_size: u64,
+        }
+        let finished = self.run(&["stats", "--json", "--no-lock", "--mode", "raw-data"]).await?;
+        serde_json::from_str::<Stats>(finished.stdout.trim())
+            .map(|s| s.total_size)
+            .map_err(|err| ResticError::Output { command: "stats".into(), message: err.to_string() })
+    }
+
+    /// Every lock file with its content; a lock removed meanwhile is skipped.
+    pub async fn locks(&self) -> Result<Vec<(String, Lock)>, ResticError> {
+        let listed = self.run(&["list", "locks", "--no-lock"]).await?;
+        let mut locks = Vec::new();
+        for id in listed.stdout.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            if let Ok(finished) = self.run(&["cat", "lock", id, "--no-lock"]).await
+                && let Ok(lock) = serde_json::from_str::<Lock>(finished.stdout.trim())
+            {
+                locks.push((id.to_string(), lock));
+            }
+        }
+        Ok(locks)
+    }
+
+    /// `restic unlock`: removes the locks restic itself proves stale (its host's process is gone, or
+    /// it was not refreshed for 30 minutes). Never `--remove-all`, which would break a live lock.
+    pub async fn unlock_stale(&self) -> Result<(), ResticError> {
+        self.run(&["unlock"]).await.map(drop)
+    }
+
+    /// Restores `snapshot` (or `snapshot:subfolder`) into `target`.
+    pub async fn restore(&self, snapshot: &str, target: &Path, include: &[String]) -> Result<(), ResticError> {
+        let target = target.to_string_lossy();
+        let mut args = vec!["restore", snapshot, "--target", &target];
+        for pattern in include {
+            args.push("--include");
+            args.push(pattern);
+        }
+        self.run(&args).await.map(drop)
+    }
+
+    /// Waits for a restic started with `command().spawn()` whose stdout the caller consumed.
+    pub async fn finish_child(&self, child: tokio::process::Child) -> Result<(), ResticError> {
+        let output = child
+            .wait_with_output()
+            .await
+            .map_err(|source| ResticError::Spawn { binary: self.binary.clone(), source })?;
+        let finished = Finished {
+            status: output.status,
+            stdout: String::new(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        };
+        if finished.status.success() { Ok(()) } else { Err(self.failure(&["dump"], &finished)) }
+    }
+
+    /// Starts `restic dump <snapshot> <file>`, its stdout piped for the caller to consume.
+    pub fn dump(&self, snapshot: &str, file: &str) -> Result<tokio::process::Child, ResticError> {
+        let mut command = self.command(&["dump", snapshot, file]);
+        command.spawn().map_err(|source| ResticError::Spawn { binary: self.binary.clone(), source })
+    }
+}
+
+/// `/var/lib/app` → `var/lib/app`: restic runs in the root, so the snapshot keeps the full path.
+fn relative_to_root(path: &str) -> String {
+    let trimmed = path.trim_start_matches('/');
+    if trimmed.is_empty() { ".".into() } else { trimmed.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_versions() {
+        assert_eq!(Version::parse("restic 0.18.1 compiled with go1.25.1 on linux/amd64"), Some(Version(0, 18, 1)));
+        assert_eq!(Version::parse("restic 0.14.0 compiled with go1.19.8 on linux/amd64"), Some(Version(0, 14, 0)));
+        assert_eq!(Version::parse("restic 0.17.0-dev (compiled manually)"), Some(Version(0, 17, 0)));
+        assert_eq!(Version::parse("garbage"), None);
+        assert!(Version(0, 14, 0) < Version(0, 16, 0));
+    }
+
+    #[test]
+    fn paths_become_relative_to_the_root() {
+        assert_eq!(relative_to_root("/var/lib/app"), "var/lib/app");
+        assert_eq!(relative_to_root("/"), ".");
+        assert_eq!(relative_to_root("data"), "data");
+    }
+}
