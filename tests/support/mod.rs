@@ -17,6 +17,8 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+pub mod backends;
+pub mod executors;
 pub mod fixtures;
 pub mod operator;
 pub mod webhook;

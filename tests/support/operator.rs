@@ -27,13 +27,13 @@ pub async fn start() -> RunningOperator {
 pub fn controllers_for(
     namespace: &str,
     identity: &str,
-) -> (stash::controller::ControllerSettings, stash::controller::leader::LeaseConfig) {
+) -> (stash::controller::ControllerSettings, stash::lease::LeaseConfig) {
     let settings = stash::controller::ControllerSettings {
         image: "stash:test".into(),
         namespace: Some(namespace.into()),
         identity: identity.into(),
     };
-    let lease = stash::controller::leader::LeaseConfig {
+    let lease = stash::lease::LeaseConfig {
         namespace: namespace.into(),
         name: "stash-operator".into(),
         identity: identity.into(),
@@ -48,7 +48,7 @@ pub fn controllers_for(
 pub async fn start_on(
     webhook_port: Option<u16>,
     certificates: Option<stash::operator::CertificateSource>,
-    controllers: Option<(stash::controller::ControllerSettings, stash::controller::leader::LeaseConfig)>,
+    controllers: Option<(stash::controller::ControllerSettings, stash::lease::LeaseConfig)>,
 ) -> RunningOperator {
     let certs = tempfile::tempdir().expect("temp dir");
     stash::certs::generate_to_dir(

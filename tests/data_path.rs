@@ -1,0 +1,454 @@
+//! The data path end to end: the operator (in-process) schedules, the executors (the real `stash`
+//! binary as local processes: no kubelet yet) back up with the real restic into real backends on
+//! loopback, finalize the session in the repository, and restore it byte for byte.
+
+mod support;
+
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
+use serde_json::{Value, json};
+use stash::api::backup_session::{BackupSessionPhase, HostPhase};
+use stash::api::restore_batch::RestorePhase;
+use stash::api::{BackupBatch, BackupSession, RestoreBatch};
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use support::TestNamespace;
+use support::backends::{self, PG_PASSWORD, S3_ACCESS_KEY, S3_SECRET_KEY, psql};
+use support::executors::{LocalNode, write_secret_dir};
+use support::fixtures::{self, PASSWORD};
+
+const BATCH: &str = "app-backup";
+
+/// A namespace with the operator's controllers, a Repository and its Secret, and a local node.
+struct Setup {
+    ns: TestNamespace,
+    node: LocalNode,
+    secret: BTreeMap<String, String>,
+    _operator: support::operator::RunningOperator,
+}
+
+enum Backend<'a> {
+    Local(&'a Path),
+    Rest(u16),
+    S3(u16),
+}
+
+impl Setup {
+    async fn new(prefix: &str, backend: Backend<'_>) -> Setup {
+        let ns = TestNamespace::new(prefix).await;
+        let controllers = support::operator::controllers_for(&ns.name, "test-operator");
+        let operator = support::operator::start_on(None, None, Some(controllers)).await;
+        let mut secret = BTreeMap::from([("RESTIC_PASSWORD".to_string(), PASSWORD.to_string())]);
+        let backend = match backend {
+            Backend::Local(dir) => json!({"local": {"mountPath": dir, "hostPath": {"path": dir}}}),
+            Backend::Rest(port) => json!({"rest": {"url": format!("http://127.0.0.1:{port}/{prefix}")}}),
+            Backend::S3(port) => {
+                secret.insert("AWS_ACCESS_KEY_ID".into(), S3_ACCESS_KEY.into());
+                secret.insert("AWS_SECRET_ACCESS_KEY".into(), S3_SECRET_KEY.into());
+                json!({"s3": {"endpoint": format!("http://127.0.0.1:{port}"), "bucket": "stash", "prefix": prefix, "region": "us-east-1"}})
+            }
+        };
+        let mut backend_spec = backend;
+        backend_spec["storageSecretName"] = json!("repo-secret");
+        fixtures::create::<Secret>(&ns, json!({"metadata": {"name": "repo-secret"}, "stringData": secret})).await;
+        fixtures::create::<stash::api::Repository>(
+            &ns,
+            json!({"apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
+                   "metadata": {"name": "repo", "namespace": ns.name}, "spec": {"backend": backend_spec}}),
+        )
+        .await;
+        let node = LocalNode::new(&ns.name);
+        write_secret_dir(node.secret_dir.path(), &secret);
+        Setup { ns, node, secret, _operator: operator }
+    }
+
+    /// A PVC member `uploads` mounted at /stash-data/uploads, with a few files.
+    async fn pvc_member(&self) -> Value {
+        fixtures::create::<PersistentVolumeClaim>(
+            &self.ns,
+            json!({"metadata": {"name": "uploads"}, "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}),
+        )
+        .await;
+        let dir = self.node.root().join("stash-data/uploads");
+        std::fs::create_dir_all(dir.join("2026/11")).expect("dirs");
+        std::fs::write(dir.join("2026/11/invoice.pdf"), vec![7u8; 300_000]).expect("file");
+        std::fs::write(dir.join("index.html"), "<h1>uploads</h1>").expect("file");
+        json!({"target": {"alias": "uploads", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "uploads"},
+               "volumeMounts": [{"name": "uploads", "mountPath": "/stash-data/uploads"}]}})
+    }
+
+    /// A database member `shop-db`: Secret `pg-conn` with the connection, as files for the Job too.
+    async fn database_member(&self, port: u16) -> Value {
+        let connection = BTreeMap::from([
+            ("host".to_string(), "127.0.0.1".to_string()),
+            ("port".to_string(), port.to_string()),
+            ("username".to_string(), "postgres".to_string()),
+            ("password".to_string(), PG_PASSWORD.to_string()),
+            ("database".to_string(), "shop".to_string()),
+        ]);
+        fixtures::create::<Secret>(&self.ns, json!({"metadata": {"name": "pg-conn"}, "stringData": connection})).await;
+        write_secret_dir(self.node.database_secret_dir.path(), &connection);
+        json!({"target": {"alias": "shop-db", "ref": {"apiVersion": "v1", "kind": "Secret", "name": "pg-conn"}},
+               "task": {"name": "postgres-backup-15"}})
+    }
+
+    async fn batch(&self, members: Vec<Value>, spec: Value) -> BackupBatch {
+        fixtures::batch(&self.ns, BATCH, members, spec).await
+    }
+
+    /// Creates a session and plays kubelet until it is finished and finalized.
+    async fn back_up(&mut self) -> BackupSession {
+        let client = support::client().await;
+        let session = stash::session::create_backup_session(client, &self.ns.name, BATCH, None).await.expect("session");
+        let name = kube::ResourceExt::name_any(&session);
+        let sessions = self.ns.api::<BackupSession>();
+        let start = Instant::now();
+        loop {
+            for (job, output) in self.node.run_new_jobs().await {
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                assert!(!stderr.contains(PASSWORD), "a secret leaked into the output of {job}");
+                eprintln!("job {job}: {} {}", output.status, stderr.trim());
+            }
+            let current = sessions.get(&name).await.expect("session");
+            let status = current.status.clone().unwrap_or_default();
+            let finalized = status.conditions.iter().any(|c| c.type_ == "SessionFinalized");
+            if status.phase.is_some_and(|p| p.is_final()) && finalized {
+                return current;
+            }
+            assert!(start.elapsed() < Duration::from_secs(300), "session {name} stuck: {status:?}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    fn restic(&self, args: &[&str]) -> String {
+        let out = Command::new(backends::restic()).args(args).envs(self.secret.iter()).output().expect("restic runs");
+        assert!(out.status.success(), "restic {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Restores every member of `members` of the latest complete session (or per `restore_from`)
+    /// into `root`.
+    async fn restore(&mut self, name: &str, members: Vec<Value>, restore_from: Value, root: &Path) -> RestoreBatch {
+        let restore = fixtures::create::<RestoreBatch>(
+            &self.ns,
+            json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "RestoreBatch",
+                   "metadata": {"name": name, "namespace": self.ns.name},
+                   "spec": {"repository": {"name": "repo"}, "members": members, "restoreFrom": restore_from}}),
+        )
+        .await;
+        let _ = restore;
+        let label = format!("stash.appscode.com/restore-batch={name}");
+        let restores = self.ns.api::<RestoreBatch>();
+        let start = Instant::now();
+        loop {
+            for (job, output) in self.node.run_new_jobs_matching(&label, root).await {
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                assert!(output.status.success(), "restore Job {job}: {stderr}");
+            }
+            let current = restores.get(name).await.expect("restore batch");
+            let phase = current.status.as_ref().and_then(|s| s.phase);
+            if matches!(phase, Some(RestorePhase::Succeeded | RestorePhase::Failed)) {
+                assert_eq!(phase, Some(RestorePhase::Succeeded), "{:?}", current.status);
+                return current;
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "restore {name} stuck: {:?}", current.status);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+}
+
+/// ~2,000 files: nested directories, empty files, symlinks, a 50 MB file, odd names.
+fn make_tree(root: &Path) {
+    std::fs::create_dir_all(root).expect("root");
+    for d in 0..40 {
+        let dir = root.join(format!("dir-{d:02}/sub"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        for f in 0..49 {
+            let body: Vec<u8> = (0..(f * 97 + d)).map(|i| (i * 31 + d * 7 + f) as u8).collect();
+            std::fs::write(dir.join(format!("file-{f:02}.txt")), body).expect("file");
+        }
+    }
+    for name in ["empty", "with space.txt", "ünïcödé-名前.txt", "quote'and\"dq", "-leading-dash", "tab\tname"] {
+        std::fs::write(root.join(name), name.as_bytes()).expect("odd file");
+    }
+    std::fs::write(root.join("dir-00/empty-too"), b"").expect("empty");
+    std::os::unix::fs::symlink("dir-01/sub/file-03.txt", root.join("link-to-file")).expect("symlink");
+    std::os::unix::fs::symlink("../nowhere", root.join("dangling-link")).expect("symlink");
+    std::os::unix::fs::symlink("dir-02", root.join("link-to-dir")).expect("symlink");
+    let big: Vec<u8> = (0..50 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    std::fs::write(root.join("big.bin"), big).expect("big file");
+    std::fs::set_permissions(root.join("empty"), std::fs::Permissions::from_mode(0o600)).expect("mode");
+}
+
+/// Every entry of a tree: path → (kind, content or link target, mode).
+fn tree_listing(root: &Path) -> BTreeMap<String, (char, Vec<u8>, u32)> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (char, Vec<u8>, u32)>) {
+        for entry in std::fs::read_dir(dir).expect("read dir") {
+            let path = entry.expect("entry").path();
+            let meta = std::fs::symlink_metadata(&path).expect("metadata");
+            let relative = path.strip_prefix(root).expect("under root").to_string_lossy().into_owned();
+            let mode = meta.permissions().mode() & 0o7777;
+            if meta.file_type().is_symlink() {
+                let target = std::fs::read_link(&path).expect("link").to_string_lossy().into_owned();
+                out.insert(relative, ('l', target.into_bytes(), 0));
+            } else if meta.is_dir() {
+                out.insert(relative, ('d', Vec::new(), mode));
+                walk(root, &path, out);
+            } else {
+                out.insert(relative, ('f', std::fs::read(&path).expect("read"), mode));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn assert_same_tree(original: &Path, restored: &Path) {
+    let (a, b) = (tree_listing(original), tree_listing(restored));
+    assert_eq!(a.len(), b.len(), "entry counts differ: {} vs {}", a.len(), b.len());
+    for (path, entry) in &a {
+        assert!(b.get(path) == Some(entry), "{path} differs after restore");
+    }
+}
+
+fn table_checksum(port: u16) -> String {
+    psql(port, "shop", "SELECT count(*) || ':' || md5(string_agg(t::text, ',' ORDER BY id)) FROM items t")
+}
+
+fn seed_database(port: u16) {
+    psql(port, "postgres", "CREATE DATABASE shop");
+    psql(
+        port,
+        "shop",
+        "CREATE TABLE items (id serial PRIMARY KEY, name text, qty int, note text); \
+         INSERT INTO items (name, qty, note) SELECT 'item ' || g, g % 17, repeat('x', g % 50) FROM generate_series(1, 5000) g",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_a_pvc_and_postgres_back_up_and_restore_identically_without_kubelet() {
+    let pg = backends::postgres();
+    seed_database(pg.port);
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut setup = Setup::new("datapath", Backend::Local(repo.path())).await;
+    fixtures::targets(&setup.ns).await;
+    let app_data = setup.node.root().join("var/lib/app/data");
+    make_tree(&app_data);
+    let members = vec![
+        json!({"target": {"alias": "app", "ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "app"},
+               "paths": ["/var/lib/app/data"]}}),
+        setup.pvc_member().await,
+        setup.database_member(pg.port).await,
+    ];
+    setup.batch(members, json!({"timeOut": "10m"})).await;
+    let _sidecar = setup.node.spawn_sidecar(BATCH, "Deployment", "app", "app-5d8f7c9b4-abcde");
+
+    let session = setup.back_up().await;
+    let status = session.status.clone().expect("status");
+    assert_eq!(status.phase, Some(BackupSessionPhase::Succeeded), "{status:?}");
+    for target in &status.targets {
+        let host = &target.stats[0];
+        assert_eq!(host.phase, Some(HostPhase::Succeeded), "{host:?}");
+        assert!(!host.snapshots[0].name.is_empty(), "a snapshot id");
+    }
+    let app_stats = status.targets[0].stats[0].snapshots[0].file_stats.clone().expect("file stats");
+    assert!(app_stats.total_files.unwrap_or(0) >= 1960, "{app_stats:?}");
+    assert!(
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "ManifestWritten" && c.status == stash::api::common::ConditionStatus::True)
+    );
+
+    let repo_url = repo.path().to_string_lossy().into_owned();
+    let listed: Vec<Value> =
+        serde_json::from_str(&setup.restic(&["-r", &repo_url, "snapshots", "--json", "--no-lock"])).expect("JSON");
+    let session_tag = format!("session={}", kube::ResourceExt::name_any(&session));
+    for member in ["app", "uploads", "shop-db"] {
+        let found = listed.iter().any(|s| {
+            let tags: Vec<&str> = s["tags"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+            s["hostname"] == member
+                && tags.contains(&session_tag.as_str())
+                && tags.contains(&format!("batch={BATCH}").as_str())
+                && tags.contains(&format!("member={member}").as_str())
+        });
+        assert!(found, "restic lists no tagged snapshot of {member}: {listed:?}");
+    }
+    let repository = setup.ns.api::<stash::api::Repository>().get("repo").await.expect("repository");
+    let repo_status = repository.status.expect("repository status");
+    assert_eq!(repo_status.snapshot_count, Some(3));
+    assert_eq!(repo_status.integrity, Some(true));
+    assert!(repo_status.last_backup_time.is_some());
+
+    let before = table_checksum(pg.port);
+    psql(pg.port, "shop", "DELETE FROM items WHERE id % 3 = 0; UPDATE items SET qty = -1");
+    assert_ne!(table_checksum(pg.port), before);
+    let restored = tempfile::tempdir().expect("restore dir");
+    let restore = setup
+        .restore(
+            "restore-all",
+            vec![
+                json!({"target": {"alias": "app", "ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "app"}}}),
+                json!({"target": {"alias": "uploads", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "uploads"}}}),
+                json!({"target": {"alias": "shop-db", "ref": {"apiVersion": "v1", "kind": "Secret", "name": "pg-conn"}},
+                       "task": {"name": "postgres-restore-15"}}),
+            ],
+            json!({}),
+            restored.path(),
+        )
+        .await;
+    assert_same_tree(&app_data, &restored.path().join("var/lib/app/data"));
+    assert_same_tree(&setup.node.root().join("stash-data/uploads"), &restored.path().join("stash-data/uploads"));
+    assert_eq!(table_checksum(pg.port), before, "the database is back as it was");
+    let restore_status = restore.status.expect("restore status");
+    assert_eq!(restore_status.restored_session.as_deref(), Some(kube::ResourceExt::name_any(&session).as_str()));
+    assert_eq!(restore_status.members.len(), 3);
+}
+
+/// Backs up the PVC member and restores it, through `backend`.
+async fn pvc_round_trip(prefix: &str, backend: Backend<'_>) {
+    let mut setup = Setup::new(prefix, backend).await;
+    let member = setup.pvc_member().await;
+    setup.batch(vec![member], json!({})).await;
+    let session = setup.back_up().await;
+    let status = session.status.expect("status");
+    assert_eq!(status.phase, Some(BackupSessionPhase::Succeeded), "{status:?}");
+    let restored = tempfile::tempdir().expect("restore dir");
+    let pvc = json!({"target": {"alias": "uploads", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "uploads"}}});
+    setup.restore("restore-uploads", vec![pvc], json!({}), restored.path()).await;
+    assert_same_tree(&setup.node.root().join("stash-data/uploads"), &restored.path().join("stash-data/uploads"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rest_server_backend_round_trips() {
+    let server = backends::rest_server();
+    pvc_round_trip("rest", Backend::Rest(server.port)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_s3_backend_round_trips() {
+    let server = backends::s3_server();
+    pvc_round_trip("s3", Backend::S3(server.port)).await;
+}
+
+fn uploaded_bytes(session: &BackupSession, target: usize) -> String {
+    let status = session.status.as_ref().expect("status");
+    status.targets[target].stats[0].snapshots[0].uploaded.clone().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_keeps_complete_sets_and_restore_skips_an_incomplete_run() {
+    let pg = backends::postgres();
+    seed_database(pg.port);
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut setup = Setup::new("retention", Backend::Local(repo.path())).await;
+    let members = vec![setup.pvc_member().await, setup.database_member(pg.port).await];
+    let retention = json!({"retentionPolicy": {"name": "last", "keepLast": 1, "prune": true}, "backupHistoryLimit": 3});
+    setup.batch(members, retention).await;
+    let uploads = setup.node.root().join("stash-data/uploads");
+    std::fs::write(uploads.join("large.bin"), vec![42u8; 4_000_000]).expect("file");
+
+    let first = setup.back_up().await;
+    assert_eq!(first.status.as_ref().and_then(|s| s.phase), Some(BackupSessionPhase::Succeeded));
+    // The second run after a small change uploads only that change.
+    std::fs::write(uploads.join("index.html"), "<h1>changed</h1>").expect("file");
+    tokio::time::sleep(Duration::from_secs(1)).await; // session names are per second
+    let second = setup.back_up().await;
+    assert_eq!(second.status.as_ref().and_then(|s| s.phase), Some(BackupSessionPhase::Succeeded));
+    let stats = second.status.as_ref().expect("status").targets[0].stats[0].snapshots[0].clone();
+    let files = stats.file_stats.clone().expect("file stats");
+    assert_eq!((files.new_files, files.modified_files), (Some(0), Some(1)), "{files:?}");
+    assert!(uploaded_bytes(&second, 0).ends_with(" B") || uploaded_bytes(&second, 0).contains("KiB"), "{stats:?}");
+    assert!(uploaded_bytes(&first, 0).contains("MiB"), "the first run uploaded the data");
+
+    let repo_url = repo.path().to_string_lossy().into_owned();
+    let snapshots = |setup: &Setup| -> Vec<Value> {
+        serde_json::from_str(&setup.restic(&["-r", &repo_url, "snapshots", "--json", "--no-lock"])).expect("JSON")
+    };
+    let second_name = kube::ResourceExt::name_any(&second);
+    let sessions_left: std::collections::BTreeSet<String> = snapshots(&setup)
+        .iter()
+        .flat_map(|s| s["tags"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t.as_str().and_then(|t| t.strip_prefix("session=")).map(str::to_string))
+        .collect();
+    assert_eq!(sessions_left, [second_name.clone()].into(), "keepLast 1 leaves one complete set");
+    assert_eq!(snapshots(&setup).len(), 3, "two members and the manifest");
+
+    // A third run whose database is down: Failed, no manifest, and restore still takes the second.
+    write_secret_dir(
+        setup.node.database_secret_dir.path(),
+        &BTreeMap::from([
+            ("host".to_string(), "127.0.0.1".to_string()),
+            ("port".to_string(), backends::free_port().to_string()),
+            ("username".to_string(), "postgres".to_string()),
+            ("password".to_string(), PG_PASSWORD.to_string()),
+            ("database".to_string(), "shop".to_string()),
+        ]),
+    );
+    std::fs::write(uploads.join("index.html"), "<h1>third</h1>").expect("file");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let third = setup.back_up().await;
+    let status = third.status.clone().expect("status");
+    assert_eq!(status.phase, Some(BackupSessionPhase::Failed));
+    let db_error = status.targets[1].stats[0].error.clone().unwrap_or_default();
+    assert!(db_error.contains("dump of shop.sql failed") && db_error.contains("127.0.0.1"), "{db_error}");
+    assert!(!db_error.contains(PG_PASSWORD));
+    let manifest = status.conditions.iter().find(|c| c.type_ == "ManifestWritten").expect("manifest condition");
+    assert_eq!(manifest.status, stash::api::common::ConditionStatus::False);
+
+    let restored = tempfile::tempdir().expect("restore dir");
+    let pvc = json!({"target": {"alias": "uploads", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "uploads"}}});
+    let restore = setup.restore("restore-latest", vec![pvc], json!({}), restored.path()).await;
+    let page = std::fs::read_to_string(restored.path().join("stash-data/uploads/index.html")).expect("restored");
+    assert_eq!(page, "<h1>changed</h1>", "the last complete set is the second run");
+    assert_eq!(restore.status.and_then(|s| s.restored_session), Some(second_name));
+}
+
+/// One failing backup: the session fails, the target says why without secrets, and the repository
+/// keeps what it had.
+async fn failing_backup(setup: &mut Setup, expect: &str) {
+    let session = setup.back_up().await;
+    let status = session.status.expect("status");
+    assert_eq!(status.phase, Some(BackupSessionPhase::Failed), "{status:?}");
+    let error = status.targets[0].stats[0].error.clone().unwrap_or_default();
+    assert!(error.contains(expect), "{error:?} should say {expect:?}");
+    for secret in setup.secret.values() {
+        assert!(!error.contains(secret.as_str()), "a secret in {error:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_passwords_unreachable_backends_and_missing_paths_fail_clearly() {
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut setup = Setup::new("failures", Backend::Local(repo.path())).await;
+    let member = setup.pvc_member().await;
+    setup.batch(vec![member], json!({})).await;
+    let good = setup.back_up().await;
+    assert_eq!(good.status.and_then(|s| s.phase), Some(BackupSessionPhase::Succeeded));
+    let repo_url = repo.path().to_string_lossy().into_owned();
+    let before = setup.restic(&["-r", &repo_url, "snapshots", "--json", "--no-lock"]);
+
+    let mut wrong = setup.secret.clone();
+    wrong.insert("RESTIC_PASSWORD".into(), "wrong-password-1234".into());
+    write_secret_dir(setup.node.secret_dir.path(), &wrong);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    failing_backup(&mut setup, "wrong RESTIC_PASSWORD").await;
+    write_secret_dir(setup.node.secret_dir.path(), &setup.secret);
+
+    std::fs::remove_dir_all(setup.node.root().join("stash-data/uploads")).expect("remove");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    failing_backup(&mut setup, "path /stash-data/uploads does not exist").await;
+    assert_eq!(setup.restic(&["-r", &repo_url, "snapshots", "--json", "--no-lock"]), before, "snapshots untouched");
+
+    let repositories = setup.ns.api::<stash::api::Repository>();
+    let patch = json!({"spec": {"backend": {"local": null, "rest": {"url": format!("http://127.0.0.1:{}/", backends::free_port())}}}});
+    repositories
+        .patch("repo", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+        .await
+        .expect("patch");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    failing_backup(&mut setup, "unreachable").await;
+}

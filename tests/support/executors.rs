@@ -1,0 +1,126 @@
+//! No kubelet yet: the executors the operator schedules as Jobs (and the sidecar it injects) run here
+//! as local processes of the real `stash` binary, pointed at the test's API server, with `/` of the
+//! Pod mapped to a local directory and the mounted Secrets written to local directories.
+
+use k8s_openapi::api::batch::v1::Job;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+pub struct LocalNode {
+    pub namespace: String,
+    pub kubeconfig: PathBuf,
+    /// What the Pods see as `/`.
+    pub root: tempfile::TempDir,
+    /// The repository Secret's files.
+    pub secret_dir: tempfile::TempDir,
+    /// A database member's connection Secret's files.
+    pub database_secret_dir: tempfile::TempDir,
+    ran: HashSet<String>,
+}
+
+pub fn write_secret_dir(dir: &Path, values: &BTreeMap<String, String>) {
+    for entry in std::fs::read_dir(dir).expect("secret dir") {
+        let _ = std::fs::remove_file(entry.expect("entry").path());
+    }
+    for (key, value) in values {
+        std::fs::write(dir.join(key), value).expect("secret file");
+    }
+}
+
+impl LocalNode {
+    pub fn new(namespace: &str) -> Self {
+        LocalNode {
+            namespace: namespace.into(),
+            kubeconfig: super::cluster().kubeconfig.clone(),
+            root: tempfile::tempdir().expect("temp dir"),
+            secret_dir: tempfile::tempdir().expect("temp dir"),
+            database_secret_dir: tempfile::tempdir().expect("temp dir"),
+            ran: HashSet::new(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// `stash <args>` as a Pod named `pod` of this namespace would run it.
+    pub fn command(&self, args: &[String], pod: &str) -> Command {
+        self.command_in(args, pod, self.root.path())
+    }
+
+    /// The same, with `/` mapped to `root`.
+    pub fn command_in(&self, args: &[String], pod: &str, root: &Path) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_stash"));
+        command.args(args);
+        command.arg("--secret-dir").arg(self.secret_dir.path());
+        command.arg("--path-root").arg(root);
+        if matches!(args.first().map(String::as_str), Some("backup-job" | "restore")) {
+            command.arg("--database-secret-dir").arg(self.database_secret_dir.path());
+        }
+        command
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("POD_NAMESPACE", &self.namespace)
+            .env("POD_NAME", pod)
+            .env("NODE_NAME", "local-node")
+            .env("STASH_RESTIC_BINARY", super::backends::restic())
+            .env("RUST_LOG", "warn");
+        command
+    }
+
+    /// Runs every backup and finalize Job of the namespace not run before, one after another, as a
+    /// kubelet would run their Pods. Returns the outputs by Job name.
+    pub async fn run_new_jobs(&mut self) -> Vec<(String, Output)> {
+        let root = self.root.path().to_path_buf();
+        self.run_new_jobs_matching("stash.appscode.com/backup-session", &root).await
+    }
+
+    /// The same for the Jobs carrying `label`, with `/` mapped to `root`.
+    pub async fn run_new_jobs_matching(&mut self, label: &str, root: &Path) -> Vec<(String, Output)> {
+        let client = super::client().await;
+        let jobs: Api<Job> = Api::namespaced(client, &self.namespace);
+        let mut list = jobs.list(&ListParams::default().labels(label)).await.expect("list Jobs").items;
+        list.sort_by_key(|j| j.metadata.creation_timestamp.clone());
+        let mut outputs = Vec::new();
+        for job in list {
+            let name = job.name_any();
+            let Some(args) = executor_args(&job) else { continue };
+            if !self.ran.insert(name.clone()) {
+                continue;
+            }
+            let pod = format!("{name}-x7k2p");
+            let output =
+                tokio::task::block_in_place(|| self.command_in(&args, &pod, root).output().expect("stash runs"));
+            outputs.push((name, output));
+        }
+        outputs
+    }
+
+    /// The sidecar of `pod`, running until killed.
+    pub fn spawn_sidecar(&self, batch: &str, kind: &str, name: &str, pod: &str) -> KilledOnDrop {
+        let args: Vec<String> = ["run-backup", "--invoker-name", batch, "--target-kind", kind, "--target-name", name]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let child = self.command(&args, pod).stdout(Stdio::null()).spawn().expect("the sidecar starts");
+        KilledOnDrop(child)
+    }
+}
+
+/// The args of a Job's `stash` container, for executor Jobs (not the trigger's).
+fn executor_args(job: &Job) -> Option<Vec<String>> {
+    let pod = job.spec.as_ref()?.template.spec.as_ref()?;
+    let args = pod.containers.first()?.args.clone()?;
+    matches!(args.first().map(String::as_str), Some("backup-job" | "finalize-session" | "restore")).then_some(args)
+}
+
+pub struct KilledOnDrop(pub Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
