@@ -42,7 +42,7 @@ pub enum Command {
     /// Resume a paused BackupBatch.
     Resume(BatchArgs),
     /// List the sessions of a BackupBatch with phase, duration and size.
-    Sessions(BatchArgs),
+    Sessions(SessionsArgs),
 }
 
 /// Names the object that invokes a backup.
@@ -259,6 +259,19 @@ pub struct GenerateCertsArgs {
     /// Lifetime of a newly created CA.
     #[arg(long, default_value = "87600h", value_parser = parse_duration)]
     pub ca_validity: Duration,
+}
+
+/// `stash sessions`: from the API, or from the manifests in the repository.
+#[derive(Args, Debug)]
+pub struct SessionsArgs {
+    #[command(flatten)]
+    pub batch: BatchArgs,
+    /// List the complete sessions recorded in the repository (works with the BackupSessions gone);
+    /// reads the repository Secret from --secret-dir.
+    #[arg(long)]
+    pub from_repository: bool,
+    #[command(flatten)]
+    pub executor: ExecutorArgs,
 }
 
 /// Names one BackupBatch.

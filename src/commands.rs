@@ -1,5 +1,7 @@
 //! The everyday commands: back up now, pause, resume, list sessions.
 
+use crate::agent::status::human_bytes;
+use crate::agent::{AgentError, Executor, manifest};
 use crate::api::{BackupBatch, BackupSession};
 use crate::session::{INVOKER_NAME_LABEL, SessionError, create_backup_session};
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -27,7 +29,8 @@ pub async fn sessions_table(client: Client, namespace: &str, batch: &str) -> Res
     let sessions: Api<BackupSession> = Api::namespaced(client, namespace);
     let mut items = sessions.list(&ListParams::default().labels(&format!("{INVOKER_NAME_LABEL}={batch}"))).await?.items;
     items.sort_by(|a, b| b.metadata.creation_timestamp.cmp(&a.metadata.creation_timestamp));
-    let mut out = format!("{:<40} {:<10} {:<10} {:<9} {}\n", "NAME", "PHASE", "DURATION", "TARGETS", "CREATED");
+    let mut out =
+        format!("{:<40} {:<10} {:<10} {:<9} {:<11} {}\n", "NAME", "PHASE", "DURATION", "TARGETS", "SIZE", "CREATED");
     for session in items {
         let status = session.status.clone().unwrap_or_default();
         let phase = status.phase.map_or("Pending".to_string(), |p| format!("{p:?}"));
@@ -37,15 +40,61 @@ pub async fn sessions_table(client: Client, namespace: &str, batch: &str) -> Res
             .filter(|t| t.phase == Some(crate::api::backup_session::TargetPhase::Succeeded))
             .count();
         let created = session.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default();
+        let sizes = status.targets.iter().flat_map(|t| &t.stats).flat_map(|h| &h.snapshots);
+        let bytes: u64 = sizes.filter_map(|s| s.total_size.as_deref().and_then(parse_bytes)).sum();
         let _ = writeln!(
             out,
-            "{:<40} {:<10} {:<10} {:<9} {}",
+            "{:<40} {:<10} {:<10} {:<9} {:<11} {}",
             session.name_any(),
             phase,
             status.session_duration.unwrap_or_else(|| "-".into()),
             format!("{done}/{}", status.targets.len()),
+            if bytes == 0 { "-".to_string() } else { human_bytes(bytes) },
             created
         );
     }
     Ok(out)
+}
+
+/// `12.5 MiB` → bytes (what `human_bytes` wrote into a status).
+fn parse_bytes(text: &str) -> Option<u64> {
+    let (number, unit) = text.split_once(' ')?;
+    let power = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"].iter().position(|u| *u == unit)?;
+    let value: f64 = number.parse().ok()?;
+    Some((value * 1024f64.powi(i32::try_from(power).ok()?)) as u64)
+}
+
+/// The complete sessions of `batch` as its repository's manifests record them, newest first.
+pub async fn repository_sessions_table(executor: &Executor, batch: &str) -> Result<String, AgentError> {
+    let batch_object = executor.batch(batch).await?;
+    let repository = executor.repository(&batch_object.spec.repository).await?;
+    let restic = executor.restic(&repository).await?;
+    let mut out = format!("{:<40} {:<32} {:<8} {}\n", "SESSION", "FINISHED", "MEMBERS", "SIZE");
+    for snapshot in manifest::list(&restic, batch).await?.iter().rev() {
+        let manifest = manifest::read(&restic, snapshot).await?;
+        let hosts = manifest.members.iter().flat_map(|m| &m.hosts);
+        let bytes: u64 = hosts.filter_map(|h| h.total_size.as_deref().and_then(parse_bytes)).sum();
+        let _ = writeln!(
+            out,
+            "{:<40} {:<32} {:<8} {}",
+            manifest.session,
+            manifest.end_time,
+            manifest.members.len(),
+            human_bytes(bytes)
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_back() {
+        assert_eq!(parse_bytes("512 B"), Some(512));
+        assert_eq!(parse_bytes("1.5 KiB"), Some(1536));
+        assert_eq!(parse_bytes(&human_bytes(50 * 1024 * 1024)), Some(50 * 1024 * 1024));
+        assert_eq!(parse_bytes("lots"), None);
+    }
 }

@@ -91,7 +91,15 @@ fn run(command: Command) -> Result<(), MainError> {
             println!("backupbatch/{name} resumed");
             Ok(())
         }),
-        Command::Sessions(args) => batch_command(args, |client, namespace, name| async move {
+        Command::Sessions(args) if args.from_repository => {
+            let namespace = args.batch.namespace.clone();
+            let name = args.batch.name.clone();
+            executor_command(namespace, args.executor, "cli", |executor| async move {
+                print!("{}", stash::commands::repository_sessions_table(&executor, &name).await?);
+                Ok(())
+            })
+        }
+        Command::Sessions(args) => batch_command(args.batch, |client, namespace, name| async move {
             print!("{}", stash::commands::sessions_table(client, &namespace, &name).await?);
             Ok(())
         }),

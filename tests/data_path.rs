@@ -376,6 +376,11 @@ async fn retention_keeps_complete_sets_and_restore_skips_an_incomplete_run() {
         .collect();
     assert_eq!(sessions_left, [second_name.clone()].into(), "keepLast 1 leaves one complete set");
     assert_eq!(snapshots(&setup).len(), 3, "two members and the manifest");
+    let args: Vec<String> = ["sessions", BATCH, "--from-repository", "-n", &setup.ns.name].map(String::from).into();
+    let listed = setup.node.command(&args, "cli").output().expect("stash sessions runs");
+    let table = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success() && table.contains(&second_name), "{table}");
+    assert!(!table.contains(&kube::ResourceExt::name_any(&first)), "the first set was forgotten: {table}");
 
     // A third run whose database is down: Failed, no manifest, and restore still takes the second.
     write_secret_dir(
@@ -451,4 +456,68 @@ async fn bad_passwords_unreachable_backends_and_missing_paths_fail_clearly() {
         .expect("patch");
     tokio::time::sleep(Duration::from_secs(1)).await;
     failing_backup(&mut setup, "unreachable").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lock_left_by_a_killed_executor_is_healed_by_the_next_session() {
+    use std::os::unix::process::CommandExt;
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut setup = Setup::new("stale-lock", Backend::Local(repo.path())).await;
+    let member = setup.pvc_member().await;
+    let big: Vec<u8> = (0..120 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_246_822_519) >> 13) as u8).collect();
+    std::fs::write(setup.node.root().join("stash-data/uploads/big.bin"), big).expect("big file");
+    setup.batch(vec![member], json!({"timeOut": "15s"})).await;
+
+    // Session one: its backup Job is killed (SIGKILL to its process group) while restic holds a lock.
+    let client = support::client().await;
+    let first = stash::session::create_backup_session(client, &setup.ns.name, BATCH, None).await.expect("session");
+    let jobs = setup.ns.api::<k8s_openapi::api::batch::v1::Job>();
+    let job = support::eventually("the backup Job", Duration::from_secs(60), || {
+        let jobs = jobs.clone();
+        async move {
+            jobs.list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|j| kube::ResourceExt::name_any(j).ends_with("-0"))
+        }
+    })
+    .await;
+    let job_name = kube::ResourceExt::name_any(&job);
+    let args =
+        job.spec.and_then(|s| s.template.spec).map(|p| p.containers[0].args.clone().unwrap_or_default()).expect("args");
+    let mut child = setup.node.command(&args, "killed-x7k2p").process_group(0).spawn().expect("backup-job starts");
+    let locks = repo.path().join("locks");
+    let start = Instant::now();
+    while std::fs::read_dir(&locks).map(|d| d.count()).unwrap_or(0) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(60), "restic never took a lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pgid = i32::try_from(child.id()).expect("pid");
+    assert!(Command::new("kill").args(["-KILL", "--", &format!("-{pgid}")]).status().expect("kill").success());
+    let _ = child.wait();
+    assert_eq!(std::fs::read_dir(&locks).expect("locks").count(), 1, "the killed restic left its lock");
+    let sessions = setup.ns.api::<BackupSession>();
+    let failed =
+        fixtures::session_phase(&sessions, &kube::ResourceExt::name_any(&first), BackupSessionPhase::Failed).await;
+    let status = failed.status.expect("status");
+    // The Job's activeDeadlineSeconds (the session's deadline) ends it; the operator sees it died.
+    let error = status.targets[0].stats[0].error.clone().unwrap_or_default();
+    assert!(error.contains("failed before reporting"), "{status:?}");
+    setup.node.mark_run(&job_name);
+
+    // The next executor proves the lock stale (its process is gone), removes it with an Event, and
+    // the next session succeeds.
+    let next = setup.back_up().await;
+    assert_eq!(next.status.and_then(|s| s.phase), Some(BackupSessionPhase::Succeeded));
+    assert_eq!(std::fs::read_dir(&locks).expect("locks").count(), 0, "no lock left");
+    let events = setup.ns.api::<k8s_openapi::api::events::v1::Event>();
+    let healed = events.list(&Default::default()).await.expect("events").items;
+    let note = healed
+        .iter()
+        .find(|e| e.reason.as_deref() == Some("StaleLockRemoved"))
+        .and_then(|e| e.note.clone())
+        .expect("a StaleLockRemoved Event");
+    assert!(note.contains("its process is gone"), "{note}");
 }
