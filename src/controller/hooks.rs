@@ -1,6 +1,7 @@
 //! Global hooks of a session: run once before the first and after the last member.
 
 use crate::api::common::{Handler, HookExecutionPolicy, UriScheme};
+use crate::restic::backend::percent_encode;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::time::Duration;
 
@@ -35,7 +36,8 @@ pub async fn run(handler: &Handler) -> Result<(), String> {
         } else if !post.form.is_empty() {
             let form: Vec<(String, String)> =
                 post.form.iter().flat_map(|f| f.values.iter().map(|v| (f.key.clone(), v.clone()))).collect();
-            let encoded: Vec<String> = form.iter().map(|(k, v)| format!("{}={}", encode(k), encode(v))).collect();
+            let encoded: Vec<String> =
+                form.iter().map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v))).collect();
             request = request.header("content-type", "application/x-www-form-urlencoded").body(encoded.join("&"));
         }
         request
@@ -88,15 +90,6 @@ fn headers(headers: &[k8s_openapi::api::core::v1::HTTPHeader]) -> Result<reqwest
     Ok(map)
 }
 
-fn encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +106,6 @@ mod tests {
 
     #[test]
     fn form_values_are_url_encoded() {
-        assert_eq!(encode("a b&c=d/é"), "a%20b%26c%3Dd%2F%C3%A9");
+        assert_eq!(percent_encode("a b&c=d/é"), "a%20b%26c%3Dd%2F%C3%A9");
     }
 }

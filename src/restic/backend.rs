@@ -126,7 +126,8 @@ fn with_credentials(url: &str, secrets: &SecretValues) -> Result<String, Backend
     }
 }
 
-fn percent_encode(text: &str) -> String {
+/// RFC 3986 percent-encoding of everything but unreserved characters.
+pub fn percent_encode(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
