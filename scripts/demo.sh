@@ -12,10 +12,13 @@ webhook_port=${STASH_DEMO_WEBHOOK_PORT:-8443}
 admin_port=${STASH_DEMO_ADMIN_PORT:-8080}
 
 stop_operator() {
-  if [[ -f "$state/operator.pid" ]]; then
-    kill "$(cat "$state/operator.pid")" 2>/dev/null || true
-    rm -f "$state/operator.pid"
-  fi
+  local pid
+  for pid in operator sidecar rest-server; do
+    if [[ -f "$state/$pid.pid" ]]; then
+      kill "$(cat "$state/$pid.pid")" 2>/dev/null || true
+      rm -f "$state/$pid.pid"
+    fi
+  done
 }
 
 if [[ ${1:-} == down ]]; then
@@ -62,12 +65,59 @@ namespace=$(kubectl apply -f "$sample" --dry-run=client -o jsonpath='{range .ite
 batch=$(kubectl apply -f "$sample" --dry-run=client -o jsonpath='{range .items[?(@.kind=="BackupBatch")]}{.metadata.name}{end}')
 kubectl wait --for=jsonpath='{.status.phase}'=Ready "backupbatch/$batch" -n "$namespace" --timeout 60s
 
+echo "== the data path, here: no kubelet yet, so the executors run as local processes"
+# The sample's REST server is a Service in a real cluster; here it is restic's rest-server on loopback,
+# and what the Pods see as / is $state/root.
+tools=$(tests/backends/build.sh)
+rest_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+mkdir -p "$state/rest" "$state/secret" "$state/root/var/www/html" "$state/root/stash-data/2026"
+"$tools/rest-server" --listen "127.0.0.1:$rest_port" --path "$state/rest" --no-auth >/dev/null 2>&1 &
+echo $! >"$state/rest-server.pid"
+repository=$(kubectl get backupbatch "$batch" -n "$namespace" -o jsonpath='{.spec.repository.name}')
+kubectl patch repository "$repository" -n "$namespace" --type merge \
+  -p "{\"spec\":{\"backend\":{\"rest\":{\"url\":\"http://127.0.0.1:$rest_port/$batch\"}}}}" >/dev/null
+secret=$(kubectl get repository "$repository" -n "$namespace" -o jsonpath='{.spec.backend.storageSecretName}')
+kubectl get secret "$secret" -n "$namespace" -o json | python3 -c '
+import base64, json, os, sys
+for key, value in json.load(sys.stdin).get("data", {}).items():
+    with open(os.path.join(sys.argv[1], key), "wb") as f: f.write(base64.b64decode(value))' "$state/secret"
+echo "<h1>hello from the demo</h1>" >"$state/root/var/www/html/index.html"
+head -c 3000000 /dev/urandom >"$state/root/stash-data/2026/photo.jpg"
+export POD_NAMESPACE=$namespace STASH_RESTIC_BINARY="$tools/restic"
+executor() { "$stash" "$@" --secret-dir "$state/secret" --path-root "$state/root"; }
+POD_NAME=wordpress-demo-x7k2p "$stash" run-backup --invoker-name "$batch" --target-kind Deployment \
+  --target-name wordpress --secret-dir "$state/secret" --path-root "$state/root" >>"$state/sidecar.log" 2>&1 &
+echo $! >"$state/sidecar.pid"
+
 echo "== back up now"
-"$stash" trigger "$batch" -n "$namespace"
-sleep 3
+session=$("$stash" trigger "$batch" -n "$namespace" | sed 's#backupsession/\([^ ]*\) created#\1#')
+echo "session $session"
+ran=" "
+for _ in $(seq 1 300); do
+  # Play kubelet: run each Job the operator created for the session, once.
+  for job in $(kubectl get jobs -n "$namespace" -l "stash.appscode.com/backup-session=$session" -o name); do
+    [[ $ran == *" $job "* ]] && continue
+    ran+="$job "
+    mapfile -t args < <(kubectl get "$job" -n "$namespace" -o jsonpath='{.spec.template.spec.containers[0].args}' |
+      python3 -c 'import json, sys; print("\n".join(json.load(sys.stdin)))')
+    echo "running $job: stash ${args[*]}"
+    POD_NAME="${job#job.batch/}-x7k2p" executor "${args[@]}" || true
+  done
+  finalized=$(kubectl get backupsession "$session" -n "$namespace" \
+    -o jsonpath='{.status.conditions[?(@.type=="SessionFinalized")].status}')
+  [[ -n $finalized ]] && break
+  sleep 1
+done
 kubectl get stash -n "$namespace"
 echo
 "$stash" sessions "$batch" -n "$namespace"
+echo
+echo "The complete sessions recorded in the repository itself:"
+executor sessions "$batch" -n "$namespace" --from-repository
+echo
+echo "restic's own view:"
+RESTIC_PASSWORD_FILE="$state/secret/RESTIC_PASSWORD" "$tools/restic" -r "rest:http://127.0.0.1:$rest_port/$batch" \
+  snapshots --no-lock
 echo
 echo "Pods (the webhook injected the stash sidecar into the workload's Pods):"
 kubectl get pods -n "$namespace" -o custom-columns='POD:.metadata.name,CONTAINERS:.spec.containers[*].name,PHASE:.status.phase'

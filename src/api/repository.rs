@@ -2,6 +2,7 @@
 
 use k8s_openapi::api::core::v1::{
     CSIVolumeSource, EmptyDirVolumeSource, HostPathVolumeSource, NFSVolumeSource, PersistentVolumeClaimVolumeSource,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 use kube::{CustomResource, KubeSchema};
@@ -84,6 +85,29 @@ pub struct LocalSpec {
     pub mount_path: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sub_path: Option<String>,
+}
+
+impl LocalSpec {
+    /// The repository's volume, named `name`, and its mount at `mountPath` (the repository directory)
+    /// for an executor's container.
+    pub fn volume(&self, name: &str) -> (Volume, VolumeMount) {
+        let volume = Volume {
+            name: name.into(),
+            host_path: self.host_path.clone(),
+            persistent_volume_claim: self.persistent_volume_claim.clone(),
+            nfs: self.nfs.clone(),
+            empty_dir: self.empty_dir.clone(),
+            csi: self.csi.clone(),
+            ..Default::default()
+        };
+        let mount = VolumeMount {
+            name: name.into(),
+            mount_path: self.mount_path.clone(),
+            sub_path: self.sub_path.clone(),
+            ..Default::default()
+        };
+        (volume, mount)
+    }
 }
 
 const AT_MOST_ONE_VOLUME: &str = "(has(self.hostPath) ? 1 : 0) + (has(self.persistentVolumeClaim) ? 1 : 0) + \

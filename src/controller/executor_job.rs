@@ -64,19 +64,6 @@ fn secret_volume(name: &str, secret: &str) -> Volume {
     }
 }
 
-/// A `local` repository's volume and where it is mounted (its mountPath is the repository).
-fn repository_volume(repository: &Repository) -> Option<(Volume, VolumeMount)> {
-    let local = repository.spec.backend.local.as_ref()?;
-    let mut volume = volume("repository");
-    volume.host_path = local.host_path.clone();
-    volume.persistent_volume_claim = local.persistent_volume_claim.clone();
-    volume.nfs = local.nfs.clone();
-    volume.empty_dir = local.empty_dir.clone();
-    volume.csi = local.csi.clone();
-    let mount = VolumeMount { sub_path: local.sub_path.clone(), ..mount("repository", &local.mount_path, false) };
-    Some((volume, mount))
-}
-
 impl ExecutorJob<'_> {
     pub fn build(self) -> Job {
         let mut volumes = vec![
@@ -90,7 +77,7 @@ impl ExecutorJob<'_> {
             secret_volume("repository-secret", &self.repository.spec.backend.storage_secret_name),
         ];
         let mut mounts = vec![mount("tmp", TMP_MOUNT_PATH, false), mount("repository-secret", SECRET_MOUNT_PATH, true)];
-        if let Some((volume, mount)) = repository_volume(self.repository) {
+        if let Some((volume, mount)) = self.repository.spec.backend.local.as_ref().map(|l| l.volume("repository")) {
             volumes.push(volume);
             mounts.push(mount);
         }

@@ -91,6 +91,8 @@ pub struct Injection {
     pub member: usize,
     pub workload: Workload,
     pub secret_name: String,
+    /// A `local` repository the sidecar mounts at its mountPath.
+    pub local_repository: Option<crate::api::repository::LocalSpec>,
 }
 
 impl Injection {
@@ -125,7 +127,8 @@ impl Catalog {
         match self.repositories.get(&key) {
             Some(repo) if !repo.spec.backend.storage_secret_name.is_empty() => {
                 let secret_name = repo.spec.backend.storage_secret_name.clone();
-                Decision::Inject(Injection { batch, member, workload, secret_name })
+                let local_repository = repo.spec.backend.local.clone();
+                Decision::Inject(Injection { batch, member, workload, secret_name, local_repository })
             }
             _ => Decision::RepositoryUnknown { batch: batch.name_any() },
         }

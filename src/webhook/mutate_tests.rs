@@ -38,6 +38,11 @@ fn batch(name: &str, targets: &[(&str, &str, &str)]) -> BackupBatch {
 }
 
 pub(super) fn catalog(with_repository: bool) -> Catalog {
+    catalog_with_backend(with_repository.then(|| json!({"rest": {"url": "http://127.0.0.1:8000/"}})))
+}
+
+/// A catalog whose Repository (when given) has `backend`.
+fn catalog_with_backend(backend: Option<Value>) -> Catalog {
     let mut batches = Writer::<BackupBatch>::default();
     batches.apply_watcher_event(&Event::Apply(batch(
         "app-backup",
@@ -51,11 +56,12 @@ pub(super) fn catalog(with_repository: bool) -> Catalog {
         ],
     )));
     let mut repositories = Writer::<Repository>::default();
-    if with_repository {
+    if let Some(mut backend) = backend {
+        backend["storageSecretName"] = json!("repo-secret");
         let repo: Repository = serde_json::from_value(json!({
             "apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
             "metadata": {"name": "repo", "namespace": "demo"},
-            "spec": {"backend": {"storageSecretName": "repo-secret", "rest": {"url": "http://127.0.0.1:8000/"}}}
+            "spec": {"backend": backend}
         }))
         .expect("a Repository");
         repositories.apply_watcher_event(&Event::Apply(repo));
@@ -213,6 +219,19 @@ fn pods_without_volumes_or_annotations_get_the_lists_created() {
         patched.spec.expect("spec").volumes.expect("volumes").into_iter().map(|v| v.name).collect();
     assert_eq!(volumes, ["stash-tmp-dir", "stash-repository-secret"]);
     assert_eq!(patched.metadata.annotations.expect("annotations").get("keep").map(String::as_str), Some("me"));
+}
+
+#[test]
+fn a_local_repository_is_mounted_writable_at_its_mount_path() {
+    let backend = json!({"local": {"mountPath": "/safe/repo", "persistentVolumeClaim": {"claimName": "repo-pvc"}}});
+    let mutator = Mutator { catalog: catalog_with_backend(Some(backend)), sidecar_image: IMAGE.into() };
+    let patched = answer(&mutator, "CREATE", &pod(Some(("apps/v1", "StatefulSet", "db"))), false).expect("injected");
+    let spec = patched.spec.expect("spec");
+    let volume = spec.volumes.iter().flatten().find(|v| v.name == "stash-repository").expect("the repository volume");
+    assert_eq!(volume.persistent_volume_claim.as_ref().map(|c| c.claim_name.as_str()), Some("repo-pvc"));
+    let sidecar = spec.containers.iter().find(|c| c.name == SIDECAR_NAME).expect("sidecar");
+    let mount = sidecar.volume_mounts.iter().flatten().find(|m| m.name == "stash-repository").expect("mounted");
+    assert_eq!((mount.mount_path.as_str(), mount.read_only), ("/safe/repo", None));
 }
 
 #[test]

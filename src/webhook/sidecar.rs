@@ -15,6 +15,8 @@ pub const SIDECAR_NAME: &str = "stash";
 pub const BATCH_ANNOTATION: &str = "stash.appscode.com/backup-batch";
 pub const TMP_VOLUME: &str = "stash-tmp-dir";
 pub const SECRET_VOLUME: &str = "stash-repository-secret";
+/// A `local` repository's volume in the sidecar.
+pub const REPOSITORY_VOLUME: &str = "stash-repository";
 pub const TMP_MOUNT_PATH: &str = "/tmp";
 pub const SECRET_MOUNT_PATH: &str = "/etc/stash/repository/secret";
 
@@ -25,7 +27,10 @@ pub const SECRET_MOUNT_PATH: &str = "/etc/stash/repository/secret";
 pub fn injection_patch(pod: &PodView, injection: &Injection, image: &str) -> Result<Vec<u8>, serde_json::Error> {
     let mut patch = PatchWriter::default();
     patch.add("/spec/containers/-", &sidecar_container(pod, injection, image))?;
-    let volumes = [tmp_volume(injection.member().temp_dir.as_ref()), secret_volume(&injection.secret_name)];
+    let mut volumes = vec![tmp_volume(injection.member().temp_dir.as_ref()), secret_volume(&injection.secret_name)];
+    if let Some(local) = &injection.local_repository {
+        volumes.push(local.volume(REPOSITORY_VOLUME).0);
+    }
     match pod.spec.volumes {
         None => patch.add("/spec/volumes", &volumes)?,
         Some(_) => {
@@ -89,6 +94,9 @@ fn sidecar_container(pod: &PodView, injection: &Injection, image: &str) -> Conta
         read_only: Some(true),
         ..Default::default()
     });
+    if let Some(local) = &injection.local_repository {
+        mounts.push(local.volume(REPOSITORY_VOLUME).1);
+    }
 
     let args = vec![
         "run-backup".into(),
