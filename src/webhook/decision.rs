@@ -92,7 +92,7 @@ pub struct Injection {
     pub workload: Workload,
     pub secret_name: String,
     /// A `local` repository the sidecar mounts at its mountPath.
-    pub local_repository: Option<crate::api::repository::LocalSpec>,
+    pub local_repository: Option<Box<crate::api::repository::LocalSpec>>,
 }
 
 impl Injection {
@@ -127,7 +127,7 @@ impl Catalog {
         match self.repositories.get(&key) {
             Some(repo) if !repo.spec.backend.storage_secret_name.is_empty() => {
                 let secret_name = repo.spec.backend.storage_secret_name.clone();
-                let local_repository = repo.spec.backend.local.clone();
+                let local_repository = repo.spec.backend.local.clone().map(Box::new);
                 Decision::Inject(Injection { batch, member, workload, secret_name, local_repository })
             }
             _ => Decision::RepositoryUnknown { batch: batch.name_any() },
