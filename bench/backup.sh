@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A 1 GiB tree of mixed file sizes backed up into a fresh local repository twice in the same run:
 # by `stash backup-job` (a PVC member of a session on the local control plane) and by the restic CLI
-# directly. Prints wall times, their ratio, the stash executor's own peak RSS and restic's.
+# directly, three rounds in alternating order. Prints median wall times, their ratio, the stash
+# executor's own peak RSS and restic's.
 #   bench/backup.sh [size-in-MiB]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -40,6 +41,7 @@ kubectl wait --for condition=Established crd -l app.kubernetes.io/part-of=stash 
 kubectl create namespace bench >/dev/null
 mkdir -p "$work/secret"
 printf 'bench-only-password' >"$work/secret/RESTIC_PASSWORD"
+: >"$work/results"
 kubectl apply -n bench -f - >/dev/null <<YAML
 apiVersion: v1
 kind: Secret
@@ -63,39 +65,60 @@ spec:
   repository: {name: repo}
   members: [{target: {alias: data, ref: {apiVersion: v1, kind: PersistentVolumeClaim, name: data}}}]
 YAML
-session=$("$stash" trigger bench -n bench | sed 's#backupsession/\([^ ]*\) created#\1#')
-# No operator here: the session is set Running by hand, as the operator would.
-kubectl patch backupsession "$session" -n bench --subresource=status --type=merge -p \
-  '{"status":{"phase":"Running","targets":[{"ref":{"apiVersion":"v1","kind":"PersistentVolumeClaim","name":"data"},"totalHosts":1,"phase":"Running"}]}}' >/dev/null
-
-# Both repositories exist before the timed runs (the steady state; the first backup's `restic init`
-# costs the same on both sides).
-RESTIC_PASSWORD=bench-only-password "$tools/restic" -r "$work/stash-repo" init -q
+# Both repositories are created before the timed runs (the steady state; a first backup's
+# `restic init` costs the same on both sides). Three rounds, the order alternating, medians reported.
 export KUBECONFIG POD_NAMESPACE=bench POD_NAME=bench-job-x7k2p STASH_RESTIC_BINARY="$tools/restic"
-timed() { /usr/bin/time -f "%e %M" -o "$work/time" "$@" >/dev/null 2>"$work/err" || { cat "$work/err" >&2; exit 1; }; cat "$work/time"; }
-sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
-# The executor's own peak (VmHWM of the stash process, polled), and the whole run's wall time.
-start=$(date +%s.%N)
-"$stash" backup-job --invoker-name bench --session "$session" --target-kind PersistentVolumeClaim \
-  --target-name data --secret-dir "$work/secret" --path-root "$work/root" 2>"$work/err" &
-pid=$! stash_rss=0
-while kill -0 "$pid" 2>/dev/null; do
-  hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
-  [[ -n $hwm ]] && stash_rss=$hwm
-  sleep 0.1
+export RESTIC_PASSWORD=bench-only-password
+
+run_stash() {
+  rm -rf "$work/stash-repo"
+  "$tools/restic" -r "$work/stash-repo" init -q
+  sleep 1 # session names are per second
+  local session
+  session=$("$stash" trigger bench -n bench | sed 's#backupsession/\([^ ]*\) created#\1#')
+  # No operator here: the session is set Running by hand, as the operator would.
+  kubectl patch backupsession "$session" -n bench --subresource=status --type=merge -p \
+    '{"status":{"phase":"Running","targets":[{"ref":{"apiVersion":"v1","kind":"PersistentVolumeClaim","name":"data"},"totalHosts":1,"phase":"Running"}]}}' >/dev/null
+  sync
+  # The executor's own peak (VmHWM of the stash process, polled) and the wall time of the whole run.
+  local start pid hwm rss=0
+  start=$(date +%s%N)
+  "$stash" backup-job --invoker-name bench --session "$session" --target-kind PersistentVolumeClaim \
+    --target-name data --secret-dir "$work/secret" --path-root "$work/root" 2>"$work/err" &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
+    [[ -n $hwm ]] && rss=$hwm
+    sleep 0.05
+  done
+  wait "$pid" || { cat "$work/err" >&2; exit 1; }
+  echo "stash $(( ($(date +%s%N) - start) / 1000000 )) $rss" >>"$work/results"
+  local phase
+  phase=$(kubectl get backupsession "$session" -n bench -o jsonpath='{.status.targets[0].stats[0].phase}')
+  [[ $phase == Succeeded ]] || { echo "the stash backup did not succeed: $phase" >&2; exit 1; }
+}
+
+run_restic() {
+  rm -rf "$work/restic-repo"
+  "$tools/restic" -r "$work/restic-repo" init -q
+  sync
+  (cd "$work/root" && /usr/bin/time -f "%e %M" -o "$work/time" \
+    "$tools/restic" -r "$work/restic-repo" backup --json --host data stash-data >/dev/null)
+  read -r wall rss <"$work/time"
+  echo "restic $(python3 -c "print(int($wall * 1000))") $rss" >>"$work/results"
+}
+
+for round in 1 2 3; do
+  if (( round % 2 )); then run_stash; run_restic; else run_restic; run_stash; fi
 done
-wait "$pid" || { cat "$work/err" >&2; exit 1; }
-stash_wall=$(python3 -c "import time; print(time.time() - $start)")
-sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
-export RESTIC_PASSWORD=bench-only-password RESTIC_REPOSITORY="$work/restic-repo"
-"$tools/restic" init -q
-read -r restic_wall restic_rss < <(cd "$work/root" && timed "$tools/restic" backup --json --host data stash-data)
-phase=$(kubectl get backupsession "$session" -n bench -o jsonpath='{.status.targets[0].stats[0].phase}')
-[[ $phase == Succeeded ]] || { echo "the stash backup did not succeed: $phase" >&2; exit 1; }
-python3 - "$size_mib" "$stash_wall" "$stash_rss" "$restic_wall" "$restic_rss" <<'PY'
-import sys
-size, sw, sr, rw, rr = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
-print(f"| tree | stash backup-job wall | restic CLI wall | ratio | stash executor peak RSS | restic peak RSS |")
-print(f"|---|---|---|---|---|---|")
-print(f"| {size} MiB | {sw:.1f} s | {rw:.1f} s | {sw / rw:.3f} | {sr / 1024:.1f} MiB | {rr / 1024:.1f} MiB |")
+python3 - "$size_mib" "$work/results" <<'PY'
+import statistics, sys
+size, rows = sys.argv[1], [line.split() for line in open(sys.argv[2])]
+wall = {k: statistics.median(int(r[1]) for r in rows if r[0] == k) / 1000 for k in ("stash", "restic")}
+rss = {k: max(int(r[2]) for r in rows if r[0] == k) / 1024 for k in ("stash", "restic")}
+runs = ", ".join(f"{r[0]} {int(r[1]) / 1000:.1f}" for r in rows)
+print("| tree | stash backup-job wall (median of 3) | restic CLI wall (median of 3) | ratio | stash executor peak RSS | restic peak RSS |")
+print("|---|---|---|---|---|---|")
+print(f"| {size} MiB | {wall['stash']:.2f} s | {wall['restic']:.2f} s | {wall['stash'] / wall['restic']:.3f} | {rss['stash']:.1f} MiB | {rss['restic']:.1f} MiB |")
+print(f"\nruns in order (s): {runs}")
 PY
