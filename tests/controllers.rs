@@ -511,3 +511,49 @@ async fn http_hooks_run_once_around_the_session() {
     assert!(status.targets.is_empty(), "no member started");
     operator.stop().await;
 }
+
+#[tokio::test]
+async fn existing_pods_get_the_sidecar_through_one_restart_and_edits_restart_nothing() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let ns = TestNamespace::new("rollout").await;
+    let _operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    let deployments = ns.api::<Deployment>();
+    // The Deployment's Pod exists (Pending, no webhook here) before the batch names it.
+    eventually("a Pod of app", Duration::from_secs(60), || {
+        let pods = ns.api::<k8s_openapi::api::core::v1::Pod>();
+        async move { pods.list(&ListParams::default().labels("app=app")).await.ok().filter(|l| !l.items.is_empty()) }
+    })
+    .await;
+    fixtures::batch(&ns, "nightly", vec![member("Deployment", "app")], json!({"schedule": "0 2 * * *"})).await;
+
+    let annotation = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.clone())
+            .and_then(|a| a.get("stash.appscode.com/sidecar-rollout").cloned())
+    };
+    let rolled = eventually("the one restart", Duration::from_secs(60), || {
+        let deployments = deployments.clone();
+        async move { deployments.get("app").await.ok().filter(|d| annotation(d).is_some()) }
+    })
+    .await;
+    assert_eq!(annotation(&rolled).as_deref(), Some("nightly"));
+    let generation = rolled.metadata.generation;
+
+    // Editing the batch later restarts nothing: the sidecar reads its configuration at run time.
+    let batches = ns.api::<BackupBatch>();
+    let patch = json!({"spec": {"schedule": "30 3 * * *", "members": [member("Deployment", "app")], "timeOut": "1h"}});
+    batches.patch("nightly", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("edit");
+    cronjob_where(&ns, "the edited schedule", |c| c.spec.as_ref().is_some_and(|s| s.schedule == "30 3 * * *")).await;
+    tokio::time::sleep(Duration::from_secs(12)).await; // past the controller's recheck
+    let after = deployments.get("app").await.expect("deployment");
+    assert_eq!(after.metadata.generation, generation, "the edit did not touch the pod template");
+    let batch = batches.get("nightly").await.expect("batch");
+    let member = &batch.status.expect("status").member_conditions[0];
+    let injected = member.conditions.iter().find(|c| c.type_ == "StashSidecarInjected").expect("condition");
+    assert!(injected.message.as_deref().unwrap_or_default().contains("restarted once"), "{injected:?}");
+}

@@ -9,12 +9,15 @@ use crate::webhook::sidecar::SIDECAR_NAME;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ReplicationController, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use std::collections::BTreeMap;
 
 /// Set on a workload's pod template when the controller restarted it once to inject the sidecar.
 pub const ROLLOUT_ANNOTATION: &str = "stash.appscode.com/sidecar-rollout";
+/// How old a batch must be before its workloads are restarted (webhook caches catch up meanwhile).
+const ROLL_SETTLE_SECONDS: i64 = 5;
 
 #[derive(Debug, Clone)]
 pub struct WorkloadInfo {
@@ -166,8 +169,19 @@ pub async fn sidecar_status(
     let already_rolled = workload.template_annotations.contains_key(ROLLOUT_ANNOTATION);
     let rollable =
         matches!(workload.kind, WorkloadKind::Deployment | WorkloadKind::StatefulSet | WorkloadKind::DaemonSet);
-    let rolled = !already_rolled && rollable && roll(client, namespace, workload, batch).await?;
+    // Every webhook replica must know the batch before the restart creates Pods, or they come up
+    // without the sidecar and the one restart is spent: a batch applied together with its workload
+    // waits a moment.
+    let settled = batch
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .is_none_or(|t| Timestamp::now().duration_since(t.0) >= SignedDuration::from_secs(ROLL_SETTLE_SECONDS));
+    let rolled = !already_rolled && rollable && settled && roll(client, namespace, workload, batch).await?;
     let message = match (rollable, already_rolled || rolled) {
+        (true, false) if !settled => format!(
+            "{injected} of {total} Pods carry the stash sidecar; the workload is restarted once in a few seconds"
+        ),
         (true, true) => {
             format!("{injected} of {total} Pods carry the stash sidecar; the workload was restarted once to add it")
         }
