@@ -283,23 +283,3 @@ pub struct BatchArgs {
     #[arg(long, short = 'n')]
     pub namespace: Option<String>,
 }
-
-impl Command {
-    /// The subcommand's name as typed on the command line.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Command::Operator(_) => "operator",
-            Command::RunBackup(_) => "run-backup",
-            Command::BackupJob(_) => "backup-job",
-            Command::CreateBackupsession(_) => "create-backupsession",
-            Command::FinalizeSession(_) => "finalize-session",
-            Command::Restore(_) => "restore",
-            Command::Certs(_) => "certs",
-            Command::Crds => "crds",
-            Command::Trigger(_) => "trigger",
-            Command::Pause(_) => "pause",
-            Command::Resume(_) => "resume",
-            Command::Sessions(_) => "sessions",
-        }
-    }
-}
