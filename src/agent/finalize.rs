@@ -5,7 +5,7 @@
 use super::executor::{AgentError, Executor};
 use super::locks;
 use super::manifest::{MANIFEST_HOST, MANIFEST_TAG, Manifest};
-use super::status::human_bytes;
+use super::status::{human_bytes, update_status};
 use crate::api::BackupSession;
 use crate::api::backup_session::BackupSessionPhase;
 use crate::api::common::RetentionPolicy;
@@ -16,7 +16,7 @@ use crate::session::INVOKER_NAME_LABEL;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -257,19 +257,16 @@ async fn update_repository(
 
 /// Adds the finalize conditions to the session, retrying on conflict with the operator's writes.
 async fn record_conditions(executor: &Executor, session: &str, conditions: Vec<Desired>) -> Result<(), AgentError> {
-    let api = executor.api::<BackupSession>();
-    loop {
-        let mut current = api.get(session).await?;
+    update_status(&executor.api::<BackupSession>(), session, |current| {
+        let generation = current.metadata.generation;
         let status = current.status.get_or_insert_with(Default::default);
         for desired in &conditions {
-            conditions::set(&mut status.conditions, desired, current.metadata.generation);
+            conditions::set(&mut status.conditions, desired, generation);
         }
-        match api.replace_status(session, &PostParams::default(), &current).await {
-            Ok(_) => return Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 409 => continue,
-            Err(err) => return Err(err.into()),
-        }
-    }
+        true
+    })
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]

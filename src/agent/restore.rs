@@ -7,13 +7,12 @@ use super::database::{Connection, Engine};
 use super::executor::{AgentError, Executor};
 use super::manifest::{self, MANIFEST_TAG};
 use super::sidecar::host_name;
-use super::status::{matches, seconds};
+use super::status::{matches, seconds, update_status};
 use crate::api::RestoreBatch;
 use crate::api::restore_batch::{HostRestoreStats, RestoreMember, RestoreMemberPhase, RestoreMemberStatus};
 use crate::controller::backup_job::DATABASE_KIND;
 use crate::restic::Restic;
 use crate::restic::secrets::SecretValues;
-use kube::api::PostParams;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -143,9 +142,7 @@ async fn report(
     entry: HostRestoreStats,
     session: Option<String>,
 ) -> Result<(), AgentError> {
-    let api = executor.api::<RestoreBatch>();
-    loop {
-        let mut current = api.get(name).await?;
+    update_status(&executor.api::<RestoreBatch>(), name, |current| {
         let status = current.status.get_or_insert_with(Default::default);
         if status.restored_session.is_none() {
             status.restored_session = session.clone();
@@ -166,10 +163,8 @@ async fn report(
         let stats = &mut status.members[index].stats;
         stats.retain(|s| s.hostname != entry.hostname);
         stats.push(entry.clone());
-        match api.replace_status(name, &PostParams::default(), &current).await {
-            Ok(_) => return Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 409 => continue,
-            Err(err) => return Err(err.into()),
-        }
-    }
+        true
+    })
+    .await?;
+    Ok(())
 }

@@ -48,6 +48,30 @@ pub fn turn(session: &BackupSession, kind: &str, name: &str, host: &str) -> Turn
     }
 }
 
+/// Reads object `name`, lets `change` edit it, and writes its status back guarded by the
+/// resourceVersion read; on a conflict (another host or the operator wrote meanwhile) it starts over
+/// from the newer object. `change` returns false when there is nothing to write.
+pub async fn update_status<K>(
+    api: &Api<K>,
+    name: &str,
+    mut change: impl FnMut(&mut K) -> bool,
+) -> Result<(), kube::Error>
+where
+    K: Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    loop {
+        let mut current = api.get(name).await?;
+        if !change(&mut current) {
+            return Ok(());
+        }
+        match api.replace_status(name, &PostParams::default(), &current).await {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(err) => return Err(err),
+        }
+    }
+}
+
 /// Appends `stats` to the target's entries unless this host already reported.
 pub async fn report_host(
     sessions: &Api<BackupSession>,
@@ -56,24 +80,20 @@ pub async fn report_host(
     name: &str,
     stats: HostBackupStats,
 ) -> Result<(), kube::Error> {
-    loop {
-        let mut current = sessions.get(session).await?;
+    update_status(sessions, session, |current| {
         let Some(target) =
             current.status.as_mut().and_then(|s| s.targets.iter_mut().find(|t| matches(&t.reference, kind, name)))
         else {
             tracing::warn!(session, kind, name, "the session lists no such target; nothing reported");
-            return Ok(());
+            return false;
         };
         if target.stats.iter().any(|s| s.hostname == stats.hostname) {
-            return Ok(());
+            return false;
         }
         target.stats.push(stats.clone());
-        match sessions.replace_status(session, &PostParams::default(), &current).await {
-            Ok(_) => return Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 409 => continue,
-            Err(err) => return Err(err),
-        }
-    }
+        true
+    })
+    .await
 }
 
 /// A successful host entry from restic's summary.

@@ -112,20 +112,17 @@ pub async fn session_phase(sessions: &Api<BackupSession>, name: &str, phase: Bac
 
 /// Plays a backup host: appends its own entry to target `index`, retrying on conflicts.
 pub async fn report_host(sessions: &Api<BackupSession>, name: &str, index: usize, host: &str, phase: HostPhase) {
-    loop {
-        let mut session = sessions.get(name).await.expect("session");
-        let status = session.status.as_mut().expect("a status");
-        status.targets[index].stats.push(HostBackupStats {
-            hostname: host.into(),
-            phase: Some(phase),
-            snapshots: Vec::new(),
-            duration: Some("1s".into()),
-            error: (phase == HostPhase::Failed).then(|| "restic backup: exit status 1".into()),
-        });
-        match sessions.replace_status(name, &PostParams::default(), &session).await {
-            Ok(_) => return,
-            Err(kube::Error::Api(e)) if e.code == 409 => continue,
-            Err(err) => panic!("writing the host entry failed: {err}"),
-        }
-    }
+    let entry = HostBackupStats {
+        hostname: host.into(),
+        phase: Some(phase),
+        snapshots: Vec::new(),
+        duration: Some("1s".into()),
+        error: (phase == HostPhase::Failed).then(|| "restic backup: exit status 1".into()),
+    };
+    stash::agent::status::update_status(sessions, name, |session| {
+        session.status.as_mut().expect("a status").targets[index].stats.push(entry.clone());
+        true
+    })
+    .await
+    .expect("writing the host entry");
 }
