@@ -111,27 +111,28 @@ impl Executor {
         Ok(restic)
     }
 
+    /// A Lease held by this process: `name` in `namespace`, renewed while work goes on.
+    pub fn lease(&self, namespace: String, name: String) -> LeaseLock {
+        let config = LeaseConfig {
+            namespace,
+            name,
+            identity: self.identity(),
+            duration: Duration::from_secs(60),
+            renew_every: Duration::from_secs(5),
+        };
+        LeaseLock::new(self.client.clone(), config)
+    }
+
     /// The Lease that serialises repository-wide work: creating it, retention, checks.
     pub fn repository_lease(&self, repository: &Repository) -> LeaseLock {
-        LeaseLock::new(
-            self.client.clone(),
-            LeaseConfig {
-                namespace: repository.namespace().unwrap_or_else(|| self.settings.namespace.clone()),
-                name: format!("stash-repository-{}", repository.name_any()),
-                identity: self.identity(),
-                duration: Duration::from_secs(60),
-                renew_every: Duration::from_secs(5),
-            },
-        )
+        let namespace = repository.namespace().unwrap_or_else(|| self.settings.namespace.clone());
+        self.lease(namespace, format!("stash-repository-{}", repository.name_any()))
     }
 
     /// Creates the repository on first use. Two hosts racing `restic init` would leave a config
     /// encrypted with a key the other overwrote, so creation happens under the repository's Lease.
     pub async fn ensure_repository(&self, restic: &Restic, repository: &Repository) -> Result<(), AgentError> {
-        // A local repository's config file answers without restic's key derivation (~0.5 s).
-        let local_config = repository.spec.backend.local.is_some()
-            && std::path::Path::new(&restic.location().url).join("config").is_file();
-        if local_config || restic.exists().await? {
+        if restic.exists().await? {
             return Ok(());
         }
         self.repository_lease(repository)

@@ -36,7 +36,7 @@ impl FileBackup<'_> {
             }
         }
         executor.ensure_repository(restic, self.repository).await?;
-        locks::heal(executor, restic, self.repository, self.session, max_lock_age).await?;
+        locks::heal(executor, restic, self.session, max_lock_age).await?;
         let request = BackupRequest {
             root: root.clone(),
             paths: self.paths.clone(),

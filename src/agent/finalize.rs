@@ -71,7 +71,7 @@ async fn finalize(
 ) -> Result<Outcome, AgentError> {
     let batch = session.spec.invoker.name.clone();
     let mut outcome = Outcome { conditions: Vec::new() };
-    locks::heal(executor, restic, repository, session, Duration::from_secs(3600)).await?;
+    locks::heal(executor, restic, session, Duration::from_secs(3600)).await?;
 
     let complete = Manifest::of_complete(session, &batch);
     let already = restic

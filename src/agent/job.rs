@@ -81,7 +81,7 @@ async fn back_up(
         let engine = Engine::from_task(member.task.as_ref().map(|t| t.name.as_str()));
         let connection = Connection::from_secret(engine, SecretValues::read_dir(&job.database_secret_dir)?)?;
         executor.ensure_repository(&restic, &repository).await?;
-        locks::heal(executor, &restic, &repository, session, max_lock_age).await?;
+        locks::heal(executor, &restic, session, max_lock_age).await?;
         let tags = session_tags(&session.name_any(), &batch.name_any(), host);
         let outcome = connection.backup(&restic, host, &tags).await?;
         return Ok((format!("/{}", connection.dump_filename()), outcome));

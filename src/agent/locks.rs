@@ -3,7 +3,6 @@
 //! may last. A live restic refreshes its lock every 5 minutes, so a live lock is never removed.
 
 use super::executor::{Executor, own_hostname};
-use crate::api::repository::Repository;
 use crate::restic::output::Lock;
 use crate::restic::{Restic, ResticError};
 use k8s_openapi::api::core::v1::Pod;
@@ -72,15 +71,9 @@ fn pid_alive(pid: i64) -> bool {
 pub async fn heal<K: Resource<DynamicType = ()>>(
     executor: &Executor,
     restic: &Restic,
-    repository: &Repository,
     about: &K,
     max_age: Duration,
 ) -> Result<Vec<String>, ResticError> {
-    // Opening a repository costs restic a key derivation (~0.5 s); a local repository shows its
-    // lock files without one.
-    if repository.spec.backend.local.is_some() && local_lock_count(restic) == Some(0) {
-        return Ok(Vec::new());
-    }
     let locks = restic.locks().await?;
     if locks.is_empty() {
         return Ok(Vec::new());
@@ -103,7 +96,7 @@ pub async fn heal<K: Resource<DynamicType = ()>>(
             Staleness::ProcessGone => restic_removes.push((id, format!("{holder}: its process is gone"))),
             Staleness::Expired => restic_removes.push((id, format!("{holder}: not refreshed for 30 minutes"))),
             Staleness::Abandoned(why) => {
-                if remove_directly(restic, repository, &id).await {
+                if restic.remove_lock(&id).await {
                     executor
                         .event(about, true, "StaleLockRemoved", format!("removed stale restic {holder}: {why}"))
                         .await;
@@ -126,53 +119,6 @@ pub async fn heal<K: Resource<DynamicType = ()>>(
         }
     }
     Ok(removed)
-}
-
-fn local_lock_count(restic: &Restic) -> Option<usize> {
-    std::fs::read_dir(Path::new(&restic.location().url).join("locks")).ok().map(Iterator::count)
-}
-
-/// Deletes one lock file where the backend allows it without restic: a local directory, or a REST
-/// server (`DELETE /locks/<id>`).
-async fn remove_directly(restic: &Restic, repository: &Repository, id: &str) -> bool {
-    let backend = &repository.spec.backend;
-    if backend.local.is_some() {
-        return std::fs::remove_file(Path::new(&restic.location().url).join("locks").join(id)).is_ok();
-    }
-    if backend.rest.is_some() {
-        let base = restic.location().url.trim_start_matches("rest:").trim_end_matches('/').to_string();
-        let Ok(url) = reqwest::Url::parse(&format!("{base}/locks/{id}")) else { return false };
-        let mut request = reqwest::Client::new().delete(url.clone());
-        if !url.username().is_empty() {
-            let user = percent_decode(url.username());
-            let password = url.password().map(percent_decode);
-            let mut plain = url.clone();
-            let _ = plain.set_username("");
-            let _ = plain.set_password(None);
-            request = reqwest::Client::new().delete(plain).basic_auth(user, password);
-        }
-        return request.send().await.is_ok_and(|r| r.status().is_success());
-    }
-    false
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let Ok(b) = u8::from_str_radix(&text[i + 1..i + 3], 16)
-        {
-            out.push(b);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -203,6 +149,5 @@ mod tests {
         assert!(looks_like_pod("app-1764043200-0-abcde"));
         assert!(!looks_like_pod("workstation"));
         assert!(!looks_like_pod("db-0"));
-        assert_eq!(percent_decode("p%40ss%3Aword"), "p@ss:word");
     }
 }

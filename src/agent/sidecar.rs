@@ -9,7 +9,6 @@ use super::job::{find_member, time_left};
 use super::member_alias;
 use super::status::{self, Turn};
 use crate::api::BackupSession;
-use crate::lease::{LeaseConfig, LeaseLock};
 use crate::session::INVOKER_NAME_LABEL;
 use futures::StreamExt;
 use kube::ResourceExt;
@@ -79,15 +78,9 @@ async fn take_turn(executor: &Executor, target: &SidecarTarget, session: &Backup
     if status::turn(session, &target.kind, &target.name, &host) != Turn::Now {
         return Ok(());
     }
-    let lease = LeaseLock::new(
-        executor.client.clone(),
-        LeaseConfig {
-            namespace: executor.namespace().to_string(),
-            name: format!("stash-{}-{}-{}", target.batch, target.kind.to_ascii_lowercase(), target.name),
-            identity: executor.identity(),
-            duration: Duration::from_secs(60),
-            renew_every: Duration::from_secs(10),
-        },
+    let lease = executor.lease(
+        executor.namespace().to_string(),
+        format!("stash-{}-{}-{}", target.batch, target.kind.to_ascii_lowercase(), target.name),
     );
     let session_name = session.name_any();
     lease

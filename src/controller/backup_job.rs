@@ -17,6 +17,15 @@ pub const DEFAULT_DATA_PATH: &str = "/stash-data";
 pub const DATABASE_KIND: &str = "Secret";
 pub const PVC_KIND: &str = "PersistentVolumeClaim";
 
+/// Where a member's PVC is mounted in its Job: its volumeMounts, else DEFAULT_DATA_PATH.
+pub fn data_mounts(volume_mounts: &[VolumeMount]) -> Vec<VolumeMount> {
+    if volume_mounts.is_empty() {
+        vec![VolumeMount { mount_path: DEFAULT_DATA_PATH.into(), ..Default::default() }]
+    } else {
+        volume_mounts.to_vec()
+    }
+}
+
 /// Whether a member is backed up by a Job (a PVC or a database) rather than a sidecar.
 pub fn is_job_model(member: &BackupMember) -> bool {
     matches!(member.target.reference.kind.as_str(), PVC_KIND | DATABASE_KIND)
@@ -55,11 +64,7 @@ pub fn backup_job(
     let target = &member.target.reference;
     let data = (target.kind == PVC_KIND).then(|| DataVolume {
         claim: target.name.clone(),
-        mounts: if member.target.volume_mounts.is_empty() {
-            vec![VolumeMount { mount_path: DEFAULT_DATA_PATH.into(), ..Default::default() }]
-        } else {
-            member.target.volume_mounts.clone()
-        },
+        mounts: data_mounts(&member.target.volume_mounts),
         read_only: true,
     });
     ExecutorJob {

@@ -2,7 +2,7 @@
 //! another for Sequential), aggregate the hosts' entries that `stash restore` writes, and finish —
 //! Failed when a member fails, a Job dies before reporting, or `timeOut` passes.
 
-use super::backup_job::{DATABASE_KIND, PVC_KIND, job_name};
+use super::backup_job::{DATABASE_KIND, PVC_KIND, data_mounts, job_name};
 use super::conditions::{self, Desired};
 use super::context::{Context, ControllerError};
 use super::executor_job::{DataVolume, ExecutorJob};
@@ -13,7 +13,6 @@ use crate::api::restore_batch::{
     HostRestoreStats, RestoreBatchStatus, RestoreMember, RestoreMemberPhase, RestoreMemberStatus, RestorePhase,
 };
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::VolumeMount;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::runtime::controller::Action;
@@ -162,11 +161,7 @@ fn restore_job(
     image: &str,
 ) -> Job {
     let target = &member.target.reference;
-    let mounts = if member.target.volume_mounts.is_empty() {
-        vec![VolumeMount { mount_path: super::backup_job::DEFAULT_DATA_PATH.into(), ..Default::default() }]
-    } else {
-        member.target.volume_mounts.clone()
-    };
+    let mounts = data_mounts(&member.target.volume_mounts);
     let data = match target.kind.as_str() {
         PVC_KIND => Some(DataVolume { claim: target.name.clone(), mounts, read_only: false }),
         DATABASE_KIND => None,

@@ -2,6 +2,8 @@
 
 use super::secrets::{SecretError, SecretValues};
 use crate::api::repository::Backend;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use std::path::PathBuf;
 
 /// Where a restic repository lives and what restic needs to open it. The URL travels in
 /// `RESTIC_REPOSITORY` (it may embed REST credentials), never in argv.
@@ -13,6 +15,8 @@ pub struct Location {
     /// Environment for the backend's credentials.
     pub env: Vec<(String, String)>,
     pub insecure_tls: bool,
+    /// The repository directory of a `local` backend.
+    pub local_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Location {
@@ -53,7 +57,8 @@ impl Location {
     }
 
     pub fn from_backend(backend: &Backend, secrets: &SecretValues) -> Result<Location, BackendError> {
-        let mut location = Location { url: String::new(), options: Vec::new(), env: Vec::new(), insecure_tls: false };
+        let mut location =
+            Location { url: String::new(), options: Vec::new(), env: Vec::new(), insecure_tls: false, local_dir: None };
         let mut pass = |keys: &[&str]| {
             for key in keys {
                 if let Some(value) = secrets.get(key) {
@@ -63,6 +68,7 @@ impl Location {
         };
         if let Some(local) = &backend.local {
             location.url = local.mount_path.clone();
+            location.local_dir = Some(PathBuf::from(&local.mount_path));
         } else if let Some(s3) = &backend.s3 {
             pass(&["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"]);
             location.url = format!("s3:{}/{}{}", s3.endpoint.trim_end_matches('/'), s3.bucket, prefix(&s3.prefix));
@@ -126,14 +132,11 @@ fn with_credentials(url: &str, secrets: &SecretValues) -> Result<String, Backend
     }
 }
 
-/// RFC 3986 percent-encoding of everything but unreserved characters.
+/// RFC 3986 unreserved characters stay as they are; everything else is percent-encoded.
+const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
 pub fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    utf8_percent_encode(text, UNRESERVED).to_string()
 }
 
 #[cfg(test)]
