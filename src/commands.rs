@@ -70,7 +70,7 @@ pub async fn repository_sessions_table(executor: &Executor, batch: &str) -> Resu
     let repository = executor.repository(&batch_object.spec.repository).await?;
     let restic = executor.restic(&repository).await?;
     let mut out = format!("{:<40} {:<32} {:<8} {}\n", "SESSION", "FINISHED", "MEMBERS", "SIZE");
-    for snapshot in manifest::list(&restic, batch).await?.iter().rev() {
+    for snapshot in manifest::list(&restic, executor.namespace(), batch).await?.iter().rev() {
         let manifest = manifest::read(&restic, snapshot).await?;
         let hosts = manifest.members.iter().flat_map(|m| &m.hosts);
         let bytes: u64 = hosts.filter_map(|h| h.total_size.as_deref().and_then(parse_bytes)).sum();

@@ -521,3 +521,189 @@ async fn a_lock_left_by_a_killed_executor_is_healed_by_the_next_session() {
         .expect("a StaleLockRemoved Event");
     assert!(note.contains("its process is gone"), "{note}");
 }
+
+/// Files of the PVC member that make this namespace's data recognisable.
+fn mark_uploads(setup: &Setup, text: &str) {
+    std::fs::write(setup.node.root().join("stash-data/uploads/index.html"), text).expect("file");
+}
+
+/// The manifest snapshots of the repository, as restic lists them.
+fn manifests(setup: &Setup, repo: &Path) -> Vec<Value> {
+    let url = repo.to_string_lossy().into_owned();
+    let listed: Vec<Value> = serde_json::from_str(&setup.restic(&[
+        "-r",
+        &url,
+        "snapshots",
+        "--json",
+        "--no-lock",
+        "--tag",
+        "stash=manifest",
+    ]))
+    .expect("JSON");
+    listed
+}
+
+impl Setup {
+    /// Creates a session and runs its backup Jobs (not its finalize Job) until it is final.
+    async fn back_up_without_finalize(&mut self) -> String {
+        let client = support::client().await;
+        let session = stash::session::create_backup_session(client, &self.ns.name, BATCH, None).await.expect("session");
+        let name = kube::ResourceExt::name_any(&session);
+        let sessions = self.ns.api::<BackupSession>();
+        let start = Instant::now();
+        loop {
+            let finalize = format!("{name}-finalize");
+            self.node.mark_run(&finalize);
+            for (job, output) in self.node.run_new_jobs().await {
+                eprintln!("job {job}: {} {}", output.status, String::from_utf8_lossy(&output.stderr).trim());
+            }
+            let status = sessions.get(&name).await.expect("session").status.unwrap_or_default();
+            if status.phase.is_some_and(|p| p.is_final()) {
+                return name;
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "session {name} stuck: {status:?}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// Runs the finalize Job of `session` now, as a kubelet would.
+    async fn finalize(&mut self, session: &str) {
+        let jobs = self.ns.api::<k8s_openapi::api::batch::v1::Job>();
+        let name = format!("{session}-finalize");
+        let job = support::eventually(&format!("Job {name}"), Duration::from_secs(60), || {
+            let (jobs, name) = (jobs.clone(), name.clone());
+            async move { jobs.get_opt(&name).await.ok().flatten() }
+        })
+        .await;
+        let args = job.spec.and_then(|s| s.template.spec).and_then(|p| p.containers[0].args.clone()).expect("args");
+        let output = self.node.command(&args, &format!("{name}-x7k2p")).output().expect("stash runs");
+        eprintln!("job {name}: {} {}", output.status, String::from_utf8_lossy(&output.stderr).trim());
+    }
+}
+
+fn uploads_member() -> Value {
+    json!({"target": {"alias": "uploads", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "uploads"}}})
+}
+
+/// C1: a session that fails before any member runs (its pre-backup hook is down) is not a set, and
+/// retention with `keepLast: 1` keeps the previous complete one, which still restores.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_failed_in_its_pre_backup_hook_leaves_the_last_complete_set_restorable() {
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut setup = Setup::new("prehook", Backend::Local(repo.path())).await;
+    let member = setup.pvc_member().await;
+    setup.batch(vec![member], json!({"retentionPolicy": {"name": "last", "keepLast": 1, "prune": true}})).await;
+    mark_uploads(&setup, "<h1>complete</h1>");
+    let good = setup.back_up().await;
+    assert_eq!(good.status.as_ref().and_then(|s| s.phase), Some(BackupSessionPhase::Succeeded));
+
+    let hook = json!({"spec": {"hooks": {"preBackup": {"tcpSocket": {"host": "127.0.0.1", "port": 1}}}}});
+    setup
+        .ns
+        .api::<BackupBatch>()
+        .patch(BATCH, &Default::default(), &kube::api::Patch::Merge(&hook))
+        .await
+        .expect("patch");
+    mark_uploads(&setup, "<h1>changed after the good run</h1>");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let failed = setup.back_up().await;
+    let status = failed.status.expect("status");
+    assert_eq!(status.phase, Some(BackupSessionPhase::Failed), "{status:?}");
+    let manifest = status.conditions.iter().find(|c| c.type_ == "ManifestWritten").expect("manifest condition");
+    assert_eq!(manifest.status, stash::api::common::ConditionStatus::False, "{manifest:?}");
+    assert_eq!(manifests(&setup, repo.path()).len(), 1, "only the complete session has a manifest");
+
+    let restored = tempfile::tempdir().expect("restore dir");
+    let restore = setup.restore("after-failed-hook", vec![uploads_member()], json!({}), restored.path()).await;
+    let page = std::fs::read_to_string(restored.path().join("stash-data/uploads/index.html")).expect("restored");
+    assert_eq!(page, "<h1>complete</h1>");
+    assert_eq!(restore.status.and_then(|s| s.restored_session), Some(kube::ResourceExt::name_any(&good)));
+}
+
+/// C2: finalize Jobs that run out of order (the older session's last) never forget the newer
+/// complete set; "newest" is by session start.
+#[tokio::test(flavor = "multi_thread")]
+async fn finalize_jobs_out_of_order_keep_the_newest_complete_set() {
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut setup = Setup::new("order", Backend::Local(repo.path())).await;
+    let member = setup.pvc_member().await;
+    let spec = json!({"retentionPolicy": {"name": "last", "keepLast": 1, "prune": true}, "backupHistoryLimit": 5});
+    setup.batch(vec![member], spec).await;
+    mark_uploads(&setup, "<h1>first</h1>");
+    let first = setup.back_up_without_finalize().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    mark_uploads(&setup, "<h1>second</h1>");
+    let second = setup.back_up_without_finalize().await;
+    setup.finalize(&first).await;
+    setup.finalize(&second).await;
+
+    let restored = tempfile::tempdir().expect("restore dir");
+    let restore = setup.restore("latest", vec![uploads_member()], json!({}), restored.path()).await;
+    let page = std::fs::read_to_string(restored.path().join("stash-data/uploads/index.html")).expect("restored");
+    assert_eq!(page, "<h1>second</h1>");
+    assert_eq!(restore.status.and_then(|s| s.restored_session), Some(second.clone()));
+
+    // And the other order: the older session finalized last does not push the newer one out.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    mark_uploads(&setup, "<h1>third</h1>");
+    let third = setup.back_up_without_finalize().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    mark_uploads(&setup, "<h1>fourth</h1>");
+    let fourth = setup.back_up_without_finalize().await;
+    setup.finalize(&fourth).await;
+    setup.finalize(&third).await;
+    let restored = tempfile::tempdir().expect("restore dir");
+    let restore = setup.restore("latest-again", vec![uploads_member()], json!({}), restored.path()).await;
+    let page = std::fs::read_to_string(restored.path().join("stash-data/uploads/index.html")).expect("restored");
+    assert_eq!(page, "<h1>fourth</h1>");
+    assert_eq!(restore.status.and_then(|s| s.restored_session), Some(fourth));
+}
+
+/// H1: `backupHistoryLimit: 0` keeps no session in the API, but each one is finalized first: the
+/// manifest is written and retention runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zero_history_limit_still_writes_the_manifest() {
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut setup = Setup::new("nohistory", Backend::Local(repo.path())).await;
+    let member = setup.pvc_member().await;
+    setup.batch(vec![member], json!({"backupHistoryLimit": 0})).await;
+    let client = support::client().await;
+    let session = stash::session::create_backup_session(client, &setup.ns.name, BATCH, None).await.expect("session");
+    let name = kube::ResourceExt::name_any(&session);
+    let sessions = setup.ns.api::<BackupSession>();
+    let start = Instant::now();
+    while sessions.get_opt(&name).await.expect("get").is_some() {
+        setup.node.run_new_jobs().await;
+        assert!(start.elapsed() < Duration::from_secs(120), "session {name} never went away");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let written = manifests(&setup, repo.path());
+    let sessions_of: Vec<&str> =
+        written.iter().filter_map(|m| m["tags"].as_array()).flatten().filter_map(Value::as_str).collect();
+    assert!(sessions_of.contains(&format!("session={name}").as_str()), "no manifest for {name}: {written:?}");
+}
+
+/// H2: same-named batches of two namespaces share one repository; each keeps and restores its own data.
+#[tokio::test(flavor = "multi_thread")]
+async fn same_named_batches_of_two_namespaces_restore_their_own_data() {
+    let repo = tempfile::tempdir().expect("repo dir");
+    let retention = json!({"retentionPolicy": {"name": "last", "keepLast": 1, "prune": true}});
+    let mut prod = Setup::new("prod", Backend::Local(repo.path())).await;
+    let member = prod.pvc_member().await;
+    prod.batch(vec![member], retention.clone()).await;
+    mark_uploads(&prod, "<h1>prod</h1>");
+    let mut staging = Setup::new("staging", Backend::Local(repo.path())).await;
+    let member = staging.pvc_member().await;
+    staging.batch(vec![member], retention).await;
+    mark_uploads(&staging, "<h1>staging</h1>");
+
+    let prod_session = prod.back_up().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    staging.back_up().await;
+
+    let restored = tempfile::tempdir().expect("restore dir");
+    let restore = prod.restore("own-data", vec![uploads_member()], json!({}), restored.path()).await;
+    let page = std::fs::read_to_string(restored.path().join("stash-data/uploads/index.html")).expect("restored");
+    assert_eq!(page, "<h1>prod</h1>", "prod restores prod's data");
+    assert_eq!(restore.status.and_then(|s| s.restored_session), Some(kube::ResourceExt::name_any(&prod_session)));
+}

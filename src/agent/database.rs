@@ -122,7 +122,7 @@ impl Connection {
         let stdin: Stdio = stdout.try_into().map_err(|e| AgentError::Database(format!("piping the dump: {e}")))?;
         let filename = self.dump_filename();
         let (dumped, backed_up) =
-            tokio::join!(child.wait_with_output(), restic.backup_stdin(&filename, host, tags, stdin));
+            tokio::join!(child.wait_with_output(), restic.backup_stdin(&filename, host, tags, None, stdin));
         let dumped = dumped.map_err(|e| AgentError::Database(format!("waiting for the dump: {e}")))?;
         if !dumped.status.success() {
             if let Ok(outcome) = &backed_up {

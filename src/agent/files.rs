@@ -6,7 +6,6 @@ use crate::api::BackupSession;
 use crate::api::backup_batch::BackupTarget;
 use crate::api::repository::Repository;
 use crate::restic::{BackupOutcome, BackupRequest, Restic};
-use kube::ResourceExt;
 use std::time::Duration;
 
 /// One host's backup of `paths` of a member.
@@ -42,7 +41,7 @@ impl FileBackup<'_> {
             paths: self.paths.clone(),
             exclude: self.target.exclude.clone(),
             host: self.host.to_string(),
-            tags: session_tags(&self.session.name_any(), self.batch, self.alias),
+            tags: session_tags(self.session, self.batch, self.alias),
             extra_args: self.target.args.clone(),
         };
         let outcome = restic.backup(&request).await?;

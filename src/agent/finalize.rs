@@ -4,8 +4,9 @@
 
 use super::executor::{AgentError, Executor};
 use super::locks;
-use super::manifest::{MANIFEST_HOST, MANIFEST_TAG, Manifest};
-use super::status::{human_bytes, update_status};
+use super::manifest::{MANIFEST_HOST, MANIFEST_TAG};
+use super::retention::{self, NAMESPACE_TAG, Ownership};
+use super::status::human_bytes;
 use crate::api::BackupSession;
 use crate::api::backup_session::BackupSessionPhase;
 use crate::api::common::RetentionPolicy;
@@ -13,6 +14,7 @@ use crate::api::repository::Repository;
 use crate::controller::conditions::{self, Desired};
 use crate::restic::Restic;
 use crate::session::INVOKER_NAME_LABEL;
+use crate::status_write::update_status;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -23,7 +25,7 @@ use std::time::Duration;
 pub const MANIFEST_WRITTEN: &str = "ManifestWritten";
 pub const RETENTION_APPLIED: &str = "RetentionPolicyApplied";
 pub const INTEGRITY_VERIFIED: &str = "RepositoryIntegrityVerified";
-pub const FINALIZED: &str = "SessionFinalized";
+pub use crate::api::backup_session::SESSION_FINALIZED as FINALIZED;
 
 /// What finalizing did, for the session's conditions.
 struct Outcome {
@@ -70,43 +72,39 @@ async fn finalize(
     policy: Option<&RetentionPolicy>,
 ) -> Result<Outcome, AgentError> {
     let batch = session.spec.invoker.name.clone();
+    let name = session.name_any();
     let mut outcome = Outcome { conditions: Vec::new() };
     locks::heal(executor, restic, session, Duration::from_secs(3600)).await?;
 
-    let complete = Manifest::of_complete(session, &batch);
-    let already = restic
-        .snapshots(&[MANIFEST_TAG.to_string(), format!("session={}", session.name_any())])
-        .await?
-        .into_iter()
-        .next();
-    match (complete, already) {
-        (Some(_), Some(existing)) => outcome.conditions.push(Desired::new(
-            MANIFEST_WRITTEN,
-            true,
-            "ManifestWritten",
-            format!("manifest snapshot {}", existing.short_id),
-        )),
-        (Some(manifest), None) => {
-            let written = manifest.write(restic).await?;
-            let id = written.summary.snapshot_id;
-            outcome.conditions.push(Desired::new(
-                MANIFEST_WRITTEN,
-                true,
-                "ManifestWritten",
-                format!("manifest snapshot {id}"),
-            ));
+    let snapshots = restic.snapshots(&[format!("batch={batch}")]).await?;
+    let already = snapshots.iter().find(|s| {
+        retention::is_manifest(s)
+            && s.tag("session") == Some(name.as_str())
+            && retention::ownership(s, executor.namespace(), &batch) == Ownership::Ours
+    });
+    let manifest = match already {
+        Some(existing) => {
+            Desired::new(MANIFEST_WRITTEN, true, "ManifestWritten", format!("manifest snapshot {}", existing.short_id))
         }
-        (None, _) => outcome.conditions.push(Desired::new(
-            MANIFEST_WRITTEN,
-            false,
-            "SessionIncomplete",
-            "not every member succeeded: this session is not a restorable set",
-        )),
-    }
+        None => match retention::manifest_of(session, &batch, &snapshots, Timestamp::now()) {
+            Ok(manifest) => {
+                let written = manifest.write(restic).await?;
+                let id = written.summary.snapshot_id;
+                Desired::new(MANIFEST_WRITTEN, true, "ManifestWritten", format!("manifest snapshot {id}"))
+            }
+            Err(why) => Desired::new(
+                MANIFEST_WRITTEN,
+                false,
+                "SessionIncomplete",
+                format!("this session is not a restorable set: {why}"),
+            ),
+        },
+    };
+    outcome.conditions.push(manifest);
 
     let removed = match policy {
         Some(policy) => {
-            let (removed, message) = apply_retention(executor, restic, &batch, policy).await?;
+            let (removed, message) = apply_retention(executor, restic, &batch, &name, policy).await?;
             outcome.conditions.push(Desired::new(RETENTION_APPLIED, true, "RetentionPolicyApplied", message));
             Some(removed)
         }
@@ -145,19 +143,21 @@ fn keep_flags(policy: &RetentionPolicy) -> Vec<String> {
     flags
 }
 
-/// Retention by whole sessions: restic's policy picks which manifests (complete sessions) to keep;
-/// every data snapshot of the batch outside a kept session is forgotten, except those of sessions
-/// still running. Per-host retention would keep snapshots of different runs and break the sets.
+/// Retention by whole sessions: restic's keep rules pick among this namespace's manifests (dated at
+/// their sessions' start), and `retention::plan` decides what is forgotten — never the newest complete
+/// session, nor any session not finalized yet. Per-host retention would break the sets.
 async fn apply_retention(
     executor: &Executor,
     restic: &Restic,
     batch: &str,
+    current: &str,
     policy: &RetentionPolicy,
 ) -> Result<(usize, String), AgentError> {
     let flags = keep_flags(policy);
     if flags.is_empty() {
         return Ok((0, "the policy keeps everything".into()));
     }
+    let namespace = executor.namespace();
     let mut args = vec![
         "forget".to_string(),
         "--json".into(),
@@ -167,31 +167,33 @@ async fn apply_retention(
         "--host".into(),
         MANIFEST_HOST.into(),
         "--tag".into(),
-        format!("{MANIFEST_TAG},batch={batch}"),
+        format!("{MANIFEST_TAG},batch={batch},{NAMESPACE_TAG}={namespace}"),
     ];
     args.extend(flags);
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let planned = restic.run(&argv).await?;
-    let kept_sessions: BTreeSet<String> =
+    let kept_by_policy: BTreeSet<String> =
         kept_snapshots(&planned.stdout)?.iter().filter_map(|s| s.tag("session").map(str::to_string)).collect();
 
-    let running: BTreeSet<String> = executor
+    let unsettled: BTreeSet<String> = executor
         .api::<BackupSession>()
         .list(&ListParams::default().labels(&format!("{INVOKER_NAME_LABEL}={batch}")))
         .await?
         .items
         .into_iter()
-        .filter(|s| !matches!(s.status.as_ref().and_then(|st| st.phase), Some(p) if p.is_final()))
+        .filter(|s| s.name_any() != current && !s.is_settled())
         .map(|s| s.name_any())
         .collect();
-    let forget: Vec<String> = restic
-        .snapshots(&[format!("batch={batch}")])
-        .await?
-        .into_iter()
-        .filter(|s| s.tag("session").is_some_and(|name| !kept_sessions.contains(name) && !running.contains(name)))
-        .map(|s| s.id)
-        .collect();
-    let sessions = kept_sessions.iter().cloned().collect::<Vec<_>>().join(", ");
+    let snapshots = restic.snapshots(&[format!("batch={batch}")]).await?;
+    let plan = retention::plan(&retention::Observed {
+        namespace,
+        batch,
+        snapshots: &snapshots,
+        kept_by_policy: &kept_by_policy,
+        unsettled: &unsettled,
+    });
+    let sessions = plan.keep.iter().cloned().collect::<Vec<_>>().join(", ");
+    let forget = plan.forget;
     if policy.dry_run {
         return Ok((0, format!("dry run: would forget {} snapshots; keeping sessions {sessions}", forget.len())));
     }

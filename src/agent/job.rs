@@ -4,8 +4,9 @@ use super::database::{Connection, Engine};
 use super::executor::{AgentError, Executor};
 use super::files::FileBackup;
 use super::status::{self, Turn};
-use super::{locks, member_alias, session_tags};
+use super::{locks, session_tags};
 use crate::api::backup_batch::BackupMember;
+use crate::api::backup_session::DEFAULT_SESSION_TIMEOUT;
 use crate::api::{BackupBatch, BackupSession};
 use crate::controller::backup_job::{DATABASE_KIND, DEFAULT_DATA_PATH};
 use crate::restic::BackupOutcome;
@@ -32,21 +33,23 @@ pub fn find_member<'a>(batch: &'a BackupBatch, kind: &str, name: &str) -> Result
         .ok_or_else(|| AgentError::NoSuchMember { batch: batch.name_any(), kind: kind.into(), name: name.into() })
 }
 
-/// Time left until the session's deadline (an hour when it has none).
+/// Time left until the session's deadline. The operator gives every session one; a session started
+/// by an older operator without one gets the default session timeout, never less.
 pub fn time_left(session: &BackupSession) -> Duration {
+    let default = Duration::try_from(DEFAULT_SESSION_TIMEOUT).unwrap_or(Duration::from_secs(6 * 3600));
     session
         .status
         .as_ref()
         .and_then(|s| s.session_deadline.as_ref())
-        .and_then(|d| d.0.duration_since(k8s_openapi::jiff::Timestamp::now()).try_into().ok())
-        .unwrap_or(Duration::from_secs(3600))
+        .map_or(Some(default), |d| d.0.duration_since(k8s_openapi::jiff::Timestamp::now()).try_into().ok())
+        .unwrap_or(Duration::ZERO)
 }
 
 pub async fn run(executor: &Executor, job: &JobTarget) -> Result<(), AgentError> {
     let sessions = executor.api::<BackupSession>();
     let batch = executor.batch(&job.batch).await?;
     let member = find_member(&batch, &job.kind, &job.name)?;
-    let host = member_alias(&member.target);
+    let host = member.target.host_alias();
     let session = executor.session(&job.session).await?;
     if status::turn(&session, &job.kind, &job.name, &host) != Turn::Now {
         tracing::info!(session = %job.session, host, "nothing to do: the target is not running or already reported");
@@ -82,7 +85,7 @@ async fn back_up(
         let connection = Connection::from_secret(engine, SecretValues::read_dir(&job.database_secret_dir)?)?;
         executor.ensure_repository(&restic, &repository).await?;
         locks::heal(executor, &restic, session, max_lock_age).await?;
-        let tags = session_tags(&session.name_any(), &batch.name_any(), host);
+        let tags = session_tags(session, &batch.name_any(), host);
         let outcome = connection.backup(&restic, host, &tags).await?;
         return Ok((format!("/{}", connection.dump_filename()), outcome));
     }
@@ -104,4 +107,31 @@ async fn back_up(
     };
     let outcome = backup.run(executor, &restic, max_lock_age).await?;
     Ok((paths.join(","), outcome))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::BackupSessionSpec;
+    use crate::api::backup_session::BackupInvokerRef;
+    use crate::api::backup_session::BackupSessionStatus;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+    fn session(deadline: Option<Timestamp>) -> BackupSession {
+        let invoker = BackupInvokerRef { api_group: String::new(), kind: "BackupBatch".into(), name: "app".into() };
+        let mut session = BackupSession::new("app-1", BackupSessionSpec { invoker, retry_left: None });
+        session.status = Some(BackupSessionStatus { session_deadline: deadline.map(Time), ..Default::default() });
+        session
+    }
+
+    /// M12: no hidden one-hour limit, and a passed deadline leaves no time.
+    #[test]
+    fn time_left_follows_the_deadline() {
+        let in_two_hours = Timestamp::now().checked_add(SignedDuration::from_hours(2)).expect("time");
+        assert!(time_left(&session(Some(in_two_hours))) > Duration::from_secs(3600 + 3500));
+        assert!(time_left(&session(None)) >= Duration::from_secs(6 * 3600 - 5));
+        let passed = Timestamp::now().checked_sub(SignedDuration::from_secs(5)).expect("time");
+        assert_eq!(time_left(&session(Some(passed))), Duration::ZERO);
+    }
 }

@@ -10,17 +10,20 @@ pub mod job;
 pub mod locks;
 pub mod manifest;
 pub mod restore;
+pub(crate) mod retention;
 pub mod sidecar;
 pub mod status;
 
 pub use executor::{AgentError, Executor, ExecutorSettings};
 
-/// restic tags that make a run's snapshots one set: `session=`, `batch=`, `member=`.
-pub fn session_tags(session: &str, batch: &str, member: &str) -> Vec<String> {
-    vec![format!("session={session}"), format!("batch={batch}"), format!("member={member}")]
-}
-
-/// The restic `--host` of a member: its alias, else the target's name.
-pub fn member_alias(target: &crate::api::backup_batch::BackupTarget) -> String {
-    if target.alias.is_empty() { target.reference.name.clone() } else { target.alias.clone() }
+/// restic tags that make a run's snapshots one set: `session=`, `batch=`, `member=`, and the
+/// session's `namespace=` (same-named batches of two namespaces may share a repository).
+pub fn session_tags(session: &crate::api::BackupSession, batch: &str, member: &str) -> Vec<String> {
+    use kube::ResourceExt;
+    vec![
+        format!("session={}", session.name_any()),
+        format!("batch={batch}"),
+        format!("member={member}"),
+        format!("{}={}", retention::NAMESPACE_TAG, session.namespace().unwrap_or_default()),
+    ]
 }

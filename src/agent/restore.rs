@@ -6,13 +6,15 @@
 use super::database::{Connection, Engine};
 use super::executor::{AgentError, Executor};
 use super::manifest::{self, MANIFEST_TAG};
+use super::retention::NAMESPACE_TAG;
 use super::sidecar::host_name;
-use super::status::{matches, seconds, update_status};
+use super::status::{matches, seconds};
 use crate::api::RestoreBatch;
 use crate::api::restore_batch::{HostRestoreStats, RestoreMember, RestoreMemberPhase, RestoreMemberStatus};
 use crate::controller::backup_job::DATABASE_KIND;
 use crate::restic::Restic;
 use crate::restic::secrets::SecretValues;
+use crate::status_write::update_status;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -75,9 +77,9 @@ async fn restore_member(
     let selector = restore.spec.restore_from.as_ref();
     let batch = match selector.and_then(|s| s.batch.clone()) {
         Some(batch) => batch,
-        None => only_batch(&restic).await?,
+        None => only_batch(&restic, executor.namespace()).await?,
     };
-    let manifest = manifest::select(&restic, &batch, selector).await?;
+    let manifest = manifest::select(&restic, executor.namespace(), &batch, selector).await?;
     let rule = member.target.rules.first();
     let source = manifest.member(&target.kind, &target.name).ok_or_else(|| {
         AgentError::Invalid(format!("session {} holds no member {}/{}", manifest.session, target.kind, target.name))
@@ -116,11 +118,12 @@ async fn restore_snapshot(
 }
 
 /// The batch whose sessions a repository holds, when there is exactly one.
-async fn only_batch(restic: &Restic) -> Result<String, AgentError> {
+async fn only_batch(restic: &Restic, namespace: &str) -> Result<String, AgentError> {
     let batches: BTreeSet<String> = restic
         .snapshots(&[MANIFEST_TAG.to_string()])
         .await?
         .iter()
+        .filter(|s| s.tag(NAMESPACE_TAG).is_none_or(|ns| ns == namespace))
         .filter_map(|s| s.tag("batch").map(str::to_string))
         .collect();
     let mut names = batches.iter();

@@ -6,7 +6,6 @@
 use super::executor::{AgentError, Executor};
 use super::files::FileBackup;
 use super::job::{find_member, time_left};
-use super::member_alias;
 use super::status::{self, Turn};
 use crate::api::BackupSession;
 use crate::session::INVOKER_NAME_LABEL;
@@ -72,7 +71,7 @@ pub async fn run(executor: &Executor, target: &SidecarTarget, cancel: Cancellati
 async fn take_turn(executor: &Executor, target: &SidecarTarget, session: &BackupSession) -> Result<(), AgentError> {
     let batch = executor.batch(&target.batch).await?;
     let member = find_member(&batch, &target.kind, &target.name)?;
-    let alias = member_alias(&member.target);
+    let alias = member.target.host_alias();
     let settings = &executor.settings;
     let host = host_name(&target.kind, &alias, settings.pod_name.as_deref(), settings.node_name.as_deref())?;
     if status::turn(session, &target.kind, &target.name, &host) != Turn::Now {

@@ -7,7 +7,8 @@ use crate::api::backup_session::FileStats;
 use crate::api::backup_session::{BackupTargetStatus, HostBackupStats, HostPhase, SnapshotStats, TargetPhase};
 use crate::api::common::TargetRef;
 use crate::restic::BackupOutcome;
-use kube::api::{Api, PostParams};
+use crate::status_write::update_status;
+use kube::api::Api;
 use std::time::Duration;
 
 /// What a host should do about a session, read from its status.
@@ -45,30 +46,6 @@ pub fn turn(session: &BackupSession, kind: &str, name: &str, host: &str) -> Turn
         Some(TargetPhase::Running) => Turn::Now,
         Some(TargetPhase::Succeeded | TargetPhase::Failed) => Turn::Never,
         _ => Turn::Later,
-    }
-}
-
-/// Reads object `name`, lets `change` edit it, and writes its status back guarded by the
-/// resourceVersion read; on a conflict (another host or the operator wrote meanwhile) it starts over
-/// from the newer object. `change` returns false when there is nothing to write.
-pub async fn update_status<K>(
-    api: &Api<K>,
-    name: &str,
-    mut change: impl FnMut(&mut K) -> bool,
-) -> Result<(), kube::Error>
-where
-    K: Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    loop {
-        let mut current = api.get(name).await?;
-        if !change(&mut current) {
-            return Ok(());
-        }
-        match api.replace_status(name, &PostParams::default(), &current).await {
-            Ok(_) => return Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 409 => continue,
-            Err(err) => return Err(err),
-        }
     }
 }
 

@@ -110,6 +110,13 @@ pub struct BackupTarget {
     pub replicas: Option<i32>,
 }
 
+impl BackupTarget {
+    /// The restic `--host` of the member: its alias, else the target's name.
+    pub fn host_alias(&self) -> String {
+        if self.alias.is_empty() { self.reference.name.clone() } else { self.alias.clone() }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BackupHooks {

@@ -1,6 +1,6 @@
 //! `BackupSession` (stash.appscode.com/v1beta1): one run of a BackupBatch, with a status entry per target host.
 
-use super::common::{Condition, TargetRef};
+use super::common::{Condition, ConditionStatus, TargetRef};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -65,6 +65,25 @@ pub struct BackupSessionStatus {
     /// Set once the retry session for this one exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retried: Option<bool>,
+}
+
+/// A session whose batch has no `spec.timeOut` still ends: a host that never reports fails it after
+/// this long instead of holding every later session in Skipped.
+pub const DEFAULT_SESSION_TIMEOUT: k8s_openapi::jiff::SignedDuration = k8s_openapi::jiff::SignedDuration::from_hours(6);
+
+/// The condition the finalize step sets last: True once the session's manifest decision and
+/// retention are done in the repository.
+pub const SESSION_FINALIZED: &str = "SessionFinalized";
+
+impl BackupSession {
+    /// Whether the repository is done with this session: Skipped (no data), or final and finalized.
+    /// Until then its data is protected from retention and the session from history trimming.
+    pub fn is_settled(&self) -> bool {
+        let Some(status) = self.status.as_ref() else { return false };
+        status.phase == Some(BackupSessionPhase::Skipped)
+            || (status.phase.is_some_and(BackupSessionPhase::is_final)
+                && status.conditions.iter().any(|c| c.type_ == SESSION_FINALIZED && c.status == ConditionStatus::True))
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

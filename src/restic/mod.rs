@@ -7,6 +7,7 @@ pub mod output;
 pub mod secrets;
 
 use backend::Location;
+use k8s_openapi::jiff::Timestamp;
 use output::{BackupItemError, BackupSummary, Lock, Snapshot, parse_backup_output};
 use percent_encoding::percent_decode_str;
 use secrets::{CA_CERT_DATA, RESTIC_PASSWORD, SecretError, SecretValues};
@@ -261,19 +262,27 @@ impl Restic {
         self.backup_outcome(&argv, &finished)
     }
 
-    /// `restic backup --stdin` fed from `stdin` (a dump command's output).
+    /// `restic backup --stdin` fed from `stdin` (a dump command's output), dated `time` if given.
     pub async fn backup_stdin(
         &self,
         filename: &str,
         host: &str,
         tags: &[String],
+        time: Option<Timestamp>,
         stdin: Stdio,
     ) -> Result<BackupOutcome, ResticError> {
         let mut args: Vec<String> = vec!["backup".into(), "--json".into(), "--host".into(), host.into()];
         args.extend(Self::tag_args(tags));
         args.extend(["--stdin".into(), "--stdin-filename".into(), filename.into()]);
+        if let Some(time) = time {
+            // restic reads --time in the local zone: pin the zone so the instant is exact.
+            args.extend(["--time".into(), time.strftime("%Y-%m-%d %H:%M:%S").to_string()]);
+        }
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut command = self.command(&argv);
+        if time.is_some() {
+            command.env("TZ", "UTC");
+        }
         command.stdin(stdin);
         let finished = self.finish(command).await?;
         self.backup_outcome(&argv, &finished)

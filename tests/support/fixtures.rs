@@ -119,7 +119,7 @@ pub async fn report_host(sessions: &Api<BackupSession>, name: &str, index: usize
         duration: Some("1s".into()),
         error: (phase == HostPhase::Failed).then(|| "restic backup: exit status 1".into()),
     };
-    stash::agent::status::update_status(sessions, name, |session| {
+    stash::status_write::update_status(sessions, name, |session| {
         session.status.as_mut().expect("a status").targets[index].stats.push(entry.clone());
         true
     })
