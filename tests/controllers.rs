@@ -247,7 +247,28 @@ async fn sessions_run_aggregate_skip_time_out_and_keep_a_bounded_history() {
     let message = failed.status.expect("status").conditions.iter().find_map(|c| c.message.clone()).unwrap_or_default();
     assert!(message.contains("StatefulSet db"), "{message}");
 
-    // History (backupHistoryLimit: 1): the newest finished session, and the newest skipped one.
+    // No session is trimmed before its finalize step finished (here nobody runs the finalize Jobs).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let left = sessions.list(&ListParams::default()).await.expect("list").items.len();
+    assert_eq!(left, 3, "unfinalized sessions stay");
+    for name in [&first, &third] {
+        stash::status_write::update_status(&sessions, name, |session| {
+            let status = session.status.get_or_insert_with(Default::default);
+            status.conditions.push(stash::api::common::Condition {
+                type_: stash::api::backup_session::SESSION_FINALIZED.into(),
+                status: ConditionStatus::True,
+                observed_generation: None,
+                last_transition_time: None,
+                reason: Some("Finalized".into()),
+                message: None,
+            });
+            true
+        })
+        .await
+        .expect("finalized");
+    }
+
+    // History (backupHistoryLimit: 1): the newest finalized session, and the newest skipped one.
     eventually("history trimmed to the limit", Duration::from_secs(60), || {
         let sessions = sessions.clone();
         let expected = [second.clone(), third.clone()];
@@ -556,4 +577,64 @@ async fn existing_pods_get_the_sidecar_through_one_restart_and_edits_restart_not
     let member = &batch.status.expect("status").member_conditions[0];
     let injected = member.conditions.iter().find(|c| c.type_ == "StashSidecarInjected").expect("condition");
     assert!(injected.message.as_deref().unwrap_or_default().contains("restarted once"), "{injected:?}");
+}
+
+/// M1: a hook runs at most once per session even when two controllers act on the same session at
+/// once (two leaders, or another operator watching the same cluster): each records its claim
+/// before acting, and only the one whose claim was written runs the hook.
+#[tokio::test]
+async fn hooks_run_at_most_once_even_with_two_controllers_on_one_session() {
+    use std::sync::{Arc, Mutex};
+    let calls: Arc<Mutex<Vec<String>>> = Arc::default();
+    let recorded = calls.clone();
+    let app = axum::Router::new()
+        .route(
+            "/freeze",
+            axum::routing::get({
+                let recorded = recorded.clone();
+                move || async move {
+                    recorded.lock().expect("lock").push("freeze".into());
+                    // Slow enough that both controllers see the session before either finishes.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    "ok"
+                }
+            }),
+        )
+        .route(
+            "/thaw",
+            axum::routing::post(move || async move {
+                recorded.lock().expect("lock").push("thaw".into());
+                "ok"
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+
+    let ns = TestNamespace::new("twohooks").await;
+    let first = with_controllers(&ns).await;
+    // A second controller under a Lease of its own: both lead, as with a split brain.
+    let (settings, mut lease) = support::operator::controllers_for(&ns.name, "second-operator");
+    lease.name = "another-operator".into();
+    let second = support::operator::start_on(None, None, Some((settings, lease))).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    let hooks = json!({"hooks": {
+        "preBackup": {"httpGet": {"host": "127.0.0.1", "port": port, "path": "/freeze"}},
+        "postBackup": {"httpPost": {"host": "127.0.0.1", "port": port, "path": "/thaw"}, "executionPolicy": "Always"}
+    }});
+    fixtures::batch(&ns, "hooked", vec![member("Deployment", "app")], hooks).await;
+    let sessions = ns.api::<BackupSession>();
+    for round in 0..3 {
+        let name = new_session(&ns, "hooked").await;
+        session_phase(&sessions, &name, BackupSessionPhase::Running).await;
+        report_host(&sessions, &name, 0, "app", HostPhase::Succeeded).await;
+        session_phase(&sessions, &name, BackupSessionPhase::Succeeded).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let expected: Vec<String> = (0..=round).flat_map(|_| ["freeze".to_string(), "thaw".to_string()]).collect();
+        assert_eq!(*calls.lock().expect("lock"), expected, "round {round}: each hook once per session");
+    }
+    first.stop().await;
+    second.stop().await;
 }

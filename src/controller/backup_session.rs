@@ -9,13 +9,16 @@ use super::conditions::{self, Desired};
 use super::context::{Context, ControllerError, FIELD_MANAGER};
 use super::hooks;
 use super::progress::{self, Progress};
-use super::targets;
+use super::targets::{self, TargetState};
 use crate::api::backup_session::{
-    BackupSessionPhase, BackupSessionStatus, BackupTargetStatus, HostBackupStats, HostPhase, TargetPhase,
+    BackupSessionPhase, BackupSessionStatus, BackupTargetStatus, DEFAULT_SESSION_TIMEOUT, HostBackupStats, HostPhase,
+    TargetPhase,
 };
+use crate::api::common::Handler;
 use crate::api::{BackupBatch, BackupSession, Repository};
 use crate::metrics::{BatchLabels, SessionLabels};
 use crate::session::{BACKUP_BATCH_KIND, INVOKER_NAME_LABEL, create_backup_session};
+use crate::status_write::update_status;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -33,6 +36,12 @@ fn now() -> Timestamp {
     Timestamp::now()
 }
 
+/// A hook this reconcile claimed: it runs only once the claim is written.
+struct Claimed {
+    hook: &'static str,
+    handler: Handler,
+}
+
 #[tracing::instrument(skip_all, fields(namespace = session.namespace().unwrap_or_default(), name = session.name_any()))]
 pub async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
     let namespace = session.namespace().unwrap_or_default();
@@ -41,10 +50,11 @@ pub async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Context>) -> Result
     let invoker = &session.spec.invoker;
     let batch = if invoker.kind == BACKUP_BATCH_KIND { batches.get_opt(&invoker.name).await? } else { None };
     let mut status = session.status.clone().unwrap_or_default();
+    let mut claimed = None;
 
-    let action = match (status.phase, batch) {
+    let action = match (status.phase, batch.as_ref()) {
         (Some(BackupSessionPhase::Succeeded | BackupSessionPhase::Failed | BackupSessionPhase::Skipped), batch) => {
-            return finished(&session, batch.as_ref(), &ctx, &sessions).await;
+            return finished(&session, batch, &ctx, &sessions).await;
         }
         (_, None) => {
             let reason = format!("{} {} does not exist", invoker.kind, invoker.name);
@@ -52,9 +62,11 @@ pub async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Context>) -> Result
             Action::await_change()
         }
         (None | Some(BackupSessionPhase::Pending | BackupSessionPhase::Unknown), Some(batch)) => {
-            start(&session, &batch, &mut status, &ctx, &sessions).await?
+            start(&session, batch, &mut status, &ctx, &sessions, &mut claimed).await?
         }
-        (Some(BackupSessionPhase::Running), Some(batch)) => progress(&session, &batch, &mut status, &ctx).await?,
+        (Some(BackupSessionPhase::Running), Some(batch)) => {
+            progress(&session, batch, &mut status, &ctx, &mut claimed).await?
+        }
     };
 
     if Some(&status) != session.status.as_ref() {
@@ -63,25 +75,48 @@ pub async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Context>) -> Result
         updated.status = Some(status.clone());
         match sessions.replace_status(&session.name_any(), &PostParams::default(), &updated).await {
             Ok(_) => {}
-            // A host wrote its entry meanwhile: start over from what is there now.
+            // A host (or another controller) wrote meanwhile: start over from what is there now. A
+            // claim that did not land is not ours: its hook does not run.
             Err(kube::Error::Api(e)) if e.code == 409 => return Ok(Action::requeue(Duration::from_millis(100))),
             Err(err) => return Err(err.into()),
         }
         if phase_changed {
             announce(&ctx, &session, &status).await;
         }
+        if let Some(claimed) = claimed {
+            run_claimed(&sessions, &session.name_any(), claimed).await?;
+            return Ok(Action::requeue(Duration::from_millis(10)));
+        }
     }
     Ok(action)
 }
 
-/// Pending → Skipped when another session of the batch runs; else run the pre-backup hook, list the
-/// targets with their host counts, set the deadline, and go Running.
+/// Runs a hook whose claim is written, and records its outcome (retrying on conflicts: the outcome
+/// must land, or the hook would count as lost).
+async fn run_claimed(sessions: &Api<BackupSession>, name: &str, claimed: Claimed) -> Result<(), ControllerError> {
+    let result = hooks::run(&claimed.handler).await;
+    let record = hooks::outcome(claimed.hook, &result);
+    update_status(sessions, name, |current| {
+        let status = current.status.get_or_insert_with(Default::default);
+        conditions::set(&mut status.conditions, &record, None);
+        if let (hooks::PRE_BACKUP, Err(err)) = (claimed.hook, &result) {
+            fail(status, "PreBackupHookFailed", err);
+        }
+        true
+    })
+    .await?;
+    Ok(())
+}
+
+/// Pending → Skipped when another session of the batch runs; else the pre-backup hook (claimed,
+/// then run once), then the targets with their host counts, the deadline, and Running.
 async fn start(
     session: &BackupSession,
     batch: &BackupBatch,
     status: &mut BackupSessionStatus,
     ctx: &Context,
     sessions: &Api<BackupSession>,
+    claimed: &mut Option<Claimed>,
 ) -> Result<Action, ControllerError> {
     let siblings =
         sessions.list(&ListParams::default().labels(&format!("{INVOKER_NAME_LABEL}={}", batch.name_any()))).await?;
@@ -102,21 +137,24 @@ async fn start(
     }
 
     if let Some(pre) = batch.spec.hooks.as_ref().and_then(|h| h.pre_backup.as_ref()) {
-        match hooks::run(pre).await {
-            Ok(()) => {
-                conditions::set(
-                    &mut status.conditions,
-                    &Desired::new("PreBackupHookExecutionSucceeded", true, "HookSucceeded", "pre-backup hook ran"),
-                    None,
-                );
+        match hooks::step(&status.conditions, hooks::PRE_BACKUP, now()) {
+            hooks::Step::Claim => {
+                conditions::set(&mut status.conditions, &hooks::claim(hooks::PRE_BACKUP), None);
+                *claimed = Some(Claimed { hook: hooks::PRE_BACKUP, handler: pre.clone() });
+                return Ok(Action::await_change());
             }
-            Err(err) => {
-                conditions::set(
-                    &mut status.conditions,
-                    &Desired::new("PreBackupHookExecutionSucceeded", false, "HookFailed", err.clone()),
-                    None,
-                );
-                fail(status, "PreBackupHookFailed", &err);
+            hooks::Step::InFlight { until } => return Ok(Action::requeue(until_then(until))),
+            hooks::Step::Ran(true) => {}
+            hooks::Step::Ran(false) => {
+                let message =
+                    status.conditions.iter().find(|c| c.type_ == hooks::PRE_BACKUP).and_then(|c| c.message.clone());
+                fail(status, "PreBackupHookFailed", message.as_deref().unwrap_or("the pre-backup hook failed"));
+                return Ok(Action::await_change());
+            }
+            hooks::Step::Lost => {
+                let lost = hooks::lost(hooks::PRE_BACKUP);
+                conditions::set(&mut status.conditions, &lost, None);
+                fail(status, "PreBackupHookFailed", &lost.message);
                 return Ok(Action::await_change());
             }
         }
@@ -126,22 +164,41 @@ async fn start(
     let mut targets = Vec::with_capacity(batch.spec.members.len());
     for member in &batch.spec.members {
         let state = targets::inspect(&ctx.client, &namespace, &member.target.reference).await?;
+        let reference = &member.target.reference;
+        let scaled_to_zero = matches!(state, TargetState::Workload(_)) && state.hosts() == 0;
         targets.push(BackupTargetStatus {
-            reference: member.target.reference.clone(),
-            total_hosts: Some(state.hosts()),
-            phase: Some(TargetPhase::Pending),
-            stats: Vec::new(),
+            reference: reference.clone(),
+            total_hosts: Some(state.hosts().max(1)),
+            phase: Some(if scaled_to_zero { TargetPhase::Failed } else { TargetPhase::Pending }),
+            stats: if scaled_to_zero {
+                vec![HostBackupStats {
+                    hostname: member.target.host_alias(),
+                    phase: Some(HostPhase::Failed),
+                    snapshots: Vec::new(),
+                    duration: None,
+                    error: Some(format!(
+                        "{} {} is scaled to zero: no Pod runs the stash sidecar to back it up",
+                        reference.kind, reference.name
+                    )),
+                }]
+            } else {
+                Vec::new()
+            },
             pre_backup_actions: Vec::new(),
             post_backup_actions: Vec::new(),
         });
     }
     status.targets = targets;
     progress::advance(&mut status.targets, batch.spec.execution_order);
-    let timeout = batch.spec.time_out.as_ref().and_then(|t| t.parse().ok());
-    status.session_deadline =
-        timeout.and_then(|t| SignedDuration::try_from(t).ok()).and_then(|t| now().checked_add(t).ok()).map(Time);
+    let timeout =
+        batch.spec.time_out.as_ref().and_then(|t| t.parse().ok()).and_then(|t| SignedDuration::try_from(t).ok());
+    status.session_deadline = now().checked_add(timeout.unwrap_or(DEFAULT_SESSION_TIMEOUT)).ok().map(Time);
     status.phase = Some(BackupSessionPhase::Running);
     Ok(Action::requeue(Duration::from_millis(10)))
+}
+
+fn until_then(until: Timestamp) -> Duration {
+    Duration::try_from(until.duration_since(now())).unwrap_or(Duration::ZERO).max(Duration::from_millis(100))
 }
 
 /// Running: enforce the deadline, create job-model Jobs for started members, notice crashed Jobs,
@@ -151,10 +208,12 @@ async fn progress(
     batch: &BackupBatch,
     status: &mut BackupSessionStatus,
     ctx: &Context,
+    claimed: &mut Option<Claimed>,
 ) -> Result<Action, ControllerError> {
     let deadline = status.session_deadline.as_ref().map(|t| t.0);
+    let timed_out = status.conditions.iter().any(|c| c.type_ == DEADLINE_EXCEEDED);
     if let Some(deadline) = deadline
-        && now() >= deadline
+        && (timed_out || now() >= deadline)
     {
         let message = format!("the session did not finish before its deadline {deadline} (spec.timeOut)");
         conditions::set(
@@ -167,16 +226,12 @@ async fn progress(
         {
             target.phase = Some(TargetPhase::Failed);
         }
-        finish(session, batch, status, ctx, false, Some(("DeadlineExceeded", message))).await;
-        return Ok(Action::await_change());
+        return finish(session, batch, status, ctx, false, Some(("DeadlineExceeded", message)), claimed);
     }
 
     run_job_members(session, batch, status, ctx).await?;
     match progress::advance(&mut status.targets, batch.spec.execution_order) {
-        Progress::Finished { succeeded } => {
-            finish(session, batch, status, ctx, succeeded, None).await;
-            Ok(Action::await_change())
-        }
+        Progress::Finished { succeeded } => finish(session, batch, status, ctx, succeeded, None, claimed),
         Progress::Running => {
             // Host writes and owned Jobs wake us; the deadline and the poll are the backstops.
             let until_deadline = deadline.and_then(|d| Duration::try_from(d.duration_since(now())).ok());
@@ -197,9 +252,25 @@ async fn run_job_members(
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut repository = None;
     let deadline_seconds = status.session_deadline.as_ref().map(|d| d.0.duration_since(now()).as_secs().max(1));
-    for (index, member) in batch.spec.members.iter().enumerate() {
-        let Some(target) = status.targets.get_mut(index) else { continue };
-        if !is_job_model(member) || target.phase != Some(TargetPhase::Running) {
+    // Targets are the members at session start; Jobs follow them by identity, so editing the
+    // batch's members meanwhile never starts a Job for the wrong target.
+    for (index, target) in status.targets.iter_mut().enumerate() {
+        if target.phase != Some(TargetPhase::Running) {
+            continue;
+        }
+        let Some(member) = batch.spec.members.iter().find(|m| m.target.reference == target.reference) else {
+            if target.stats.is_empty() {
+                target.stats.push(HostBackupStats {
+                    hostname: target.reference.name.clone(),
+                    phase: Some(HostPhase::Failed),
+                    snapshots: Vec::new(),
+                    duration: None,
+                    error: Some("the member was removed from the batch while the session ran".into()),
+                });
+            }
+            continue;
+        };
+        if !is_job_model(member) {
             continue;
         }
         if repository.is_none() {
@@ -278,25 +349,33 @@ fn fail(status: &mut BackupSessionStatus, reason: &str, message: &str) {
     conditions::set(&mut status.conditions, &Desired::new("SessionFailed", true, reason, message), None);
 }
 
-/// Final phase, post-backup hook, duration, metrics, and the retry schedule.
-async fn finish(
+/// The post-backup hook (claimed, then run once, while the session stays Running), then the final
+/// phase, duration, metrics, and the retry schedule.
+fn finish(
     session: &BackupSession,
     batch: &BackupBatch,
     status: &mut BackupSessionStatus,
     ctx: &Context,
     succeeded: bool,
     failure: Option<(&str, String)>,
-) {
+    claimed: &mut Option<Claimed>,
+) -> Result<Action, ControllerError> {
     let retries_left = retries_left(session, batch) > 0;
     if let Some(post) = batch.spec.hooks.as_ref().and_then(|h| h.post_backup.as_ref())
         && hooks::post_hook_applies(post.execution_policy, succeeded, retries_left)
     {
-        let outcome = hooks::run(&post.handler).await;
-        let desired = match &outcome {
-            Ok(()) => Desired::new("PostBackupHookExecutionSucceeded", true, "HookSucceeded", "post-backup hook ran"),
-            Err(err) => Desired::new("PostBackupHookExecutionSucceeded", false, "HookFailed", err.clone()),
-        };
-        conditions::set(&mut status.conditions, &desired, None);
+        match hooks::step(&status.conditions, hooks::POST_BACKUP, now()) {
+            hooks::Step::Claim => {
+                conditions::set(&mut status.conditions, &hooks::claim(hooks::POST_BACKUP), None);
+                *claimed = Some(Claimed { hook: hooks::POST_BACKUP, handler: post.handler.clone() });
+                return Ok(Action::await_change());
+            }
+            hooks::Step::InFlight { until } => return Ok(Action::requeue(until_then(until))),
+            hooks::Step::Ran(_) => {}
+            hooks::Step::Lost => {
+                conditions::set(&mut status.conditions, &hooks::lost(hooks::POST_BACKUP), None);
+            }
+        }
     }
     if succeeded {
         status.phase = Some(BackupSessionPhase::Succeeded);
@@ -319,6 +398,7 @@ async fn finish(
         let labels = BatchLabels { namespace: session.namespace().unwrap_or_default(), batch: batch.name_any() };
         ctx.metrics.controller.last_success.get_or_create(&labels).set(now().as_second());
     }
+    Ok(Action::await_change())
 }
 
 fn failed_targets(status: &BackupSessionStatus) -> String {
@@ -393,7 +473,9 @@ async fn finished(
 }
 
 /// Keeps the newest `backupHistoryLimit` finished sessions of the batch, and as many Skipped ones
-/// (which hold no data and must not push real history out); Jobs go with their sessions.
+/// (which hold no data and must not push real history out); Jobs go with their sessions. A session
+/// is trimmed only once it is finalized: its finalize Job belongs to it, and until then retention
+/// protects its data by its presence (`backupHistoryLimit: 0` still writes manifests).
 async fn trim_history(batch: &BackupBatch, sessions: &Api<BackupSession>) -> Result<(), ControllerError> {
     let limit = usize::try_from(batch.spec.backup_history_limit.max(0)).unwrap_or(0);
     let list =
@@ -403,7 +485,9 @@ async fn trim_history(batch: &BackupBatch, sessions: &Api<BackupSession>) -> Res
         |s: &BackupSession| s.status.as_ref().is_some_and(|st| st.next_retry.is_some() && st.retried != Some(true));
     let mut finished: Vec<&BackupSession> = Vec::new();
     let mut skipped: Vec<&BackupSession> = Vec::new();
-    for session in list.items.iter().filter(|s| s.metadata.deletion_timestamp.is_none() && !awaiting_retry(s)) {
+    let trimmable =
+        |s: &&BackupSession| s.metadata.deletion_timestamp.is_none() && !awaiting_retry(s) && s.is_settled();
+    for session in list.items.iter().filter(trimmable) {
         match phase(session) {
             Some(BackupSessionPhase::Succeeded | BackupSessionPhase::Failed) => finished.push(session),
             Some(BackupSessionPhase::Skipped) => skipped.push(session),

@@ -1,11 +1,81 @@
-//! Global hooks of a session: run once before the first and after the last member.
+//! Global hooks of a session: run at most once before the first and after the last member.
+//!
+//! At most once, whatever runs them (a conflict retry, a stale cache, a leader change, a second
+//! operator on the cluster): a controller first records its claim on the hook in the session's
+//! status — a write guarded by resourceVersion, so only one claim can land — and runs the hook only
+//! after that write succeeded. [`step`] reads where a hook stands from that record.
 
-use crate::api::common::{Handler, HookExecutionPolicy, UriScheme};
+use super::conditions::Desired;
+use crate::api::common::{Condition, ConditionStatus, Handler, HookExecutionPolicy, UriScheme};
 use crate::restic::backend::percent_encode;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use std::time::Duration;
 
 const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long after a claim its holder may still be running the hook: the hook's own timeout plus the
+/// time to write the outcome. Past that, the claimant is gone and the outcome is unknown.
+const CLAIM_GRACE: SignedDuration = SignedDuration::from_secs(45);
+
+pub const PRE_BACKUP: &str = "PreBackupHookExecutionSucceeded";
+pub const POST_BACKUP: &str = "PostBackupHookExecutionSucceeded";
+const CLAIMED: &str = "HookClaimed";
+
+/// Where a session's hook stands, read from its condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Nobody claimed it: claim it (and run it only once the claim is written).
+    Claim,
+    /// Claimed and possibly running elsewhere: look again at `until`.
+    InFlight { until: Timestamp },
+    /// It ran; `true` when it succeeded.
+    Ran(bool),
+    /// Claimed long ago and never finished: it may or may not have run, so it is not run again.
+    Lost,
+}
+
+pub fn step(conditions: &[Condition], hook: &str, now: Timestamp) -> Step {
+    let Some(condition) = conditions.iter().find(|c| c.type_ == hook) else { return Step::Claim };
+    match condition.status {
+        ConditionStatus::True => Step::Ran(true),
+        ConditionStatus::False => Step::Ran(false),
+        ConditionStatus::Unknown => {
+            let claimed = condition.last_transition_time.as_ref().map_or(now, |t| t.0);
+            match claimed.checked_add(CLAIM_GRACE) {
+                Ok(until) if now < until => Step::InFlight { until },
+                _ => Step::Lost,
+            }
+        }
+    }
+}
+
+/// The record of a claim on `hook`.
+pub fn claim(hook: &'static str) -> Desired {
+    Desired {
+        type_: hook,
+        status: ConditionStatus::Unknown,
+        reason: CLAIMED.into(),
+        message: "the hook is running; it runs at most once".into(),
+    }
+}
+
+/// The record of a hook's outcome.
+pub fn outcome(hook: &'static str, result: &Result<(), String>) -> Desired {
+    match result {
+        Ok(()) => Desired::new(hook, true, "HookSucceeded", "the hook ran"),
+        Err(err) => Desired::new(hook, false, "HookFailed", err.clone()),
+    }
+}
+
+/// The record of a claim whose outcome never came.
+pub fn lost(hook: &'static str) -> Desired {
+    Desired::new(
+        hook,
+        false,
+        "HookOutcomeUnknown",
+        "the hook was started but its outcome was never recorded (the operator stopped meanwhile); it is not run twice",
+    )
+}
 
 /// Runs `handler`; `Err` says why it failed, in words fit for a condition message.
 pub async fn run(handler: &Handler) -> Result<(), String> {
@@ -93,6 +163,22 @@ fn headers(headers: &[k8s_openapi::api::core::v1::HTTPHeader]) -> Result<reqwest
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hook_is_claimed_once_and_never_rerun() {
+        use crate::controller::conditions::set;
+        let now = Timestamp::from_second(1_000_000).expect("time");
+        let mut conditions = Vec::new();
+        assert_eq!(step(&conditions, PRE_BACKUP, now), Step::Claim);
+        set(&mut conditions, &claim(PRE_BACKUP), None);
+        let claimed = conditions[0].last_transition_time.as_ref().expect("time").0;
+        assert!(matches!(step(&conditions, PRE_BACKUP, claimed), Step::InFlight { .. }), "claimed: someone runs it");
+        let later = claimed.checked_add(SignedDuration::from_secs(46)).expect("time");
+        assert_eq!(step(&conditions, PRE_BACKUP, later), Step::Lost, "a claim with no outcome is not rerun");
+        set(&mut conditions, &outcome(PRE_BACKUP, &Err("down".into())), None);
+        assert_eq!(step(&conditions, PRE_BACKUP, later), Step::Ran(false));
+        assert_eq!(step(&conditions, POST_BACKUP, later), Step::Claim, "hooks are tracked apart");
+    }
 
     #[test]
     fn post_hook_policies() {

@@ -25,7 +25,8 @@ pub struct WorkloadInfo {
     pub name: String,
     pub selector: Option<LabelSelector>,
     pub template_annotations: BTreeMap<String, String>,
-    /// How many hosts back the workload up: StatefulSet replicas, DaemonSet desired Pods, else 1.
+    /// How many hosts back the workload up: StatefulSet replicas, DaemonSet desired Pods, else 1 —
+    /// and 0 for any workload scaled to zero (nothing can back it up: its target fails at once).
     pub hosts: i32,
 }
 
@@ -75,7 +76,8 @@ pub async fn inspect(client: &Client, namespace: &str, target: &TargetRef) -> Re
         "Deployment" => match Api::<Deployment>::namespaced(client.clone(), namespace).get_opt(name).await? {
             Some(d) => {
                 let spec = d.spec.clone().unwrap_or_default();
-                workload(WorkloadKind::Deployment, d, 1, Some(spec.selector), annotations(Some(&spec.template)))
+                let hosts = i32::from(spec.replicas.unwrap_or(1) > 0);
+                workload(WorkloadKind::Deployment, d, hosts, Some(spec.selector), annotations(Some(&spec.template)))
             }
             None => TargetState::Missing,
         },
@@ -98,7 +100,8 @@ pub async fn inspect(client: &Client, namespace: &str, target: &TargetRef) -> Re
         "ReplicaSet" => match Api::<ReplicaSet>::namespaced(client.clone(), namespace).get_opt(name).await? {
             Some(r) => {
                 let spec = r.spec.clone().unwrap_or_default();
-                workload(WorkloadKind::ReplicaSet, r, 1, Some(spec.selector), annotations(spec.template.as_ref()))
+                let hosts = i32::from(spec.replicas.unwrap_or(1) > 0);
+                workload(WorkloadKind::ReplicaSet, r, hosts, Some(spec.selector), annotations(spec.template.as_ref()))
             }
             None => TargetState::Missing,
         },
@@ -108,7 +111,14 @@ pub async fn inspect(client: &Client, namespace: &str, target: &TargetRef) -> Re
                     let spec = r.spec.clone().unwrap_or_default();
                     let selector =
                         spec.selector.map(|labels| LabelSelector { match_labels: Some(labels), ..Default::default() });
-                    workload(WorkloadKind::ReplicationController, r, 1, selector, annotations(spec.template.as_ref()))
+                    let hosts = i32::from(spec.replicas.unwrap_or(1) > 0);
+                    workload(
+                        WorkloadKind::ReplicationController,
+                        r,
+                        hosts,
+                        selector,
+                        annotations(spec.template.as_ref()),
+                    )
                 }
                 None => TargetState::Missing,
             }

@@ -44,6 +44,7 @@ pub fn cluster() -> &'static TestCluster {
             _ => start_local_cluster(),
         };
         block_on(install_crds(kubeconfig.clone()));
+        block_on(refuse_beside_another_operator(kubeconfig.clone()));
         TestCluster { kubeconfig }
     })
 }
@@ -117,6 +118,39 @@ async fn install_crds(kubeconfig: PathBuf) {
     }
 }
 
+/// Labels every test namespace: a Lease outside such namespaces belongs to an operator of the cluster.
+const TEST_NAMESPACE_LABEL: &str = "stash-tests/namespace";
+
+/// Tests run their own controllers, each limited to its test's namespace. An operator watching the
+/// whole cluster (`scripts/demo.sh` leaves one running) would act on the tests' objects too — run
+/// hooks, create Jobs — so the tests refuse to start beside one, and say which.
+async fn refuse_beside_another_operator(kubeconfig: PathBuf) {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::all(client_for(&kubeconfig).await);
+    let namespaces: Api<Namespace> = Api::all(client_for(&kubeconfig).await);
+    let held = leases.list(&Default::default()).await.expect("list Leases").items;
+    for lease in held.iter().filter(|l| l.metadata.name.as_deref() == Some("stash-operator")) {
+        let spec = lease.spec.clone().unwrap_or_default();
+        let Some(holder) = spec.holder_identity.filter(|h| !h.is_empty()) else { continue };
+        let namespace = lease.metadata.namespace.clone().unwrap_or_default();
+        let is_test = namespaces
+            .get_opt(&namespace)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|n| n.metadata.labels)
+            .is_some_and(|labels| labels.contains_key(TEST_NAMESPACE_LABEL));
+        let fresh = spec.renew_time.is_some_and(|t| {
+            k8s_openapi::jiff::Timestamp::now().duration_since(t.0) < k8s_openapi::jiff::SignedDuration::from_secs(60)
+        });
+        assert!(
+            is_test || !fresh,
+            "operator {holder:?} (Lease {namespace}/stash-operator) watches this cluster and would act on the \
+             tests' objects too; run the tests on a cluster of their own (scripts/test.sh does) or stop it \
+             (scripts/demo.sh down)"
+        );
+    }
+}
+
 /// Polls `probe` until it yields a value; panics naming `what` after `limit` (a hang guard, not a
 /// performance assertion).
 pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
@@ -149,7 +183,10 @@ impl TestNamespace {
         let n = NAMESPACES.fetch_add(1, Ordering::Relaxed);
         let name = format!("{prefix}-{}-{n}", std::process::id());
         let namespaces: Api<Namespace> = Api::all(client.clone());
-        let namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("a namespace");
+        let namespace = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": name, "labels": {TEST_NAMESPACE_LABEL: "true"}}}),
+        )
+        .expect("a namespace");
         namespaces.create(&PostParams::default(), &namespace).await.expect("namespace is created");
         let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
         eventually("the default ServiceAccount", Duration::from_secs(60), || {
