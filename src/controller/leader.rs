@@ -26,7 +26,7 @@ pub async fn run_while_leader<F, Fut>(
     let mut last_renewal = tokio::time::Instant::now();
     loop {
         match elector.try_acquire().await {
-            Ok(true) => {
+            Ok(Some(_)) => {
                 last_renewal = tokio::time::Instant::now();
                 if leading.is_none() {
                     tracing::info!(identity = %elector.config().identity, "acquired the controller Lease; starting controllers");
@@ -35,7 +35,7 @@ pub async fn run_while_leader<F, Fut>(
                     leading = Some((token.clone(), tokio::spawn(lead(token))));
                 }
             }
-            Ok(false) => {
+            Ok(None) => {
                 if let Some((token, task)) = leading.take() {
                     tracing::warn!("lost the controller Lease; stopping controllers");
                     token.cancel();
