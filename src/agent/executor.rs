@@ -2,7 +2,7 @@
 
 use crate::api::repository::Repository;
 use crate::api::{BackupBatch, BackupSession};
-use crate::lease::{LeaseConfig, LeaseLock};
+use crate::lease::{LeaseConfig, LeaseError, LeaseLock};
 use crate::restic::backend::{BackendError, Location};
 use crate::restic::secrets::{SecretError, SecretValues};
 use crate::restic::{Restic, ResticError};
@@ -16,6 +16,8 @@ use std::time::Duration;
 pub enum AgentError {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
     #[error(transparent)]
     Restic(#[from] ResticError),
     #[error(transparent)]
