@@ -557,3 +557,47 @@ async fn existing_pods_get_the_sidecar_through_one_restart_and_edits_restart_not
     let injected = member.conditions.iter().find(|c| c.type_ == "StashSidecarInjected").expect("condition");
     assert!(injected.message.as_deref().unwrap_or_default().contains("restarted once"), "{injected:?}");
 }
+
+#[tokio::test]
+async fn schedule_less_batches_and_lone_restores_get_the_executor_identity() {
+    let manual = TestNamespace::new("manual").await;
+    let restore_only = TestNamespace::new("restore-only").await;
+    let first = with_controllers(&manual).await;
+    let second = with_controllers(&restore_only).await;
+    fixtures::secret(&manual, true).await;
+    fixtures::repository(&manual).await;
+    fixtures::targets(&manual).await;
+    fixtures::batch(&manual, "manual", vec![member("PersistentVolumeClaim", "data")], json!({})).await;
+    fixtures::secret(&restore_only, true).await;
+    fixtures::repository(&restore_only).await;
+    let restore = json!({"target": {"alias": "data", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "data"}}});
+    fixtures::create::<stash::api::RestoreBatch>(
+        &restore_only,
+        json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "RestoreBatch",
+               "metadata": {"name": "bring-back", "namespace": restore_only.name},
+               "spec": {"repository": {"name": "repo"}, "members": [restore], "restoreFrom": {}}}),
+    )
+    .await;
+
+    let account = |ns: &TestNamespace, present: bool| {
+        let accounts = ns.api::<k8s_openapi::api::core::v1::ServiceAccount>();
+        let what = format!("stash-backup in {} to be {}", ns.name, if present { "there" } else { "gone" });
+        async move {
+            eventually(&what, Duration::from_secs(60), || {
+                let accounts = accounts.clone();
+                async move { (accounts.get_opt("stash-backup").await.ok()?.is_some() == present).then_some(()) }
+            })
+            .await
+        }
+    };
+    account(&manual, true).await;
+    account(&restore_only, true).await;
+    let bindings = restore_only.api::<k8s_openapi::api::rbac::v1::RoleBinding>();
+    assert!(bindings.get_opt("stash-backup").await.expect("get").is_some(), "the executor's RoleBinding");
+
+    let restores = restore_only.api::<stash::api::RestoreBatch>();
+    restores.delete("bring-back", &DeleteParams::background()).await.expect("delete");
+    account(&restore_only, false).await;
+    first.stop().await;
+    second.stop().await;
+}

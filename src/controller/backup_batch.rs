@@ -2,20 +2,16 @@
 
 use super::conditions::{self, Desired};
 use super::context::{Context, ControllerError, FIELD_MANAGER};
-use super::executor_job::BACKUP_SERVICE_ACCOUNT;
+use super::identity;
 use super::targets::{self, TargetState};
-use super::trigger::{
-    BACKUP_CLUSTER_ROLE, TRIGGER_CLUSTER_ROLE, TRIGGER_SERVICE_ACCOUNT, cronjob_name, namespace_identity,
-    trigger_cronjob,
-};
+use super::trigger::{cronjob_name, trigger_cronjob};
 use crate::api::backup_batch::{BackupBatchStatus, BackupInvokerPhase, Driver, MemberConditions};
 use crate::api::common::{ConditionStatus, TargetRef};
 use crate::api::repository::FromNamespaces;
 use crate::api::{BackupBatch, Repository};
 use k8s_openapi::api::batch::v1::CronJob;
-use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
-use k8s_openapi::api::rbac::v1::RoleBinding;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
@@ -107,6 +103,8 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
     record(&ctx, &batch, &mut status_conditions, &repository_condition, generation).await;
     record(&ctx, &batch, &mut status_conditions, &secret, generation).await;
 
+    // Every batch's executor Jobs run as the namespace's identity, with or without a schedule.
+    identity::ensure(&ctx, &namespace).await?;
     let cronjob = if validation.is_true() {
         ensure_trigger(&batch, &ctx, &namespace).await?
     } else {
@@ -299,7 +297,7 @@ fn has_key(secret: &Secret, key: &str) -> bool {
         || secret.string_data.as_ref().is_some_and(|d| d.contains_key(key))
 }
 
-/// Applies the trigger CronJob (when there is a schedule) and the namespace's trigger identity.
+/// Applies the trigger CronJob when there is a schedule, else removes it.
 async fn ensure_trigger(batch: &BackupBatch, ctx: &Context, namespace: &str) -> Result<Desired, ControllerError> {
     let cronjobs: Api<CronJob> = Api::namespaced(ctx.client.clone(), namespace);
     let Some(schedule) = &batch.spec.schedule else {
@@ -314,69 +312,18 @@ async fn ensure_trigger(batch: &BackupBatch, ctx: &Context, namespace: &str) -> 
             "spec.schedule is empty: back up with `stash trigger`",
         ));
     };
-    ensure_identities(batch, ctx, namespace).await?;
-
     let cronjob = trigger_cronjob(batch, schedule, &ctx.trigger_image);
     let name = cronjob.name_any();
     cronjobs.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&typed(cronjob))).await?;
     Ok(Desired::new(CRONJOB_CREATED, true, "CronJobApplied", format!("CronJob {name} runs on {schedule:?}")))
 }
 
-/// The namespace's trigger and backup identities, created once and shared by its batches: an existing
-/// one costs a read, never a write.
-async fn ensure_identities(batch: &BackupBatch, ctx: &Context, namespace: &str) -> Result<(), ControllerError> {
-    let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), namespace);
-    let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), namespace);
-    for (account, role) in IDENTITIES {
-        let (service_account, binding) = namespace_identity(batch, account, role);
-        if accounts.get_opt(account).await?.is_none() {
-            ignore_conflict(accounts.create(&PostParams::default(), &service_account).await)?;
-        }
-        if bindings.get_opt(account).await?.is_none() {
-            ignore_conflict(bindings.create(&PostParams::default(), &binding).await)?;
-        }
-    }
-    Ok(())
-}
-
-const IDENTITIES: [(&str, &str); 2] =
-    [(TRIGGER_SERVICE_ACCOUNT, TRIGGER_CLUSTER_ROLE), (BACKUP_SERVICE_ACCOUNT, BACKUP_CLUSTER_ROLE)];
-
-/// Another batch created it meanwhile: just as good.
-fn ignore_conflict<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
-    match result {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(err) => Err(err),
-    }
-}
-
 /// The batch is being deleted: owned objects go by garbage collection; the namespace's shared
-/// identities go with its last batch.
+/// identities go with its last batch or restore.
 pub async fn cleanup(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
     let namespace = batch.namespace().unwrap_or_default();
-    let others = ctx.batches.state_filter(|other| {
-        other.namespace().as_deref() == Some(namespace.as_str())
-            && other.metadata.uid != batch.metadata.uid
-            && other.metadata.deletion_timestamp.is_none()
-    });
-    if others.is_empty() {
-        let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &namespace);
-        let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), &namespace);
-        for (account, _) in IDENTITIES {
-            ignore_missing(bindings.delete(account, &Default::default()).await)?;
-            ignore_missing(accounts.delete(account, &Default::default()).await)?;
-        }
-    }
+    identity::release(&ctx, &namespace, batch.metadata.uid.as_deref()).await?;
     Ok(Action::await_change())
-}
-
-fn ignore_missing<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
-    match result {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(err) => Err(err),
-    }
 }
 
 /// A built-in object with apiVersion and kind filled in, as server-side apply needs.

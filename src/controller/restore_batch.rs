@@ -6,6 +6,7 @@ use super::backup_job::{DATABASE_KIND, PVC_KIND, data_mounts, job_name};
 use super::conditions::{self, Desired};
 use super::context::{Context, ControllerError};
 use super::executor_job::{DataVolume, ExecutorJob};
+use super::identity;
 use crate::api::RestoreBatch;
 use crate::api::common::ExecutionOrder;
 use crate::api::repository::Repository;
@@ -41,6 +42,8 @@ pub async fn reconcile(restore: Arc<RestoreBatch>, ctx: Arc<Context>) -> Result<
         write(&restore, &ctx, status).await?;
         return Ok(Action::requeue(POLL));
     };
+    // Restore Jobs run as the namespace's executor identity, also where no BackupBatch made it.
+    identity::ensure(&ctx, &namespace).await?;
     conditions::set(&mut status.conditions, &Desired::new("RepositoryFound", true, "Found", "found"), None);
     if status.phase.is_none() || status.phase == Some(RestorePhase::Pending) {
         status.phase = Some(RestorePhase::Running);
@@ -117,6 +120,13 @@ pub async fn reconcile(restore: Arc<RestoreBatch>, ctx: Arc<Context>) -> Result<
         let _ = ctx.recorder.publish(&event, &restore.object_ref(&())).await;
     }
     Ok(action)
+}
+
+/// The restore is being deleted: its Jobs go by garbage collection, the namespace's identities with
+/// its last batch or restore.
+pub async fn cleanup(restore: Arc<RestoreBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
+    identity::release(&ctx, &restore.namespace().unwrap_or_default(), restore.metadata.uid.as_deref()).await?;
+    Ok(Action::await_change())
 }
 
 fn member_status<'a>(status: &'a mut RestoreBatchStatus, member: &RestoreMember) -> &'a mut RestoreMemberStatus {
