@@ -12,4 +12,5 @@ pub mod metrics;
 pub mod operator;
 pub mod restic;
 pub mod session;
+pub mod tenancy;
 pub mod webhook;

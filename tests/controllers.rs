@@ -558,6 +558,126 @@ async fn existing_pods_get_the_sidecar_through_one_restart_and_edits_restart_not
     assert!(injected.message.as_deref().unwrap_or_default().contains("restarted once"), "{injected:?}");
 }
 
+/// Repository `repo` in `ns` on an NFS export (the volume tenants must never see), with its Secret.
+async fn nfs_repository(ns: &TestNamespace, name: &str, usage_policy: serde_json::Value) {
+    fixtures::secret(ns, true).await;
+    let mut spec = json!({"backend": {"storageSecretName": "repo-secret",
+        "local": {"mountPath": "/repo", "nfs": {"server": NFS_SERVER, "path": "/exports/tenant-b"}}}});
+    if !usage_policy.is_null() {
+        spec["usagePolicy"] = usage_policy;
+    }
+    fixtures::create::<stash::api::Repository>(
+        ns,
+        json!({"apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
+               "metadata": {"name": name, "namespace": ns.name}, "spec": spec}),
+    )
+    .await;
+}
+
+const NFS_SERVER: &str = "nfs.tenant-b.internal";
+
+/// The batch's RepositoryFound condition once it has one.
+async fn repository_condition(ns: &TestNamespace, batch: &str) -> stash::api::common::Condition {
+    let batches = ns.api::<BackupBatch>();
+    eventually(&format!("batch {batch} to report RepositoryFound"), Duration::from_secs(60), || {
+        let (batches, batch) = (batches.clone(), batch.to_string());
+        async move {
+            let batch = batches.get(&batch).await.ok()?;
+            batch.status?.conditions.into_iter().find(|c| c.type_ == "RepositoryFound")
+        }
+    })
+    .await
+}
+
+/// Nothing of namespace A's Jobs, CronJobs and Pods names B's NFS export.
+async fn nothing_in_a_mounts_b(a: &TestNamespace) {
+    let jobs = serde_json::to_string(&a.api::<Job>().list(&ListParams::default()).await.expect("jobs")).expect("JSON");
+    let cronjobs =
+        serde_json::to_string(&a.api::<CronJob>().list(&ListParams::default()).await.expect("cronjobs")).expect("JSON");
+    let pods = a.api::<k8s_openapi::api::core::v1::Pod>().list(&ListParams::default()).await.expect("pods");
+    let pods = serde_json::to_string(&pods).expect("JSON");
+    for (what, text) in [("Jobs", jobs), ("CronJobs", cronjobs), ("Pods", pods)] {
+        assert!(!text.contains(NFS_SERVER), "{what} of {} carry B's volume: {text}", a.name);
+    }
+}
+
+#[tokio::test]
+async fn repository_of_another_namespace_is_not_used_against_its_default_policy() {
+    let a = TestNamespace::new("tenant-a").await;
+    let b = TestNamespace::new("tenant-b").await;
+    let operator = with_controllers(&a).await;
+    nfs_repository(&b, "vault", serde_json::Value::Null).await;
+    fixtures::targets(&a).await;
+    let mut batch = json!({"schedule": "* * * * *", "repository": {"name": "vault", "namespace": b.name}});
+    fixtures::batch(&a, "sneaky", vec![member("PersistentVolumeClaim", "data")], batch.take()).await;
+
+    let batch = batch_phase(&a, "sneaky", BackupInvokerPhase::NotReady).await;
+    let found = condition(&batch, "RepositoryFound");
+    assert_eq!((found.status, found.reason.as_deref()), (ConditionStatus::False, Some("RepositoryNotAllowed")));
+    assert_eq!(condition(&batch, "CronJobCreated").status, ConditionStatus::False, "no trigger while refused");
+    assert!(a.api::<CronJob>().get_opt("stash-trigger-sneaky").await.expect("get").is_none(), "no CronJob");
+
+    // `stash trigger` anyway: the session fails with the reason, and no Job is made.
+    let sessions = a.api::<BackupSession>();
+    let name = new_session(&a, "sneaky").await;
+    let session = session_phase(&sessions, &name, BackupSessionPhase::Failed).await;
+    let host = &session.status.as_ref().expect("status").targets[0].stats[0];
+    assert_eq!(host.phase, Some(HostPhase::Failed));
+    let error = host.error.clone().unwrap_or_default();
+    assert!(error.contains("does not allow use from namespace"), "{error}");
+    let jobs = a.api::<Job>().list(&ListParams::default()).await.expect("jobs");
+    assert!(
+        jobs.items.is_empty(),
+        "no Job in A: {:?}",
+        jobs.items.iter().map(|j| &j.metadata.name).collect::<Vec<_>>()
+    );
+    nothing_in_a_mounts_b(&a).await;
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn repository_selector_needs_every_expression_and_a_missing_one_reads_like_a_refused_one() {
+    let a = TestNamespace::new("tenant-a").await;
+    let b = TestNamespace::new("tenant-b").await;
+    let empty = TestNamespace::new("tenant-c").await;
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(a.client.clone());
+    let labels = json!({"metadata": {"labels": {"team": "a"}}});
+    namespaces.patch(&a.name, &PatchParams::default(), &Patch::Merge(&labels)).await.expect("label A");
+    let operator = with_controllers(&a).await;
+    let only_b = json!({"allowedNamespaces": {"from": "Selector",
+        "selector": {"matchExpressions": [{"key": "team", "operator": "In", "values": ["b-only"]}]}}});
+    nfs_repository(&b, "vault", only_b).await;
+    let team_a = json!({"allowedNamespaces": {"from": "Selector",
+        "selector": {"matchExpressions": [{"key": "team", "operator": "In", "values": ["a"]}]}}});
+    fixtures::create::<stash::api::Repository>(
+        &b,
+        json!({"apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
+               "metadata": {"name": "shared", "namespace": b.name},
+               "spec": {"backend": {"storageSecretName": "repo-secret", "rest": {"url": "http://127.0.0.1:8000/shared"}},
+                        "usagePolicy": team_a}}),
+    )
+    .await;
+    fixtures::targets(&a).await;
+    let pvc = || vec![member("PersistentVolumeClaim", "data")];
+    let naming =
+        |ns: &TestNamespace, repository: &str| json!({"repository": {"name": repository, "namespace": ns.name}});
+    fixtures::batch(&a, "refused", pvc(), naming(&b, "vault")).await;
+    fixtures::batch(&a, "missing", pvc(), naming(&empty, "vault")).await;
+    fixtures::batch(&a, "allowed", pvc(), naming(&b, "shared")).await;
+
+    let refused = repository_condition(&a, "refused").await;
+    let missing = repository_condition(&a, "missing").await;
+    assert_eq!((refused.status, refused.reason.as_deref()), (ConditionStatus::False, Some("RepositoryNotAllowed")));
+    let anonymous = |c: &stash::api::common::Condition, ns: &TestNamespace| {
+        (c.status, c.reason.clone(), c.message.clone().unwrap_or_default().replace(&ns.name, "B"))
+    };
+    assert_eq!(anonymous(&missing, &empty), anonymous(&refused, &b), "no existence oracle");
+    let allowed = repository_condition(&a, "allowed").await;
+    assert_eq!(allowed.status, ConditionStatus::True, "{allowed:?}");
+    nothing_in_a_mounts_b(&a).await;
+    operator.stop().await;
+}
+
 #[tokio::test]
 async fn schedule_less_batches_and_lone_restores_get_the_executor_identity() {
     let manual = TestNamespace::new("manual").await;

@@ -7,10 +7,10 @@ use super::targets::{self, TargetState};
 use super::trigger::{cronjob_name, trigger_cronjob};
 use crate::api::backup_batch::{BackupBatchStatus, BackupInvokerPhase, Driver, MemberConditions};
 use crate::api::common::{ConditionStatus, TargetRef};
-use crate::api::repository::FromNamespaces;
 use crate::api::{BackupBatch, Repository};
+use crate::tenancy::{self, Refusal};
 use k8s_openapi::api::batch::v1::CronJob;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
@@ -36,16 +36,16 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
     let generation = batch.metadata.generation;
 
     let validation = validate(&batch, &ctx);
-    let repository = find_repository(&batch, &ctx, &namespace).await?;
+    let repository = tenancy::fetch_repository(&ctx.client, &namespace, &batch.spec.repository).await?;
     let secret = match &repository {
         Ok(repo) => check_secret(&ctx, repo).await?,
-        Err(_) => Desired::new(BACKEND_SECRET_FOUND, false, "RepositoryNotFound", "the Repository is not there yet"),
+        Err(refusal) => Desired::new(BACKEND_SECRET_FOUND, false, refusal.reason(), "the Repository cannot be used"),
     };
     let repository_condition = match &repository {
         Ok(repo) => {
             Desired::new(REPOSITORY_FOUND, true, "RepositoryAvailable", format!("Repository {} found", repo.name_any()))
         }
-        Err(desired) => desired.clone(),
+        Err(refusal) => Desired::new(REPOSITORY_FOUND, false, refusal.reason(), refusal.to_string()),
     };
 
     let mut member_conditions = Vec::with_capacity(batch.spec.members.len());
@@ -105,10 +105,12 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
 
     // Every batch's executor Jobs run as the namespace's identity, with or without a schedule.
     identity::ensure(&ctx, &namespace).await?;
-    let cronjob = if validation.is_true() {
-        ensure_trigger(&batch, &ctx, &namespace).await?
-    } else {
-        Desired::new(CRONJOB_CREATED, false, "ValidationFailed", "no CronJob while the batch is invalid")
+    let cronjob = match withheld_trigger(&validation, &repository) {
+        Some(withheld) => {
+            remove_trigger(&batch, &ctx, &namespace).await?;
+            withheld
+        }
+        None => ensure_trigger(&batch, &ctx, &namespace).await?,
     };
     record(&ctx, &batch, &mut status_conditions, &cronjob, generation).await;
 
@@ -213,51 +215,21 @@ fn claimed_elsewhere(batch: &BackupBatch, ctx: &Context) -> Option<(TargetRef, S
     None
 }
 
-/// The batch's Repository, or the condition saying why it cannot be used.
-async fn find_repository(
-    batch: &BackupBatch,
-    ctx: &Context,
-    namespace: &str,
-) -> Result<Result<Repository, Desired>, ControllerError> {
-    let reference = &batch.spec.repository;
-    let repo_namespace = reference.namespace.clone().unwrap_or_else(|| namespace.to_string());
-    let repositories: Api<Repository> = Api::namespaced(ctx.client.clone(), &repo_namespace);
-    let Some(repository) = repositories.get_opt(&reference.name).await? else {
-        return Ok(Err(Desired::new(
-            REPOSITORY_FOUND,
-            false,
-            "RepositoryNotFound",
-            format!("Repository {repo_namespace}/{} does not exist", reference.name),
-        )));
-    };
-    if repo_namespace != namespace && !usable_from(&repository, namespace, ctx).await? {
-        return Ok(Err(Desired::new(
-            REPOSITORY_FOUND,
-            false,
-            "RepositoryNotAllowed",
-            format!(
-                "Repository {repo_namespace}/{} does not allow use from namespace {namespace} (spec.usagePolicy)",
-                reference.name
-            ),
-        )));
+/// Why the batch may have no trigger CronJob now, if so: it is invalid, or its Repository is another
+/// namespace's that refuses it (a CronJob would start sessions for a Repository it may not use).
+fn withheld_trigger(validation: &Desired, repository: &Result<Repository, Refusal>) -> Option<Desired> {
+    if !validation.is_true() {
+        return Some(Desired::new(CRONJOB_CREATED, false, "ValidationFailed", "no CronJob while the batch is invalid"));
     }
-    Ok(Ok(repository))
-}
-
-/// `spec.usagePolicy.allowedNamespaces` of a Repository in another namespace.
-async fn usable_from(repository: &Repository, namespace: &str, ctx: &Context) -> Result<bool, ControllerError> {
-    let allowed = repository.spec.usage_policy.as_ref().and_then(|p| p.allowed_namespaces.as_ref());
-    let Some(allowed) = allowed else { return Ok(false) };
-    Ok(match allowed.from {
-        FromNamespaces::All => true,
-        FromNamespaces::Same => false,
-        FromNamespaces::Selector => {
-            let labels =
-                Api::<Namespace>::all(ctx.client.clone()).get(namespace).await?.metadata.labels.unwrap_or_default();
-            let wanted = allowed.selector.as_ref().and_then(|s| s.match_labels.clone()).unwrap_or_default();
-            wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
-        }
-    })
+    match repository {
+        Err(refusal @ Refusal::NotAllowed { .. }) => Some(Desired::new(
+            CRONJOB_CREATED,
+            false,
+            refusal.reason(),
+            "no CronJob while the Repository may not be used from this namespace",
+        )),
+        _ => None,
+    }
 }
 
 /// BackendSecretFound: the Secret exists and holds RESTIC_PASSWORD (its value is never read into logs).
@@ -299,12 +271,8 @@ fn has_key(secret: &Secret, key: &str) -> bool {
 
 /// Applies the trigger CronJob when there is a schedule, else removes it.
 async fn ensure_trigger(batch: &BackupBatch, ctx: &Context, namespace: &str) -> Result<Desired, ControllerError> {
-    let cronjobs: Api<CronJob> = Api::namespaced(ctx.client.clone(), namespace);
     let Some(schedule) = &batch.spec.schedule else {
-        let name = cronjob_name(&batch.name_any());
-        if cronjobs.get_opt(&name).await?.is_some() {
-            cronjobs.delete(&name, &Default::default()).await?;
-        }
+        remove_trigger(batch, ctx, namespace).await?;
         return Ok(Desired::new(
             CRONJOB_CREATED,
             false,
@@ -312,10 +280,20 @@ async fn ensure_trigger(batch: &BackupBatch, ctx: &Context, namespace: &str) -> 
             "spec.schedule is empty: back up with `stash trigger`",
         ));
     };
+    let cronjobs: Api<CronJob> = Api::namespaced(ctx.client.clone(), namespace);
     let cronjob = trigger_cronjob(batch, schedule, &ctx.trigger_image);
     let name = cronjob.name_any();
     cronjobs.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&typed(cronjob))).await?;
     Ok(Desired::new(CRONJOB_CREATED, true, "CronJobApplied", format!("CronJob {name} runs on {schedule:?}")))
+}
+
+async fn remove_trigger(batch: &BackupBatch, ctx: &Context, namespace: &str) -> Result<(), ControllerError> {
+    let cronjobs: Api<CronJob> = Api::namespaced(ctx.client.clone(), namespace);
+    let name = cronjob_name(&batch.name_any());
+    if cronjobs.get_opt(&name).await?.is_some() {
+        cronjobs.delete(&name, &Default::default()).await?;
+    }
+    Ok(())
 }
 
 /// The batch is being deleted: owned objects go by garbage collection; the namespace's shared

@@ -13,6 +13,7 @@ use crate::api::repository::Repository;
 use crate::api::restore_batch::{
     HostRestoreStats, RestoreBatchStatus, RestoreMember, RestoreMemberPhase, RestoreMemberStatus, RestorePhase,
 };
+use crate::tenancy;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
@@ -32,15 +33,15 @@ pub async fn reconcile(restore: Arc<RestoreBatch>, ctx: Arc<Context>) -> Result<
     if matches!(status.phase, Some(RestorePhase::Succeeded | RestorePhase::Failed | RestorePhase::Invalid)) {
         return Ok(Action::await_change());
     }
-    let reference = &restore.spec.repository;
-    let repositories: Api<Repository> =
-        Api::namespaced(ctx.client.clone(), reference.namespace.as_deref().unwrap_or(&namespace));
-    let Some(repository) = repositories.get_opt(&reference.name).await? else {
-        let message = format!("Repository {} does not exist", reference.name);
-        conditions::set(&mut status.conditions, &Desired::new("RepositoryFound", false, "NotFound", message), None);
-        status.phase = Some(RestorePhase::Pending);
-        write(&restore, &ctx, status).await?;
-        return Ok(Action::requeue(POLL));
+    let repository = match tenancy::fetch_repository(&ctx.client, &namespace, &restore.spec.repository).await? {
+        Ok(repository) => repository,
+        Err(refusal) => {
+            let refused = Desired::new("RepositoryFound", false, refusal.reason(), refusal.to_string());
+            conditions::set(&mut status.conditions, &refused, None);
+            status.phase = Some(RestorePhase::Pending);
+            write(&restore, &ctx, status).await?;
+            return Ok(Action::requeue(POLL));
+        }
     };
     // Restore Jobs run as the namespace's executor identity, also where no BackupBatch made it.
     identity::ensure(&ctx, &namespace).await?;
