@@ -721,3 +721,32 @@ async fn schedule_less_batches_and_lone_restores_get_the_executor_identity() {
     first.stop().await;
     second.stop().await;
 }
+
+#[tokio::test]
+async fn members_may_only_name_objects_of_their_own_namespace() {
+    let a = TestNamespace::new("tenant-a").await;
+    let b = TestNamespace::new("tenant-b").await;
+    let operator = with_controllers(&a).await;
+    fixtures::secret(&a, true).await;
+    fixtures::repository(&a).await;
+    fixtures::secret(&b, true).await;
+    let foreign = |name: &str| json!({"target": {"alias": name, "ref": {"apiVersion": "v1", "kind": "Secret", "name": name, "namespace": b.name}}});
+    fixtures::batch(&a, "probe", vec![foreign("repo-secret"), foreign("no-such-secret")], json!({})).await;
+
+    let batch = batch_phase(&a, "probe", BackupInvokerPhase::NotReady).await;
+    let found: Vec<_> = batch
+        .status
+        .as_ref()
+        .expect("status")
+        .member_conditions
+        .iter()
+        .map(|m| {
+            let c = m.conditions.iter().find(|c| c.type_ == "BackupTargetFound").expect("BackupTargetFound");
+            (c.status, c.reason.clone(), c.message.clone().unwrap_or_default().replace(&m.target.name, "NAME"))
+        })
+        .collect();
+    assert_eq!(found.len(), 2);
+    assert_eq!((found[0].0, found[0].1.as_deref()), (ConditionStatus::False, Some("CrossNamespaceTarget")));
+    assert_eq!(found[0], found[1], "an existing and a missing object of B read the same");
+    operator.stop().await;
+}

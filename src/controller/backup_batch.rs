@@ -68,6 +68,15 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
                 "TargetKindNotSupported",
                 format!("kind {:?} cannot be backed up", reference.kind),
             ),
+            TargetState::CrossNamespace => Desired::new(
+                BACKUP_TARGET_FOUND,
+                false,
+                "CrossNamespaceTarget",
+                format!(
+                    "{} {}: a member may only name objects of the batch's own namespace (target.ref.namespace)",
+                    reference.kind, reference.name
+                ),
+            ),
             _ => Desired::new(
                 BACKUP_TARGET_FOUND,
                 true,
