@@ -90,9 +90,7 @@ pub(crate) async fn fetch_repository(
         Some(repository) if needs_labels(requester, repository) => Api::<Namespace>::all(client.clone())
             .get_metadata_opt(requester)
             .await?
-            .and_then(|n| n.metadata.labels)
-            .map(Some)
-            .unwrap_or_default(),
+            .map(|n| n.metadata.labels.unwrap_or_default()),
         _ => None,
     };
     Ok(authorize_repository(requester, reference, repository.as_ref(), labels.as_ref()).cloned())

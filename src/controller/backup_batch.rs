@@ -360,3 +360,23 @@ async fn publish(ctx: &Context, batch: &BackupBatch, type_: EventType, reason: &
         tracing::debug!(error = %err, "publishing an Event failed");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_trigger_is_withheld_while_invalid_or_while_the_repository_refuses_this_namespace() {
+        let valid = Desired::new(VALIDATION_PASSED, true, "ValidationSucceeded", "");
+        let invalid = Desired::new(VALIDATION_PASSED, false, "InvalidSchedule", "");
+        let refused = || Refusal::NotAllowed { namespace: "b".into(), name: "r".into(), requester: "a".into() };
+        let missing = || Refusal::NotFound { namespace: "a".into(), name: "r".into() };
+        let reason = |validation: &Desired, repository: Result<Repository, Refusal>| {
+            withheld_trigger(validation, &repository).map(|d| d.reason)
+        };
+        assert_eq!(reason(&invalid, Err(missing())).as_deref(), Some("ValidationFailed"));
+        assert_eq!(reason(&valid, Err(refused())).as_deref(), Some("RepositoryNotAllowed"));
+        // A Repository of its own namespace that is not there yet keeps the schedule (apply order).
+        assert_eq!(reason(&valid, Err(missing())), None);
+    }
+}
