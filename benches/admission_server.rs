@@ -85,7 +85,9 @@ fn catalog(batches: usize) -> Catalog {
         .expect("replicaset");
         rs_store.apply_watcher_event(&Event::Apply(rs));
     }
-    Catalog::new(batch_store.as_reader(), repo_store.as_reader(), rs_store.as_reader())
+    // Same-namespace Repositories: no policy, so no Namespace labels needed.
+    let namespaces = Writer::default().as_reader();
+    Catalog::new(batch_store.as_reader(), repo_store.as_reader(), rs_store.as_reader(), namespaces)
 }
 
 /// A Pod the ReplicaSet controller would create for Deployment web-421: about 5 KB as JSON.

@@ -13,4 +13,5 @@ pub mod operator;
 pub mod restic;
 pub mod session;
 pub mod status_write;
+pub mod tenancy;
 pub mod webhook;

@@ -638,3 +638,237 @@ async fn hooks_run_at_most_once_even_with_two_controllers_on_one_session() {
     first.stop().await;
     second.stop().await;
 }
+
+/// Repository `repo` in `ns` on an NFS export (the volume tenants must never see), with its Secret.
+async fn nfs_repository(ns: &TestNamespace, name: &str, usage_policy: serde_json::Value) {
+    fixtures::secret(ns, true).await;
+    let mut spec = json!({"backend": {"storageSecretName": "repo-secret",
+        "local": {"mountPath": "/repo", "nfs": {"server": NFS_SERVER, "path": "/exports/tenant-b"}}}});
+    if !usage_policy.is_null() {
+        spec["usagePolicy"] = usage_policy;
+    }
+    fixtures::create::<stash::api::Repository>(
+        ns,
+        json!({"apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
+               "metadata": {"name": name, "namespace": ns.name}, "spec": spec}),
+    )
+    .await;
+}
+
+const NFS_SERVER: &str = "nfs.tenant-b.internal";
+
+/// The batch's RepositoryFound condition once it has one.
+async fn repository_condition(ns: &TestNamespace, batch: &str) -> stash::api::common::Condition {
+    let batches = ns.api::<BackupBatch>();
+    eventually(&format!("batch {batch} to report RepositoryFound"), Duration::from_secs(60), || {
+        let (batches, batch) = (batches.clone(), batch.to_string());
+        async move {
+            let batch = batches.get(&batch).await.ok()?;
+            batch.status?.conditions.into_iter().find(|c| c.type_ == "RepositoryFound")
+        }
+    })
+    .await
+}
+
+/// Nothing of namespace A's Jobs, CronJobs and Pods names B's NFS export.
+async fn nothing_in_a_mounts_b(a: &TestNamespace) {
+    let jobs = serde_json::to_string(&a.api::<Job>().list(&ListParams::default()).await.expect("jobs")).expect("JSON");
+    let cronjobs =
+        serde_json::to_string(&a.api::<CronJob>().list(&ListParams::default()).await.expect("cronjobs")).expect("JSON");
+    let pods = a.api::<k8s_openapi::api::core::v1::Pod>().list(&ListParams::default()).await.expect("pods");
+    let pods = serde_json::to_string(&pods).expect("JSON");
+    for (what, text) in [("Jobs", jobs), ("CronJobs", cronjobs), ("Pods", pods)] {
+        assert!(!text.contains(NFS_SERVER), "{what} of {} carry B's volume: {text}", a.name);
+    }
+}
+
+#[tokio::test]
+async fn repository_of_another_namespace_is_not_used_against_its_default_policy() {
+    let a = TestNamespace::new("tenant-a").await;
+    let b = TestNamespace::new("tenant-b").await;
+    let operator = with_controllers(&a).await;
+    nfs_repository(&b, "vault", serde_json::Value::Null).await;
+    fixtures::targets(&a).await;
+    let mut batch = json!({"schedule": "* * * * *", "repository": {"name": "vault", "namespace": b.name}});
+    fixtures::batch(&a, "sneaky", vec![member("PersistentVolumeClaim", "data")], batch.take()).await;
+
+    let batch = batch_phase(&a, "sneaky", BackupInvokerPhase::NotReady).await;
+    let found = condition(&batch, "RepositoryFound");
+    assert_eq!((found.status, found.reason.as_deref()), (ConditionStatus::False, Some("RepositoryNotAllowed")));
+    assert_eq!(condition(&batch, "CronJobCreated").status, ConditionStatus::False, "no trigger while refused");
+    assert!(a.api::<CronJob>().get_opt("stash-trigger-sneaky").await.expect("get").is_none(), "no CronJob");
+
+    // `stash trigger` anyway: the session fails with the reason, and no Job is made.
+    let sessions = a.api::<BackupSession>();
+    let name = new_session(&a, "sneaky").await;
+    let session = session_phase(&sessions, &name, BackupSessionPhase::Failed).await;
+    let host = &session.status.as_ref().expect("status").targets[0].stats[0];
+    assert_eq!(host.phase, Some(HostPhase::Failed));
+    let error = host.error.clone().unwrap_or_default();
+    assert!(error.contains("does not allow use from namespace"), "{error}");
+    let jobs = a.api::<Job>().list(&ListParams::default()).await.expect("jobs");
+    assert!(
+        jobs.items.is_empty(),
+        "no Job in A: {:?}",
+        jobs.items.iter().map(|j| &j.metadata.name).collect::<Vec<_>>()
+    );
+    nothing_in_a_mounts_b(&a).await;
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn repository_selector_needs_every_expression_and_a_missing_one_reads_like_a_refused_one() {
+    let a = TestNamespace::new("tenant-a").await;
+    let b = TestNamespace::new("tenant-b").await;
+    let empty = TestNamespace::new("tenant-c").await;
+    let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(a.client.clone());
+    let labels = json!({"metadata": {"labels": {"team": "a"}}});
+    namespaces.patch(&a.name, &PatchParams::default(), &Patch::Merge(&labels)).await.expect("label A");
+    let operator = with_controllers(&a).await;
+    let only_b = json!({"allowedNamespaces": {"from": "Selector",
+        "selector": {"matchExpressions": [{"key": "team", "operator": "In", "values": ["b-only"]}]}}});
+    nfs_repository(&b, "vault", only_b).await;
+    let team_a = json!({"allowedNamespaces": {"from": "Selector",
+        "selector": {"matchExpressions": [{"key": "team", "operator": "In", "values": ["a"]}]}}});
+    fixtures::create::<stash::api::Repository>(
+        &b,
+        json!({"apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
+               "metadata": {"name": "shared", "namespace": b.name},
+               "spec": {"backend": {"storageSecretName": "repo-secret", "rest": {"url": "http://127.0.0.1:8000/shared"}},
+                        "usagePolicy": team_a}}),
+    )
+    .await;
+    fixtures::targets(&a).await;
+    let pvc = || vec![member("PersistentVolumeClaim", "data")];
+    let naming =
+        |ns: &TestNamespace, repository: &str| json!({"repository": {"name": repository, "namespace": ns.name}});
+    fixtures::batch(&a, "refused", pvc(), naming(&b, "vault")).await;
+    fixtures::batch(&a, "missing", pvc(), naming(&empty, "vault")).await;
+    fixtures::batch(&a, "allowed", pvc(), naming(&b, "shared")).await;
+
+    let refused = repository_condition(&a, "refused").await;
+    let missing = repository_condition(&a, "missing").await;
+    assert_eq!((refused.status, refused.reason.as_deref()), (ConditionStatus::False, Some("RepositoryNotAllowed")));
+    let anonymous = |c: &stash::api::common::Condition, ns: &TestNamespace| {
+        (c.status, c.reason.clone(), c.message.clone().unwrap_or_default().replace(&ns.name, "B"))
+    };
+    assert_eq!(anonymous(&missing, &empty), anonymous(&refused, &b), "no existence oracle");
+    let allowed = repository_condition(&a, "allowed").await;
+    assert_eq!(allowed.status, ConditionStatus::True, "{allowed:?}");
+    nothing_in_a_mounts_b(&a).await;
+    operator.stop().await;
+}
+
+#[tokio::test]
+async fn schedule_less_batches_and_lone_restores_get_the_executor_identity() {
+    let manual = TestNamespace::new("manual").await;
+    let restore_only = TestNamespace::new("restore-only").await;
+    let first = with_controllers(&manual).await;
+    let second = with_controllers(&restore_only).await;
+    fixtures::secret(&manual, true).await;
+    fixtures::repository(&manual).await;
+    fixtures::targets(&manual).await;
+    fixtures::batch(&manual, "manual", vec![member("PersistentVolumeClaim", "data")], json!({})).await;
+    fixtures::secret(&restore_only, true).await;
+    fixtures::repository(&restore_only).await;
+    let restore = json!({"target": {"alias": "data", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "data"}}});
+    fixtures::create::<stash::api::RestoreBatch>(
+        &restore_only,
+        json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "RestoreBatch",
+               "metadata": {"name": "bring-back", "namespace": restore_only.name},
+               "spec": {"repository": {"name": "repo"}, "members": [restore], "restoreFrom": {}}}),
+    )
+    .await;
+
+    let account = |ns: &TestNamespace, present: bool| {
+        let accounts = ns.api::<k8s_openapi::api::core::v1::ServiceAccount>();
+        let what = format!("stash-backup in {} to be {}", ns.name, if present { "there" } else { "gone" });
+        async move {
+            eventually(&what, Duration::from_secs(60), || {
+                let accounts = accounts.clone();
+                async move { (accounts.get_opt("stash-backup").await.ok()?.is_some() == present).then_some(()) }
+            })
+            .await
+        }
+    };
+    account(&manual, true).await;
+    account(&restore_only, true).await;
+    let bindings = restore_only.api::<k8s_openapi::api::rbac::v1::RoleBinding>();
+    assert!(bindings.get_opt("stash-backup").await.expect("get").is_some(), "the executor's RoleBinding");
+
+    let restores = restore_only.api::<stash::api::RestoreBatch>();
+    restores.delete("bring-back", &DeleteParams::background()).await.expect("delete");
+    account(&restore_only, false).await;
+    first.stop().await;
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn members_may_only_name_objects_of_their_own_namespace() {
+    let a = TestNamespace::new("tenant-a").await;
+    let b = TestNamespace::new("tenant-b").await;
+    let operator = with_controllers(&a).await;
+    fixtures::secret(&a, true).await;
+    fixtures::repository(&a).await;
+    fixtures::secret(&b, true).await;
+    let foreign = |name: &str| json!({"target": {"alias": name, "ref": {"apiVersion": "v1", "kind": "Secret", "name": name, "namespace": b.name}}});
+    fixtures::batch(&a, "probe", vec![foreign("repo-secret"), foreign("no-such-secret")], json!({})).await;
+
+    let batch = batch_phase(&a, "probe", BackupInvokerPhase::NotReady).await;
+    let found: Vec<_> = batch
+        .status
+        .as_ref()
+        .expect("status")
+        .member_conditions
+        .iter()
+        .map(|m| {
+            let c = m.conditions.iter().find(|c| c.type_ == "BackupTargetFound").expect("BackupTargetFound");
+            (c.status, c.reason.clone(), c.message.clone().unwrap_or_default().replace(&m.target.name, "NAME"))
+        })
+        .collect();
+    assert_eq!(found.len(), 2);
+    assert_eq!((found[0].0, found[0].1.as_deref()), (ConditionStatus::False, Some("CrossNamespaceTarget")));
+    assert_eq!(found[0], found[1], "an existing and a missing object of B read the same");
+    operator.stop().await;
+}
+
+/// The shipped policy, bound here to the test's namespace only (the cluster is shared).
+#[tokio::test]
+async fn the_admission_policy_refuses_members_of_other_namespaces_at_apply_time() {
+    use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
+    let a = TestNamespace::new("member-policy").await;
+    let path = support::repo_root().join("deploy/base/admission-policy.yaml");
+    let text = std::fs::read_to_string(&path).expect("the policy file");
+    let policy = serde_yaml::Deserializer::from_str(&text)
+        .map(|document| <serde_json::Value as serde::Deserialize>::deserialize(document).expect("YAML"))
+        .find(|document| document["kind"] == "ValidatingAdmissionPolicy")
+        .expect("a ValidatingAdmissionPolicy");
+    let name = policy["metadata"]["name"].as_str().expect("a name").to_string();
+    let policies = Api::<ValidatingAdmissionPolicy>::all(a.client.clone());
+    let apply = PatchParams::apply("stash-tests").force();
+    policies.patch(&name, &apply, &Patch::Apply(&policy)).await.expect("the policy applies");
+    let bindings = Api::<ValidatingAdmissionPolicyBinding>::all(a.client.clone());
+    let binding = json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": a.name},
+        "spec": {"policyName": name, "validationActions": ["Deny"], "matchResources": {"namespaceSelector":
+            {"matchLabels": {"kubernetes.io/metadata.name": a.name}}}}});
+    bindings.patch(&a.name, &apply, &Patch::Apply(&binding)).await.expect("the binding applies");
+
+    let batch = |namespace: &str| -> BackupBatch {
+        serde_json::from_value(json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "BackupBatch",
+            "metadata": {"name": "probe", "namespace": a.name},
+            "spec": {"repository": {"name": "repo"}, "members": [{"target": {"alias": "s",
+                "ref": {"apiVersion": "v1", "kind": "Secret", "name": "s", "namespace": namespace}}}]}}))
+        .expect("a BackupBatch")
+    };
+    let dry_run = kube::api::PostParams { dry_run: true, ..Default::default() };
+    let batches = a.api::<BackupBatch>();
+    let refusal = eventually("the policy to refuse another namespace", Duration::from_secs(30), || {
+        let (batches, dry_run, foreign) = (batches.clone(), dry_run.clone(), batch("kube-system"));
+        async move { batches.create(&dry_run, &foreign).await.err() }
+    })
+    .await;
+    assert!(refusal.to_string().contains("target.ref.namespace"), "{refusal}");
+    batches.create(&dry_run, &batch(&a.name)).await.expect("its own namespace is fine");
+    bindings.delete(&a.name, &DeleteParams::default()).await.expect("unbind");
+}

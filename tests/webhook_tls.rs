@@ -29,7 +29,12 @@ struct Server {
 }
 
 fn empty_catalog() -> Catalog {
-    Catalog::new(Writer::default().as_reader(), Writer::default().as_reader(), Writer::default().as_reader())
+    Catalog::new(
+        Writer::default().as_reader(),
+        Writer::default().as_reader(),
+        Writer::default().as_reader(),
+        Writer::default().as_reader(),
+    )
 }
 
 async fn start(cert: PathBuf, key: PathBuf) -> (Server, Arc<ServingCertificate>, CertificateFiles) {

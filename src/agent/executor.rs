@@ -24,6 +24,8 @@ pub enum AgentError {
     Secret(#[from] SecretError),
     #[error(transparent)]
     Backend(#[from] BackendError),
+    #[error(transparent)]
+    Repository(#[from] crate::tenancy::Refusal),
     #[error("{kind} {namespace}/{name} not found")]
     NotFound { kind: &'static str, namespace: String, name: String },
     #[error("BackupBatch {batch} has no member {kind}/{name}")]
@@ -91,12 +93,12 @@ impl Executor {
         self.api::<BackupSession>().get_opt(name).await?.ok_or_else(|| self.not_found("BackupSession", name))
     }
 
+    /// The Repository `reference` names, when this executor's namespace may use it. The same check as
+    /// the operator's: a Job or sidecar runs on behalf of its namespace, whatever created it. A
+    /// `Selector` policy reads the labels of this namespace only, which the executor's RoleBinding
+    /// (namespaced) allows and no other namespace's.
     pub async fn repository(&self, reference: &crate::api::common::ObjectReference) -> Result<Repository, AgentError> {
-        let namespace = reference.namespace.clone().unwrap_or_else(|| self.settings.namespace.clone());
-        Api::<Repository>::namespaced(self.client.clone(), &namespace)
-            .get_opt(&reference.name)
-            .await?
-            .ok_or(AgentError::NotFound { kind: "Repository", namespace, name: reference.name.clone() })
+        Ok(crate::tenancy::fetch_repository(&self.client, self.namespace(), reference).await??)
     }
 
     fn not_found(&self, kind: &'static str, name: &str) -> AgentError {

@@ -2,20 +2,16 @@
 
 use super::conditions::{self, Desired};
 use super::context::{Context, ControllerError, FIELD_MANAGER};
-use super::executor_job::BACKUP_SERVICE_ACCOUNT;
+use super::identity;
 use super::targets::{self, TargetState};
-use super::trigger::{
-    BACKUP_CLUSTER_ROLE, TRIGGER_CLUSTER_ROLE, TRIGGER_SERVICE_ACCOUNT, cronjob_name, namespace_identity,
-    trigger_cronjob,
-};
+use super::trigger::{cronjob_name, trigger_cronjob};
 use crate::api::backup_batch::{BackupBatchStatus, BackupInvokerPhase, Driver, MemberConditions};
 use crate::api::common::{ConditionStatus, TargetRef};
-use crate::api::repository::FromNamespaces;
 use crate::api::{BackupBatch, Repository};
+use crate::tenancy::{self, Refusal};
 use k8s_openapi::api::batch::v1::CronJob;
-use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
-use k8s_openapi::api::rbac::v1::RoleBinding;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
@@ -40,16 +36,16 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
     let generation = batch.metadata.generation;
 
     let validation = validate(&batch, &ctx);
-    let repository = find_repository(&batch, &ctx, &namespace).await?;
+    let repository = tenancy::fetch_repository(&ctx.client, &namespace, &batch.spec.repository).await?;
     let secret = match &repository {
         Ok(repo) => check_secret(&ctx, repo).await?,
-        Err(_) => Desired::new(BACKEND_SECRET_FOUND, false, "RepositoryNotFound", "the Repository is not there yet"),
+        Err(refusal) => Desired::new(BACKEND_SECRET_FOUND, false, refusal.reason(), "the Repository cannot be used"),
     };
     let repository_condition = match &repository {
         Ok(repo) => {
             Desired::new(REPOSITORY_FOUND, true, "RepositoryAvailable", format!("Repository {} found", repo.name_any()))
         }
-        Err(desired) => desired.clone(),
+        Err(refusal) => Desired::new(REPOSITORY_FOUND, false, refusal.reason(), refusal.to_string()),
     };
 
     let mut member_conditions = Vec::with_capacity(batch.spec.members.len());
@@ -71,6 +67,15 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
                 false,
                 "TargetKindNotSupported",
                 format!("kind {:?} cannot be backed up", reference.kind),
+            ),
+            TargetState::CrossNamespace => Desired::new(
+                BACKUP_TARGET_FOUND,
+                false,
+                "CrossNamespaceTarget",
+                format!(
+                    "{} {}: a member may only name objects of the batch's own namespace (target.ref.namespace)",
+                    reference.kind, reference.name
+                ),
             ),
             _ => Desired::new(
                 BACKUP_TARGET_FOUND,
@@ -107,10 +112,14 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
     record(&ctx, &batch, &mut status_conditions, &repository_condition, generation).await;
     record(&ctx, &batch, &mut status_conditions, &secret, generation).await;
 
-    let cronjob = if validation.is_true() {
-        ensure_trigger(&batch, &ctx, &namespace).await?
-    } else {
-        Desired::new(CRONJOB_CREATED, false, "ValidationFailed", "no CronJob while the batch is invalid")
+    // Every batch's executor Jobs run as the namespace's identity, with or without a schedule.
+    identity::ensure(&ctx, &namespace).await?;
+    let cronjob = match withheld_trigger(&validation, &repository) {
+        Some(withheld) => {
+            remove_trigger(&batch, &ctx, &namespace).await?;
+            withheld
+        }
+        None => ensure_trigger(&batch, &ctx, &namespace).await?,
     };
     record(&ctx, &batch, &mut status_conditions, &cronjob, generation).await;
 
@@ -215,51 +224,21 @@ fn claimed_elsewhere(batch: &BackupBatch, ctx: &Context) -> Option<(TargetRef, S
     None
 }
 
-/// The batch's Repository, or the condition saying why it cannot be used.
-async fn find_repository(
-    batch: &BackupBatch,
-    ctx: &Context,
-    namespace: &str,
-) -> Result<Result<Repository, Desired>, ControllerError> {
-    let reference = &batch.spec.repository;
-    let repo_namespace = reference.namespace.clone().unwrap_or_else(|| namespace.to_string());
-    let repositories: Api<Repository> = Api::namespaced(ctx.client.clone(), &repo_namespace);
-    let Some(repository) = repositories.get_opt(&reference.name).await? else {
-        return Ok(Err(Desired::new(
-            REPOSITORY_FOUND,
-            false,
-            "RepositoryNotFound",
-            format!("Repository {repo_namespace}/{} does not exist", reference.name),
-        )));
-    };
-    if repo_namespace != namespace && !usable_from(&repository, namespace, ctx).await? {
-        return Ok(Err(Desired::new(
-            REPOSITORY_FOUND,
-            false,
-            "RepositoryNotAllowed",
-            format!(
-                "Repository {repo_namespace}/{} does not allow use from namespace {namespace} (spec.usagePolicy)",
-                reference.name
-            ),
-        )));
+/// Why the batch may have no trigger CronJob now, if so: it is invalid, or its Repository is another
+/// namespace's that refuses it (a CronJob would start sessions for a Repository it may not use).
+fn withheld_trigger(validation: &Desired, repository: &Result<Repository, Refusal>) -> Option<Desired> {
+    if !validation.is_true() {
+        return Some(Desired::new(CRONJOB_CREATED, false, "ValidationFailed", "no CronJob while the batch is invalid"));
     }
-    Ok(Ok(repository))
-}
-
-/// `spec.usagePolicy.allowedNamespaces` of a Repository in another namespace.
-async fn usable_from(repository: &Repository, namespace: &str, ctx: &Context) -> Result<bool, ControllerError> {
-    let allowed = repository.spec.usage_policy.as_ref().and_then(|p| p.allowed_namespaces.as_ref());
-    let Some(allowed) = allowed else { return Ok(false) };
-    Ok(match allowed.from {
-        FromNamespaces::All => true,
-        FromNamespaces::Same => false,
-        FromNamespaces::Selector => {
-            let labels =
-                Api::<Namespace>::all(ctx.client.clone()).get(namespace).await?.metadata.labels.unwrap_or_default();
-            let wanted = allowed.selector.as_ref().and_then(|s| s.match_labels.clone()).unwrap_or_default();
-            wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
-        }
-    })
+    match repository {
+        Err(refusal @ Refusal::NotAllowed { .. }) => Some(Desired::new(
+            CRONJOB_CREATED,
+            false,
+            refusal.reason(),
+            "no CronJob while the Repository may not be used from this namespace",
+        )),
+        _ => None,
+    }
 }
 
 /// BackendSecretFound: the Secret exists and holds RESTIC_PASSWORD (its value is never read into logs).
@@ -299,14 +278,10 @@ fn has_key(secret: &Secret, key: &str) -> bool {
         || secret.string_data.as_ref().is_some_and(|d| d.contains_key(key))
 }
 
-/// Applies the trigger CronJob (when there is a schedule) and the namespace's trigger identity.
+/// Applies the trigger CronJob when there is a schedule, else removes it.
 async fn ensure_trigger(batch: &BackupBatch, ctx: &Context, namespace: &str) -> Result<Desired, ControllerError> {
-    let cronjobs: Api<CronJob> = Api::namespaced(ctx.client.clone(), namespace);
     let Some(schedule) = &batch.spec.schedule else {
-        let name = cronjob_name(&batch.name_any());
-        if cronjobs.get_opt(&name).await?.is_some() {
-            cronjobs.delete(&name, &Default::default()).await?;
-        }
+        remove_trigger(batch, ctx, namespace).await?;
         return Ok(Desired::new(
             CRONJOB_CREATED,
             false,
@@ -314,69 +289,28 @@ async fn ensure_trigger(batch: &BackupBatch, ctx: &Context, namespace: &str) -> 
             "spec.schedule is empty: back up with `stash trigger`",
         ));
     };
-    ensure_identities(batch, ctx, namespace).await?;
-
+    let cronjobs: Api<CronJob> = Api::namespaced(ctx.client.clone(), namespace);
     let cronjob = trigger_cronjob(batch, schedule, &ctx.trigger_image);
     let name = cronjob.name_any();
     cronjobs.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&typed(cronjob))).await?;
     Ok(Desired::new(CRONJOB_CREATED, true, "CronJobApplied", format!("CronJob {name} runs on {schedule:?}")))
 }
 
-/// The namespace's trigger and backup identities, created once and shared by its batches: an existing
-/// one costs a read, never a write.
-async fn ensure_identities(batch: &BackupBatch, ctx: &Context, namespace: &str) -> Result<(), ControllerError> {
-    let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), namespace);
-    let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), namespace);
-    for (account, role) in IDENTITIES {
-        let (service_account, binding) = namespace_identity(batch, account, role);
-        if accounts.get_opt(account).await?.is_none() {
-            ignore_conflict(accounts.create(&PostParams::default(), &service_account).await)?;
-        }
-        if bindings.get_opt(account).await?.is_none() {
-            ignore_conflict(bindings.create(&PostParams::default(), &binding).await)?;
-        }
+async fn remove_trigger(batch: &BackupBatch, ctx: &Context, namespace: &str) -> Result<(), ControllerError> {
+    let cronjobs: Api<CronJob> = Api::namespaced(ctx.client.clone(), namespace);
+    let name = cronjob_name(&batch.name_any());
+    if cronjobs.get_opt(&name).await?.is_some() {
+        cronjobs.delete(&name, &Default::default()).await?;
     }
     Ok(())
 }
 
-const IDENTITIES: [(&str, &str); 2] =
-    [(TRIGGER_SERVICE_ACCOUNT, TRIGGER_CLUSTER_ROLE), (BACKUP_SERVICE_ACCOUNT, BACKUP_CLUSTER_ROLE)];
-
-/// Another batch created it meanwhile: just as good.
-fn ignore_conflict<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
-    match result {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(err) => Err(err),
-    }
-}
-
 /// The batch is being deleted: owned objects go by garbage collection; the namespace's shared
-/// identities go with its last batch.
+/// identities go with its last batch or restore.
 pub async fn cleanup(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
     let namespace = batch.namespace().unwrap_or_default();
-    let others = ctx.batches.state_filter(|other| {
-        other.namespace().as_deref() == Some(namespace.as_str())
-            && other.metadata.uid != batch.metadata.uid
-            && other.metadata.deletion_timestamp.is_none()
-    });
-    if others.is_empty() {
-        let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &namespace);
-        let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), &namespace);
-        for (account, _) in IDENTITIES {
-            ignore_missing(bindings.delete(account, &Default::default()).await)?;
-            ignore_missing(accounts.delete(account, &Default::default()).await)?;
-        }
-    }
+    identity::release(&ctx, &namespace, batch.metadata.uid.as_deref()).await?;
     Ok(Action::await_change())
-}
-
-fn ignore_missing<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
-    match result {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(err) => Err(err),
-    }
 }
 
 /// A built-in object with apiVersion and kind filled in, as server-side apply needs.
@@ -424,5 +358,25 @@ async fn publish(ctx: &Context, batch: &BackupBatch, type_: EventType, reason: &
     };
     if let Err(err) = ctx.recorder.publish(&event, &batch.object_ref(&())).await {
         tracing::debug!(error = %err, "publishing an Event failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_trigger_is_withheld_while_invalid_or_while_the_repository_refuses_this_namespace() {
+        let valid = Desired::new(VALIDATION_PASSED, true, "ValidationSucceeded", "");
+        let invalid = Desired::new(VALIDATION_PASSED, false, "InvalidSchedule", "");
+        let refused = || Refusal::NotAllowed { namespace: "b".into(), name: "r".into(), requester: "a".into() };
+        let missing = || Refusal::NotFound { namespace: "a".into(), name: "r".into() };
+        let reason = |validation: &Desired, repository: Result<Repository, Refusal>| {
+            withheld_trigger(validation, &repository).map(|d| d.reason)
+        };
+        assert_eq!(reason(&invalid, Err(missing())).as_deref(), Some("ValidationFailed"));
+        assert_eq!(reason(&valid, Err(refused())).as_deref(), Some("RepositoryNotAllowed"));
+        // A Repository of its own namespace that is not there yet keeps the schedule (apply order).
+        assert_eq!(reason(&valid, Err(missing())), None);
     }
 }

@@ -276,13 +276,14 @@ async fn run_job_members(
         if repository.is_none() {
             repository = Some(batch_repository(batch, ctx, &namespace).await?);
         }
-        let Some(Some(repository)) = &repository else {
+        let Some(Ok(repository)) = &repository else {
+            let refusal = repository.as_ref().and_then(|r| r.as_ref().err());
             target.stats.push(HostBackupStats {
                 hostname: member.target.alias.clone(),
                 phase: Some(HostPhase::Failed),
                 snapshots: Vec::new(),
                 duration: None,
-                error: Some(format!("Repository {} does not exist", batch.spec.repository.name)),
+                error: refusal.map(ToString::to_string),
             });
             continue;
         };
@@ -312,15 +313,13 @@ pub fn job_failed(job: &Job) -> bool {
         .is_some_and(|conditions| conditions.iter().any(|c| c.type_ == "Failed" && c.status == "True"))
 }
 
+/// The batch's Repository when the session's namespace may use it (see `tenancy`).
 async fn batch_repository(
     batch: &BackupBatch,
     ctx: &Context,
     namespace: &str,
-) -> Result<Option<Repository>, ControllerError> {
-    let reference = &batch.spec.repository;
-    let repositories: Api<Repository> =
-        Api::namespaced(ctx.client.clone(), reference.namespace.as_deref().unwrap_or(namespace));
-    Ok(repositories.get_opt(&reference.name).await?)
+) -> Result<Result<Repository, crate::tenancy::Refusal>, ControllerError> {
+    Ok(crate::tenancy::fetch_repository(&ctx.client, namespace, &batch.spec.repository).await?)
 }
 
 /// A Succeeded or Failed session gets one finalize Job: retention, the manifest (when complete) and
@@ -331,7 +330,7 @@ async fn ensure_finalized(session: &BackupSession, batch: &BackupBatch, ctx: &Co
         return Ok(());
     }
     let namespace = session.namespace().unwrap_or_default();
-    let Some(repository) = batch_repository(batch, ctx, &namespace).await? else { return Ok(()) };
+    let Ok(repository) = batch_repository(batch, ctx, &namespace).await? else { return Ok(()) };
     let job = finalize_job(batch, session, &repository, &ctx.trigger_image);
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
     if jobs.get_opt(&job.name_any()).await?.is_none() {

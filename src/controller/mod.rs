@@ -7,6 +7,7 @@ pub mod conditions;
 pub mod context;
 pub mod executor_job;
 pub mod hooks;
+mod identity;
 pub mod leader;
 pub mod progress;
 pub mod restore_batch;
@@ -94,7 +95,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
         .owns(api::<Job>(&client, namespace), ours.clone())
         .graceful_shutdown_on(cancel.clone().cancelled_owned())
         .run(
-            |restore, ctx: Arc<Context>| timed("restorebatch", ctx.clone(), restore_batch::reconcile(restore, ctx)),
+            |restore, ctx: Arc<Context>| timed("restorebatch", ctx.clone(), reconcile_restore(restore, ctx)),
             |_, err, ctx| error_policy("restorebatch", err, ctx),
             ctx.clone(),
         )
@@ -113,8 +114,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
     futures::join!(batch_loop, session_loop, restore_loop);
 }
 
-/// The namespace's shared identities are removed with its last batch; this finalizer makes sure the
-/// controller sees each batch go.
+/// The namespace's shared identities are removed with its last BackupBatch or RestoreBatch; this
+/// finalizer, on both, makes sure the controller sees each one go.
 pub const BATCH_FINALIZER: &str = "stash.appscode.com/cleanup";
 
 async fn reconcile_batch(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
@@ -123,6 +124,18 @@ async fn reconcile_batch(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<A
         match event {
             kube::runtime::finalizer::Event::Apply(batch) => backup_batch::reconcile(batch, ctx.clone()).await,
             kube::runtime::finalizer::Event::Cleanup(batch) => backup_batch::cleanup(batch, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|err| ControllerError::Finalizer(Box::new(err)))
+}
+
+async fn reconcile_restore(restore: Arc<RestoreBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
+    let api: Api<RestoreBatch> = Api::namespaced(ctx.client.clone(), &restore.namespace().unwrap_or_default());
+    kube::runtime::finalizer(&api, BATCH_FINALIZER, restore, |event| async {
+        match event {
+            kube::runtime::finalizer::Event::Apply(restore) => restore_batch::reconcile(restore, ctx.clone()).await,
+            kube::runtime::finalizer::Event::Cleanup(restore) => restore_batch::cleanup(restore, ctx.clone()).await,
         }
     })
     .await

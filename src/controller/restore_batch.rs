@@ -6,12 +6,14 @@ use super::backup_job::{DATABASE_KIND, PVC_KIND, data_mounts, job_name};
 use super::conditions::{self, Desired};
 use super::context::{Context, ControllerError};
 use super::executor_job::{DataVolume, ExecutorJob};
+use super::identity;
 use crate::api::RestoreBatch;
 use crate::api::common::ExecutionOrder;
 use crate::api::repository::Repository;
 use crate::api::restore_batch::{
     HostRestoreStats, RestoreBatchStatus, RestoreMember, RestoreMemberPhase, RestoreMemberStatus, RestorePhase,
 };
+use crate::tenancy;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
@@ -31,16 +33,18 @@ pub async fn reconcile(restore: Arc<RestoreBatch>, ctx: Arc<Context>) -> Result<
     if matches!(status.phase, Some(RestorePhase::Succeeded | RestorePhase::Failed | RestorePhase::Invalid)) {
         return Ok(Action::await_change());
     }
-    let reference = &restore.spec.repository;
-    let repositories: Api<Repository> =
-        Api::namespaced(ctx.client.clone(), reference.namespace.as_deref().unwrap_or(&namespace));
-    let Some(repository) = repositories.get_opt(&reference.name).await? else {
-        let message = format!("Repository {} does not exist", reference.name);
-        conditions::set(&mut status.conditions, &Desired::new("RepositoryFound", false, "NotFound", message), None);
-        status.phase = Some(RestorePhase::Pending);
-        write(&restore, &ctx, status).await?;
-        return Ok(Action::requeue(POLL));
+    let repository = match tenancy::fetch_repository(&ctx.client, &namespace, &restore.spec.repository).await? {
+        Ok(repository) => repository,
+        Err(refusal) => {
+            let refused = Desired::new("RepositoryFound", false, refusal.reason(), refusal.to_string());
+            conditions::set(&mut status.conditions, &refused, None);
+            status.phase = Some(RestorePhase::Pending);
+            write(&restore, &ctx, status).await?;
+            return Ok(Action::requeue(POLL));
+        }
     };
+    // Restore Jobs run as the namespace's executor identity, also where no BackupBatch made it.
+    identity::ensure(&ctx, &namespace).await?;
     conditions::set(&mut status.conditions, &Desired::new("RepositoryFound", true, "Found", "found"), None);
     if status.phase.is_none() || status.phase == Some(RestorePhase::Pending) {
         status.phase = Some(RestorePhase::Running);
@@ -117,6 +121,13 @@ pub async fn reconcile(restore: Arc<RestoreBatch>, ctx: Arc<Context>) -> Result<
         let _ = ctx.recorder.publish(&event, &restore.object_ref(&())).await;
     }
     Ok(action)
+}
+
+/// The restore is being deleted: its Jobs go by garbage collection, the namespace's identities with
+/// its last batch or restore.
+pub async fn cleanup(restore: Arc<RestoreBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
+    identity::release(&ctx, &restore.namespace().unwrap_or_default(), restore.metadata.uid.as_deref()).await?;
+    Ok(Action::await_change())
 }
 
 fn member_status<'a>(status: &'a mut RestoreBatchStatus, member: &RestoreMember) -> &'a mut RestoreMemberStatus {

@@ -34,6 +34,9 @@ pub struct WorkloadInfo {
 pub enum TargetState {
     Missing,
     Unsupported,
+    /// `target.ref.namespace` names another namespace: refused without reading it, so that batches
+    /// cannot probe other namespaces' objects.
+    CrossNamespace,
     Workload(WorkloadInfo),
     Volume,
 }
@@ -67,7 +70,9 @@ where
 }
 
 pub async fn inspect(client: &Client, namespace: &str, target: &TargetRef) -> Result<TargetState, kube::Error> {
-    let namespace = target.namespace.as_deref().unwrap_or(namespace);
+    if target.namespace.as_deref().is_some_and(|other| other != namespace) {
+        return Ok(TargetState::CrossNamespace);
+    }
     let name = target.name.as_str();
     let annotations = |t: Option<&k8s_openapi::api::core::v1::PodTemplateSpec>| {
         t.and_then(|t| t.metadata.as_ref()).and_then(|m| m.annotations.clone())

@@ -5,8 +5,7 @@ use crate::api::common::RuntimeSettings;
 use crate::session::{invoker_labels, owned_by};
 use crate::webhook::sidecar::field_env;
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
-use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
+use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
 use kube::ResourceExt;
 use kube::core::ObjectMeta;
 
@@ -99,38 +98,6 @@ fn pod_settings(runtime: Option<&RuntimeSettings>) -> PodSpec {
         scheduler_name: pod.scheduler_name.clone(),
         runtime_class_name: pod.runtime_class_name.clone(),
         automount_service_account_token: pod.automount_service_account_token,
-        ..Default::default()
-    }
-}
-
-/// A per-namespace ServiceAccount bound to one of our ClusterRoles (deploy/base/rbac.yaml), shared by
-/// every batch of the namespace and removed with the last one by the batch finalizer. (Owning it by
-/// every batch made these two objects collect one ownerReference and one field manager per batch:
-/// with hundreds of batches every write to them timed out — see BENCHMARKS.md.)
-pub fn namespace_identity(batch: &BackupBatch, account: &str, cluster_role: &str) -> (ServiceAccount, RoleBinding) {
-    let service_account = ServiceAccount { metadata: shared_meta(batch, account), ..Default::default() };
-    let binding = RoleBinding {
-        metadata: shared_meta(batch, account),
-        role_ref: RoleRef {
-            api_group: "rbac.authorization.k8s.io".into(),
-            kind: "ClusterRole".into(),
-            name: cluster_role.into(),
-        },
-        subjects: Some(vec![Subject {
-            kind: "ServiceAccount".into(),
-            name: account.into(),
-            namespace: batch.namespace(),
-            ..Default::default()
-        }]),
-    };
-    (service_account, binding)
-}
-
-fn shared_meta(batch: &BackupBatch, name: &str) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.into()),
-        namespace: batch.namespace(),
-        labels: Some([(crate::api::PART_OF.0.to_string(), crate::api::PART_OF.1.to_string())].into()),
         ..Default::default()
     }
 }

@@ -1,10 +1,12 @@
-//! The reflector caches behind the webhook's answers: BackupBatches, Repositories, ReplicaSet metadata.
+//! The reflector caches behind the webhook's answers: BackupBatches, Repositories, ReplicaSet and
+//! Namespace metadata.
 
 use super::decision::Catalog;
 use super::target_index::TargetIndex;
 use crate::api::{BackupBatch, Repository};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Namespace;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -31,7 +33,13 @@ pub fn start(client: &Client, tasks: &mut JoinSet<()>) -> Catalog {
         watcher(Api::<PartialObjectMeta<ReplicaSet>>::all(client.clone()), watcher::Config::default()),
         || {},
     );
-    Catalog { batches, repositories, replicasets, targets }
+    // Metadata only: labels decide Repository usage policies (`tenancy`) without an API call per Pod.
+    let namespaces = reflect(
+        tasks,
+        watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), watcher::Config::default()),
+        || {},
+    );
+    Catalog { batches, repositories, replicasets, namespaces, targets }
 }
 
 /// Starts a reflector for `K`; `changed` runs after the store applied each event.
@@ -64,6 +72,7 @@ impl Catalog {
     pub async fn synced(&self) -> Result<(), reflector::store::WriterDropped> {
         self.batches.wait_until_ready().await?;
         self.repositories.wait_until_ready().await?;
-        self.replicasets.wait_until_ready().await
+        self.replicasets.wait_until_ready().await?;
+        self.namespaces.wait_until_ready().await
     }
 }

@@ -4,7 +4,9 @@ use super::pod_view::PodView;
 use super::target_index::TargetIndex;
 use crate::api::backup_batch::BackupMember;
 use crate::api::{BackupBatch, Repository};
+use crate::tenancy;
 use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Namespace;
 use kube::ResourceExt;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -19,6 +21,8 @@ pub struct Catalog {
     pub batches: Store<BackupBatch>,
     pub repositories: Store<Repository>,
     pub replicasets: Store<PartialObjectMeta<ReplicaSet>>,
+    /// Namespace labels, for Repository usage policies.
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
     /// Members by target; whoever feeds `batches` must call `targets.invalidate()` on every change.
     pub targets: Arc<TargetIndex>,
 }
@@ -77,7 +81,8 @@ pub enum Decision {
     NotTargeted,
     /// The Pod already has a `stash` container (reinvocation, or a manual one).
     AlreadyInjected,
-    /// Targeted, but the batch's Repository is not known yet; the controller reports the Pod.
+    /// Targeted, but the batch's Repository is not known yet, or may not be used from the Pod's
+    /// namespace (the two are not told apart); the controller reports the Pod.
     RepositoryUnknown {
         batch: String,
     },
@@ -107,8 +112,9 @@ impl Catalog {
         batches: Store<BackupBatch>,
         repositories: Store<Repository>,
         replicasets: Store<PartialObjectMeta<ReplicaSet>>,
+        namespaces: Store<PartialObjectMeta<Namespace>>,
     ) -> Self {
-        Self { batches, repositories, replicasets, targets: Arc::default() }
+        Self { batches, repositories, replicasets, namespaces, targets: Arc::default() }
     }
 
     pub fn decide(&self, pod: &PodView, namespace: &str, sidecar_name: &str) -> Decision {
@@ -121,11 +127,12 @@ impl Catalog {
         let Some((batch, member)) = self.targets.lookup(&self.batches, namespace, &workload) else {
             return Decision::NotTargeted;
         };
-        let repository = &batch.spec.repository;
-        let repository_namespace = repository.namespace.as_deref().unwrap_or(namespace);
-        let key = ObjectRef::new(&repository.name).within(repository_namespace);
-        match self.repositories.get(&key) {
-            Some(repo) if !repo.spec.backend.storage_secret_name.is_empty() => {
+        let reference = &batch.spec.repository;
+        let key = ObjectRef::new(&reference.name).within(tenancy::repository_namespace(namespace, reference));
+        let found = self.repositories.get(&key);
+        let labels = self.namespaces.get(&ObjectRef::new(namespace)).and_then(|n| n.metadata.labels.clone());
+        match tenancy::authorize_repository(namespace, reference, found.as_deref(), labels.as_ref()) {
+            Ok(repo) if !repo.spec.backend.storage_secret_name.is_empty() => {
                 let secret_name = repo.spec.backend.storage_secret_name.clone();
                 let local_repository = repo.spec.backend.local.clone().map(Box::new);
                 Decision::Inject(Injection { batch, member, workload, secret_name, local_repository })

@@ -60,7 +60,7 @@ impl Mutator {
                 Err(err) => Err(BadReview::Malformed(err)),
             },
             Decision::RepositoryUnknown { batch } => {
-                tracing::warn!(%namespace, %batch, "Pod targeted but its Repository is not known yet; not injected");
+                tracing::warn!(%namespace, %batch, "Pod targeted but its Repository is unknown or not usable here; not injected");
                 Ok(unchanged(ReviewResponse::allow(request.uid)))
             }
             Decision::NotTargeted | Decision::AlreadyInjected => Ok(unchanged(ReviewResponse::allow(request.uid))),

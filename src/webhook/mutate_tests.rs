@@ -6,7 +6,7 @@ use super::sidecar::{BATCH_ANNOTATION, SIDECAR_NAME};
 use crate::api::{BackupBatch, Repository};
 use base64::Engine;
 use k8s_openapi::api::apps::v1::ReplicaSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher::Event;
@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 const IMAGE: &str = "stash:test";
 
-fn batch(name: &str, targets: &[(&str, &str, &str)]) -> BackupBatch {
+fn batch(name: &str, repository: Value, targets: &[(&str, &str, &str)]) -> BackupBatch {
     let members: Vec<Value> = targets
         .iter()
         .map(|(api_version, kind, target)| {
@@ -32,7 +32,7 @@ fn batch(name: &str, targets: &[(&str, &str, &str)]) -> BackupBatch {
     serde_json::from_value(json!({
         "apiVersion": "stash.appscode.com/v1beta1", "kind": "BackupBatch",
         "metadata": {"name": name, "namespace": "demo"},
-        "spec": {"repository": {"name": "repo"}, "members": members}
+        "spec": {"repository": repository, "members": members}
     }))
     .expect("a BackupBatch")
 }
@@ -43,9 +43,30 @@ pub(super) fn catalog(with_repository: bool) -> Catalog {
 
 /// A catalog whose Repository (when given) has `backend`.
 fn catalog_with_backend(backend: Option<Value>) -> Catalog {
+    let repository = backend.map(|backend| repository("demo", backend, Value::Null));
+    catalog_naming(json!({"name": "repo"}), repository)
+}
+
+/// Repository `repo` of `namespace`, with `usagePolicy` unless null.
+fn repository(namespace: &str, mut backend: Value, usage_policy: Value) -> Repository {
+    backend["storageSecretName"] = json!("repo-secret");
+    let mut spec = json!({"backend": backend});
+    if !usage_policy.is_null() {
+        spec["usagePolicy"] = usage_policy;
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
+        "metadata": {"name": "repo", "namespace": namespace}, "spec": spec
+    }))
+    .expect("a Repository")
+}
+
+/// A catalog whose batch names `reference` and whose only Repository (when given) is `repository`.
+fn catalog_naming(reference: Value, repository: Option<Repository>) -> Catalog {
     let mut batches = Writer::<BackupBatch>::default();
     batches.apply_watcher_event(&Event::Apply(batch(
         "app-backup",
+        reference,
         &[
             ("apps/v1", "Deployment", "app"),
             ("apps/v1", "StatefulSet", "db"),
@@ -56,15 +77,8 @@ fn catalog_with_backend(backend: Option<Value>) -> Catalog {
         ],
     )));
     let mut repositories = Writer::<Repository>::default();
-    if let Some(mut backend) = backend {
-        backend["storageSecretName"] = json!("repo-secret");
-        let repo: Repository = serde_json::from_value(json!({
-            "apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
-            "metadata": {"name": "repo", "namespace": "demo"},
-            "spec": {"backend": backend}
-        }))
-        .expect("a Repository");
-        repositories.apply_watcher_event(&Event::Apply(repo));
+    if let Some(repository) = repository {
+        repositories.apply_watcher_event(&Event::Apply(repository));
     }
     let mut replicasets = Writer::<PartialObjectMeta<ReplicaSet>>::default();
     for (name, owner) in [("app-7d9c5", Some("app")), ("bare", None), ("other-5f6d7", Some("other"))] {
@@ -79,7 +93,11 @@ fn catalog_with_backend(backend: Option<Value>) -> Catalog {
         .expect("ReplicaSet metadata");
         replicasets.apply_watcher_event(&Event::Apply(meta));
     }
-    Catalog::new(batches.as_reader(), repositories.as_reader(), replicasets.as_reader())
+    // The Pods' namespace, labelled for Repository usage policies.
+    let mut namespaces = Writer::<PartialObjectMeta<Namespace>>::default();
+    let demo = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo", "labels": {"team": "a"}}});
+    namespaces.apply_watcher_event(&Event::Apply(serde_json::from_value(demo).expect("Namespace metadata")));
+    Catalog::new(batches.as_reader(), repositories.as_reader(), replicasets.as_reader(), namespaces.as_reader())
 }
 
 fn pod(owner: Option<(&str, &str, &str)>) -> Value {
@@ -257,6 +275,29 @@ fn other_operations_are_allowed_unchanged() {
 fn an_unknown_repository_means_no_injection() {
     let object = pod(Some(("apps/v1", "StatefulSet", "db")));
     assert!(answer(&mutator(false), "CREATE", &object, false).is_none());
+}
+
+/// Tenant B's NFS repository must not reach tenant A's Pods unless B's usagePolicy allows A.
+#[test]
+fn a_pod_whose_batch_names_a_disallowed_foreign_repository_gets_no_patch() {
+    let nfs =
+        json!({"local": {"mountPath": "/repo", "nfs": {"server": "nfs.tenant-b.internal", "path": "/exports/b"}}});
+    let object = pod(Some(("apps/v1", "StatefulSet", "db")));
+    let foreign = json!({"name": "repo", "namespace": "tenant-b"});
+    let selector = |team: &str| {
+        json!({"allowedNamespaces": {"from": "Selector",
+               "selector": {"matchExpressions": [{"key": "team", "operator": "In", "values": [team]}]}}})
+    };
+    for policy in [Value::Null, json!({"allowedNamespaces": {"from": "Same"}}), selector("b-only")] {
+        let catalog = catalog_naming(foreign.clone(), Some(repository("tenant-b", nfs.clone(), policy.clone())));
+        let mutator = Mutator { catalog, sidecar_image: IMAGE.into() };
+        assert!(answer(&mutator, "CREATE", &object, false).is_none(), "{policy}");
+    }
+    for policy in [json!({"allowedNamespaces": {"from": "All"}}), selector("a")] {
+        let catalog = catalog_naming(foreign.clone(), Some(repository("tenant-b", nfs.clone(), policy.clone())));
+        let mutator = Mutator { catalog, sidecar_image: IMAGE.into() };
+        assert!(answer(&mutator, "CREATE", &object, false).is_some(), "{policy} allows demo");
+    }
 }
 
 #[test]
