@@ -3,7 +3,7 @@
 use crate::agent::status::human_bytes;
 use crate::agent::{AgentError, Executor, manifest};
 use crate::api::{BackupBatch, BackupSession};
-use crate::session::{INVOKER_NAME_LABEL, SessionError, create_backup_session};
+use crate::session::{SessionError, create_backup_session, invoker_selector};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use std::fmt::Write;
@@ -27,7 +27,7 @@ pub async fn set_paused(client: Client, namespace: &str, batch: &str, paused: bo
 /// A table of the batch's sessions, newest first.
 pub async fn sessions_table(client: Client, namespace: &str, batch: &str) -> Result<String, SessionError> {
     let sessions: Api<BackupSession> = Api::namespaced(client, namespace);
-    let mut items = sessions.list(&ListParams::default().labels(&format!("{INVOKER_NAME_LABEL}={batch}"))).await?.items;
+    let mut items = sessions.list(&ListParams::default().labels(&invoker_selector(batch))).await?.items;
     items.sort_by(|a, b| b.metadata.creation_timestamp.cmp(&a.metadata.creation_timestamp));
     let mut out =
         format!("{:<40} {:<10} {:<10} {:<9} {:<11} {}\n", "NAME", "PHASE", "DURATION", "TARGETS", "SIZE", "CREATED");

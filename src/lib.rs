@@ -9,6 +9,7 @@ pub mod commands;
 pub mod controller;
 pub mod lease;
 pub mod metrics;
+pub mod names;
 pub mod operator;
 pub mod restic;
 pub mod session;

@@ -3,6 +3,7 @@
 use crate::api::backup_session::BackupInvokerRef;
 use crate::api::common::GROUP;
 use crate::api::{BackupBatch, BackupSession, BackupSessionSpec};
+use crate::names::label_value;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, PostParams};
 use kube::{Client, Resource, ResourceExt};
@@ -24,11 +25,16 @@ pub enum SessionError {
     Kube(#[from] kube::Error),
 }
 
+/// The label selector of `batch`'s sessions (and trigger CronJob).
+pub fn invoker_selector(batch: &str) -> String {
+    format!("{INVOKER_NAME_LABEL}={}", label_value(batch))
+}
+
 /// The labels that tie a session (or a trigger CronJob) to its batch.
 pub fn invoker_labels(batch: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (INVOKER_KIND_LABEL.to_string(), BACKUP_BATCH_KIND.to_string()),
-        (INVOKER_NAME_LABEL.to_string(), batch.to_string()),
+        (INVOKER_NAME_LABEL.to_string(), label_value(batch)),
         (crate::api::PART_OF.0.to_string(), crate::api::PART_OF.1.to_string()),
     ])
 }

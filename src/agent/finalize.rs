@@ -13,7 +13,7 @@ use crate::api::common::RetentionPolicy;
 use crate::api::repository::Repository;
 use crate::controller::conditions::{self, Desired};
 use crate::restic::Restic;
-use crate::session::INVOKER_NAME_LABEL;
+use crate::session::invoker_selector;
 use crate::status_write::update_status;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -177,7 +177,7 @@ async fn apply_retention(
 
     let unsettled: BTreeSet<String> = executor
         .api::<BackupSession>()
-        .list(&ListParams::default().labels(&format!("{INVOKER_NAME_LABEL}={batch}")))
+        .list(&ListParams::default().labels(&invoker_selector(batch)))
         .await?
         .items
         .into_iter()

@@ -8,7 +8,7 @@ use super::files::FileBackup;
 use super::job::{find_member, time_left};
 use super::status::{self, Turn};
 use crate::api::BackupSession;
-use crate::session::INVOKER_NAME_LABEL;
+use crate::session::invoker_selector;
 use futures::StreamExt;
 use kube::ResourceExt;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -37,7 +37,7 @@ pub fn host_name(kind: &str, alias: &str, pod: Option<&str>, node: Option<&str>)
 
 pub async fn run(executor: &Executor, target: &SidecarTarget, cancel: CancellationToken) -> Result<(), AgentError> {
     let sessions = executor.api::<BackupSession>();
-    let config = watcher::Config::default().labels(&format!("{INVOKER_NAME_LABEL}={}", target.batch));
+    let config = watcher::Config::default().labels(&invoker_selector(&target.batch));
     let mut events = watcher(sessions, config).default_backoff().applied_objects().boxed();
     let mut recheck = tokio::time::interval(Duration::from_secs(30));
     loop {
@@ -54,7 +54,7 @@ pub async fn run(executor: &Executor, target: &SidecarTarget, cancel: Cancellati
             Some(session) => vec![session],
             None => executor
                 .api::<BackupSession>()
-                .list(&kube::api::ListParams::default().labels(&format!("{INVOKER_NAME_LABEL}={}", target.batch)))
+                .list(&kube::api::ListParams::default().labels(&invoker_selector(&target.batch)))
                 .await
                 .map(|l| l.items)
                 .unwrap_or_default(),

@@ -110,6 +110,39 @@ pub struct BackupTarget {
     pub replicas: Option<i32>,
 }
 
+impl BackupBatchSpec {
+    /// Why the members cannot make one session, if they cannot: two members naming the same object
+    /// (both would report into one target and the other would never finish), two sharing a restic
+    /// host, or an alias restic would split into several tags.
+    pub fn member_problem(&self) -> Option<(&'static str, String)> {
+        for (i, member) in self.members.iter().enumerate() {
+            let (target, alias) = (&member.target.reference, member.target.host_alias());
+            if alias.contains([',', '=']) || alias.chars().any(char::is_whitespace) {
+                return Some((
+                    "InvalidAlias",
+                    format!("spec.members[{i}].target.alias {alias:?} may not contain commas, '=' or spaces"),
+                ));
+            }
+            for (j, earlier) in self.members[..i].iter().enumerate() {
+                let other = &earlier.target.reference;
+                if (&other.kind, &other.name) == (&target.kind, &target.name) {
+                    return Some((
+                        "DuplicateMember",
+                        format!("spec.members[{j}] and [{i}] both name {} {}", target.kind, target.name),
+                    ));
+                }
+                if earlier.target.host_alias() == alias {
+                    return Some((
+                        "DuplicateAlias",
+                        format!("spec.members[{j}] and [{i}] both back up as host {alias:?}; give each its own alias"),
+                    ));
+                }
+            }
+        }
+        None
+    }
+}
+
 impl BackupTarget {
     /// The restic `--host` of the member: its alias, else the target's name.
     pub fn host_alias(&self) -> String {

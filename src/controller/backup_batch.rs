@@ -4,7 +4,7 @@ use super::conditions::{self, Desired};
 use super::context::{Context, ControllerError, FIELD_MANAGER};
 use super::identity;
 use super::targets::{self, TargetState};
-use super::trigger::{cronjob_name, trigger_cronjob};
+use super::trigger::{CRONJOB_NAME_MAX, cronjob_name, trigger_cronjob};
 use crate::api::backup_batch::{BackupBatchStatus, BackupInvokerPhase, Driver, MemberConditions};
 use crate::api::common::{ConditionStatus, TargetRef};
 use crate::api::{BackupBatch, Repository};
@@ -183,6 +183,9 @@ fn validate(batch: &BackupBatch, ctx: &Context) -> Desired {
     {
         return Desired::new(VALIDATION_PASSED, false, "InvalidSchedule", format!("spec.schedule {schedule:?}: {err}"));
     }
+    if let Some((reason, message)) = batch.spec.member_problem() {
+        return Desired::new(VALIDATION_PASSED, false, reason, message);
+    }
     if let Some((target, other)) = claimed_elsewhere(batch, ctx) {
         return Desired::new(
             VALIDATION_PASSED,
@@ -293,7 +296,12 @@ async fn ensure_trigger(batch: &BackupBatch, ctx: &Context, namespace: &str) -> 
     let cronjob = trigger_cronjob(batch, schedule, &ctx.trigger_image);
     let name = cronjob.name_any();
     cronjobs.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&typed(cronjob))).await?;
-    Ok(Desired::new(CRONJOB_CREATED, true, "CronJobApplied", format!("CronJob {name} runs on {schedule:?}")))
+    let shortened = if name == format!("stash-trigger-{}", batch.name_any()) {
+        String::new()
+    } else {
+        format!(" (name shortened: CronJob names have at most {CRONJOB_NAME_MAX} characters)")
+    };
+    Ok(Desired::new(CRONJOB_CREATED, true, "CronJobApplied", format!("CronJob {name} runs on {schedule:?}{shortened}")))
 }
 
 async fn remove_trigger(batch: &BackupBatch, ctx: &Context, namespace: &str) -> Result<(), ControllerError> {

@@ -5,6 +5,7 @@ use super::executor_job::{DataVolume, ExecutorJob};
 use crate::api::backup_batch::BackupMember;
 use crate::api::repository::Repository;
 use crate::api::{BackupBatch, BackupSession};
+use crate::names::{LABEL_VALUE_MAX, bounded, label_value};
 use crate::session::invoker_labels;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::VolumeMount;
@@ -31,22 +32,15 @@ pub fn is_job_model(member: &BackupMember) -> bool {
     matches!(member.target.reference.kind.as_str(), PVC_KIND | DATABASE_KIND)
 }
 
-/// `<session><suffix>`, kept within the 63 characters a Job name (and its Pods' label) allows.
+/// `<session>-<suffix>`, kept within the 63 characters a Job name (and its Pods' label) allows.
 pub fn job_name(session: &str, suffix: &str) -> String {
     let suffix = format!("-{suffix}");
-    let room = 63 - suffix.len();
-    if session.len() <= room {
-        return format!("{session}{suffix}");
-    }
-    let digest =
-        session.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-    let keep = room - 9;
-    format!("{}-{:08x}{suffix}", &session[..keep], digest as u32)
+    format!("{}{suffix}", bounded(session, LABEL_VALUE_MAX - suffix.len()))
 }
 
 fn session_labels(batch: &BackupBatch, session: &BackupSession) -> std::collections::BTreeMap<String, String> {
     let mut labels = invoker_labels(&batch.name_any());
-    labels.insert(SESSION_LABEL.into(), session.name_any());
+    labels.insert(SESSION_LABEL.into(), label_value(&session.name_any()));
     labels
 }
 

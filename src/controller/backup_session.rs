@@ -14,10 +14,10 @@ use crate::api::backup_session::{
     BackupSessionPhase, BackupSessionStatus, BackupTargetStatus, DEFAULT_SESSION_TIMEOUT, HostBackupStats, HostPhase,
     TargetPhase,
 };
-use crate::api::common::Handler;
+use crate::api::common::{Handler, TargetRef};
 use crate::api::{BackupBatch, BackupSession, Repository};
 use crate::metrics::{BatchLabels, SessionLabels};
-use crate::session::{BACKUP_BATCH_KIND, INVOKER_NAME_LABEL, create_backup_session};
+use crate::session::{BACKUP_BATCH_KIND, create_backup_session, invoker_selector};
 use crate::status_write::update_status;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -118,8 +118,7 @@ async fn start(
     sessions: &Api<BackupSession>,
     claimed: &mut Option<Claimed>,
 ) -> Result<Action, ControllerError> {
-    let siblings =
-        sessions.list(&ListParams::default().labels(&format!("{INVOKER_NAME_LABEL}={}", batch.name_any()))).await?;
+    let siblings = sessions.list(&ListParams::default().labels(&invoker_selector(&batch.name_any()))).await?;
     let running = siblings.items.iter().find(|other| {
         other.metadata.uid != session.metadata.uid
             && other.status.as_ref().and_then(|s| s.phase) == Some(BackupSessionPhase::Running)
@@ -136,6 +135,10 @@ async fn start(
         return Ok(Action::await_change());
     }
 
+    if let Some((reason, message)) = batch.spec.member_problem() {
+        fail(status, reason, &format!("the batch is invalid: {message}"));
+        return Ok(Action::await_change());
+    }
     if let Some(pre) = batch.spec.hooks.as_ref().and_then(|h| h.pre_backup.as_ref()) {
         match hooks::step(&status.conditions, hooks::PRE_BACKUP, now()) {
             hooks::Step::Claim => {
@@ -165,25 +168,21 @@ async fn start(
     for member in &batch.spec.members {
         let state = targets::inspect(&ctx.client, &namespace, &member.target.reference).await?;
         let reference = &member.target.reference;
-        let scaled_to_zero = matches!(state, TargetState::Workload(_)) && state.hosts() == 0;
+        let unusable = unusable(&state, reference);
         targets.push(BackupTargetStatus {
             reference: reference.clone(),
             total_hosts: Some(state.hosts().max(1)),
-            phase: Some(if scaled_to_zero { TargetPhase::Failed } else { TargetPhase::Pending }),
-            stats: if scaled_to_zero {
-                vec![HostBackupStats {
+            phase: Some(if unusable.is_some() { TargetPhase::Failed } else { TargetPhase::Pending }),
+            stats: unusable
+                .map(|error| HostBackupStats {
                     hostname: member.target.host_alias(),
                     phase: Some(HostPhase::Failed),
                     snapshots: Vec::new(),
                     duration: None,
-                    error: Some(format!(
-                        "{} {} is scaled to zero: no Pod runs the stash sidecar to back it up",
-                        reference.kind, reference.name
-                    )),
-                }]
-            } else {
-                Vec::new()
-            },
+                    error: Some(error),
+                })
+                .into_iter()
+                .collect(),
             pre_backup_actions: Vec::new(),
             post_backup_actions: Vec::new(),
         });
@@ -195,6 +194,21 @@ async fn start(
     status.session_deadline = now().checked_add(timeout.unwrap_or(DEFAULT_SESSION_TIMEOUT)).ok().map(Time);
     status.phase = Some(BackupSessionPhase::Running);
     Ok(Action::requeue(Duration::from_millis(10)))
+}
+
+/// Why a target cannot be backed up in this session at all: it fails at once instead of holding
+/// the session until its deadline.
+fn unusable(state: &TargetState, reference: &TargetRef) -> Option<String> {
+    let what = format!("{} {}", reference.kind, reference.name);
+    match state {
+        TargetState::Missing => Some(format!("{what} does not exist")),
+        TargetState::Unsupported => Some(format!("kind {:?} cannot be backed up", reference.kind)),
+        TargetState::CrossNamespace => Some(format!("{what}: members may only name objects of their own namespace")),
+        TargetState::Workload(_) if state.hosts() == 0 => {
+            Some(format!("{what} is scaled to zero: no Pod runs the stash sidecar to back it up"))
+        }
+        TargetState::Workload(_) | TargetState::Volume => None,
+    }
 }
 
 fn until_then(until: Timestamp) -> Duration {
@@ -477,8 +491,7 @@ async fn finished(
 /// protects its data by its presence (`backupHistoryLimit: 0` still writes manifests).
 async fn trim_history(batch: &BackupBatch, sessions: &Api<BackupSession>) -> Result<(), ControllerError> {
     let limit = usize::try_from(batch.spec.backup_history_limit.max(0)).unwrap_or(0);
-    let list =
-        sessions.list(&ListParams::default().labels(&format!("{INVOKER_NAME_LABEL}={}", batch.name_any()))).await?;
+    let list = sessions.list(&ListParams::default().labels(&invoker_selector(&batch.name_any()))).await?;
     let phase = |s: &BackupSession| s.status.as_ref().and_then(|st| st.phase);
     let awaiting_retry =
         |s: &BackupSession| s.status.as_ref().is_some_and(|st| st.next_retry.is_some() && st.retried != Some(true));

@@ -184,7 +184,7 @@ fn restore_job(
     };
     let mut labels = crate::session::invoker_labels(&restore.name_any());
     labels.retain(|k, _| k == crate::api::PART_OF.0);
-    labels.insert(RESTORE_LABEL.into(), restore.name_any());
+    labels.insert(RESTORE_LABEL.into(), crate::names::label_value(&restore.name_any()));
     ExecutorJob {
         name: job_name(&restore.name_any(), &format!("restore-{index}")),
         namespace: restore.namespace().unwrap_or_default(),

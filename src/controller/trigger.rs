@@ -16,8 +16,12 @@ pub const TRIGGER_CLUSTER_ROLE: &str = "stash-trigger";
 /// The ClusterRole of backup Jobs and sidecars: read their batch, write their own session entries.
 pub const BACKUP_CLUSTER_ROLE: &str = "stash-sidecar";
 
+/// The longest CronJob name: its Jobs append 11 characters and must stay within 63.
+pub const CRONJOB_NAME_MAX: usize = 52;
+
+/// `stash-trigger-<batch>`, cut and hashed when the batch's name is longer than 38 characters.
 pub fn cronjob_name(batch: &str) -> String {
-    format!("stash-trigger-{batch}")
+    crate::names::bounded(&format!("stash-trigger-{batch}"), CRONJOB_NAME_MAX)
 }
 
 /// The CronJob that creates a BackupSession at every slot of the batch's schedule.
