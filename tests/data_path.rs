@@ -521,3 +521,59 @@ async fn a_lock_left_by_a_killed_executor_is_healed_by_the_next_session() {
         .expect("a StaleLockRemoved Event");
     assert!(note.contains("its process is gone"), "{note}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_lock_of_a_pod_named_host_of_elsewhere_is_never_removed() {
+    // H3: a restic of another namespace (or cluster) holds a lock under a Pod-shaped host name that
+    // is no Pod of this namespace. Ours must keep it, and so must not check or prune beside it.
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut setup = Setup::new("foreign-lock", Backend::Local(repo.path())).await;
+    let member = setup.pvc_member().await;
+    setup.batch(vec![member], json!({})).await;
+    let repo_arg = repo.path().to_string_lossy().into_owned();
+    setup.restic(&["-r", &repo_arg, "init"]);
+    let holder = format!(
+        "hostname app-7d9f8c-x2k4q && exec {} -r {repo_arg} backup --stdin --stdin-filename held.bin",
+        backends::restic().display()
+    );
+    // A pipe kept open: restic waits on stdin and holds its lock (and refreshes it) until dropped.
+    let child = Command::new("unshare")
+        .args(["--uts", "sh", "-c", &holder])
+        .envs(setup.secret.iter())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the holder starts");
+    let _holder = support::executors::KilledOnDrop(child);
+    let locks = repo.path().join("locks");
+    let start = Instant::now();
+    while std::fs::read_dir(&locks).map(|d| d.count()).unwrap_or(0) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "the holder never took a lock");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let held: Vec<_> = std::fs::read_dir(&locks).expect("locks").map(|e| e.expect("entry").file_name()).collect();
+    let listed = setup.restic(&["-r", &repo_arg, "cat", "lock", &held[0].to_string_lossy(), "--no-lock"]);
+    assert!(listed.contains("app-7d9f8c-x2k4q"), "{listed}");
+
+    let session = setup.back_up().await;
+    let still: Vec<_> = std::fs::read_dir(&locks).expect("locks").map(|e| e.expect("entry").file_name()).collect();
+    assert!(still.contains(&held[0]), "the live lock was removed");
+    let events = setup.ns.api::<k8s_openapi::api::events::v1::Event>();
+    let removed: Vec<_> = events
+        .list(&Default::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("StaleLockRemoved"))
+        .filter_map(|e| e.note)
+        .collect();
+    assert!(removed.is_empty(), "{removed:?}");
+    // The backup shares the repository with the holder; the check (an exclusive lock) does not run.
+    let status = session.status.expect("status");
+    assert_eq!(status.phase, Some(BackupSessionPhase::Succeeded), "{status:?}");
+    let finalized = status.conditions.iter().find(|c| c.type_ == "SessionFinalized").expect("finalized");
+    assert_eq!(finalized.status, stash::api::common::ConditionStatus::False, "{finalized:?}");
+    assert!(finalized.message.as_deref().unwrap_or_default().contains("locked"), "{finalized:?}");
+}

@@ -18,7 +18,6 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 pub const MANIFEST_WRITTEN: &str = "ManifestWritten";
 pub const RETENTION_APPLIED: &str = "RetentionPolicyApplied";
@@ -71,7 +70,7 @@ async fn finalize(
 ) -> Result<Outcome, AgentError> {
     let batch = session.spec.invoker.name.clone();
     let mut outcome = Outcome { conditions: Vec::new() };
-    locks::heal(executor, restic, session, Duration::from_secs(3600)).await?;
+    locks::heal(executor, restic, session).await?;
 
     let complete = Manifest::of_complete(session, &batch);
     let already = restic
