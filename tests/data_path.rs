@@ -546,19 +546,22 @@ async fn a_live_lock_of_a_pod_named_host_of_elsewhere_is_never_removed() {
         .spawn()
         .expect("the holder starts");
     let _holder = support::executors::KilledOnDrop(child);
-    let locks = repo.path().join("locks");
+    // Asked of restic, not read from the directory: a lock being written is a temporary file first.
+    // The test ends before restic's first refresh (5 minutes), which would give the lock a new id.
+    let list_locks = |setup: &Setup| setup.restic(&["-r", &repo_arg, "list", "locks", "--no-lock"]);
     let start = Instant::now();
-    while std::fs::read_dir(&locks).map(|d| d.count()).unwrap_or(0) == 0 {
+    let mut held = list_locks(&setup);
+    while held.trim().is_empty() {
         assert!(start.elapsed() < Duration::from_secs(30), "the holder never took a lock");
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(50));
+        held = list_locks(&setup);
     }
-    let held: Vec<_> = std::fs::read_dir(&locks).expect("locks").map(|e| e.expect("entry").file_name()).collect();
-    let listed = setup.restic(&["-r", &repo_arg, "cat", "lock", &held[0].to_string_lossy(), "--no-lock"]);
-    assert!(listed.contains("app-7d9f8c-x2k4q"), "{listed}");
+    let held = held.trim().to_string();
+    let content = setup.restic(&["-r", &repo_arg, "cat", "lock", &held, "--no-lock"]);
+    assert!(content.contains("app-7d9f8c-x2k4q"), "{content}");
 
     let session = setup.back_up().await;
-    let still: Vec<_> = std::fs::read_dir(&locks).expect("locks").map(|e| e.expect("entry").file_name()).collect();
-    assert!(still.contains(&held[0]), "the live lock was removed");
+    assert!(list_locks(&setup).lines().any(|id| id == held), "the live lock was removed");
     let events = setup.ns.api::<k8s_openapi::api::events::v1::Event>();
     let removed: Vec<_> = events
         .list(&Default::default())
