@@ -458,6 +458,13 @@ async fn bad_passwords_unreachable_backends_and_missing_paths_fail_clearly() {
     failing_backup(&mut setup, "unreachable").await;
 }
 
+/// Lock files of a local repository; a `-tmp-` file is one restic is still writing, not a lock.
+fn lock_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| d.filter_map(Result::ok).filter(|e| !e.file_name().to_string_lossy().contains("-tmp-")).count())
+        .unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lock_left_by_a_killed_executor_is_healed_by_the_next_session() {
     use std::os::unix::process::CommandExt;
@@ -490,14 +497,14 @@ async fn a_lock_left_by_a_killed_executor_is_healed_by_the_next_session() {
     let mut child = setup.node.command(&args, "killed-x7k2p").process_group(0).spawn().expect("backup-job starts");
     let locks = repo.path().join("locks");
     let start = Instant::now();
-    while std::fs::read_dir(&locks).map(|d| d.count()).unwrap_or(0) == 0 {
+    while lock_files(&locks) == 0 {
         assert!(start.elapsed() < Duration::from_secs(60), "restic never took a lock");
         std::thread::sleep(Duration::from_millis(20));
     }
     let pgid = i32::try_from(child.id()).expect("pid");
     assert!(Command::new("kill").args(["-KILL", "--", &format!("-{pgid}")]).status().expect("kill").success());
     let _ = child.wait();
-    assert_eq!(std::fs::read_dir(&locks).expect("locks").count(), 1, "the killed restic left its lock");
+    assert_eq!(lock_files(&locks), 1, "the killed restic left its lock");
     let sessions = setup.ns.api::<BackupSession>();
     let failed =
         fixtures::session_phase(&sessions, &kube::ResourceExt::name_any(&first), BackupSessionPhase::Failed).await;
@@ -511,7 +518,7 @@ async fn a_lock_left_by_a_killed_executor_is_healed_by_the_next_session() {
     // the next session succeeds.
     let next = setup.back_up().await;
     assert_eq!(next.status.and_then(|s| s.phase), Some(BackupSessionPhase::Succeeded));
-    assert_eq!(std::fs::read_dir(&locks).expect("locks").count(), 0, "no lock left");
+    assert_eq!(lock_files(&locks), 0, "no lock left");
     let events = setup.ns.api::<k8s_openapi::api::events::v1::Event>();
     let healed = events.list(&Default::default()).await.expect("events").items;
     let note = healed
@@ -706,4 +713,63 @@ async fn same_named_batches_of_two_namespaces_restore_their_own_data() {
     let page = std::fs::read_to_string(restored.path().join("stash-data/uploads/index.html")).expect("restored");
     assert_eq!(page, "<h1>prod</h1>", "prod restores prod's data");
     assert_eq!(restore.status.and_then(|s| s.restored_session), Some(kube::ResourceExt::name_any(&prod_session)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_lock_of_a_pod_named_host_of_elsewhere_is_never_removed() {
+    // H3: a restic of another namespace (or cluster) holds a lock under a Pod-shaped host name that
+    // is no Pod of this namespace. Ours must keep it, and so must not check or prune beside it.
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut setup = Setup::new("foreign-lock", Backend::Local(repo.path())).await;
+    let member = setup.pvc_member().await;
+    setup.batch(vec![member], json!({})).await;
+    let repo_arg = repo.path().to_string_lossy().into_owned();
+    setup.restic(&["-r", &repo_arg, "init"]);
+    let holder = format!(
+        "hostname app-7d9f8c-x2k4q && exec {} -r {repo_arg} backup --stdin --stdin-filename held.bin",
+        backends::restic().display()
+    );
+    // A pipe kept open: restic waits on stdin and holds its lock (and refreshes it) until dropped.
+    let child = Command::new("unshare")
+        .args(["--uts", "sh", "-c", &holder])
+        .envs(setup.secret.iter())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the holder starts");
+    let _holder = support::executors::KilledOnDrop(child);
+    // Asked of restic, not read from the directory: a lock being written is a temporary file first.
+    // The test ends before restic's first refresh (5 minutes), which would give the lock a new id.
+    let list_locks = |setup: &Setup| setup.restic(&["-r", &repo_arg, "list", "locks", "--no-lock"]);
+    let start = Instant::now();
+    let mut held = list_locks(&setup);
+    while held.trim().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(30), "the holder never took a lock");
+        std::thread::sleep(Duration::from_millis(50));
+        held = list_locks(&setup);
+    }
+    let held = held.trim().to_string();
+    let content = setup.restic(&["-r", &repo_arg, "cat", "lock", &held, "--no-lock"]);
+    assert!(content.contains("app-7d9f8c-x2k4q"), "{content}");
+
+    let session = setup.back_up().await;
+    assert!(list_locks(&setup).lines().any(|id| id == held), "the live lock was removed");
+    let events = setup.ns.api::<k8s_openapi::api::events::v1::Event>();
+    let removed: Vec<_> = events
+        .list(&Default::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("StaleLockRemoved"))
+        .filter_map(|e| e.note)
+        .collect();
+    assert!(removed.is_empty(), "{removed:?}");
+    // The backup shares the repository with the holder; the check (an exclusive lock) does not run.
+    let status = session.status.expect("status");
+    assert_eq!(status.phase, Some(BackupSessionPhase::Succeeded), "{status:?}");
+    let finalized = status.conditions.iter().find(|c| c.type_ == "SessionFinalized").expect("finalized");
+    assert_eq!(finalized.status, stash::api::common::ConditionStatus::False, "{finalized:?}");
+    assert!(finalized.message.as_deref().unwrap_or_default().contains("locked"), "{finalized:?}");
 }

@@ -6,7 +6,6 @@ use crate::api::BackupSession;
 use crate::api::backup_batch::BackupTarget;
 use crate::api::repository::Repository;
 use crate::restic::{BackupOutcome, BackupRequest, Restic};
-use std::time::Duration;
 
 /// One host's backup of `paths` of a member.
 pub struct FileBackup<'a> {
@@ -22,12 +21,7 @@ pub struct FileBackup<'a> {
 impl FileBackup<'_> {
     /// Checks the paths, heals stale locks, then runs `restic backup`. Unreadable files fail the host:
     /// a partial snapshot is not a backup to count on.
-    pub async fn run(
-        &self,
-        executor: &Executor,
-        restic: &Restic,
-        max_lock_age: Duration,
-    ) -> Result<BackupOutcome, AgentError> {
+    pub async fn run(&self, executor: &Executor, restic: &Restic) -> Result<BackupOutcome, AgentError> {
         let root = &executor.settings.path_root;
         for path in &self.paths {
             if !root.join(path.trim_start_matches('/')).exists() {
@@ -35,7 +29,7 @@ impl FileBackup<'_> {
             }
         }
         executor.ensure_repository(restic, self.repository).await?;
-        locks::heal(executor, restic, self.session, max_lock_age).await?;
+        locks::heal(executor, restic, self.session).await?;
         let request = BackupRequest {
             root: root.clone(),
             paths: self.paths.clone(),

@@ -20,7 +20,6 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 pub const MANIFEST_WRITTEN: &str = "ManifestWritten";
 pub const RETENTION_APPLIED: &str = "RetentionPolicyApplied";
@@ -74,7 +73,7 @@ async fn finalize(
     let batch = session.spec.invoker.name.clone();
     let name = session.name_any();
     let mut outcome = Outcome { conditions: Vec::new() };
-    locks::heal(executor, restic, session, Duration::from_secs(3600)).await?;
+    locks::heal(executor, restic, session).await?;
 
     let snapshots = restic.snapshots(&[format!("batch={batch}")]).await?;
     let already = snapshots.iter().find(|s| {

@@ -79,12 +79,11 @@ async fn back_up(
 ) -> Result<(String, BackupOutcome), AgentError> {
     let repository = executor.repository(&batch.spec.repository).await?;
     let restic = executor.restic(&repository).await?;
-    let max_lock_age = time_left(session).max(Duration::from_secs(60));
     if job.kind == DATABASE_KIND {
         let engine = Engine::from_task(member.task.as_ref().map(|t| t.name.as_str()));
         let connection = Connection::from_secret(engine, SecretValues::read_dir(&job.database_secret_dir)?)?;
         executor.ensure_repository(&restic, &repository).await?;
-        locks::heal(executor, &restic, session, max_lock_age).await?;
+        locks::heal(executor, &restic, session).await?;
         let tags = session_tags(session, &batch.name_any(), host);
         let outcome = connection.backup(&restic, host, &tags).await?;
         return Ok((format!("/{}", connection.dump_filename()), outcome));
@@ -105,7 +104,7 @@ async fn back_up(
         host,
         paths: paths.clone(),
     };
-    let outcome = backup.run(executor, &restic, max_lock_age).await?;
+    let outcome = backup.run(executor, &restic).await?;
     Ok((paths.join(","), outcome))
 }
 

@@ -1,121 +1,277 @@
-//! Stale restic locks heal themselves, but only when provably stale: the lock's process is gone from
-//! this host, the Pod it names no longer exists, or it was not refreshed for longer than the session
-//! may last. A live restic refreshes its lock every 5 minutes, so a live lock is never removed.
+//! Stale restic locks heal themselves, but only when provably stale by evidence this cluster owns
+//! (DESIGN §6b, invariant 3). A lock is removed when
+//! (a) it names this very host and its process is gone here, or its pid now belongs to a process
+//!     started after the lock was written (the pid was reused);
+//! (b) its host is a Pod this namespace recorded as a lock holder (name and uid), and that Pod is gone;
+//! (c) it is shared and was not refreshed for restic's 30 minutes, by the repository's own clock.
+//! An exclusive lock is removed only by (a) or (b). The time a holder writes into its lock is never
+//! compared with our clock: the holder's clock may be skewed. `restic unlock` reads exactly that
+//! clock, so it runs only when every lock it would remove is one we proved stale.
 
-use super::executor::{Executor, own_hostname};
+use super::executor::{AgentError, Executor, own_hostname};
+use crate::restic::Restic;
 use crate::restic::output::Lock;
-use crate::restic::{Restic, ResticError};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::jiff::Timestamp;
-use kube::Resource;
-use std::path::Path;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::PostParams;
+use kube::{Resource, ResourceExt};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-/// restic refreshes a held lock this often; an older lock time means no live holder refreshed it.
-const REFRESH_INTERVAL: Duration = Duration::from_secs(5 * 60);
-/// restic itself calls a lock stale after this long, and `restic unlock` removes it.
+/// restic refreshes a held lock every 5 minutes (a new lock file) and calls it stale after this.
 const RESTIC_STALE_AFTER: Duration = Duration::from_secs(30 * 60);
+/// A process start read from /proc (boot time in whole seconds plus clock ticks) may look this
+/// much later than the lock its holder wrote right after starting.
+const START_SLACK: SignedDuration = SignedDuration::from_secs(2);
+/// One Lease per executor host name: the evidence for rule (b). Named after the kernel host name,
+/// which is all restic records.
+const RECORD_PREFIX: &str = "stash-lock-holder-";
+const POD_NAME_ANNOTATION: &str = "stash.appscode.com/pod-name";
+const POD_UID_ANNOTATION: &str = "stash.appscode.com/pod-uid";
+/// The kernel's `USER_HZ`, the unit of /proc/<pid>/stat start times: 100 on every Linux ABI we ship.
+const CLOCK_TICKS_PER_SECOND: u64 = 100;
+
+/// The lock's pid on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Process {
+    Gone,
+    /// Alive, started then (this host's clock, as the holder's lock time is).
+    Since(Timestamp),
+    /// Alive, start unknown.
+    Running,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Host {
+    /// The lock names this very host (same kernel host name).
+    This(Process),
+    /// Another host: `Some(proof)` when it is a Pod this namespace recorded and that Pod is gone.
+    Other { pod_gone: Option<String> },
+}
+
+/// What the healer observed about one lock, besides its content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Evidence {
+    pub(crate) host: Host,
+    /// When the lock file was written, by the repository's clock (local directories only).
+    pub(crate) written: Option<Timestamp>,
+}
 
 #[derive(Debug, PartialEq, Eq)]
-pub enum Staleness {
+pub(crate) enum Staleness {
     Live,
-    /// Same host, the process is gone: restic's own rule, so `restic unlock` removes it.
     ProcessGone,
-    /// Older than restic's 30 minutes: `restic unlock` removes it too.
-    Expired,
-    /// The Pod that held it is gone, or it is older than the session may last: only we know.
-    Abandoned(String),
+    PidReused,
+    PodGone(String),
+    NotRefreshed(Duration),
 }
 
-/// Judges one lock. `pod_exists` answers for lock host names that look like Pod names.
-pub fn judge(
-    lock: &Lock,
-    age: Duration,
-    own_host: &str,
-    pid_alive: bool,
-    pod_gone: bool,
-    max_age: Duration,
-) -> Staleness {
-    if lock.hostname == own_host {
-        if !pid_alive {
-            return Staleness::ProcessGone;
+impl Staleness {
+    /// Why the lock may go, for the Event; None for a live lock.
+    fn why(&self) -> Option<String> {
+        match self {
+            Staleness::Live => None,
+            Staleness::ProcessGone => Some("its process is gone".into()),
+            Staleness::PidReused => Some("its process is gone (its pid belongs to a newer process)".into()),
+            Staleness::PodGone(proof) => Some(proof.clone()),
+            Staleness::NotRefreshed(age) => Some(format!(
+                "not refreshed for {}s by the repository's clock, longer than restic's 30 minutes",
+                age.as_secs()
+            )),
         }
+    }
+}
+
+/// Judges one lock; `now` is the repository's clock, None where the backend does not tell it.
+pub(crate) fn judge(now: Option<Timestamp>, lock: &Lock, evidence: &Evidence) -> Staleness {
+    match &evidence.host {
+        Host::This(Process::Gone) => return Staleness::ProcessGone,
+        Host::This(Process::Since(started)) => {
+            // restic starts before it writes its lock (both by this host's clock); a process
+            // started later holds a reused pid.
+            let written = lock.time.parse::<Timestamp>().ok();
+            let reused = written.is_some_and(|w| started.duration_since(w) > START_SLACK);
+            return if reused { Staleness::PidReused } else { Staleness::Live };
+        }
+        Host::This(Process::Running) => return Staleness::Live,
+        Host::Other { pod_gone: Some(proof) } => return Staleness::PodGone(proof.clone()),
+        Host::Other { pod_gone: None } => {}
+    }
+    if lock.exclusive {
         return Staleness::Live;
     }
-    if age > RESTIC_STALE_AFTER {
-        return Staleness::Expired;
+    let age = now.zip(evidence.written).and_then(|(now, written)| Duration::try_from(now.duration_since(written)).ok());
+    match age {
+        Some(age) if age > RESTIC_STALE_AFTER => Staleness::NotRefreshed(age),
+        _ => Staleness::Live,
     }
-    if pod_gone {
-        return Staleness::Abandoned(format!("its Pod {} no longer exists", lock.hostname));
-    }
-    if age > max_age.max(REFRESH_INTERVAL * 2) {
-        return Staleness::Abandoned(format!("not refreshed for {}s, longer than a session may last", age.as_secs()));
-    }
-    Staleness::Live
 }
 
-/// Host names of Pods made by a controller end in `-` and five characters of [a-z0-9]; only those
-/// are looked up, so a lock held from someone's workstation is never mistaken for a dead Pod's.
-fn looks_like_pod(hostname: &str) -> bool {
-    hostname.rsplit_once('-').is_some_and(|(head, tail)| {
-        !head.is_empty() && tail.len() == 5 && tail.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    })
+/// What `restic unlock` removes by its own rule: the holder's time more than 30 minutes behind our
+/// clock, or this host with no such process.
+fn restic_calls_stale(lock: &Lock, local_now: Timestamp, host: &Host) -> bool {
+    let old = lock
+        .time
+        .parse::<Timestamp>()
+        .ok()
+        .and_then(|t| Duration::try_from(local_now.duration_since(t)).ok())
+        .is_some_and(|age| age > RESTIC_STALE_AFTER);
+    old || *host == Host::This(Process::Gone)
 }
 
-fn pid_alive(pid: i64) -> bool {
-    pid > 0 && Path::new("/proc").join(pid.to_string()).exists()
+/// A process's start from its /proc/<pid>/stat line and the boot time (seconds since the epoch).
+fn started_at(stat: &str, boot_secs: i64) -> Option<Timestamp> {
+    // The command name may hold spaces and parentheses; fields resume after the last ')'.
+    let (_, rest) = stat.rsplit_once(')')?;
+    // Field 22 (starttime); `rest` begins with field 3.
+    let ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    let millis = i64::try_from(ticks.checked_mul(1000)? / CLOCK_TICKS_PER_SECOND).ok()?;
+    Timestamp::from_millisecond(boot_secs.checked_mul(1000)?.checked_add(millis)?).ok()
 }
 
-/// Removes the provably stale locks of the repository before a backup, with an Event on `about`
-/// naming each. Returns the ids removed.
-pub async fn heal<K: Resource<DynamicType = ()>>(
+fn process(pid: i64) -> Process {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return if pid > 0 && std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            Process::Running
+        } else {
+            Process::Gone
+        };
+    };
+    let boot = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|b| b.trim().parse::<i64>().ok()));
+    boot.and_then(|b| started_at(&stat, b)).map_or(Process::Running, Process::Since)
+}
+
+/// Pod host names are DNS labels; anything else is no Pod and is never looked up.
+fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// Records this Pod (name and uid) as a lock holder under its host name, before its restic takes
+/// any lock, so that healers of this namespace can prove its locks abandoned once the Pod is gone.
+/// Owned by `about` (the session), so records go with the session history. Outside a Pod (no
+/// readable Pod object) nothing is recorded and rule (b) never applies to our locks.
+async fn record_holder<K: Resource<DynamicType = ()>>(executor: &Executor, about: &K) -> Result<(), AgentError> {
+    let Some(pod_name) = executor.settings.pod_name.clone() else { return Ok(()) };
+    let host = own_hostname();
+    let Some(pod) = executor.api::<Pod>().get_opt(&pod_name).await? else { return Ok(()) };
+    let (Some(uid), true) = (pod.uid(), is_dns_label(&host)) else { return Ok(()) };
+    let owner = about.meta().uid.clone().map(|uid| OwnerReference {
+        api_version: K::api_version(&()).into_owned(),
+        kind: K::kind(&()).into_owned(),
+        name: about.meta().name.clone().unwrap_or_default(),
+        uid,
+        ..OwnerReference::default()
+    });
+    let leases = executor.api::<Lease>();
+    let name = format!("{RECORD_PREFIX}{host}");
+    let mut record = Lease {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            annotations: Some(BTreeMap::from([
+                (POD_NAME_ANNOTATION.to_string(), pod_name.clone()),
+                (POD_UID_ANNOTATION.to_string(), uid),
+            ])),
+            owner_references: owner.map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(LeaseSpec { holder_identity: Some(pod_name), ..LeaseSpec::default() }),
+    };
+    match leases.get_opt(&name).await? {
+        None => leases.create(&PostParams::default(), &record).await.map(drop)?,
+        Some(existing) => {
+            record.metadata.resource_version = existing.metadata.resource_version;
+            leases.replace(&name, &PostParams::default(), &record).await.map(drop)?;
+        }
+    }
+    Ok(())
+}
+
+/// `Some(proof)` when `host` is a Pod this namespace recorded and no Pod of that name and uid exists.
+/// Any doubt (no record, an API error) proves nothing.
+async fn recorded_pod_gone(executor: &Executor, host: &str) -> Option<String> {
+    if !is_dns_label(host) {
+        return None;
+    }
+    let record = executor.api::<Lease>().get_opt(&format!("{RECORD_PREFIX}{host}")).await.ok()??;
+    let annotations = record.metadata.annotations?;
+    let (name, uid) = (annotations.get(POD_NAME_ANNOTATION)?, annotations.get(POD_UID_ANNOTATION)?);
+    let current = executor.api::<Pod>().get_opt(name).await.ok()?;
+    if current.as_ref().and_then(|p| p.uid()).as_ref() == Some(uid) {
+        return None;
+    }
+    Some(format!("its Pod {}/{name} (uid {uid}) no longer exists", executor.namespace()))
+}
+
+/// Removes the provably stale locks of the repository before a backup or finalize, with an Event
+/// on `about` naming each. Returns the ids removed.
+pub(crate) async fn heal<K: Resource<DynamicType = ()>>(
     executor: &Executor,
     restic: &Restic,
     about: &K,
-    max_age: Duration,
-) -> Result<Vec<String>, ResticError> {
+) -> Result<Vec<String>, AgentError> {
+    record_holder(executor, about).await?;
     let locks = restic.locks().await?;
     if locks.is_empty() {
         return Ok(Vec::new());
     }
     let own_host = own_hostname();
-    let pods = executor.api::<Pod>();
-    let now = Timestamp::now();
-    let mut restic_removes = Vec::new();
+    let now = restic.clock().and_then(|t| Timestamp::try_from(t).ok());
+    let local_now = Timestamp::now();
     let mut removed = Vec::new();
+    let mut for_restic = Vec::new();
+    let mut unlock_safe = true;
     for (id, lock) in locks {
-        let age: Duration =
-            lock.time.parse::<Timestamp>().ok().and_then(|t| now.duration_since(t).try_into().ok()).unwrap_or_default();
-        let pod_gone = lock.hostname != own_host
-            && looks_like_pod(&lock.hostname)
-            && matches!(pods.get_opt(&lock.hostname).await, Ok(None));
+        let host = if lock.hostname == own_host {
+            Host::This(process(lock.pid))
+        } else {
+            Host::Other { pod_gone: recorded_pod_gone(executor, &lock.hostname).await }
+        };
+        let evidence = Evidence { host, written: restic.lock_written(&id).and_then(|t| Timestamp::try_from(t).ok()) };
+        let restic_would = restic_calls_stale(&lock, local_now, &evidence.host);
         let short = &id[..id.len().min(8)];
-        let holder = format!("lock {short} (host {}, pid {}, {}s old)", lock.hostname, lock.pid, age.as_secs());
-        match judge(&lock, age, &own_host, pid_alive(lock.pid), pod_gone, max_age) {
-            Staleness::Live => {}
-            Staleness::ProcessGone => restic_removes.push((id, format!("{holder}: its process is gone"))),
-            Staleness::Expired => restic_removes.push((id, format!("{holder}: not refreshed for 30 minutes"))),
-            Staleness::Abandoned(why) => {
-                if restic.remove_lock(&id).await {
-                    executor
-                        .event(about, true, "StaleLockRemoved", format!("removed stale restic {holder}: {why}"))
-                        .await;
-                    removed.push(id);
-                } else {
-                    let note = format!(
-                        "restic {holder} looks stale ({why}) but this backend's locks can only be removed by \
-                         restic, after 30 minutes without refresh"
-                    );
-                    executor.event(about, true, "StaleLockKept", note).await;
-                }
+        let kind = if lock.exclusive { "exclusive" } else { "shared" };
+        let holder = format!("{kind} lock {short} (host {}, pid {})", lock.hostname, lock.pid);
+        match judge(now, &lock, &evidence).why() {
+            None => unlock_safe &= !restic_would,
+            Some(why) if restic.remove_lock(&id).await => {
+                let note = format!("removed stale restic {holder}: {why}");
+                executor.event(about, true, "StaleLockRemoved", note).await;
+                removed.push(id);
+            }
+            Some(why) if restic_would => for_restic.push((id, holder, why)),
+            Some(why) => {
+                let note = format!(
+                    "restic {holder} is stale ({why}) but this backend's locks can only be removed by \
+                     `restic unlock`, which does not consider it stale yet"
+                );
+                executor.event(about, true, "StaleLockKept", note).await;
             }
         }
     }
-    if !restic_removes.is_empty() {
+    if for_restic.is_empty() {
+        return Ok(removed);
+    }
+    if unlock_safe {
         restic.unlock_stale().await?;
-        for (id, note) in restic_removes {
-            executor.event(about, true, "StaleLockRemoved", format!("removed stale restic {note}")).await;
+    }
+    for (id, holder, why) in for_restic {
+        if unlock_safe {
+            executor.event(about, true, "StaleLockRemoved", format!("removed stale restic {holder}: {why}")).await;
             removed.push(id);
+        } else {
+            let note = format!(
+                "restic {holder} is stale ({why}) but kept: `restic unlock` would also remove a lock \
+                 not proven stale, and this backend's locks can only be removed by restic"
+            );
+            executor.event(about, true, "StaleLockKept", note).await;
         }
     }
     Ok(removed)
@@ -125,29 +281,88 @@ pub async fn heal<K: Resource<DynamicType = ()>>(
 mod tests {
     use super::*;
 
-    fn lock(host: &str) -> Lock {
-        Lock { time: "2026-11-25T07:00:00Z".into(), exclusive: false, hostname: host.into(), pid: 42 }
+    const T: &str = "2026-11-25T07:00:00Z";
+
+    fn at(offset_secs: i64) -> Timestamp {
+        T.parse::<Timestamp>().expect("time") + SignedDuration::from_secs(offset_secs)
+    }
+
+    fn lock(host: &str, exclusive: bool) -> Lock {
+        Lock { time: T.into(), exclusive, hostname: host.into(), pid: 42 }
+    }
+
+    fn here(process: Process) -> Evidence {
+        Evidence { host: Host::This(process), written: Some(at(0)) }
+    }
+
+    /// Another host, its lock file written `written` seconds after T by the repository's clock.
+    fn elsewhere(pod_gone: bool, written: Option<i64>) -> Evidence {
+        let pod_gone = pod_gone.then(|| "its Pod ns/app-7d9f8c-x2k4q (uid u) no longer exists".to_string());
+        Evidence { host: Host::Other { pod_gone }, written: written.map(at) }
     }
 
     #[test]
     fn only_provably_stale_locks_are_stale() {
-        let hour = Duration::from_secs(3600);
-        let minute = Duration::from_secs(60);
-        assert_eq!(judge(&lock("me"), minute, "me", false, false, hour), Staleness::ProcessGone);
-        assert_eq!(judge(&lock("me"), hour * 2, "me", true, false, hour), Staleness::Live);
-        assert_eq!(judge(&lock("app-7d9f8-x2k4q"), minute, "me", true, false, hour), Staleness::Live);
-        assert!(matches!(judge(&lock("app-7d9f8-x2k4q"), minute, "me", true, true, hour), Staleness::Abandoned(_)));
-        assert_eq!(judge(&lock("laptop"), hour, "me", true, false, hour * 2), Staleness::Expired);
-        // A short session deadline never undercuts restic's refresh interval.
-        assert_eq!(judge(&lock("laptop"), minute * 8, "me", true, false, minute), Staleness::Live);
-        assert!(matches!(judge(&lock("laptop"), minute * 11, "me", true, false, minute), Staleness::Abandoned(_)));
+        let (hour, day) = (3600, 86_400);
+        let pod = "app-7d9f8c-x2k4q";
+        // (a) this host: the process is gone, or its pid now belongs to a process started later.
+        assert_eq!(judge(None, &lock("me", true), &here(Process::Gone)), Staleness::ProcessGone);
+        assert_eq!(judge(None, &lock("me", false), &here(Process::Since(at(600)))), Staleness::PidReused);
+        assert_eq!(judge(None, &lock("me", true), &here(Process::Since(at(-60)))), Staleness::Live);
+        assert_eq!(judge(None, &lock("me", true), &here(Process::Since(at(1)))), Staleness::Live);
+        assert_eq!(judge(None, &lock("me", true), &here(Process::Running)), Staleness::Live);
+        assert_eq!(judge(Some(at(day)), &lock("me", false), &here(Process::Since(at(-60)))), Staleness::Live);
+        // (b) a Pod this namespace recorded is gone: exclusive locks too.
+        assert!(matches!(judge(None, &lock(pod, true), &elsewhere(true, None)), Staleness::PodGone(_)));
+        // A Pod-named host this namespace never recorded (another namespace, cluster): kept at any age.
+        assert_eq!(judge(Some(at(day)), &lock(pod, false), &elsewhere(false, Some(day - 60))), Staleness::Live);
+        assert_eq!(judge(None, &lock(pod, true), &elsewhere(false, None)), Staleness::Live);
+        // (c) shared and not refreshed for 30 minutes by the repository's clock.
+        assert_eq!(
+            judge(Some(at(hour)), &lock(pod, false), &elsewhere(false, Some(0))),
+            Staleness::NotRefreshed(Duration::from_secs(3600))
+        );
+        assert_eq!(judge(Some(at(20 * 60)), &lock(pod, false), &elsewhere(false, Some(0))), Staleness::Live);
+        // An exclusive lock is never removed by age.
+        assert_eq!(judge(Some(at(day)), &lock(pod, true), &elsewhere(false, Some(0))), Staleness::Live);
+        // No repository clock (REST, S3): age proves nothing.
+        assert_eq!(judge(None, &lock(pod, false), &elsewhere(false, Some(0))), Staleness::Live);
     }
 
     #[test]
-    fn pod_names_are_recognised() {
-        assert!(looks_like_pod("app-7d9f8c-x2k4q"));
-        assert!(looks_like_pod("app-1764043200-0-abcde"));
-        assert!(!looks_like_pod("workstation"));
-        assert!(!looks_like_pod("db-0"));
+    fn the_holders_clock_does_not_decide() {
+        let pod = "app-7d9f8c-x2k4q";
+        let mut past = lock(pod, false);
+        past.time = "2016-01-01T00:00:00Z".into();
+        let mut future = lock(pod, false);
+        future.time = "2036-01-01T00:00:00Z".into();
+        // Written a minute ago by the repository's clock: live, whatever time the holder wrote.
+        assert_eq!(judge(Some(at(60)), &past, &elsewhere(false, Some(0))), Staleness::Live);
+        // Written two hours ago: not refreshed, though the holder's time says the future.
+        assert!(matches!(judge(Some(at(7200)), &future, &elsewhere(false, Some(0))), Staleness::NotRefreshed(_)));
+        // restic's own rule reads the holder's time, so `restic unlock` would remove `past`.
+        assert!(restic_calls_stale(&past, at(60), &Host::Other { pod_gone: None }));
+        assert!(!restic_calls_stale(&future, at(60), &Host::Other { pod_gone: None }));
+        assert!(restic_calls_stale(&lock("me", false), at(60), &Host::This(Process::Gone)));
+    }
+
+    #[test]
+    fn process_start_is_read_from_proc() {
+        let stat = "1234 (re stic) S 1 1234 1234 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 8 0 250 0 0";
+        assert_eq!(
+            started_at(stat, 1_700_000_000),
+            Some(Timestamp::from_second(1_700_000_002).expect("t") + SignedDuration::from_millis(500))
+        );
+        assert_eq!(started_at("garbage", 0), None);
+        assert!(matches!(process(i64::from(std::process::id())), Process::Since(_)));
+        assert_eq!(process(0), Process::Gone);
+    }
+
+    #[test]
+    fn only_dns_labels_are_looked_up() {
+        assert!(is_dns_label("app-7d9f8c-x2k4q"));
+        assert!(is_dns_label("db-0"));
+        assert!(!is_dns_label("Workstation.local"));
+        assert!(!is_dns_label(""));
     }
 }

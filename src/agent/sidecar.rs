@@ -107,7 +107,7 @@ async fn take_turn(executor: &Executor, target: &SidecarTarget, session: &Backup
                 }
                 let restic = executor.restic(&repository).await?;
                 run_hook(member.hooks.as_ref().and_then(|h| h.pre_backup.as_ref()), "pre-backup").await?;
-                let outcome = backup.run(executor, &restic, limit.max(Duration::from_secs(60))).await;
+                let outcome = backup.run(executor, &restic).await;
                 if let Some(post) = member.hooks.as_ref().and_then(|h| h.post_backup.as_ref()) {
                     let succeeded = outcome.is_ok();
                     if crate::controller::hooks::post_hook_applies(post.execution_policy, succeeded, false) {

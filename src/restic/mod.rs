@@ -374,6 +374,21 @@ impl Restic {
         Ok(locks)
     }
 
+    /// The repository's clock, for a local directory: the mtime of a file written there now. None
+    /// elsewhere: restic reports only the time a holder wrote into its lock, by the holder's clock.
+    pub fn clock(&self) -> Option<std::time::SystemTime> {
+        let dir = self.location.local_dir.as_ref()?;
+        let probe = tempfile::Builder::new().prefix(".stash-clock-").tempfile_in(dir).ok()?;
+        probe.as_file().metadata().ok()?.modified().ok()
+    }
+
+    /// When lock `id` was last written, by the repository's clock (local directories only). restic
+    /// refreshes a lock by writing a new lock file, so this is its last refresh.
+    pub fn lock_written(&self, id: &str) -> Option<std::time::SystemTime> {
+        let dir = self.location.local_dir.as_ref()?;
+        std::fs::metadata(dir.join("locks").join(id)).ok()?.modified().ok()
+    }
+
     /// Deletes one lock file where the backend allows it without restic — a local directory, or a
     /// REST server (`DELETE /locks/<id>`); false where only restic can (after 30 minutes).
     pub async fn remove_lock(&self, id: &str) -> bool {
