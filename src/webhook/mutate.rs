@@ -4,6 +4,7 @@ use super::decision::{Catalog, Decision};
 use super::review::{ReviewRequestEnvelope, ReviewResponse, UidOnly};
 use super::sidecar::{SIDECAR_NAME, injection_patch};
 use crate::metrics::AdmissionOperation;
+use kube::ResourceExt;
 
 /// A request the webhook cannot read at all: answered with HTTP 400.
 #[derive(Debug, thiserror::Error)]
@@ -57,11 +58,21 @@ impl Mutator {
                     verdict: Verdict::Mutated,
                     review: ReviewResponse::patch(request.uid, patch),
                 }),
-                Err(err) => Err(BadReview::Malformed(err)),
+                // Admitted unchanged rather than invalid: the controller counts the Pod as one
+                // without the sidecar, and whoever created it sees why.
+                Err(reason) => {
+                    let batch = injection.batch.name_any();
+                    tracing::warn!(%namespace, %batch, %reason, "Pod targeted but not injected");
+                    let warning = format!("stash: sidecar of BackupBatch {batch} not injected: {reason}");
+                    Ok(unchanged(ReviewResponse::allow(request.uid).with_warning(warning)))
+                }
             },
             Decision::RepositoryUnknown { batch } => {
                 tracing::warn!(%namespace, %batch, "Pod targeted but its Repository is unknown or not usable here; not injected");
-                Ok(unchanged(ReviewResponse::allow(request.uid)))
+                let warning = format!(
+                    "stash: sidecar of BackupBatch {batch} not injected: its Repository is unknown or not usable from this namespace"
+                );
+                Ok(unchanged(ReviewResponse::allow(request.uid).with_warning(warning)))
             }
             Decision::NotTargeted | Decision::AlreadyInjected => Ok(unchanged(ReviewResponse::allow(request.uid))),
         }

@@ -2,11 +2,12 @@
 
 use super::decision::Catalog;
 use super::mutate::{BadReview, Mutator, Verdict};
-use super::sidecar::{BATCH_ANNOTATION, SIDECAR_NAME};
+use super::sidecar::{BATCH_ANNOTATION, SIDECAR_NAME, executor_container};
+use crate::api::common::ContainerRuntimeSettings;
 use crate::api::{BackupBatch, Repository};
 use base64::Engine;
 use k8s_openapi::api::apps::v1::ReplicaSet;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, SecurityContext};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher::Event;
@@ -42,7 +43,7 @@ pub(super) fn catalog(with_repository: bool) -> Catalog {
 }
 
 /// A catalog whose Repository (when given) has `backend`.
-fn catalog_with_backend(backend: Option<Value>) -> Catalog {
+pub(super) fn catalog_with_backend(backend: Option<Value>) -> Catalog {
     let repository = backend.map(|backend| repository("demo", backend, Value::Null));
     catalog_naming(json!({"name": "repo"}), repository)
 }
@@ -117,7 +118,7 @@ fn pod(owner: Option<(&str, &str, &str)>) -> Value {
     pod
 }
 
-fn review(operation: &str, object: &Value, dry_run: bool) -> Vec<u8> {
+pub(super) fn review(operation: &str, object: &Value, dry_run: bool) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
         "request": {
@@ -320,4 +321,75 @@ fn malformed_bodies_are_bad_requests() {
     }
     let old = br#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview","request":{"uid":"1"}}"#;
     assert!(matches!(mutator.review(old), Err(BadReview::Version(_))));
+}
+
+/// The warnings of the answer to `object`.
+fn warnings(mutator: &Mutator, object: &Value) -> Vec<String> {
+    let reviewed = mutator.review(&review("CREATE", object, false)).expect("a readable review");
+    reviewed.review.warnings
+}
+
+#[test]
+fn a_pod_that_already_has_our_volume_names_gets_free_ones() {
+    let backend = json!({"local": {"mountPath": "/repo", "persistentVolumeClaim": {"claimName": "repo-pvc"}}});
+    let mutator = Mutator { catalog: catalog_with_backend(Some(backend)), sidecar_image: IMAGE.into() };
+    let mut object = pod(Some(("apps/v1", "StatefulSet", "db")));
+    let theirs = json!([{"name": "data", "emptyDir": {}}, {"name": "stash-tmp-dir", "emptyDir": {}},
+                        {"name": "stash-repository-secret", "emptyDir": {}}, {"name": "stash-repository", "emptyDir": {}}]);
+    object["spec"]["volumes"] = theirs.clone();
+    let patched = answer(&mutator, "CREATE", &object, false).expect("injected");
+    let spec = patched.spec.expect("spec");
+    let volumes = spec.volumes.expect("volumes");
+    let names: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
+    let mut unique = names.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), names.len(), "volume names are unique: {names:?}");
+    assert_eq!(serde_json::to_value(&volumes[..4]).expect("JSON"), theirs, "the Pod's own volumes are untouched");
+    let sidecar = spec.containers.iter().find(|c| c.name == SIDECAR_NAME).expect("sidecar");
+    let volume_at = |path: &str| {
+        let mount = sidecar.volume_mounts.iter().flatten().find(|m| m.mount_path == path).expect("mounted");
+        volumes.iter().find(|v| v.name == mount.name).expect("the mount's volume")
+    };
+    assert!(volume_at("/tmp").empty_dir.as_ref().is_some_and(|e| e.medium.as_deref() == Some("Memory")), "our tmp");
+    assert!(volume_at("/etc/stash/repository/secret").secret.is_some(), "our Secret");
+    assert!(volume_at("/repo").persistent_volume_claim.is_some(), "our repository");
+}
+
+#[test]
+fn a_member_mount_at_the_repository_mount_path_is_not_injected_but_warned_about() {
+    let backend = json!({"local": {"mountPath": "/data", "persistentVolumeClaim": {"claimName": "repo-pvc"}}});
+    let mutator = Mutator { catalog: catalog_with_backend(Some(backend)), sidecar_image: IMAGE.into() };
+    let object = pod(Some(("apps/v1", "StatefulSet", "db")));
+    assert!(answer(&mutator, "CREATE", &object, false).is_none(), "no patch that mounts /data twice");
+    let warnings = warnings(&mutator, &object);
+    assert!(warnings.iter().any(|w| w.contains("/data") && w.contains("not injected")), "{warnings:?}");
+}
+
+#[test]
+fn the_sidecar_is_restricted_pod_security_compliant_by_default() {
+    let patched =
+        answer(&mutator(true), "CREATE", &pod(Some(("apps/v1", "StatefulSet", "db"))), false).expect("injected");
+    let spec = patched.spec.expect("spec");
+    let sidecar = spec.containers.iter().find(|c| c.name == SIDECAR_NAME).expect("sidecar");
+    assert_restricted(sidecar.security_context.as_ref());
+}
+
+/// What Pod Security `restricted` asks of a container that the Pod does not provide.
+pub(super) fn assert_restricted(context: Option<&SecurityContext>) {
+    let context = context.expect("a securityContext");
+    assert_eq!(context.allow_privilege_escalation, Some(false));
+    assert_eq!(context.capabilities.as_ref().and_then(|c| c.drop.clone()), Some(vec!["ALL".to_string()]));
+    assert_eq!(context.run_as_non_root, Some(true));
+    assert_eq!(context.seccomp_profile.as_ref().map(|p| p.type_.as_str()), Some("RuntimeDefault"));
+}
+
+/// Executor Jobs share the container builder: the same default, and the member's own context wins.
+#[test]
+fn executor_containers_default_to_restricted_and_keep_a_user_context() {
+    assert_restricted(executor_container("stash", IMAGE, Vec::new(), None, Vec::new()).security_context.as_ref());
+    let runtime: ContainerRuntimeSettings =
+        serde_json::from_value(json!({"securityContext": {"runAsUser": 0}})).expect("runtime settings");
+    let container = executor_container("stash", IMAGE, Vec::new(), Some(&runtime), Vec::new());
+    assert_eq!(container.security_context, runtime.security_context, "the member's own context, as given");
 }

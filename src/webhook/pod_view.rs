@@ -56,6 +56,16 @@ pub struct PodSpecView {
     /// `None` when the Pod has no volumes list (the patch must then add the list).
     #[serde(default)]
     pub volumes: Option<Vec<Named>>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub security_context: PodSecurityView,
+}
+
+/// The Pod-level securityContext, for the user the sidecar inherits.
+#[derive(Deserialize, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSecurityView {
+    #[serde(default)]
+    pub run_as_user: Option<i64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -72,6 +82,11 @@ impl PodView {
 
     pub fn has_container(&self, name: &str) -> bool {
         self.spec.containers.iter().chain(&self.spec.init_containers).any(|c| c.name == name)
+    }
+
+    /// The Pod asks for uid 0 for every container that does not say otherwise.
+    pub(crate) fn runs_as_root(&self) -> bool {
+        self.spec.security_context.run_as_user == Some(0)
     }
 
     pub fn has_volume(&self, name: &str) -> bool {

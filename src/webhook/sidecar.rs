@@ -4,7 +4,8 @@ use super::decision::Injection;
 use super::pod_view::PodView;
 use crate::api::common::{ContainerRuntimeSettings, EmptyDirSettings};
 use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, SecretVolumeSource, Volume, VolumeMount,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, SeccompProfile,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use kube::ResourceExt;
 use serde::Serialize;
@@ -20,16 +21,34 @@ pub const REPOSITORY_VOLUME: &str = "stash-repository";
 pub const TMP_MOUNT_PATH: &str = "/tmp";
 pub const SECRET_MOUNT_PATH: &str = "/etc/stash/repository/secret";
 
-/// The JSON patch (RFC 6902) that injects the sidecar, its volumes and the batch annotation.
+/// Why a targeted Pod is admitted without the sidecar (and with a warning saying so).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum NotInjected {
+    #[error(
+        "the stash container would mount volumes {first:?} and {second:?} both at {path:?}; \
+         change the member's volumeMounts or the Repository's local mountPath"
+    )]
+    DuplicateMountPath { path: String, first: String, second: String },
+    #[error("the patch could not be written: {0}")]
+    Patch(#[from] serde_json::Error),
+}
+
+/// The JSON patch (RFC 6902) that injects the sidecar, its volumes and the batch annotation, or why
+/// the Pod would not be valid with it.
 ///
 /// Written straight into bytes: building a `serde_json::Value` tree first cost more than answering
 /// the rest of the review (see BENCHMARKS.md).
-pub fn injection_patch(pod: &PodView, injection: &Injection, image: &str) -> Result<Vec<u8>, serde_json::Error> {
+pub(crate) fn injection_patch(pod: &PodView, injection: &Injection, image: &str) -> Result<Vec<u8>, NotInjected> {
+    let names = VolumeNames::free_in(pod);
+    let container = sidecar_container(pod, injection, image, &names)?;
     let mut patch = PatchWriter::default();
-    patch.add("/spec/containers/-", &sidecar_container(pod, injection, image))?;
-    let mut volumes = vec![tmp_volume(injection.member().temp_dir.as_ref()), secret_volume(&injection.secret_name)];
+    patch.add("/spec/containers/-", &container)?;
+    let mut volumes = vec![
+        tmp_volume(&names.tmp, injection.member().temp_dir.as_ref()),
+        secret_volume(&names.secret, &injection.secret_name),
+    ];
     if let Some(local) = &injection.local_repository {
-        volumes.push(local.volume(REPOSITORY_VOLUME).0);
+        volumes.push(local.volume(&names.repository).0);
     }
     match pod.spec.volumes {
         None => patch.add("/spec/volumes", &volumes)?,
@@ -46,6 +65,29 @@ pub fn injection_patch(pod: &PodView, injection: &Injection, image: &str) -> Res
         Some(_) => patch.add("/metadata/annotations/stash.appscode.com~1backup-batch", &batch)?,
     }
     Ok(patch.finish())
+}
+
+/// The names of the volumes the patch adds: ours, unless the Pod already has a volume of that name.
+struct VolumeNames {
+    tmp: String,
+    secret: String,
+    repository: String,
+}
+
+impl VolumeNames {
+    fn free_in(pod: &PodView) -> Self {
+        let free = |base: &str| {
+            // Numbered rather than random: a retried review must give the same patch.
+            let mut name = base.to_string();
+            let mut n = 0;
+            while pod.has_volume(&name) {
+                n += 1;
+                name = format!("{base}-{n}");
+            }
+            name
+        };
+        Self { tmp: free(TMP_VOLUME), secret: free(SECRET_VOLUME), repository: free(REPOSITORY_VOLUME) }
+    }
 }
 
 /// Appends `add` operations to a JSON patch array.
@@ -74,29 +116,35 @@ impl PatchWriter {
     }
 }
 
-fn sidecar_container(pod: &PodView, injection: &Injection, image: &str) -> Container {
+fn sidecar_container(
+    pod: &PodView,
+    injection: &Injection,
+    image: &str,
+    names: &VolumeNames,
+) -> Result<Container, NotInjected> {
     let member = injection.member();
     let runtime = member.runtime_settings.as_ref().and_then(|r| r.container.as_ref());
 
-    // Target mounts are read-only; a mount naming a volume the Pod lacks (or one of our paths) is
-    // left out rather than making the Pod invalid — the controller reports the member instead.
+    // Target mounts are read-only; a mount naming a volume the Pod lacks is left out rather than
+    // making the Pod invalid — the controller reports the member instead.
     let mut mounts: Vec<VolumeMount> = member
         .target
         .volume_mounts
         .iter()
-        .filter(|m| pod.has_volume(&m.name) && m.mount_path != TMP_MOUNT_PATH && m.mount_path != SECRET_MOUNT_PATH)
+        .filter(|m| pod.has_volume(&m.name))
         .map(|m| VolumeMount { read_only: Some(true), ..m.clone() })
         .collect();
-    mounts.push(VolumeMount { name: TMP_VOLUME.into(), mount_path: TMP_MOUNT_PATH.into(), ..Default::default() });
+    mounts.push(VolumeMount { name: names.tmp.clone(), mount_path: TMP_MOUNT_PATH.into(), ..Default::default() });
     mounts.push(VolumeMount {
-        name: SECRET_VOLUME.into(),
+        name: names.secret.clone(),
         mount_path: SECRET_MOUNT_PATH.into(),
         read_only: Some(true),
         ..Default::default()
     });
     if let Some(local) = &injection.local_repository {
-        mounts.push(local.volume(REPOSITORY_VOLUME).1);
+        mounts.push(local.volume(&names.repository).1);
     }
+    distinct_mount_paths(&mounts)?;
 
     let args = vec![
         "run-backup".into(),
@@ -105,10 +153,36 @@ fn sidecar_container(pod: &PodView, injection: &Injection, image: &str) -> Conta
         format!("--target-kind={}", injection.workload.kind.as_str()),
         format!("--target-name={}", injection.workload.name),
     ];
-    executor_container(SIDECAR_NAME, image, args, runtime, mounts)
+    let mut container = executor_container(SIDECAR_NAME, image, args, runtime, mounts);
+    // A Pod that asks for uid 0 is not `restricted` anyway, and the kubelet would refuse to start a
+    // container that must not run as root but would.
+    if pod.runs_as_root()
+        && runtime.is_none_or(|r| r.security_context.is_none())
+        && let Some(context) = container.security_context.as_mut()
+    {
+        context.run_as_non_root = None;
+    }
+    Ok(container)
+}
+
+/// The API server rejects a container that mounts two volumes at one path; `/a/` counts as `/a`,
+/// as it does for the container runtime.
+fn distinct_mount_paths(mounts: &[VolumeMount]) -> Result<(), NotInjected> {
+    let mut seen = BTreeMap::new();
+    for mount in mounts {
+        if let Some(first) = seen.insert(mount.mount_path.trim_end_matches('/'), &mount.name) {
+            return Err(NotInjected::DuplicateMountPath {
+                path: mount.mount_path.clone(),
+                first: first.clone(),
+                second: mount.name.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A container running a `stash` executor (sidecar or backup Job) with the member's runtime settings.
+/// Its securityContext is the member's own, as given (it need not be `restricted`), or `restricted()`.
 pub fn executor_container(
     name: &str,
     image: &str,
@@ -123,8 +197,20 @@ pub fn executor_container(
         env: Some(executor_env(runtime)),
         env_from: runtime.map(|r| r.env_from.clone()).filter(|e| !e.is_empty()),
         resources: runtime.and_then(|r| r.resources.clone()),
-        security_context: runtime.and_then(|r| r.security_context.clone()),
+        security_context: Some(runtime.and_then(|r| r.security_context.clone()).unwrap_or_else(restricted)),
         volume_mounts: Some(mounts),
+        ..Default::default()
+    }
+}
+
+/// What Pod Security `restricted` asks of every container: without it a restricted namespace rejects
+/// the whole Pod. The image runs as a numeric non-root user, so `runAsNonRoot` holds.
+fn restricted() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+        run_as_non_root: Some(true),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
         ..Default::default()
     }
 }
@@ -152,9 +238,9 @@ pub fn field_env(name: &str, path: &str) -> EnvVar {
     }
 }
 
-fn tmp_volume(settings: Option<&EmptyDirSettings>) -> Volume {
+fn tmp_volume(name: &str, settings: Option<&EmptyDirSettings>) -> Volume {
     Volume {
-        name: TMP_VOLUME.into(),
+        name: name.into(),
         empty_dir: Some(EmptyDirVolumeSource {
             medium: settings.and_then(|s| s.medium.clone()),
             size_limit: settings.and_then(|s| s.size_limit.clone()),
@@ -163,9 +249,9 @@ fn tmp_volume(settings: Option<&EmptyDirSettings>) -> Volume {
     }
 }
 
-fn secret_volume(secret_name: &str) -> Volume {
+fn secret_volume(name: &str, secret_name: &str) -> Volume {
     Volume {
-        name: SECRET_VOLUME.into(),
+        name: name.into(),
         secret: Some(SecretVolumeSource {
             secret_name: Some(secret_name.into()),
             default_mode: Some(0o400),
