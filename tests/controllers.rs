@@ -872,3 +872,80 @@ async fn the_admission_policy_refuses_members_of_other_namespaces_at_apply_time(
     batches.create(&dry_run, &batch(&a.name)).await.expect("its own namespace is fine");
     bindings.delete(&a.name, &DeleteParams::default()).await.expect("unbind");
 }
+
+/// M3: batch names up to 63 characters still get a CronJob (its name at most 52 characters) and
+/// sessions whose Jobs and labels fit, with a status that says the name was shortened.
+#[tokio::test]
+async fn long_batch_names_get_a_cronjob_and_jobs_that_fit_the_limits() {
+    let ns = TestNamespace::new("longnames").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    let name = format!("nightly-{}", "x".repeat(55));
+    assert_eq!(name.len(), 63);
+    let schedule = json!({"schedule": "0 3 * * *"});
+    fixtures::batch(&ns, &name, vec![member("PersistentVolumeClaim", "data")], schedule).await;
+    let batch = batch_phase(&ns, &name, BackupInvokerPhase::Ready).await;
+    let created = condition(&batch, "CronJobCreated");
+    assert_eq!(created.status, ConditionStatus::True, "{created:?}");
+    assert!(created.message.as_deref().unwrap_or_default().contains("shortened"), "{created:?}");
+    let cronjobs = ns.api::<CronJob>().list(&ListParams::default()).await.expect("list").items;
+    assert_eq!(cronjobs.len(), 1);
+    assert!(kube::ResourceExt::name_any(&cronjobs[0]).len() <= 52);
+
+    let session = new_session(&ns, &name).await;
+    let sessions = ns.api::<BackupSession>();
+    session_phase(&sessions, &session, BackupSessionPhase::Running).await;
+    let jobs = ns.api::<Job>();
+    let job = eventually("the backup Job", Duration::from_secs(60), || {
+        let jobs = jobs.clone();
+        async move { jobs.list(&ListParams::default()).await.ok()?.items.into_iter().next() }
+    })
+    .await;
+    let labels = job.metadata.labels.clone().unwrap_or_default();
+    assert!(labels.values().all(|v| v.len() <= 63), "{labels:?}");
+    assert!(kube::ResourceExt::name_any(&job).len() <= 63);
+    let listed = stash::commands::sessions_table(ns.client.clone(), &ns.name, &name).await.expect("table");
+    assert!(listed.contains(&session), "{listed}");
+    operator.stop().await;
+}
+
+/// M13, H8: members that cannot make one session make the batch Invalid; a workload scaled to zero
+/// fails its target at once instead of holding the session (and every later one) until a deadline.
+#[tokio::test]
+async fn duplicate_members_are_invalid_and_a_workload_scaled_to_zero_fails_at_once() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let ns = TestNamespace::new("badmembers").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    let twice = vec![member("StatefulSet", "db"), member("StatefulSet", "db")];
+    let invalid = batch_phase_of(&ns, "twice", twice, BackupInvokerPhase::Invalid).await;
+    assert_eq!(condition(&invalid, "ValidationPassed").reason.as_deref(), Some("DuplicateMember"));
+
+    ns.api::<Deployment>()
+        .patch("app", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 0}})))
+        .await
+        .expect("scale to zero");
+    fixtures::batch(&ns, "idle", vec![member("Deployment", "app")], json!({})).await;
+    let sessions = ns.api::<BackupSession>();
+    let session = new_session(&ns, "idle").await;
+    let failed = session_phase(&sessions, &session, BackupSessionPhase::Failed).await;
+    let status = failed.status.expect("status");
+    let error = status.targets[0].stats[0].error.clone().unwrap_or_default();
+    assert!(error.contains("scaled to zero"), "{status:?}");
+    assert!(status.session_deadline.is_some(), "every session has a deadline");
+    operator.stop().await;
+}
+
+async fn batch_phase_of(
+    ns: &TestNamespace,
+    name: &str,
+    members: Vec<serde_json::Value>,
+    phase: BackupInvokerPhase,
+) -> BackupBatch {
+    fixtures::batch(ns, name, members, json!({})).await;
+    batch_phase(ns, name, phase).await
+}
