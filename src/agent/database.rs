@@ -183,4 +183,17 @@ mod tests {
         assert!(!argv.iter().any(|a| a.contains("pw-123")), "{argv:?}");
         assert!(Connection::from_secret(Engine::Postgres, SecretValues::from_map("/db", BTreeMap::new())).is_err());
     }
+
+    /// L7: `mysqldump --databases <db>` reads a name starting with `-` as an option.
+    #[test]
+    fn a_database_name_that_reads_as_an_option_is_refused() {
+        let values: BTreeMap<String, String> =
+            [("host", "127.0.0.1"), ("username", "app"), ("password", "pw-123"), ("database", "--all-databases")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        let refused = Connection::from_secret(Engine::Mysql, SecretValues::from_map("/db", values));
+        let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("database"), "{message}");
+    }
 }

@@ -174,6 +174,11 @@ mod tests {
         let s3 = url(s3, &[("AWS_ACCESS_KEY_ID", "id"), ("AWS_SECRET_ACCESS_KEY", "key")]);
         assert_eq!(s3.url, "s3:http://127.0.0.1:9000/stash/demo");
         assert_eq!(s3.network_endpoint().as_deref(), Some("127.0.0.1:9000"));
+        // L3: an IPv6 address without a port gets the scheme's port.
+        let v6 = Location { url: "rest:http://[::1]/repo".into(), ..s3.clone() };
+        assert_eq!(v6.network_endpoint().as_deref(), Some("[::1]:80"));
+        let v6 = Location { url: "rest:https://[::1]:8000/repo".into(), ..s3.clone() };
+        assert_eq!(v6.network_endpoint().as_deref(), Some("[::1]:8000"));
         assert_eq!(s3.options, ["s3.region=eu-1"]);
         assert!(s3.insecure_tls);
         assert_eq!(s3.env.len(), 2);
