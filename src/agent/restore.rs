@@ -1,7 +1,9 @@
 //! `stash restore`: restores one member of a RestoreBatch from one complete session — the latest,
 //! a named one, or the last before a time — chosen through the manifests in the repository, so a
-//! restore never mixes runs and works on an empty cluster. Files go back under the path root (the
-//! snapshot keeps the application's paths); a database gets its dump replayed.
+//! restore never mixes runs and works on an empty cluster — or one snapshot a rule names. Each Job
+//! restores one host (`STASH_RESTORE_HOST`, set by the operator). Files go back under the path root
+//! (the snapshot keeps the application's paths), and only when every one of them lands in a volume
+//! the Job mounts; a database gets its dump replayed.
 
 use super::database::{Connection, Engine};
 use super::executor::{AgentError, Executor};
@@ -10,8 +12,11 @@ use super::retention::NAMESPACE_TAG;
 use super::sidecar::host_name;
 use super::status::{matches, seconds};
 use crate::api::RestoreBatch;
-use crate::api::restore_batch::{HostRestoreStats, RestoreMember, RestoreMemberPhase, RestoreMemberStatus};
-use crate::controller::backup_job::DATABASE_KIND;
+use crate::api::restore_batch::{
+    HostRestoreStats, RestoreMember, RestoreMemberPhase, RestoreMemberStatus, RestoreRule,
+};
+use crate::controller::backup_job::{DATABASE_KIND, data_mounts};
+use crate::controller::restore_batch::{RESTORE_HOST_ENV, rule_for};
 use crate::restic::Restic;
 use crate::restic::secrets::SecretValues;
 use crate::status_write::update_status;
@@ -42,65 +47,97 @@ pub async fn run(executor: &Executor, target: &RestoreTarget) -> Result<(), Agen
                 ))
             },
         )?;
-    let started = Instant::now();
-    let result = restore_member(executor, &restore, member, target).await;
-    let (host, session) = match &result {
-        Ok((host, session)) => (host.clone(), Some(session.clone())),
-        Err(_) => (member_host(executor, member).unwrap_or_else(|_| member.target.alias.clone()), None),
+    // The operator names the host; a Job made before it did restores the member's only host.
+    let host = match std::env::var(RESTORE_HOST_ENV).ok().filter(|h| !h.is_empty()) {
+        Some(host) => host,
+        None => member_host(executor, member)?,
     };
+    let started = Instant::now();
+    let result = restore_member(executor, &restore, member, target, &host).await;
     let entry = HostRestoreStats {
         hostname: host,
         phase: Some(if result.is_ok() { RestoreMemberPhase::Succeeded } else { RestoreMemberPhase::Failed }),
         duration: Some(seconds(started.elapsed())),
         error: result.as_ref().err().map(ToString::to_string),
     };
-    report(executor, &target.restore_batch, member, entry, session).await?;
+    report(executor, &target.restore_batch, member, entry, result.as_ref().ok().cloned().flatten()).await?;
     result.map(drop)
 }
 
-fn member_host(executor: &Executor, member: &RestoreMember) -> Result<String, AgentError> {
-    let alias =
-        if member.target.alias.is_empty() { member.target.reference.name.clone() } else { member.target.alias.clone() };
-    let settings = &executor.settings;
-    host_name(&member.target.reference.kind, &alias, settings.pod_name.as_deref(), settings.node_name.as_deref())
+fn alias(member: &RestoreMember) -> String {
+    if member.target.alias.is_empty() { member.target.reference.name.clone() } else { member.target.alias.clone() }
 }
 
-/// Restores the member; returns the host restored and the session it came from.
+fn member_host(executor: &Executor, member: &RestoreMember) -> Result<String, AgentError> {
+    let settings = &executor.settings;
+    let (pod, node) = (settings.pod_name.as_deref(), settings.node_name.as_deref());
+    host_name(&member.target.reference.kind, &alias(member), pod, node)
+}
+
+/// Restores host `host` of the member; returns the session it came from, when known.
 async fn restore_member(
     executor: &Executor,
     restore: &RestoreBatch,
     member: &RestoreMember,
     target: &RestoreTarget,
-) -> Result<(String, String), AgentError> {
+    host: &str,
+) -> Result<Option<String>, AgentError> {
+    let rules = &member.target.rules;
+    let rule = rule_for(host, rules);
+    if rule.is_none() && !rules.is_empty() {
+        return Err(AgentError::Invalid(format!("no rule of the member applies to host {host}")));
+    }
     let repository = executor.repository(&restore.spec.repository).await?;
     let restic = executor.restic(&repository).await?;
-    let selector = restore.spec.restore_from.as_ref();
-    let batch = match selector.and_then(|s| s.batch.clone()) {
-        Some(batch) => batch,
-        None => only_batch(&restic, executor.namespace()).await?,
+    let (snapshot, session) = match rule.and_then(|r| r.snapshots.first()).filter(|s| *s != "latest") {
+        Some(id) => named_snapshot(&restic, executor.namespace(), member, id).await?,
+        None => {
+            let selector = restore.spec.restore_from.as_ref();
+            let batch = match selector.and_then(|s| s.batch.clone()) {
+                Some(batch) => batch,
+                None => only_batch(&restic, executor.namespace()).await?,
+            };
+            let manifest = manifest::select(&restic, executor.namespace(), &batch, selector).await?;
+            let source = manifest.member(&target.kind, &target.name).ok_or_else(|| {
+                let session = &manifest.session;
+                AgentError::Invalid(format!("session {session} holds no member {}/{}", target.kind, target.name))
+            })?;
+            let wanted = match rule.and_then(|r| r.source_host.clone()) {
+                Some(source_host) => source_host,
+                None if source.hosts.len() == 1 => source.hosts[0].hostname.clone(),
+                None => host.to_string(),
+            };
+            let found = source.hosts.iter().find(|h| h.hostname == wanted).ok_or_else(|| {
+                AgentError::Invalid(format!("session {} has no snapshot of host {wanted}", manifest.session))
+            })?;
+            (found.snapshot.clone(), Some(manifest.session.clone()))
+        }
     };
-    let manifest = manifest::select(&restic, executor.namespace(), &batch, selector).await?;
-    let rule = member.target.rules.first();
-    let source = manifest.member(&target.kind, &target.name).ok_or_else(|| {
-        AgentError::Invalid(format!("session {} holds no member {}/{}", manifest.session, target.kind, target.name))
+    restore_snapshot(executor, &restic, member, rule, &snapshot, target).await?;
+    Ok(session)
+}
+
+/// The snapshot `id` of a rule, when it is one of this member in this namespace (never another
+/// namespace's or another member's data); with the session it belongs to.
+async fn named_snapshot(
+    restic: &Restic,
+    namespace: &str,
+    member: &RestoreMember,
+    id: &str,
+) -> Result<(String, Option<String>), AgentError> {
+    let tags = [format!("{NAMESPACE_TAG}={namespace}"), format!("member={}", alias(member))];
+    let snapshots = restic.snapshots(&tags).await?;
+    let found = snapshots.iter().find(|s| s.id == id || (id.len() >= 8 && s.id.starts_with(id))).ok_or_else(|| {
+        AgentError::Invalid(format!("snapshot {id} is not a snapshot of member {} in this namespace", alias(member)))
     })?;
-    let wanted = match rule.and_then(|r| r.source_host.clone()) {
-        Some(host) => host,
-        None if source.hosts.len() == 1 => source.hosts[0].hostname.clone(),
-        None => member_host(executor, member)?,
-    };
-    let host =
-        source.hosts.iter().find(|h| h.hostname == wanted).ok_or_else(|| {
-            AgentError::Invalid(format!("session {} has no snapshot of host {wanted}", manifest.session))
-        })?;
-    restore_snapshot(executor, &restic, member, &host.snapshot, target).await?;
-    Ok((host.hostname.clone(), manifest.session.clone()))
+    Ok((found.id.clone(), found.tag("session").map(str::to_string)))
 }
 
 async fn restore_snapshot(
     executor: &Executor,
     restic: &Restic,
     member: &RestoreMember,
+    rule: Option<&RestoreRule>,
     snapshot: &str,
     target: &RestoreTarget,
 ) -> Result<(), AgentError> {
@@ -109,12 +146,113 @@ async fn restore_snapshot(
         let connection = Connection::from_secret(engine, SecretValues::read_dir(&target.database_secret_dir)?)?;
         return connection.restore(restic, snapshot).await;
     }
-    let include: Vec<String> =
-        member.target.rules.iter().flat_map(|r| r.paths.iter().chain(r.include.iter()).cloned()).collect();
+    let include: Vec<String> = rule.map(|r| r.paths.iter().chain(&r.include).cloned().collect()).unwrap_or_default();
+    let exclude: Vec<String> = rule.map(|r| r.exclude.clone()).unwrap_or_default();
+    let mounts: Vec<String> = data_mounts(&member.target.volume_mounts).into_iter().map(|m| m.mount_path).collect();
+    lands_in_volumes(restic, snapshot, &Selection::new(&mounts, &include, &exclude)).await?;
     let root = &executor.settings.path_root;
     std::fs::create_dir_all(root).map_err(|e| AgentError::Invalid(format!("creating {}: {e}", root.display())))?;
-    restic.restore(snapshot, root, &include).await?;
+    restic.restore(snapshot, root, &include, &exclude).await?;
     Ok(())
+}
+
+/// Fails unless everything of `snapshot` the selection restores lands in a mounted volume: walks
+/// the snapshot's directories that lead to a mountPath (one `restic ls` per level), so that a
+/// restore whose volumeMounts differ from the backed-up paths is refused instead of writing into
+/// the Job's own filesystem and reporting success.
+async fn lands_in_volumes(restic: &Restic, snapshot: &str, selection: &Selection<'_>) -> Result<(), AgentError> {
+    let mut level = vec!["/".to_string()];
+    while !level.is_empty() {
+        let mut args = vec!["ls", "--json", "--no-lock", snapshot];
+        args.extend(level.iter().map(String::as_str));
+        let listed = restic.run(&args).await?;
+        let mut next = Vec::new();
+        for node in listed.stdout.lines().filter_map(|l| serde_json::from_str::<LsNode>(l).ok()) {
+            if node.struct_type != "node" || level.contains(&node.path) {
+                continue;
+            }
+            match selection.place(&node.path, node.kind == "dir") {
+                Place::Inside | Place::Skipped => {}
+                Place::Leads => next.push(node.path),
+                Place::Outside => {
+                    return Err(AgentError::Invalid(format!(
+                        "{} of snapshot {snapshot} would land outside every mounted volume ({}): set volumeMounts \
+                         to where the data was backed up, or restrict rules[].paths",
+                        node.path,
+                        selection.mounts.join(", ")
+                    )));
+                }
+            }
+        }
+        level = next;
+    }
+    Ok(())
+}
+
+/// A line of `restic ls --json`.
+#[derive(serde::Deserialize)]
+struct LsNode {
+    #[serde(default)]
+    struct_type: String,
+    #[serde(default)]
+    path: String,
+    #[serde(default, rename = "type")]
+    kind: String,
+}
+
+/// Where a snapshot entry goes on restore, relative to the Job's volumes.
+#[derive(Debug, PartialEq)]
+enum Place {
+    /// Under a mountPath.
+    Inside,
+    /// A directory above a mountPath or a chosen path: its entries decide.
+    Leads,
+    /// Not restored (excluded, or outside the chosen paths).
+    Skipped,
+    /// Restored, and in no volume.
+    Outside,
+}
+
+/// The mountPaths of the Job, and what the rule restores of the snapshot.
+struct Selection<'a> {
+    mounts: &'a [String],
+    /// Literal absolute paths chosen by `paths`/`include`; None: everything (also when a pattern is
+    /// a glob, which is judged conservatively).
+    chosen: Option<Vec<&'a str>>,
+    exclude: &'a [String],
+}
+
+impl<'a> Selection<'a> {
+    fn new(mounts: &'a [String], include: &'a [String], exclude: &'a [String]) -> Self {
+        let literal = |p: &String| p.starts_with('/') && !p.contains(['*', '?', '[']);
+        let chosen = (!include.is_empty() && include.iter().all(literal))
+            .then(|| include.iter().map(|p| p.trim_end_matches('/')).collect());
+        Selection { mounts, chosen, exclude }
+    }
+
+    fn place(&self, path: &str, is_dir: bool) -> Place {
+        if self.exclude.iter().any(|e| under(path, e)) {
+            return Place::Skipped;
+        }
+        if self.mounts.iter().any(|m| under(path, m)) {
+            return Place::Inside;
+        }
+        let chosen = self.chosen.as_ref().is_none_or(|c| c.iter().any(|c| under(path, c)));
+        let leads = is_dir
+            && (self.mounts.iter().any(|m| under(m, path))
+                || self.chosen.as_ref().is_some_and(|c| c.iter().any(|c| under(c, path))));
+        match (leads, chosen) {
+            (true, _) => Place::Leads,
+            (false, true) => Place::Outside,
+            (false, false) => Place::Skipped,
+        }
+    }
+}
+
+/// Whether `path` is `dir` or inside it, component-wise (`/data2` is not under `/data`).
+fn under(path: &str, dir: &str) -> bool {
+    let dir = dir.trim_end_matches('/');
+    dir.is_empty() || path == dir || path.strip_prefix(dir).is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// The batch whose sessions a repository holds, when there is exactly one.
@@ -170,4 +308,38 @@ async fn report(
     })
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(values: &[&str]) -> Vec<String> {
+        values.iter().map(|v| v.to_string()).collect()
+    }
+
+    #[test]
+    fn data_outside_every_mount_is_found() {
+        let mounts = strings(&["/stash-data/uploads"]);
+        let none = Vec::new();
+        let all = Selection::new(&mounts, &none, &none);
+        assert_eq!(all.place("/stash-data", true), Place::Leads);
+        assert_eq!(all.place("/stash-data/uploads", true), Place::Inside);
+        assert_eq!(all.place("/stash-data/uploads/a/b", false), Place::Inside);
+        assert_eq!(all.place("/stash-data/other.txt", false), Place::Outside, "a sibling of the mount");
+        assert_eq!(all.place("/stash-data/uploads2", true), Place::Outside, "a prefix is not a parent");
+        assert_eq!(all.place("/var", true), Place::Outside);
+
+        let exclude = strings(&["/stash-data/other.txt"]);
+        assert_eq!(Selection::new(&mounts, &none, &exclude).place("/stash-data/other.txt", false), Place::Skipped);
+        let include = strings(&["/stash-data/uploads/2026"]);
+        let chosen = Selection::new(&mounts, &include, &none);
+        assert_eq!(chosen.place("/var", true), Place::Skipped, "not restored");
+        let glob = strings(&["*.php"]);
+        assert_eq!(Selection::new(&mounts, &glob, &none).place("/var", true), Place::Outside, "globs are judged whole");
+        let wrong = strings(&["/var/lib/app"]);
+        let wrong = Selection::new(&mounts, &wrong, &none);
+        assert_eq!(wrong.place("/var", true), Place::Leads);
+        assert_eq!(wrong.place("/var/lib/app/x", false), Place::Outside);
+    }
 }

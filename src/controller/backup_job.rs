@@ -78,7 +78,7 @@ pub fn backup_job(
         repository,
         runtime: member.runtime_settings.as_ref().and_then(|r| r.container.as_ref()),
         temp_dir: member.temp_dir.as_ref(),
-        data,
+        data: data.into_iter().collect(),
         database_secret: (target.kind == DATABASE_KIND).then(|| target.name.clone()),
         deadline_seconds,
     }
@@ -97,7 +97,7 @@ pub fn finalize_job(batch: &BackupBatch, session: &BackupSession, repository: &R
         repository,
         runtime: None,
         temp_dir: None,
-        data: None,
+        data: Vec::new(),
         database_secret: None,
         deadline_seconds: None,
     }

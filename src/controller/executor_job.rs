@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 pub const BACKUP_SERVICE_ACCOUNT: &str = "stash-backup";
 
 /// A member's PVC, mounted where the member says.
+#[derive(Debug, Clone, PartialEq)]
 pub struct DataVolume {
     pub claim: String,
     pub mounts: Vec<VolumeMount>,
@@ -35,7 +36,8 @@ pub struct ExecutorJob<'a> {
     pub repository: &'a Repository,
     pub runtime: Option<&'a ContainerRuntimeSettings>,
     pub temp_dir: Option<&'a EmptyDirSettings>,
-    pub data: Option<DataVolume>,
+    /// One volume per distinct claim, each at its own mountPaths.
+    pub data: Vec<DataVolume>,
     pub database_secret: Option<String>,
     pub deadline_seconds: Option<i64>,
 }
@@ -81,16 +83,18 @@ impl ExecutorJob<'_> {
             volumes.push(volume);
             mounts.push(mount);
         }
-        if let Some(data) = self.data {
+        for (index, data) in self.data.into_iter().enumerate() {
+            // The first keeps the name backup Jobs always had.
+            let name = if index == 0 { "target".to_string() } else { format!("target-{index}") };
             volumes.push(Volume {
                 persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
                     claim_name: data.claim,
                     read_only: data.read_only.then_some(true),
                 }),
-                ..volume("target")
+                ..volume(&name)
             });
             mounts.extend(data.mounts.into_iter().map(|m| VolumeMount {
-                name: "target".into(),
+                name: name.clone(),
                 read_only: data.read_only.then_some(true),
                 ..m
             }));

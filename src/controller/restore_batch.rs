@@ -8,18 +8,22 @@ use super::context::{Context, ControllerError};
 use super::executor_job::{DataVolume, ExecutorJob};
 use super::identity;
 use crate::api::RestoreBatch;
-use crate::api::common::ExecutionOrder;
+use crate::api::backup_batch::Driver;
+use crate::api::common::{ExecutionOrder, TargetRef};
 use crate::api::repository::Repository;
 use crate::api::restore_batch::{
-    HostRestoreStats, RestoreBatchStatus, RestoreMember, RestoreMemberPhase, RestoreMemberStatus, RestorePhase,
+    HostRestoreStats, RestoreBatchSpec, RestoreBatchStatus, RestoreHooks, RestoreMember, RestoreMemberPhase,
+    RestoreMemberStatus, RestorePhase, RestoreRule,
 };
 use crate::tenancy;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{EnvVar, PodTemplateSpec, ReplicationController, Volume, VolumeMount};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use kube::{Resource, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,30 +61,58 @@ pub async fn reconcile(restore: Arc<RestoreBatch>, ctx: Arc<Context>) -> Result<
         .and_then(|t| k8s_openapi::jiff::SignedDuration::try_from(t).ok())
         .and_then(|t| restore.metadata.creation_timestamp.as_ref().and_then(|c| c.0.checked_add(t).ok()));
 
+    let mut plans = Vec::new();
+    let refusal = unsupported(&restore.spec);
+    for (index, member) in restore.spec.members.iter().enumerate().take_while(|_| refusal.is_none()) {
+        let reference = &member.target.reference;
+        let template = pod_template(&ctx.client, &namespace, reference).await?;
+        let workload =
+            matches!(reference.kind.as_str(), "Deployment" | "StatefulSet" | "ReplicaSet" | "ReplicationController");
+        if workload && template.is_none() {
+            // Perhaps not created yet (restoring into an empty cluster): wait for it.
+            let message = format!("{} {} does not exist yet", reference.kind, reference.name);
+            conditions::set(&mut status.conditions, &Desired::new("TargetFound", false, "NotFound", message), None);
+            write(&restore, &ctx, status).await?;
+            return Ok(Action::requeue(POLL));
+        }
+        plans.push(plan_member(index, &namespace, member, template.as_ref()));
+    }
+    if let Some(refusal) = refusal.or_else(|| plans.iter().find_map(|p| p.as_ref().err().cloned())) {
+        let refused = Desired::new("MembersValid", false, refusal.reason(), refusal.to_string());
+        conditions::set(&mut status.conditions, &refused, None);
+        status.phase = Some(RestorePhase::Invalid);
+        write(&restore, &ctx, status).await?;
+        return Ok(Action::await_change());
+    }
+    conditions::set(&mut status.conditions, &Desired::new("TargetFound", true, "Found", "found"), None);
+
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut previous_done = true;
-    for (index, member) in restore.spec.members.iter().enumerate() {
-        let entry = member_status(&mut status, member);
+    for ((index, member), plan) in restore.spec.members.iter().enumerate().zip(plans.into_iter().flatten()) {
+        let entry = member_status(&mut status, member, &plan);
         let done = matches!(entry.phase, Some(RestoreMemberPhase::Succeeded | RestoreMemberPhase::Failed));
         if !done && (previous_done || restore.spec.execution_order == ExecutionOrder::Parallel) {
-            let job = restore_job(&restore, index, member, &repository, &ctx.trigger_image);
-            let name = job.name_any();
-            let existing = match jobs.get_opt(&name).await? {
-                Some(existing) => existing,
-                None => jobs.create(&PostParams::default(), &job).await?,
-            };
             entry.phase = Some(RestoreMemberPhase::Running);
-            if super::backup_session::job_failed(&existing) && entry.stats.is_empty() {
-                entry.stats.push(HostRestoreStats {
-                    hostname: member.target.alias.clone(),
-                    phase: Some(RestoreMemberPhase::Failed),
-                    duration: None,
-                    error: Some(format!("restore Job {name} failed before reporting")),
-                });
+            for host in &plan {
+                let job = restore_job(&restore, index, member, host, &repository, &ctx.trigger_image);
+                let name = job.name_any();
+                let existing = match jobs.get_opt(&name).await? {
+                    Some(existing) => existing,
+                    None => jobs.create(&PostParams::default(), &job).await?,
+                };
+                let reported = entry.stats.iter().any(|s| s.hostname == host.host);
+                if super::backup_session::job_failed(&existing) && !reported {
+                    entry.stats.push(HostRestoreStats {
+                        hostname: host.host.clone(),
+                        phase: Some(RestoreMemberPhase::Failed),
+                        duration: None,
+                        error: Some(format!("restore Job {name} failed before reporting (or passed its deadline)")),
+                    });
+                }
             }
         }
-        let total = usize::try_from(entry.total_hosts.unwrap_or(1)).unwrap_or(1);
-        if entry.stats.len() >= total {
+        // Finished once every host of the plan reported, not merely as many entries.
+        if plan.iter().all(|h| entry.stats.iter().any(|s| s.hostname == h.host)) {
             let failed = entry.stats.iter().any(|s| s.phase != Some(RestoreMemberPhase::Succeeded));
             entry.phase = Some(if failed { RestoreMemberPhase::Failed } else { RestoreMemberPhase::Succeeded });
         }
@@ -130,7 +162,11 @@ pub async fn cleanup(restore: Arc<RestoreBatch>, ctx: Arc<Context>) -> Result<Ac
     Ok(Action::await_change())
 }
 
-fn member_status<'a>(status: &'a mut RestoreBatchStatus, member: &RestoreMember) -> &'a mut RestoreMemberStatus {
+fn member_status<'a>(
+    status: &'a mut RestoreBatchStatus,
+    member: &RestoreMember,
+    plan: &[HostPlan],
+) -> &'a mut RestoreMemberStatus {
     let reference = &member.target.reference;
     let position =
         status.members.iter().position(|m| m.reference.kind == reference.kind && m.reference.name == reference.name);
@@ -138,7 +174,7 @@ fn member_status<'a>(status: &'a mut RestoreBatchStatus, member: &RestoreMember)
         status.members.push(RestoreMemberStatus {
             reference: reference.clone(),
             phase: Some(RestoreMemberPhase::Pending),
-            total_hosts: Some(member.target.replicas.unwrap_or(1).max(1)),
+            total_hosts: Some(i32::try_from(plan.len()).unwrap_or(i32::MAX)),
             stats: Vec::new(),
         });
         status.members.len() - 1
@@ -161,32 +197,243 @@ async fn write(restore: &RestoreBatch, ctx: &Context, status: RestoreBatchStatus
     }
 }
 
-/// The Job restoring member `index`: a PVC is mounted writable where the member says (default
-/// /stash-data), a database's connection Secret as files. Workload members restore into the
-/// volumes named by their volumeMounts when those are PVCs of the same name.
+/// The restore Job's env var naming the host it restores (the agent cannot tell a StatefulSet
+/// ordinal from its own Pod name, which is the Job's).
+pub(crate) const RESTORE_HOST_ENV: &str = "STASH_RESTORE_HOST";
+/// A restore Job without `spec.timeOut` still ends: a claim that never binds fails the host.
+const DEFAULT_RESTORE_DEADLINE: Duration = Duration::from_secs(6 * 3600);
+
+/// Why a member is refused before any of its data is touched.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub(crate) enum Refusal {
+    #[error("{field} is not supported by restores ({why}); remove it")]
+    Unsupported { field: String, why: &'static str },
+    #[error("{member}: target.ref.namespace {namespace}: a restore writes only into its own namespace")]
+    OtherNamespace { member: String, namespace: String },
+    #[error("{member}: {kind} members cannot be restored (their hosts are nodes, not claims)")]
+    UnsupportedKind { member: String, kind: String },
+    #[error("{member}: a workload member needs volumeMounts naming the volumes of its pod template to restore into")]
+    NoMounts { member: String },
+    #[error("{member}: volumeMount {volume:?} at {path} names no volume of the pod template")]
+    UnknownVolume { member: String, volume: String, path: String },
+    #[error("{member}: volumeMount {volume:?} at {path} is a {kind} volume, not a PersistentVolumeClaim")]
+    NotAClaim { member: String, volume: String, path: String, kind: String },
+    #[error("{member}: no host matches the rules' targetHosts")]
+    NoHosts { member: String },
+}
+
+impl Refusal {
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Unsupported { .. } => "UnsupportedField",
+            Refusal::OtherNamespace { .. } => "OtherNamespace",
+            Refusal::UnsupportedKind { .. } => "UnsupportedKind",
+            Refusal::NoMounts { .. } | Refusal::UnknownVolume { .. } | Refusal::NotAClaim { .. } => "VolumeNotAClaim",
+            Refusal::NoHosts { .. } => "NoTargetHosts",
+        }
+    }
+}
+
+/// What restoring a workload needs to know of it: its pod template's volumes and, for a
+/// StatefulSet, its claim templates and replicas.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct PodTemplate {
+    pub(crate) volumes: Vec<Volume>,
+    pub(crate) claim_templates: Vec<String>,
+    pub(crate) replicas: i32,
+}
+
+/// One restore Job of a member: the host it restores, the StatefulSet ordinal it stands for, and
+/// the claims it writes, each at its own mountPaths.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct HostPlan {
+    pub(crate) host: String,
+    pub(crate) ordinal: Option<i32>,
+    pub(crate) data: Vec<DataVolume>,
+}
+
+/// The rule that applies to `host`: the first whose targetHosts name it or are empty. With no
+/// rules every host restores everything of its own snapshot.
+pub(crate) fn rule_for<'a>(host: &str, rules: &'a [RestoreRule]) -> Option<&'a RestoreRule> {
+    rules.iter().find(|r| r.target_hosts.is_empty() || r.target_hosts.iter().any(|h| h == host))
+}
+
+/// Fields of the spec that restores do not carry out: refused, never silently ignored.
+pub(crate) fn unsupported(spec: &RestoreBatchSpec) -> Option<Refusal> {
+    let refuse = |field: String, why| Some(Refusal::Unsupported { field, why });
+    let hooks = |prefix: &str, hooks: Option<&RestoreHooks>| {
+        let hooks = hooks?;
+        let field = if hooks.pre_restore.is_some() { "preRestore" } else { "postRestore" };
+        (hooks.pre_restore.is_some() || hooks.post_restore.is_some()).then(|| format!("{prefix}.hooks.{field}"))
+    };
+    if spec.driver != Driver::Restic {
+        return refuse("spec.driver".into(), "only Restic restores exist");
+    }
+    if let Some(field) = hooks("spec", spec.hooks.as_ref()) {
+        return refuse(field, "nothing would stop the application while its volumes are rewritten");
+    }
+    for (index, member) in spec.members.iter().enumerate() {
+        let prefix = format!("spec.members[{index}]");
+        if let Some(field) = hooks(&prefix, member.hooks.as_ref()) {
+            return refuse(field, "nothing would stop the application while its volumes are rewritten");
+        }
+        if !member.target.args.is_empty() {
+            return refuse(format!("{prefix}.target.args"), "restic flags are not passed through");
+        }
+        if member.interim_volume_template.is_some() {
+            return refuse(format!("{prefix}.interimVolumeTemplate"), "data is restored in place");
+        }
+        for (r, rule) in member.target.rules.iter().enumerate() {
+            if rule.snapshots.len() > 1 {
+                return refuse(format!("{prefix}.target.rules[{r}].snapshots"), "one snapshot id or `latest` per rule");
+            }
+            let filters = !(rule.paths.is_empty() && rule.include.is_empty() && rule.exclude.is_empty());
+            if member.target.reference.kind == DATABASE_KIND && filters {
+                return refuse(format!("{prefix}.target.rules[{r}]"), "a database dump is replayed whole");
+            }
+        }
+    }
+    None
+}
+
+/// The Jobs restoring member `index` (in `namespace`): a PVC or a database is one host; a workload
+/// has one host per Pod identity (StatefulSet ordinals), each writing the claims its Pod mounts —
+/// the pod template's `persistentVolumeClaim` volumes, or its claim templates
+/// (`<template>-<statefulset>-<ordinal>`). Any other volume is refused, never guessed.
+pub(crate) fn plan_member(
+    index: usize,
+    namespace: &str,
+    member: &RestoreMember,
+    template: Option<&PodTemplate>,
+) -> Result<Vec<HostPlan>, Refusal> {
+    let target = &member.target;
+    let reference = &target.reference;
+    let name = format!("spec.members[{index}] ({} {})", reference.kind, reference.name);
+    if let Some(other) = reference.namespace.as_deref().filter(|n| *n != namespace) {
+        return Err(Refusal::OtherNamespace { member: name, namespace: other.into() });
+    }
+    let alias = if target.alias.is_empty() { reference.name.clone() } else { target.alias.clone() };
+    let one = |data| Ok(vec![HostPlan { host: alias.clone(), ordinal: None, data }]);
+    let template = match (reference.kind.as_str(), template) {
+        (DATABASE_KIND, _) => return one(Vec::new()),
+        (PVC_KIND, _) => {
+            let mounts = data_mounts(&target.volume_mounts);
+            return one(vec![DataVolume { claim: reference.name.clone(), mounts, read_only: false }]);
+        }
+        ("DaemonSet", _) | (_, None) => {
+            return Err(Refusal::UnsupportedKind { member: name, kind: reference.kind.clone() });
+        }
+        (_, Some(template)) => template,
+    };
+    if target.volume_mounts.is_empty() {
+        return Err(Refusal::NoMounts { member: name });
+    }
+    let stateful = reference.kind == "StatefulSet";
+    let ordinals: Vec<Option<i32>> =
+        if stateful { (0..target.replicas.unwrap_or(template.replicas)).map(Some).collect() } else { vec![None] };
+    let mut plans = Vec::new();
+    for ordinal in ordinals {
+        let host = ordinal.map_or_else(|| alias.clone(), |o| format!("{alias}-{o}"));
+        if !target.rules.is_empty() && rule_for(&host, &target.rules).is_none() {
+            continue;
+        }
+        let mut data: Vec<DataVolume> = Vec::new();
+        for mount in &target.volume_mounts {
+            let claim = claim_of(&name, template, &reference.name, ordinal, mount)?;
+            match data.iter_mut().find(|d| d.claim == claim) {
+                Some(existing) => existing.mounts.push(mount.clone()),
+                None => data.push(DataVolume { claim, mounts: vec![mount.clone()], read_only: false }),
+            }
+        }
+        plans.push(HostPlan { host, ordinal, data });
+    }
+    if plans.is_empty() {
+        return Err(Refusal::NoHosts { member: name });
+    }
+    Ok(plans)
+}
+
+/// The claim behind `mount` in the Pod of `ordinal` (None: not a StatefulSet).
+fn claim_of(
+    member: &str,
+    template: &PodTemplate,
+    workload: &str,
+    ordinal: Option<i32>,
+    mount: &VolumeMount,
+) -> Result<String, Refusal> {
+    // A claim template wins over a same-named pod volume, as in the StatefulSet controller.
+    if let Some(ordinal) = ordinal.filter(|_| template.claim_templates.contains(&mount.name)) {
+        return Ok(format!("{}-{workload}-{ordinal}", mount.name));
+    }
+    let (volume, path) = (mount.name.clone(), mount.mount_path.clone());
+    match template.volumes.iter().find(|v| v.name == mount.name) {
+        Some(found) => match &found.persistent_volume_claim {
+            Some(pvc) => Ok(pvc.claim_name.clone()),
+            None => Err(Refusal::NotAClaim { member: member.into(), volume, path, kind: volume_source(found) }),
+        },
+        None => Err(Refusal::UnknownVolume { member: member.into(), volume, path }),
+    }
+}
+
+/// The kind of a volume's source (`emptyDir`, `configMap`…), as its manifest spells it.
+fn volume_source(volume: &Volume) -> String {
+    let json = serde_json::to_value(volume).unwrap_or_default();
+    let source = json.as_object().and_then(|o| o.keys().find(|k| *k != "name").cloned());
+    source.unwrap_or_else(|| "non-claim".into())
+}
+
+/// The pod template of a workload member (None: not found); PVC and database members have none.
+async fn pod_template(
+    client: &Client,
+    namespace: &str,
+    target: &TargetRef,
+) -> Result<Option<PodTemplate>, kube::Error> {
+    fn of(spec: Option<&PodTemplateSpec>, claims: Vec<String>, replicas: Option<i32>) -> PodTemplate {
+        let volumes = spec.and_then(|t| t.spec.as_ref()).and_then(|s| s.volumes.clone()).unwrap_or_default();
+        PodTemplate { volumes, claim_templates: claims, replicas: replicas.unwrap_or(1) }
+    }
+    let name = target.name.as_str();
+    Ok(match target.kind.as_str() {
+        "Deployment" => Api::<Deployment>::namespaced(client.clone(), namespace)
+            .get_opt(name)
+            .await?
+            .map(|d| d.spec.map(|s| of(Some(&s.template), Vec::new(), s.replicas)).unwrap_or_default()),
+        "StatefulSet" => Api::<StatefulSet>::namespaced(client.clone(), namespace).get_opt(name).await?.map(|s| {
+            let spec = s.spec.unwrap_or_default();
+            let claims = spec.volume_claim_templates.iter().flatten().filter_map(|c| c.metadata.name.clone()).collect();
+            of(Some(&spec.template), claims, spec.replicas)
+        }),
+        "ReplicaSet" => Api::<ReplicaSet>::namespaced(client.clone(), namespace)
+            .get_opt(name)
+            .await?
+            .map(|r| r.spec.map(|s| of(s.template.as_ref(), Vec::new(), s.replicas)).unwrap_or_default()),
+        "ReplicationController" => Api::<ReplicationController>::namespaced(client.clone(), namespace)
+            .get_opt(name)
+            .await?
+            .map(|r| r.spec.map(|s| of(s.template.as_ref(), Vec::new(), s.replicas)).unwrap_or_default()),
+        _ => None,
+    })
+}
+
+/// The Job restoring host `plan` of member `index`: its claims mounted writable where the member
+/// says, a database's connection Secret as files, and a deadline.
 fn restore_job(
     restore: &RestoreBatch,
     index: usize,
     member: &RestoreMember,
+    plan: &HostPlan,
     repository: &Repository,
     image: &str,
 ) -> Job {
     let target = &member.target.reference;
-    let mounts = data_mounts(&member.target.volume_mounts);
-    let data = match target.kind.as_str() {
-        PVC_KIND => Some(DataVolume { claim: target.name.clone(), mounts, read_only: false }),
-        DATABASE_KIND => None,
-        _ => member.target.volume_mounts.first().map(|m| DataVolume {
-            claim: m.name.clone(),
-            mounts: member.target.volume_mounts.clone(),
-            read_only: false,
-        }),
-    };
     let mut labels = crate::session::invoker_labels(&restore.name_any());
     labels.retain(|k, _| k == crate::api::PART_OF.0);
     labels.insert(RESTORE_LABEL.into(), crate::names::label_value(&restore.name_any()));
-    ExecutorJob {
-        name: job_name(&restore.name_any(), &format!("restore-{index}")),
+    let suffix = plan.ordinal.map_or_else(|| format!("restore-{index}"), |o| format!("restore-{index}-{o}"));
+    let deadline = restore.spec.time_out.as_ref().and_then(|t| t.parse().ok()).unwrap_or(DEFAULT_RESTORE_DEADLINE);
+    let runtime = member.runtime_settings.as_ref().and_then(|r| r.container.as_ref());
+    let mut job = ExecutorJob {
+        name: job_name(&restore.name_any(), &suffix),
         namespace: restore.namespace().unwrap_or_default(),
         owner: restore.controller_owner_ref(&()),
         labels,
@@ -198,11 +445,211 @@ fn restore_job(
         ],
         image,
         repository,
-        runtime: member.runtime_settings.as_ref().and_then(|r| r.container.as_ref()),
+        runtime,
         temp_dir: member.temp_dir.as_ref(),
-        data,
+        data: plan.data.clone(),
         database_secret: (target.kind == DATABASE_KIND).then(|| target.name.clone()),
-        deadline_seconds: None,
+        deadline_seconds: Some(i64::try_from(deadline.as_secs()).unwrap_or(i64::MAX)),
     }
-    .build()
+    .build();
+    // Last, so that it wins over a same-named variable of the member's runtime settings.
+    let host = EnvVar { name: RESTORE_HOST_ENV.into(), value: Some(plan.host.clone()), ..Default::default() };
+    let pod = job.spec.as_mut().and_then(|s| s.template.spec.as_mut());
+    if let Some(container) = pod.and_then(|p| p.containers.first_mut()) {
+        container.env.get_or_insert_with(Vec::new).push(host);
+    }
+    job
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn member(value: serde_json::Value) -> RestoreMember {
+        serde_json::from_value(value).expect("a member")
+    }
+
+    fn volumes(value: serde_json::Value) -> Vec<Volume> {
+        serde_json::from_value(value).expect("volumes")
+    }
+
+    /// (host, [(claim, [mountPath])]) of one planned Job.
+    type Planned = (String, Vec<(String, Vec<String>)>);
+
+    fn summary(plans: &[HostPlan]) -> Vec<Planned> {
+        let claims = |p: &HostPlan| {
+            p.data.iter().map(|d| (d.claim.clone(), d.mounts.iter().map(|m| m.mount_path.clone()).collect())).collect()
+        };
+        plans.iter().map(|p| (p.host.clone(), claims(p))).collect()
+    }
+
+    fn owned(host: &str, claims: &[(&str, &[&str])]) -> Planned {
+        let claims = claims.iter().map(|(c, paths)| (c.to_string(), paths.iter().map(|p| p.to_string()).collect()));
+        (host.to_string(), claims.collect())
+    }
+
+    #[test]
+    fn a_deployment_restores_each_pvc_volume_at_its_own_path() {
+        let web = member(
+            json!({"target": {"alias": "web", "ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+            "volumeMounts": [{"name": "html", "mountPath": "/var/www/html"}, {"name": "uploads", "mountPath": "/var/www/uploads"}]}}),
+        );
+        let template = PodTemplate {
+            volumes: volumes(json!([{"name": "html", "persistentVolumeClaim": {"claimName": "web-html"}},
+                                     {"name": "uploads", "persistentVolumeClaim": {"claimName": "web-uploads"}}])),
+            claim_templates: Vec::new(),
+            replicas: 3,
+        };
+        let plans = plan_member(0, "ns", &web, Some(&template)).expect("a plan");
+        assert_eq!(
+            summary(&plans),
+            [owned("web", &[("web-html", &["/var/www/html"]), ("web-uploads", &["/var/www/uploads"])])]
+        );
+        assert_eq!(plans[0].ordinal, None, "a Deployment is one host whatever its replicas");
+    }
+
+    #[test]
+    fn a_volume_name_resolves_to_its_claim_never_a_same_named_pvc() {
+        let app = member(json!({"target": {"ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "app"},
+            "volumeMounts": [{"name": "data", "mountPath": "/data"}, {"name": "data", "mountPath": "/logs", "subPath": "logs"}]}}));
+        let template = PodTemplate {
+            volumes: volumes(json!([{"name": "data", "persistentVolumeClaim": {"claimName": "app-storage"}}])),
+            ..Default::default()
+        };
+        let plans = plan_member(0, "ns", &app, Some(&template)).expect("a plan");
+        assert_eq!(summary(&plans), [owned("app", &[("app-storage", &["/data", "/logs"])])], "one volume per claim");
+    }
+
+    #[test]
+    fn a_statefulset_restores_each_ordinal_into_its_own_claims() {
+        let db = member(
+            json!({"target": {"alias": "db", "ref": {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "db"},
+            "volumeMounts": [{"name": "data", "mountPath": "/var/lib/db"}, {"name": "shared", "mountPath": "/shared"}]}}),
+        );
+        let template = PodTemplate {
+            volumes: volumes(json!([{"name": "shared", "persistentVolumeClaim": {"claimName": "db-shared"}}])),
+            claim_templates: vec!["data".into()],
+            replicas: 2,
+        };
+        let plans = plan_member(0, "ns", &db, Some(&template)).expect("a plan");
+        assert_eq!(
+            summary(&plans),
+            [
+                owned("db-0", &[("data-db-0", &["/var/lib/db"]), ("db-shared", &["/shared"])]),
+                owned("db-1", &[("data-db-1", &["/var/lib/db"]), ("db-shared", &["/shared"])]),
+            ]
+        );
+        assert_eq!(plans.iter().map(|p| p.ordinal).collect::<Vec<_>>(), [Some(0), Some(1)]);
+
+        let only_one = member(
+            json!({"target": {"alias": "db", "ref": {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "db"},
+            "volumeMounts": [{"name": "data", "mountPath": "/var/lib/db"}],
+            "rules": [{"sourceHost": "db-0", "targetHosts": ["db-1"]}]}}),
+        );
+        let plans = plan_member(0, "ns", &only_one, Some(&template)).expect("a plan");
+        assert_eq!(
+            summary(&plans),
+            [owned("db-1", &[("data-db-1", &["/var/lib/db"])])],
+            "targetHosts choose the hosts"
+        );
+        assert_eq!(rule_for("db-1", &only_one.target.rules).and_then(|r| r.source_host.as_deref()), Some("db-0"));
+    }
+
+    #[test]
+    fn non_claim_and_unknown_volumes_are_refused() {
+        let app = |name: &str| {
+            member(json!({"target": {"ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "app"},
+                "volumeMounts": [{"name": name, "mountPath": "/x"}]}}))
+        };
+        let template = PodTemplate {
+            volumes: volumes(json!([{"name": "cache", "emptyDir": {}}, {"name": "conf", "configMap": {"name": "c"}}])),
+            ..Default::default()
+        };
+        let refused = plan_member(2, "ns", &app("cache"), Some(&template)).expect_err("emptyDir");
+        assert_eq!(refused.reason(), "VolumeNotAClaim");
+        assert!(
+            refused.to_string().contains("spec.members[2]") && refused.to_string().contains("emptyDir"),
+            "{refused}"
+        );
+        let refused = plan_member(0, "ns", &app("conf"), Some(&template)).expect_err("configMap");
+        assert!(refused.to_string().contains("configMap"), "{refused}");
+        let refused = plan_member(0, "ns", &app("data"), Some(&template)).expect_err("no such volume");
+        assert!(matches!(refused, Refusal::UnknownVolume { .. }), "{refused}");
+        let no_mounts =
+            member(json!({"target": {"ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "app"}}}));
+        assert!(matches!(plan_member(0, "ns", &no_mounts, Some(&template)), Err(Refusal::NoMounts { .. })));
+        let elsewhere = member(
+            json!({"target": {"ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "d", "namespace": "other"}}}),
+        );
+        assert!(matches!(plan_member(0, "ns", &elsewhere, None), Err(Refusal::OtherNamespace { .. })));
+    }
+
+    #[test]
+    fn unsupported_fields_are_refused_by_name() {
+        let spec = |member: serde_json::Value| -> RestoreBatchSpec {
+            serde_json::from_value(json!({"repository": {"name": "repo"}, "members": [member]})).expect("a spec")
+        };
+        let pvc = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "d"});
+        assert_eq!(unsupported(&spec(json!({"target": {"ref": pvc}}))), None);
+        let cases = [
+            (
+                json!({"target": {"ref": pvc}, "hooks": {"preRestore": {"exec": {"command": ["true"]}}}}),
+                "spec.members[0].hooks.preRestore",
+            ),
+            (
+                json!({"target": {"ref": pvc}, "hooks": {"postRestore": {"exec": {"command": ["true"]}}}}),
+                "spec.members[0].hooks.postRestore",
+            ),
+            (json!({"target": {"ref": pvc, "args": ["--no-lock"]}}), "spec.members[0].target.args"),
+            (
+                json!({"target": {"ref": pvc, "rules": [{"snapshots": ["a", "b"]}]}}),
+                "spec.members[0].target.rules[0].snapshots",
+            ),
+        ];
+        for (member, field) in cases {
+            let refused = unsupported(&spec(member)).expect("refused");
+            assert_eq!(refused.reason(), "UnsupportedField");
+            assert!(refused.to_string().starts_with(field), "{refused}");
+        }
+    }
+
+    #[test]
+    fn restore_jobs_mount_each_claim_name_their_host_and_have_a_deadline() {
+        let restore: RestoreBatch = serde_json::from_value(json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "RestoreBatch",
+            "metadata": {"name": "r", "namespace": "ns", "uid": "u"},
+            "spec": {"repository": {"name": "repo"}, "members": [{"target": {"ref": {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "db"}}}]}}))
+        .expect("a restore");
+        let repository: Repository = serde_json::from_value(json!({"apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
+            "metadata": {"name": "repo"}, "spec": {"backend": {"storageSecretName": "s", "s3": {"endpoint": "e", "bucket": "b"}}}}))
+        .expect("a repository");
+        let mount =
+            |name: &str, path: &str| VolumeMount { name: name.into(), mount_path: path.into(), ..Default::default() };
+        let plan = HostPlan {
+            host: "db-1".into(),
+            ordinal: Some(1),
+            data: vec![
+                DataVolume { claim: "data-db-1".into(), mounts: vec![mount("data", "/var/lib/db")], read_only: false },
+                DataVolume { claim: "db-shared".into(), mounts: vec![mount("shared", "/shared")], read_only: false },
+            ],
+        };
+        let job = restore_job(&restore, 0, &restore.spec.members[0], &plan, &repository, "stash:test");
+        let spec = job.spec.expect("a spec");
+        assert_eq!(job.metadata.name.as_deref(), Some("r-restore-0-1"));
+        assert_eq!(spec.active_deadline_seconds, Some(6 * 3600));
+        let pod = spec.template.spec.expect("a pod");
+        let claims: Vec<(String, String)> = pod
+            .volumes
+            .iter()
+            .flatten()
+            .filter_map(|v| v.persistent_volume_claim.as_ref().map(|c| (v.name.clone(), c.claim_name.clone())))
+            .collect();
+        assert_eq!(claims, [("target".into(), "data-db-1".into()), ("target-1".into(), "db-shared".into())]);
+        let container = &pod.containers[0];
+        let mounts: Vec<(&str, &str)> =
+            container.volume_mounts.iter().flatten().map(|m| (m.name.as_str(), m.mount_path.as_str())).collect();
+        assert!(mounts.contains(&("target", "/var/lib/db")) && mounts.contains(&("target-1", "/shared")), "{mounts:?}");
+        let host = container.env.iter().flatten().find(|e| e.name == RESTORE_HOST_ENV).and_then(|e| e.value.clone());
+        assert_eq!(host.as_deref(), Some("db-1"));
+    }
 }

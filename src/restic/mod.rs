@@ -416,12 +416,23 @@ impl Restic {
         self.run(&["unlock"]).await.map(drop)
     }
 
-    /// Restores `snapshot` (or `snapshot:subfolder`) into `target`.
-    pub async fn restore(&self, snapshot: &str, target: &Path, include: &[String]) -> Result<(), ResticError> {
+    /// Restores `snapshot` (or `snapshot:subfolder`) into `target`, only what `include` matches
+    /// (everything when empty) and nothing `exclude` matches.
+    pub async fn restore(
+        &self,
+        snapshot: &str,
+        target: &Path,
+        include: &[String],
+        exclude: &[String],
+    ) -> Result<(), ResticError> {
         let target = target.to_string_lossy();
         let mut args = vec!["restore", snapshot, "--target", &target];
         for pattern in include {
             args.push("--include");
+            args.push(pattern);
+        }
+        for pattern in exclude {
+            args.push("--exclude");
             args.push(pattern);
         }
         self.run(&args).await.map(drop)

@@ -9,6 +9,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
+/// The env var naming the host a restore Job restores (see `controller::restore_batch`).
+const RESTORE_HOST_ENV: &str = "STASH_RESTORE_HOST";
+
 pub struct LocalNode {
     pub namespace: String,
     pub kubeconfig: PathBuf,
@@ -98,6 +101,44 @@ impl LocalNode {
         outputs
     }
 
+    /// Runs the new Jobs carrying `label` as their Pods would see their volumes: each Job gets its
+    /// own `/`, every PersistentVolumeClaim it mounts is `claims/<claim>` moved in at the mountPath
+    /// for the run and back out after it; whatever a Job writes elsewhere is lost with its Pod.
+    pub async fn run_new_jobs_on_claims(&mut self, label: &str, claims: &Path) -> Vec<(String, Output)> {
+        let client = super::client().await;
+        let jobs: Api<Job> = Api::namespaced(client, &self.namespace);
+        let mut list = jobs.list(&ListParams::default().labels(label)).await.expect("list Jobs").items;
+        list.sort_by_key(|j| j.metadata.creation_timestamp.clone());
+        let mut outputs = Vec::new();
+        for job in list {
+            let name = job.name_any();
+            let Some(args) = executor_args(&job) else { continue };
+            if !self.ran.insert(name.clone()) {
+                continue;
+            }
+            let pod = tempfile::tempdir().expect("the Pod's root");
+            let mounted = claim_mounts(&job);
+            for (claim, path) in &mounted {
+                let inside = pod.path().join(path.trim_start_matches('/'));
+                std::fs::create_dir_all(inside.parent().expect("a parent")).expect("mount point");
+                let _ = std::fs::create_dir_all(claims.join(claim));
+                std::fs::rename(claims.join(claim), &inside).expect("mount the claim");
+            }
+            let output = tokio::task::block_in_place(|| {
+                self.command_in(&args, &format!("{name}-x7k2p"), pod.path())
+                    .env(RESTORE_HOST_ENV, job_env(&job, RESTORE_HOST_ENV).unwrap_or_default())
+                    .output()
+                    .expect("stash runs")
+            });
+            for (claim, path) in &mounted {
+                std::fs::rename(pod.path().join(path.trim_start_matches('/')), claims.join(claim))
+                    .unwrap_or_else(|e| panic!("unmounting claim {claim} from {path} (mounted twice?): {e}"));
+            }
+            outputs.push((name, output));
+        }
+        outputs
+    }
+
     /// Treats Job `name` as run (a test ran it by hand).
     pub fn mark_run(&mut self, name: &str) {
         self.ran.insert(name.to_string());
@@ -105,13 +146,35 @@ impl LocalNode {
 
     /// The sidecar of `pod`, running until killed.
     pub fn spawn_sidecar(&self, batch: &str, kind: &str, name: &str, pod: &str) -> KilledOnDrop {
+        self.spawn_sidecar_in(batch, kind, name, pod, self.root.path())
+    }
+
+    /// The same, for a Pod whose `/` is `root` (each StatefulSet Pod has its own volumes).
+    pub fn spawn_sidecar_in(&self, batch: &str, kind: &str, name: &str, pod: &str, root: &Path) -> KilledOnDrop {
         let args: Vec<String> = ["run-backup", "--invoker-name", batch, "--target-kind", kind, "--target-name", name]
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let child = self.command(&args, pod).stdout(Stdio::null()).spawn().expect("the sidecar starts");
+        let child = self.command_in(&args, pod, root).stdout(Stdio::null()).spawn().expect("the sidecar starts");
         KilledOnDrop(child)
     }
+}
+
+/// (claim, mountPath) of every PersistentVolumeClaim mount of a Job's container.
+pub fn claim_mounts(job: &Job) -> Vec<(String, String)> {
+    let Some(pod) = job.spec.as_ref().and_then(|s| s.template.spec.as_ref()) else { return Vec::new() };
+    let claim = |volume: &str| {
+        let found = pod.volumes.iter().flatten().find(|v| v.name == volume)?;
+        found.persistent_volume_claim.as_ref().map(|c| c.claim_name.clone())
+    };
+    let mounts = pod.containers.first().and_then(|c| c.volume_mounts.clone()).unwrap_or_default();
+    mounts.iter().filter_map(|m| Some((claim(&m.name)?, m.mount_path.clone()))).collect()
+}
+
+/// The literal value of a Job container's env var.
+fn job_env(job: &Job, name: &str) -> Option<String> {
+    let pod = job.spec.as_ref()?.template.spec.as_ref()?;
+    pod.containers.first()?.env.iter().flatten().find(|e| e.name == name)?.value.clone()
 }
 
 /// The args of a Job's `stash` container, for executor Jobs (not the trigger's).
