@@ -47,6 +47,10 @@ impl Connection {
         let default_port = if engine == Engine::Postgres { "5432" } else { "3306" };
         let port = secrets.get("port").unwrap_or(default_port).to_string();
         let database = secrets.get("database").map(str::to_string);
+        // Dump tools take the name as an argument: one starting with `-` would be read as an option.
+        if database.as_deref().is_some_and(|d| d.starts_with('-')) {
+            return Err(AgentError::Database("the Secret's database key may not start with '-'".into()));
+        }
         Ok(Connection { engine, host, port, username, secrets, database })
     }
 

@@ -49,7 +49,12 @@ impl Location {
         let url = self.url.strip_prefix("rest:").or_else(|| self.url.strip_prefix("s3:"))?;
         let (scheme, rest) = url.split_once("://").unwrap_or(("https", url));
         let authority = rest.split('/').next()?.rsplit('@').next()?;
-        if authority.contains(':') {
+        // `[::1]` has colons but no port; `[::1]:8000` and `host:8000` have one.
+        let has_port = match authority.rsplit_once(']') {
+            Some((_, after)) => after.starts_with(':'),
+            None => authority.contains(':'),
+        };
+        if has_port {
             Some(authority.to_string())
         } else {
             Some(format!("{authority}:{}", if scheme == "http" { 80 } else { 443 }))
