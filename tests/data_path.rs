@@ -673,11 +673,7 @@ async fn finalize_jobs_out_of_order_keep_the_newest_complete_set() {
     setup.finalize(&first).await;
     setup.finalize(&second).await;
 
-    let restored = tempfile::tempdir().expect("restore dir");
-    let restore = setup.restore("latest", vec![uploads_member()], json!({}), restored.path()).await;
-    let page = std::fs::read_to_string(restored.path().join("stash-data/uploads/index.html")).expect("restored");
-    assert_eq!(page, "<h1>second</h1>");
-    assert_eq!(restore.status.and_then(|s| s.restored_session), Some(second.clone()));
+    assert_eq!(restored_page(&mut setup, "latest").await, ("<h1>second</h1>".into(), Some(second)));
 
     // And the other order: the older session finalized last does not push the newer one out.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -688,11 +684,15 @@ async fn finalize_jobs_out_of_order_keep_the_newest_complete_set() {
     let fourth = setup.back_up_without_finalize().await;
     setup.finalize(&fourth).await;
     setup.finalize(&third).await;
+    assert_eq!(restored_page(&mut setup, "latest-again").await, ("<h1>fourth</h1>".into(), Some(fourth)));
+}
+
+/// Restores the PVC member from the latest complete session: its index page and the session.
+async fn restored_page(setup: &mut Setup, name: &str) -> (String, Option<String>) {
     let restored = tempfile::tempdir().expect("restore dir");
-    let restore = setup.restore("latest-again", vec![uploads_member()], json!({}), restored.path()).await;
+    let restore = setup.restore(name, vec![uploads_member()], json!({}), restored.path()).await;
     let page = std::fs::read_to_string(restored.path().join("stash-data/uploads/index.html")).expect("restored");
-    assert_eq!(page, "<h1>fourth</h1>");
-    assert_eq!(restore.status.and_then(|s| s.restored_session), Some(fourth));
+    (page, restore.status.and_then(|s| s.restored_session))
 }
 
 /// H1: `backupHistoryLimit: 0` keeps no session in the API, but each one is finalized first: the

@@ -82,17 +82,8 @@ impl LocalNode {
 
     /// The same for the Jobs carrying `label`, with `/` mapped to `root`.
     pub async fn run_new_jobs_matching(&mut self, label: &str, root: &Path) -> Vec<(String, Output)> {
-        let client = super::client().await;
-        let jobs: Api<Job> = Api::namespaced(client, &self.namespace);
-        let mut list = jobs.list(&ListParams::default().labels(label)).await.expect("list Jobs").items;
-        list.sort_by_key(|j| j.metadata.creation_timestamp.clone());
         let mut outputs = Vec::new();
-        for job in list {
-            let name = job.name_any();
-            let Some(args) = executor_args(&job) else { continue };
-            if !self.ran.insert(name.clone()) {
-                continue;
-            }
+        for (name, _, args) in self.new_jobs(label).await {
             let pod = format!("{name}-x7k2p");
             let output =
                 tokio::task::block_in_place(|| self.command_in(&args, &pod, root).output().expect("stash runs"));
@@ -105,17 +96,8 @@ impl LocalNode {
     /// own `/`, every PersistentVolumeClaim it mounts is `claims/<claim>` moved in at the mountPath
     /// for the run and back out after it; whatever a Job writes elsewhere is lost with its Pod.
     pub async fn run_new_jobs_on_claims(&mut self, label: &str, claims: &Path) -> Vec<(String, Output)> {
-        let client = super::client().await;
-        let jobs: Api<Job> = Api::namespaced(client, &self.namespace);
-        let mut list = jobs.list(&ListParams::default().labels(label)).await.expect("list Jobs").items;
-        list.sort_by_key(|j| j.metadata.creation_timestamp.clone());
         let mut outputs = Vec::new();
-        for job in list {
-            let name = job.name_any();
-            let Some(args) = executor_args(&job) else { continue };
-            if !self.ran.insert(name.clone()) {
-                continue;
-            }
+        for (name, job, args) in self.new_jobs(label).await {
             let pod = tempfile::tempdir().expect("the Pod's root");
             let mounted = claim_mounts(&job);
             for (claim, path) in &mounted {
@@ -137,6 +119,24 @@ impl LocalNode {
             outputs.push((name, output));
         }
         outputs
+    }
+
+    /// The executor Jobs carrying `label` not run before, oldest first, now counted as run: name,
+    /// Job and the `stash` container's args.
+    async fn new_jobs(&mut self, label: &str) -> Vec<(String, Job, Vec<String>)> {
+        let client = super::client().await;
+        let jobs: Api<Job> = Api::namespaced(client, &self.namespace);
+        let mut list = jobs.list(&ListParams::default().labels(label)).await.expect("list Jobs").items;
+        list.sort_by_key(|j| j.metadata.creation_timestamp.clone());
+        let mut new = Vec::new();
+        for job in list {
+            let name = job.name_any();
+            let Some(args) = executor_args(&job) else { continue };
+            if self.ran.insert(name.clone()) {
+                new.push((name, job, args));
+            }
+        }
+        new
     }
 
     /// Treats Job `name` as run (a test ran it by hand).
