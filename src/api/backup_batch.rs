@@ -204,3 +204,30 @@ pub struct MemberConditions {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(members: &[(&str, &str, &str)]) -> BackupBatchSpec {
+        let members: Vec<serde_json::Value> = members
+            .iter()
+            .map(|(alias, kind, name)| {
+                serde_json::json!({"target": {"alias": alias, "ref": {"apiVersion": "v1", "kind": kind, "name": name}}})
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({"repository": {"name": "repo"}, "members": members})).expect("spec")
+    }
+
+    /// M13 and L2: members that cannot make one session, each named with the field at fault.
+    #[test]
+    fn members_that_cannot_make_one_session_are_named() {
+        let problem = |members| spec(members).member_problem().map(|(reason, _)| reason);
+        assert_eq!(problem(&[("a", "PersistentVolumeClaim", "a"), ("b", "Secret", "b")]), None);
+        assert_eq!(problem(&[("a", "Secret", "db"), ("b", "Secret", "db")]), Some("DuplicateMember"));
+        assert_eq!(problem(&[("a", "Secret", "x"), ("a", "Secret", "y")]), Some("DuplicateAlias"));
+        assert_eq!(problem(&[("a,session=forged", "Secret", "x")]), Some("InvalidAlias"));
+        let (_, message) = spec(&[("a b", "Secret", "x")]).member_problem().expect("a problem");
+        assert!(message.contains("spec.members[0].target.alias"), "{message}");
+    }
+}
