@@ -949,3 +949,50 @@ async fn batch_phase_of(
     fixtures::batch(ns, name, members, json!({})).await;
     batch_phase(ns, name, phase).await
 }
+
+/// May `system:serviceaccount:<ns>:<account>` list the namespace's BackupSessions? (Asked as admin.)
+async fn account_may_list_sessions(ns: &TestNamespace, account: &str) -> bool {
+    use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(format!("system:serviceaccount:{}:{account}", ns.name)),
+            groups: Some(vec!["system:serviceaccounts".into(), format!("system:serviceaccounts:{}", ns.name)]),
+            resource_attributes: Some(ResourceAttributes {
+                namespace: Some(ns.name.clone()),
+                verb: Some("list".into()),
+                group: Some("stash.appscode.com".into()),
+                resource: Some("backupsessions".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let reviews: Api<SubjectAccessReview> = Api::all(ns.client.clone());
+    let answer = reviews.create(&Default::default(), &review).await.expect("a SubjectAccessReview");
+    answer.status.is_some_and(|s| s.allowed)
+}
+
+#[tokio::test]
+async fn the_sidecar_runs_as_the_workloads_service_account_which_gets_the_sidecar_role() {
+    let ns = TestNamespace::new("sidecar-identity").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    assert!(!account_may_list_sessions(&ns, "default").await, "nothing grants it before a batch");
+    fixtures::batch(&ns, "web", vec![member("Deployment", "app")], json!({})).await;
+    batch_phase(&ns, "web", BackupInvokerPhase::Ready).await;
+    eventually("the workload's account to read sessions", Duration::from_secs(30), || async {
+        account_may_list_sessions(&ns, "default").await.then_some(())
+    })
+    .await;
+
+    // Released with the namespace's last batch, like the executor identity.
+    ns.api::<BackupBatch>().delete("web", &DeleteParams::background()).await.expect("delete");
+    eventually("the workload's binding to go", Duration::from_secs(60), || async {
+        (!account_may_list_sessions(&ns, "default").await).then_some(())
+    })
+    .await;
+    operator.stop().await;
+}

@@ -52,12 +52,18 @@ pub async fn run(executor: &Executor, target: &SidecarTarget, cancel: Cancellati
         };
         let candidates = match session {
             Some(session) => vec![session],
-            None => executor
-                .api::<BackupSession>()
-                .list(&kube::api::ListParams::default().labels(&invoker_selector(&target.batch)))
-                .await
-                .map(|l| l.items)
-                .unwrap_or_default(),
+            None => {
+                let params = kube::api::ListParams::default().labels(&invoker_selector(&target.batch));
+                match executor.api::<BackupSession>().list(&params).await {
+                    Ok(list) => list.items,
+                    // Visible, not an empty list: a 403 here means the Pod's ServiceAccount lacks the
+                    // sidecar's role. (No Event: without that role it could not publish one either.)
+                    Err(err) => {
+                        tracing::warn!(error = %err, "listing BackupSessions");
+                        Vec::new()
+                    }
+                }
+            }
         };
         for session in candidates {
             if let Err(err) = take_turn(executor, target, &session).await {

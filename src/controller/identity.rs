@@ -3,31 +3,37 @@
 
 use super::context::{Context, ControllerError};
 use super::executor_job::BACKUP_SERVICE_ACCOUNT;
+use super::targets::WorkloadInfo;
 use super::trigger::{BACKUP_CLUSTER_ROLE, TRIGGER_CLUSTER_ROLE, TRIGGER_SERVICE_ACCOUNT};
 use crate::api::RestoreBatch;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, PostParams};
-use kube::core::ObjectMeta;
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, PostParams};
+use kube::core::{GroupVersionKind, ObjectMeta};
 
 const IDENTITIES: [(&str, &str); 2] =
     [(TRIGGER_SERVICE_ACCOUNT, TRIGGER_CLUSTER_ROLE), (BACKUP_SERVICE_ACCOUNT, BACKUP_CLUSTER_ROLE)];
+/// Names the RoleBindings of workload ServiceAccounts (the namespace's own identities are named
+/// after their account, so never start with it).
+const WORKLOAD_BINDING_PREFIX: &str = "stash-sidecar-";
+/// The longest object name the API server accepts.
+const NAME_MAX: usize = 253;
 
-/// A per-namespace ServiceAccount bound to one of our ClusterRoles (deploy/base/rbac.yaml), shared by
-/// every batch and restore of the namespace. (Owning it by every batch made these two objects collect
-/// one ownerReference and one field manager per batch: with hundreds of batches every write to them
-/// timed out — see BENCHMARKS.md.)
-fn namespace_identity(namespace: &str, account: &str, cluster_role: &str) -> (ServiceAccount, RoleBinding) {
-    let meta = || ObjectMeta {
-        name: Some(account.into()),
+/// Our objects in a namespace, labelled so that release finds them.
+fn identity_meta(namespace: &str, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
         namespace: Some(namespace.into()),
         labels: Some([(crate::api::PART_OF.0.to_string(), crate::api::PART_OF.1.to_string())].into()),
         ..Default::default()
-    };
-    let service_account = ServiceAccount { metadata: meta(), ..Default::default() };
-    let binding = RoleBinding {
-        metadata: meta(),
+    }
+}
+
+/// RoleBinding `name` of `cluster_role` to ServiceAccount `account` of `namespace`.
+fn binding(namespace: &str, name: &str, account: &str, cluster_role: &str) -> RoleBinding {
+    RoleBinding {
+        metadata: identity_meta(namespace, name),
         role_ref: RoleRef {
             api_group: "rbac.authorization.k8s.io".into(),
             kind: "ClusterRole".into(),
@@ -39,24 +45,77 @@ fn namespace_identity(namespace: &str, account: &str, cluster_role: &str) -> (Se
             namespace: Some(namespace.into()),
             ..Default::default()
         }]),
-    };
-    (service_account, binding)
+    }
 }
 
-/// Creates the identities once; an existing one costs a read, never a write.
+/// A per-namespace ServiceAccount bound to one of our ClusterRoles (deploy/base/rbac.yaml), shared by
+/// every batch and restore of the namespace. (Owning it by every batch made these two objects collect
+/// one ownerReference and one field manager per batch: with hundreds of batches every write to them
+/// timed out — see BENCHMARKS.md.)
+fn namespace_identity(namespace: &str, account: &str, cluster_role: &str) -> (ServiceAccount, RoleBinding) {
+    let service_account = ServiceAccount { metadata: identity_meta(namespace, account), ..Default::default() };
+    (service_account, binding(namespace, account, account, cluster_role))
+}
+
+/// The binding of the sidecar's role to a workload's ServiceAccount.
+fn workload_binding(namespace: &str, account: &str) -> RoleBinding {
+    let name = crate::names::bounded(&format!("{WORKLOAD_BINDING_PREFIX}{account}"), NAME_MAX);
+    binding(namespace, &name, account, BACKUP_CLUSTER_ROLE)
+}
+
+/// Creates `object` unless it exists; an existing one costs a read, never a write.
+async fn create_once<K>(api: &Api<K>, object: &K) -> Result<(), kube::Error>
+where
+    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    if api.get_opt(&object.name_any()).await?.is_none() {
+        ignore_conflict(api.create(&PostParams::default(), object).await)?;
+    }
+    Ok(())
+}
+
+/// Creates the identities once.
 pub(crate) async fn ensure(ctx: &Context, namespace: &str) -> Result<(), ControllerError> {
     let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), namespace);
     let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), namespace);
     for (account, role) in IDENTITIES {
         let (service_account, binding) = namespace_identity(namespace, account, role);
-        if accounts.get_opt(account).await?.is_none() {
-            ignore_conflict(accounts.create(&PostParams::default(), &service_account).await)?;
-        }
-        if bindings.get_opt(account).await?.is_none() {
-            ignore_conflict(bindings.create(&PostParams::default(), &binding).await)?;
-        }
+        create_once(&accounts, &service_account).await?;
+        create_once(&bindings, &binding).await?;
     }
     Ok(())
+}
+
+/// The injected sidecar is a container of the workload's Pod, so it runs as the Pod's ServiceAccount
+/// (`default` when unset): that account gets the sidecar's role in the namespace, once.
+/// The application can then write BackupSession status too, and so forge a host entry. That cannot
+/// make a manifest: finalize writes one only after finding every reported snapshot in the repository
+/// with this session's tags (agent::retention::manifest_of), so retention never trusts a forged entry.
+pub(crate) async fn ensure_workload(
+    ctx: &Context,
+    namespace: &str,
+    workload: &WorkloadInfo,
+) -> Result<(), ControllerError> {
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(workload.kind.group(), "v1", workload.kind.as_str()));
+    let workloads: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), namespace, &resource);
+    // Gone since inspected: the next reconcile reports it missing.
+    let Some(object) = workloads.get_opt(&workload.name).await? else {
+        return Ok(());
+    };
+    let account = pod_service_account(&object.data);
+    let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), namespace);
+    create_once(&bindings, &workload_binding(namespace, account)).await?;
+    Ok(())
+}
+
+/// The ServiceAccount of a workload's Pods: its pod template's, else the namespace's `default`.
+fn pod_service_account(workload: &serde_json::Value) -> &str {
+    let spec = &workload["spec"]["template"]["spec"];
+    // `serviceAccount` is the deprecated alias the API server still honours.
+    [&spec["serviceAccountName"], &spec["serviceAccount"]]
+        .into_iter()
+        .find_map(|name| name.as_str().filter(|name| !name.is_empty()))
+        .unwrap_or("default")
 }
 
 /// Removes the identities when the object `leaving` (uid) was the namespace's last live batch or
@@ -78,7 +137,15 @@ pub(crate) async fn release(ctx: &Context, namespace: &str, leaving: Option<&str
         ignore_missing(bindings.delete(account, &Default::default()).await)?;
         ignore_missing(accounts.delete(account, &Default::default()).await)?;
     }
+    let ours = ListParams::default().labels(&format!("{}={}", crate::api::PART_OF.0, crate::api::PART_OF.1));
+    for workload in bindings.list(&ours).await?.items.iter().filter(|b| is_workload_binding(b)) {
+        ignore_missing(bindings.delete(&workload.name_any(), &Default::default()).await)?;
+    }
     Ok(())
+}
+
+fn is_workload_binding(binding: &RoleBinding) -> bool {
+    binding.name_any().starts_with(WORKLOAD_BINDING_PREFIX) && binding.role_ref.name == BACKUP_CLUSTER_ROLE
 }
 
 /// Any user other than `leaving` that is not being deleted.
@@ -129,5 +196,18 @@ mod tests {
         assert_eq!(binding.role_ref.name, BACKUP_CLUSTER_ROLE);
         let subject = &binding.subjects.as_ref().expect("a subject")[0];
         assert_eq!((subject.name.as_str(), subject.namespace.as_deref()), (BACKUP_SERVICE_ACCOUNT, Some("demo")));
+        assert!(!is_workload_binding(&binding), "release tells the two kinds apart");
+    }
+
+    #[test]
+    fn a_workload_account_gets_a_bounded_sidecar_binding_found_by_release() {
+        let binding = workload_binding("demo", &"a".repeat(300));
+        assert!(binding.name_any().len() <= NAME_MAX);
+        assert_eq!(binding.role_ref.name, BACKUP_CLUSTER_ROLE);
+        assert!(is_workload_binding(&binding));
+        let template = |spec: serde_json::Value| serde_json::json!({"spec": {"template": {"spec": spec}}});
+        assert_eq!(pod_service_account(&template(serde_json::json!({}))), "default");
+        assert_eq!(pod_service_account(&template(serde_json::json!({"serviceAccountName": "app"}))), "app");
+        assert_eq!(pod_service_account(&template(serde_json::json!({"serviceAccount": "old"}))), "old");
     }
 }

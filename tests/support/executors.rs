@@ -1,20 +1,33 @@
 //! No kubelet yet: the executors the operator schedules as Jobs (and the sidecar it injects) run here
 //! as local processes of the real `stash` binary, pointed at the test's API server, with `/` of the
-//! Pod mapped to a local directory and the mounted Secrets written to local directories.
+//! Pod mapped to a local directory and the mounted Secrets written to local directories. Each runs
+//! as the ServiceAccount its Pod would have, with a token from a TokenRequest: RBAC is exercised.
 
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, PostParams};
+use kube::config::Kubeconfig;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+/// The executor Jobs' ServiceAccount, created by the operator per namespace.
+const EXECUTOR_ACCOUNT: &str = "stash-backup";
+/// The test workloads set no `serviceAccountName`: their Pods, and so their sidecars, run as this.
+const WORKLOAD_ACCOUNT: &str = "default";
 
 /// The env var naming the host a restore Job restores (see `controller::restore_batch`).
 const RESTORE_HOST_ENV: &str = "STASH_RESTORE_HOST";
 
 pub struct LocalNode {
     pub namespace: String,
+    /// The admin's: for what is not a Pod (the `stash` CLI run by a user).
     pub kubeconfig: PathBuf,
+    /// The per-identity kubeconfigs.
+    identities: tempfile::TempDir,
     /// What the Pods see as `/`.
     pub root: tempfile::TempDir,
     /// The repository Secret's files.
@@ -38,6 +51,7 @@ impl LocalNode {
         LocalNode {
             namespace: namespace.into(),
             kubeconfig: super::cluster().kubeconfig.clone(),
+            identities: tempfile::tempdir().expect("temp dir"),
             root: tempfile::tempdir().expect("temp dir"),
             secret_dir: tempfile::tempdir().expect("temp dir"),
             database_secret_dir: tempfile::tempdir().expect("temp dir"),
@@ -63,8 +77,15 @@ impl LocalNode {
         if matches!(args.first().map(String::as_str), Some("backup-job" | "restore")) {
             command.arg("--database-secret-dir").arg(self.database_secret_dir.path());
         }
+        let kubeconfig = match identity_of(args) {
+            Some(account) => {
+                let (namespace, dir) = (self.namespace.clone(), self.identities.path().to_path_buf());
+                super::block_on(async move { service_account_kubeconfig(&namespace, account, &dir).await })
+            }
+            None => self.kubeconfig.clone(),
+        };
         command
-            .env("KUBECONFIG", &self.kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env("POD_NAMESPACE", &self.namespace)
             .env("POD_NAME", pod)
             .env("NODE_NAME", "local-node")
@@ -175,6 +196,48 @@ pub fn claim_mounts(job: &Job) -> Vec<(String, String)> {
 fn job_env(job: &Job, name: &str) -> Option<String> {
     let pod = job.spec.as_ref()?.template.spec.as_ref()?;
     pod.containers.first()?.env.iter().flatten().find(|e| e.name == name)?.value.clone()
+}
+
+/// The ServiceAccount the Pod running `stash <args>` has in production; `None` for the CLI.
+fn identity_of(args: &[String]) -> Option<&'static str> {
+    match args.first().map(String::as_str) {
+        Some("run-backup") => Some(WORKLOAD_ACCOUNT),
+        Some("backup-job" | "finalize-session" | "restore") => Some(EXECUTOR_ACCOUNT),
+        _ => None,
+    }
+}
+
+/// A kubeconfig for the admin's API server and CA, authenticated as `namespace`/`account` with a
+/// fresh TokenRequest token. Waits for the account: the operator creates `stash-backup` when it
+/// reconciles a batch or restore.
+pub async fn service_account_kubeconfig(namespace: &str, account: &str, dir: &Path) -> PathBuf {
+    let accounts: Api<ServiceAccount> = Api::namespaced(super::client().await, namespace);
+    super::eventually(&format!("ServiceAccount {namespace}/{account}"), Duration::from_secs(60), || {
+        let accounts = accounts.clone();
+        async move { accounts.get_opt(account).await.ok().flatten() }
+    })
+    .await;
+    let request = TokenRequest {
+        spec: TokenRequestSpec { expiration_seconds: Some(3600), ..Default::default() },
+        ..Default::default()
+    };
+    let issued = accounts.create_token_request(account, &PostParams::default(), &request).await.expect("a token");
+    let token = issued.status.expect("a token in the status").token;
+    let admin = Kubeconfig::read_from(&super::cluster().kubeconfig).expect("admin kubeconfig");
+    let current = admin.contexts.iter().find(|c| Some(&c.name) == admin.current_context.as_ref());
+    let cluster_name = current.and_then(|c| c.context.as_ref()).map(|c| c.cluster.clone()).expect("a current context");
+    let cluster = admin.clusters.iter().find(|c| c.name == cluster_name).expect("the context's cluster");
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [cluster],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [{"name": account, "context": {"cluster": cluster_name, "user": account, "namespace": namespace}}],
+        "current-context": account,
+    });
+    let path = dir.join(format!("{account}.kubeconfig"));
+    std::fs::write(&path, config.to_string()).expect("kubeconfig written");
+    path
 }
 
 /// The args of a Job's `stash` container, for executor Jobs (not the trigger's).

@@ -5,10 +5,12 @@
 #![allow(dead_code)] // each test binary uses its own subset of these helpers
 
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
+use serde::Deserialize;
 use serde_json::Value;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -44,6 +46,7 @@ pub fn cluster() -> &'static TestCluster {
             _ => start_local_cluster(),
         };
         block_on(install_crds(kubeconfig.clone()));
+        block_on(install_executor_roles(kubeconfig.clone()));
         block_on(refuse_beside_another_operator(kubeconfig.clone()));
         TestCluster { kubeconfig }
     })
@@ -117,6 +120,28 @@ async fn install_crds(kubeconfig: PathBuf) {
         .await;
     }
 }
+
+/// The ClusterRoles the operator binds its executors to (deploy/base/rbac.yaml), so that executors
+/// run here under the rights they get in production.
+async fn install_executor_roles(kubeconfig: PathBuf) {
+    let path = repo_root().join("deploy/base/rbac.yaml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let documents: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|document| Value::deserialize(document).expect("rbac.yaml parses"))
+        .collect();
+    let roles: Api<ClusterRole> = Api::all(client_for(&kubeconfig).await);
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    for object in documents {
+        let name = object["metadata"]["name"].as_str().unwrap_or_default();
+        if object["kind"] == "ClusterRole" && EXECUTOR_ROLES.contains(&name) {
+            roles.patch(name, &params, &Patch::Apply(&object)).await.expect("ClusterRole applies");
+        }
+    }
+}
+
+/// What the operator binds in tenant namespaces (the operator's own role is not needed: tests run
+/// it as admin).
+const EXECUTOR_ROLES: [&str; 2] = ["stash-sidecar", "stash-trigger"];
 
 /// Labels every test namespace: a Lease outside such namespaces belongs to an operator of the cluster.
 const TEST_NAMESPACE_LABEL: &str = "stash-tests/namespace";
