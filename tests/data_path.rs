@@ -649,11 +649,8 @@ async fn a_session_failed_in_its_pre_backup_hook_leaves_the_last_complete_set_re
     assert_eq!(manifest.status, stash::api::common::ConditionStatus::False, "{manifest:?}");
     assert_eq!(manifests(&setup, repo.path()).len(), 1, "only the complete session has a manifest");
 
-    let restored = tempfile::tempdir().expect("restore dir");
-    let restore = setup.restore("after-failed-hook", vec![uploads_member()], json!({}), restored.path()).await;
-    let page = std::fs::read_to_string(restored.path().join("stash-data/uploads/index.html")).expect("restored");
-    assert_eq!(page, "<h1>complete</h1>");
-    assert_eq!(restore.status.and_then(|s| s.restored_session), Some(kube::ResourceExt::name_any(&good)));
+    let expected = ("<h1>complete</h1>".to_string(), Some(kube::ResourceExt::name_any(&good)));
+    assert_eq!(restored_page(&mut setup, "after-failed-hook").await, expected);
 }
 
 /// C2: finalize Jobs that run out of order (the older session's last) never forget the newer
@@ -737,11 +734,8 @@ async fn same_named_batches_of_two_namespaces_restore_their_own_data() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     staging.back_up().await;
 
-    let restored = tempfile::tempdir().expect("restore dir");
-    let restore = prod.restore("own-data", vec![uploads_member()], json!({}), restored.path()).await;
-    let page = std::fs::read_to_string(restored.path().join("stash-data/uploads/index.html")).expect("restored");
-    assert_eq!(page, "<h1>prod</h1>", "prod restores prod's data");
-    assert_eq!(restore.status.and_then(|s| s.restored_session), Some(kube::ResourceExt::name_any(&prod_session)));
+    let expected = ("<h1>prod</h1>".to_string(), Some(kube::ResourceExt::name_any(&prod_session)));
+    assert_eq!(restored_page(&mut prod, "own-data").await, expected, "prod restores prod's data");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -140,24 +140,13 @@ async fn start(
         return Ok(Action::await_change());
     }
     if let Some(pre) = batch.spec.hooks.as_ref().and_then(|h| h.pre_backup.as_ref()) {
-        match hooks::step(&status.conditions, hooks::PRE_BACKUP, now()) {
-            hooks::Step::Claim => {
-                conditions::set(&mut status.conditions, &hooks::claim(hooks::PRE_BACKUP), None);
-                *claimed = Some(Claimed { hook: hooks::PRE_BACKUP, handler: pre.clone() });
-                return Ok(Action::await_change());
-            }
-            hooks::Step::InFlight { until } => return Ok(Action::requeue(until_then(until))),
-            hooks::Step::Ran(true) => {}
-            hooks::Step::Ran(false) => {
+        match gate(status, hooks::PRE_BACKUP, pre, claimed) {
+            Err(wait) => return Ok(wait),
+            Ok(true) => {}
+            Ok(false) => {
                 let message =
                     status.conditions.iter().find(|c| c.type_ == hooks::PRE_BACKUP).and_then(|c| c.message.clone());
                 fail(status, "PreBackupHookFailed", message.as_deref().unwrap_or("the pre-backup hook failed"));
-                return Ok(Action::await_change());
-            }
-            hooks::Step::Lost => {
-                let lost = hooks::lost(hooks::PRE_BACKUP);
-                conditions::set(&mut status.conditions, &lost, None);
-                fail(status, "PreBackupHookFailed", &lost.message);
                 return Ok(Action::await_change());
             }
         }
@@ -208,6 +197,31 @@ fn unusable(state: &TargetState, reference: &TargetRef) -> Option<String> {
             Some(format!("{what} is scaled to zero: no Pod runs the stash sidecar to back it up"))
         }
         TargetState::Workload(_) | TargetState::Volume => None,
+    }
+}
+
+/// Where the session stands on `hook` (see `hooks::step`): `Err(action)` to return now — this
+/// reconcile claimed it (it runs once the claim is written) or another holder is running it;
+/// `Ok(true)` when it ran and succeeded; `Ok(false)` when it failed or its outcome was lost
+/// (recorded, never rerun).
+fn gate(
+    status: &mut BackupSessionStatus,
+    hook: &'static str,
+    handler: &Handler,
+    claimed: &mut Option<Claimed>,
+) -> Result<bool, Action> {
+    match hooks::step(&status.conditions, hook, now()) {
+        hooks::Step::Claim => {
+            conditions::set(&mut status.conditions, &hooks::claim(hook), None);
+            *claimed = Some(Claimed { hook, handler: handler.clone() });
+            Err(Action::await_change())
+        }
+        hooks::Step::InFlight { until } => Err(Action::requeue(until_then(until))),
+        hooks::Step::Ran(succeeded) => Ok(succeeded),
+        hooks::Step::Lost => {
+            conditions::set(&mut status.conditions, &hooks::lost(hook), None);
+            Ok(false)
+        }
     }
 }
 
@@ -376,19 +390,9 @@ fn finish(
     let retries_left = retries_left(session, batch) > 0;
     if let Some(post) = batch.spec.hooks.as_ref().and_then(|h| h.post_backup.as_ref())
         && hooks::post_hook_applies(post.execution_policy, succeeded, retries_left)
+        && let Err(wait) = gate(status, hooks::POST_BACKUP, &post.handler, claimed)
     {
-        match hooks::step(&status.conditions, hooks::POST_BACKUP, now()) {
-            hooks::Step::Claim => {
-                conditions::set(&mut status.conditions, &hooks::claim(hooks::POST_BACKUP), None);
-                *claimed = Some(Claimed { hook: hooks::POST_BACKUP, handler: post.handler.clone() });
-                return Ok(Action::await_change());
-            }
-            hooks::Step::InFlight { until } => return Ok(Action::requeue(until_then(until))),
-            hooks::Step::Ran(_) => {}
-            hooks::Step::Lost => {
-                conditions::set(&mut status.conditions, &hooks::lost(hooks::POST_BACKUP), None);
-            }
-        }
+        return Ok(wait);
     }
     if succeeded {
         status.phase = Some(BackupSessionPhase::Succeeded);

@@ -9,8 +9,8 @@ use crate::api::RestoreBatch;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
 use kube::ResourceExt;
-use kube::api::{Api, ApiResource, DynamicObject, ListParams, PostParams};
-use kube::core::{GroupVersionKind, ObjectMeta};
+use kube::api::{Api, ListParams, PostParams};
+use kube::core::ObjectMeta;
 
 const IDENTITIES: [(&str, &str); 2] =
     [(TRIGGER_SERVICE_ACCOUNT, TRIGGER_CLUSTER_ROLE), (BACKUP_SERVICE_ACCOUNT, BACKUP_CLUSTER_ROLE)];
@@ -96,26 +96,9 @@ pub(crate) async fn ensure_workload(
     namespace: &str,
     workload: &WorkloadInfo,
 ) -> Result<(), ControllerError> {
-    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(workload.kind.group(), "v1", workload.kind.as_str()));
-    let workloads: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), namespace, &resource);
-    // Gone since inspected: the next reconcile reports it missing.
-    let Some(object) = workloads.get_opt(&workload.name).await? else {
-        return Ok(());
-    };
-    let account = pod_service_account(&object.data);
     let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), namespace);
-    create_once(&bindings, &workload_binding(namespace, account)).await?;
+    create_once(&bindings, &workload_binding(namespace, &workload.service_account)).await?;
     Ok(())
-}
-
-/// The ServiceAccount of a workload's Pods: its pod template's, else the namespace's `default`.
-fn pod_service_account(workload: &serde_json::Value) -> &str {
-    let spec = &workload["spec"]["template"]["spec"];
-    // `serviceAccount` is the deprecated alias the API server still honours.
-    [&spec["serviceAccountName"], &spec["serviceAccount"]]
-        .into_iter()
-        .find_map(|name| name.as_str().filter(|name| !name.is_empty()))
-        .unwrap_or("default")
 }
 
 /// Removes the identities when the object `leaving` (uid) was the namespace's last live batch or
@@ -205,9 +188,5 @@ mod tests {
         assert!(binding.name_any().len() <= NAME_MAX);
         assert_eq!(binding.role_ref.name, BACKUP_CLUSTER_ROLE);
         assert!(is_workload_binding(&binding));
-        let template = |spec: serde_json::Value| serde_json::json!({"spec": {"template": {"spec": spec}}});
-        assert_eq!(pod_service_account(&template(serde_json::json!({}))), "default");
-        assert_eq!(pod_service_account(&template(serde_json::json!({"serviceAccountName": "app"}))), "app");
-        assert_eq!(pod_service_account(&template(serde_json::json!({"serviceAccount": "old"}))), "old");
     }
 }

@@ -7,7 +7,7 @@ use crate::api::common::TargetRef;
 use crate::webhook::decision::WorkloadKind;
 use crate::webhook::sidecar::SIDECAR_NAME;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ReplicationController, Secret};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, PodTemplateSpec, ReplicationController, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -25,6 +25,8 @@ pub struct WorkloadInfo {
     pub name: String,
     pub selector: Option<LabelSelector>,
     pub template_annotations: BTreeMap<String, String>,
+    /// The ServiceAccount its Pods (and so the injected sidecar) run as.
+    pub service_account: String,
     /// How many hosts back the workload up: StatefulSet replicas, DaemonSet desired Pods, else 1 —
     /// and 0 for any workload scaled to zero (nothing can back it up: its target fails at once).
     pub hosts: i32,
@@ -55,16 +57,24 @@ fn workload<K>(
     object: K,
     hosts: i32,
     selector: Option<LabelSelector>,
-    template: Option<BTreeMap<String, String>>,
+    template: Option<&PodTemplateSpec>,
 ) -> TargetState
 where
     K: ResourceExt,
 {
+    let annotations = template.and_then(|t| t.metadata.as_ref()).and_then(|m| m.annotations.clone());
+    let pod = template.and_then(|t| t.spec.as_ref());
+    // `serviceAccount` is the deprecated alias the API server still honours.
+    let service_account = pod
+        .and_then(|p| p.service_account_name.clone().or_else(|| p.service_account.clone()))
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "default".into());
     TargetState::Workload(WorkloadInfo {
         kind,
         name: object.name_any(),
         selector,
-        template_annotations: template.unwrap_or_default(),
+        template_annotations: annotations.unwrap_or_default(),
+        service_account,
         hosts,
     })
 }
@@ -74,15 +84,12 @@ pub async fn inspect(client: &Client, namespace: &str, target: &TargetRef) -> Re
         return Ok(TargetState::CrossNamespace);
     }
     let name = target.name.as_str();
-    let annotations = |t: Option<&k8s_openapi::api::core::v1::PodTemplateSpec>| {
-        t.and_then(|t| t.metadata.as_ref()).and_then(|m| m.annotations.clone())
-    };
     Ok(match target.kind.as_str() {
         "Deployment" => match Api::<Deployment>::namespaced(client.clone(), namespace).get_opt(name).await? {
             Some(d) => {
                 let spec = d.spec.clone().unwrap_or_default();
                 let hosts = i32::from(spec.replicas.unwrap_or(1) > 0);
-                workload(WorkloadKind::Deployment, d, hosts, Some(spec.selector), annotations(Some(&spec.template)))
+                workload(WorkloadKind::Deployment, d, hosts, Some(spec.selector), Some(&spec.template))
             }
             None => TargetState::Missing,
         },
@@ -90,7 +97,7 @@ pub async fn inspect(client: &Client, namespace: &str, target: &TargetRef) -> Re
             Some(s) => {
                 let spec = s.spec.clone().unwrap_or_default();
                 let replicas = spec.replicas.unwrap_or(1);
-                workload(WorkloadKind::StatefulSet, s, replicas, Some(spec.selector), annotations(Some(&spec.template)))
+                workload(WorkloadKind::StatefulSet, s, replicas, Some(spec.selector), Some(&spec.template))
             }
             None => TargetState::Missing,
         },
@@ -98,7 +105,7 @@ pub async fn inspect(client: &Client, namespace: &str, target: &TargetRef) -> Re
             Some(d) => {
                 let spec = d.spec.clone().unwrap_or_default();
                 let desired = d.status.as_ref().map_or(0, |s| s.desired_number_scheduled);
-                workload(WorkloadKind::DaemonSet, d, desired, Some(spec.selector), annotations(Some(&spec.template)))
+                workload(WorkloadKind::DaemonSet, d, desired, Some(spec.selector), Some(&spec.template))
             }
             None => TargetState::Missing,
         },
@@ -106,7 +113,7 @@ pub async fn inspect(client: &Client, namespace: &str, target: &TargetRef) -> Re
             Some(r) => {
                 let spec = r.spec.clone().unwrap_or_default();
                 let hosts = i32::from(spec.replicas.unwrap_or(1) > 0);
-                workload(WorkloadKind::ReplicaSet, r, hosts, Some(spec.selector), annotations(spec.template.as_ref()))
+                workload(WorkloadKind::ReplicaSet, r, hosts, Some(spec.selector), spec.template.as_ref())
             }
             None => TargetState::Missing,
         },
@@ -117,13 +124,7 @@ pub async fn inspect(client: &Client, namespace: &str, target: &TargetRef) -> Re
                     let selector =
                         spec.selector.map(|labels| LabelSelector { match_labels: Some(labels), ..Default::default() });
                     let hosts = i32::from(spec.replicas.unwrap_or(1) > 0);
-                    workload(
-                        WorkloadKind::ReplicationController,
-                        r,
-                        hosts,
-                        selector,
-                        annotations(spec.template.as_ref()),
-                    )
+                    workload(WorkloadKind::ReplicationController, r, hosts, selector, spec.template.as_ref())
                 }
                 None => TargetState::Missing,
             }
@@ -231,4 +232,26 @@ async fn roll(
         WorkloadKind::ReplicaSet | WorkloadKind::ReplicationController => return Ok(false),
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sidecar runs as the Pod's ServiceAccount: the template's, its deprecated alias, else `default`.
+    #[test]
+    fn a_workload_records_the_service_account_its_pods_run_as() {
+        let account = |spec: serde_json::Value| {
+            let template: PodTemplateSpec =
+                serde_json::from_value(serde_json::json!({"spec": spec})).expect("a template");
+            let deployment = Deployment { metadata: kube::core::ObjectMeta::default(), ..Default::default() };
+            match workload(WorkloadKind::Deployment, deployment, 1, None, Some(&template)) {
+                TargetState::Workload(info) => info.service_account,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(account(serde_json::json!({"containers": []})), "default");
+        assert_eq!(account(serde_json::json!({"containers": [], "serviceAccountName": "app"})), "app");
+        assert_eq!(account(serde_json::json!({"containers": [], "serviceAccount": "old"})), "old");
+    }
 }
