@@ -38,20 +38,8 @@ pg_server_found() {
   return 1
 }
 pg_client_found() { command -v pg_dump >/dev/null && command -v psql >/dev/null; }
-apt_install() {
-  if [[ $(id -u) -ne 0 ]]; then
-    echo "build.sh: PostgreSQL is missing; install it as root: apt-get install -y --no-install-recommends $*" >&2
-    exit 1
-  fi
-  echo "build.sh: installing $* (first run only)" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  if ! apt-get install -y --no-install-recommends "$@" >&2; then
-    apt-get update >&2
-    apt-get install -y --no-install-recommends "$@" >&2
-  fi
-}
-pg_server_found || apt_install postgresql postgresql-client
-pg_client_found || apt_install postgresql-client
+pg_server_found || "$here/../apt-ensure.sh" postgresql postgresql-client
+pg_client_found || "$here/../apt-ensure.sh" postgresql-client
 
 if [[ -x "$bin_dir/restic" && -x "$bin_dir/rest-server" && -x "$bin_dir/versitygw" ]]; then
   echo "$bin_dir"
