@@ -533,6 +533,64 @@ async fn http_hooks_run_once_around_the_session() {
     operator.stop().await;
 }
 
+/// Two sessions of one batch created together: exactly one runs (its pre-backup hook once), the
+/// other is Skipped — even while the first is still Pending behind a slow hook.
+#[tokio::test]
+async fn two_sessions_created_together_run_one_and_skip_the_other() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let app = axum::Router::new().route(
+        "/freeze",
+        axum::routing::get(move || async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            // Slow enough that the second session is reconciled while the first is still Pending.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            "ok"
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+
+    let ns = TestNamespace::new("together").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    let hooks = json!({"hooks": {"preBackup": {"httpGet": {"host": "127.0.0.1", "port": port, "path": "/freeze"}}}});
+    fixtures::batch(&ns, "twice", vec![member("Deployment", "app")], hooks).await;
+
+    // The trigger names sessions by the second; a user's `kubectl create` (or two triggers a second
+    // apart) gives a sibling of another name at the same moment.
+    let sessions = ns.api::<BackupSession>();
+    let first = new_session(&ns, "twice").await;
+    let mut sibling = sessions.get(&first).await.expect("get");
+    sibling.metadata = kube::api::ObjectMeta {
+        name: Some(format!("{first}-b")),
+        labels: sibling.metadata.labels.clone(),
+        owner_references: sibling.metadata.owner_references.clone(),
+        ..Default::default()
+    };
+    let second = kube::ResourceExt::name_any(&sessions.create(&Default::default(), &sibling).await.expect("create"));
+    let phases = eventually("both sessions decided", Duration::from_secs(60), || {
+        let sessions = sessions.clone();
+        let (first, second) = (first.clone(), second.clone());
+        async move {
+            let phase = |s: BackupSession| s.status.and_then(|s| s.phase);
+            let a = phase(sessions.get(&first).await.ok()?)?;
+            let b = phase(sessions.get(&second).await.ok()?)?;
+            (a != BackupSessionPhase::Pending && b != BackupSessionPhase::Pending).then_some([a, b])
+        }
+    })
+    .await;
+    let skipped = phases.iter().filter(|p| **p == BackupSessionPhase::Skipped).count();
+    assert_eq!(skipped, 1, "exactly one of the two sessions is skipped: {phases:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the pre-backup hook ran once");
+    operator.stop().await;
+}
+
 #[tokio::test]
 async fn existing_pods_get_the_sidecar_through_one_restart_and_edits_restart_nothing() {
     use k8s_openapi::api::apps::v1::Deployment;

@@ -108,6 +108,22 @@ async fn run_claimed(sessions: &Api<BackupSession>, name: &str, claimed: Claimed
     Ok(())
 }
 
+/// The sibling that makes `session` Skipped: one that is Running, or one not yet decided that was
+/// created before it (by creation time, then name). The second rule matters while the older one is
+/// still Pending behind its pre-backup hook: without it, two sessions created together would both
+/// start. Every controller decides the same way from the same list, so at most one starts.
+fn blocking_sibling<'a>(session: &BackupSession, siblings: &'a [BackupSession]) -> Option<&'a BackupSession> {
+    let order = |s: &BackupSession| (s.metadata.creation_timestamp.clone().map(|t| t.0), s.name_any());
+    siblings.iter().find(|other| {
+        other.metadata.uid != session.metadata.uid
+            && match other.status.as_ref().and_then(|s| s.phase) {
+                Some(BackupSessionPhase::Running) => true,
+                None | Some(BackupSessionPhase::Pending | BackupSessionPhase::Unknown) => order(other) < order(session),
+                Some(BackupSessionPhase::Succeeded | BackupSessionPhase::Failed | BackupSessionPhase::Skipped) => false,
+            }
+    })
+}
+
 /// Pending → Skipped when another session of the batch runs; else the pre-backup hook (claimed,
 /// then run once), then the targets with their host counts, the deadline, and Running.
 async fn start(
@@ -119,11 +135,7 @@ async fn start(
     claimed: &mut Option<Claimed>,
 ) -> Result<Action, ControllerError> {
     let siblings = sessions.list(&ListParams::default().labels(&invoker_selector(&batch.name_any()))).await?;
-    let running = siblings.items.iter().find(|other| {
-        other.metadata.uid != session.metadata.uid
-            && other.status.as_ref().and_then(|s| s.phase) == Some(BackupSessionPhase::Running)
-    });
-    if let Some(other) = running {
+    if let Some(other) = blocking_sibling(session, &siblings.items) {
         status.phase = Some(BackupSessionPhase::Skipped);
         let message =
             format!("session {} of this batch is still running; this one is skipped, not queued", other.name_any());
@@ -553,5 +565,43 @@ async fn publish(ctx: &Context, session: &BackupSession, type_: EventType, reaso
         Event { type_, reason: reason.into(), note: Some(note.into()), action: "Backup".into(), secondary: None };
     if let Err(err) = ctx.recorder.publish(&event, &session.object_ref(&())).await {
         tracing::debug!(error = %err, "publishing an Event failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::backup_session::{BackupInvokerRef, BackupSessionSpec};
+
+    fn session(name: &str, uid: &str, created: i64, phase: Option<BackupSessionPhase>) -> BackupSession {
+        let invoker =
+            BackupInvokerRef { api_group: String::new(), kind: BACKUP_BATCH_KIND.into(), name: "batch".into() };
+        let mut s = BackupSession::new(name, BackupSessionSpec { invoker, retry_left: None });
+        s.metadata.uid = Some(uid.into());
+        s.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created).expect("time")));
+        s.status = Some(BackupSessionStatus { phase, ..Default::default() });
+        s
+    }
+
+    #[test]
+    fn of_sessions_created_together_only_the_first_may_start() {
+        let a = session("b-1", "a", 100, None);
+        let b = session("b-1-b", "b", 100, None);
+        let later = session("b-2", "c", 101, None);
+        let all = [a.clone(), b.clone(), later.clone()];
+        assert!(blocking_sibling(&a, &all).is_none(), "the first starts");
+        assert_eq!(blocking_sibling(&b, &all).map(|s| s.name_any()), Some("b-1".into()), "same second: by name");
+        assert!(blocking_sibling(&later, &all).is_some());
+    }
+
+    #[test]
+    fn running_blocks_and_decided_sessions_do_not() {
+        let me = session("old", "a", 100, None);
+        let running = session("new", "b", 200, Some(BackupSessionPhase::Running));
+        assert!(blocking_sibling(&me, &[me.clone(), running]).is_some(), "a running session blocks even if newer");
+        for phase in [BackupSessionPhase::Succeeded, BackupSessionPhase::Failed, BackupSessionPhase::Skipped] {
+            let done = session("older", "c", 50, Some(phase));
+            assert!(blocking_sibling(&me, &[done]).is_none(), "{phase:?} does not block");
+        }
     }
 }
