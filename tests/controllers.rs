@@ -533,6 +533,33 @@ async fn http_hooks_run_once_around_the_session() {
     operator.stop().await;
 }
 
+/// The trigger, as its own ServiceAccount, may run twice in one second (a retried trigger Job): the
+/// second run finds the session the first made instead of failing.
+#[tokio::test]
+async fn a_retried_trigger_finds_the_session_of_its_first_run() {
+    let ns = TestNamespace::new("retrigger").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::batch(&ns, "nightly", vec![member("Deployment", "app")], json!({"schedule": "0 2 * * *"})).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = support::executors::service_account_kubeconfig(&ns.name, "stash-trigger", dir.path()).await;
+    let trigger = support::client_for(&kubeconfig).await;
+    eventually("the trigger to create and find one session within one second", Duration::from_secs(30), || {
+        let trigger = trigger.clone();
+        let namespace = ns.name.clone();
+        async move {
+            let create = || stash::session::create_backup_session(trigger.clone(), &namespace, "nightly", None);
+            let first = create().await.expect("the first run creates its session");
+            let again = create().await.expect("the second run finds it");
+            // Two runs a second apart make two sessions; that case is not the one under test.
+            (first.metadata.name == again.metadata.name).then_some(())
+        }
+    })
+    .await;
+    operator.stop().await;
+}
+
 /// Two sessions of one batch created together: exactly one runs (its pre-backup hook once), the
 /// other is Skipped — even while the first is still Pending behind a slow hook.
 #[tokio::test]
