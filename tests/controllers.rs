@@ -564,8 +564,8 @@ async fn a_retried_trigger_finds_the_session_of_its_first_run() {
 /// other is Skipped — even while the first is still Pending behind a slow hook.
 #[tokio::test]
 async fn two_sessions_created_together_run_one_and_skip_the_other() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = calls.clone();
     let app = axum::Router::new().route(

@@ -929,3 +929,47 @@ async fn restore_rules_exclude_files_and_data_outside_the_volumes_fails() {
     let error = status.members[0].stats[0].error.clone().unwrap_or_default();
     assert!(error.contains("outside every mounted volume"), "{error}");
 }
+
+/// M2: a finalize needs the repository to itself (check, forget, prune take restic's exclusive
+/// lock); a backup of another batch that holds the repository for longer than two minutes makes it
+/// wait, not fail — the wait is bounded by a deadline, not by a fixed two minutes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_finalize_waits_for_a_backup_that_holds_the_repository_beyond_two_minutes() {
+    use std::io::Write;
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut setup = Setup::new("longlock", Backend::Local(repo.path())).await;
+    let member = setup.pvc_member().await;
+    setup.batch(vec![member], json!({"retentionPolicy": {"name": "last", "keepLast": 1, "prune": true}})).await;
+    mark_uploads(&setup, "<h1>waited</h1>");
+    let session = setup.back_up_without_finalize().await;
+
+    // Another batch's long backup: restic reading stdin holds its (shared) lock until stdin closes.
+    let mut holder = Command::new(backends::restic())
+        .arg("-r")
+        .arg(repo.path())
+        .args(["backup", "--stdin", "--stdin-filename", "other-batch.sql", "--tag", "namespace=elsewhere"])
+        .envs(setup.secret.iter())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("restic runs");
+    let mut stdin = holder.stdin.take().expect("stdin");
+    stdin.write_all(b"-- a dump that takes a while\n").expect("write");
+    support::eventually("the long backup's lock", Duration::from_secs(30), || async {
+        (lock_files(&repo.path().join("locks")) > 0).then_some(())
+    })
+    .await;
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(135));
+        drop(stdin);
+        holder.wait().expect("restic ends")
+    });
+
+    setup.finalize(&session).await;
+    assert!(release.join().expect("the holder thread").success(), "the long backup itself succeeded");
+    let finalized = setup.ns.api::<BackupSession>().get(&session).await.expect("session");
+    let conditions = finalized.status.map(|s| s.conditions).unwrap_or_default();
+    let done = conditions.iter().find(|c| c.type_ == "SessionFinalized").expect("SessionFinalized");
+    assert_eq!(done.status, stash::api::common::ConditionStatus::True, "{conditions:?}");
+    assert_eq!(restored_page(&mut setup, "after-wait").await, ("<h1>waited</h1>".into(), Some(session)));
+}

@@ -3,6 +3,7 @@
 //! repository, and update the Repository's status and the session's conditions.
 
 use super::executor::{AgentError, Executor};
+use super::job::session_timeout;
 use super::locks;
 use super::manifest::{MANIFEST_HOST, MANIFEST_TAG};
 use super::retention::{self, NAMESPACE_TAG, Ownership};
@@ -54,7 +55,7 @@ async fn finalize_session(executor: &Executor, session_name: &str) -> Result<Vec
     }
     let batch = executor.batch(&session.spec.invoker.name).await?;
     let repository = executor.repository(&batch.spec.repository).await?;
-    let restic = executor.restic(&repository).await?;
+    let restic = executor.restic(&repository).await?.waiting_for_locks(session_timeout());
     let policy = batch.spec.retention_policy.as_ref();
     let outcome = executor
         .repository_lease(&repository)

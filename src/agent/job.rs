@@ -33,10 +33,16 @@ pub fn find_member<'a>(batch: &'a BackupBatch, kind: &str, name: &str) -> Result
         .ok_or_else(|| AgentError::NoSuchMember { batch: batch.name_any(), kind: kind.into(), name: name.into() })
 }
 
+/// The default session timeout, which also bounds how long a finalize or a restore waits for other
+/// processes' locks: a backup holding one ends by its own session's deadline.
+pub fn session_timeout() -> Duration {
+    Duration::try_from(DEFAULT_SESSION_TIMEOUT).unwrap_or(Duration::from_secs(6 * 3600))
+}
+
 /// Time left until the session's deadline. The operator gives every session one; a session started
 /// by an older operator without one gets the default session timeout, never less.
 pub fn time_left(session: &BackupSession) -> Duration {
-    let default = Duration::try_from(DEFAULT_SESSION_TIMEOUT).unwrap_or(Duration::from_secs(6 * 3600));
+    let default = session_timeout();
     session
         .status
         .as_ref()
@@ -78,7 +84,7 @@ async fn back_up(
     job: &JobTarget,
 ) -> Result<(String, BackupOutcome), AgentError> {
     let repository = executor.repository(&batch.spec.repository).await?;
-    let restic = executor.restic(&repository).await?;
+    let restic = executor.restic(&repository).await?.waiting_for_locks(time_left(session));
     if job.kind == DATABASE_KIND {
         let engine = Engine::from_task(member.task.as_ref().map(|t| t.name.as_str()));
         let connection = Connection::from_secret(engine, SecretValues::read_dir(&job.database_secret_dir)?)?;

@@ -7,6 +7,7 @@
 
 use super::database::{Connection, Engine};
 use super::executor::{AgentError, Executor};
+use super::job::session_timeout;
 use super::manifest::{self, MANIFEST_TAG};
 use super::retention::NAMESPACE_TAG;
 use super::sidecar::host_name;
@@ -88,7 +89,7 @@ async fn restore_member(
         return Err(AgentError::Invalid(format!("no rule of the member applies to host {host}")));
     }
     let repository = executor.repository(&restore.spec.repository).await?;
-    let restic = executor.restic(&repository).await?;
+    let restic = executor.restic(&repository).await?.waiting_for_locks(session_timeout());
     let (snapshot, session) = match rule.and_then(|r| r.snapshots.first()).filter(|s| *s != "latest") {
         Some(id) => named_snapshot(&restic, executor.namespace(), member, id).await?,
         None => {

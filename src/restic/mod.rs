@@ -13,6 +13,7 @@ use percent_encoding::percent_decode_str;
 use secrets::{CA_CERT_DATA, RESTIC_PASSWORD, SecretError, SecretValues};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
 use tokio::process::Command;
 
 /// The restic the Dockerfile ships and the tests build; older releases (Debian's 0.14) work too.
@@ -63,6 +64,9 @@ impl Version {
     }
 }
 
+/// The lock wait of a command run by hand (`stash` CLI); executors wait until their deadline.
+const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(120);
+
 /// One repository opened with one Secret.
 pub struct Restic {
     binary: PathBuf,
@@ -70,6 +74,8 @@ pub struct Restic {
     secrets: SecretValues,
     password: String,
     version: Version,
+    /// How long a command waits for another process's lock before failing (`--retry-lock`).
+    lock_wait: Duration,
     /// Holds the CA file (when the Secret has CA_CERT_DATA) and restic's cache.
     scratch: tempfile::TempDir,
 }
@@ -105,13 +111,29 @@ impl Restic {
         if let Some(ca) = secrets.get(CA_CERT_DATA) {
             std::fs::write(scratch.path().join("ca.crt"), ca).map_err(ResticError::CaCert)?;
         }
-        let mut restic = Restic { binary, location, secrets, password, version: Version(0, 0, 0), scratch };
+        let mut restic = Restic {
+            binary,
+            location,
+            secrets,
+            password,
+            version: Version(0, 0, 0),
+            lock_wait: DEFAULT_LOCK_WAIT,
+            scratch,
+        };
         let printed = restic.run(&["version"]).await?;
         restic.version = Version::parse(&printed.stdout).ok_or_else(|| ResticError::Output {
             command: "version".into(),
             message: printed.stdout.trim().to_string(),
         })?;
         Ok(restic)
+    }
+
+    /// Waits up to `limit` for other processes' locks. Executors pass their deadline: a backup of
+    /// another batch may hold the repository for as long as its session runs, and a finalize that
+    /// gave up after a fixed two minutes would fail while nothing is wrong.
+    pub fn waiting_for_locks(mut self, limit: Duration) -> Self {
+        self.lock_wait = limit;
+        self
     }
 
     pub fn version(&self) -> Version {
@@ -151,8 +173,8 @@ impl Restic {
             command.arg("--cacert").arg(ca);
         }
         // Wait for another process's lock instead of failing at once (restic 0.16 and later).
-        if self.version >= Version(0, 16, 0) {
-            command.arg("--retry-lock").arg("2m");
+        if self.version >= Version(0, 16, 0) && !self.lock_wait.is_zero() {
+            command.arg("--retry-lock").arg(format!("{}s", self.lock_wait.as_secs().max(1)));
         }
         command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
         command
