@@ -1081,3 +1081,73 @@ async fn the_sidecar_runs_as_the_workloads_service_account_which_gets_the_sideca
     .await;
     operator.stop().await;
 }
+
+/// The Pods of every Job the operator makes in a namespace enforcing Pod Security `restricted`
+/// (the trigger's, a PVC member's backup Job, the finalize Job) are admitted: Pod Security admission
+/// runs at Pod creation, so the Job controller's Pods either exist or were refused.
+#[tokio::test]
+async fn every_operator_made_pod_passes_pod_security_restricted() {
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    let ns = TestNamespace::new("restricted").await;
+    let enforce = json!({"metadata": {"labels": {
+        "pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}}});
+    Api::<Namespace>::all(ns.client.clone())
+        .patch(&ns.name, &PatchParams::default(), &Patch::Merge(&enforce))
+        .await
+        .expect("label the namespace");
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    fixtures::batch(&ns, "nightly", vec![member("PersistentVolumeClaim", "data")], json!({"schedule": "0 2 * * *"}))
+        .await;
+    batch_phase(&ns, "nightly", BackupInvokerPhase::Ready).await;
+
+    // The trigger's Job, as `kubectl create job --from=cronjob/...` makes it.
+    let cronjob = cronjob_where(&ns, "the trigger CronJob", |_| true).await;
+    let template = cronjob.spec.expect("spec").job_template;
+    let trigger = Job {
+        metadata: kube::api::ObjectMeta { name: Some("manual-trigger".into()), ..Default::default() },
+        spec: template.spec,
+        status: None,
+    };
+    ns.api::<Job>().create(&Default::default(), &trigger).await.expect("create the trigger Job");
+
+    let sessions = ns.api::<BackupSession>();
+    let session = new_session(&ns, "nightly").await;
+    session_phase(&sessions, &session, BackupSessionPhase::Running).await;
+    report_host(&sessions, &session, 0, "data", HostPhase::Succeeded).await;
+    session_phase(&sessions, &session, BackupSessionPhase::Succeeded).await;
+
+    let pods = ns.api::<Pod>();
+    for job in ["manual-trigger".to_string(), format!("{session}-0"), format!("{session}-finalize")] {
+        let refused = eventually(&format!("a Pod of Job {job} or its refusal"), Duration::from_secs(60), || {
+            let (pods, jobs, job) = (pods.clone(), ns.api::<Job>(), job.clone());
+            async move {
+                let selector = format!("job-name={job}");
+                if !pods.list(&ListParams::default().labels(&selector)).await.ok()?.items.is_empty() {
+                    return Some(None);
+                }
+                // The Job controller reports a refused Pod as the Job's FailedCreate event.
+                let events = ns_events(&jobs, &job).await;
+                events.into_iter().find(|e| e.contains("violates PodSecurity")).map(Some)
+            }
+        })
+        .await;
+        assert_eq!(refused, None, "the Pod of Job {job} was refused");
+    }
+    operator.stop().await;
+}
+
+/// The messages of the Events about Job `name`.
+async fn ns_events(jobs: &Api<Job>, name: &str) -> Vec<String> {
+    let Ok(job) = jobs.get(name).await else { return Vec::new() };
+    let namespace = job.metadata.namespace.clone().unwrap_or_default();
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(support::client().await, &namespace);
+    let selector = format!("involvedObject.name={name}");
+    events
+        .list(&ListParams::default().fields(&selector))
+        .await
+        .map(|list| list.items.into_iter().filter_map(|e| e.message).collect())
+        .unwrap_or_default()
+}

@@ -3,7 +3,7 @@
 use crate::api::BackupBatch;
 use crate::api::common::RuntimeSettings;
 use crate::session::{invoker_labels, owned_by};
-use crate::webhook::sidecar::field_env;
+use crate::webhook::sidecar::{field_env, restricted};
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
 use kube::ResourceExt;
@@ -48,7 +48,7 @@ pub fn trigger_cronjob(batch: &BackupBatch, schedule: &str, image: &str) -> Cron
             env: Some(env),
             env_from: container.map(|c| c.env_from.clone()).filter(|e| !e.is_empty()),
             resources: container.and_then(|c| c.resources.clone()),
-            security_context: container.and_then(|c| c.security_context.clone()),
+            security_context: Some(container.and_then(|c| c.security_context.clone()).unwrap_or_else(restricted)),
             ..Default::default()
         }],
         ..pod_settings(runtime)

@@ -204,10 +204,12 @@ pub fn executor_container(
 }
 
 /// What Pod Security `restricted` asks of every container: without it a restricted namespace rejects
-/// the whole Pod. The image runs as a numeric non-root user, so `runAsNonRoot` holds.
-fn restricted() -> SecurityContext {
+/// the whole Pod. The image runs as a numeric non-root user, so `runAsNonRoot` holds; executors write
+/// only to their `/tmp` volume, so the root filesystem is read-only.
+pub(crate) fn restricted() -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
         capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
         run_as_non_root: Some(true),
         seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
