@@ -1151,3 +1151,26 @@ async fn ns_events(jobs: &Api<Job>, name: &str) -> Vec<String> {
         .map(|list| list.items.into_iter().filter_map(|e| e.message).collect())
         .unwrap_or_default()
 }
+
+/// An exec hook runs in the batch's workload Pods; with none running (no kubelet here: Pods stay
+/// Pending) the session fails before any member, saying which container it looked for.
+#[tokio::test]
+async fn an_exec_hook_without_a_running_pod_fails_the_session_saying_why() {
+    let ns = TestNamespace::new("exechook").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    let hooks = json!({"hooks": {"preBackup": {"exec": {"command": ["sync"]}, "containerName": "c"}}});
+    fixtures::batch(&ns, "flushed", vec![member("Deployment", "app")], hooks).await;
+    let sessions = ns.api::<BackupSession>();
+    let name = new_session(&ns, "flushed").await;
+    let failed = session_phase(&sessions, &name, BackupSessionPhase::Failed).await;
+    let status = failed.status.expect("status");
+    let hook = status.conditions.iter().find(|c| c.type_ == "PreBackupHookExecutionSucceeded").expect("hook condition");
+    assert_eq!(hook.status, ConditionStatus::False);
+    let message = hook.message.clone().unwrap_or_default();
+    assert!(message.contains("no running Pod with container \"c\""), "{message}");
+    assert!(status.targets.is_empty(), "no member started");
+    operator.stop().await;
+}

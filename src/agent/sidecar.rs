@@ -136,7 +136,7 @@ async fn take_turn(executor: &Executor, target: &SidecarTarget, session: &Backup
 
 async fn run_hook(handler: Option<&crate::api::common::Handler>, which: &str) -> Result<(), AgentError> {
     match handler {
-        Some(handler) => crate::controller::hooks::run(handler)
+        Some(handler) => crate::controller::hooks::run(handler, None)
             .await
             .map_err(|err| AgentError::Invalid(format!("{which} hook failed: {err}"))),
         None => Ok(()),

@@ -84,7 +84,11 @@ pub async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Context>) -> Result
             announce(&ctx, &session, &status).await;
         }
         if let Some(claimed) = claimed {
-            run_claimed(&sessions, &session.name_any(), claimed).await?;
+            let exec_pods = match (&claimed.handler.exec, batch.as_ref()) {
+                (Some(_), Some(batch)) => Some(exec_pods(&ctx, &namespace, batch).await?),
+                _ => None,
+            };
+            run_claimed(&sessions, &session.name_any(), claimed, exec_pods.as_ref()).await?;
             return Ok(Action::requeue(Duration::from_millis(10)));
         }
     }
@@ -93,8 +97,13 @@ pub async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Context>) -> Result
 
 /// Runs a hook whose claim is written, and records its outcome (retrying on conflicts: the outcome
 /// must land, or the hook would count as lost).
-async fn run_claimed(sessions: &Api<BackupSession>, name: &str, claimed: Claimed) -> Result<(), ControllerError> {
-    let result = hooks::run(&claimed.handler).await;
+async fn run_claimed(
+    sessions: &Api<BackupSession>,
+    name: &str,
+    claimed: Claimed,
+    exec_pods: Option<&hooks::ExecPods>,
+) -> Result<(), ControllerError> {
+    let result = hooks::run(&claimed.handler, exec_pods).await;
     let record = hooks::outcome(claimed.hook, &result);
     update_status(sessions, name, |current| {
         let status = current.status.get_or_insert_with(Default::default);
@@ -122,6 +131,21 @@ fn blocking_sibling<'a>(session: &BackupSession, siblings: &'a [BackupSession]) 
                 Some(BackupSessionPhase::Succeeded | BackupSessionPhase::Failed | BackupSessionPhase::Skipped) => false,
             }
     })
+}
+
+/// The Pods a batch's exec hooks run in: those of its workload members (all in its own namespace:
+/// `inspect` refuses others without reading them).
+async fn exec_pods(ctx: &Context, namespace: &str, batch: &BackupBatch) -> Result<hooks::ExecPods, ControllerError> {
+    let mut selectors = Vec::new();
+    for member in &batch.spec.members {
+        if let TargetState::Workload(workload) =
+            targets::inspect(&ctx.client, namespace, &member.target.reference).await?
+            && let Some(selector) = workload.selector.and_then(|s| kube::core::Selector::try_from(s).ok())
+        {
+            selectors.push(selector);
+        }
+    }
+    Ok(hooks::ExecPods { pods: Api::namespaced(ctx.client.clone(), namespace), selectors })
 }
 
 /// Pending → Skipped when another session of the batch runs; else the pre-backup hook (claimed,

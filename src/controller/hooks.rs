@@ -8,8 +8,13 @@
 use super::conditions::Desired;
 use crate::api::common::{Condition, ConditionStatus, Handler, HookExecutionPolicy, UriScheme};
 use crate::restic::backend::percent_encode;
+use crate::webhook::sidecar::SIDECAR_NAME;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::ResourceExt;
+use kube::api::{Api, AttachParams, ListParams};
+use kube::core::Selector;
 use std::time::Duration;
 
 const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -77,11 +82,25 @@ pub fn lost(hook: &'static str) -> Desired {
     )
 }
 
+/// Where a batch's `exec` hooks run: the live Pods of its workload members, in its own namespace
+/// (members of other namespaces are refused before any hook runs), through the API server's exec
+/// subresource. `None` where no such Pods exist to run in (a member's own hooks in its sidecar).
+pub struct ExecPods {
+    pub pods: Api<Pod>,
+    /// One label selector per workload member.
+    pub selectors: Vec<Selector>,
+}
+
 /// Runs `handler`; `Err` says why it failed, in words fit for a condition message.
-pub async fn run(handler: &Handler) -> Result<(), String> {
-    if handler.exec.is_some() {
-        // Exec needs the kubelet's exec API; the test control plane has no kubelet yet.
-        return Err("exec hooks are not supported yet; use httpGet, httpPost or tcpSocket".into());
+pub async fn run(handler: &Handler, exec_pods: Option<&ExecPods>) -> Result<(), String> {
+    if let Some(exec) = &handler.exec {
+        let Some(exec_pods) = exec_pods else {
+            return Err(
+                "a member's exec hook is not supported; use the batch's hooks, httpGet, httpPost or tcpSocket".into()
+            );
+        };
+        let command = exec.command.as_deref().unwrap_or_default();
+        return run_exec(exec_pods, command, handler.container_name.as_deref()).await;
     }
     if let Some(tcp) = &handler.tcp_socket {
         let host = tcp.host.clone().ok_or("tcpSocket hook needs a host")?;
@@ -116,6 +135,84 @@ pub async fn run(handler: &Handler) -> Result<(), String> {
     };
     let response = request.send().await.map_err(|e| format!("hook request failed: {e}"))?;
     if response.status().is_success() { Ok(()) } else { Err(format!("hook answered HTTP {}", response.status())) }
+}
+
+/// Runs `command` in container `container` (default: each Pod's first container that is not the
+/// sidecar) of every live Pod of the batch's workloads; each must exit 0.
+async fn run_exec(exec_pods: &ExecPods, command: &[String], container: Option<&str>) -> Result<(), String> {
+    if command.is_empty() {
+        return Err("the exec hook has no command".into());
+    }
+    let mut ran = 0;
+    for selector in &exec_pods.selectors {
+        let listed = exec_pods
+            .pods
+            .list(&ListParams::default().labels_from(selector))
+            .await
+            .map_err(|e| format!("listing the workload's Pods: {e}"))?;
+        for pod in listed.items.iter().filter(|p| is_running(p)) {
+            let Some(target) = exec_container(pod, container) else { continue };
+            let name = pod.name_any();
+            match tokio::time::timeout(HOOK_TIMEOUT, exec_in(&exec_pods.pods, &name, &target, command)).await {
+                Ok(Ok(())) => ran += 1,
+                Ok(Err(err)) => return Err(format!("exec in Pod {name}, container {target}: {err}")),
+                Err(_) => return Err(format!("exec in Pod {name}, container {target}: timed out")),
+            }
+        }
+    }
+    if ran == 0 {
+        let which =
+            container.map_or_else(|| "no running Pod".to_string(), |c| format!("no running Pod with container {c:?}"));
+        return Err(format!("{which} among the batch's workloads to run the exec hook in"));
+    }
+    Ok(())
+}
+
+fn is_running(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none() && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+}
+
+/// The container an exec hook runs in: the named one, or the first that is not the sidecar.
+fn exec_container(pod: &Pod, wanted: Option<&str>) -> Option<String> {
+    let containers = &pod.spec.as_ref()?.containers;
+    match wanted {
+        Some(name) => containers.iter().find(|c| c.name == name),
+        None => containers.iter().find(|c| c.name != SIDECAR_NAME),
+    }
+    .map(|c| c.name.clone())
+}
+
+async fn exec_in(pods: &Api<Pod>, pod: &str, container: &str, command: &[String]) -> Result<(), String> {
+    let params = AttachParams::default().container(container).stdin(false).stdout(true).stderr(true);
+    let mut process = pods.exec(pod, command.iter().map(String::as_str), &params).await.map_err(|e| e.to_string())?;
+    let mut stderr = process.stderr();
+    let mut stdout = process.stdout();
+    let status = process.take_status();
+    // Drain both streams so the command never blocks on a full pipe; keep the end of stderr to say why.
+    let (err, _) = tokio::join!(tail(stderr.as_mut()), tail(stdout.as_mut()));
+    let status = match status {
+        Some(status) => status.await,
+        None => None,
+    };
+    process.join().await.map_err(|e| e.to_string())?;
+    match status {
+        Some(s) if s.status.as_deref() == Some("Success") => Ok(()),
+        Some(s) => {
+            let message = s.message.unwrap_or_else(|| "the command failed".into());
+            Err(if err.is_empty() { message } else { format!("{message}: {err}") })
+        }
+        None => Err("the API server did not report the command's exit status".into()),
+    }
+}
+
+/// The last 300 bytes a stream printed, as text.
+async fn tail(stream: Option<&mut (impl tokio::io::AsyncRead + Unpin)>) -> String {
+    use tokio::io::AsyncReadExt;
+    let Some(stream) = stream else { return String::new() };
+    let mut all = Vec::new();
+    let _ = stream.read_to_end(&mut all).await;
+    let start = all.len().saturating_sub(300);
+    String::from_utf8_lossy(&all[start..]).trim().to_string()
 }
 
 /// Whether a post-backup hook runs for a session that `succeeded`, with `retries_left`.
