@@ -973,3 +973,28 @@ async fn a_finalize_waits_for_a_backup_that_holds_the_repository_beyond_two_minu
     assert_eq!(done.status, stash::api::common::ConditionStatus::True, "{conditions:?}");
     assert_eq!(restored_page(&mut setup, "after-wait").await, ("<h1>waited</h1>".into(), Some(session)));
 }
+
+/// A RestoreBatch in a fresh namespace (a clone, a move) restores the sessions of the namespace it
+/// names in `restoreFrom.namespace`, through its own Repository and password; without naming it, it
+/// sees none of them (namespaces never mix by accident).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fresh_namespace_restores_the_sessions_of_the_namespace_it_names() {
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut source = Setup::new("source", Backend::Local(repo.path())).await;
+    let member = source.pvc_member().await;
+    source.batch(vec![member], json!({})).await;
+    mark_uploads(&source, "<h1>from the source namespace</h1>");
+    let session = kube::ResourceExt::name_any(&source.back_up().await);
+
+    let mut fresh = Setup::new("fresh", Backend::Local(repo.path())).await;
+    let blind = tempfile::tempdir().expect("restore dir");
+    let refused = fresh.restore_on("blind", vec![uploads_member()], json!({}), Volumes::Root(blind.path())).await;
+    assert_eq!(refused.status.and_then(|s| s.phase), Some(RestorePhase::Failed), "nothing of its own to restore");
+
+    let restored = tempfile::tempdir().expect("restore dir");
+    let from = json!({"namespace": source.ns.name});
+    let restore = fresh.restore("clone", vec![uploads_member()], from, restored.path()).await;
+    assert_eq!(restore.status.and_then(|s| s.restored_session), Some(session));
+    let page = std::fs::read_to_string(restored.path().join("stash-data/uploads/index.html")).expect("restored");
+    assert_eq!(page, "<h1>from the source namespace</h1>");
+}

@@ -90,15 +90,16 @@ async fn restore_member(
     }
     let repository = executor.repository(&restore.spec.repository).await?;
     let restic = executor.restic(&repository).await?.waiting_for_locks(session_timeout());
+    let selector = restore.spec.restore_from.as_ref();
+    let source_namespace = selector.and_then(|s| s.namespace.as_deref()).unwrap_or(executor.namespace());
     let (snapshot, session) = match rule.and_then(|r| r.snapshots.first()).filter(|s| *s != "latest") {
-        Some(id) => named_snapshot(&restic, executor.namespace(), member, id).await?,
+        Some(id) => named_snapshot(&restic, source_namespace, member, id).await?,
         None => {
-            let selector = restore.spec.restore_from.as_ref();
             let batch = match selector.and_then(|s| s.batch.clone()) {
                 Some(batch) => batch,
-                None => only_batch(&restic, executor.namespace()).await?,
+                None => only_batch(&restic, source_namespace).await?,
             };
-            let manifest = manifest::select(&restic, executor.namespace(), &batch, selector).await?;
+            let manifest = manifest::select(&restic, source_namespace, &batch, selector).await?;
             let source = manifest.member(&target.kind, &target.name).ok_or_else(|| {
                 let session = &manifest.session;
                 AgentError::Invalid(format!("session {session} holds no member {}/{}", target.kind, target.name))

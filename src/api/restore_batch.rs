@@ -57,6 +57,12 @@ pub struct SessionSelector {
     /// complete sessions of several batches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<String>,
+    /// The namespace the sessions were backed up in (default: the RestoreBatch's own): restoring
+    /// another namespace's backup into this one, as a clone or a move, through this namespace's own
+    /// Repository and password. Without it, a namespace never sees another's sessions by accident.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: Option<String>,
     /// A BackupSession name, e.g. `app-backup-1764043200`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
