@@ -241,12 +241,15 @@ up() { # [--node]
 # Refuses a second node on this machine (another state dir's), and takes over after a crash whose state is gone.
 claim_node() {
   local owner
-  owner=$(cat "$node_owner" 2>/dev/null || true)
-  if [[ -n $owner && $owner != "$state" && -d $owner ]]; then
-    log "this machine's node belongs to $owner: run STASH_CLUSTER_DIR=$owner $0 down first"
-    exit 1
-  fi
-  echo "$state" >"$node_owner"
+  until (set -C && echo "$state" >"$node_owner") 2>/dev/null; do # noclobber: one of two racing ups wins
+    owner=$(cat "$node_owner" 2>/dev/null || true)
+    [[ $owner != "$state" ]] || return 0
+    if [[ -n $owner && -d $owner ]]; then
+      log "this machine's node belongs to $owner: run STASH_CLUSTER_DIR=$owner $0 down first"
+      exit 1
+    fi
+    rm -f "$node_owner"
+  done
 }
 
 # The bridge exists before anything starts: its address is the node IP the API server and kubelet bind.
