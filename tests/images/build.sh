@@ -16,7 +16,7 @@ repo=$(cd "$here/../.." && pwd)
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/stash-images
 suite=bookworm
 
-usage() { echo "usage: $0 pause|toolbox ..." >&2; exit 2; }
+usage() { echo "usage: $0 pause|toolbox|postgres|mariadb ..." >&2; exit 2; }
 (($#)) || usage
 log() { echo "images/build.sh: $*" >&2; }
 # A short key for whatever is on stdin.
@@ -44,22 +44,25 @@ debian_state() {
   cat "${releases[@]}" | digest
 }
 
-# Writes a Debian root filesystem tarball with the packages of list file $2 (plus `extra` lines from
-# stdin: mmdebstrap options), cached; prints its path. Every image runs as a non-root user that
-# Pod Security "restricted" accepts: nonroot, 65532:65532, as distroless names it.
+# Writes a Debian root filesystem tarball of mmdebstrap variant $2 with the packages of list file $3 (plus
+# more mmdebstrap options, one per line on stdin), cached; prints its path. Every image gets a non-root
+# user that Pod Security "restricted" accepts: nonroot, 65532:65532, as distroless names it.
 debian_rootfs() {
-  local name=$1 list=$2
+  local name=$1 variant=$2 list=$3
   local -a pkgs args
   mapfile -t pkgs < <(packages "$list")
   mapfile -t extra
   args=(
     --mode=unshare # a private mount namespace: nothing is left mounted on the host, even on failure
-    --variant=essential # only Essential:yes packages plus the list: no apt, no init in the image
+    --variant="$variant"
     --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr # merged /usr without the usrmerge package and its perl
     --include="$(IFS=,; echo "${pkgs[*]}")"
-    # Documentation and translations only cost space in a container; the licences stay.
+    # Documentation and translations only cost space in a container; the licences stay (as in Debian's slim images).
     --dpkgopt='path-exclude=/usr/share/man/*'
     --dpkgopt='path-exclude=/usr/share/info/*'
+    --dpkgopt='path-exclude=/usr/share/groff/*'
+    --dpkgopt='path-exclude=/usr/share/lintian/*'
+    --dpkgopt='path-exclude=/usr/share/linda/*'
     --dpkgopt='path-exclude=/usr/share/locale/*'
     --dpkgopt='path-exclude=/usr/share/doc/*'
     --dpkgopt='path-include=/usr/share/doc/*/copyright'
@@ -88,9 +91,19 @@ debian_rootfs() {
     tar -xOf "$scratch/rootfs.tar" ./var/lib/dpkg/status |
       awk '/^Package:/ { p = $2 } /^Version:/ { print p "=" $2 }' | sort >"$out.versions"
     mv "$scratch/rootfs.tar" "$out"
+    prune "rootfs-$name" "$out"
     log "$name: root filesystem in $((SECONDS - start)) s"
   fi
   echo "$out"
+}
+
+# Removes the cached builds named $1-KEY.tar other than $2: each is hundreds of MB, and a key once
+# replaced only comes back by going back to older inputs.
+prune() {
+  local old
+  for old in "$cache/$1"-*.tar; do
+    [[ "$old" == "$2" || ! -f "$old" || "${old#"$cache/$1"-}" == *-* ]] || rm -f "$old" "$old.versions"
+  done
 }
 
 # Writes the archive `$cache/$name-$key.tar` from the oci.py arguments that follow, unless it is there.
@@ -115,6 +128,7 @@ oci_archive() {
     log "$name: writing $out"
     python3 "$here/oci.py" --out "$scratch/image.tar" "$@"
     mv "$scratch/image.tar" "$out"
+    prune "$name" "$out"
   fi
   echo "$out"
 }
@@ -133,10 +147,50 @@ build_pause() {
 # A small Debian shell for tests to look around in a Pod: coreutils (sha256sum), curl, nc, ps.
 build_toolbox() {
   local rootfs
-  rootfs=$(debian_rootfs toolbox "$here/toolbox.packages" </dev/null)
+  # essential: only the Essential:yes set (no apt, no init) plus the list.
+  rootfs=$(debian_rootfs toolbox essential "$here/toolbox.packages" </dev/null)
   oci_archive toolbox --name stash.local/toolbox:dev --layer "$rootfs" \
     --user 65532:65532 --entrypoint /bin/sh --cmd=-c --cmd='sleep infinity' \
     --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --env HOME=/home/nonroot --workdir /
+}
+
+# Database servers for end-to-end tests of database members, run as nonroot (Pod Security restricted):
+# an entrypoint creates the data on the first start from environment variables (see the scripts).
+build_postgres() {
+  local rootfs dir="$scratch/postgres"
+  # The package's own cluster (main) and its generated snakeoil key would only be dead weight that
+  # differs per build. LLVM (105 MB) only serves the JIT, which the entrypoint turns off.
+  rootfs=$(debian_rootfs postgres essential "$here/postgres.packages" <<'EOF'
+--dpkgopt=path-exclude=/usr/lib/x86_64-linux-gnu/libLLVM-*
+--dpkgopt=path-exclude=/usr/lib/postgresql/15/lib/llvmjit*
+--dpkgopt=path-exclude=/usr/lib/postgresql/15/lib/bitcode/*
+--customize-hook=rm -rf "$1/var/lib/postgresql/15" "$1/etc/postgresql/15"
+--customize-hook=rm -f "$1/etc/ssl/private/ssl-cert-snakeoil.key" "$1/etc/ssl/certs/ssl-cert-snakeoil.pem"
+--customize-hook=install -d -o 65532 -g 65532 -m 0700 "$1/var/lib/postgresql/data"
+EOF
+)
+  install -D -m 0755 "$here/postgres-entrypoint.sh" "$dir/usr/local/bin/entrypoint"
+  # The server runs as nonroot: its socket directory is its own (/run is not in mmdebstrap's tarball).
+  install -d -o 65532 -g 65532 -m 0755 "$dir/run/postgresql"
+  oci_archive postgres --name stash.local/postgres:dev --layer "$rootfs" --layer "$dir" \
+    --user 65532:65532 --entrypoint /usr/local/bin/entrypoint \
+    --env PATH=/usr/local/sbin:/usr/local/bin:/usr/lib/postgresql/15/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    --env HOME=/home/nonroot --env PGDATA=/var/lib/postgresql/data/pgdata
+}
+
+build_mariadb() {
+  local rootfs dir="$scratch/mariadb"
+  # The system tables the package creates are replaced by the entrypoint's, owned by nonroot.
+  rootfs=$(debian_rootfs mariadb essential "$here/mariadb.packages" <<'EOF'
+--customize-hook=rm -rf "$1/var/lib/mysql"
+--customize-hook=install -d -o 65532 -g 65532 -m 0700 "$1/var/lib/mysql"
+EOF
+)
+  install -D -m 0755 "$here/mariadb-entrypoint.sh" "$dir/usr/local/bin/entrypoint"
+  install -d -o 65532 -g 65532 -m 0755 "$dir/run/mysqld"
+  oci_archive mariadb --name stash.local/mariadb:dev --layer "$rootfs" --layer "$dir" \
+    --user 65532:65532 --entrypoint /usr/local/bin/entrypoint \
+    --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --env HOME=/home/nonroot
 }
 
 for image in "$@"; do
@@ -144,6 +198,8 @@ for image in "$@"; do
   case "$image" in
     pause) build_pause ;;
     toolbox) build_toolbox ;;
+    postgres) build_postgres ;;
+    mariadb) build_mariadb ;;
     *) usage ;;
   esac
   log "$image: ready in $((SECONDS - start)) s"
