@@ -1,35 +1,69 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kube-controller-manager, kubectl and etcd from the pinned modules in go.mod into a cache
-# directory keyed by version; a second run finds them there and returns at once.
-# Prints the directory holding the binaries.
+# Builds the test cluster's binaries from pinned Go modules into cache directories keyed by version; a second
+# run finds them there and returns at once. Prints the directory holding the binaries, and nothing else, on stdout.
+#
+#   build.sh        kube-apiserver, kube-controller-manager, kubectl and etcd (go.mod beside this file)
+#   build.sh node   kubelet, kube-scheduler and kube-proxy (same module) and CoreDNS (its own module, coredns/),
+#                   for `cluster.sh up --node`; builds the control plane first when it is missing
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-k8s_version=$(awk '$1 == "k8s.io/kubernetes" { print $2; exit }' "$here/go.mod")
-etcd_version=$(awk '$1 == "go.etcd.io/etcd/server/v3" { print $2; exit }' "$here/go.mod")
+# The version of module $1 required in $2/go.mod (either `require m v` or a line of a require block).
+modver() { awk -v m="$1" '$1 == "require" && $2 == m { print $3; exit } $1 == m { print $2; exit }' "$2/go.mod"; }
+k8s_version=$(modver k8s.io/kubernetes "$here")
+etcd_version=$(modver go.etcd.io/etcd/server/v3 "$here")
+coredns_version=$(modver github.com/coredns/coredns "$here/coredns")
 cache_root=${STASH_TEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/stash-testcluster}
-bin_dir="$cache_root/k8s-$k8s_version-etcd-$etcd_version"
+cp_dir="$cache_root/k8s-$k8s_version-etcd-$etcd_version"
+node_dir="$cache_root/node-k8s-$k8s_version-coredns-$coredns_version"
 
-if [[ -x "$bin_dir/kube-apiserver" && -x "$bin_dir/kube-controller-manager" && -x "$bin_dir/kubectl" && -x "$bin_dir/etcd" ]]; then
+case "${1:-}" in
+  "") bin_dir=$cp_dir wanted=(kube-apiserver kube-controller-manager kubectl etcd) ;;
+  node) bin_dir=$node_dir wanted=(kubelet kube-scheduler kube-proxy coredns) ;;
+  *)
+    echo "usage: $0 [node]" >&2
+    exit 2
+    ;;
+esac
+
+built() {
+  local name
+  for name in "${wanted[@]}"; do [[ -x "$bin_dir/$name" ]] || return 1; done
+}
+if built; then
   echo "$bin_dir"
   exit 0
 fi
+# The node binaries share most packages with the control plane's: building both at once (two scripts racing)
+# compiles those packages twice, so the control plane always comes first, in this process.
+if [[ $bin_dir == "$node_dir" ]]; then
+  "${BASH_SOURCE[0]}" >/dev/null
+fi
 
-command -v go >/dev/null || { echo "build.sh: the go command is needed to build the control plane" >&2; exit 1; }
+command -v go >/dev/null || { echo "build.sh: the go command is needed to build the test cluster" >&2; exit 1; }
 minor=$(echo "$k8s_version" | cut -d. -f2)
 export CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=mod
 ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$k8s_version
   -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor
   -X k8s.io/component-base/version.gitTreeState=clean"
+k8s() { go build -trimpath -pgo=off -ldflags "$ldflags" -o "$staging/$1" "k8s.io/kubernetes/cmd/$1" >&2; }
 staging="$bin_dir.partial"
 mkdir -p "$staging"
 cd "$here"
-echo "build.sh: building Kubernetes $k8s_version and etcd $etcd_version into $bin_dir (first run only)" >&2
 start=$SECONDS
-go build -trimpath -pgo=off -ldflags "$ldflags" -o "$staging/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver >&2
-go build -trimpath -pgo=off -ldflags "$ldflags" -o "$staging/kube-controller-manager" k8s.io/kubernetes/cmd/kube-controller-manager >&2
-go build -trimpath -pgo=off -ldflags "$ldflags" -o "$staging/kubectl" k8s.io/kubernetes/cmd/kubectl >&2
-go build -trimpath -pgo=off -ldflags "-s -w" -o "$staging/etcd" go.etcd.io/etcd/server/v3 >&2
+if [[ $bin_dir == "$cp_dir" ]]; then
+  echo "build.sh: building Kubernetes $k8s_version and etcd $etcd_version into $bin_dir (first run only)" >&2
+  k8s kube-apiserver
+  k8s kube-controller-manager
+  k8s kubectl
+  go build -trimpath -pgo=off -ldflags "-s -w" -o "$staging/etcd" go.etcd.io/etcd/server/v3 >&2
+else
+  echo "build.sh: building kubelet, kube-scheduler, kube-proxy $k8s_version and CoreDNS $coredns_version into $bin_dir (first run only)" >&2
+  k8s kubelet
+  k8s kube-scheduler
+  k8s kube-proxy
+  (cd coredns && go build -trimpath -ldflags "-s -w" -o "$staging/coredns" . >&2)
+fi
 rm -rf "$bin_dir"
 mv "$staging" "$bin_dir"
 echo "build.sh: built in $((SECONDS - start)) s" >&2

@@ -1,5 +1,6 @@
-// Builds the real control plane used by the integration tests: kube-apiserver,
-// kube-controller-manager (k8s.io/kubernetes) and etcd, from pinned module versions.
+// Builds the real cluster used by the integration tests: kube-apiserver, kube-controller-manager,
+// kubectl and, for the node, kubelet, kube-scheduler and kube-proxy (k8s.io/kubernetes), and etcd,
+// from pinned module versions. CoreDNS has a module of its own (coredns/).
 module stash.local/testcluster
 
 go 1.24.0

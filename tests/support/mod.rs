@@ -22,6 +22,7 @@ use std::time::Duration;
 pub mod backends;
 pub mod executors;
 pub mod fixtures;
+pub mod node;
 pub mod operator;
 pub mod webhook;
 

@@ -1,0 +1,3 @@
+module stash.local/pause
+
+go 1.22
