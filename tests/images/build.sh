@@ -16,7 +16,7 @@ repo=$(cd "$here/../.." && pwd)
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/stash-images
 suite=bookworm
 
-usage() { echo "usage: $0 pause|toolbox|postgres|mariadb ..." >&2; exit 2; }
+usage() { echo "usage: $0 pause|toolbox|stash|postgres|mariadb ..." >&2; exit 2; }
 (($#)) || usage
 log() { echo "images/build.sh: $*" >&2; }
 # A short key for whatever is on stdin.
@@ -154,6 +154,31 @@ build_toolbox() {
     --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --env HOME=/home/nonroot --workdir /
 }
 
+# The operator, executor and sidecar image; the Dockerfile describes the same image (tests/image_parity.rs).
+# minbase is what Debian's bookworm-slim image holds (Essential plus apt), the Dockerfile's base.
+build_stash() {
+  local target=${CARGO_TARGET_DIR:-$repo/target} restic_dir rootfs dir="$scratch/stash"
+  rootfs=$(debian_rootfs stash minbase "$repo/image/stash.packages" </dev/null)
+  # cargo decides whether the binary is stale; a fresh one costs a second. Run from a test, this script
+  # inherits the test's CARGO_MANIFEST_DIR, CARGO_PKG_*, ...: build scripts that watch them (ring watches
+  # CARGO_MANIFEST_DIR) would have cargo rebuild the whole release tree each time, so they are dropped.
+  local var
+  local -a unset=()
+  for var in $(compgen -e); do
+    case "$var" in
+      CARGO_MANIFEST_* | CARGO_PKG_* | CARGO_BIN_EXE_* | CARGO_CRATE_NAME | CARGO_PRIMARY_PACKAGE | CARGO_TARGET_TMPDIR) unset+=(-u "$var") ;;
+    esac
+  done
+  log "stash: cargo build --release"
+  (cd "$repo" && env "${unset[@]}" cargo build --release --locked --bin stash >&2)
+  restic_dir=$("$here/../backends/build.sh")
+  mkdir -p "$dir/usr/local/bin"
+  install -m 0755 "$target/release/stash" "$restic_dir/restic" "$dir/usr/local/bin/"
+  oci_archive stash --name stash.local/stash:dev --layer "$rootfs" --layer "$dir" \
+    --user 65532:65532 --entrypoint /usr/local/bin/stash \
+    --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --env HOME=/home/nonroot
+}
+
 # Database servers for end-to-end tests of database members, run as nonroot (Pod Security restricted):
 # an entrypoint creates the data on the first start from environment variables (see the scripts).
 build_postgres() {
@@ -198,6 +223,7 @@ for image in "$@"; do
   case "$image" in
     pause) build_pause ;;
     toolbox) build_toolbox ;;
+    stash) build_stash ;;
     postgres) build_postgres ;;
     mariadb) build_mariadb ;;
     *) usage ;;
