@@ -31,8 +31,12 @@ pub fn free_port() -> u16 {
 }
 
 fn wait_for_port(port: u16, what: &str) {
+    wait_for_address(std::net::Ipv4Addr::LOCALHOST.into(), port, what);
+}
+
+fn wait_for_address(ip: std::net::IpAddr, port: u16, what: &str) {
     let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while std::net::TcpStream::connect((ip, port)).is_err() {
         assert!(start.elapsed() < Duration::from_secs(30), "{what} did not listen on {port}");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -52,18 +56,23 @@ impl Drop for Server {
     }
 }
 
-/// restic's REST server without authentication.
+/// restic's REST server without authentication, on loopback.
 pub fn rest_server() -> Server {
+    rest_server_on(std::net::Ipv4Addr::LOCALHOST.into())
+}
+
+/// restic's REST server without authentication, listening on `ip` (the node's IP, for Pods).
+pub fn rest_server_on(ip: std::net::IpAddr) -> Server {
     let dir = tempfile::tempdir().expect("temp dir");
     let port = free_port();
     let child = Command::new(tools().join("rest-server"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--no-auth", "--path"])
+        .args(["--listen", &std::net::SocketAddr::new(ip, port).to_string(), "--no-auth", "--path"])
         .arg(dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("rest-server starts");
-    wait_for_port(port, "rest-server");
+    wait_for_address(ip, port, "rest-server");
     Server { port, child, _dir: dir }
 }
 

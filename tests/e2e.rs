@@ -1,0 +1,316 @@
+//! End to end on the real node: the operator installed from `deploy/` as a user installs it (two
+//! replicas, the shipped RBAC, self-managed webhook certificates, the webhook reached through its
+//! Service), an application in a namespace enforcing Pod Security `restricted`, one BackupBatch whose
+//! CronJob fires, a sidecar and a Job that back up for real into a REST server on the host, and a
+//! RestoreBatch in a fresh namespace that brings every file back byte for byte.
+//! Without a node (`STASH_NODE_IP` unset: plain `cargo test`) it says so and passes; `scripts/test.sh`
+//! always runs it with one.
+
+mod support;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, Pod};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use serde_json::{Value, json};
+use stash::api::backup_session::{BackupSessionPhase, HostPhase};
+use stash::api::restore_batch::RestorePhase;
+use stash::api::{BackupBatch, BackupSession, RestoreBatch};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use support::backends;
+use support::fixtures;
+use support::node::{self, kubectl};
+use support::{TestNamespace, eventually};
+
+const OVERLAY: &str = "tests/e2e";
+const APP_IMAGE: &str = "stash.local/toolbox:dev";
+/// Guards against hangs only: a CronJob fires within a minute, Pods start in seconds.
+const LIMIT: Duration = Duration::from_secs(240);
+
+/// The installed operator; uninstalled when dropped, so the next test binary finds no operator.
+struct Installed;
+
+impl Installed {
+    async fn install() -> Installed {
+        let applied = kubectl(&["apply", "--server-side", "--force-conflicts", "-k", &root(OVERLAY)]);
+        assert!(applied.status.success(), "kubectl apply -k {OVERLAY}: {}", String::from_utf8_lossy(&applied.stderr));
+        let deployments: Api<Deployment> = Api::namespaced(support::client().await, "stash");
+        eventually("two ready operator replicas", LIMIT, || {
+            let deployments = deployments.clone();
+            async move {
+                let ready = deployments.get("stash-operator").await.ok()?.status?.ready_replicas?;
+                (ready == 2).then_some(())
+            }
+        })
+        .await;
+        Installed
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        // The namespace takes the operator and its Lease; the webhook configuration would otherwise
+        // keep sending the API server to a Service that is gone.
+        for args in [
+            &["delete", "mutatingwebhookconfiguration", "stash", "--ignore-not-found"][..],
+            &["delete", "namespace", "stash", "--ignore-not-found", "--timeout=120s"][..],
+        ] {
+            let out = kubectl(args);
+            if !out.status.success() {
+                eprintln!("kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+    }
+}
+
+fn root(relative: &str) -> String {
+    support::repo_root().join(relative).display().to_string()
+}
+
+/// A namespace that enforces `restricted` and whose Pods run on the node.
+async fn restricted_namespace(prefix: &str) -> TestNamespace {
+    let ns = TestNamespace::new(prefix).await;
+    let enforce = json!({"metadata": {"labels": {
+        "pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}}});
+    Api::<Namespace>::all(ns.client.clone())
+        .patch(&ns.name, &PatchParams::default(), &Patch::Merge(&enforce))
+        .await
+        .expect("label the namespace");
+    node::schedule_on_node(&ns).await;
+    ns
+}
+
+/// A PersistentVolumeClaim bound to a hostPath volume in `dir` (writable by any user: the test's Pods
+/// run as non-root users of their own).
+async fn claim_on(ns: &TestNamespace, name: &str, dir: &Path) {
+    std::fs::create_dir_all(dir).expect("volume dir");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let pv = format!("{}-{name}", ns.name);
+    let volumes: Api<PersistentVolume> = Api::all(ns.client.clone());
+    let volume: PersistentVolume = serde_json::from_value(json!({
+        "metadata": {"name": pv, "labels": {"stash-tests/namespace": ns.name}},
+        "spec": {
+            "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "e2e-manual",
+            "persistentVolumeReclaimPolicy": "Retain",
+            "hostPath": {"path": dir.display().to_string(), "type": "Directory"},
+            "claimRef": {"namespace": ns.name, "name": name},
+        },
+    }))
+    .expect("a PersistentVolume");
+    volumes.create(&Default::default(), &volume).await.expect("create the PersistentVolume");
+    fixtures::create::<k8s_openapi::api::core::v1::PersistentVolumeClaim>(
+        ns,
+        json!({"metadata": {"name": name}, "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "e2e-manual",
+            "volumeName": pv, "resources": {"requests": {"storage": "1Gi"}}}}),
+    )
+    .await;
+}
+
+/// The repository Secret and a Repository on the REST server on the host.
+async fn repository(ns: &TestNamespace, node_ip: Ipv4Addr, port: u16) {
+    fixtures::secret(ns, true).await;
+    fixtures::create::<stash::api::Repository>(
+        ns,
+        json!({"apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
+               "metadata": {"name": "repo", "namespace": ns.name},
+               "spec": {"backend": {"storageSecretName": "repo-secret",
+                                    "rest": {"url": format!("http://{node_ip}:{port}/e2e")}}}}),
+    )
+    .await;
+}
+
+/// What `restricted` asks of a container that runs as the application's own non-root user.
+fn restricted_pod(containers: Value, volumes: Value) -> Value {
+    json!({
+        "terminationGracePeriodSeconds": 1,
+        "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": containers,
+        "volumes": volumes,
+    })
+}
+
+fn app_container(script: &str) -> Value {
+    json!({
+        "name": "app", "image": APP_IMAGE, "imagePullPolicy": "Never", "command": ["sh", "-c", script],
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+        "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
+    })
+}
+
+/// A WordPress-like Deployment: it writes its site into the PVC `uploads` once, then serves nothing.
+fn web(replicas: i32) -> Value {
+    let script = "mkdir -p /data/site && cd /data/site && [ -f index.html ] || { echo '<h1>e2e</h1>' > index.html; \
+                  head -c 3000000 /dev/urandom > blob.bin; mkdir -p 2026/11 && seq 1 5000 > 2026/11/rows.txt; }; \
+                  exec sleep infinity";
+    json!({"metadata": {"name": "web"}, "spec": {
+        "replicas": replicas, "selector": {"matchLabels": {"app": "web"}},
+        "template": {"metadata": {"labels": {"app": "web"}}, "spec": restricted_pod(
+            json!([app_container(script)]),
+            json!([{"name": "data", "persistentVolumeClaim": {"claimName": "uploads"}}]))}}})
+}
+
+/// Every regular file under `dir`, by relative path, with its bytes.
+fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
+        for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let relative = path.strip_prefix(root).expect("under root").to_path_buf();
+                out.insert(relative, std::fs::read(&path).expect("read file"));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+fn file_names(files: &BTreeMap<PathBuf, Vec<u8>>) -> Vec<String> {
+    files.keys().map(|p| p.display().to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
+    let Some(node_ip) = node::node_ip() else {
+        eprintln!("skipped: no node (STASH_NODE_IP unset; scripts/test.sh brings one up)");
+        return;
+    };
+    node::import_images(&["stash", "toolbox"]);
+    let rest = backends::rest_server_on(node_ip.into());
+    let volumes = tempfile::tempdir().expect("volumes dir");
+    let _operator = Installed::install().await;
+
+    // The application, its standalone archive PVC, and the batch, in a restricted namespace.
+    let app = restricted_namespace("e2e").await;
+    repository(&app, node_ip, rest.port).await;
+    claim_on(&app, "uploads", &volumes.path().join("app-uploads")).await;
+    claim_on(&app, "archive", &volumes.path().join("app-archive")).await;
+    std::fs::create_dir_all(volumes.path().join("app-archive/2025")).expect("archive dir");
+    std::fs::write(volumes.path().join("app-archive/2025/ledger.csv"), "id,amount\n1,100\n2,250\n").expect("file");
+    let hook = |name: &str| json!({"exec": {"command": ["sh", "-c", format!("date +%s > /data/site/{name}")]}, "containerName": "app"});
+    let mut post = hook("post-hook");
+    post["executionPolicy"] = json!("Always");
+    fixtures::batch(
+        &app,
+        "site",
+        vec![
+            json!({"target": {"alias": "web", "ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                   "paths": ["/data"], "volumeMounts": [{"name": "data", "mountPath": "/data"}]}}),
+            json!({"target": {"alias": "archive", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "archive"}}}),
+        ],
+        json!({"schedule": "* * * * *", "executionOrder": "Sequential", "timeOut": "10m",
+               "hooks": {"preBackup": hook("pre-hook"), "postBackup": post},
+               "retentionPolicy": {"name": "last-3", "keepLast": 3, "prune": true}}),
+    )
+    .await;
+    fixtures::create::<Deployment>(&app, web(1)).await;
+
+    // The webhook injected the sidecar when the Deployment's Pod was created.
+    let pods = app.api::<Pod>();
+    let pod = eventually("the web Pod running with the sidecar", LIMIT, || {
+        let pods = pods.clone();
+        async move {
+            let list = pods.list(&ListParams::default().labels("app=web")).await.ok()?;
+            list.items.into_iter().find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        }
+    })
+    .await;
+    let containers: Vec<String> = pod.spec.expect("spec").containers.into_iter().map(|c| c.name).collect();
+    assert_eq!(containers, ["app", "stash"], "the webhook injected the sidecar");
+    eventually("the site written", LIMIT, || async {
+        volumes.path().join("app-uploads/site/2026/11/rows.txt").exists().then_some(())
+    })
+    .await;
+
+    // The CronJob fires; its session runs the sidecar, then the archive's Job, then finalizes.
+    let sessions = app.api::<BackupSession>();
+    let session = eventually("a session from the CronJob", LIMIT, || {
+        let sessions = sessions.clone();
+        async move { sessions.list(&ListParams::default()).await.ok()?.items.into_iter().next() }
+    })
+    .await;
+    let pause = json!({"spec": {"paused": true}});
+    app.api::<BackupBatch>().patch("site", &PatchParams::default(), &Patch::Merge(&pause)).await.expect("pause");
+    let name = kube::ResourceExt::name_any(&session);
+    let done = eventually("the session to finish", LIMIT, || {
+        let (sessions, name) = (sessions.clone(), name.clone());
+        async move {
+            let session = sessions.get(&name).await.ok()?;
+            session.status.as_ref()?.phase.filter(|p| p.is_final())?;
+            Some(session)
+        }
+    })
+    .await;
+    let status = done.status.expect("status");
+    assert_eq!(status.phase, Some(BackupSessionPhase::Succeeded), "{status:#?}");
+    for target in &status.targets {
+        assert!(!target.stats.is_empty(), "{target:?}");
+        for host in &target.stats {
+            assert_eq!(host.phase, Some(HostPhase::Succeeded), "{host:?}");
+            assert!(!host.snapshots.is_empty(), "host {} names its snapshot", host.hostname);
+        }
+    }
+    assert!(volumes.path().join("app-uploads/site/post-hook").exists(), "the post-backup hook ran in the app");
+    eventually("the session finalized", LIMIT, || {
+        let (sessions, name) = (sessions.clone(), name.clone());
+        async move {
+            let status = sessions.get(&name).await.ok()?.status?;
+            status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "SessionFinalized" && c.status == stash::api::common::ConditionStatus::True)
+                .then_some(())
+        }
+    })
+    .await;
+
+    // A fresh namespace: its own Repository (same password), empty claims, the Deployment (scaled to
+    // zero) whose volumes say which claim each path goes to.
+    let fresh = restricted_namespace("e2e-restore").await;
+    repository(&fresh, node_ip, rest.port).await;
+    claim_on(&fresh, "uploads", &volumes.path().join("fresh-uploads")).await;
+    claim_on(&fresh, "archive", &volumes.path().join("fresh-archive")).await;
+    fixtures::create::<Deployment>(&fresh, web(0)).await;
+    fixtures::create::<RestoreBatch>(
+        &fresh,
+        json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "RestoreBatch",
+               "metadata": {"name": "clone", "namespace": fresh.name},
+               "spec": {"repository": {"name": "repo"}, "restoreFrom": {"namespace": app.name, "batch": "site"},
+                        "members": [
+            {"target": {"alias": "web", "ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                        "volumeMounts": [{"name": "data", "mountPath": "/data"}]}},
+            {"target": {"alias": "archive", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "archive"}}}]}}),
+    )
+    .await;
+    let restores = fresh.api::<RestoreBatch>();
+    let restored = eventually("the restore to finish", LIMIT, || {
+        let restores = restores.clone();
+        async move {
+            let restore = restores.get("clone").await.ok()?;
+            let phase = restore.status.as_ref()?.phase?;
+            matches!(phase, RestorePhase::Succeeded | RestorePhase::Failed | RestorePhase::Invalid).then_some(restore)
+        }
+    })
+    .await;
+    let status = restored.status.expect("status");
+    assert_eq!(status.phase, Some(RestorePhase::Succeeded), "{status:#?}");
+    assert_eq!(status.restored_session.as_deref(), Some(name.as_str()));
+
+    let mut backed_up = files(&volumes.path().join("app-uploads"));
+    // Written after the backup by the post-backup hook: not part of the set.
+    backed_up.remove(Path::new("site/post-hook"));
+    let brought_back = files(&volumes.path().join("fresh-uploads"));
+    assert_eq!(file_names(&brought_back), file_names(&backed_up));
+    assert!(brought_back == backed_up, "the site's files are byte-identical");
+    assert!(brought_back.contains_key(Path::new("site/pre-hook")), "the pre-backup hook ran before the backup");
+    assert!(
+        files(&volumes.path().join("fresh-archive")) == files(&volumes.path().join("app-archive")),
+        "the archive PVC is byte-identical"
+    );
+}
