@@ -5,11 +5,10 @@
 use crate::agent::database::DEFAULT_DATABASE_SECRET_DIR;
 use crate::api::common::{ContainerRuntimeSettings, EmptyDirSettings};
 use crate::api::repository::Repository;
-use crate::webhook::sidecar::{SECRET_MOUNT_PATH, TMP_MOUNT_PATH, executor_container};
+use crate::webhook::sidecar::{SECRET_MOUNT_PATH, TMP_MOUNT_PATH, executor_container, secret_volume};
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    EmptyDirVolumeSource, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, SecretVolumeSource, Volume,
-    VolumeMount,
+    EmptyDirVolumeSource, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::core::ObjectMeta;
@@ -52,17 +51,6 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
         mount_path: path.into(),
         read_only: read_only.then_some(true),
         ..Default::default()
-    }
-}
-
-fn secret_volume(name: &str, secret: &str) -> Volume {
-    Volume {
-        secret: Some(SecretVolumeSource {
-            secret_name: Some(secret.into()),
-            default_mode: Some(0o400),
-            ..Default::default()
-        }),
-        ..volume(name)
     }
 }
 

@@ -251,12 +251,15 @@ fn tmp_volume(name: &str, settings: Option<&EmptyDirSettings>) -> Volume {
     }
 }
 
-fn secret_volume(name: &str, secret_name: &str) -> Volume {
+/// A Secret as a volume. World-readable inside the container that mounts it: executors run as
+/// whatever non-root user the Pod has (the image's, or the application's for a sidecar), which is
+/// never the files' owner, and only our container mounts the volume.
+pub(crate) fn secret_volume(name: &str, secret_name: &str) -> Volume {
     Volume {
         name: name.into(),
         secret: Some(SecretVolumeSource {
             secret_name: Some(secret_name.into()),
-            default_mode: Some(0o400),
+            default_mode: Some(0o444),
             ..Default::default()
         }),
         ..Default::default()

@@ -169,11 +169,21 @@ build_stash() {
       CARGO_MANIFEST_* | CARGO_PKG_* | CARGO_BIN_EXE_* | CARGO_CRATE_NAME | CARGO_PRIMARY_PACKAGE | CARGO_TARGET_TMPDIR) unset+=(-u "$var") ;;
     esac
   done
-  log "stash: cargo build --release"
-  (cd "$repo" && env "${unset[@]}" cargo build --release --locked --bin stash >&2)
+  # STASH_IMAGE_PROFILE=dev (scripts/test.sh) packs the debug binary the tests build anyway, stripped:
+  # the same program, without a release build that would double a cold CI run's compile time.
+  local profile=${STASH_IMAGE_PROFILE:-release} built
+  case "$profile" in
+    release) built=release ;;
+    dev) built=debug ;;
+    *) echo "build.sh: STASH_IMAGE_PROFILE must be release or dev, not $profile" >&2; exit 2 ;;
+  esac
+  log "stash: cargo build --profile $profile"
+  (cd "$repo" && env "${unset[@]}" cargo build --profile "$profile" --locked --bin stash >&2)
   restic_dir=$("$here/../backends/build.sh")
   mkdir -p "$dir/usr/local/bin"
-  install -m 0755 "$target/release/stash" "$restic_dir/restic" "$dir/usr/local/bin/"
+  install -m 0755 "$restic_dir/restic" "$dir/usr/local/bin/"
+  strip -o "$dir/usr/local/bin/stash" "$target/$built/stash"
+  chmod 0755 "$dir/usr/local/bin/stash"
   oci_archive stash --name stash.local/stash:dev --layer "$rootfs" --layer "$dir" \
     --user 65532:65532 --entrypoint /usr/local/bin/stash \
     --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --env HOME=/home/nonroot
