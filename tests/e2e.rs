@@ -2,7 +2,8 @@
 //! replicas, the shipped RBAC, self-managed webhook certificates, the webhook reached through its
 //! Service), an application in a namespace enforcing Pod Security `restricted`, one BackupBatch whose
 //! CronJob fires, a sidecar and a Job that back up for real into a REST server on the host, and a
-//! RestoreBatch in a fresh namespace that brings every file back byte for byte.
+//! RestoreBatch in a fresh namespace that brings every file back byte for byte and PostgreSQL's rows
+//! back identical.
 //! Without a node (`STASH_NODE_IP` unset: plain `cargo test`) it says so and passes; `scripts/test.sh`
 //! always runs it with one.
 
@@ -153,6 +154,63 @@ fn web(replicas: i32) -> Value {
             json!([{"name": "data", "persistentVolumeClaim": {"claimName": "uploads"}}]))}}})
 }
 
+const PG_PASSWORD: &str = "e2e-pg-password-7c1d";
+
+/// PostgreSQL 15 as a one-replica StatefulSet behind Service `pg`, and Secret `pg-conn` saying how to
+/// reach it by its DNS name (the database member).
+async fn postgres(ns: &TestNamespace) {
+    let container = json!({
+        "name": "postgres", "image": "stash.local/postgres:dev", "imagePullPolicy": "Never",
+        "env": [{"name": "POSTGRES_PASSWORD", "value": PG_PASSWORD}, {"name": "POSTGRES_DB", "value": "shop"}],
+        "ports": [{"containerPort": 5432}],
+        "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}],
+        "readinessProbe": {"exec": {"command": ["pg_isready", "-h", "127.0.0.1"]}, "periodSeconds": 1},
+        "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
+    });
+    let mut pod = restricted_pod(json!([container]), json!([{"name": "data", "emptyDir": {}}]));
+    pod["securityContext"]["runAsUser"] = json!(65532);
+    pod["securityContext"]["runAsGroup"] = json!(65532);
+    pod["securityContext"]["fsGroup"] = json!(65532);
+    fixtures::create::<k8s_openapi::api::apps::v1::StatefulSet>(
+        ns,
+        json!({"metadata": {"name": "pg"}, "spec": {"serviceName": "pg", "replicas": 1,
+            "selector": {"matchLabels": {"app": "pg"}},
+            "template": {"metadata": {"labels": {"app": "pg"}}, "spec": pod}}}),
+    )
+    .await;
+    fixtures::create::<k8s_openapi::api::core::v1::Service>(
+        ns,
+        json!({"metadata": {"name": "pg"}, "spec": {"selector": {"app": "pg"}, "ports": [{"port": 5432}]}}),
+    )
+    .await;
+    let connection = json!({"host": format!("pg.{}.svc.cluster.local", ns.name), "port": "5432",
+                            "username": "postgres", "password": PG_PASSWORD, "database": "shop"});
+    fixtures::create::<k8s_openapi::api::core::v1::Secret>(
+        ns,
+        json!({"metadata": {"name": "pg-conn"}, "stringData": connection}),
+    )
+    .await;
+    let pods = ns.api::<Pod>();
+    eventually("PostgreSQL ready", LIMIT, || {
+        let pods = pods.clone();
+        async move {
+            let pod = pods.get("pg-0").await.ok()?;
+            let ready = pod.status?.conditions?.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+            ready.then_some(())
+        }
+    })
+    .await;
+}
+
+/// `psql` in the database's own Pod (local socket), printing the result only.
+fn psql(ns: &TestNamespace, sql: &str) -> String {
+    let out = kubectl(&["-n", &ns.name, "exec", "pg-0", "--", "psql", "-U", "postgres", "-d", "shop", "-tAc", sql]);
+    assert!(out.status.success(), "psql {sql:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+const ROWS_CHECKSUM: &str = "SELECT count(*) || ':' || md5(string_agg(t::text, ',' ORDER BY id)) FROM items t";
+
 /// Every regular file under `dir`, by relative path, with its bytes.
 fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
@@ -181,7 +239,7 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
         eprintln!("skipped: no node (STASH_NODE_IP unset; scripts/test.sh brings one up)");
         return;
     };
-    node::import_images(&["stash", "toolbox"]);
+    node::import_images(&["stash", "toolbox", "postgres"]);
     let rest = backends::rest_server_on(node_ip.into());
     let volumes = tempfile::tempdir().expect("volumes dir");
     let _operator = Installed::install().await;
@@ -203,6 +261,8 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
             json!({"target": {"alias": "web", "ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
                    "paths": ["/data"], "volumeMounts": [{"name": "data", "mountPath": "/data"}]}}),
             json!({"target": {"alias": "archive", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "archive"}}}),
+            json!({"target": {"alias": "shop-db", "ref": {"apiVersion": "v1", "kind": "Secret", "name": "pg-conn"}},
+                   "task": {"name": "postgres-backup-15"}}),
         ],
         json!({"schedule": "* * * * *", "executionOrder": "Sequential", "timeOut": "10m",
                "hooks": {"preBackup": hook("pre-hook"), "postBackup": post},
@@ -210,6 +270,13 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
     )
     .await;
     fixtures::create::<Deployment>(&app, web(1)).await;
+    postgres(&app).await;
+    psql(
+        &app,
+        "CREATE TABLE items (id serial PRIMARY KEY, name text, qty int); \
+         INSERT INTO items (name, qty) SELECT 'item ' || g, g % 17 FROM generate_series(1, 5000) g",
+    );
+    let checksum = psql(&app, ROWS_CHECKSUM);
 
     // The webhook injected the sidecar when the Deployment's Pod was created.
     let pods = app.api::<Pod>();
@@ -277,6 +344,7 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
     claim_on(&fresh, "uploads", &volumes.path().join("fresh-uploads")).await;
     claim_on(&fresh, "archive", &volumes.path().join("fresh-archive")).await;
     fixtures::create::<Deployment>(&fresh, web(0)).await;
+    postgres(&fresh).await;
     fixtures::create::<RestoreBatch>(
         &fresh,
         json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "RestoreBatch",
@@ -285,7 +353,9 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
                         "members": [
             {"target": {"alias": "web", "ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
                         "volumeMounts": [{"name": "data", "mountPath": "/data"}]}},
-            {"target": {"alias": "archive", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "archive"}}}]}}),
+            {"target": {"alias": "archive", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "archive"}}},
+            {"target": {"alias": "shop-db", "ref": {"apiVersion": "v1", "kind": "Secret", "name": "pg-conn"}},
+             "task": {"name": "postgres-restore-15"}}]}}),
     )
     .await;
     let restores = fresh.api::<RestoreBatch>();
@@ -313,4 +383,5 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
         files(&volumes.path().join("fresh-archive")) == files(&volumes.path().join("app-archive")),
         "the archive PVC is byte-identical"
     );
+    assert_eq!(psql(&fresh, ROWS_CHECKSUM), checksum, "the table's rows are identical");
 }
