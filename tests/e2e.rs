@@ -1,15 +1,18 @@
-//! End to end on the real node: the operator installed from `deploy/` as a user installs it (two
+//! End to end on the real node, as a user runs it: the operator installed from `deploy/` (two
 //! replicas, the shipped RBAC, self-managed webhook certificates, the webhook reached through its
-//! Service), an application in a namespace enforcing Pod Security `restricted`, one BackupBatch whose
-//! CronJob fires, a sidecar and a Job that back up for real into a REST server on the host, and a
-//! RestoreBatch in a fresh namespace that brings every file back byte for byte and PostgreSQL's rows
-//! back identical.
+//! Service); an application in a namespace enforcing Pod Security `restricted` (a Deployment writing to
+//! a PVC, a standalone PVC, PostgreSQL as a StatefulSet); one BackupBatch whose CronJob fires, with exec
+//! hooks in the application's container; the sidecar, a PVC Job and a pg_dump Job backing up for real
+//! into a REST server on the host, while the leading operator Pod is killed and the other replica
+//! finishes the session; then a RestoreBatch in a fresh namespace that brings every file back byte for
+//! byte and the table's rows back identical.
 //! Without a node (`STASH_NODE_IP` unset: plain `cargo test`) it says so and passes; `scripts/test.sh`
 //! always runs it with one.
 
 mod support;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
@@ -305,6 +308,25 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
     let pause = json!({"spec": {"paused": true}});
     app.api::<BackupBatch>().patch("site", &PatchParams::default(), &Patch::Merge(&pause)).await.expect("pause");
     let name = kube::ResourceExt::name_any(&session);
+
+    // Mid-session, the leader's Pod dies at once; the other replica takes the Lease and finishes.
+    eventually("the session running", LIMIT, || {
+        let (sessions, name) = (sessions.clone(), name.clone());
+        async move { (sessions.get(&name).await.ok()?.status?.phase? == BackupSessionPhase::Running).then_some(()) }
+    })
+    .await;
+    let leases: Api<Lease> = Api::namespaced(support::client().await, "stash");
+    let holder = |lease: Lease| lease.spec.and_then(|s| s.holder_identity).filter(|h| !h.is_empty());
+    let leader = holder(leases.get("stash-operator").await.expect("the operator's Lease")).expect("a leader");
+    let killed = kubectl(&["-n", "stash", "delete", "pod", &leader, "--grace-period=0", "--force", "--wait=false"]);
+    assert!(killed.status.success(), "kill the leader: {}", String::from_utf8_lossy(&killed.stderr));
+    let successor = eventually("another replica to lead", LIMIT, || {
+        let (leases, leader) = (leases.clone(), leader.clone());
+        async move { holder(leases.get("stash-operator").await.ok()?).filter(|h| *h != leader) }
+    })
+    .await;
+    eprintln!("leader {leader} killed mid-session; {successor} took over");
+
     let done = eventually("the session to finish", LIMIT, || {
         let (sessions, name) = (sessions.clone(), name.clone());
         async move {
