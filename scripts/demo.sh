@@ -1,126 +1,186 @@
 #!/usr/bin/env bash
-# The main job: a local control plane on loopback, the stash CRDs, the operator (webhook + controllers)
-# registered with it, the sample application's BackupBatch, and one backup triggered by hand.
-#   scripts/demo.sh [manifest]   run it (default: deploy/samples/wordpress.yaml)
-#   scripts/demo.sh down         stop the operator and the cluster
-# There is no kubelet yet: Pods stay Pending, so the session runs until its timeOut.
+# The main job: a local cluster with a real node, the operator installed from deploy/ as a user installs
+# it, a sample application in a Pod Security `restricted` namespace, one backup through its CronJob's
+# template (the sidecar in the running Pod, a Job for the PVC), and a restore into a fresh namespace.
+#   scripts/demo.sh        run it; the cluster stays up (the last line says how to reach it)
+#   scripts/demo.sh down   stop everything it started
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 state=${STASH_DEMO_DIR:-${TMPDIR:-/tmp}/stash-demo}
-webhook_port=${STASH_DEMO_WEBHOOK_PORT:-8443}
-admin_port=${STASH_DEMO_ADMIN_PORT:-8080}
-
-stop_operator() {
-  local pid
-  for pid in operator sidecar rest-server; do
-    if [[ -f "$state/$pid.pid" ]]; then
-      kill "$(cat "$state/$pid.pid")" 2>/dev/null || true
-      rm -f "$state/$pid.pid"
-    fi
-  done
-}
+export STASH_CLUSTER_DIR="$state/cluster"
+# The image carries the debug binary cargo builds anyway; STASH_IMAGE_PROFILE=release packs a release one.
+export STASH_IMAGE_PROFILE=${STASH_IMAGE_PROFILE:-dev}
 
 if [[ ${1:-} == down ]]; then
-  stop_operator
+  [[ -f "$state/rest-server.pid" ]] && kill "$(cat "$state/rest-server.pid")" 2>/dev/null || true
   tests/cluster/cluster.sh down
+  rm -rf "$state"
   exit 0
 fi
 
-sample=${1:-deploy/samples/wordpress.yaml}
-eval "$(tests/cluster/cluster.sh up)"
+mkdir -p "$state"
+echo "== cluster with a node"
+eval "$(tests/cluster/cluster.sh up --node)"
 bin=$(tests/cluster/build.sh)
 kubectl() { "$bin/kubectl" "$@"; }
-cargo build --quiet
-stash=target/debug/stash
-mkdir -p "$state"
+cargo build --quiet --bin stash
+mapfile -t archives < <(tests/images/build.sh stash toolbox)
+tests/cluster/cluster.sh import "${archives[@]}" >/dev/null
 
-echo "== CRDs"
-"$stash" crds | kubectl apply --server-side --field-manager stash -f -
-kubectl wait --for condition=Established crd -l app.kubernetes.io/part-of=stash --timeout 60s
+echo "== operator (kubectl apply -k deploy/overlays/test-node: deploy/ with the local image)"
+kubectl apply --server-side --force-conflicts -k deploy/overlays/test-node >/dev/null
+kubectl -n stash rollout status deployment/stash-operator --timeout 180s
 
-echo "== webhook certificates and configuration"
-if [[ ! -f "$state/certs/tls.crt" ]]; then
-  "$stash" certs generate --out-dir "$state/certs" --ip 127.0.0.1 --dns localhost
-fi
-sed -e "s|caBundle: \"\"|caBundle: $(base64 -w0 "$state/certs/ca.crt")|" \
-    -e "s|https://127.0.0.1:8443/|https://127.0.0.1:$webhook_port/|" webhook-config/local.yaml | kubectl apply -f -
-kubectl create namespace stash --dry-run=client -o yaml | kubectl apply -f -
-
-echo "== operator"
-stop_operator
-"$stash" operator --webhook-addr "127.0.0.1:$webhook_port" --admin-addr "127.0.0.1:$admin_port" \
-  --tls-cert-file "$state/certs/tls.crt" --tls-key-file "$state/certs/tls.key" \
-  --namespace stash --identity demo-operator >"$state/operator.log" 2>&1 &
-echo $! >"$state/operator.pid"
-until curl -sf "http://127.0.0.1:$admin_port/readyz" >/dev/null; do
-  kill -0 "$(cat "$state/operator.pid")" 2>/dev/null || { cat "$state/operator.log"; exit 1; }
-  sleep 0.5
-done
-echo "operator ready (log: $state/operator.log)"
-
-echo "== sample"
-kubectl apply -f "$sample"
-namespace=$(kubectl apply -f "$sample" --dry-run=client -o jsonpath='{range .items[?(@.kind=="BackupBatch")]}{.metadata.namespace}{end}')
-batch=$(kubectl apply -f "$sample" --dry-run=client -o jsonpath='{range .items[?(@.kind=="BackupBatch")]}{.metadata.name}{end}')
-kubectl wait --for=jsonpath='{.status.phase}'=Ready "backupbatch/$batch" -n "$namespace" --timeout 60s
-
-echo "== the data path, here: no kubelet yet, so the executors run as local processes"
-# The sample's REST server is a Service in a real cluster; here it is restic's rest-server on loopback,
-# and what the Pods see as / is $state/root.
+echo "== the sample application and its BackupBatch"
 tools=$(tests/backends/build.sh)
-rest_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-mkdir -p "$state/rest" "$state/secret" "$state/root/var/www/html" "$state/root/stash-data/2026"
-"$tools/rest-server" --listen "127.0.0.1:$rest_port" --path "$state/rest" --no-auth >/dev/null 2>&1 &
-echo $! >"$state/rest-server.pid"
-repository=$(kubectl get backupbatch "$batch" -n "$namespace" -o jsonpath='{.spec.repository.name}')
-kubectl patch repository "$repository" -n "$namespace" --type merge \
-  -p "{\"spec\":{\"backend\":{\"rest\":{\"url\":\"http://127.0.0.1:$rest_port/$batch\"}}}}" >/dev/null
-secret=$(kubectl get repository "$repository" -n "$namespace" -o jsonpath='{.spec.backend.storageSecretName}')
-kubectl get secret "$secret" -n "$namespace" -o json | python3 -c '
-import base64, json, os, sys
-for key, value in json.load(sys.stdin).get("data", {}).items():
-    with open(os.path.join(sys.argv[1], key), "wb") as f: f.write(base64.b64decode(value))' "$state/secret"
-echo "<h1>hello from the demo</h1>" >"$state/root/var/www/html/index.html"
-head -c 3000000 /dev/urandom >"$state/root/stash-data/2026/photo.jpg"
-export POD_NAMESPACE=$namespace STASH_RESTIC_BINARY="$tools/restic"
-executor() { "$stash" "$@" --secret-dir "$state/secret" --path-root "$state/root"; }
-POD_NAME=wordpress-demo-x7k2p "$stash" run-backup --invoker-name "$batch" --target-kind Deployment \
-  --target-name wordpress --secret-dir "$state/secret" --path-root "$state/root" >>"$state/sidecar.log" 2>&1 &
-echo $! >"$state/sidecar.pid"
+if ! [[ -f "$state/rest-server.pid" ]] || ! kill -0 "$(cat "$state/rest-server.pid")" 2>/dev/null; then
+  rest_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  mkdir -p "$state/rest"
+  "$tools/rest-server" --listen "$STASH_NODE_IP:$rest_port" --path "$state/rest" --no-auth >/dev/null 2>&1 &
+  echo $! >"$state/rest-server.pid"
+  echo "$rest_port" >"$state/rest-server.port"
+fi
+rest_port=$(cat "$state/rest-server.port")
+for volume in demo-uploads demo-restore-uploads; do
+  mkdir -p "$state/volumes/$volume" && chmod 0777 "$state/volumes/$volume"
+done
+# One namespace holds the application, the other receives the restore; both run on the test node and
+# enforce Pod Security `restricted`.
+namespace() {
+  cat <<EOF
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: $1
+  labels: {pod-security.kubernetes.io/enforce: restricted}
+  annotations:
+    scheduler.alpha.kubernetes.io/defaultTolerations: '[{"key": "stash.local/test-node", "operator": "Exists"}]'
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: repo-secret, namespace: $1}
+stringData: {RESTIC_PASSWORD: demo-only-password-change-me}
+---
+apiVersion: stash.appscode.com/v1alpha1
+kind: Repository
+metadata: {name: repo, namespace: $1}
+spec:
+  backend:
+    rest: {url: "http://$STASH_NODE_IP:$rest_port/site"}
+    storageSecretName: repo-secret
+---
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: $1-uploads}
+spec:
+  capacity: {storage: 1Gi}
+  accessModes: [ReadWriteOnce]
+  storageClassName: demo-manual
+  hostPath: {path: "$state/volumes/$1-uploads", type: Directory}
+  claimRef: {namespace: $1, name: uploads}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: uploads, namespace: $1}
+spec:
+  accessModes: [ReadWriteOnce]
+  storageClassName: demo-manual
+  volumeName: $1-uploads
+  resources: {requests: {storage: 1Gi}}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: $1}
+spec:
+  replicas: $2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      securityContext: {runAsNonRoot: true, runAsUser: 1000, fsGroup: 1000, seccompProfile: {type: RuntimeDefault}}
+      containers:
+        - name: app
+          image: stash.local/toolbox:dev
+          imagePullPolicy: Never
+          command: [sh, -c, 'mkdir -p /data/site && echo "<h1>hello from the demo</h1>" > /data/site/index.html && head -c 3000000 /dev/urandom > /data/site/photo.jpg && exec sleep infinity']
+          securityContext: {allowPrivilegeEscalation: false, capabilities: {drop: [ALL]}}
+          volumeMounts: [{name: data, mountPath: /data}]
+      volumes: [{name: data, persistentVolumeClaim: {claimName: uploads}}]
+EOF
+}
+{
+  namespace demo 1
+  cat <<EOF
+---
+apiVersion: stash.appscode.com/v1beta1
+kind: BackupBatch
+metadata: {name: site, namespace: demo}
+spec:
+  repository: {name: repo}
+  schedule: "0 * * * *"
+  timeOut: 10m
+  members:
+    - target:
+        alias: web
+        ref: {apiVersion: apps/v1, kind: Deployment, name: web}
+        paths: [/data]
+        volumeMounts: [{name: data, mountPath: /data}]
+  hooks:
+    preBackup:
+      exec: {command: [sh, -c, 'sync && date > /data/site/backed-up-at']}
+      containerName: app
+  retentionPolicy: {name: keep-last-5, keepLast: 5, prune: true}
+EOF
+} >"$state/demo.yaml"
+kubectl apply -f "$state/demo.yaml" >/dev/null
+kubectl -n demo wait --for=jsonpath='{.status.phase}'=Ready backupbatch/site --timeout 120s
+kubectl -n demo rollout status deployment/web --timeout 180s
 
-echo "== back up now"
-session=$("$stash" trigger "$batch" -n "$namespace" | sed 's#backupsession/\([^ ]*\) created#\1#')
-echo "session $session"
-ran=" "
-for _ in $(seq 1 300); do
-  # Play kubelet: run each Job the operator created for the session, once.
-  for job in $(kubectl get jobs -n "$namespace" -l "stash.appscode.com/backup-session=$session" -o name); do
-    [[ $ran == *" $job "* ]] && continue
-    ran+="$job "
-    mapfile -t args < <(kubectl get "$job" -n "$namespace" -o jsonpath='{.spec.template.spec.containers[0].args}' |
-      python3 -c 'import json, sys; print("\n".join(json.load(sys.stdin)))')
-    echo "running $job: stash ${args[*]}"
-    POD_NAME="${job#job.batch/}-x7k2p" executor "${args[@]}" || true
-  done
-  finalized=$(kubectl get backupsession "$session" -n "$namespace" \
+echo "== back up now (a Job from the trigger CronJob, as the schedule would start it)"
+job="site-now-$(date +%s)"
+kubectl -n demo create job "$job" --from=cronjob/stash-trigger-site >/dev/null
+kubectl -n demo wait --for=condition=complete "job/$job" --timeout 120s >/dev/null
+session=$(kubectl -n demo get backupsessions -o jsonpath='{.items[-1:].metadata.name}')
+for _ in $(seq 1 180); do
+  finalized=$(kubectl -n demo get backupsession "$session" \
     -o jsonpath='{.status.conditions[?(@.type=="SessionFinalized")].status}')
   [[ -n $finalized ]] && break
   sleep 1
 done
-kubectl get stash -n "$namespace"
+kubectl get stash -n demo
 echo
-"$stash" sessions "$batch" -n "$namespace"
+kubectl -n demo get pods -o custom-columns='POD:.metadata.name,CONTAINERS:.spec.containers[*].name,PHASE:.status.phase'
+echo
+target/debug/stash sessions site -n demo
 echo
 echo "The complete sessions recorded in the repository itself:"
-executor sessions "$batch" -n "$namespace" --from-repository
+mkdir -p "$state/secret"
+echo -n demo-only-password-change-me >"$state/secret/RESTIC_PASSWORD"
+STASH_RESTIC_BINARY="$tools/restic" target/debug/stash sessions site -n demo --from-repository --secret-dir "$state/secret"
+
 echo
-echo "restic's own view:"
-RESTIC_PASSWORD_FILE="$state/secret/RESTIC_PASSWORD" "$tools/restic" -r "rest:http://127.0.0.1:$rest_port/$batch" \
-  snapshots --no-lock
+echo "== restore into a fresh namespace"
+namespace demo-restore 0 | kubectl apply -f - >/dev/null
+cat <<EOF | kubectl apply -f - >/dev/null
+apiVersion: stash.appscode.com/v1beta1
+kind: RestoreBatch
+metadata: {name: clone, namespace: demo-restore}
+spec:
+  repository: {name: repo}
+  restoreFrom: {namespace: demo, batch: site}
+  members:
+    - target:
+        alias: web
+        ref: {apiVersion: apps/v1, kind: Deployment, name: web}
+        volumeMounts: [{name: data, mountPath: /data}]
+EOF
+kubectl -n demo-restore wait --for=jsonpath='{.status.phase}'=Succeeded restorebatch/clone --timeout 180s
+kubectl get restorebatch -n demo-restore
+if diff -r "$state/volumes/demo-uploads/site" "$state/volumes/demo-restore-uploads/site"; then
+  echo "restored files are identical to the backed-up ones"
+fi
 echo
-echo "Pods (the webhook injected the stash sidecar into the workload's Pods):"
-kubectl get pods -n "$namespace" -o custom-columns='POD:.metadata.name,CONTAINERS:.spec.containers[*].name,PHASE:.status.phase'
-echo
-echo "The cluster and operator keep running:  export KUBECONFIG=$KUBECONFIG"
-echo "Stop both with:                         scripts/demo.sh down"
+echo "The cluster, its node and the operator keep running:  export KUBECONFIG=$KUBECONFIG"
+echo "Stop everything with:                                 scripts/demo.sh down"

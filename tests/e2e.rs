@@ -29,7 +29,7 @@ use support::fixtures;
 use support::node::{self, kubectl};
 use support::{TestNamespace, eventually};
 
-const OVERLAY: &str = "tests/e2e";
+const OVERLAY: &str = "deploy/overlays/test-node";
 const APP_IMAGE: &str = "stash.local/toolbox:dev";
 /// Guards against hangs only: a CronJob fires within a minute, Pods start in seconds.
 const LIMIT: Duration = Duration::from_secs(240);
