@@ -3,6 +3,7 @@
 
 mod support;
 
+use serde::Deserialize;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -57,4 +58,29 @@ fn the_cert_manager_overlay_renders_with_ca_injection() {
     assert!(rendered.contains("cert-manager.io/inject-ca-from: stash/stash-webhook"));
     assert!(rendered.contains("--tls-cert-file=/etc/stash/webhook/tls.crt"));
     assert!(!rendered.contains("--self-signed-certs"));
+}
+
+/// M5: the operator's cluster-wide role grants no Leases (it could otherwise take over or delete any
+/// node's or controller's Lease); its own leader Lease is granted by a Role in its namespace.
+#[test]
+fn the_operator_may_touch_leases_only_in_its_own_namespace() {
+    let text = std::fs::read_to_string(support::repo_root().join("deploy/base/rbac.yaml")).expect("rbac.yaml");
+    let mut cluster_wide = Vec::new();
+    let mut namespaced = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let object = serde_json::Value::deserialize(document).expect("YAML");
+        let grants_leases = object["rules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|rule| rule["resources"].as_array().into_iter().flatten().any(|r| r == "leases" || r == "*"));
+        let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        match (object["kind"].as_str(), grants_leases) {
+            (Some("ClusterRole"), true) if name == "stash-operator" => cluster_wide.push(name),
+            (Some("Role"), true) if object["metadata"]["namespace"] == "stash" => namespaced.push(name),
+            _ => {}
+        }
+    }
+    assert!(cluster_wide.is_empty(), "the operator's ClusterRole grants leases: {cluster_wide:?}");
+    assert_eq!(namespaced.len(), 1, "one Role in the operator's namespace grants its Lease");
 }
