@@ -1174,3 +1174,35 @@ async fn an_exec_hook_without_a_running_pod_fails_the_session_saying_why() {
     assert!(status.targets.is_empty(), "no member started");
     operator.stop().await;
 }
+
+/// L10: a batch's metric series (last success) goes with the batch; a deleted batch is not
+/// reported forever as "last succeeded at ...".
+#[tokio::test]
+async fn a_deleted_batch_leaves_no_metric_series_behind() {
+    let ns = TestNamespace::new("metrics").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    fixtures::batch(&ns, "measured", vec![member("Deployment", "app")], json!({})).await;
+    let sessions = ns.api::<BackupSession>();
+    let name = new_session(&ns, "measured").await;
+    session_phase(&sessions, &name, BackupSessionPhase::Running).await;
+    report_host(&sessions, &name, 0, "app", HostPhase::Succeeded).await;
+    session_phase(&sessions, &name, BackupSessionPhase::Succeeded).await;
+    let series = format!("namespace=\"{}\",batch=\"measured\"", ns.name);
+    let labelled = |text: &str| text.lines().any(|l| l.contains("last_success") && l.contains(&series));
+    assert!(labelled(&operator.metrics().await), "the batch's last success is exported");
+
+    ns.api::<BackupBatch>().delete("measured", &DeleteParams::default()).await.expect("delete");
+    eventually("the batch gone", Duration::from_secs(60), || {
+        let batches = ns.api::<BackupBatch>();
+        async move { batches.get_opt("measured").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    eventually("its metric series gone", Duration::from_secs(30), || async {
+        (!labelled(&operator.metrics().await)).then_some(())
+    })
+    .await;
+    operator.stop().await;
+}

@@ -8,6 +8,7 @@ use super::trigger::{CRONJOB_NAME_MAX, cronjob_name, trigger_cronjob};
 use crate::api::backup_batch::{BackupBatchStatus, BackupInvokerPhase, Driver, MemberConditions};
 use crate::api::common::{ConditionStatus, TargetRef};
 use crate::api::{BackupBatch, Repository};
+use crate::metrics::BatchLabels;
 use crate::tenancy::{self, Refusal};
 use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::Secret;
@@ -316,10 +317,12 @@ async fn remove_trigger(batch: &BackupBatch, ctx: &Context, namespace: &str) -> 
 }
 
 /// The batch is being deleted: owned objects go by garbage collection; the namespace's shared
-/// identities go with its last batch or restore.
+/// identities go with its last batch or restore; its metric series go now (a batch that is gone must
+/// not read as "last succeeded at ..." forever).
 pub async fn cleanup(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
     let namespace = batch.namespace().unwrap_or_default();
     identity::release(&ctx, &namespace, batch.metadata.uid.as_deref()).await?;
+    ctx.metrics.controller.last_success.remove(&BatchLabels { namespace, batch: batch.name_any() });
     Ok(Action::await_change())
 }
 
