@@ -145,7 +145,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[derive(Args, Debug, Clone)]
 pub struct ExecutorArgs {
     /// The repository Secret, one file per key (a mounted Secret volume).
-    #[arg(long, default_value = crate::webhook::sidecar::SECRET_MOUNT_PATH)]
+    #[arg(long, default_value = crate::executor_pod::SECRET_MOUNT_PATH)]
     pub secret_dir: PathBuf,
     /// The restic binary (default: `restic` on PATH).
     #[arg(long, env = crate::restic::BINARY_ENV)]

@@ -12,7 +12,7 @@ use crate::api::BackupSession;
 use crate::api::backup_session::BackupSessionPhase;
 use crate::api::common::RetentionPolicy;
 use crate::api::repository::Repository;
-use crate::controller::conditions::{self, Desired};
+use crate::conditions::{self, Desired};
 use crate::restic::Restic;
 use crate::session::invoker_selector;
 use crate::status_write::update_status;

@@ -8,7 +8,7 @@ use super::{locks, session_tags};
 use crate::api::backup_batch::BackupMember;
 use crate::api::backup_session::DEFAULT_SESSION_TIMEOUT;
 use crate::api::{BackupBatch, BackupSession};
-use crate::controller::backup_job::{DATABASE_KIND, DEFAULT_DATA_PATH};
+use crate::executor_pod::{DATABASE_KIND, DEFAULT_DATA_PATH};
 use crate::restic::BackupOutcome;
 use crate::restic::secrets::SecretValues;
 use kube::ResourceExt;

@@ -16,8 +16,7 @@ use crate::api::RestoreBatch;
 use crate::api::restore_batch::{
     HostRestoreStats, RestoreMember, RestoreMemberPhase, RestoreMemberStatus, RestoreRule,
 };
-use crate::controller::backup_job::{DATABASE_KIND, data_mounts};
-use crate::controller::restore_batch::{RESTORE_HOST_ENV, rule_for};
+use crate::executor_pod::{DATABASE_KIND, RESTORE_HOST_ENV, data_mounts, rule_for};
 use crate::restic::Restic;
 use crate::restic::secrets::SecretValues;
 use crate::status_write::update_status;

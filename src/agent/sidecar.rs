@@ -116,7 +116,7 @@ async fn take_turn(executor: &Executor, target: &SidecarTarget, session: &Backup
                 let outcome = backup.run(executor, &restic).await;
                 if let Some(post) = member.hooks.as_ref().and_then(|h| h.post_backup.as_ref()) {
                     let succeeded = outcome.is_ok();
-                    if crate::controller::hooks::post_hook_applies(post.execution_policy, succeeded, false) {
+                    if crate::hooks::post_hook_applies(post.execution_policy, succeeded, false) {
                         run_hook(Some(&post.handler), "post-backup").await?;
                     }
                 }
@@ -136,7 +136,7 @@ async fn take_turn(executor: &Executor, target: &SidecarTarget, session: &Backup
 
 async fn run_hook(handler: Option<&crate::api::common::Handler>, which: &str) -> Result<(), AgentError> {
     match handler {
-        Some(handler) => crate::controller::hooks::run(handler, None)
+        Some(handler) => crate::hooks::run(handler, None)
             .await
             .map_err(|err| AgentError::Invalid(format!("{which} hook failed: {err}"))),
         None => Ok(()),

@@ -1,6 +1,5 @@
 //! BackupBatch → validation conditions, the trigger CronJob and its identity, status and Events.
 
-use super::conditions::{self, Desired};
 use super::context::{Context, ControllerError, FIELD_MANAGER};
 use super::identity;
 use super::targets::{self, TargetState};
@@ -8,6 +7,7 @@ use super::trigger::{CRONJOB_NAME_MAX, cronjob_name, trigger_cronjob};
 use crate::api::backup_batch::{BackupBatchStatus, BackupInvokerPhase, Driver, MemberConditions};
 use crate::api::common::{ConditionStatus, TargetRef};
 use crate::api::{BackupBatch, Repository};
+use crate::conditions::{self, Desired};
 use crate::metrics::BatchLabels;
 use crate::tenancy::{self, Refusal};
 use k8s_openapi::api::batch::v1::CronJob;

@@ -5,28 +5,13 @@ use super::executor_job::{DataVolume, ExecutorJob};
 use crate::api::backup_batch::BackupMember;
 use crate::api::repository::Repository;
 use crate::api::{BackupBatch, BackupSession};
+use crate::executor_pod::{DATABASE_KIND, PVC_KIND, data_mounts};
 use crate::names::{LABEL_VALUE_MAX, bounded, label_value};
 use crate::session::invoker_labels;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::VolumeMount;
 use kube::{Resource, ResourceExt};
 
 pub const SESSION_LABEL: &str = "stash.appscode.com/backup-session";
-/// Where a PVC is mounted when the member names no volumeMounts.
-pub const DEFAULT_DATA_PATH: &str = "/stash-data";
-/// A member whose target is a Secret is a database; the Secret holds its connection.
-pub const DATABASE_KIND: &str = "Secret";
-pub const PVC_KIND: &str = "PersistentVolumeClaim";
-
-/// Where a member's PVC is mounted in its Job: its volumeMounts, else DEFAULT_DATA_PATH.
-pub fn data_mounts(volume_mounts: &[VolumeMount]) -> Vec<VolumeMount> {
-    if volume_mounts.is_empty() {
-        vec![VolumeMount { mount_path: DEFAULT_DATA_PATH.into(), ..Default::default() }]
-    } else {
-        volume_mounts.to_vec()
-    }
-}
-
 /// Whether a member is backed up by a Job (a PVC or a database) rather than a sidecar.
 pub fn is_job_model(member: &BackupMember) -> bool {
     matches!(member.target.reference.kind.as_str(), PVC_KIND | DATABASE_KIND)

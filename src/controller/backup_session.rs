@@ -5,9 +5,7 @@
 //! concurrent host write makes this reconcile start over instead of clobbering it.
 
 use super::backup_job::{backup_job, finalize_job, is_job_model};
-use super::conditions::{self, Desired};
 use super::context::{Context, ControllerError, FIELD_MANAGER};
-use super::hooks;
 use super::progress::{self, Progress};
 use super::targets::{self, TargetState};
 use crate::api::backup_session::{
@@ -16,6 +14,8 @@ use crate::api::backup_session::{
 };
 use crate::api::common::{Handler, TargetRef};
 use crate::api::{BackupBatch, BackupSession, Repository};
+use crate::conditions::{self, Desired};
+use crate::hooks;
 use crate::metrics::{BatchLabels, SessionLabels};
 use crate::session::{BACKUP_BATCH_KIND, create_backup_session, invoker_selector};
 use crate::status_write::update_status;

@@ -5,7 +5,7 @@
 use crate::agent::database::DEFAULT_DATABASE_SECRET_DIR;
 use crate::api::common::{ContainerRuntimeSettings, EmptyDirSettings};
 use crate::api::repository::Repository;
-use crate::webhook::sidecar::{SECRET_MOUNT_PATH, TMP_MOUNT_PATH, executor_container, secret_volume};
+use crate::executor_pod::{SECRET_MOUNT_PATH, TMP_MOUNT_PATH, executor_container, secret_volume};
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     EmptyDirVolumeSource, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Volume, VolumeMount,

@@ -3,10 +3,8 @@
 pub mod backup_batch;
 pub mod backup_job;
 pub mod backup_session;
-pub mod conditions;
 pub mod context;
 pub mod executor_job;
-pub mod hooks;
 mod identity;
 pub mod leader;
 pub mod progress;

@@ -2,8 +2,7 @@
 //! another for Sequential), aggregate the hosts' entries that `stash restore` writes, and finish —
 //! Failed when a member fails, a Job dies before reporting, or `timeOut` passes.
 
-use super::backup_job::{DATABASE_KIND, PVC_KIND, data_mounts, job_name};
-use super::conditions::{self, Desired};
+use super::backup_job::job_name;
 use super::context::{Context, ControllerError};
 use super::executor_job::{DataVolume, ExecutorJob};
 use super::identity;
@@ -13,8 +12,10 @@ use crate::api::common::{ExecutionOrder, TargetRef};
 use crate::api::repository::Repository;
 use crate::api::restore_batch::{
     HostRestoreStats, RestoreBatchSpec, RestoreBatchStatus, RestoreHooks, RestoreMember, RestoreMemberPhase,
-    RestoreMemberStatus, RestorePhase, RestoreRule,
+    RestoreMemberStatus, RestorePhase,
 };
+use crate::conditions::{self, Desired};
+use crate::executor_pod::{DATABASE_KIND, PVC_KIND, RESTORE_HOST_ENV, data_mounts, rule_for};
 use crate::tenancy;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
@@ -197,9 +198,6 @@ async fn write(restore: &RestoreBatch, ctx: &Context, status: RestoreBatchStatus
     }
 }
 
-/// The restore Job's env var naming the host it restores (the agent cannot tell a StatefulSet
-/// ordinal from its own Pod name, which is the Job's).
-pub(crate) const RESTORE_HOST_ENV: &str = "STASH_RESTORE_HOST";
 /// A restore Job without `spec.timeOut` still ends: a claim that never binds fails the host.
 const DEFAULT_RESTORE_DEADLINE: Duration = Duration::from_secs(6 * 3600);
 
@@ -250,12 +248,6 @@ pub(crate) struct HostPlan {
     pub(crate) host: String,
     pub(crate) ordinal: Option<i32>,
     pub(crate) data: Vec<DataVolume>,
-}
-
-/// The rule that applies to `host`: the first whose targetHosts name it or are empty. With no
-/// rules every host restores everything of its own snapshot.
-pub(crate) fn rule_for<'a>(host: &str, rules: &'a [RestoreRule]) -> Option<&'a RestoreRule> {
-    rules.iter().find(|r| r.target_hosts.is_empty() || r.target_hosts.iter().any(|h| h == host))
 }
 
 /// Fields of the spec that restores do not carry out: refused, never silently ignored.

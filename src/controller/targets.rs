@@ -1,11 +1,11 @@
 //! Member targets: do they exist, how many hosts back them up, and do their Pods carry the sidecar.
 
 use super::backup_batch::SIDECAR_INJECTED;
-use super::conditions::Desired;
 use crate::api::BackupBatch;
 use crate::api::common::TargetRef;
-use crate::webhook::decision::WorkloadKind;
-use crate::webhook::sidecar::SIDECAR_NAME;
+use crate::conditions::Desired;
+use crate::executor_pod::SIDECAR_NAME;
+use crate::workload::WorkloadKind;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, PodTemplateSpec, ReplicationController, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;

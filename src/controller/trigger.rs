@@ -2,8 +2,8 @@
 
 use crate::api::BackupBatch;
 use crate::api::common::RuntimeSettings;
+use crate::executor_pod::{field_env, restricted};
 use crate::session::{invoker_labels, owned_by};
-use crate::webhook::sidecar::{field_env, restricted};
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
 use kube::ResourceExt;

@@ -5,6 +5,7 @@ use super::target_index::TargetIndex;
 use crate::api::backup_batch::BackupMember;
 use crate::api::{BackupBatch, Repository};
 use crate::tenancy;
+use crate::workload::WorkloadKind;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::ResourceExt;
@@ -25,47 +26,6 @@ pub struct Catalog {
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     /// Members by target; whoever feeds `batches` must call `targets.invalidate()` on every change.
     pub targets: Arc<TargetIndex>,
-}
-
-/// A workload kind whose Pods can carry the sidecar.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WorkloadKind {
-    Deployment,
-    ReplicaSet,
-    StatefulSet,
-    DaemonSet,
-    ReplicationController,
-}
-
-impl WorkloadKind {
-    pub fn parse(kind: &str) -> Option<Self> {
-        match kind {
-            "Deployment" => Some(WorkloadKind::Deployment),
-            "ReplicaSet" => Some(WorkloadKind::ReplicaSet),
-            "StatefulSet" => Some(WorkloadKind::StatefulSet),
-            "DaemonSet" => Some(WorkloadKind::DaemonSet),
-            "ReplicationController" => Some(WorkloadKind::ReplicationController),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WorkloadKind::Deployment => "Deployment",
-            WorkloadKind::ReplicaSet => "ReplicaSet",
-            WorkloadKind::StatefulSet => "StatefulSet",
-            WorkloadKind::DaemonSet => "DaemonSet",
-            WorkloadKind::ReplicationController => "ReplicationController",
-        }
-    }
-
-    /// The API group of the kind (`apps`, or the core group).
-    pub fn group(self) -> &'static str {
-        match self {
-            WorkloadKind::ReplicationController => "",
-            _ => "apps",
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,7 +2,8 @@
 
 use super::decision::{Catalog, Decision};
 use super::review::{ReviewRequestEnvelope, ReviewResponse, UidOnly};
-use super::sidecar::{SIDECAR_NAME, injection_patch};
+use super::sidecar::injection_patch;
+use crate::executor_pod::SIDECAR_NAME;
 use crate::metrics::AdmissionOperation;
 use kube::ResourceExt;
 

@@ -2,12 +2,13 @@
 
 use super::decision::Catalog;
 use super::mutate::{BadReview, Mutator, Verdict};
-use super::sidecar::{BATCH_ANNOTATION, SIDECAR_NAME, executor_container};
-use crate::api::common::ContainerRuntimeSettings;
+use super::sidecar::BATCH_ANNOTATION;
 use crate::api::{BackupBatch, Repository};
+use crate::executor_pod::SIDECAR_NAME;
+use crate::executor_pod::tests::assert_restricted;
 use base64::Engine;
 use k8s_openapi::api::apps::v1::ReplicaSet;
-use k8s_openapi::api::core::v1::{Namespace, Pod, SecurityContext};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher::Event;
@@ -373,23 +374,4 @@ fn the_sidecar_is_restricted_pod_security_compliant_by_default() {
     let spec = patched.spec.expect("spec");
     let sidecar = spec.containers.iter().find(|c| c.name == SIDECAR_NAME).expect("sidecar");
     assert_restricted(sidecar.security_context.as_ref());
-}
-
-/// What Pod Security `restricted` asks of a container that the Pod does not provide.
-pub(super) fn assert_restricted(context: Option<&SecurityContext>) {
-    let context = context.expect("a securityContext");
-    assert_eq!(context.allow_privilege_escalation, Some(false));
-    assert_eq!(context.capabilities.as_ref().and_then(|c| c.drop.clone()), Some(vec!["ALL".to_string()]));
-    assert_eq!(context.run_as_non_root, Some(true));
-    assert_eq!(context.seccomp_profile.as_ref().map(|p| p.type_.as_str()), Some("RuntimeDefault"));
-}
-
-/// Executor Jobs share the container builder: the same default, and the member's own context wins.
-#[test]
-fn executor_containers_default_to_restricted_and_keep_a_user_context() {
-    assert_restricted(executor_container("stash", IMAGE, Vec::new(), None, Vec::new()).security_context.as_ref());
-    let runtime: ContainerRuntimeSettings =
-        serde_json::from_value(json!({"securityContext": {"runAsUser": 0}})).expect("runtime settings");
-    let container = executor_container("stash", IMAGE, Vec::new(), Some(&runtime), Vec::new());
-    assert_eq!(container.security_context, runtime.security_context, "the member's own context, as given");
 }

@@ -1,25 +1,21 @@
-//! The `stash` sidecar and the JSON patch that adds it to a Pod.
+//! The JSON patch that adds the `stash` sidecar to a Pod; the container it adds is shaped like every
+//! executor's, by [`crate::executor_pod`].
 
 use super::decision::Injection;
 use super::pod_view::PodView;
-use crate::api::common::{ContainerRuntimeSettings, EmptyDirSettings};
-use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, SeccompProfile,
-    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
-};
+use crate::api::common::EmptyDirSettings;
+use crate::executor_pod::{SECRET_MOUNT_PATH, SIDECAR_NAME, TMP_MOUNT_PATH, executor_container, secret_volume};
+use k8s_openapi::api::core::v1::{Container, EmptyDirVolumeSource, Volume, VolumeMount};
 use kube::ResourceExt;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
-pub const SIDECAR_NAME: &str = "stash";
 /// Names the BackupBatch whose member the Pod belongs to.
 pub const BATCH_ANNOTATION: &str = "stash.appscode.com/backup-batch";
 pub const TMP_VOLUME: &str = "stash-tmp-dir";
 pub const SECRET_VOLUME: &str = "stash-repository-secret";
 /// A `local` repository's volume in the sidecar.
 pub const REPOSITORY_VOLUME: &str = "stash-repository";
-pub const TMP_MOUNT_PATH: &str = "/tmp";
-pub const SECRET_MOUNT_PATH: &str = "/etc/stash/repository/secret";
 
 /// Why a targeted Pod is admitted without the sidecar (and with a warning saying so).
 #[derive(Debug, thiserror::Error)]
@@ -181,86 +177,12 @@ fn distinct_mount_paths(mounts: &[VolumeMount]) -> Result<(), NotInjected> {
     Ok(())
 }
 
-/// A container running a `stash` executor (sidecar or backup Job) with the member's runtime settings.
-/// Its securityContext is the member's own, as given (it need not be `restricted`), or `restricted()`.
-pub fn executor_container(
-    name: &str,
-    image: &str,
-    args: Vec<String>,
-    runtime: Option<&ContainerRuntimeSettings>,
-    mounts: Vec<VolumeMount>,
-) -> Container {
-    Container {
-        name: name.into(),
-        image: Some(image.into()),
-        args: Some(args),
-        env: Some(executor_env(runtime)),
-        env_from: runtime.map(|r| r.env_from.clone()).filter(|e| !e.is_empty()),
-        resources: runtime.and_then(|r| r.resources.clone()),
-        security_context: Some(runtime.and_then(|r| r.security_context.clone()).unwrap_or_else(restricted)),
-        volume_mounts: Some(mounts),
-        ..Default::default()
-    }
-}
-
-/// What Pod Security `restricted` asks of every container: without it a restricted namespace rejects
-/// the whole Pod. The image runs as a numeric non-root user, so `runAsNonRoot` holds; executors write
-/// only to their `/tmp` volume, so the root filesystem is read-only.
-pub(crate) fn restricted() -> SecurityContext {
-    SecurityContext {
-        allow_privilege_escalation: Some(false),
-        read_only_root_filesystem: Some(true),
-        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
-        run_as_non_root: Some(true),
-        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
-        ..Default::default()
-    }
-}
-
-/// What every executor (sidecar or backup Job) is told about its Pod, then the member's own env.
-pub fn executor_env(runtime: Option<&ContainerRuntimeSettings>) -> Vec<EnvVar> {
-    let mut env = vec![
-        field_env("POD_NAME", "metadata.name"),
-        field_env("POD_NAMESPACE", "metadata.namespace"),
-        field_env("NODE_NAME", "spec.nodeName"),
-    ];
-    env.extend(runtime.map(|r| r.env.clone()).unwrap_or_default());
-    env
-}
-
-/// An environment variable from the Pod's own fields (the downward API).
-pub fn field_env(name: &str, path: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 fn tmp_volume(name: &str, settings: Option<&EmptyDirSettings>) -> Volume {
     Volume {
         name: name.into(),
         empty_dir: Some(EmptyDirVolumeSource {
             medium: settings.and_then(|s| s.medium.clone()),
             size_limit: settings.and_then(|s| s.size_limit.clone()),
-        }),
-        ..Default::default()
-    }
-}
-
-/// A Secret as a volume. World-readable inside the container that mounts it: executors run as
-/// whatever non-root user the Pod has (the image's, or the application's for a sidecar), which is
-/// never the files' owner, and only our container mounts the volume.
-pub(crate) fn secret_volume(name: &str, secret_name: &str) -> Volume {
-    Volume {
-        name: name.into(),
-        secret: Some(SecretVolumeSource {
-            secret_name: Some(secret_name.into()),
-            default_mode: Some(0o444),
-            ..Default::default()
         }),
         ..Default::default()
     }

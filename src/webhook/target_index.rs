@@ -1,8 +1,9 @@
 //! BackupBatch members by the workload they target, so that admission does two hash lookups instead
 //! of scanning every cached batch. Rebuilt from the batch cache only after it changed.
 
-use super::decision::{Workload, WorkloadKind};
+use super::decision::Workload;
 use crate::api::BackupBatch;
+use crate::workload::WorkloadKind;
 use arc_swap::ArcSwap;
 use kube::runtime::reflector::Store;
 use std::collections::HashMap;

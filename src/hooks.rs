@@ -5,10 +5,10 @@
 //! status — a write guarded by resourceVersion, so only one claim can land — and runs the hook only
 //! after that write succeeded. [`step`] reads where a hook stands from that record.
 
-use super::conditions::Desired;
 use crate::api::common::{Condition, ConditionStatus, Handler, HookExecutionPolicy, UriScheme};
+use crate::conditions::Desired;
+use crate::executor_pod::SIDECAR_NAME;
 use crate::restic::backend::percent_encode;
-use crate::webhook::sidecar::SIDECAR_NAME;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -263,7 +263,7 @@ mod tests {
 
     #[test]
     fn a_hook_is_claimed_once_and_never_rerun() {
-        use crate::controller::conditions::set;
+        use crate::conditions::set;
         let now = Timestamp::from_second(1_000_000).expect("time");
         let mut conditions = Vec::new();
         assert_eq!(step(&conditions, PRE_BACKUP, now), Step::Claim);

@@ -1,0 +1,138 @@
+//! The shape of every executor's Pod and container — the injected sidecar and the backup, finalize
+//! and restore Jobs alike: the container, its securityContext and env, the repository Secret's
+//! volume, where data and secrets are mounted, and what the controller tells a restore about its host.
+//! Shared by the webhook and the controller, which build these Pods, and the agent, which runs in them.
+
+use crate::api::common::ContainerRuntimeSettings;
+use crate::api::restore_batch::RestoreRule;
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EnvVar, EnvVarSource, ObjectFieldSelector, SeccompProfile, SecretVolumeSource,
+    SecurityContext, Volume, VolumeMount,
+};
+
+pub const SIDECAR_NAME: &str = "stash";
+pub const TMP_MOUNT_PATH: &str = "/tmp";
+pub const SECRET_MOUNT_PATH: &str = "/etc/stash/repository/secret";
+/// Where a PVC is mounted when the member names no volumeMounts.
+pub const DEFAULT_DATA_PATH: &str = "/stash-data";
+/// A member whose target is a Secret is a database; the Secret holds its connection.
+pub const DATABASE_KIND: &str = "Secret";
+pub const PVC_KIND: &str = "PersistentVolumeClaim";
+
+/// Where a member's PVC is mounted in its Job: its volumeMounts, else DEFAULT_DATA_PATH.
+pub fn data_mounts(volume_mounts: &[VolumeMount]) -> Vec<VolumeMount> {
+    if volume_mounts.is_empty() {
+        vec![VolumeMount { mount_path: DEFAULT_DATA_PATH.into(), ..Default::default() }]
+    } else {
+        volume_mounts.to_vec()
+    }
+}
+
+/// The restore Job's env var naming the host it restores (the agent cannot tell a StatefulSet
+/// ordinal from its own Pod name, which is the Job's).
+pub(crate) const RESTORE_HOST_ENV: &str = "STASH_RESTORE_HOST";
+
+/// The rule that applies to `host`: the first whose targetHosts name it or are empty. With no
+/// rules every host restores everything of its own snapshot.
+pub(crate) fn rule_for<'a>(host: &str, rules: &'a [RestoreRule]) -> Option<&'a RestoreRule> {
+    rules.iter().find(|r| r.target_hosts.is_empty() || r.target_hosts.iter().any(|h| h == host))
+}
+
+/// A container running a `stash` executor (sidecar or backup Job) with the member's runtime settings.
+/// Its securityContext is the member's own, as given (it need not be `restricted`), or `restricted()`.
+pub fn executor_container(
+    name: &str,
+    image: &str,
+    args: Vec<String>,
+    runtime: Option<&ContainerRuntimeSettings>,
+    mounts: Vec<VolumeMount>,
+) -> Container {
+    Container {
+        name: name.into(),
+        image: Some(image.into()),
+        args: Some(args),
+        env: Some(executor_env(runtime)),
+        env_from: runtime.map(|r| r.env_from.clone()).filter(|e| !e.is_empty()),
+        resources: runtime.and_then(|r| r.resources.clone()),
+        security_context: Some(runtime.and_then(|r| r.security_context.clone()).unwrap_or_else(restricted)),
+        volume_mounts: Some(mounts),
+        ..Default::default()
+    }
+}
+
+/// What Pod Security `restricted` asks of every container: without it a restricted namespace rejects
+/// the whole Pod. The image runs as a numeric non-root user, so `runAsNonRoot` holds; executors write
+/// only to their `/tmp` volume, so the root filesystem is read-only.
+pub(crate) fn restricted() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+        run_as_non_root: Some(true),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+        ..Default::default()
+    }
+}
+
+/// What every executor (sidecar or backup Job) is told about its Pod, then the member's own env.
+pub(crate) fn executor_env(runtime: Option<&ContainerRuntimeSettings>) -> Vec<EnvVar> {
+    let mut env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("NODE_NAME", "spec.nodeName"),
+    ];
+    env.extend(runtime.map(|r| r.env.clone()).unwrap_or_default());
+    env
+}
+
+/// An environment variable from the Pod's own fields (the downward API).
+pub fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A Secret as a volume. World-readable inside the container that mounts it: executors run as
+/// whatever non-root user the Pod has (the image's, or the application's for a sidecar), which is
+/// never the files' owner, and only our container mounts the volume.
+pub(crate) fn secret_volume(name: &str, secret_name: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret_name.into()),
+            default_mode: Some(0o444),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// What Pod Security `restricted` asks of a container that the Pod does not provide.
+    pub(crate) fn assert_restricted(context: Option<&SecurityContext>) {
+        let context = context.expect("a securityContext");
+        assert_eq!(context.allow_privilege_escalation, Some(false));
+        assert_eq!(context.capabilities.as_ref().and_then(|c| c.drop.clone()), Some(vec!["ALL".to_string()]));
+        assert_eq!(context.run_as_non_root, Some(true));
+        assert_eq!(context.seccomp_profile.as_ref().map(|p| p.type_.as_str()), Some("RuntimeDefault"));
+    }
+
+    /// Executor Jobs share the container builder: the same default, and the member's own context wins.
+    #[test]
+    fn executor_containers_default_to_restricted_and_keep_a_user_context() {
+        const IMAGE: &str = "stash:test";
+        assert_restricted(executor_container("stash", IMAGE, Vec::new(), None, Vec::new()).security_context.as_ref());
+        let runtime: ContainerRuntimeSettings =
+            serde_json::from_value(serde_json::json!({"securityContext": {"runAsUser": 0}})).expect("runtime settings");
+        let container = executor_container("stash", IMAGE, Vec::new(), Some(&runtime), Vec::new());
+        assert_eq!(container.security_context, runtime.security_context, "the member's own context, as given");
+    }
+}
