@@ -191,7 +191,7 @@ pub struct BackupJobArgs {
     #[arg(long)]
     pub target_name: String,
     /// A database member's connection Secret, one file per key.
-    #[arg(long, default_value = crate::agent::database::DEFAULT_DATABASE_SECRET_DIR)]
+    #[arg(long, default_value = crate::executor_pod::DEFAULT_DATABASE_SECRET_DIR)]
     pub database_secret_dir: PathBuf,
     #[command(flatten)]
     pub executor: ExecutorArgs,
@@ -223,7 +223,7 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub target_name: String,
     /// A database member's connection Secret, one file per key.
-    #[arg(long, default_value = crate::agent::database::DEFAULT_DATABASE_SECRET_DIR)]
+    #[arg(long, default_value = crate::executor_pod::DEFAULT_DATABASE_SECRET_DIR)]
     pub database_secret_dir: PathBuf,
     /// Namespace of the RestoreBatch; defaults to POD_NAMESPACE, then the in-cluster namespace.
     #[arg(long, short = 'n', env = "POD_NAMESPACE")]

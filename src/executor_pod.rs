@@ -13,6 +13,8 @@ use k8s_openapi::api::core::v1::{
 pub const SIDECAR_NAME: &str = "stash";
 pub const TMP_MOUNT_PATH: &str = "/tmp";
 pub const SECRET_MOUNT_PATH: &str = "/etc/stash/repository/secret";
+/// Where a backup or restore Job mounts the member's connection Secret.
+pub const DEFAULT_DATABASE_SECRET_DIR: &str = "/etc/stash/database";
 /// Where a PVC is mounted when the member names no volumeMounts.
 pub const DEFAULT_DATA_PATH: &str = "/stash-data";
 /// A member whose target is a Secret is a database; the Secret holds its connection.

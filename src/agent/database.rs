@@ -10,9 +10,6 @@ use crate::restic::{BackupOutcome, Restic};
 use std::process::Stdio;
 use tokio::process::Command;
 
-/// Where a backup or restore Job mounts the member's connection Secret.
-pub const DEFAULT_DATABASE_SECRET_DIR: &str = "/etc/stash/database";
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
     Postgres,

@@ -2,10 +2,11 @@
 //! (never inline), a local repository's volume at its mountPath, scratch space, and optionally the
 //! member's PVC and its database-connection Secret.
 
-use crate::agent::database::DEFAULT_DATABASE_SECRET_DIR;
 use crate::api::common::{ContainerRuntimeSettings, EmptyDirSettings};
 use crate::api::repository::Repository;
-use crate::executor_pod::{SECRET_MOUNT_PATH, TMP_MOUNT_PATH, executor_container, secret_volume};
+use crate::executor_pod::{
+    DEFAULT_DATABASE_SECRET_DIR, SECRET_MOUNT_PATH, TMP_MOUNT_PATH, executor_container, secret_volume,
+};
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     EmptyDirVolumeSource, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Volume, VolumeMount,
