@@ -1087,14 +1087,8 @@ async fn the_sidecar_runs_as_the_workloads_service_account_which_gets_the_sideca
 /// runs at Pod creation, so the Job controller's Pods either exist or were refused.
 #[tokio::test]
 async fn every_operator_made_pod_passes_pod_security_restricted() {
-    use k8s_openapi::api::core::v1::{Namespace, Pod};
-    let ns = TestNamespace::new("restricted").await;
-    let enforce = json!({"metadata": {"labels": {
-        "pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}}});
-    Api::<Namespace>::all(ns.client.clone())
-        .patch(&ns.name, &PatchParams::default(), &Patch::Merge(&enforce))
-        .await
-        .expect("label the namespace");
+    use k8s_openapi::api::core::v1::Pod;
+    let ns = TestNamespace::restricted("restricted").await;
     let operator = with_controllers(&ns).await;
     fixtures::secret(&ns, true).await;
     fixtures::repository(&ns).await;

@@ -13,7 +13,7 @@ mod support;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, Pod};
+use k8s_openapi::api::core::v1::{PersistentVolume, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 use stash::api::backup_session::{BackupSessionPhase, HostPhase};
@@ -76,13 +76,7 @@ fn root(relative: &str) -> String {
 
 /// A namespace that enforces `restricted` and whose Pods run on the node.
 async fn restricted_namespace(prefix: &str) -> TestNamespace {
-    let ns = TestNamespace::new(prefix).await;
-    let enforce = json!({"metadata": {"labels": {
-        "pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}}});
-    Api::<Namespace>::all(ns.client.clone())
-        .patch(&ns.name, &PatchParams::default(), &Patch::Merge(&enforce))
-        .await
-        .expect("label the namespace");
+    let ns = TestNamespace::restricted(prefix).await;
     node::schedule_on_node(&ns).await;
     ns
 }

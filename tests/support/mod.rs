@@ -223,6 +223,18 @@ impl TestNamespace {
         Self { name, client }
     }
 
+    /// Like `new`, for a namespace that enforces Pod Security `restricted`.
+    pub async fn restricted(prefix: &str) -> Self {
+        let ns = Self::new(prefix).await;
+        let enforce = serde_json::json!({"metadata": {"labels": {
+            "pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}}});
+        Api::<Namespace>::all(ns.client.clone())
+            .patch(&ns.name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&enforce))
+            .await
+            .expect("label the namespace");
+        ns
+    }
+
     pub fn api<K>(&self) -> Api<K>
     where
         K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
