@@ -1200,3 +1200,38 @@ async fn a_deleted_batch_leaves_no_metric_series_behind() {
     .await;
     operator.stop().await;
 }
+
+/// M16: a batch applied before its Repository (GitOps ordering) does not spend its one restart while
+/// the webhook cannot inject (it knows no Repository): the restart waits for the Repository.
+#[tokio::test]
+async fn the_one_restart_waits_for_the_repository() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let ns = TestNamespace::new("rollwait").await;
+    let _operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::targets(&ns).await;
+    eventually("a Pod of app", Duration::from_secs(60), || {
+        let pods = ns.api::<k8s_openapi::api::core::v1::Pod>();
+        async move { pods.list(&ListParams::default().labels("app=app")).await.ok().filter(|l| !l.items.is_empty()) }
+    })
+    .await;
+    fixtures::batch(&ns, "early", vec![member("Deployment", "app")], json!({})).await;
+    let deployments = ns.api::<Deployment>();
+    let rolled = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .is_some_and(|a| a.contains_key("stash.appscode.com/sidecar-rollout"))
+    };
+    // Past the settle delay (5 s) and the controller's recheck (10 s): no Repository, no restart.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(!rolled(&deployments.get("app").await.expect("deployment")), "restarted before the Repository existed");
+
+    fixtures::repository(&ns).await;
+    eventually("the one restart once the Repository exists", Duration::from_secs(60), || {
+        let deployments = deployments.clone();
+        async move { deployments.get("app").await.ok().filter(|d| rolled(d)).map(drop) }
+    })
+    .await;
+}

@@ -90,7 +90,8 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
         if let TargetState::Workload(workload) = &state {
             // Its Pods' sidecar acts as the workload's ServiceAccount.
             identity::ensure_workload(&ctx, &namespace, workload).await?;
-            let injected = targets::sidecar_status(&ctx.client, &namespace, workload, &batch).await?;
+            let usable = repository.as_ref().ok();
+            let injected = targets::sidecar_status(&ctx.client, &namespace, workload, &batch, usable).await?;
             sidecars_pending |= !injected.desired.is_true();
             record(&ctx, &batch, &mut conditions, &injected.desired, generation).await;
             if injected.rolled {

@@ -1,14 +1,14 @@
 //! Member targets: do they exist, how many hosts back them up, and do their Pods carry the sidecar.
 
 use super::backup_batch::SIDECAR_INJECTED;
-use crate::api::BackupBatch;
 use crate::api::common::TargetRef;
+use crate::api::{BackupBatch, Repository};
 use crate::conditions::Desired;
 use crate::executor_pod::SIDECAR_NAME;
 use crate::workload::WorkloadKind;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, PodTemplateSpec, ReplicationController, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
@@ -158,6 +158,7 @@ pub async fn sidecar_status(
     namespace: &str,
     workload: &WorkloadInfo,
     batch: &BackupBatch,
+    repository: Option<&Repository>,
 ) -> Result<SidecarStatus, kube::Error> {
     let Some(selector) = workload.selector.clone().and_then(|s| kube::core::Selector::try_from(s).ok()) else {
         let desired = Desired::new(SIDECAR_INJECTED, false, "NoSelector", "the workload has no usable selector");
@@ -185,16 +186,19 @@ pub async fn sidecar_status(
     let already_rolled = workload.template_annotations.contains_key(ROLLOUT_ANNOTATION);
     let rollable =
         matches!(workload.kind, WorkloadKind::Deployment | WorkloadKind::StatefulSet | WorkloadKind::DaemonSet);
-    // Every webhook replica must know the batch before the restart creates Pods, or they come up
-    // without the sidecar and the one restart is spent: a batch applied together with its workload
-    // waits a moment.
-    let settled = batch
-        .metadata
-        .creation_timestamp
-        .as_ref()
-        .is_none_or(|t| Timestamp::now().duration_since(t.0) >= SignedDuration::from_secs(ROLL_SETTLE_SECONDS));
+    // Every webhook replica must know the batch and its Repository before the restart creates Pods,
+    // or they come up without the sidecar and the one restart is spent: a batch applied together with
+    // its workload or Repository waits a moment, and one applied before its Repository waits for it.
+    let old_enough = |created: Option<&Time>| {
+        created.is_none_or(|t| Timestamp::now().duration_since(t.0) >= SignedDuration::from_secs(ROLL_SETTLE_SECONDS))
+    };
+    let settled = old_enough(batch.metadata.creation_timestamp.as_ref())
+        && repository.is_some_and(|r| old_enough(r.metadata.creation_timestamp.as_ref()));
     let rolled = !already_rolled && rollable && settled && roll(client, namespace, workload, batch).await?;
     let message = match (rollable, already_rolled || rolled) {
+        (true, false) if repository.is_none() => format!(
+            "{injected} of {total} Pods carry the stash sidecar; the workload is restarted once when its Repository is available"
+        ),
         (true, false) if !settled => format!(
             "{injected} of {total} Pods carry the stash sidecar; the workload is restarted once in a few seconds"
         ),
