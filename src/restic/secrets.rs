@@ -71,13 +71,16 @@ impl SecretValues {
             .map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
-    /// `text` with every secret value (of four characters or more) replaced: what a tool printed may
-    /// quote a credential, and it must not travel on into a status, an Event or a log.
+    /// `text` with every secret value (of four characters or more) replaced, as it is and as it
+    /// travels percent-encoded in a repository URL: what a tool printed may quote a credential, and it
+    /// must not travel on into a status, an Event or a log.
     pub fn redact(&self, text: &str) -> String {
         let mut redacted = text.to_string();
         for value in self.values.values().filter(|v| v.len() >= 4) {
-            if redacted.contains(value.as_str()) {
-                redacted = redacted.replace(value.as_str(), "<redacted>");
+            for form in [value.clone(), super::backend::percent_encode(value)] {
+                if redacted.contains(form.as_str()) {
+                    redacted = redacted.replace(form.as_str(), "<redacted>");
+                }
             }
         }
         redacted
@@ -100,5 +103,18 @@ mod tests {
         assert_eq!(secrets.redact("Fatal: s3cr3t-value rejected"), "Fatal: <redacted> rejected");
         let missing = secrets.require(CA_CERT_DATA).unwrap_err().to_string();
         assert!(missing.contains("CA_CERT_DATA"), "{missing}");
+    }
+
+    /// L1: a REST credential travels percent-encoded in the repository URL; an error quoting the URL
+    /// must not reveal it either.
+    #[test]
+    fn percent_encoded_values_are_hidden_too() {
+        let map = BTreeMap::from([("REST_SERVER_PASSWORD".to_string(), "p@ss:word/1".to_string())]);
+        let secrets = SecretValues::from_map("/etc/stash/repository/secret", map);
+        let text = "Fatal: unable to open rest:https://stash:p%40ss%3Aword%2F1@backup.example:8000/repo";
+        assert_eq!(
+            secrets.redact(text),
+            "Fatal: unable to open rest:https://stash:<redacted>@backup.example:8000/repo"
+        );
     }
 }
