@@ -64,6 +64,9 @@ impl Version {
     }
 }
 
+/// How long the REST lock DELETE may take: a server that never answers must not hold an executor.
+const LOCK_DELETE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The lock wait of a command run by hand (`stash` CLI); executors wait until their deadline.
 const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(120);
 
@@ -425,7 +428,16 @@ impl Restic {
         let password = url.password().map(|p| percent_decode_str(p).decode_utf8_lossy().into_owned());
         let _ = url.set_username("");
         let _ = url.set_password(None);
-        let mut request = reqwest::Client::new().delete(url);
+        // The same trust as restic's own requests: the repository's CA and its insecureTLS choice.
+        let mut client = reqwest::Client::builder()
+            .timeout(LOCK_DELETE_TIMEOUT)
+            .danger_accept_invalid_certs(self.location.insecure_tls);
+        let ca = std::fs::read(self.scratch.path().join("ca.crt")).ok();
+        if let Some(certificate) = ca.and_then(|pem| reqwest::Certificate::from_pem(&pem).ok()) {
+            client = client.add_root_certificate(certificate);
+        }
+        let Ok(client) = client.build() else { return false };
+        let mut request = client.delete(url);
         if !user.is_empty() {
             request = request.basic_auth(user, password);
         }
@@ -490,6 +502,36 @@ fn relative_to_root(path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// L4: a REST server that accepts the connection and never answers must not hold the executor:
+    /// the lock DELETE gives up after its timeout.
+    #[tokio::test]
+    async fn a_lock_delete_to_a_silent_rest_server_gives_up() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let _held = std::thread::spawn(move || {
+            let accepted: Vec<_> = listener.incoming().take(2).collect();
+            std::thread::sleep(Duration::from_secs(120));
+            drop(accepted);
+        });
+        let restic = Restic {
+            binary: PathBuf::from("restic"),
+            location: Location {
+                url: format!("rest:http://127.0.0.1:{port}/repo"),
+                options: Vec::new(),
+                env: Vec::new(),
+                insecure_tls: false,
+                local_dir: None,
+            },
+            secrets: SecretValues::from_map("/secret", Default::default()),
+            password: String::new(),
+            version: Version(0, 18, 1),
+            lock_wait: DEFAULT_LOCK_WAIT,
+            scratch: tempfile::tempdir().expect("scratch"),
+        };
+        let removed = tokio::time::timeout(Duration::from_secs(60), restic.remove_lock("0123abcd")).await;
+        assert_eq!(removed.ok(), Some(false), "the DELETE gave up and reported the lock not removed");
+    }
 
     #[test]
     fn parses_versions() {
