@@ -64,6 +64,38 @@ impl Version {
     }
 }
 
+/// What restic inherits from the executor's environment; everything else is cleared, so that no
+/// credential of the Pod leaks into restic by accident. Proxies (`runtimeSettings` env) and workload
+/// identity (a projected token the platform injects) must pass, or proxied clusters and IRSA-style
+/// credentials cannot work.
+const INHERITED_ENV: &[&str] = &[
+    "PATH",
+    "TMPDIR",
+    "HOME",
+    "TZ",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_SESSION_NAME",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_STS_REGIONAL_ENDPOINTS",
+    "AZURE_CLIENT_ID",
+    "AZURE_TENANT_ID",
+    "AZURE_FEDERATED_TOKEN_FILE",
+];
+
+fn inherited_env(lookup: impl Fn(&str) -> Option<std::ffi::OsString>) -> Vec<(&'static str, std::ffi::OsString)> {
+    INHERITED_ENV.iter().filter_map(|key| lookup(key).map(|value| (*key, value))).collect()
+}
+
 /// How long the REST lock DELETE may take: a server that never answers must not hold an executor.
 const LOCK_DELETE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -155,11 +187,7 @@ impl Restic {
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(&self.binary);
         command.env_clear();
-        for key in ["PATH", "TMPDIR", "HOME", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR"] {
-            if let Some(value) = std::env::var_os(key) {
-                command.env(key, value);
-            }
-        }
+        command.envs(inherited_env(|key| std::env::var_os(key)));
         command
             .env("RESTIC_REPOSITORY", &self.location.url)
             .env("RESTIC_PASSWORD", &self.password)
@@ -531,6 +559,18 @@ mod tests {
         };
         let removed = tokio::time::timeout(Duration::from_secs(60), restic.remove_lock("0123abcd")).await;
         assert_eq!(removed.ok(), Some(false), "the DELETE gave up and reported the lock not removed");
+    }
+
+    /// M10: proxies and workload-identity variables reach restic; other variables of the Pod do not.
+    #[test]
+    fn restic_inherits_proxies_and_workload_identity_only() {
+        let pod_env = |key: &str| {
+            ["HTTPS_PROXY", "NO_PROXY", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN", "DATABASE_PASSWORD", "PATH"]
+                .contains(&key)
+                .then(|| std::ffi::OsString::from(format!("value of {key}")))
+        };
+        let passed: Vec<&str> = inherited_env(pod_env).into_iter().map(|(key, _)| key).collect();
+        assert_eq!(passed, ["PATH", "HTTPS_PROXY", "NO_PROXY", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"]);
     }
 
     #[test]
