@@ -8,7 +8,7 @@
 //! which is before anyone else may take over.
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, PostParams};
@@ -110,11 +110,19 @@ pub struct LeaseLock {
     config: LeaseConfig,
     /// The record last read or written; a std Mutex because it is never held across an await.
     observed: Mutex<Option<Observed>>,
+    /// Set on the Lease when this lock creates it, so that it goes with what it serialises.
+    owner: Option<OwnerReference>,
 }
 
 impl LeaseLock {
     pub fn new(client: Client, config: LeaseConfig) -> Self {
-        LeaseLock { api: Api::namespaced(client, &config.namespace), config, observed: Mutex::new(None) }
+        LeaseLock { api: Api::namespaced(client, &config.namespace), config, observed: Mutex::new(None), owner: None }
+    }
+
+    /// The Lease, when this lock creates it, is owned by `owner` (garbage-collected with it).
+    pub fn owned_by(mut self, owner: Option<OwnerReference>) -> Self {
+        self.owner = owner;
+        self
     }
 
     pub(crate) fn config(&self) -> &LeaseConfig {
@@ -157,7 +165,11 @@ impl LeaseLock {
         let name = &self.config.name;
         let Some(mut lease) = self.api.get_opt(name).await.map_err(|e| self.kube_error(e))? else {
             let lease = Lease {
-                metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    owner_references: self.owner.clone().map(|o| vec![o]),
+                    ..Default::default()
+                },
                 spec: Some(self.spec(&LeaseRecord::default(), None, Timestamp::now())),
             };
             return self.write(self.api.create(&PostParams::default(), &lease).await);

@@ -1009,3 +1009,35 @@ async fn a_fresh_namespace_restores_the_sessions_of_the_namespace_it_names() {
     let page = std::fs::read_to_string(restored.path().join("stash-data/uploads/index.html")).expect("restored");
     assert_eq!(page, "<h1>from the source namespace</h1>");
 }
+
+/// L10: the Lease a workload's sidecars take turns on goes with its batch (garbage collection), not
+/// left behind in the namespace forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_targets_lease_goes_with_its_batch() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut setup = Setup::new("leasegc", Backend::Local(repo.path())).await;
+    fixtures::create::<k8s_openapi::api::apps::v1::Deployment>(
+        &setup.ns,
+        json!({"metadata": {"name": "web"}, "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "c", "image": "registry.invalid/c:1"}],
+                "volumes": [{"name": "html", "persistentVolumeClaim": {"claimName": "web-html"}}]}}}}),
+    )
+    .await;
+    let member = json!({"target": {"alias": "web", "ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+        "paths": ["/var/www/html"]}});
+    setup.batch(vec![member], json!({"timeOut": "5m"})).await;
+    write_files(setup.node.root(), &[("var/www/html/index.html", "page")]);
+    let _sidecar = setup.node.spawn_sidecar(BATCH, "Deployment", "web", "web-5d8f7c9b4-abcde");
+    setup.back_up().await;
+    let leases = setup.ns.api::<Lease>();
+    let name = format!("stash-{BATCH}-deployment-web");
+    assert!(leases.get_opt(&name).await.expect("get").is_some(), "the sidecar took the target's Lease");
+
+    setup.ns.api::<BackupBatch>().delete(BATCH, &Default::default()).await.expect("delete the batch");
+    support::eventually("the target's Lease gone with its batch", Duration::from_secs(60), || {
+        let (leases, name) = (leases.clone(), name.clone());
+        async move { leases.get_opt(&name).await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+}

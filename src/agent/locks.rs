@@ -13,7 +13,7 @@ use crate::restic::Restic;
 use crate::restic::output::Lock;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::PostParams;
 use kube::{Resource, ResourceExt};
@@ -163,13 +163,7 @@ async fn record_holder<K: Resource<DynamicType = ()>>(executor: &Executor, about
     let host = own_hostname();
     let Some(pod) = executor.api::<Pod>().get_opt(&pod_name).await? else { return Ok(()) };
     let (Some(uid), true) = (pod.uid(), is_dns_label(&host)) else { return Ok(()) };
-    let owner = about.meta().uid.clone().map(|uid| OwnerReference {
-        api_version: K::api_version(&()).into_owned(),
-        kind: K::kind(&()).into_owned(),
-        name: about.meta().name.clone().unwrap_or_default(),
-        uid,
-        ..OwnerReference::default()
-    });
+    let owner = super::plain_owner(about);
     let leases = executor.api::<Lease>();
     let name = format!("{RECORD_PREFIX}{host}");
     let mut record = Lease {

@@ -14,6 +14,8 @@ pub(crate) mod retention;
 pub mod sidecar;
 pub mod status;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+
 pub use executor::{AgentError, Executor, ExecutorSettings};
 
 /// restic tags that make a run's snapshots one set: `session=`, `batch=`, `member=`, and the
@@ -26,4 +28,17 @@ pub fn session_tags(session: &crate::api::BackupSession, batch: &str, member: &s
         format!("member={member}"),
         format!("{}={}", retention::NAMESPACE_TAG, session.namespace().unwrap_or_default()),
     ]
+}
+
+/// An owner reference for what an executor creates about `owner` (records, Leases), so that it goes
+/// with it. Not a controller reference and not blocking deletion: the executor's identity may not
+/// set finalizers on its owner.
+pub(crate) fn plain_owner<K: kube::Resource<DynamicType = ()>>(owner: &K) -> Option<OwnerReference> {
+    owner.meta().uid.clone().map(|uid| OwnerReference {
+        api_version: K::api_version(&()).into_owned(),
+        kind: K::kind(&()).into_owned(),
+        name: owner.meta().name.clone().unwrap_or_default(),
+        uid,
+        ..Default::default()
+    })
 }

@@ -83,10 +83,12 @@ async fn take_turn(executor: &Executor, target: &SidecarTarget, session: &Backup
     if status::turn(session, &target.kind, &target.name, &host) != Turn::Now {
         return Ok(());
     }
-    let lease = executor.lease(
-        executor.namespace().to_string(),
-        format!("stash-{}-{}-{}", target.batch, target.kind.to_ascii_lowercase(), target.name),
-    );
+    let lease = executor
+        .lease(
+            executor.namespace().to_string(),
+            format!("stash-{}-{}-{}", target.batch, target.kind.to_ascii_lowercase(), target.name),
+        )
+        .owned_by(super::plain_owner(&batch));
     let session_name = session.name_any();
     lease
         .hold_while(async {
