@@ -208,6 +208,23 @@ fn psql(ns: &TestNamespace, sql: &str) -> String {
 
 const ROWS_CHECKSUM: &str = "SELECT count(*) || ':' || md5(string_agg(t::text, ',' ORDER BY id)) FROM items t";
 
+/// A StatefulSet of two replicas, each with its own claim `data-ledger-<ordinal>`, writing its own
+/// data once. `runs: false` keeps its Pods from ever being scheduled (a restore target only).
+fn ledger(runs: bool) -> Value {
+    let script = "[ -f /data/owner ] || { hostname > /data/owner; head -c 200000 /dev/urandom > /data/blob.bin; }; \
+                  exec sleep infinity";
+    let mut pod = restricted_pod(json!([app_container(script)]), json!([]));
+    if !runs {
+        pod["nodeSelector"] = json!({"stash-tests/no-such-node": "true"});
+    }
+    json!({"metadata": {"name": "ledger"}, "spec": {
+        "replicas": 2, "serviceName": "ledger", "selector": {"matchLabels": {"app": "ledger"}},
+        "template": {"metadata": {"labels": {"app": "ledger"}}, "spec": pod},
+        "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec": {
+            "accessModes": ["ReadWriteOnce"], "storageClassName": "e2e-manual",
+            "resources": {"requests": {"storage": "1Gi"}}}}]}})
+}
+
 /// Every regular file under `dir`, by relative path, with its bytes.
 fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
@@ -248,7 +265,11 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
     claim_on(&app, "archive", &volumes.path().join("app-archive")).await;
     std::fs::create_dir_all(volumes.path().join("app-archive/2025")).expect("archive dir");
     std::fs::write(volumes.path().join("app-archive/2025/ledger.csv"), "id,amount\n1,100\n2,250\n").expect("file");
-    let hook = |name: &str| json!({"exec": {"command": ["sh", "-c", format!("date +%s > /data/site/{name}")]}, "containerName": "app"});
+    // Batch hooks run in every member workload's Pods that have the container: web's and ledger's.
+    let hook = |name: &str| {
+        let script = format!("mkdir -p /data/.hooks && date +%s > /data/.hooks/{name}");
+        json!({"exec": {"command": ["sh", "-c", script]}, "containerName": "app"})
+    };
     let mut post = hook("post-hook");
     post["executionPolicy"] = json!("Always");
     fixtures::batch(
@@ -256,6 +277,8 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
         "site",
         vec![
             json!({"target": {"alias": "web", "ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                   "paths": ["/data"], "volumeMounts": [{"name": "data", "mountPath": "/data"}]}}),
+            json!({"target": {"alias": "ledger", "ref": {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "ledger"},
                    "paths": ["/data"], "volumeMounts": [{"name": "data", "mountPath": "/data"}]}}),
             json!({"target": {"alias": "archive", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "archive"}}}),
             json!({"target": {"alias": "shop-db", "ref": {"apiVersion": "v1", "kind": "Secret", "name": "pg-conn"}},
@@ -267,6 +290,10 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
     )
     .await;
     fixtures::create::<Deployment>(&app, web(1)).await;
+    for ordinal in 0..2 {
+        claim_on(&app, &format!("data-ledger-{ordinal}"), &volumes.path().join(format!("app-ledger-{ordinal}"))).await;
+    }
+    fixtures::create::<k8s_openapi::api::apps::v1::StatefulSet>(&app, ledger(true)).await;
     postgres(&app).await;
     psql(
         &app,
@@ -287,10 +314,17 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
     .await;
     let containers: Vec<String> = pod.spec.expect("spec").containers.into_iter().map(|c| c.name).collect();
     assert_eq!(containers, ["app", "stash"], "the webhook injected the sidecar");
-    eventually("the site written", LIMIT, || async {
-        volumes.path().join("app-uploads/site/2026/11/rows.txt").exists().then_some(())
+    eventually("the site and both ledgers written", LIMIT, || async {
+        let written = volumes.path().join("app-uploads/site/2026/11/rows.txt").exists()
+            && (0..2).all(|n| volumes.path().join(format!("app-ledger-{n}/blob.bin")).exists());
+        written.then_some(())
     })
     .await;
+    let ledgers = pods.list(&ListParams::default().labels("app=ledger")).await.expect("ledger Pods").items;
+    for pod in &ledgers {
+        let names: Vec<&str> = pod.spec.iter().flat_map(|s| &s.containers).map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["app", "stash"], "{} got the sidecar", kube::ResourceExt::name_any(pod));
+    }
 
     // The CronJob fires; its session runs the sidecar, then the archive's Job, then finalizes.
     let sessions = app.api::<BackupSession>();
@@ -304,11 +338,15 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
     let name = kube::ResourceExt::name_any(&session);
 
     // Mid-session, the leader's Pod dies at once; the other replica takes the Lease and finishes.
-    eventually("the session running", LIMIT, || {
+    let started = eventually("the session running (or already over)", LIMIT, || {
         let (sessions, name) = (sessions.clone(), name.clone());
-        async move { (sessions.get(&name).await.ok()?.status?.phase? == BackupSessionPhase::Running).then_some(()) }
+        async move {
+            let status = sessions.get(&name).await.ok()?.status?;
+            matches!(status.phase?, BackupSessionPhase::Running | BackupSessionPhase::Failed).then_some(status)
+        }
     })
     .await;
+    assert_eq!(started.phase, Some(BackupSessionPhase::Running), "{started:#?}");
     let leases: Api<Lease> = Api::namespaced(support::client().await, "stash");
     let holder = |lease: Lease| lease.spec.and_then(|s| s.holder_identity).filter(|h| !h.is_empty());
     let leader = holder(leases.get("stash-operator").await.expect("the operator's Lease")).expect("a leader");
@@ -339,7 +377,10 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
             assert!(!host.snapshots.is_empty(), "host {} names its snapshot", host.hostname);
         }
     }
-    assert!(volumes.path().join("app-uploads/site/post-hook").exists(), "the post-backup hook ran in the app");
+    for volume in ["app-uploads", "app-ledger-0", "app-ledger-1"] {
+        let hooked = volumes.path().join(volume).join(".hooks/post-hook");
+        assert!(hooked.exists(), "the post-backup hook ran in the Pod of {volume}");
+    }
     eventually("the session finalized", LIMIT, || {
         let (sessions, name) = (sessions.clone(), name.clone());
         async move {
@@ -360,6 +401,11 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
     claim_on(&fresh, "uploads", &volumes.path().join("fresh-uploads")).await;
     claim_on(&fresh, "archive", &volumes.path().join("fresh-archive")).await;
     fixtures::create::<Deployment>(&fresh, web(0)).await;
+    for ordinal in 0..2 {
+        claim_on(&fresh, &format!("data-ledger-{ordinal}"), &volumes.path().join(format!("fresh-ledger-{ordinal}")))
+            .await;
+    }
+    fixtures::create::<k8s_openapi::api::apps::v1::StatefulSet>(&fresh, ledger(false)).await;
     postgres(&fresh).await;
     fixtures::create::<RestoreBatch>(
         &fresh,
@@ -368,6 +414,8 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
                "spec": {"repository": {"name": "repo"}, "restoreFrom": {"namespace": app.name, "batch": "site"},
                         "members": [
             {"target": {"alias": "web", "ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                        "volumeMounts": [{"name": "data", "mountPath": "/data"}]}},
+            {"target": {"alias": "ledger", "ref": {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "ledger"},
                         "volumeMounts": [{"name": "data", "mountPath": "/data"}]}},
             {"target": {"alias": "archive", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "archive"}}},
             {"target": {"alias": "shop-db", "ref": {"apiVersion": "v1", "kind": "Secret", "name": "pg-conn"}},
@@ -388,13 +436,23 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
     assert_eq!(status.phase, Some(RestorePhase::Succeeded), "{status:#?}");
     assert_eq!(status.restored_session.as_deref(), Some(name.as_str()));
 
-    let mut backed_up = files(&volumes.path().join("app-uploads"));
-    // Written after the backup by the post-backup hook: not part of the set.
-    backed_up.remove(Path::new("site/post-hook"));
+    // Without what the post-backup hook wrote after the backup: not part of the set.
+    let backed_up = |volume: &str| {
+        let mut files = files(&volumes.path().join(volume));
+        files.remove(Path::new(".hooks/post-hook"));
+        files
+    };
     let brought_back = files(&volumes.path().join("fresh-uploads"));
-    assert_eq!(file_names(&brought_back), file_names(&backed_up));
-    assert!(brought_back == backed_up, "the site's files are byte-identical");
-    assert!(brought_back.contains_key(Path::new("site/pre-hook")), "the pre-backup hook ran before the backup");
+    let backed_up_site = backed_up("app-uploads");
+    assert_eq!(file_names(&brought_back), file_names(&backed_up_site));
+    assert!(brought_back == backed_up_site, "the site's files are byte-identical");
+    assert!(brought_back.contains_key(Path::new(".hooks/pre-hook")), "the pre-backup hook ran before the backup");
+    for ordinal in 0..2 {
+        let (source, restored) = (format!("app-ledger-{ordinal}"), format!("fresh-ledger-{ordinal}"));
+        let original = backed_up(&source);
+        assert_eq!(original.get(Path::new("owner")).map(Vec::as_slice), Some(format!("ledger-{ordinal}\n").as_bytes()));
+        assert!(files(&volumes.path().join(restored)) == original, "ledger-{ordinal}'s claim is byte-identical");
+    }
     assert!(
         files(&volumes.path().join("fresh-archive")) == files(&volumes.path().join("app-archive")),
         "the archive PVC is byte-identical"
