@@ -1116,34 +1116,22 @@ async fn every_operator_made_pod_passes_pod_security_restricted() {
     let pods = ns.api::<Pod>();
     for job in ["manual-trigger".to_string(), format!("{session}-0"), format!("{session}-finalize")] {
         let refused = eventually(&format!("a Pod of Job {job} or its refusal"), Duration::from_secs(60), || {
-            let (pods, jobs, job) = (pods.clone(), ns.api::<Job>(), job.clone());
+            let (pods, events, job) = (pods.clone(), ns.api::<k8s_openapi::api::core::v1::Event>(), job.clone());
             async move {
                 let selector = format!("job-name={job}");
                 if !pods.list(&ListParams::default().labels(&selector)).await.ok()?.items.is_empty() {
                     return Some(None);
                 }
                 // The Job controller reports a refused Pod as the Job's FailedCreate event.
-                let events = ns_events(&jobs, &job).await;
-                events.into_iter().find(|e| e.contains("violates PodSecurity")).map(Some)
+                let about = format!("involvedObject.name={job}");
+                let events = events.list(&ListParams::default().fields(&about)).await.ok()?.items;
+                events.into_iter().filter_map(|e| e.message).find(|m| m.contains("violates PodSecurity")).map(Some)
             }
         })
         .await;
         assert_eq!(refused, None, "the Pod of Job {job} was refused");
     }
     operator.stop().await;
-}
-
-/// The messages of the Events about Job `name`.
-async fn ns_events(jobs: &Api<Job>, name: &str) -> Vec<String> {
-    let Ok(job) = jobs.get(name).await else { return Vec::new() };
-    let namespace = job.metadata.namespace.clone().unwrap_or_default();
-    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(support::client().await, &namespace);
-    let selector = format!("involvedObject.name={name}");
-    events
-        .list(&ListParams::default().fields(&selector))
-        .await
-        .map(|list| list.items.into_iter().filter_map(|e| e.message).collect())
-        .unwrap_or_default()
 }
 
 /// An exec hook runs in the batch's workload Pods; with none running (no kubelet here: Pods stay
