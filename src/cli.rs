@@ -26,6 +26,8 @@ pub enum Command {
     BackupJob(BackupJobArgs),
     /// Finish a session in the repository: manifest, retention, check, Repository status.
     FinalizeSession(FinalizeArgs),
+    /// Send a session's global http or tcp hook (its hook Job runs this, in the batch's namespace).
+    RunHook(RunHookArgs),
     /// Create a BackupSession for an invoker (the trigger CronJob runs this at each slot).
     CreateBackupsession(InvokerArgs),
     /// Run the restore of one RestoreBatch member.
@@ -203,6 +205,22 @@ pub struct FinalizeArgs {
     /// The finished BackupSession.
     #[arg(long)]
     pub session: String,
+    /// Namespace of the session; defaults to POD_NAMESPACE, then the in-cluster namespace.
+    #[arg(long, short = 'n', env = "POD_NAMESPACE")]
+    pub namespace: Option<String>,
+    #[command(flatten)]
+    pub executor: ExecutorArgs,
+}
+
+/// The hook to send, and for which session.
+#[derive(Args, Debug)]
+pub struct RunHookArgs {
+    /// The BackupSession whose hook this is.
+    #[arg(long)]
+    pub session: String,
+    /// Which of the batch's hooks.
+    #[arg(long, value_enum)]
+    pub hook: crate::hooks::Hook,
     /// Namespace of the session; defaults to POD_NAMESPACE, then the in-cluster namespace.
     #[arg(long, short = 'n', env = "POD_NAMESPACE")]
     pub namespace: Option<String>,

@@ -2,13 +2,21 @@
 //!
 //! At most once, whatever runs them (a conflict retry, a stale cache, a leader change, a second
 //! operator on the cluster): a controller first records its claim on the hook in the session's
-//! status — a write guarded by resourceVersion, so only one claim can land — and runs the hook only
-//! after that write succeeded. [`step`] reads where a hook stands from that record.
+//! status — a write guarded by resourceVersion, so only one claim can land — and acts only after
+//! that write succeeded. [`step`] reads where a hook stands from that record.
+//!
+//! Where a hook runs: `exec` hooks in the batch's workload Pods (through the API server, by the
+//! claimant); `httpGet`, `httpPost` and `tcpSocket` hooks from a Job of the batch's own namespace, as
+//! its executor identity, so that a tenant never borrows the operator's network position. That Job's
+//! Pod marks the hook as being sent (again a guarded write) before sending it, and a Pod that finds
+//! it marked sends nothing: a retried Pod or a re-created Job cannot send it twice.
 
+use crate::api::backup_batch::BackupHooks;
 use crate::api::common::{Condition, ConditionStatus, Handler, HookExecutionPolicy, UriScheme};
 use crate::conditions::Desired;
 use crate::executor_pod::SIDECAR_NAME;
 use crate::restic::backend::percent_encode;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -18,67 +26,184 @@ use kube::core::Selector;
 use std::time::Duration;
 
 const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long after a claim its holder may still be running the hook: the hook's own timeout plus the
-/// time to write the outcome. Past that, the claimant is gone and the outcome is unknown.
+/// How long after a claim its holder may still be running an exec hook: the hook's own timeout plus
+/// the time to write the outcome. Past that, the claimant is gone and the outcome is unknown.
 const CLAIM_GRACE: SignedDuration = SignedDuration::from_secs(45);
+/// How often a hook's running Job is looked at besides its own events.
+const JOB_POLL: SignedDuration = SignedDuration::from_secs(30);
 
 pub const PRE_BACKUP: &str = "PreBackupHookExecutionSucceeded";
 pub const POST_BACKUP: &str = "PostBackupHookExecutionSucceeded";
 const CLAIMED: &str = "HookClaimed";
+const SENDING: &str = "HookSending";
+
+/// A session's global hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Hook {
+    PreBackup,
+    PostBackup,
+}
+
+impl Hook {
+    /// The session condition that records it.
+    pub fn condition(self) -> &'static str {
+        match self {
+            Hook::PreBackup => PRE_BACKUP,
+            Hook::PostBackup => POST_BACKUP,
+        }
+    }
+
+    /// Its name in Job names, labels and flags.
+    pub fn label(self) -> &'static str {
+        match self {
+            Hook::PreBackup => "pre-backup",
+            Hook::PostBackup => "post-backup",
+        }
+    }
+
+    /// The batch's handler for it.
+    pub fn handler(self, hooks: Option<&BackupHooks>) -> Option<&Handler> {
+        let hooks = hooks?;
+        match self {
+            Hook::PreBackup => hooks.pre_backup.as_ref(),
+            Hook::PostBackup => hooks.post_backup.as_ref().map(|p| &p.handler),
+        }
+    }
+}
+
+/// Whether `handler` is sent from a Job of the batch's namespace (http and tcp) rather than run by
+/// its claimant in the workload's Pods (exec).
+pub fn runs_in_job(handler: &Handler) -> bool {
+    handler.exec.is_none()
+}
+
+/// What runs a claimed hook, as observed now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Runner {
+    /// The controller that claimed it, right after its claim was written (exec hooks).
+    Claimant,
+    /// The hook's Job (http and tcp hooks).
+    Job(JobState),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobState {
+    Missing,
+    Active,
+    /// It finished or failed; why, in words.
+    Ended(String),
+}
+
+/// The state of a hook's Job.
+pub fn job_state(job: Option<&Job>) -> JobState {
+    let Some(job) = job else { return JobState::Missing };
+    let conditions = job.status.as_ref().and_then(|s| s.conditions.as_deref()).unwrap_or_default();
+    let ended = conditions.iter().find(|c| c.status == "True" && matches!(c.type_.as_str(), "Complete" | "Failed"));
+    match ended {
+        None => JobState::Active,
+        Some(c) if c.type_ == "Complete" => JobState::Ended("its Pod exited without recording an outcome".into()),
+        Some(c) => JobState::Ended(format!(
+            "it failed ({}): {}",
+            c.reason.as_deref().unwrap_or("no reason"),
+            c.message.as_deref().unwrap_or("no message")
+        )),
+    }
+}
 
 /// Where a session's hook stands, read from its condition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    /// Nobody claimed it: claim it (and run it only once the claim is written).
+    /// Nobody claimed it: claim it (and act only once the claim is written).
     Claim,
+    /// Claimed, and its Job does not exist: create it (its Pod sends the hook at most once).
+    CreateJob,
     /// Claimed and possibly running elsewhere: look again at `until`.
     InFlight { until: Timestamp },
     /// It ran; `true` when it succeeded.
     Ran(bool),
-    /// Claimed long ago and never finished: it may or may not have run, so it is not run again.
+    /// Its Job ended before sending it: it certainly did not run; why.
+    NotRun(String),
+    /// Started long ago and never finished: it may or may not have run, so it is not run again.
     Lost,
 }
 
-pub fn step(conditions: &[Condition], hook: &str, now: Timestamp) -> Step {
-    let Some(condition) = conditions.iter().find(|c| c.type_ == hook) else { return Step::Claim };
-    match condition.status {
-        ConditionStatus::True => Step::Ran(true),
-        ConditionStatus::False => Step::Ran(false),
-        ConditionStatus::Unknown => {
+pub fn step(conditions: &[Condition], hook: Hook, now: Timestamp, runner: &Runner) -> Step {
+    let Some(condition) = conditions.iter().find(|c| c.type_ == hook.condition()) else { return Step::Claim };
+    let in_flight = |for_how_long: SignedDuration| match now.checked_add(for_how_long) {
+        Ok(until) => Step::InFlight { until },
+        Err(_) => Step::Lost,
+    };
+    match (condition.status, runner) {
+        (ConditionStatus::True, _) => Step::Ran(true),
+        (ConditionStatus::False, _) => Step::Ran(false),
+        (ConditionStatus::Unknown, Runner::Claimant) => {
             let claimed = condition.last_transition_time.as_ref().map_or(now, |t| t.0);
             match claimed.checked_add(CLAIM_GRACE) {
                 Ok(until) if now < until => Step::InFlight { until },
                 _ => Step::Lost,
             }
         }
+        (ConditionStatus::Unknown, Runner::Job(state)) => {
+            let sending = condition.reason.as_deref() == Some(SENDING);
+            match state {
+                JobState::Active => in_flight(JOB_POLL),
+                JobState::Missing if !sending => Step::CreateJob,
+                JobState::Ended(why) if !sending => Step::NotRun(why.clone()),
+                // Its Pod began sending, and the Job ended or went without an outcome.
+                JobState::Missing | JobState::Ended(_) => Step::Lost,
+            }
+        }
     }
 }
 
 /// The record of a claim on `hook`.
-pub fn claim(hook: &'static str) -> Desired {
+pub fn claim(hook: Hook) -> Desired {
     Desired {
-        type_: hook,
+        type_: hook.condition(),
         status: ConditionStatus::Unknown,
         reason: CLAIMED.into(),
-        message: "the hook is running; it runs at most once".into(),
+        message: "the hook is about to run; it runs at most once".into(),
     }
+}
+
+/// Marks a claimed hook as being sent by Pod `pod`, before anything is sent. `false` (and nothing
+/// changed) when it is not a claim waiting to be sent: another Pod took it, or it already ran.
+pub fn begin_sending(conditions: &mut Vec<Condition>, hook: Hook, pod: &str) -> bool {
+    let waiting = conditions.iter().any(|c| {
+        c.type_ == hook.condition() && c.status == ConditionStatus::Unknown && c.reason.as_deref() == Some(CLAIMED)
+    });
+    if waiting {
+        let sending = Desired {
+            type_: hook.condition(),
+            status: ConditionStatus::Unknown,
+            reason: SENDING.into(),
+            message: format!("Pod {pod} is sending the hook; it is sent at most once"),
+        };
+        crate::conditions::set(conditions, &sending, None);
+    }
+    waiting
 }
 
 /// The record of a hook's outcome.
-pub fn outcome(hook: &'static str, result: &Result<(), String>) -> Desired {
+pub fn outcome(hook: Hook, result: &Result<(), String>) -> Desired {
     match result {
-        Ok(()) => Desired::new(hook, true, "HookSucceeded", "the hook ran"),
-        Err(err) => Desired::new(hook, false, "HookFailed", err.clone()),
+        Ok(()) => Desired::new(hook.condition(), true, "HookSucceeded", "the hook ran"),
+        Err(err) => Desired::new(hook.condition(), false, "HookFailed", err.clone()),
     }
 }
 
-/// The record of a claim whose outcome never came.
-pub fn lost(hook: &'static str) -> Desired {
+/// The record of a hook whose Job ended before sending it.
+pub fn not_run(hook: Hook, why: &str) -> Desired {
+    Desired::new(hook.condition(), false, "HookNotRun", format!("the hook's Job ended before sending it: {why}"))
+}
+
+/// The record of a hook that was started but whose outcome never came.
+pub fn lost(hook: Hook) -> Desired {
     Desired::new(
-        hook,
+        hook.condition(),
         false,
         "HookOutcomeUnknown",
-        "the hook was started but its outcome was never recorded (the operator stopped meanwhile); it is not run twice",
+        "the hook was started but its outcome was never recorded (its runner stopped meanwhile); it is not run twice",
     )
 }
 
@@ -91,16 +216,21 @@ pub struct ExecPods {
     pub selectors: Vec<Selector>,
 }
 
-/// Runs `handler`; `Err` says why it failed, in words fit for a condition message.
-pub async fn run(handler: &Handler, exec_pods: Option<&ExecPods>) -> Result<(), String> {
-    if let Some(exec) = &handler.exec {
-        let Some(exec_pods) = exec_pods else {
-            return Err(
-                "a member's exec hook is not supported; use the batch's hooks, httpGet, httpPost or tcpSocket".into()
-            );
-        };
-        let command = exec.command.as_deref().unwrap_or_default();
-        return run_exec(exec_pods, command, handler.container_name.as_deref()).await;
+/// Runs an `exec` hook in the batch's workload Pods; `Err` says why it failed, in words fit for a
+/// condition message.
+pub async fn exec(handler: &Handler, exec_pods: &ExecPods) -> Result<(), String> {
+    let command = handler.exec.as_ref().and_then(|e| e.command.as_deref()).unwrap_or_default();
+    run_exec(exec_pods, command, handler.container_name.as_deref()).await
+}
+
+/// Sends an `httpGet`, `httpPost` or `tcpSocket` hook from this process; `Err` says why it failed.
+/// Redirects are answers, not followed (as for a kubelet probe): the answer does not choose where
+/// the request goes next.
+pub async fn send(handler: &Handler) -> Result<(), String> {
+    if handler.exec.is_some() {
+        return Err(
+            "a member's exec hook is not supported; use the batch's hooks, httpGet, httpPost or tcpSocket".into()
+        );
     }
     if let Some(tcp) = &handler.tcp_socket {
         let host = tcp.host.clone().ok_or("tcpSocket hook needs a host")?;
@@ -111,7 +241,11 @@ pub async fn run(handler: &Handler, exec_pods: Option<&ExecPods>) -> Result<(), 
             Err(_) => Err(format!("tcpSocket {host}:{port}: timed out")),
         };
     }
-    let client = reqwest::Client::builder().timeout(HOOK_TIMEOUT).build().map_err(|e| e.to_string())?;
+    let client = reqwest::Client::builder()
+        .timeout(HOOK_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| e.to_string())?;
     let request = if let Some(get) = &handler.http_get {
         client
             .get(url(get.scheme, get.host.as_deref(), &get.port, get.path.as_deref())?)
@@ -134,7 +268,8 @@ pub async fn run(handler: &Handler, exec_pods: Option<&ExecPods>) -> Result<(), 
         return Err("the hook names no action".into());
     };
     let response = request.send().await.map_err(|e| format!("hook request failed: {e}"))?;
-    if response.status().is_success() { Ok(()) } else { Err(format!("hook answered HTTP {}", response.status())) }
+    let status = response.status();
+    if status.is_success() || status.is_redirection() { Ok(()) } else { Err(format!("hook answered HTTP {status}")) }
 }
 
 /// Runs `command` in container `container` (default: each Pod's first container that is not the
@@ -261,20 +396,59 @@ fn headers(headers: &[k8s_openapi::api::core::v1::HTTPHeader]) -> Result<reqwest
 mod tests {
     use super::*;
 
+    fn at(second: i64) -> Timestamp {
+        Timestamp::from_second(second).expect("time")
+    }
+
     #[test]
-    fn a_hook_is_claimed_once_and_never_rerun() {
+    fn an_exec_hook_is_claimed_once_and_never_rerun() {
         use crate::conditions::set;
-        let now = Timestamp::from_second(1_000_000).expect("time");
+        let claimant = Runner::Claimant;
         let mut conditions = Vec::new();
-        assert_eq!(step(&conditions, PRE_BACKUP, now), Step::Claim);
-        set(&mut conditions, &claim(PRE_BACKUP), None);
+        assert_eq!(step(&conditions, Hook::PreBackup, at(1_000_000), &claimant), Step::Claim);
+        set(&mut conditions, &claim(Hook::PreBackup), None);
         let claimed = conditions[0].last_transition_time.as_ref().expect("time").0;
-        assert!(matches!(step(&conditions, PRE_BACKUP, claimed), Step::InFlight { .. }), "claimed: someone runs it");
+        let now = step(&conditions, Hook::PreBackup, claimed, &claimant);
+        assert!(matches!(now, Step::InFlight { .. }), "claimed: someone runs it");
         let later = claimed.checked_add(SignedDuration::from_secs(46)).expect("time");
-        assert_eq!(step(&conditions, PRE_BACKUP, later), Step::Lost, "a claim with no outcome is not rerun");
-        set(&mut conditions, &outcome(PRE_BACKUP, &Err("down".into())), None);
-        assert_eq!(step(&conditions, PRE_BACKUP, later), Step::Ran(false));
-        assert_eq!(step(&conditions, POST_BACKUP, later), Step::Claim, "hooks are tracked apart");
+        assert_eq!(step(&conditions, Hook::PreBackup, later, &claimant), Step::Lost, "no outcome: not rerun");
+        set(&mut conditions, &outcome(Hook::PreBackup, &Err("down".into())), None);
+        assert_eq!(step(&conditions, Hook::PreBackup, later, &claimant), Step::Ran(false));
+        assert_eq!(step(&conditions, Hook::PostBackup, later, &claimant), Step::Claim, "hooks are tracked apart");
+    }
+
+    #[test]
+    fn a_sent_hook_follows_its_job_and_its_pod_marks_it_before_sending() {
+        use crate::conditions::set;
+        let job = |state: JobState| Runner::Job(state);
+        let ended = || JobState::Ended("DeadlineExceeded".into());
+        let now = at(1_000_000);
+        let mut conditions = Vec::new();
+        assert_eq!(step(&conditions, Hook::PostBackup, now, &job(JobState::Missing)), Step::Claim);
+        set(&mut conditions, &claim(Hook::PostBackup), None);
+        assert_eq!(step(&conditions, Hook::PostBackup, now, &job(JobState::Missing)), Step::CreateJob);
+        assert!(matches!(step(&conditions, Hook::PostBackup, now, &job(JobState::Active)), Step::InFlight { .. }));
+        assert_eq!(
+            step(&conditions, Hook::PostBackup, now, &job(ended())),
+            Step::NotRun("DeadlineExceeded".into()),
+            "a Job that ended before its Pod took the hook certainly did not send it"
+        );
+        // However late (a Pod that waited long to start), the claim stays the Job's to send.
+        let much_later = now.checked_add(SignedDuration::from_hours(2)).expect("time");
+        assert!(matches!(
+            step(&conditions, Hook::PostBackup, much_later, &job(JobState::Active)),
+            Step::InFlight { .. }
+        ));
+
+        assert!(!begin_sending(&mut conditions, Hook::PreBackup, "p"), "only a claimed hook is taken");
+        assert!(begin_sending(&mut conditions, Hook::PostBackup, "p"), "the first Pod takes it");
+        assert!(!begin_sending(&mut conditions, Hook::PostBackup, "q"), "a second Pod sends nothing");
+        assert!(matches!(step(&conditions, Hook::PostBackup, now, &job(JobState::Active)), Step::InFlight { .. }));
+        assert_eq!(step(&conditions, Hook::PostBackup, now, &job(ended())), Step::Lost, "it may have been sent");
+        assert_eq!(step(&conditions, Hook::PostBackup, now, &job(JobState::Missing)), Step::Lost, "never re-created");
+        set(&mut conditions, &outcome(Hook::PostBackup, &Ok(())), None);
+        assert_eq!(step(&conditions, Hook::PostBackup, now, &job(ended())), Step::Ran(true));
+        assert!(!begin_sending(&mut conditions, Hook::PostBackup, "r"), "a decided hook is never sent again");
     }
 
     #[test]
@@ -285,6 +459,34 @@ mod tests {
         assert!(post_hook_applies(OnFailure, false, true) && !post_hook_applies(OnFailure, true, false));
         assert!(post_hook_applies(OnFinalRetryFailure, false, false));
         assert!(!post_hook_applies(OnFinalRetryFailure, false, true));
+    }
+
+    /// A hook's target may answer with a redirect; following it would let the answer pick where
+    /// the request goes next. The redirect counts as an answer (as for a kubelet probe).
+    #[tokio::test]
+    async fn an_http_hook_does_not_follow_redirects() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let followed = Arc::new(AtomicUsize::new(0));
+        let counted = followed.clone();
+        let app = axum::Router::new()
+            .route("/freeze", axum::routing::get(|| async { axum::response::Redirect::temporary("/elsewhere") }))
+            .route(
+                "/elsewhere",
+                axum::routing::get(move || async move {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    "ok"
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let handler: Handler = serde_json::from_value(serde_json::json!(
+            {"httpGet": {"host": "127.0.0.1", "port": port, "path": "/freeze"}}
+        ))
+        .expect("a handler");
+        assert_eq!(send(&handler).await, Ok(()), "a redirect is an answer");
+        assert_eq!(followed.load(Ordering::SeqCst), 0, "the redirect was not followed");
     }
 
     #[test]

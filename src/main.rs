@@ -132,6 +132,12 @@ fn run(command: Command) -> Result<(), MainError> {
                 Ok(stash::agent::finalize::run(&executor, &session).await?)
             })
         }
+        Command::RunHook(args) => {
+            let (session, hook) = (args.session, args.hook);
+            executor_command(args.namespace, args.executor, "hook", |executor| async move {
+                Ok(stash::agent::hook::run(&executor, &session, hook).await?)
+            })
+        }
         Command::Restore(args) => {
             let target = stash::agent::restore::RestoreTarget {
                 restore_batch: args.restore_batch,

@@ -13,8 +13,12 @@ use stash::api::common::ConditionStatus;
 use stash::api::{BackupBatch, BackupSession};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::executors::LocalNode;
 use support::fixtures::{self, PASSWORD, member, report_host, session_phase};
 use support::{TestNamespace, eventually};
+
+/// The label of a session's hook Jobs.
+const HOOK_LABEL: &str = "stash.appscode.com/hook";
 
 async fn with_controllers(ns: &TestNamespace) -> support::operator::RunningOperator {
     let controllers = support::operator::controllers_for(&ns.name, "test-operator");
@@ -473,33 +477,9 @@ async fn a_failed_session_is_retried_after_the_delay() {
     operator.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn http_hooks_run_once_around_the_session() {
-    use std::sync::{Arc, Mutex};
-    let calls: Arc<Mutex<Vec<String>>> = Arc::default();
-    let recorded = calls.clone();
-    let app = axum::Router::new()
-        .route(
-            "/freeze",
-            axum::routing::get({
-                let recorded = recorded.clone();
-                move || async move {
-                    recorded.lock().expect("lock").push("freeze".into());
-                    "ok"
-                }
-            }),
-        )
-        .route(
-            "/thaw",
-            axum::routing::post(move |body: String| async move {
-                recorded.lock().expect("lock").push(format!("thaw {body}"));
-                "ok"
-            }),
-        );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
-
+    let (port, calls) = hook_server(Duration::ZERO).await;
     let ns = TestNamespace::new("hooks").await;
     let operator = with_controllers(&ns).await;
     fixtures::secret(&ns, true).await;
@@ -514,22 +494,91 @@ async fn http_hooks_run_once_around_the_session() {
     fixtures::batch(&ns, "blocked", vec![member("StatefulSet", "db")], unreachable).await;
 
     let sessions = ns.api::<BackupSession>();
+    let mut node = LocalNode::new(&ns.name);
     let name = new_session(&ns, "hooked").await;
-    session_phase(&sessions, &name, BackupSessionPhase::Running).await;
+    phase_running_jobs(&mut node, &ns, &name, BackupSessionPhase::Running).await;
     assert_eq!(*calls.lock().expect("lock"), ["freeze"], "the pre-backup hook ran before the members");
     report_host(&sessions, &name, 0, "app", HostPhase::Succeeded).await;
-    session_phase(&sessions, &name, BackupSessionPhase::Succeeded).await;
+    phase_running_jobs(&mut node, &ns, &name, BackupSessionPhase::Succeeded).await;
     assert_eq!(*calls.lock().expect("lock"), ["freeze", "thaw done"], "the post-backup hook ran once after");
 
     let blocked = new_session(&ns, "blocked").await;
-    let failed = session_phase(&sessions, &blocked, BackupSessionPhase::Failed).await;
-    let status = failed.status.expect("status");
+    phase_running_jobs(&mut node, &ns, &blocked, BackupSessionPhase::Failed).await;
+    let status = sessions.get(&blocked).await.expect("get").status.expect("status");
     assert!(
         status.conditions.iter().any(|c| c.reason.as_deref() == Some("PreBackupHookFailed")),
         "{:?}",
         status.conditions
     );
     assert!(status.targets.is_empty(), "no member started");
+    operator.stop().await;
+}
+
+/// Plays kubelet for the namespace's hook Jobs until session `name` is `phase`.
+async fn phase_running_jobs(node: &mut LocalNode, ns: &TestNamespace, name: &str, phase: BackupSessionPhase) {
+    let sessions = ns.api::<BackupSession>();
+    node.run_jobs_until(HOOK_LABEL, &format!("session {name} to be {phase:?}"), Duration::from_secs(90), || {
+        let sessions = sessions.clone();
+        async move { sessions.get(name).await.ok().filter(|s| s.status.as_ref().and_then(|s| s.phase) == Some(phase)) }
+    })
+    .await;
+}
+
+/// A loopback HTTP server that records every request it gets as `<path> <body>` (trimmed), after
+/// waiting `delay`; hooks point at it.
+async fn hook_server(delay: Duration) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::sync::{Arc, Mutex};
+    let calls: Arc<Mutex<Vec<String>>> = Arc::default();
+    let recorded = calls.clone();
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri, body: String| {
+        let recorded = recorded.clone();
+        async move {
+            recorded.lock().expect("lock").push(format!("{} {body}", uri.path().trim_start_matches('/')).trim().into());
+            tokio::time::sleep(delay).await;
+            "ok"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+    (port, calls)
+}
+
+/// H6: a batch's http and tcp hooks leave from a Job in the batch's own namespace, running as its
+/// executor identity with no Secret mounted — never from the operator's process, whose network
+/// position a tenant must not borrow. A second Pod of that Job does not send the hook again.
+#[tokio::test(flavor = "multi_thread")]
+async fn global_http_hooks_are_sent_from_a_job_of_the_batchs_namespace() {
+    let (port, calls) = hook_server(Duration::ZERO).await;
+    let ns = TestNamespace::new("hookjob").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    let hooks = json!({"hooks": {"preBackup": {"httpGet": {"host": "127.0.0.1", "port": port, "path": "/freeze"}}}});
+    fixtures::batch(&ns, "hooked", vec![member("Deployment", "app")], hooks).await;
+    let name = new_session(&ns, "hooked").await;
+
+    let jobs = ns.api::<Job>();
+    let job = eventually("the pre-backup hook's Job", Duration::from_secs(60), || {
+        let jobs = jobs.clone();
+        async move { jobs.list(&ListParams::default().labels(HOOK_LABEL)).await.ok()?.items.into_iter().next() }
+    })
+    .await;
+    assert!(calls.lock().expect("lock").is_empty(), "the operator sent nothing itself");
+    let pod = job.spec.as_ref().and_then(|s| s.template.spec.clone()).expect("a Pod template");
+    assert_eq!(pod.service_account_name.as_deref(), Some("stash-backup"));
+    assert!(pod.volumes.iter().flatten().all(|v| v.secret.is_none()), "no Secret in the hook's Pod");
+
+    let mut node = LocalNode::new(&ns.name);
+    phase_running_jobs(&mut node, &ns, &name, BackupSessionPhase::Running).await;
+    assert_eq!(*calls.lock().expect("lock"), ["freeze"]);
+
+    // Another Pod of the same Job (a lost node, a re-created Job) finds the hook taken and sends nothing.
+    let args = job.spec.and_then(|s| s.template.spec).map(|p| p.containers[0].args.clone().unwrap_or_default());
+    let again = node.command(&args.expect("args"), "another-pod").output().expect("stash runs");
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(*calls.lock().expect("lock"), ["freeze"], "the hook was sent once");
     operator.stop().await;
 }
 
@@ -562,25 +611,10 @@ async fn a_retried_trigger_finds_the_session_of_its_first_run() {
 
 /// Two sessions of one batch created together: exactly one runs (its pre-backup hook once), the
 /// other is Skipped — even while the first is still Pending behind a slow hook.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn two_sessions_created_together_run_one_and_skip_the_other() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let calls = Arc::new(AtomicUsize::new(0));
-    let counted = calls.clone();
-    let app = axum::Router::new().route(
-        "/freeze",
-        axum::routing::get(move || async move {
-            counted.fetch_add(1, Ordering::SeqCst);
-            // Slow enough that the second session is reconciled while the first is still Pending.
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            "ok"
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
-
+    // Slow enough that the second session is reconciled while the first is still Pending.
+    let (port, calls) = hook_server(Duration::from_secs(2)).await;
     let ns = TestNamespace::new("together").await;
     let operator = with_controllers(&ns).await;
     fixtures::secret(&ns, true).await;
@@ -601,20 +635,22 @@ async fn two_sessions_created_together_run_one_and_skip_the_other() {
         ..Default::default()
     };
     let second = kube::ResourceExt::name_any(&sessions.create(&Default::default(), &sibling).await.expect("create"));
-    let phases = eventually("both sessions decided", Duration::from_secs(60), || {
-        let sessions = sessions.clone();
-        let (first, second) = (first.clone(), second.clone());
-        async move {
-            let phase = |s: BackupSession| s.status.and_then(|s| s.phase);
-            let a = phase(sessions.get(&first).await.ok()?)?;
-            let b = phase(sessions.get(&second).await.ok()?)?;
-            (a != BackupSessionPhase::Pending && b != BackupSessionPhase::Pending).then_some([a, b])
-        }
-    })
-    .await;
+    let mut node = LocalNode::new(&ns.name);
+    let phases = node
+        .run_jobs_until(HOOK_LABEL, "both sessions decided", Duration::from_secs(60), || {
+            let sessions = sessions.clone();
+            let (first, second) = (first.clone(), second.clone());
+            async move {
+                let phase = |s: BackupSession| s.status.and_then(|s| s.phase);
+                let a = phase(sessions.get(&first).await.ok()?)?;
+                let b = phase(sessions.get(&second).await.ok()?)?;
+                (a != BackupSessionPhase::Pending && b != BackupSessionPhase::Pending).then_some([a, b])
+            }
+        })
+        .await;
     let skipped = phases.iter().filter(|p| **p == BackupSessionPhase::Skipped).count();
     assert_eq!(skipped, 1, "exactly one of the two sessions is skipped: {phases:?}");
-    assert_eq!(calls.load(Ordering::SeqCst), 1, "the pre-backup hook ran once");
+    assert_eq!(*calls.lock().expect("lock"), ["freeze"], "the pre-backup hook ran once");
     operator.stop().await;
 }
 
@@ -667,35 +703,10 @@ async fn existing_pods_get_the_sidecar_through_one_restart_and_edits_restart_not
 /// M1: a hook runs at most once per session even when two controllers act on the same session at
 /// once (two leaders, or another operator watching the same cluster): each records its claim
 /// before acting, and only the one whose claim was written runs the hook.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn hooks_run_at_most_once_even_with_two_controllers_on_one_session() {
-    use std::sync::{Arc, Mutex};
-    let calls: Arc<Mutex<Vec<String>>> = Arc::default();
-    let recorded = calls.clone();
-    let app = axum::Router::new()
-        .route(
-            "/freeze",
-            axum::routing::get({
-                let recorded = recorded.clone();
-                move || async move {
-                    recorded.lock().expect("lock").push("freeze".into());
-                    // Slow enough that both controllers see the session before either finishes.
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    "ok"
-                }
-            }),
-        )
-        .route(
-            "/thaw",
-            axum::routing::post(move || async move {
-                recorded.lock().expect("lock").push("thaw".into());
-                "ok"
-            }),
-        );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
-
+    // Slow enough that both controllers see the session before either finishes.
+    let (port, calls) = hook_server(Duration::from_millis(500)).await;
     let ns = TestNamespace::new("twohooks").await;
     let first = with_controllers(&ns).await;
     // A second controller under a Lease of its own: both lead, as with a split brain.
@@ -711,11 +722,12 @@ async fn hooks_run_at_most_once_even_with_two_controllers_on_one_session() {
     }});
     fixtures::batch(&ns, "hooked", vec![member("Deployment", "app")], hooks).await;
     let sessions = ns.api::<BackupSession>();
+    let mut node = LocalNode::new(&ns.name);
     for round in 0..3 {
         let name = new_session(&ns, "hooked").await;
-        session_phase(&sessions, &name, BackupSessionPhase::Running).await;
+        phase_running_jobs(&mut node, &ns, &name, BackupSessionPhase::Running).await;
         report_host(&sessions, &name, 0, "app", HostPhase::Succeeded).await;
-        session_phase(&sessions, &name, BackupSessionPhase::Succeeded).await;
+        phase_running_jobs(&mut node, &ns, &name, BackupSessionPhase::Succeeded).await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let expected: Vec<String> = (0..=round).flat_map(|_| ["freeze".to_string(), "thaw".to_string()]).collect();
         assert_eq!(*calls.lock().expect("lock"), expected, "round {round}: each hook once per session");
@@ -1085,7 +1097,7 @@ async fn the_sidecar_runs_as_the_workloads_service_account_which_gets_the_sideca
 /// The Pods of every Job the operator makes in a namespace enforcing Pod Security `restricted`
 /// (the trigger's, a PVC member's backup Job, the finalize Job) are admitted: Pod Security admission
 /// runs at Pod creation, so the Job controller's Pods either exist or were refused.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn every_operator_made_pod_passes_pod_security_restricted() {
     use k8s_openapi::api::core::v1::Pod;
     let ns = TestNamespace::restricted("restricted").await;
@@ -1093,8 +1105,10 @@ async fn every_operator_made_pod_passes_pod_security_restricted() {
     fixtures::secret(&ns, true).await;
     fixtures::repository(&ns).await;
     fixtures::targets(&ns).await;
-    fixtures::batch(&ns, "nightly", vec![member("PersistentVolumeClaim", "data")], json!({"schedule": "0 2 * * *"}))
-        .await;
+    let (port, _) = hook_server(Duration::ZERO).await;
+    let spec = json!({"schedule": "0 2 * * *",
+                      "hooks": {"preBackup": {"httpGet": {"host": "127.0.0.1", "port": port, "path": "/"}}}});
+    fixtures::batch(&ns, "nightly", vec![member("PersistentVolumeClaim", "data")], spec).await;
     batch_phase(&ns, "nightly", BackupInvokerPhase::Ready).await;
 
     // The trigger's Job, as `kubectl create job --from=cronjob/...` makes it.
@@ -1109,12 +1123,14 @@ async fn every_operator_made_pod_passes_pod_security_restricted() {
 
     let sessions = ns.api::<BackupSession>();
     let session = new_session(&ns, "nightly").await;
-    session_phase(&sessions, &session, BackupSessionPhase::Running).await;
+    phase_running_jobs(&mut LocalNode::new(&ns.name), &ns, &session, BackupSessionPhase::Running).await;
     report_host(&sessions, &session, 0, "data", HostPhase::Succeeded).await;
     session_phase(&sessions, &session, BackupSessionPhase::Succeeded).await;
 
     let pods = ns.api::<Pod>();
-    for job in ["manual-trigger".to_string(), format!("{session}-0"), format!("{session}-finalize")] {
+    let mut jobs = vec!["manual-trigger".to_string()];
+    jobs.extend(["pre-backup", "0", "finalize"].map(|suffix| format!("{session}-{suffix}")));
+    for job in jobs {
         let refused = eventually(&format!("a Pod of Job {job} or its refusal"), Duration::from_secs(60), || {
             let (pods, events, job) = (pods.clone(), ns.api::<k8s_openapi::api::core::v1::Event>(), job.clone());
             async move {

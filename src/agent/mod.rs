@@ -1,11 +1,13 @@
 //! The executors that move data: the `stash` sidecar (`run-backup`), job-model backups
-//! (`backup-job`), the per-session finishing step (`finalize-session`) and restores (`restore`).
+//! (`backup-job`), the per-session finishing step (`finalize-session`), a session's http and tcp
+//! hooks (`run-hook`) and restores (`restore`).
 //! Each runs in a Pod or, for tests and operators at a shell, as a local process.
 
 pub mod database;
 pub mod executor;
 pub mod files;
 pub mod finalize;
+pub mod hook;
 pub mod job;
 pub mod locks;
 pub mod manifest;

@@ -138,9 +138,9 @@ async fn take_turn(executor: &Executor, target: &SidecarTarget, session: &Backup
 
 async fn run_hook(handler: Option<&crate::api::common::Handler>, which: &str) -> Result<(), AgentError> {
     match handler {
-        Some(handler) => crate::hooks::run(handler, None)
-            .await
-            .map_err(|err| AgentError::Invalid(format!("{which} hook failed: {err}"))),
+        Some(handler) => {
+            crate::hooks::send(handler).await.map_err(|err| AgentError::Invalid(format!("{which} hook failed: {err}")))
+        }
         None => Ok(()),
     }
 }

@@ -6,12 +6,17 @@ use crate::api::backup_batch::BackupMember;
 use crate::api::repository::Repository;
 use crate::api::{BackupBatch, BackupSession};
 use crate::executor_pod::{DATABASE_KIND, PVC_KIND, data_mounts};
+use crate::hooks::Hook;
 use crate::names::{LABEL_VALUE_MAX, bounded, label_value};
 use crate::session::invoker_labels;
 use k8s_openapi::api::batch::v1::Job;
 use kube::{Resource, ResourceExt};
 
 pub const SESSION_LABEL: &str = "stash.appscode.com/backup-session";
+/// Marks a session's hook Jobs, with the hook as value.
+pub const HOOK_LABEL: &str = "stash.appscode.com/hook";
+/// How long a hook's Job may take, its Pod's start included; the hook itself gives up after 30 s.
+const HOOK_JOB_DEADLINE_SECONDS: i64 = 300;
 /// Whether a member is backed up by a Job (a PVC or a database) rather than a sidecar.
 pub fn is_job_model(member: &BackupMember) -> bool {
     matches!(member.target.reference.kind.as_str(), PVC_KIND | DATABASE_KIND)
@@ -60,7 +65,7 @@ pub fn backup_job(
             format!("--target-name={}", target.name),
         ],
         image,
-        repository,
+        repository: Some(repository),
         runtime: member.runtime_settings.as_ref().and_then(|r| r.container.as_ref()),
         temp_dir: member.temp_dir.as_ref(),
         data: data.into_iter().collect(),
@@ -79,12 +84,39 @@ pub fn finalize_job(batch: &BackupBatch, session: &BackupSession, repository: &R
         labels: session_labels(batch, session),
         args: vec!["finalize-session".into(), format!("--session={}", session.name_any())],
         image,
-        repository,
+        repository: Some(repository),
         runtime: None,
         temp_dir: None,
         data: Vec::new(),
         database_secret: None,
         deadline_seconds: None,
+    }
+    .build()
+}
+
+/// The name of `session`'s Job for `hook`.
+pub fn hook_job_name(session: &str, hook: Hook) -> String {
+    job_name(session, hook.label())
+}
+
+/// The Job that sends `session`'s http or tcp `hook` from the batch's namespace, as its executor
+/// identity, with no Secret mounted.
+pub fn hook_job(batch: &BackupBatch, session: &BackupSession, hook: Hook, image: &str) -> Job {
+    let mut labels = session_labels(batch, session);
+    labels.insert(HOOK_LABEL.into(), hook.label().into());
+    ExecutorJob {
+        name: hook_job_name(&session.name_any(), hook),
+        namespace: session.namespace().unwrap_or_default(),
+        owner: session.controller_owner_ref(&()),
+        labels,
+        args: vec!["run-hook".into(), format!("--session={}", session.name_any()), format!("--hook={}", hook.label())],
+        image,
+        repository: None,
+        runtime: None,
+        temp_dir: None,
+        data: Vec::new(),
+        database_secret: None,
+        deadline_seconds: Some(HOOK_JOB_DEADLINE_SECONDS),
     }
     .build()
 }

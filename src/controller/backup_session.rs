@@ -4,7 +4,7 @@
 //! rest of the status. Every status write replaces the status at the resourceVersion it read, so a
 //! concurrent host write makes this reconcile start over instead of clobbering it.
 
-use super::backup_job::{backup_job, finalize_job, is_job_model};
+use super::backup_job::{backup_job, finalize_job, hook_job, hook_job_name, is_job_model};
 use super::context::{Context, ControllerError, FIELD_MANAGER};
 use super::progress::{self, Progress};
 use super::targets::{self, TargetState};
@@ -15,7 +15,7 @@ use crate::api::backup_session::{
 use crate::api::common::{Handler, TargetRef};
 use crate::api::{BackupBatch, BackupSession, Repository};
 use crate::conditions::{self, Desired};
-use crate::hooks;
+use crate::hooks::{self, Hook};
 use crate::metrics::{BatchLabels, SessionLabels};
 use crate::session::{BACKUP_BATCH_KIND, create_backup_session, invoker_selector};
 use crate::status_write::update_status;
@@ -36,10 +36,11 @@ fn now() -> Timestamp {
     Timestamp::now()
 }
 
-/// A hook this reconcile claimed: it runs only once the claim is written.
-struct Claimed {
-    hook: &'static str,
-    handler: Handler,
+/// What this reconcile does about a hook once its status write landed, never before (see
+/// `crate::hooks`): run a claimed exec hook, or create the Job that sends an http or tcp hook.
+enum Claimed {
+    Exec(Hook),
+    HookJob(Hook),
 }
 
 #[tracing::instrument(skip_all, fields(namespace = session.namespace().unwrap_or_default(), name = session.name_any()))]
@@ -83,34 +84,45 @@ pub async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Context>) -> Result
         if phase_changed {
             announce(&ctx, &session, &status).await;
         }
-        if let Some(claimed) = claimed {
-            let exec_pods = match (&claimed.handler.exec, batch.as_ref()) {
-                (Some(_), Some(batch)) => Some(exec_pods(&ctx, &namespace, batch).await?),
-                _ => None,
-            };
-            run_claimed(&sessions, &session.name_any(), claimed, exec_pods.as_ref()).await?;
-            return Ok(Action::requeue(Duration::from_millis(10)));
-        }
     }
-    Ok(action)
+    match (claimed, batch.as_ref()) {
+        (Some(Claimed::Exec(hook)), Some(batch)) => {
+            let exec_pods = exec_pods(&ctx, &namespace, batch).await?;
+            let handler = hook.handler(batch.spec.hooks.as_ref());
+            run_claimed(&sessions, &session.name_any(), hook, handler, &exec_pods).await?;
+            Ok(Action::requeue(Duration::from_millis(10)))
+        }
+        (Some(Claimed::HookJob(hook)), Some(batch)) => {
+            let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
+            match jobs.create(&PostParams::default(), &hook_job(batch, &session, hook, &ctx.trigger_image)).await {
+                Ok(_) => {}
+                // Another controller made it: its one Pod sends the hook, at most once.
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(err) => return Err(err.into()),
+            }
+            Ok(Action::await_change())
+        }
+        _ => Ok(action),
+    }
 }
 
-/// Runs a hook whose claim is written, and records its outcome (retrying on conflicts: the outcome
-/// must land, or the hook would count as lost).
+/// Runs an exec hook whose claim is written, and records its outcome (retrying on conflicts: the
+/// outcome must land, or the hook would count as lost).
 async fn run_claimed(
     sessions: &Api<BackupSession>,
     name: &str,
-    claimed: Claimed,
-    exec_pods: Option<&hooks::ExecPods>,
+    hook: Hook,
+    handler: Option<&Handler>,
+    exec_pods: &hooks::ExecPods,
 ) -> Result<(), ControllerError> {
-    let result = hooks::run(&claimed.handler, exec_pods).await;
-    let record = hooks::outcome(claimed.hook, &result);
+    let result = match handler {
+        Some(handler) => hooks::exec(handler, exec_pods).await,
+        None => Err(format!("the batch no longer has a {} hook", hook.label())),
+    };
+    let record = hooks::outcome(hook, &result);
     update_status(sessions, name, |current| {
         let status = current.status.get_or_insert_with(Default::default);
         conditions::set(&mut status.conditions, &record, None);
-        if let (hooks::PRE_BACKUP, Err(err)) = (claimed.hook, &result) {
-            fail(status, "PreBackupHookFailed", err);
-        }
         true
     })
     .await?;
@@ -175,8 +187,9 @@ async fn start(
         fail(status, reason, &format!("the batch is invalid: {message}"));
         return Ok(Action::await_change());
     }
-    if let Some(pre) = batch.spec.hooks.as_ref().and_then(|h| h.pre_backup.as_ref()) {
-        match gate(status, hooks::PRE_BACKUP, pre, claimed) {
+    if let Some(pre) = Hook::PreBackup.handler(batch.spec.hooks.as_ref()) {
+        let runner = runner(ctx, session, status, Hook::PreBackup, pre).await?;
+        match gate(status, Hook::PreBackup, &runner, claimed) {
             Err(wait) => return Ok(wait),
             Ok(true) => {}
             Ok(false) => {
@@ -236,24 +249,61 @@ fn unusable(state: &TargetState, reference: &TargetRef) -> Option<String> {
     }
 }
 
+/// What runs `hook` of `session`: its claimant (exec), or its Job, whose state is read only while
+/// the hook is claimed and undecided.
+async fn runner(
+    ctx: &Context,
+    session: &BackupSession,
+    status: &BackupSessionStatus,
+    hook: Hook,
+    handler: &Handler,
+) -> Result<hooks::Runner, ControllerError> {
+    if !hooks::runs_in_job(handler) {
+        return Ok(hooks::Runner::Claimant);
+    }
+    let undecided = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == hook.condition() && c.status == crate::api::common::ConditionStatus::Unknown);
+    let job = if undecided {
+        let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default());
+        jobs.get_opt(&hook_job_name(&session.name_any(), hook)).await?
+    } else {
+        None
+    };
+    Ok(hooks::Runner::Job(hooks::job_state(job.as_ref())))
+}
+
 /// Where the session stands on `hook` (see `hooks::step`): `Err(action)` to return now — this
-/// reconcile claimed it (it runs once the claim is written) or another holder is running it;
-/// `Ok(true)` when it ran and succeeded; `Ok(false)` when it failed or its outcome was lost
-/// (recorded, never rerun).
+/// reconcile claimed it or is to create its Job (either happens once the status is written), or it
+/// is running elsewhere; `Ok(true)` when it ran and succeeded; `Ok(false)` when it failed, did not
+/// run, or its outcome was lost (recorded, never rerun).
 fn gate(
     status: &mut BackupSessionStatus,
-    hook: &'static str,
-    handler: &Handler,
+    hook: Hook,
+    runner: &hooks::Runner,
     claimed: &mut Option<Claimed>,
 ) -> Result<bool, Action> {
-    match hooks::step(&status.conditions, hook, now()) {
+    let after_claim = || match runner {
+        hooks::Runner::Claimant => Claimed::Exec(hook),
+        hooks::Runner::Job(_) => Claimed::HookJob(hook),
+    };
+    match hooks::step(&status.conditions, hook, now(), runner) {
         hooks::Step::Claim => {
             conditions::set(&mut status.conditions, &hooks::claim(hook), None);
-            *claimed = Some(Claimed { hook, handler: handler.clone() });
+            *claimed = Some(after_claim());
+            Err(Action::await_change())
+        }
+        hooks::Step::CreateJob => {
+            *claimed = Some(after_claim());
             Err(Action::await_change())
         }
         hooks::Step::InFlight { until } => Err(Action::requeue(until_then(until))),
         hooks::Step::Ran(succeeded) => Ok(succeeded),
+        hooks::Step::NotRun(why) => {
+            conditions::set(&mut status.conditions, &hooks::not_run(hook, &why), None);
+            Ok(false)
+        }
         hooks::Step::Lost => {
             conditions::set(&mut status.conditions, &hooks::lost(hook), None);
             Ok(false)
@@ -290,12 +340,12 @@ async fn progress(
         {
             target.phase = Some(TargetPhase::Failed);
         }
-        return finish(session, batch, status, ctx, false, Some(("DeadlineExceeded", message)), claimed);
+        return finish(session, batch, status, ctx, false, Some(("DeadlineExceeded", message)), claimed).await;
     }
 
     run_job_members(session, batch, status, ctx).await?;
     match progress::advance(&mut status.targets, batch.spec.execution_order) {
-        Progress::Finished { succeeded } => finish(session, batch, status, ctx, succeeded, None, claimed),
+        Progress::Finished { succeeded } => finish(session, batch, status, ctx, succeeded, None, claimed).await,
         Progress::Running => {
             // Host writes and owned Jobs wake us; the deadline and the poll are the backstops.
             let until_deadline = deadline.and_then(|d| Duration::try_from(d.duration_since(now())).ok());
@@ -414,7 +464,7 @@ fn fail(status: &mut BackupSessionStatus, reason: &str, message: &str) {
 
 /// The post-backup hook (claimed, then run once, while the session stays Running), then the final
 /// phase, duration, metrics, and the retry schedule.
-fn finish(
+async fn finish(
     session: &BackupSession,
     batch: &BackupBatch,
     status: &mut BackupSessionStatus,
@@ -426,9 +476,11 @@ fn finish(
     let retries_left = retries_left(session, batch) > 0;
     if let Some(post) = batch.spec.hooks.as_ref().and_then(|h| h.post_backup.as_ref())
         && hooks::post_hook_applies(post.execution_policy, succeeded, retries_left)
-        && let Err(wait) = gate(status, hooks::POST_BACKUP, &post.handler, claimed)
     {
-        return Ok(wait);
+        let runner = runner(ctx, session, status, Hook::PostBackup, &post.handler).await?;
+        if let Err(wait) = gate(status, Hook::PostBackup, &runner, claimed) {
+            return Ok(wait);
+        }
     }
     if succeeded {
         status.phase = Some(BackupSessionPhase::Succeeded);

@@ -1,6 +1,6 @@
-//! The Pod of every executor Job (backup, finalize, restore): the repository Secret as a volume
-//! (never inline), a local repository's volume at its mountPath, scratch space, and optionally the
-//! member's PVC and its database-connection Secret.
+//! The Pod of every executor Job (backup, finalize, restore, hook): scratch space and, for those that
+//! touch the repository, its Secret as a volume (never inline) and a local repository's volume at
+//! its mountPath; optionally the member's PVC and its database-connection Secret.
 
 use crate::api::common::{ContainerRuntimeSettings, EmptyDirSettings};
 use crate::api::repository::Repository;
@@ -33,7 +33,8 @@ pub struct ExecutorJob<'a> {
     pub labels: BTreeMap<String, String>,
     pub args: Vec<String>,
     pub image: &'a str,
-    pub repository: &'a Repository,
+    /// `None` for a Job that never touches the repository (a hook's): no Secret is mounted.
+    pub repository: Option<&'a Repository>,
     pub runtime: Option<&'a ContainerRuntimeSettings>,
     pub temp_dir: Option<&'a EmptyDirSettings>,
     /// One volume per distinct claim, each at its own mountPaths.
@@ -57,20 +58,21 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
 
 impl ExecutorJob<'_> {
     pub fn build(self) -> Job {
-        let mut volumes = vec![
-            Volume {
-                empty_dir: Some(EmptyDirVolumeSource {
-                    medium: self.temp_dir.and_then(|t| t.medium.clone()),
-                    size_limit: self.temp_dir.and_then(|t| t.size_limit.clone()),
-                }),
-                ..volume("tmp")
-            },
-            secret_volume("repository-secret", &self.repository.spec.backend.storage_secret_name),
-        ];
-        let mut mounts = vec![mount("tmp", TMP_MOUNT_PATH, false), mount("repository-secret", SECRET_MOUNT_PATH, true)];
-        if let Some((volume, mount)) = self.repository.spec.backend.local.as_ref().map(|l| l.volume("repository")) {
-            volumes.push(volume);
-            mounts.push(mount);
+        let mut volumes = vec![Volume {
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: self.temp_dir.and_then(|t| t.medium.clone()),
+                size_limit: self.temp_dir.and_then(|t| t.size_limit.clone()),
+            }),
+            ..volume("tmp")
+        }];
+        let mut mounts = vec![mount("tmp", TMP_MOUNT_PATH, false)];
+        if let Some(repository) = self.repository {
+            volumes.push(secret_volume("repository-secret", &repository.spec.backend.storage_secret_name));
+            mounts.push(mount("repository-secret", SECRET_MOUNT_PATH, true));
+            if let Some((volume, mount)) = repository.spec.backend.local.as_ref().map(|l| l.volume("repository")) {
+                volumes.push(volume);
+                mounts.push(mount);
+            }
         }
         for (index, data) in self.data.into_iter().enumerate() {
             // The first keeps the name backup Jobs always had.

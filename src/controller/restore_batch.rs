@@ -436,7 +436,7 @@ fn restore_job(
             format!("--target-name={}", target.name),
         ],
         image,
-        repository,
+        repository: Some(repository),
         runtime,
         temp_dir: member.temp_dir.as_ref(),
         data: plan.data.clone(),

@@ -101,6 +101,27 @@ impl LocalNode {
         self.run_new_jobs_matching("stash.appscode.com/backup-session", &root).await
     }
 
+    /// Plays kubelet for the namespace's Jobs carrying `label`, each of which must succeed, until
+    /// `probe` yields a value; panics naming `what` after `limit` (a hang guard).
+    pub async fn run_jobs_until<T, F, Fut>(&mut self, label: &str, what: &str, limit: Duration, mut probe: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = std::time::Instant::now() + limit;
+        let root = self.root.path().to_path_buf();
+        loop {
+            for (job, output) in self.run_new_jobs_matching(label, &root).await {
+                assert!(output.status.success(), "Job {job}: {}", String::from_utf8_lossy(&output.stderr));
+            }
+            if let Some(value) = probe().await {
+                return value;
+            }
+            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// The same for the Jobs carrying `label`, with `/` mapped to `root`.
     pub async fn run_new_jobs_matching(&mut self, label: &str, root: &Path) -> Vec<(String, Output)> {
         let mut outputs = Vec::new();
@@ -202,7 +223,7 @@ fn job_env(job: &Job, name: &str) -> Option<String> {
 fn identity_of(args: &[String]) -> Option<&'static str> {
     match args.first().map(String::as_str) {
         Some("run-backup") => Some(WORKLOAD_ACCOUNT),
-        Some("backup-job" | "finalize-session" | "restore") => Some(EXECUTOR_ACCOUNT),
+        Some("backup-job" | "finalize-session" | "restore" | "run-hook") => Some(EXECUTOR_ACCOUNT),
         _ => None,
     }
 }
@@ -244,7 +265,8 @@ pub async fn service_account_kubeconfig(namespace: &str, account: &str, dir: &Pa
 fn executor_args(job: &Job) -> Option<Vec<String>> {
     let pod = job.spec.as_ref()?.template.spec.as_ref()?;
     let args = pod.containers.first()?.args.clone()?;
-    matches!(args.first().map(String::as_str), Some("backup-job" | "finalize-session" | "restore")).then_some(args)
+    matches!(args.first().map(String::as_str), Some("backup-job" | "finalize-session" | "restore" | "run-hook"))
+        .then_some(args)
 }
 
 pub struct KilledOnDrop(pub Child);
