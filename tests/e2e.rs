@@ -12,6 +12,7 @@
 mod support;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolume, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -307,8 +308,12 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
     let pod = eventually("the web Pod running with the sidecar", LIMIT, || {
         let pods = pods.clone();
         async move {
+            // The webhook may learn of the batch just after the first Pod was admitted: the
+            // operator's one restart then brings a Pod with the sidecar.
             let list = pods.list(&ListParams::default().labels("app=web")).await.ok()?;
-            list.items.into_iter().find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            let injected = |p: &Pod| p.spec.iter().flat_map(|s| &s.containers).any(|c| c.name == "stash");
+            let running = |p: &Pod| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+            list.items.into_iter().find(|p| running(p) && injected(p))
         }
     })
     .await;
@@ -393,6 +398,32 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
         }
     })
     .await;
+
+    // A batch's tcp hook is sent from a Pod of its own namespace, as its executor identity: the
+    // Service's short name resolves there, and nowhere else.
+    let tcp_hook = json!({"tcpSocket": {"host": "pg", "port": 5432}});
+    fixtures::batch(
+        &app,
+        "pinged",
+        vec![json!({"target": {"alias": "archive", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "archive"}}})],
+        json!({"hooks": {"preBackup": tcp_hook}}),
+    )
+    .await;
+    let pinged = stash::session::create_backup_session(app.client.clone(), &app.name, "pinged", None)
+        .await
+        .expect("a session of the hooked batch");
+    let pinged = kube::ResourceExt::name_any(&pinged);
+    let status = eventually("the hooked batch's session to finish", LIMIT, || {
+        let (sessions, name) = (sessions.clone(), pinged.clone());
+        async move { sessions.get(&name).await.ok()?.status.filter(|s| s.phase.is_some_and(|p| p.is_final())) }
+    })
+    .await;
+    assert_eq!(status.phase, Some(BackupSessionPhase::Succeeded), "{status:#?}");
+    let hook = status.conditions.iter().find(|c| c.type_ == "PreBackupHookExecutionSucceeded").expect("its record");
+    assert_eq!(hook.status, stash::api::common::ConditionStatus::True, "{hook:?}");
+    let job = app.api::<Job>().get(&format!("{pinged}-pre-backup")).await.expect("the hook's Job");
+    let account = job.spec.and_then(|s| s.template.spec).and_then(|p| p.service_account_name);
+    assert_eq!(account.as_deref(), Some("stash-backup"));
 
     // A fresh namespace: its own Repository (same password), empty claims, the Deployment (scaled to
     // zero) whose volumes say which claim each path goes to.
