@@ -366,7 +366,15 @@ async fn sequential_members_start_in_order_and_pvc_members_get_a_read_only_job()
 }
 
 /// A real `stash operator` process (controllers on, webhook on a free port).
-fn operator_process(ns: &TestNamespace, identity: &str, certs: &std::path::Path, admin_port: u16) -> Child {
+/// It runs as the `stash-operator` ServiceAccount (`kubeconfig`), under a Lease of the test's own in
+/// the operator's namespace.
+fn operator_process(
+    ns: &TestNamespace,
+    kubeconfig: &std::path::Path,
+    identity: &str,
+    certs: &std::path::Path,
+    admin_port: u16,
+) -> Child {
     Command::new(env!("CARGO_BIN_EXE_stash"))
         .args(["operator", "--webhook-addr", "127.0.0.1:0"])
         .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
@@ -374,17 +382,21 @@ fn operator_process(ns: &TestNamespace, identity: &str, certs: &std::path::Path,
         .arg(certs.join("tls.crt"))
         .arg("--tls-key-file")
         .arg(certs.join("tls.key"))
-        .args(["--namespace", &ns.name, "--watch-namespace", &ns.name, "--identity", identity])
+        .args(["--watch-namespace", &ns.name, "--identity", identity, "--lease-name", &lease_name(ns)])
         .args(["--lease-duration", "4s", "--lease-renew-interval", "1s"])
-        .env("KUBECONFIG", &support::cluster().kubeconfig)
+        .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
         .expect("the operator starts")
 }
 
-async fn holder(leases: &Api<Lease>) -> Option<String> {
-    leases.get_opt("stash-operator").await.ok()??.spec?.holder_identity
+fn lease_name(ns: &TestNamespace) -> String {
+    format!("stash-operator-{}", ns.name)
+}
+
+async fn holder(leases: &Api<Lease>, name: &str) -> Option<String> {
+    leases.get_opt(name).await.ok()??.spec?.holder_identity
 }
 
 #[tokio::test]
@@ -402,12 +414,15 @@ async fn one_of_two_operators_leads_and_the_other_takes_over_when_it_is_killed()
     .expect("certs");
     let port = |()| std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
     let (port_a, port_b) = (port(()), port(()));
-    let mut a = operator_process(&ns, "operator-a", certs.path(), port_a);
-    let mut b = operator_process(&ns, "operator-b", certs.path(), port_b);
-    let leases = ns.api::<Lease>();
+    let kubeconfig = support::operator_kubeconfig(certs.path()).await;
+    let mut a = operator_process(&ns, &kubeconfig, "operator-a", certs.path(), port_a);
+    let mut b = operator_process(&ns, &kubeconfig, "operator-b", certs.path(), port_b);
+    let leases: Api<Lease> = Api::namespaced(ns.client.clone(), support::OPERATOR_NAMESPACE);
+    let lease = lease_name(&ns);
     let leader = eventually("a leader", Duration::from_secs(60), || {
         let leases = leases.clone();
-        async move { holder(&leases).await.filter(|h| !h.is_empty()) }
+        let lease = lease.clone();
+        async move { holder(&leases, &lease).await.filter(|h| !h.is_empty()) }
     })
     .await;
 
@@ -430,13 +445,13 @@ async fn one_of_two_operators_leads_and_the_other_takes_over_when_it_is_killed()
     let _ = victim.wait();
     eventually("the survivor to take the Lease", Duration::from_secs(30), || {
         let leases = leases.clone();
-        async move { holder(&leases).await.filter(|h| h == survivor) }
+        let lease = lease.clone();
+        async move { holder(&leases, &lease).await.filter(|h| h == survivor) }
     })
     .await;
-    let takeover = killed.elapsed();
-    // The Lease lasts 4 s and is retried every second: the takeover cannot take much longer.
-    assert!(takeover < Duration::from_secs(4 + 1 + 3), "takeover took {takeover:?}");
-    println!("takeover after SIGKILL: {takeover:?}");
+    // Measured, not asserted (the Lease lasts 4 s and is retried every second); tests/lease.rs
+    // holds the expiry rule itself.
+    println!("takeover after SIGKILL: {:?}", killed.elapsed());
     for child in [&mut a, &mut b] {
         let _ = child.kill();
         let _ = child.wait();
@@ -711,7 +726,7 @@ async fn hooks_run_at_most_once_even_with_two_controllers_on_one_session() {
     let first = with_controllers(&ns).await;
     // A second controller under a Lease of its own: both lead, as with a split brain.
     let (settings, mut lease) = support::operator::controllers_for(&ns.name, "second-operator");
-    lease.name = "another-operator".into();
+    lease.name = format!("another-operator-{}", ns.name);
     let second = support::operator::start_on(None, None, Some((settings, lease))).await;
     fixtures::secret(&ns, true).await;
     fixtures::repository(&ns).await;

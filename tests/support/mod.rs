@@ -5,7 +5,6 @@
 #![allow(dead_code)] // each test binary uses its own subset of these helpers
 
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
-use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -47,7 +46,7 @@ pub fn cluster() -> &'static TestCluster {
             _ => start_local_cluster(),
         };
         block_on(install_crds(kubeconfig.clone()));
-        block_on(install_executor_roles(kubeconfig.clone()));
+        block_on(install_rbac(kubeconfig.clone()));
         block_on(refuse_beside_another_operator(kubeconfig.clone()));
         TestCluster { kubeconfig }
     })
@@ -122,27 +121,71 @@ async fn install_crds(kubeconfig: PathBuf) {
     }
 }
 
-/// The ClusterRoles the operator binds its executors to (deploy/base/rbac.yaml), so that executors
-/// run here under the rights they get in production.
-async fn install_executor_roles(kubeconfig: PathBuf) {
+/// Everything of deploy/base/rbac.yaml (the operator's identity in `stash`, its roles, and the
+/// ClusterRoles it binds its executors to), so that the operator and the executors run here under
+/// the rights they get in production.
+async fn install_rbac(kubeconfig: PathBuf) {
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+    let client = client_for(&kubeconfig).await;
+    operator_namespace(&client).await;
     let path = repo_root().join("deploy/base/rbac.yaml");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    let documents: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
-        .map(|document| Value::deserialize(document).expect("rbac.yaml parses"))
+    let objects: Vec<DynamicObject> = serde_yaml::Deserializer::from_str(&text)
+        .map(|document| DynamicObject::deserialize(document).expect("rbac.yaml parses"))
         .collect();
-    let roles: Api<ClusterRole> = Api::all(client_for(&kubeconfig).await);
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    for object in documents {
-        let name = object["metadata"]["name"].as_str().unwrap_or_default();
-        if object["kind"] == "ClusterRole" && EXECUTOR_ROLES.contains(&name) {
-            roles.patch(name, &params, &Patch::Apply(&object)).await.expect("ClusterRole applies");
-        }
+    for object in objects {
+        let types = object.types.clone().expect("apiVersion and kind");
+        let (group, version) = types.api_version.rsplit_once('/').unwrap_or(("", &types.api_version));
+        let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, &types.kind));
+        let api: Api<DynamicObject> = match &object.metadata.namespace {
+            Some(namespace) => Api::namespaced_with(client.clone(), namespace, &resource),
+            None => Api::all_with(client.clone(), &resource),
+        };
+        let name = object.metadata.name.clone().expect("named");
+        api.patch(&name, &params, &Patch::Apply(&object))
+            .await
+            .unwrap_or_else(|e| panic!("{} {name}: {e}", types.kind));
     }
 }
 
-/// What the operator binds in tenant namespaces (the operator's own role is not needed: tests run
-/// it as admin).
-const EXECUTOR_ROLES: [&str; 2] = ["stash-sidecar", "stash-trigger"];
+/// The operator's namespace, live: the end-to-end test deletes it when it uninstalls, and a test
+/// binary started meanwhile waits for that to finish before making it again.
+async fn operator_namespace(client: &Client) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    eventually("namespace stash to be usable", Duration::from_secs(180), || {
+        let namespaces = namespaces.clone();
+        async move {
+            match namespaces.get_opt(OPERATOR_NAMESPACE).await.ok()? {
+                Some(existing) => existing.metadata.deletion_timestamp.is_none().then_some(()),
+                None => {
+                    let namespace = Namespace {
+                        metadata: kube::api::ObjectMeta { name: Some(OPERATOR_NAMESPACE.into()), ..Default::default() },
+                        ..Default::default()
+                    };
+                    namespaces.create(&PostParams::default(), &namespace).await.ok().map(drop)
+                }
+            }
+        }
+    })
+    .await;
+}
+
+/// Where deploy/ installs the operator, and where the tests' operators keep their Leases.
+pub const OPERATOR_NAMESPACE: &str = "stash";
+
+/// A client with the `stash-operator` ServiceAccount's credentials (a fresh TokenRequest token):
+/// the tests' operators run with exactly the shipped RBAC.
+pub async fn operator_client() -> Client {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = operator_kubeconfig(dir.path()).await;
+    client_for(&kubeconfig).await
+}
+
+/// The same as a kubeconfig file in `dir`, for an operator process.
+pub async fn operator_kubeconfig(dir: &Path) -> PathBuf {
+    executors::service_account_kubeconfig(OPERATOR_NAMESPACE, "stash-operator", dir).await
+}
 
 /// Labels every test namespace: a Lease outside such namespaces belongs to an operator of the cluster.
 const TEST_NAMESPACE_LABEL: &str = "stash-tests/namespace";

@@ -23,7 +23,8 @@ pub async fn start() -> RunningOperator {
     start_on(None, None, None).await
 }
 
-/// Controllers for `namespace` only, under a Lease of that namespace, renewed every second.
+/// Controllers for `namespace` only, under a Lease of their own in the operator's namespace (where
+/// the shipped RBAC allows Leases), renewed every second.
 pub fn controllers_for(
     namespace: &str,
     identity: &str,
@@ -34,8 +35,8 @@ pub fn controllers_for(
         identity: identity.into(),
     };
     let lease = stash::lease::LeaseConfig {
-        namespace: namespace.into(),
-        name: "stash-operator".into(),
+        namespace: super::OPERATOR_NAMESPACE.into(),
+        name: format!("stash-operator-{namespace}"),
         identity: identity.into(),
         duration: Duration::from_secs(4),
         renew_every: Duration::from_secs(1),
@@ -44,7 +45,9 @@ pub fn controllers_for(
 }
 
 /// Starts the operator with its webhook on `webhook_port` (else a free one) and `certificates` (else a
-/// generated pair on disk), and waits until ready.
+/// generated pair on disk), and waits until ready. It runs as the `stash-operator` ServiceAccount,
+/// except with self-managed certificates: those tests keep a Secret and a webhook configuration of
+/// their own, which the shipped RBAC grants only under the production names.
 pub async fn start_on(
     webhook_port: Option<u16>,
     certificates: Option<stash::operator::CertificateSource>,
@@ -76,7 +79,10 @@ pub async fn start_on(
     };
     let (webhook_addr, admin_addr) = (config.webhook_addr, config.admin_addr);
     let cancel = CancellationToken::new();
-    let client = super::client().await;
+    let client = match config.certificates {
+        stash::operator::CertificateSource::SelfSigned(_) => super::client().await,
+        stash::operator::CertificateSource::Files { .. } => super::operator_client().await,
+    };
     let run = stash::operator::run(client, config, cancel.clone());
     let task = tokio::spawn(async move { run.await.expect("the operator runs") });
     let http = reqwest::Client::new();
