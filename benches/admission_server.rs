@@ -182,7 +182,7 @@ async fn main() {
     .expect("leaf");
     let serving =
         ServingCertificate::new(leaf.cert_pem.into_bytes(), leaf.key_pem.into_bytes(), metrics).expect("pair");
-    let tls = server_config(serving).expect("TLS");
+    let tls = server_config(serving, None).expect("TLS");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     println!("{}", listener.local_addr().expect("addr").port());
     let cancel = CancellationToken::new();

@@ -78,6 +78,15 @@ pub struct OperatorArgs {
     /// Image of the injected `stash` sidecar (operator setting, never taken from user objects).
     #[arg(long, env = "STASH_SIDECAR_IMAGE", default_value = concat!("stash:", env!("CARGO_PKG_VERSION")))]
     pub sidecar_image: String,
+    /// PEM bundle of CAs: the webhook then answers only clients presenting a certificate one of them
+    /// signed (the API server, configured through its AdmissionConfiguration). Read at start-up.
+    /// Without it any client that reaches the webhook is answered.
+    #[arg(long)]
+    pub webhook_client_ca_file: Option<PathBuf>,
+    /// Accept only client certificates whose common name or a DNS name is one of these
+    /// (comma-separated or repeated); needed when the CA also signs other clients' certificates.
+    #[arg(long, value_delimiter = ',', requires = "webhook_client_ca_file")]
+    pub webhook_client_names: Vec<String>,
     /// Larger admission request bodies are refused with 413.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,

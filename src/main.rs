@@ -219,8 +219,12 @@ fn operator_config(args: Box<stash::cli::OperatorArgs>) -> stash::operator::Oper
         };
         (settings, lease)
     });
+    let names = args.webhook_client_names;
+    let webhook_client_auth =
+        args.webhook_client_ca_file.map(|ca_file| stash::webhook::client_auth::ClientAuth { ca_file, names });
     stash::operator::OperatorConfig {
         controllers,
+        webhook_client_auth,
         webhook_addr: args.webhook_addr,
         admin_addr: args.admin_addr,
         certificates,

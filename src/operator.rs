@@ -5,6 +5,7 @@ use crate::controller::ControllerSettings;
 use crate::controller::leader::run_while_leader;
 use crate::lease::LeaseConfig;
 use crate::metrics::Metrics;
+use crate::webhook::client_auth::{ClientAuth, ClientAuthError};
 use crate::webhook::mutate::Mutator;
 use crate::webhook::self_signed::{SelfManagedCertificates, SelfSignedConfig, SelfSignedError};
 use crate::webhook::server::{ConnectionLimits, serve_tls};
@@ -27,6 +28,8 @@ pub enum OperatorError {
     Tls(#[from] TlsError),
     #[error("self-managed certificates: {0}")]
     SelfSigned(#[from] SelfSignedError),
+    #[error(transparent)]
+    ClientAuth(#[from] ClientAuthError),
     #[error("listening on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
 }
@@ -47,6 +50,8 @@ pub struct OperatorConfig {
     pub certificates: CertificateSource,
     pub sidecar_image: String,
     pub max_body_bytes: usize,
+    /// Who may call the webhook; `None` answers any client that reaches it.
+    pub webhook_client_auth: Option<ClientAuth>,
     /// The controllers and the Lease they run under; `None` serves the webhook only.
     pub controllers: Option<(ControllerSettings, LeaseConfig)>,
 }
@@ -88,6 +93,23 @@ async fn serving_certificate(
 
 /// Runs until `cancel` fires, then drains and returns.
 pub async fn run(client: Client, config: OperatorConfig, cancel: CancellationToken) -> Result<(), OperatorError> {
+    // A client CA that does not load stops the operator before it starts anything.
+    let client_verifier = match &config.webhook_client_auth {
+        Some(auth) => {
+            let verifier = auth.verifier()?;
+            let (ca, names) = (auth.ca_file.display(), &auth.names);
+            tracing::info!(%ca, ?names, "webhook clients must present a certificate this CA signed");
+            Some(verifier)
+        }
+        None => {
+            tracing::warn!(
+                "the webhook answers any client that reaches it: anyone in the cluster can read what it \
+                 would inject into a namespace's Pods; require the API server's client certificate with \
+                 --webhook-client-ca-file (README: \"Who may call the webhook\")"
+            );
+            None
+        }
+    };
     let metrics = Arc::new(Metrics::default());
     let readiness = Arc::new(Readiness::default());
     let mut tasks = JoinSet::new();
@@ -105,7 +127,7 @@ pub async fn run(client: Client, config: OperatorConfig, cancel: CancellationTok
 
     let serving = serving_certificate(&client, config.certificates, &metrics, &mut tasks, &cancel).await?;
     readiness.certificate_loaded.store(true, Ordering::Release);
-    let tls = server_config(serving)?;
+    let tls = server_config(serving, client_verifier)?;
 
     let controllers = config.controllers.clone().map(|(settings, lease)| {
         let (client, metrics, cancel) = (client.clone(), metrics.clone(), cancel.clone());

@@ -1,10 +1,10 @@
 //! The install manifests are valid for a real API server: `kubectl apply -k deploy/` in server-side
-//! dry-run, and the cert-manager overlay renders.
+//! dry-run, the cert-manager overlay renders, and the webhook client-auth component composes with both.
 
 mod support;
 
 use serde::Deserialize;
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
 fn kubectl() -> PathBuf {
@@ -58,6 +58,53 @@ fn the_cert_manager_overlay_renders_with_ca_injection() {
     assert!(rendered.contains("cert-manager.io/inject-ca-from: stash/stash-webhook"));
     assert!(rendered.contains("--tls-cert-file=/etc/stash/webhook/tls.crt"));
     assert!(!rendered.contains("--self-signed-certs"));
+}
+
+/// kustomize refuses absolute paths: `target` as seen from `dir`, both absolute.
+fn relative_to(dir: &Path, target: &Path) -> PathBuf {
+    let up: PathBuf = dir.components().skip(1).map(|_| Component::ParentDir).collect();
+    up.join(target.strip_prefix("/").expect("an absolute path"))
+}
+
+/// M7: `deploy/components/webhook-client-auth` adds the client CA flag and its Secret volume to either
+/// install, keeping what the install already mounts.
+#[test]
+fn the_webhook_client_auth_component_composes_with_both_installs() {
+    let component = support::repo_root().join("deploy/components/webhook-client-auth");
+    for (install, volumes) in [
+        ("deploy", &["webhook-client-ca"][..]),
+        ("deploy/overlays/cert-manager", &["webhook-client-ca", "webhook-tls"][..]),
+    ] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let kustomization = serde_json::json!({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+            "resources": [relative_to(dir.path(), &support::repo_root().join(install))],
+            "components": [relative_to(dir.path(), &component)],
+        });
+        std::fs::write(dir.path().join("kustomization.yaml"), kustomization.to_string()).expect("write");
+        let out = Command::new(kubectl()).arg("kustomize").arg(dir.path()).output().expect("kubectl runs");
+        assert!(out.status.success(), "{install}: {}", String::from_utf8_lossy(&out.stderr));
+        let rendered = String::from_utf8(out.stdout).expect("UTF-8");
+        let deployment = serde_yaml::Deserializer::from_str(&rendered)
+            .map(|document| serde_json::Value::deserialize(document).expect("YAML"))
+            .find(|object| object["kind"] == "Deployment")
+            .expect("the operator's Deployment");
+        let pod = &deployment["spec"]["template"]["spec"];
+        let args = pod["containers"][0]["args"].as_array().expect("args");
+        assert!(
+            args.iter().any(|a| a == "--webhook-client-ca-file=/etc/stash/webhook-client/ca.crt"),
+            "{install}: {args:?}"
+        );
+        let mut volumes_named: Vec<_> =
+            pod["volumes"].as_array().expect("volumes").iter().filter_map(|v| v["name"].as_str()).collect();
+        volumes_named.sort_unstable();
+        assert_eq!(volumes_named, volumes, "{install}");
+        let mounts = pod["containers"][0]["volumeMounts"].as_array().expect("volume mounts");
+        assert!(
+            mounts.iter().any(|m| m["name"] == "webhook-client-ca" && m["mountPath"] == "/etc/stash/webhook-client"),
+            "{install}: {mounts:?}"
+        );
+    }
 }
 
 /// M5: the operator's cluster-wide role grants no Leases (it could otherwise take over or delete any

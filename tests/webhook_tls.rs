@@ -1,11 +1,14 @@
 //! The webhook's HTTPS server with real rustls clients: HTTP/1.1 and h2, limits, certificate rotation
-//! under load (plain file replacement and Kubernetes' `..data` symlink swap), and a bad pair kept out.
+//! under load (plain file replacement and Kubernetes' `..data` symlink swap), a bad pair kept out, and
+//! client certificates required when a client CA is given.
 
 use kube::runtime::reflector::store::Writer;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::json;
+use stash::certs::{PemPair, generate_ca};
 use stash::metrics::{Metrics, ReloadLabels, ReloadResult};
+use stash::webhook::client_auth::ClientAuth;
 use stash::webhook::decision::Catalog;
 use stash::webhook::mutate::Mutator;
 use stash::webhook::routes;
@@ -38,10 +41,20 @@ fn empty_catalog() -> Catalog {
 }
 
 async fn start(cert: PathBuf, key: PathBuf) -> (Server, Arc<ServingCertificate>, CertificateFiles) {
+    start_with(cert, key, None).await
+}
+
+/// Like `start`, answering only the clients `client_auth` admits (when given).
+async fn start_with(
+    cert: PathBuf,
+    key: PathBuf,
+    client_auth: Option<ClientAuth>,
+) -> (Server, Arc<ServingCertificate>, CertificateFiles) {
     let metrics = Arc::new(Metrics::default());
     let files = CertificateFiles { cert, key };
     let serving = files.load(metrics.clone()).expect("the first pair loads");
-    let tls = server_config(serving.clone()).expect("TLS config");
+    let verifier = client_auth.map(|auth| auth.verifier().expect("the client CA loads"));
+    let tls = server_config(serving.clone(), verifier).expect("TLS config");
     let mutator = Arc::new(Mutator { catalog: empty_catalog(), sidecar_image: "stash:test".into() });
     let app = routes::router(mutator, metrics.clone(), MAX_BODY);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -66,10 +79,44 @@ fn generate(dir: &Path, ca_dir: Option<&Path>) {
 }
 
 fn client(ca_pem: &[u8], http2: bool) -> reqwest::Client {
+    client_presenting(ca_pem, http2, None)
+}
+
+/// A client trusting `ca_pem` that presents `identity` when the server asks for a certificate.
+fn client_presenting(ca_pem: &[u8], http2: bool, identity: Option<reqwest::Identity>) -> reqwest::Client {
     let ca = reqwest::Certificate::from_pem(ca_pem).expect("CA PEM");
     let builder = reqwest::Client::builder().use_rustls_tls().add_root_certificate(ca).timeout(Duration::from_secs(10));
     let builder = if http2 { builder.http2_prior_knowledge() } else { builder.http1_only() };
+    let builder = match identity {
+        Some(identity) => builder.identity(identity),
+        None => builder,
+    };
     builder.build().expect("a client")
+}
+
+/// A client certificate signed by `ca`, with `common_name` and `dns` names, as a reqwest identity.
+fn client_identity(ca: &PemPair, common_name: &str, dns: &[&str]) -> reqwest::Identity {
+    let ca_key = rcgen::KeyPair::from_pem(&ca.key_pem).expect("CA key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key).expect("an issuer");
+    let key = rcgen::KeyPair::generate().expect("a key");
+    let mut params = rcgen::CertificateParams::new(dns.iter().map(|name| name.to_string()).collect::<Vec<_>>())
+        .expect("certificate parameters");
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(rcgen::DnType::CommonName, common_name);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer).expect("a signed certificate");
+    reqwest::Identity::from_pem(format!("{}{}", cert.pem(), key.serialize_pem()).as_bytes()).expect("an identity")
+}
+
+/// A serving pair in a fresh directory, and a CA for clients written to `clients-ca.crt` beside it.
+fn with_client_ca(names: &[&str]) -> (tempfile::TempDir, PemPair, ClientAuth) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    generate(dir.path(), None);
+    let clients_ca = generate_ca("stash-test-webhook-clients", Duration::from_secs(3600)).expect("a CA");
+    let ca_file = dir.path().join("clients-ca.crt");
+    std::fs::write(&ca_file, &clients_ca.cert_pem).expect("write the client CA");
+    let names = names.iter().map(|name| name.to_string()).collect();
+    (dir, clients_ca, ClientAuth { ca_file, names })
 }
 
 fn review_body(uid: &str) -> Vec<u8> {
@@ -226,4 +273,47 @@ async fn a_bad_new_pair_keeps_the_old_one_and_is_counted() {
     let failed = server.metrics.tls.reloads.get_or_create(&ReloadLabels { result: ReloadResult::Failed }).get();
     assert!(failed >= 2, "failed reloads are counted ({failed})");
     server.cancel.cancel();
+}
+
+/// M7: with a client CA, a client without a certificate or with one another CA signed gets no
+/// answer; one the CA signed does, over HTTP/1.1 and h2.
+#[tokio::test]
+async fn with_a_client_ca_only_clients_it_signed_are_answered() {
+    let (dir, clients_ca, auth) = with_client_ca(&[]);
+    let (server, _, _) = start_with(dir.path().join("tls.crt"), dir.path().join("tls.key"), Some(auth)).await;
+    let ca = std::fs::read(dir.path().join("ca.crt")).expect("CA");
+    let other_ca = generate_ca("someone-else", Duration::from_secs(3600)).expect("a CA");
+    for http2 in [false, true] {
+        let anonymous = post(&client(&ca, http2), server.addr, review_body("anonymous")).await;
+        assert!(anonymous.is_err(), "a client without a certificate was answered: {anonymous:?}");
+        let stranger = client_presenting(&ca, http2, Some(client_identity(&other_ca, "kube-apiserver", &[])));
+        let stranger = post(&stranger, server.addr, review_body("stranger")).await;
+        assert!(stranger.is_err(), "a certificate of another CA was answered: {stranger:?}");
+        let signed = client_presenting(&ca, http2, Some(client_identity(&clients_ca, "kube-apiserver", &[])));
+        let signed =
+            post(&signed, server.addr, review_body("signed")).await.expect("a certificate the CA signed is answered");
+        assert_eq!(signed.status(), 200);
+    }
+    server.cancel.cancel();
+    server.task.await.expect("the server stops cleanly");
+}
+
+/// With client names, a certificate the CA signed is answered only when its common name or one of
+/// its DNS names is listed.
+#[tokio::test]
+async fn client_names_narrow_the_certificates_the_client_ca_signed() {
+    let (dir, clients_ca, auth) = with_client_ca(&["kube-apiserver"]);
+    let (server, _, _) = start_with(dir.path().join("tls.crt"), dir.path().join("tls.key"), Some(auth)).await;
+    let ca = std::fs::read(dir.path().join("ca.crt")).expect("CA");
+    for (common_name, dns, answered) in [
+        ("kube-apiserver", &[][..], true),
+        ("apiserver-webhook-client", &["kube-apiserver"][..], true),
+        ("system:node:worker-1", &["worker-1"][..], false),
+    ] {
+        let client = client_presenting(&ca, false, Some(client_identity(&clients_ca, common_name, dns)));
+        let response = post(&client, server.addr, review_body(common_name)).await;
+        assert_eq!(response.is_ok(), answered, "CN {common_name}, DNS {dns:?}: {response:?}");
+    }
+    server.cancel.cancel();
+    server.task.await.expect("the server stops cleanly");
 }

@@ -1,6 +1,7 @@
 //! The mutating admission webhook: injects the `stash` sidecar into targeted Pods at creation.
 
 pub mod caches;
+pub mod client_auth;
 pub mod decision;
 pub mod mutate;
 #[cfg(test)]

@@ -5,6 +5,8 @@
 # bridge, kube-proxy (iptables), CoreDNS and a kubelet, all host processes.
 #
 #   cluster.sh up [--node]        build if needed, start (or reuse) the cluster, print `export KUBECONFIG=...`
+#                                 and `export STASH_WEBHOOK_CLIENT_CA=...` (the CA of the client certificate
+#                                 the API server presents to every admission webhook; see gen_pki)
 #                                 (with --node also `export STASH_NODE_IP=...`: Pods reach host servers there)
 #   cluster.sh down               stop every process and undo every change to the host; safe to repeat
 #   cluster.sh import ARCHIVE...  import OCI image archives into the node's containerd
@@ -82,13 +84,20 @@ free_port() {
 gen_pki() {
   local pki="$state/pki"
   mkdir -p "$pki"
-  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=stash-test-ca" \
-    -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
-  leaf() { # name subject extensions
+  ca() { # name subject
+    openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "$2" -keyout "$pki/$1.key" -out "$pki/$1.crt" 2>/dev/null
+  }
+  leaf() { # name subject extensions [ca]
+    local ca=${4:-ca}
     openssl req -newkey rsa:2048 -nodes -subj "$2" -keyout "$pki/$1.key" -out "$pki/$1.csr" 2>/dev/null
-    openssl x509 -req -in "$pki/$1.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial -days 30 \
+    openssl x509 -req -in "$pki/$1.csr" -CA "$pki/$ca.crt" -CAkey "$pki/$ca.key" -CAcreateserial -days 30 \
       -extfile <(printf '%s\n' "$3") -out "$pki/$1.crt" 2>/dev/null
   }
+  ca ca "/CN=stash-test-ca"
+  # What the API server presents to admission webhooks, from a CA of its own: a webhook trusting that CA
+  # (stash operator --webhook-client-ca-file) admits the API server and no other client of the cluster.
+  ca webhook-client-ca "/CN=stash-test-webhook-client-ca"
+  leaf webhook-client "/CN=kube-apiserver-webhook-client" "extendedKeyUsage=clientAuth" webhook-client-ca
   leaf apiserver "/CN=kube-apiserver" \
     "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,IP:$node_ip,IP:$api_service_ip,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc
 extendedKeyUsage=serverAuth"
@@ -104,6 +113,36 @@ extendedKeyUsage=serverAuth"
   leaf kube-scheduler "/CN=system:kube-scheduler" "extendedKeyUsage=clientAuth"
   leaf kube-proxy "/CN=system:kube-proxy" "extendedKeyUsage=clientAuth"
   leaf coredns "/CN=stash-test-coredns" "extendedKeyUsage=clientAuth"
+}
+
+# The API server's admission configuration: its webhook plugins present the webhook-client certificate
+# to every webhook. The kubeconfig user "*" is the resolver's default for any webhook host (by service
+# name or URL host:port) that has no entry of its own.
+write_admission_config() {
+  cat >"$state/webhook-client.kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+users:
+- name: "*"
+  user:
+    client-certificate: $state/pki/webhook-client.crt
+    client-key: $state/pki/webhook-client.key
+EOF
+  cat >"$state/admission.yaml" <<EOF
+apiVersion: apiserver.config.k8s.io/v1
+kind: AdmissionConfiguration
+plugins:
+- name: MutatingAdmissionWebhook
+  configuration:
+    apiVersion: apiserver.config.k8s.io/v1
+    kind: WebhookAdmissionConfiguration
+    kubeConfigFile: $state/webhook-client.kubeconfig
+- name: ValidatingAdmissionWebhook
+  configuration:
+    apiVersion: apiserver.config.k8s.io/v1
+    kind: WebhookAdmissionConfiguration
+    kubeConfigFile: $state/webhook-client.kubeconfig
+EOF
 }
 
 write_kubeconfig() { # file client-cert-name
@@ -149,6 +188,7 @@ wait_for() { # what seconds command...
 
 exports() {
   echo "export KUBECONFIG=$kubeconfig"
+  echo "export STASH_WEBHOOK_CLIENT_CA=$state/pki/webhook-client-ca.crt"
   if [[ $(mode) == node ]]; then echo "export STASH_NODE_IP=$node_ip"; fi
 }
 
@@ -167,7 +207,9 @@ up() { # [--node]
       exit 2
       ;;
   esac
-  if running kube-apiserver && running etcd && running kube-controller-manager && api_ready; then
+  # A cluster started before the API server presented a webhook client certificate is started afresh.
+  if running kube-apiserver && running etcd && running kube-controller-manager && api_ready &&
+    [[ -f $state/admission.yaml ]]; then
     # A node cluster serves plain `up` too.
     case $(mode) in
       node) if node_running; then exports && return 0; fi ;;
@@ -192,6 +234,7 @@ up() { # [--node]
   api_port=$(free_port)
   echo "$api_host:$api_port" >"$state/apiserver.addr"
   write_kubeconfig "$kubeconfig" admin
+  write_admission_config
 
   start etcd "$bin/etcd" --name stash-test --data-dir "$state/etcd" --unsafe-no-fsync \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
@@ -221,7 +264,7 @@ up() { # [--node]
     --etcd-servers "http://127.0.0.1:$etcd_port" \
     --bind-address "$api_host" --advertise-address "$api_host" --secure-port "$api_port" \
     --tls-cert-file "$state/pki/apiserver.crt" --tls-private-key-file "$state/pki/apiserver.key" \
-    --client-ca-file "$state/pki/ca.crt" \
+    --client-ca-file "$state/pki/ca.crt" --admission-control-config-file "$state/admission.yaml" \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$state/pki/sa.pub" --service-account-signing-key-file "$state/pki/sa.key" \
     --allow-privileged=true --cert-dir "$state/pki" --profiling=false --v=1

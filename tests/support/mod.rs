@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -27,10 +27,15 @@ pub mod webhook;
 
 pub const FIELD_MANAGER: &str = "stash-tests";
 
-/// Where the test control plane's admin kubeconfig is.
+/// Where the test control plane's admin kubeconfig is, and the other facts `cluster.sh up` exports.
 pub struct TestCluster {
     pub kubeconfig: PathBuf,
+    /// The CA of the client certificate the API server presents to admission webhooks
+    /// (`STASH_WEBHOOK_CLIENT_CA`); unknown for a cluster that does not export it.
+    pub webhook_client_ca: Option<PathBuf>,
 }
+
+const WEBHOOK_CLIENT_CA: &str = "STASH_WEBHOOK_CLIENT_CA";
 
 static CLUSTER: OnceLock<TestCluster> = OnceLock::new();
 
@@ -41,23 +46,35 @@ pub fn repo_root() -> &'static Path {
 /// Brings the cluster up (once per test binary) and installs the CRDs.
 pub fn cluster() -> &'static TestCluster {
     CLUSTER.get_or_init(|| {
-        let kubeconfig = match std::env::var_os("KUBECONFIG").map(PathBuf::from) {
-            Some(path) if block_on(api_reachable(path.clone())) => path,
+        let cluster = match std::env::var_os("KUBECONFIG").map(PathBuf::from) {
+            Some(kubeconfig) if block_on(api_reachable(kubeconfig.clone())) => {
+                TestCluster { kubeconfig, webhook_client_ca: std::env::var_os(WEBHOOK_CLIENT_CA).map(PathBuf::from) }
+            }
             _ => start_local_cluster(),
         };
-        block_on(install_crds(kubeconfig.clone()));
-        block_on(install_rbac(kubeconfig.clone()));
-        block_on(refuse_beside_another_operator(kubeconfig.clone()));
-        TestCluster { kubeconfig }
+        block_on(install_crds(cluster.kubeconfig.clone()));
+        block_on(install_rbac(cluster.kubeconfig.clone()));
+        block_on(refuse_beside_another_operator(cluster.kubeconfig.clone()));
+        cluster
     })
 }
 
-fn start_local_cluster() -> PathBuf {
+/// `cluster.sh up` prints the cluster's facts as the `export NAME=value` lines a shell evaluates.
+fn start_local_cluster() -> TestCluster {
     let script = repo_root().join("tests/cluster/cluster.sh");
-    let up = Command::new(&script).arg("up").status().expect("cluster.sh runs");
-    assert!(up.success(), "tests/cluster/cluster.sh up failed");
-    let out = Command::new(&script).arg("kubeconfig").output().expect("cluster.sh runs");
-    PathBuf::from(String::from_utf8(out.stdout).expect("UTF-8 path").trim())
+    let up = Command::new(&script).arg("up").stderr(Stdio::inherit()).output().expect("cluster.sh runs");
+    assert!(up.status.success(), "tests/cluster/cluster.sh up failed");
+    let exports = String::from_utf8(up.stdout).expect("UTF-8 exports");
+    let exported = |name: &str| {
+        exports
+            .lines()
+            .find_map(|line| line.strip_prefix("export ")?.strip_prefix(name)?.strip_prefix('='))
+            .map(PathBuf::from)
+    };
+    TestCluster {
+        kubeconfig: exported("KUBECONFIG").expect("cluster.sh up exports KUBECONFIG"),
+        webhook_client_ca: exported(WEBHOOK_CLIENT_CA),
+    }
 }
 
 /// Runs a future to completion on a runtime of its own, on a thread of its own, so that it works

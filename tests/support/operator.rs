@@ -53,6 +53,20 @@ pub async fn start_on(
     certificates: Option<stash::operator::CertificateSource>,
     controllers: Option<(stash::controller::ControllerSettings, stash::lease::LeaseConfig)>,
 ) -> RunningOperator {
+    start_configured(webhook_port, certificates, controllers, None).await
+}
+
+/// Starts the operator, without controllers, answering only the webhook clients `client_auth` admits.
+pub async fn start_with_client_auth(client_auth: stash::webhook::client_auth::ClientAuth) -> RunningOperator {
+    start_configured(None, None, None, Some(client_auth)).await
+}
+
+async fn start_configured(
+    webhook_port: Option<u16>,
+    certificates: Option<stash::operator::CertificateSource>,
+    controllers: Option<(stash::controller::ControllerSettings, stash::lease::LeaseConfig)>,
+    webhook_client_auth: Option<stash::webhook::client_auth::ClientAuth>,
+) -> RunningOperator {
     let certs = tempfile::tempdir().expect("temp dir");
     stash::certs::generate_to_dir(
         certs.path(),
@@ -75,6 +89,7 @@ pub async fn start_on(
         }),
         sidecar_image: "stash:test".into(),
         max_body_bytes: 4 * 1024 * 1024,
+        webhook_client_auth,
         controllers,
     };
     let (webhook_addr, admin_addr) = (config.webhook_addr, config.admin_addr);
