@@ -539,6 +539,32 @@ async fn phase_running_jobs(node: &mut LocalNode, ns: &TestNamespace, name: &str
     .await;
 }
 
+/// A Stash installation's sessions (invoked by a BackupConfiguration) in the same namespace are not
+/// ours: they are left alone, never marked Failed, while our own sessions run.
+#[tokio::test]
+async fn sessions_of_other_invoker_kinds_are_left_alone() {
+    let ns = TestNamespace::new("coexist").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    let theirs: BackupSession = fixtures::create(
+        &ns,
+        json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "BackupSession",
+               "metadata": {"name": "sample-backup-1700000000"},
+               "spec": {"invoker": {"apiGroup": "stash.appscode.com", "kind": "BackupConfiguration", "name": "sample"}}}),
+    )
+    .await;
+    fixtures::batch(&ns, "ours", vec![member("Deployment", "app")], json!({})).await;
+    let sessions = ns.api::<BackupSession>();
+    let ours = new_session(&ns, "ours").await;
+    session_phase(&sessions, &ours, BackupSessionPhase::Running).await;
+    let name = kube::ResourceExt::name_any(&theirs);
+    let after = sessions.get(&name).await.expect("get");
+    assert_eq!(after.status, None, "a BackupConfiguration's session is not ours to judge");
+    operator.stop().await;
+}
+
 /// A loopback HTTP server that records every request it gets as `<path> <body>` (trimmed), after
 /// waiting `delay`; hooks point at it.
 async fn hook_server(delay: Duration) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {

@@ -49,7 +49,12 @@ pub async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Context>) -> Result
     let sessions: Api<BackupSession> = Api::namespaced(ctx.client.clone(), &namespace);
     let batches: Api<BackupBatch> = Api::namespaced(ctx.client.clone(), &namespace);
     let invoker = &session.spec.invoker;
-    let batch = if invoker.kind == BACKUP_BATCH_KIND { batches.get_opt(&invoker.name).await? } else { None };
+    if invoker.kind != BACKUP_BATCH_KIND {
+        // Another installation's (Stash's BackupConfiguration): not ours to run or to judge.
+        tracing::debug!(kind = %invoker.kind, "a session of another invoker kind: left alone");
+        return Ok(Action::await_change());
+    }
+    let batch = batches.get_opt(&invoker.name).await?;
     let mut status = session.status.clone().unwrap_or_default();
     let mut claimed = None;
 
