@@ -716,6 +716,33 @@ async fn a_zero_history_limit_still_writes_the_manifest() {
     assert!(sessions_of.contains(&format!("session={name}").as_str()), "no manifest for {name}: {written:?}");
 }
 
+/// `restic check` takes the repository to itself: it runs on a finalize only when the last one is
+/// older than the Repository's check interval (default 24 h), or failed; otherwise the session says
+/// when it last passed. `0s` checks on every finalize.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_integrity_check_runs_once_per_interval_not_on_every_finalize() {
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut setup = Setup::new("checks", Backend::Local(repo.path())).await;
+    let member = setup.pvc_member().await;
+    setup.batch(vec![member], json!({})).await;
+    let verified = |session: &BackupSession| {
+        let status = session.status.clone().unwrap_or_default();
+        let found = status.conditions.into_iter().find(|c| c.type_ == "RepositoryIntegrityVerified");
+        found.map(|c| (c.status, c.reason.unwrap_or_default()))
+    };
+    let passed = Some((stash::api::common::ConditionStatus::True, "CheckPassed".to_string()));
+    assert_eq!(verified(&setup.back_up().await), passed, "the first finalize checks");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let recently = Some((stash::api::common::ConditionStatus::True, "CheckedRecently".to_string()));
+    assert_eq!(verified(&setup.back_up().await), recently, "the next one within the interval does not");
+
+    let every = json!({"metadata": {"annotations": {"stash.appscode.com/check-interval": "0s"}}});
+    let repositories = setup.ns.api::<stash::api::Repository>();
+    repositories.patch("repo", &Default::default(), &kube::api::Patch::Merge(&every)).await.expect("annotate");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(verified(&setup.back_up().await), passed, "an interval of 0s checks every time");
+}
+
 /// H2: same-named batches of two namespaces share one repository; each keeps and restores its own data.
 #[tokio::test(flavor = "multi_thread")]
 async fn same_named_batches_of_two_namespaces_restore_their_own_data() {

@@ -1,8 +1,10 @@
 //! `stash finalize-session`: once per finished session, under the repository's Lease — write the
 //! manifest (complete sessions only), apply the retention policy by whole sessions, check the
-//! repository, and update the Repository's status and the session's conditions.
+//! repository when its check is due (see `integrity`), and update the Repository's status and the
+//! session's conditions.
 
 use super::executor::{AgentError, Executor};
+use super::integrity::{self, Check};
 use super::job::session_timeout;
 use super::locks;
 use super::manifest::{MANIFEST_HOST, MANIFEST_TAG};
@@ -111,13 +113,24 @@ async fn finalize(
         None => None,
     };
 
-    let integrity = restic.check().await?;
-    outcome.conditions.push(Desired::new(
-        INTEGRITY_VERIFIED,
-        integrity,
-        if integrity { "CheckPassed" } else { "CheckFailed" },
-        if integrity { "restic check found no errors" } else { "restic check reported errors" },
-    ));
+    let integrity = match integrity::decide(Timestamp::now(), repository) {
+        Check::Run { note } => {
+            let passed = restic.check().await?;
+            let said = if passed { "restic check found no errors" } else { "restic check reported errors" };
+            let message = note.map_or_else(|| said.to_string(), |note| format!("{said}; {note}"));
+            let reason = if passed { "CheckPassed" } else { "CheckFailed" };
+            outcome.conditions.push(Desired::new(INTEGRITY_VERIFIED, passed, reason, message));
+            Some(passed)
+        }
+        Check::Skip { passed, next } => {
+            let message = format!(
+                "restic check passed at {passed}; the next runs after {next} (annotation {})",
+                integrity::CHECK_INTERVAL_ANNOTATION
+            );
+            outcome.conditions.push(Desired::new(INTEGRITY_VERIFIED, true, "CheckedRecently", message));
+            None
+        }
+    };
     update_repository(executor, restic, repository, session, integrity, removed).await?;
     Ok(outcome)
 }
@@ -221,7 +234,7 @@ async fn update_repository(
     restic: &Restic,
     repository: &Repository,
     session: &BackupSession,
-    integrity: bool,
+    integrity: Option<bool>,
     removed: Option<usize>,
 ) -> Result<(), AgentError> {
     let snapshots = restic.snapshots(&[]).await?;
@@ -231,10 +244,13 @@ async fn update_repository(
     let now = Time(Timestamp::now());
     let current = repository.status.clone().unwrap_or_default();
     let mut status = serde_json::json!({
-        "integrity": integrity,
         "totalSize": human_bytes(size),
         "snapshotCount": data,
     });
+    if let Some(integrity) = integrity {
+        status["integrity"] = integrity.into();
+        status["lastIntegrityCheckTime"] = serde_json::to_value(&now).unwrap_or_default();
+    }
     if succeeded {
         status["lastBackupTime"] = serde_json::to_value(&now).unwrap_or_default();
         if current.first_backup_time.is_none() {

@@ -8,6 +8,7 @@ pub mod executor;
 pub mod files;
 pub mod finalize;
 pub mod hook;
+pub(crate) mod integrity;
 pub mod job;
 pub mod locks;
 pub mod manifest;

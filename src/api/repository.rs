@@ -217,6 +217,9 @@ pub struct RepositoryStatus {
     /// Result of the last `restic check`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub integrity: Option<bool>,
+    /// When the last `restic check` ran (it runs once per check interval, not on every finalize).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_integrity_check_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_size: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
