@@ -1214,6 +1214,47 @@ async fn an_exec_hook_without_a_running_pod_fails_the_session_saying_why() {
     operator.stop().await;
 }
 
+/// A batch's last success lives in its status (`lastSuccessfulSession`), not only in one process's
+/// memory: an operator started afterwards (a restart, a new leader) exports the same series.
+#[tokio::test]
+async fn a_batchs_last_success_survives_an_operator_restart() {
+    let ns = TestNamespace::new("lastsuccess").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    fixtures::batch(&ns, "measured", vec![member("Deployment", "app")], json!({})).await;
+    let sessions = ns.api::<BackupSession>();
+    let name = new_session(&ns, "measured").await;
+    session_phase(&sessions, &name, BackupSessionPhase::Running).await;
+    report_host(&sessions, &name, 0, "app", HostPhase::Succeeded).await;
+    session_phase(&sessions, &name, BackupSessionPhase::Succeeded).await;
+    let series = format!("namespace=\"{}\",batch=\"measured\"", ns.name);
+    let exported = |text: String| {
+        text.lines().find(|l| l.contains("last_success") && l.contains(&series)).map(ToString::to_string)
+    };
+    let before = eventually("the last success exported", Duration::from_secs(30), || async {
+        exported(operator.metrics().await)
+    })
+    .await;
+    let batches = ns.api::<BackupBatch>();
+    let recorded = eventually("the last success recorded in the batch's status", Duration::from_secs(30), || {
+        let batches = batches.clone();
+        async move { batches.get("measured").await.ok()?.status?.last_successful_session }
+    })
+    .await;
+    assert_eq!(recorded.name, name);
+    operator.stop().await;
+
+    let restarted = with_controllers(&ns).await;
+    let after = eventually("the restarted operator to export it", Duration::from_secs(30), || async {
+        exported(restarted.metrics().await)
+    })
+    .await;
+    assert_eq!(after, before, "the same series and value after the restart");
+    restarted.stop().await;
+}
+
 /// L10: a batch's metric series (last success) goes with the batch; a deleted batch is not
 /// reported forever as "last succeeded at ...".
 #[tokio::test]

@@ -189,6 +189,24 @@ pub struct BackupBatchStatus {
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub member_conditions: Vec<MemberConditions>,
+    /// The batch's last finished (Succeeded or Failed) session, written by the session controller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_session: Option<SessionRecord>,
+    /// The batch's last Succeeded session: what "last success" metrics and alerts read, so that
+    /// they survive an operator restart or a new leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_successful_session: Option<SessionRecord>,
+}
+
+/// A finished session, as a batch's status records it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionRecord {
+    pub name: String,
+    pub phase: super::backup_session::BackupSessionPhase,
+    /// The session's creation time plus its duration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

@@ -139,8 +139,13 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
         phase: Some(phase),
         conditions: status_conditions,
         member_conditions,
+        // The session records are the session controller's (see `write_status`).
+        ..Default::default()
     };
     write_status(&batch, &ctx, &namespace, status).await?;
+    if let Some(record) = batch.status.as_ref().and_then(|s| s.last_successful_session.as_ref()) {
+        super::backup_session::export_last_success(&ctx, &namespace, &batch.name_any(), record);
+    }
 
     Ok(if phase == BackupInvokerPhase::Ready && !sidecars_pending {
         Action::await_change()
@@ -159,7 +164,14 @@ async fn write_status(
     namespace: &str,
     status: BackupBatchStatus,
 ) -> Result<(), ControllerError> {
-    if batch.status.as_ref() == Some(&status) {
+    // The session records are written by the session controller under a field manager of their
+    // own: this apply neither compares nor carries them, so a stale cache never reverts them.
+    let ours = batch.status.clone().map(|current| BackupBatchStatus {
+        last_session: None,
+        last_successful_session: None,
+        ..current
+    });
+    if ours.as_ref() == Some(&status) {
         return Ok(());
     }
     let batches: Api<BackupBatch> = Api::namespaced(ctx.client.clone(), namespace);

@@ -8,6 +8,7 @@ use super::backup_job::{backup_job, finalize_job, hook_job, hook_job_name, is_jo
 use super::context::{Context, ControllerError, FIELD_MANAGER};
 use super::progress::{self, Progress};
 use super::targets::{self, TargetState};
+use crate::api::backup_batch::SessionRecord;
 use crate::api::backup_session::{
     BackupSessionPhase, BackupSessionStatus, BackupTargetStatus, DEFAULT_SESSION_TIMEOUT, HostBackupStats, HostPhase,
     TargetPhase,
@@ -30,6 +31,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub const DEADLINE_EXCEEDED: &str = "DeadlineExceeded";
+/// The field manager of the session records in a batch's status (see `record_on_batch`).
+const SESSION_RECORDS_MANAGER: &str = "stash-operator-sessions";
 const POLL: Duration = Duration::from_secs(30);
 
 fn now() -> Timestamp {
@@ -504,11 +507,68 @@ async fn finish(
 
     let phase = format!("{:?}", status.phase.unwrap_or(BackupSessionPhase::Unknown));
     ctx.metrics.controller.sessions_finished.get_or_create(&SessionLabels { phase }).inc();
-    if succeeded {
-        let labels = BatchLabels { namespace: session.namespace().unwrap_or_default(), batch: batch.name_any() };
-        ctx.metrics.controller.last_success.get_or_create(&labels).set(now().as_second());
-    }
     Ok(Action::await_change())
+}
+
+/// The record of a finished (Succeeded or Failed) session; its finish time is its creation plus its
+/// duration, so that every controller computes the same record for it.
+fn session_record(session: &BackupSession) -> Option<SessionRecord> {
+    let status = session.status.as_ref()?;
+    let phase = status.phase.filter(|p| matches!(p, BackupSessionPhase::Succeeded | BackupSessionPhase::Failed))?;
+    let created = session.metadata.creation_timestamp.as_ref()?.0;
+    let seconds: i64 = status.session_duration.as_deref()?.trim_end_matches('s').parse().ok()?;
+    let finish_time = created.checked_add(SignedDuration::from_secs(seconds)).ok().map(Time);
+    Some(SessionRecord { name: session.name_any(), phase, finish_time })
+}
+
+/// Whether `candidate` replaces `current`: a session finished later, never an older one finalized
+/// late (nor the same one twice).
+fn replaces(current: Option<&SessionRecord>, candidate: &SessionRecord) -> bool {
+    current.is_none_or(|current| current.name != candidate.name && current.finish_time <= candidate.finish_time)
+}
+
+/// Records a finished session in its batch's status (`lastSession`, `lastSuccessfulSession`) once,
+/// under a field manager of its own, and exports the last success from that record.
+async fn record_on_batch(session: &BackupSession, batch: &BackupBatch, ctx: &Context) -> Result<(), ControllerError> {
+    let Some(record) = session_record(session) else { return Ok(()) };
+    let current = batch.status.as_ref();
+    let succeeded = record.phase == BackupSessionPhase::Succeeded;
+    let mut status = serde_json::Map::new();
+    if replaces(current.and_then(|s| s.last_session.as_ref()), &record) {
+        status.insert("lastSession".into(), serde_json::to_value(&record).unwrap_or_default());
+    }
+    if succeeded && replaces(current.and_then(|s| s.last_successful_session.as_ref()), &record) {
+        status.insert("lastSuccessfulSession".into(), serde_json::to_value(&record).unwrap_or_default());
+    }
+    let namespace = session.namespace().unwrap_or_default();
+    if !status.is_empty() {
+        // Apply keeps what this manager applied before unless named again: carry the other record.
+        for (key, kept) in [
+            ("lastSession", current.and_then(|s| s.last_session.as_ref())),
+            ("lastSuccessfulSession", current.and_then(|s| s.last_successful_session.as_ref())),
+        ] {
+            if let (false, Some(kept)) = (status.contains_key(key), kept) {
+                status.insert(key.into(), serde_json::to_value(kept).unwrap_or_default());
+            }
+        }
+        let patch =
+            serde_json::json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "BackupBatch", "status": status});
+        let batches: Api<BackupBatch> = Api::namespaced(ctx.client.clone(), &namespace);
+        let params = PatchParams::apply(SESSION_RECORDS_MANAGER).force();
+        batches.patch_status(&batch.name_any(), &params, &Patch::Apply(&patch)).await?;
+    }
+    if succeeded && replaces(current.and_then(|s| s.last_successful_session.as_ref()), &record) {
+        export_last_success(ctx, &namespace, &batch.name_any(), &record);
+    }
+    Ok(())
+}
+
+/// Sets the batch's last-success series from its record.
+pub(super) fn export_last_success(ctx: &Context, namespace: &str, batch: &str, record: &SessionRecord) {
+    if let Some(finished) = &record.finish_time {
+        let labels = BatchLabels { namespace: namespace.into(), batch: batch.into() };
+        ctx.metrics.controller.last_success.get_or_create(&labels).set(finished.0.as_second());
+    }
 }
 
 fn failed_targets(status: &BackupSessionStatus) -> String {
@@ -543,6 +603,7 @@ async fn finished(
 ) -> Result<Action, ControllerError> {
     let Some(batch) = batch else { return Ok(Action::await_change()) };
     ensure_finalized(session, batch, ctx).await?;
+    record_on_batch(session, batch, ctx).await?;
     let status = session.status.clone().unwrap_or_default();
     let mut action = Action::await_change();
     if status.phase == Some(BackupSessionPhase::Failed)
@@ -673,6 +734,23 @@ mod tests {
         assert!(blocking_sibling(&a, &all).is_none(), "the first starts");
         assert_eq!(blocking_sibling(&b, &all).map(|s| s.name_any()), Some("b-1".into()), "same second: by name");
         assert!(blocking_sibling(&later, &all).is_some());
+    }
+
+    #[test]
+    fn a_batch_records_the_session_that_finished_last_once() {
+        let mut done = session("b-1", "a", 100, Some(BackupSessionPhase::Succeeded));
+        assert_eq!(session_record(&done), None, "no duration: not finished yet");
+        done.status.as_mut().expect("status").session_duration = Some("42s".into());
+        let record = session_record(&done).expect("a record");
+        assert_eq!(record.finish_time, Some(Time(Timestamp::from_second(142).expect("time"))));
+        assert!(replaces(None, &record));
+        assert!(!replaces(Some(&record), &record), "the same session is recorded once");
+        let mut older = session("b-0", "z", 50, Some(BackupSessionPhase::Failed));
+        older.status.as_mut().expect("status").session_duration = Some("10s".into());
+        let older = session_record(&older).expect("a record");
+        assert!(!replaces(Some(&record), &older), "an older session finalized late does not replace it");
+        assert!(replaces(Some(&older), &record));
+        assert_eq!(session_record(&session("s", "s", 1, Some(BackupSessionPhase::Skipped))), None);
     }
 
     #[test]
