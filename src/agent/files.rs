@@ -39,13 +39,13 @@ impl FileBackup<'_> {
             extra_args: self.target.args.clone(),
         };
         let outcome = restic.backup(&request).await?;
-        if !outcome.unreadable.is_empty() {
-            let items: Vec<String> = outcome.unreadable.iter().take(3).map(|e| e.describe()).collect();
+        if outcome.unreadable_count > 0 {
+            let items: Vec<String> = outcome.unreadable.iter().map(|e| e.describe()).collect();
             let snapshot = outcome.summary.snapshot_id.clone();
             restic.forget(&[snapshot]).await?;
             return Err(AgentError::Invalid(format!(
                 "{} files could not be read, e.g. {}",
-                outcome.unreadable.len(),
+                outcome.unreadable_count,
                 items.join("; ")
             )));
         }
