@@ -13,15 +13,19 @@ pub struct FileBackup<'a> {
     pub session: &'a BackupSession,
     pub repository: &'a Repository,
     pub target: &'a BackupTarget,
+    /// The member's index in the batch, to name its fields.
+    pub member: usize,
     pub alias: &'a str,
     pub host: &'a str,
     pub paths: Vec<String>,
 }
 
 impl FileBackup<'_> {
-    /// Checks the paths, heals stale locks, then runs `restic backup`. Unreadable files fail the host:
-    /// a partial snapshot is not a backup to count on.
+    /// Checks the member's restic flags and paths, heals stale locks, then runs `restic backup`.
+    /// Unreadable files fail the host: a partial snapshot is not a backup to count on.
     pub async fn run(&self, executor: &Executor, restic: &Restic) -> Result<BackupOutcome, AgentError> {
+        // The controllers refuse such a batch, but it may have been edited since the session started.
+        self.target.check_args(self.member)?;
         let root = &executor.settings.path_root;
         for path in &self.paths {
             if !root.join(path.trim_start_matches('/')).exists() {

@@ -135,6 +135,7 @@ pub struct BackupRequest {
     pub exclude: Vec<String>,
     pub host: String,
     pub tags: Vec<String>,
+    /// A member's `target.args`, checked by `BackupTarget::check_args` before they come here.
     pub extra_args: Vec<String>,
 }
 
