@@ -99,6 +99,37 @@ async fn invalid_objects_are_refused_naming_the_field() {
     }
 }
 
+/// M6: the shipped policy refuses, at apply time, a member passing restic a flag outside the
+/// allow-list, naming the field and the flag but not its value; allowed flags pass.
+#[tokio::test]
+async fn the_admission_policy_refuses_restic_flags_outside_the_allow_list() {
+    let ns = TestNamespace::new("args-policy").await;
+    let binding = support::fixtures::bind_shipped_policy(&ns, "stash-restic-args").await;
+    let batch = |args: Value| -> BackupBatch {
+        serde_json::from_value(json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "BackupBatch",
+            "metadata": {"name": "probe", "namespace": ns.name},
+            "spec": {"repository": {"name": "repo"}, "members": [
+                {"target": {"alias": "a", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "a"}}},
+                {"target": {"alias": "b", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "b"},
+                    "args": args}}]}}))
+        .expect("a BackupBatch")
+    };
+    let dry_run = PostParams { dry_run: true, ..Default::default() };
+    let batches = ns.api::<BackupBatch>();
+    let refused = batch(json!(["--exclude", "*.tmp", "--password-command=cat /var/run/secrets/token", "-rrest:x"]));
+    let refusal = eventually("the policy to refuse --password-command", Duration::from_secs(30), || {
+        let (batches, dry_run, refused) = (batches.clone(), dry_run.clone(), refused.clone());
+        async move { batches.create(&dry_run, &refused).await.err() }
+    })
+    .await;
+    let message = refusal.to_string();
+    assert!(message.contains("spec.members[].target.args: --password-command, -r may not be passed"), "{message}");
+    assert!(!message.contains("/var/run/secrets"), "a flag's value is never echoed: {message}");
+    let allowed = batch(json!(["--exclude", "*.tmp", "--exclude-larger-than=1G", "--one-file-system"]));
+    batches.create(&dry_run, &allowed).await.expect("allowed flags pass");
+    binding.remove().await;
+}
+
 #[tokio::test]
 async fn backup_session_invoker_is_immutable() {
     let ns = TestNamespace::new("immutable").await;

@@ -585,6 +585,12 @@ impl Setup {
         let client = support::client().await;
         let session = stash::session::create_backup_session(client, &self.ns.name, BATCH, None).await.expect("session");
         let name = kube::ResourceExt::name_any(&session);
+        self.run_until_final(&name).await;
+        name
+    }
+
+    /// Runs the backup Jobs of `name` (not its finalize Job) until the session is final.
+    async fn run_until_final(&mut self, name: &str) {
         let sessions = self.ns.api::<BackupSession>();
         let start = Instant::now();
         loop {
@@ -593,9 +599,9 @@ impl Setup {
             for (job, output) in self.node.run_new_jobs().await {
                 eprintln!("job {job}: {} {}", output.status, String::from_utf8_lossy(&output.stderr).trim());
             }
-            let status = sessions.get(&name).await.expect("session").status.unwrap_or_default();
+            let status = sessions.get(name).await.expect("session").status.unwrap_or_default();
             if status.phase.is_some_and(|p| p.is_final()) {
-                return name;
+                return;
             }
             assert!(start.elapsed() < Duration::from_secs(120), "session {name} stuck: {status:?}");
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1067,4 +1073,107 @@ async fn a_targets_lease_goes_with_its_batch() {
         async move { leases.get_opt(&name).await.ok()?.is_none().then_some(()) }
     })
     .await;
+}
+
+/// M6: a member's `target.args` reach restic only through an allow-list. A batch passing
+/// `--password-command` is Invalid, its condition naming the field and the flag (not the command);
+/// it gets no CronJob, and a session started by hand fails without a Job: the command never runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_passing_restic_a_password_command_is_refused_and_runs_nothing() {
+    use k8s_openapi::api::batch::v1::{CronJob, Job};
+    use stash::api::backup_batch::BackupInvokerPhase;
+    use stash::api::common::ConditionStatus;
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut setup = Setup::new("args-refused", Backend::Local(repo.path())).await;
+    let marker = setup.node.root().join("password-command-ran");
+    let mut member = setup.pvc_member().await;
+    member["target"]["args"] = json!(["--exclude", "*.tmp", format!("--password-command=touch {}", marker.display())]);
+    setup.batch(vec![member], json!({"schedule": "*/5 * * * *"})).await;
+
+    let batches = setup.ns.api::<BackupBatch>();
+    let batch = support::eventually("the batch to be Invalid", Duration::from_secs(60), || {
+        let batches = batches.clone();
+        async move {
+            let batch = batches.get(BATCH).await.ok()?;
+            (batch.status.as_ref()?.phase == Some(BackupInvokerPhase::Invalid)).then_some(batch)
+        }
+    })
+    .await;
+    let conditions = batch.status.map(|s| s.conditions).unwrap_or_default();
+    let condition = |type_: &str| conditions.iter().find(|c| c.type_ == type_).expect(type_).clone();
+    let validation = condition("ValidationPassed");
+    assert_eq!(
+        (validation.status, validation.reason.as_deref()),
+        (ConditionStatus::False, Some("ResticFlagNotAllowed"))
+    );
+    let message = validation.message.unwrap_or_default();
+    assert!(message.starts_with("spec.members[0].target.args[2]: --password-command is not"), "{message}");
+    assert!(!message.contains("touch"), "the flag's value is not quoted: {message}");
+    assert_eq!(condition("CronJobCreated").status, ConditionStatus::False);
+    let cronjobs = setup.ns.api::<CronJob>().list(&Default::default()).await.expect("list CronJobs");
+    assert!(cronjobs.items.is_empty(), "no trigger CronJob for an invalid batch");
+
+    let client = support::client().await;
+    let session = stash::session::create_backup_session(client, &setup.ns.name, BATCH, None).await.expect("session");
+    let sessions = setup.ns.api::<BackupSession>();
+    let failed =
+        fixtures::session_phase(&sessions, &kube::ResourceExt::name_any(&session), BackupSessionPhase::Failed).await;
+    let failure = failed.status.map(|s| s.conditions).unwrap_or_default();
+    let failure =
+        failure.iter().find(|c| c.type_ == "SessionFailed").and_then(|c| c.message.clone()).unwrap_or_default();
+    assert!(failure.contains("the batch is invalid: spec.members[0].target.args[2]: --password-command"), "{failure}");
+    // Only the session's finalize Job (which writes no manifest for a failed session), no backup Job.
+    let ran: Vec<String> = setup.node.run_new_jobs().await.into_iter().map(|(job, _)| job).collect();
+    let jobs = setup.ns.api::<Job>().list(&Default::default()).await.expect("list Jobs").items;
+    let listed: Vec<String> = jobs.iter().map(kube::ResourceExt::name_any).collect();
+    assert!(ran.iter().chain(&listed).all(|job| job.ends_with("-finalize")), "{ran:?} {listed:?}");
+    assert!(!marker.exists(), "the password command never ran");
+}
+
+/// M6, defence in depth: allowed flags reach the real restic (`--exclude` leaves `*.tmp` out), and
+/// a flag added to the batch after its session started (the controllers checked it before) is
+/// refused by the executor itself, naming the field and the flag, before restic runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_executor_refuses_restic_flags_added_after_the_session_started() {
+    use k8s_openapi::api::batch::v1::Job;
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut setup = Setup::new("args-executor", Backend::Local(repo.path())).await;
+    let marker = setup.node.root().join("password-command-ran");
+    let mut member = setup.pvc_member().await;
+    member["target"]["args"] = json!(["--exclude", "*.tmp", "--one-file-system"]);
+    write_files(setup.node.root(), &[("stash-data/uploads/scratch.tmp", "left out")]);
+    setup.batch(vec![member], json!({})).await;
+    let good = setup.back_up().await;
+    assert_eq!(good.status.as_ref().and_then(|s| s.phase), Some(BackupSessionPhase::Succeeded), "{:?}", good.status);
+    let listed =
+        setup.restic(&["-r", &repo.path().to_string_lossy(), "ls", "latest", "--no-lock", "--host", "uploads"]);
+    assert!(listed.contains("/stash-data/uploads/index.html"), "{listed}");
+    assert!(!listed.contains("scratch.tmp"), "--exclude reached restic: {listed}");
+
+    let client = support::client().await;
+    let session = stash::session::create_backup_session(client, &setup.ns.name, BATCH, None).await.expect("session");
+    let name = kube::ResourceExt::name_any(&session);
+    let jobs = setup.ns.api::<Job>();
+    support::eventually("the session's backup Job", Duration::from_secs(60), || {
+        let (jobs, name) = (jobs.clone(), name.clone());
+        async move {
+            let selector = format!("stash.appscode.com/backup-session={name}");
+            let listed = jobs.list(&kube::api::ListParams::default().labels(&selector)).await.ok()?;
+            (!listed.items.is_empty()).then_some(())
+        }
+    })
+    .await;
+    let args = json!(["--exclude", "*.tmp", format!("--password-command=touch {}", marker.display())]);
+    let patch = json!({"spec": {"members": [{"target": {"alias": "uploads", "args": args,
+        "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "uploads"},
+        "volumeMounts": [{"name": "uploads", "mountPath": "/stash-data/uploads"}]}}]}});
+    let batches = setup.ns.api::<BackupBatch>();
+    batches.patch(BATCH, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.expect("patch");
+    setup.run_until_final(&name).await;
+
+    let status = setup.ns.api::<BackupSession>().get(&name).await.expect("session").status.expect("status");
+    assert_eq!(status.phase, Some(BackupSessionPhase::Failed), "{status:?}");
+    let error = status.targets[0].stats[0].error.clone().unwrap_or_default();
+    assert!(!marker.exists(), "the password command never ran");
+    assert!(error.starts_with("spec.members[0].target.args[2]: --password-command is not"), "{error}");
 }

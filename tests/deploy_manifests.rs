@@ -41,6 +41,8 @@ fn the_default_install_passes_server_side_dry_run() {
         "clusterrole.rbac.authorization.k8s.io/stash-sidecar",
         "validatingadmissionpolicy.admissionregistration.k8s.io/stash-same-namespace-members",
         "validatingadmissionpolicybinding.admissionregistration.k8s.io/stash-same-namespace-members",
+        "validatingadmissionpolicy.admissionregistration.k8s.io/stash-restic-args",
+        "validatingadmissionpolicybinding.admissionregistration.k8s.io/stash-restic-args",
     ] {
         assert!(stdout.contains(object), "{object} missing from:\n{stdout}");
     }

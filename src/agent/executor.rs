@@ -28,6 +28,8 @@ pub enum AgentError {
     Repository(#[from] crate::tenancy::Refusal),
     #[error("{kind} {namespace}/{name} not found")]
     NotFound { kind: &'static str, namespace: String, name: String },
+    #[error(transparent)]
+    RefusedArg(#[from] crate::api::backup_batch::MemberArgRefused),
     #[error("BackupBatch {batch} has no member {kind}/{name}")]
     NoSuchMember { batch: String, kind: String, name: String },
     #[error("path {0} does not exist")]

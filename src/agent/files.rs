@@ -13,15 +13,19 @@ pub struct FileBackup<'a> {
     pub session: &'a BackupSession,
     pub repository: &'a Repository,
     pub target: &'a BackupTarget,
+    /// The member's index in the batch, to name its fields.
+    pub member: usize,
     pub alias: &'a str,
     pub host: &'a str,
     pub paths: Vec<String>,
 }
 
 impl FileBackup<'_> {
-    /// Checks the paths, heals stale locks, then runs `restic backup`. Unreadable files fail the host:
-    /// a partial snapshot is not a backup to count on.
+    /// Checks the member's restic flags and paths, heals stale locks, then runs `restic backup`.
+    /// Unreadable files fail the host: a partial snapshot is not a backup to count on.
     pub async fn run(&self, executor: &Executor, restic: &Restic) -> Result<BackupOutcome, AgentError> {
+        // The controllers refuse such a batch, but it may have been edited since the session started.
+        self.target.check_args(self.member)?;
         let root = &executor.settings.path_root;
         for path in &self.paths {
             if !root.join(path.trim_start_matches('/')).exists() {
@@ -39,13 +43,13 @@ impl FileBackup<'_> {
             extra_args: self.target.args.clone(),
         };
         let outcome = restic.backup(&request).await?;
-        if !outcome.unreadable.is_empty() {
-            let items: Vec<String> = outcome.unreadable.iter().take(3).map(|e| e.describe()).collect();
+        if outcome.unreadable_count > 0 {
+            let items: Vec<String> = outcome.unreadable.iter().map(|e| e.describe()).collect();
             let snapshot = outcome.summary.snapshot_id.clone();
             restic.forget(&[snapshot]).await?;
             return Err(AgentError::Invalid(format!(
                 "{} files could not be read, e.g. {}",
-                outcome.unreadable.len(),
+                outcome.unreadable_count,
                 items.join("; ")
             )));
         }

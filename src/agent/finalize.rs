@@ -186,7 +186,7 @@ async fn apply_retention(
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let planned = restic.run(&argv).await?;
     let kept_by_policy: BTreeSet<String> =
-        kept_snapshots(&planned.stdout)?.iter().filter_map(|s| s.tag("session").map(str::to_string)).collect();
+        kept_snapshots(&planned)?.iter().filter_map(|s| s.tag("session").map(str::to_string)).collect();
 
     let unsettled: BTreeSet<String> = executor
         .api::<BackupSession>()

@@ -24,12 +24,18 @@ pub struct JobTarget {
     pub database_secret_dir: PathBuf,
 }
 
-pub fn find_member<'a>(batch: &'a BackupBatch, kind: &str, name: &str) -> Result<&'a BackupMember, AgentError> {
+/// The member of `batch` that backs up `kind`/`name`, with its index.
+pub fn find_member<'a>(
+    batch: &'a BackupBatch,
+    kind: &str,
+    name: &str,
+) -> Result<(usize, &'a BackupMember), AgentError> {
     batch
         .spec
         .members
         .iter()
-        .find(|m| status::matches(&m.target.reference, kind, name))
+        .enumerate()
+        .find(|(_, m)| status::matches(&m.target.reference, kind, name))
         .ok_or_else(|| AgentError::NoSuchMember { batch: batch.name_any(), kind: kind.into(), name: name.into() })
 }
 
@@ -54,7 +60,7 @@ pub fn time_left(session: &BackupSession) -> Duration {
 pub async fn run(executor: &Executor, job: &JobTarget) -> Result<(), AgentError> {
     let sessions = executor.api::<BackupSession>();
     let batch = executor.batch(&job.batch).await?;
-    let member = find_member(&batch, &job.kind, &job.name)?;
+    let (index, member) = find_member(&batch, &job.kind, &job.name)?;
     let host = member.target.host_alias();
     let session = executor.session(&job.session).await?;
     if status::turn(&session, &job.kind, &job.name, &host) != Turn::Now {
@@ -63,10 +69,11 @@ pub async fn run(executor: &Executor, job: &JobTarget) -> Result<(), AgentError>
     }
     let started = Instant::now();
     let limit = time_left(&session);
-    let result = match tokio::time::timeout(limit, back_up(executor, &batch, &session, member, &host, job)).await {
-        Ok(result) => result,
-        Err(_) => Err(AgentError::DeadlinePassed),
-    };
+    let result =
+        match tokio::time::timeout(limit, back_up(executor, &batch, &session, (index, member), &host, job)).await {
+            Ok(result) => result,
+            Err(_) => Err(AgentError::DeadlinePassed),
+        };
     let entry = match &result {
         Ok((path, outcome)) => status::succeeded(&host, path.clone(), outcome, started.elapsed()),
         Err(err) => status::failed(&host, err.to_string(), started.elapsed()),
@@ -79,7 +86,7 @@ async fn back_up(
     executor: &Executor,
     batch: &BackupBatch,
     session: &BackupSession,
-    member: &BackupMember,
+    (index, member): (usize, &BackupMember),
     host: &str,
     job: &JobTarget,
 ) -> Result<(String, BackupOutcome), AgentError> {
@@ -106,6 +113,7 @@ async fn back_up(
         session,
         repository: &repository,
         target: &member.target,
+        member: index,
         alias: host,
         host,
         paths: paths.clone(),

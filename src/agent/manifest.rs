@@ -85,8 +85,8 @@ pub async fn list(restic: &Restic, namespace: &str, batch: &str) -> Result<Vec<S
 }
 
 pub async fn read(restic: &Restic, snapshot: &Snapshot) -> Result<Manifest, AgentError> {
-    let finished = restic.run(&["dump", "--no-lock", &snapshot.id, &format!("/{MANIFEST_FILE}")]).await?;
-    serde_json::from_str(&finished.stdout)
+    let printed = restic.run(&["dump", "--no-lock", &snapshot.id, &format!("/{MANIFEST_FILE}")]).await?;
+    serde_json::from_str(&printed)
         .map_err(|e| AgentError::Invalid(format!("manifest in snapshot {} is unreadable: {e}", snapshot.short_id)))
 }
 

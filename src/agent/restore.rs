@@ -166,24 +166,28 @@ async fn lands_in_volumes(restic: &Restic, snapshot: &str, selection: &Selection
     while !level.is_empty() {
         let mut args = vec!["ls", "--json", "--no-lock", snapshot];
         args.extend(level.iter().map(String::as_str));
-        let listed = restic.run(&args).await?;
+        // A directory may hold millions of entries: each line is placed as restic prints it, and
+        // only the few that lead on towards a mountPath are kept.
         let mut next = Vec::new();
-        for node in listed.stdout.lines().filter_map(|l| serde_json::from_str::<LsNode>(l).ok()) {
-            if node.struct_type != "node" || level.contains(&node.path) {
-                continue;
+        let mut outside = None;
+        let mut on_line = |line: &str| {
+            let Ok(node) = serde_json::from_str::<LsNode>(line) else { return };
+            if outside.is_some() || node.struct_type != "node" || level.contains(&node.path) {
+                return;
             }
             match selection.place(&node.path, node.kind == "dir") {
                 Place::Inside | Place::Skipped => {}
                 Place::Leads => next.push(node.path),
-                Place::Outside => {
-                    return Err(AgentError::Invalid(format!(
-                        "{} of snapshot {snapshot} would land outside every mounted volume ({}): set volumeMounts \
-                         to where the data was backed up, or restrict rules[].paths",
-                        node.path,
-                        selection.mounts.join(", ")
-                    )));
-                }
+                Place::Outside => outside = Some(node.path),
             }
+        };
+        restic.run_lines(&args, &mut on_line).await?;
+        if let Some(path) = outside {
+            return Err(AgentError::Invalid(format!(
+                "{path} of snapshot {snapshot} would land outside every mounted volume ({}): set volumeMounts \
+                 to where the data was backed up, or restrict rules[].paths",
+                selection.mounts.join(", ")
+            )));
         }
         level = next;
     }

@@ -76,7 +76,7 @@ pub async fn run(executor: &Executor, target: &SidecarTarget, cancel: Cancellati
 /// Backs up for `session` if it is this host's turn.
 async fn take_turn(executor: &Executor, target: &SidecarTarget, session: &BackupSession) -> Result<(), AgentError> {
     let batch = executor.batch(&target.batch).await?;
-    let member = find_member(&batch, &target.kind, &target.name)?;
+    let (index, member) = find_member(&batch, &target.kind, &target.name)?;
     let alias = member.target.host_alias();
     let settings = &executor.settings;
     let host = host_name(&target.kind, &alias, settings.pod_name.as_deref(), settings.node_name.as_deref())?;
@@ -104,6 +104,7 @@ async fn take_turn(executor: &Executor, target: &SidecarTarget, session: &Backup
                 session: &session,
                 repository: &repository,
                 target: &member.target,
+                member: index,
                 alias: &alias,
                 host: &host,
                 paths: member.target.paths.clone(),

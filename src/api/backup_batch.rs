@@ -1,5 +1,6 @@
 //! `BackupBatch` (stash.appscode.com/v1beta1): one schedule, one repository, many members.
 
+use super::backup_args::{RefusedArg, check_backup_args};
 use super::common::{
     Condition, EmptyDirSettings, ExecutionOrder, Handler, HookExecutionPolicy, ObjectReference,
     PersistentVolumeClaimTemplate, RetentionPolicy, RuntimeSettings, TargetRef, TaskRef,
@@ -113,9 +114,12 @@ pub struct BackupTarget {
 impl BackupBatchSpec {
     /// Why the members cannot make one session, if they cannot: two members naming the same object
     /// (both would report into one target and the other would never finish), two sharing a restic
-    /// host, or an alias restic would split into several tags.
+    /// host, an alias restic would split into several tags, or `args` restic may not get.
     pub fn member_problem(&self) -> Option<(&'static str, String)> {
         for (i, member) in self.members.iter().enumerate() {
+            if let Err(refused) = member.target.check_args(i) {
+                return Some(("ResticFlagNotAllowed", refused.to_string()));
+            }
             let (target, alias) = (&member.target.reference, member.target.host_alias());
             if alias.contains([',', '=']) || alias.chars().any(char::is_whitespace) {
                 return Some((
@@ -143,7 +147,22 @@ impl BackupBatchSpec {
     }
 }
 
+/// An entry of member `member`'s `target.args` that may not reach restic, named by its field.
+#[derive(Debug, thiserror::Error)]
+#[error("spec.members[{member}].target.{refused}")]
+pub struct MemberArgRefused {
+    pub member: usize,
+    pub refused: RefusedArg,
+}
+
 impl BackupTarget {
+    /// Whether `args` (of the member at index `member`) may be passed to `restic backup`: checked by
+    /// the controllers before a session starts and by the executor before restic runs, since the
+    /// batch may have changed in between.
+    pub(crate) fn check_args(&self, member: usize) -> Result<(), MemberArgRefused> {
+        check_backup_args(&self.args).map_err(|refused| MemberArgRefused { member, refused })
+    }
+
     /// The restic `--host` of the member: its alias, else the target's name.
     pub fn host_alias(&self) -> String {
         if self.alias.is_empty() { self.reference.name.clone() } else { self.alias.clone() }
@@ -247,5 +266,16 @@ mod tests {
         assert_eq!(problem(&[("a,session=forged", "Secret", "x")]), Some("InvalidAlias"));
         let (_, message) = spec(&[("a b", "Secret", "x")]).member_problem().expect("a problem");
         assert!(message.contains("spec.members[0].target.alias"), "{message}");
+    }
+
+    /// M6: a member whose `target.args` would hand restic a flag it may not get makes the batch
+    /// invalid, naming the field and the flag.
+    #[test]
+    fn restic_flags_outside_the_allow_list_are_named() {
+        let mut spec = spec(&[("a", "PersistentVolumeClaim", "a"), ("b", "PersistentVolumeClaim", "b")]);
+        spec.members[1].target.args = vec!["--exclude".into(), "*.tmp".into(), "--password-command=sh -c id".into()];
+        let (reason, message) = spec.member_problem().expect("a problem");
+        assert_eq!(reason, "ResticFlagNotAllowed");
+        assert!(message.starts_with("spec.members[1].target.args[2]: --password-command is not"), "{message}");
     }
 }

@@ -1,5 +1,6 @@
 //! The Stash-compatible API: CRD types and the generated CustomResourceDefinitions.
 
+pub mod backup_args;
 pub mod backup_batch;
 pub mod backup_session;
 pub mod common;

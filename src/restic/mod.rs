@@ -5,16 +5,18 @@
 pub mod backend;
 pub mod output;
 pub mod secrets;
+mod stream;
 
 use backend::Location;
 use k8s_openapi::jiff::Timestamp;
-use output::{BackupItemError, BackupSummary, Lock, Snapshot, parse_backup_output};
+use output::{BackupItemError, BackupReport, BackupSummary, Lock, Snapshot};
 use percent_encoding::percent_decode_str;
 use secrets::{CA_CERT_DATA, RESTIC_PASSWORD, SecretError, SecretValues};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
-use tokio::process::Command;
+use stream::{Kept, STDERR_TAIL, Stdout};
+use tokio::process::{Child, Command};
 
 /// The restic the Dockerfile ships and the tests build; older releases (Debian's 0.14) work too.
 pub const PINNED_VERSION: &str = "0.18.1";
@@ -36,6 +38,10 @@ pub enum ResticError {
     Failed { command: String, status: String, message: String },
     #[error("restic {command} printed unexpected output: {message}")]
     Output { command: String, message: String },
+    #[error("restic {command} printed {what}; the rest was not kept, to bound the executor's memory")]
+    TooMuchOutput { command: String, what: String },
+    #[error("reading the output of restic {command}: {source}")]
+    Read { command: String, source: std::io::Error },
     #[error("the backend at {url} is unreachable: {reason}")]
     Unreachable { url: String, reason: String },
     #[error("writing the CA certificate file: {0}")]
@@ -44,11 +50,13 @@ pub enum ResticError {
     Secret(#[from] SecretError),
 }
 
-/// What restic printed and how it ended.
-pub struct Finished {
-    pub status: ExitStatus,
-    pub stdout: String,
-    pub stderr: String,
+/// How restic ended, and what was kept of what it printed.
+struct Finished {
+    status: ExitStatus,
+    /// The document asked for; empty when stdout was dropped or handed over line by line.
+    stdout: String,
+    /// The end of stderr (`stream::STDERR_TAIL`), where restic says why it stopped.
+    stderr: String,
 }
 
 /// restic's release as `major.minor.patch`, for flags newer releases added.
@@ -111,6 +119,8 @@ pub struct Restic {
     version: Version,
     /// How long a command waits for another process's lock before failing (`--retry-lock`).
     lock_wait: Duration,
+    /// The largest document kept from stdout (`stream::DOCUMENT_LIMIT`).
+    document_limit: usize,
     /// Holds the CA file (when the Secret has CA_CERT_DATA) and restic's cache.
     scratch: tempfile::TempDir,
 }
@@ -125,14 +135,17 @@ pub struct BackupRequest {
     pub exclude: Vec<String>,
     pub host: String,
     pub tags: Vec<String>,
+    /// A member's `target.args`, checked by `BackupTarget::check_args` before they come here.
     pub extra_args: Vec<String>,
 }
 
-/// A finished backup: restic's summary plus the items it could not read.
+/// A finished backup: restic's summary plus the items it could not read (how many, and the first
+/// few by name).
 #[derive(Debug)]
 pub struct BackupOutcome {
     pub summary: BackupSummary,
     pub unreadable: Vec<BackupItemError>,
+    pub unreadable_count: usize,
 }
 
 impl Restic {
@@ -153,13 +166,12 @@ impl Restic {
             password,
             version: Version(0, 0, 0),
             lock_wait: DEFAULT_LOCK_WAIT,
+            document_limit: stream::DOCUMENT_LIMIT,
             scratch,
         };
         let printed = restic.run(&["version"]).await?;
-        restic.version = Version::parse(&printed.stdout).ok_or_else(|| ResticError::Output {
-            command: "version".into(),
-            message: printed.stdout.trim().to_string(),
-        })?;
+        restic.version = Version::parse(&printed)
+            .ok_or_else(|| ResticError::Output { command: "version".into(), message: printed.trim().to_string() })?;
         Ok(restic)
     }
 
@@ -184,7 +196,7 @@ impl Restic {
     }
 
     /// A restic command with the repository's environment and global flags.
-    pub fn command(&self, args: &[&str]) -> Command {
+    fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(&self.binary);
         command.env_clear();
         command.envs(inherited_env(|key| std::env::var_os(key)));
@@ -211,25 +223,69 @@ impl Restic {
         command
     }
 
-    /// Runs restic to its end; a non-zero exit is an error that says what restic said.
-    pub async fn run(&self, args: &[&str]) -> Result<Finished, ResticError> {
-        let finished = self.finish(self.command(args)).await?;
+    /// Runs restic to its end and returns its stdout, one document (`snapshots --json`, a dumped
+    /// file), bounded; a non-zero exit is an error that says what restic said.
+    pub async fn run(&self, args: &[&str]) -> Result<String, ResticError> {
+        self.run_reading(args, Stdout::Document { limit: self.document_limit }).await.map(|f| f.stdout)
+    }
+
+    /// Runs restic for its effect; its stdout is read and dropped.
+    pub(crate) async fn run_quiet(&self, args: &[&str]) -> Result<(), ResticError> {
+        self.run_reading(args, Stdout::Discard).await.map(drop)
+    }
+
+    /// Runs restic, handing each line of its stdout to `on_line` as it arrives (`ls --json`).
+    pub(crate) async fn run_lines(
+        &self,
+        args: &[&str],
+        on_line: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<(), ResticError> {
+        self.run_reading(args, Stdout::Lines(on_line)).await.map(drop)
+    }
+
+    async fn run_reading(&self, args: &[&str], stdout: Stdout<'_>) -> Result<Finished, ResticError> {
+        let finished = self.finish(self.spawn(self.command(args))?, args, stdout).await?;
         if finished.status.success() { Ok(finished) } else { Err(self.failure(args, &finished)) }
     }
 
-    /// Waits for a started restic and collects what it printed.
-    pub async fn finish(&self, mut command: Command) -> Result<Finished, ResticError> {
-        let output =
-            command.output().await.map_err(|source| ResticError::Spawn { binary: self.binary.clone(), source })?;
-        Ok(Finished {
-            status: output.status,
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        })
+    fn spawn(&self, mut command: Command) -> Result<Child, ResticError> {
+        command.spawn().map_err(|source| ResticError::Spawn { binary: self.binary.clone(), source })
+    }
+
+    /// Waits for a started restic, reading its stdout (what the caller has not taken) as `stdout`
+    /// says and keeping the end of its stderr. Output past a limit is an error: the caller would
+    /// otherwise act on part of what restic said.
+    async fn finish(&self, mut child: Child, args: &[&str], stdout: Stdout<'_>) -> Result<Finished, ResticError> {
+        let (out, err) = (child.stdout.take(), child.stderr.take());
+        let (kept, stderr, status) = tokio::join!(
+            async {
+                match out {
+                    Some(pipe) => stream::read_stdout(pipe, stdout).await,
+                    None => Ok(Kept::default()),
+                }
+            },
+            async {
+                match err {
+                    Some(pipe) => stream::read_tail(pipe, STDERR_TAIL).await,
+                    None => Ok(String::new()),
+                }
+            },
+            child.wait(),
+        );
+        let command = args.first().copied().unwrap_or_default().to_string();
+        let status = status.map_err(|source| ResticError::Spawn { binary: self.binary.clone(), source })?;
+        let (kept, stderr) = match (kept, stderr) {
+            (Ok(kept), Ok(stderr)) => (kept, stderr),
+            (Err(source), _) | (_, Err(source)) => return Err(ResticError::Read { command, source }),
+        };
+        if let Some(what) = kept.overflow {
+            return Err(ResticError::TooMuchOutput { command, what });
+        }
+        Ok(Finished { status, stdout: kept.document, stderr })
     }
 
     /// Turns a failed run into an error, recognising the cases a user can act on.
-    pub fn failure(&self, args: &[&str], finished: &Finished) -> ResticError {
+    fn failure(&self, args: &[&str], finished: &Finished) -> ResticError {
         let url = self.location.display_url();
         let stderr = &finished.stderr;
         let code = finished.status.code();
@@ -279,7 +335,7 @@ impl Restic {
             return Ok(dir.join("config").is_file());
         }
         self.probe().await?;
-        match self.run(&["cat", "config", "--no-lock"]).await {
+        match self.run_quiet(&["cat", "config", "--no-lock"]).await {
             Ok(_) => Ok(true),
             Err(ResticError::NoRepository(_)) => Ok(false),
             Err(err) => Err(err),
@@ -289,7 +345,7 @@ impl Restic {
     /// `restic init`. Not safe against a concurrent init of the same repository: callers hold the
     /// repository's Lease.
     pub async fn init(&self) -> Result<(), ResticError> {
-        self.run(&["init"]).await.map(drop)
+        self.run_quiet(&["init"]).await
     }
 
     fn tag_args(tags: &[String]) -> Vec<String> {
@@ -311,8 +367,7 @@ impl Restic {
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut command = self.command(&argv);
         command.current_dir(&request.root);
-        let finished = self.finish(command).await?;
-        self.backup_outcome(&argv, &finished)
+        self.backup_outcome(&argv, command).await
     }
 
     /// `restic backup --stdin` fed from `stdin` (a dump command's output), dated `time` if given.
@@ -337,20 +392,21 @@ impl Restic {
             command.env("TZ", "UTC");
         }
         command.stdin(stdin);
-        let finished = self.finish(command).await?;
-        self.backup_outcome(&argv, &finished)
+        self.backup_outcome(&argv, command).await
     }
 
-    fn backup_outcome(&self, argv: &[&str], finished: &Finished) -> Result<BackupOutcome, ResticError> {
-        let (summary, unreadable) = parse_backup_output(&finished.stdout);
-        match (finished.status.code(), summary) {
+    /// Runs a `backup --json` command, reading its progress, errors and summary as they come.
+    async fn backup_outcome(&self, argv: &[&str], command: Command) -> Result<BackupOutcome, ResticError> {
+        let mut report = BackupReport::default();
+        let finished = self.finish(self.spawn(command)?, argv, Stdout::Lines(&mut |line| report.line(line))).await?;
+        match (finished.status.code(), report.summary) {
             (Some(0 | 3), Some(summary)) if !summary.snapshot_id.is_empty() => {
-                Ok(BackupOutcome { summary, unreadable })
+                Ok(BackupOutcome { summary, unreadable: report.unreadable, unreadable_count: report.unreadable_count })
             }
             (Some(0), _) => {
                 Err(ResticError::Output { command: "backup".into(), message: "no summary with a snapshot id".into() })
             }
-            _ => Err(self.failure(argv, finished)),
+            _ => Err(self.failure(argv, &finished)),
         }
     }
 
@@ -362,8 +418,8 @@ impl Restic {
             args.push(tags.join(","));
         }
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let finished = self.run(&argv).await?;
-        let text = finished.stdout.trim();
+        let printed = self.run(&argv).await?;
+        let text = printed.trim();
         if text.is_empty() || text == "null" {
             return Ok(Vec::new());
         }
@@ -378,19 +434,23 @@ impl Restic {
         }
         let mut args = vec!["forget"];
         args.extend(ids.iter().map(String::as_str));
-        self.run(&args).await.map(drop)
+        self.run_quiet(&args).await
     }
 
     pub async fn prune(&self) -> Result<(), ResticError> {
-        self.run(&["prune"]).await.map(drop)
+        self.run_quiet(&["prune"]).await
     }
 
-    /// `restic check`: true when the repository has no errors.
+    /// `restic check`: true when the repository has no errors. A damaged repository may be reported
+    /// in millions of lines: each is looked at for an error as it comes, none is kept.
     pub async fn check(&self) -> Result<bool, ResticError> {
-        let finished = self.finish(self.command(&["check"])).await?;
+        let mut reported_error = false;
+        let mut on_line = |line: &str| reported_error |= line.contains("error");
+        let finished =
+            self.finish(self.spawn(self.command(&["check"]))?, &["check"], Stdout::Lines(&mut on_line)).await?;
         match finished.status.code() {
             Some(0) => Ok(true),
-            Some(1) if finished.stdout.contains("error") || finished.stderr.contains("error") => Ok(false),
+            Some(1) if reported_error || finished.stderr.contains("error") => Ok(false),
             _ => Err(self.failure(&["check"], &finished)),
         }
     }
@@ -401,8 +461,8 @@ impl Restic {
         struct Stats {
             total_size: u64,
         }
-        let finished = self.run(&["stats", "--json", "--no-lock", "--mode", "raw-data"]).await?;
-        serde_json::from_str::<Stats>(finished.stdout.trim())
+        let printed = self.run(&["stats", "--json", "--no-lock", "--mode", "raw-data"]).await?;
+        serde_json::from_str::<Stats>(printed.trim())
             .map(|s| s.total_size)
             .map_err(|err| ResticError::Output { command: "stats".into(), message: err.to_string() })
     }
@@ -417,9 +477,9 @@ impl Restic {
         }
         let listed = self.run(&["list", "locks", "--no-lock"]).await?;
         let mut locks = Vec::new();
-        for id in listed.stdout.lines().map(str::trim).filter(|l| !l.is_empty()) {
-            if let Ok(finished) = self.run(&["cat", "lock", id, "--no-lock"]).await
-                && let Ok(lock) = serde_json::from_str::<Lock>(finished.stdout.trim())
+        for id in listed.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            if let Ok(printed) = self.run(&["cat", "lock", id, "--no-lock"]).await
+                && let Ok(lock) = serde_json::from_str::<Lock>(printed.trim())
             {
                 locks.push((id.to_string(), lock));
             }
@@ -475,7 +535,7 @@ impl Restic {
     /// `restic unlock`: removes the locks restic itself proves stale (its host's process is gone, or
     /// it was not refreshed for 30 minutes). Never `--remove-all`, which would break a live lock.
     pub async fn unlock_stale(&self) -> Result<(), ResticError> {
-        self.run(&["unlock"]).await.map(drop)
+        self.run_quiet(&["unlock"]).await
     }
 
     /// Restores `snapshot` (or `snapshot:subfolder`) into `target`, only what `include` matches
@@ -497,27 +557,18 @@ impl Restic {
             args.push("--exclude");
             args.push(pattern);
         }
-        self.run(&args).await.map(drop)
+        self.run_quiet(&args).await
     }
 
-    /// Waits for a restic started with `command().spawn()` whose stdout the caller consumed.
-    pub async fn finish_child(&self, child: tokio::process::Child) -> Result<(), ResticError> {
-        let output = child
-            .wait_with_output()
-            .await
-            .map_err(|source| ResticError::Spawn { binary: self.binary.clone(), source })?;
-        let finished = Finished {
-            status: output.status,
-            stdout: String::new(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        };
+    /// Waits for a restic started with `dump` whose stdout the caller consumed.
+    pub async fn finish_child(&self, child: Child) -> Result<(), ResticError> {
+        let finished = self.finish(child, &["dump"], Stdout::Discard).await?;
         if finished.status.success() { Ok(()) } else { Err(self.failure(&["dump"], &finished)) }
     }
 
     /// Starts `restic dump <snapshot> <file>`, its stdout piped for the caller to consume.
-    pub fn dump(&self, snapshot: &str, file: &str) -> Result<tokio::process::Child, ResticError> {
-        let mut command = self.command(&["dump", snapshot, file]);
-        command.spawn().map_err(|source| ResticError::Spawn { binary: self.binary.clone(), source })
+    pub fn dump(&self, snapshot: &str, file: &str) -> Result<Child, ResticError> {
+        self.spawn(self.command(&["dump", snapshot, file]))
     }
 }
 
@@ -531,6 +582,117 @@ fn relative_to_root(path: &str) -> String {
 mod tests {
     use super::*;
 
+    /// A `Restic` for `binary` at `url`, as `open` would make it for restic 0.18.1.
+    fn restic_at(binary: PathBuf, url: String) -> Restic {
+        Restic {
+            binary,
+            location: Location { url, options: Vec::new(), env: Vec::new(), insecure_tls: false, local_dir: None },
+            secrets: SecretValues::from_map("/secret", Default::default()),
+            password: String::new(),
+            version: Version(0, 18, 1),
+            lock_wait: DEFAULT_LOCK_WAIT,
+            document_limit: stream::DOCUMENT_LIMIT,
+            scratch: tempfile::tempdir().expect("scratch"),
+        }
+    }
+
+    /// A stand-in for restic: a shell script that runs `body` whatever it is asked.
+    fn fake_restic(dir: &Path, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("restic");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write the script");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("make it executable");
+        path
+    }
+
+    /// This process's peak resident memory so far (VmHWM), in bytes.
+    fn peak_resident_bytes() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("a VmHWM line");
+        let kib: u64 = line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("a number of kB");
+        kib * 1024
+    }
+
+    /// The tests that measure peak memory run one at a time: the peak is the whole process's.
+    static MEASURING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    /// How much restic's output may add to the executor's peak memory: far below the 200 MB printed.
+    const MEMORY_BOUND: u64 = 48 << 20;
+
+    /// L4: a restic that prints 200 MB of retries to stderr and fails: what is kept of stderr is
+    /// bounded and ends with restic's last line, and the executor's memory does not follow the output.
+    #[tokio::test]
+    async fn two_hundred_megabytes_of_stderr_keep_a_bounded_tail_with_the_last_line() {
+        let _one_at_a_time = MEASURING.lock().await;
+        let dir = tempfile::tempdir().expect("dir");
+        let script = fake_restic(
+            dir.path(),
+            "yes 'Load(<data/0123abcd>, 0, 0) returned error, retrying after 1.2s: connection reset by peer' \
+               | head -c 200000000 >&2\n\
+             echo >&2\n\
+             echo 'Fatal: unable to load index 0123abcd: the last line' >&2\n\
+             exit 1",
+        );
+        let restic = restic_at(script, dir.path().join("repo").to_string_lossy().into_owned());
+        let before = peak_resident_bytes();
+        let args = ["snapshots", "--json"];
+        let child = restic.spawn(restic.command(&args)).expect("restic starts");
+        let finished = restic.finish(child, &args, Stdout::Discard).await.expect("restic ran");
+        let grown = peak_resident_bytes().saturating_sub(before);
+        eprintln!("peak resident memory grew by {} KiB", grown >> 10);
+        assert!(finished.stderr.len() <= 64 << 10, "{} bytes of stderr kept", finished.stderr.len());
+        assert!(finished.stderr.ends_with("Fatal: unable to load index 0123abcd: the last line\n"));
+        let failure = restic.failure(&["snapshots"], &finished).to_string();
+        assert!(failure.ends_with("Fatal: unable to load index 0123abcd: the last line"), "{failure}");
+        assert!(grown < MEMORY_BOUND, "peak memory grew by {} MiB", grown >> 20);
+    }
+
+    /// L4: a backup that could not read a million files: each is counted, a few are kept to name them,
+    /// and the summary after them is found.
+    #[tokio::test]
+    async fn a_million_unreadable_files_are_counted_not_kept() {
+        let _one_at_a_time = MEASURING.lock().await;
+        let dir = tempfile::tempdir().expect("dir");
+        let script = fake_restic(
+            dir.path(),
+            r#"yes '{"message_type":"error","error":{"message":"open /data/f: permission denied"},"during":"archival","item":"/data/f"}' | head -n 1000000
+echo '{"message_type":"summary","files_new":1,"total_files_processed":1000001,"snapshot_id":"0123abcd"}'
+exit 3"#,
+        );
+        let restic = restic_at(script, dir.path().join("repo").to_string_lossy().into_owned());
+        let request =
+            BackupRequest { root: dir.path().to_path_buf(), paths: vec!["/data".into()], ..Default::default() };
+        let before = peak_resident_bytes();
+        let outcome = restic.backup(&request).await.expect("a snapshot with unreadable files");
+        let grown = peak_resident_bytes().saturating_sub(before);
+        eprintln!("peak resident memory grew by {} KiB", grown >> 10);
+        assert_eq!(outcome.summary.snapshot_id, "0123abcd");
+        assert_eq!(outcome.unreadable_count, 1_000_000);
+        assert!(outcome.unreadable.len() <= 3, "{} unreadable files kept", outcome.unreadable.len());
+        assert!(grown < MEMORY_BOUND, "peak memory grew by {} MiB", grown >> 20);
+    }
+
+    /// L4: one document (`snapshots --json`) larger than restic ever prints for a sane repository
+    /// fails with a clear error instead of growing without bound.
+    #[tokio::test]
+    async fn an_oversized_document_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().expect("dir");
+        let script = fake_restic(
+            dir.path(),
+            r#"printf '['
+yes '{"id":"0123abcd","time":"2026-11-25T07:00:00Z","hostname":"h","tags":["batch=b"]},' | head -n 100000
+echo '{"id":"0123abcd","time":"2026-11-25T07:00:00Z"}]'"#,
+        );
+        // A small limit stands for the real one: the same code path without holding 64 MiB here.
+        let restic = Restic {
+            document_limit: 1 << 20,
+            ..restic_at(script, dir.path().join("repo").to_string_lossy().into_owned())
+        };
+        let refused = restic.snapshots(&[]).await.map(|s| s.len());
+        let message = refused.as_ref().map_err(ToString::to_string).expect_err("an oversized listing is refused");
+        assert!(message.contains("restic snapshots printed more than 1 MiB on stdout"), "{message}");
+    }
+
     /// L4: a REST server that accepts the connection and never answers must not hold the executor:
     /// the lock DELETE gives up after its timeout.
     #[tokio::test]
@@ -542,21 +704,7 @@ mod tests {
             std::thread::sleep(Duration::from_secs(120));
             drop(accepted);
         });
-        let restic = Restic {
-            binary: PathBuf::from("restic"),
-            location: Location {
-                url: format!("rest:http://127.0.0.1:{port}/repo"),
-                options: Vec::new(),
-                env: Vec::new(),
-                insecure_tls: false,
-                local_dir: None,
-            },
-            secrets: SecretValues::from_map("/secret", Default::default()),
-            password: String::new(),
-            version: Version(0, 18, 1),
-            lock_wait: DEFAULT_LOCK_WAIT,
-            scratch: tempfile::tempdir().expect("scratch"),
-        };
+        let restic = restic_at(PathBuf::from("restic"), format!("rest:http://127.0.0.1:{port}/repo"));
         let removed = tokio::time::timeout(Duration::from_secs(60), restic.remove_lock("0123abcd")).await;
         assert_eq!(removed.ok(), Some(false), "the DELETE gave up and reported the lock not removed");
     }

@@ -63,18 +63,35 @@ impl BackupItemError {
     }
 }
 
-/// Parses the lines of `restic backup --json`: the summary, and the per-item errors on the way.
-pub fn parse_backup_output(stdout: &str) -> (Option<BackupSummary>, Vec<BackupItemError>) {
-    let mut summary = None;
-    let mut errors = Vec::new();
-    for line in stdout.lines().filter(|l| l.starts_with('{')) {
+/// How many unreadable files a backup names; the rest are counted.
+pub(crate) const UNREADABLE_EXAMPLES: usize = 3;
+
+/// What `restic backup --json` reports, read line by line as restic prints it: the summary, and the
+/// files it could not read, counted, the first few kept to name them (there may be millions).
+#[derive(Debug, Default)]
+pub(crate) struct BackupReport {
+    pub(crate) summary: Option<BackupSummary>,
+    pub(crate) unreadable: Vec<BackupItemError>,
+    pub(crate) unreadable_count: usize,
+}
+
+impl BackupReport {
+    /// Takes one line of restic's stdout; status lines and anything that is not JSON are passed over.
+    pub(crate) fn line(&mut self, line: &str) {
+        if !line.starts_with('{') {
+            return;
+        }
         match serde_json::from_str::<BackupMessage>(line) {
-            Ok(BackupMessage::Summary(s)) => summary = Some(s),
-            Ok(BackupMessage::Error(e)) => errors.push(e),
+            Ok(BackupMessage::Summary(s)) => self.summary = Some(s),
+            Ok(BackupMessage::Error(e)) => {
+                self.unreadable_count += 1;
+                if self.unreadable.len() < UNREADABLE_EXAMPLES {
+                    self.unreadable.push(e);
+                }
+            }
             _ => {}
         }
     }
-    (summary, errors)
 }
 
 #[derive(Debug, Deserialize, Clone, PartialEq)]
@@ -120,14 +137,26 @@ mod tests {
 {"message_type":"error","error":{"message":"open /data/secret: permission denied"},"during":"archival","item":"/data/secret"}
 {"message_type":"error","error":{},"during":"scan","item":"/data/other"}
 {"message_type":"summary","files_new":2,"files_changed":1,"files_unmodified":7,"dirs_new":0,"dirs_changed":1,"dirs_unmodified":0,"data_blobs":3,"tree_blobs":2,"data_added":1234,"data_added_packed":999,"total_files_processed":10,"total_bytes_processed":4096,"total_duration":1.25,"backup_start":"2026-11-25T07:00:00Z","snapshot_id":"0123abcd"}"#;
-        let (summary, errors) = parse_backup_output(out);
-        let summary = summary.unwrap();
+        let mut report = BackupReport::default();
+        out.lines().for_each(|line| report.line(line));
+        let (summary, errors) = (report.summary.unwrap(), report.unreadable);
         assert_eq!((summary.files_new, summary.files_changed, summary.files_unmodified), (2, 1, 7));
         assert_eq!((summary.data_added, summary.total_bytes_processed), (1234, 4096));
         assert_eq!(summary.snapshot_id, "0123abcd");
         assert_eq!(errors.len(), 2);
         assert_eq!(errors[0].describe(), "/data/secret (archival): open /data/secret: permission denied");
         assert_eq!(errors[1].describe(), "/data/other (scan): unreadable");
+    }
+
+    #[test]
+    fn counts_every_unreadable_file_and_keeps_a_few() {
+        let mut report = BackupReport::default();
+        for i in 0..10 {
+            report.line(&format!(r#"{{"message_type":"error","error":{{}},"during":"archival","item":"/data/{i}"}}"#));
+        }
+        assert_eq!(report.unreadable_count, 10);
+        let items: Vec<&str> = report.unreadable.iter().map(|e| e.item.as_str()).collect();
+        assert_eq!(items, ["/data/0", "/data/1", "/data/2"]);
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! a stand-in for a backup host that writes its entry into a session.
 
 use super::TestNamespace;
+use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
-use kube::api::{Api, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use stash::api::backup_session::{BackupSessionPhase, HostBackupStats, HostPhase};
 use stash::api::{BackupBatch, BackupSession, Repository};
@@ -125,4 +126,39 @@ pub async fn report_host(sessions: &Api<BackupSession>, name: &str, index: usize
     })
     .await
     .expect("writing the host entry");
+}
+
+/// The shipped ValidatingAdmissionPolicy `policy` (deploy/base/admission-policy.yaml) applied, and
+/// bound to `ns` alone: the cluster is shared, and other tests create what it refuses.
+pub async fn bind_shipped_policy(ns: &TestNamespace, policy: &str) -> PolicyBinding {
+    let path = super::repo_root().join("deploy/base/admission-policy.yaml");
+    let text = std::fs::read_to_string(&path).expect("the policy file");
+    let document = serde_yaml::Deserializer::from_str(&text)
+        .map(|document| <Value as serde::Deserialize>::deserialize(document).expect("YAML"))
+        .find(|document| document["kind"] == "ValidatingAdmissionPolicy" && document["metadata"]["name"] == policy)
+        .unwrap_or_else(|| panic!("no ValidatingAdmissionPolicy {policy} in {}", path.display()));
+    let apply = PatchParams::apply(super::FIELD_MANAGER).force();
+    let policies = Api::<ValidatingAdmissionPolicy>::all(ns.client.clone());
+    policies.patch(policy, &apply, &Patch::Apply(&document)).await.expect("the policy applies");
+    let name = format!("{policy}-{}", ns.name);
+    let binding = json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {"policyName": policy, "validationActions": ["Deny"], "matchResources": {"namespaceSelector":
+            {"matchLabels": {"kubernetes.io/metadata.name": ns.name}}}}});
+    let bindings = Api::<ValidatingAdmissionPolicyBinding>::all(ns.client.clone());
+    bindings.patch(&name, &apply, &Patch::Apply(&binding)).await.expect("the binding applies");
+    PolicyBinding { bindings, name }
+}
+
+/// A binding made by `bind_shipped_policy`, removed by `remove` (it is cluster-scoped: the test's
+/// namespace does not take it along).
+pub struct PolicyBinding {
+    bindings: Api<ValidatingAdmissionPolicyBinding>,
+    name: String,
+}
+
+impl PolicyBinding {
+    pub async fn remove(self) {
+        self.bindings.delete(&self.name, &DeleteParams::default()).await.expect("unbind");
+    }
 }
