@@ -170,6 +170,10 @@ pub struct ExecutorArgs {
     /// This Pod's node: a DaemonSet Pod's host name.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// Where a member's backups keep restic's cache: the scratch volume, which for a sidecar lasts
+    /// as long as its Pod, so that the next session does not download the indexes again.
+    #[arg(long, default_value = "/tmp/restic-cache")]
+    pub cache_dir: PathBuf,
 }
 
 /// Sidecar flags: the invoker and the workload the sidecar belongs to.

@@ -173,6 +173,7 @@ where
             secret_dir: args.secret_dir,
             restic_binary: args.restic_binary,
             path_root: args.path_root,
+            cache_dir: args.cache_dir,
         };
         command(stash::agent::Executor::new(client, settings, role)).await
     })

@@ -722,6 +722,36 @@ async fn a_zero_history_limit_still_writes_the_manifest() {
     assert!(sessions_of.contains(&format!("session={name}").as_str()), "no manifest for {name}: {written:?}");
 }
 
+/// M11: restic's cache lives in the executor's scratch volume (`/tmp`, which for a sidecar lasts as
+/// long as its Pod), so a workload's next session reuses the indexes instead of downloading them
+/// again; `tempDir.disableCaching` runs restic without one.
+#[tokio::test(flavor = "multi_thread")]
+async fn restics_cache_stays_in_the_scratch_volume_unless_disabled() {
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut setup = Setup::new("cache", Backend::Local(repo.path())).await;
+    let member = setup.pvc_member().await;
+    setup.batch(vec![member.clone()], json!({})).await;
+    let cache = setup.node.root().join("tmp/restic-cache");
+    setup.back_up().await;
+    let kept = std::fs::read_dir(&cache).map(|d| d.count()).unwrap_or(0);
+    assert!(kept > 0, "restic's cache was kept in the scratch volume ({})", cache.display());
+
+    std::fs::remove_dir_all(&cache).expect("clear the cache");
+    let mut uncached = member;
+    uncached["tempDir"] = json!({"disableCaching": true});
+    let patch = json!({"spec": {"members": [uncached]}});
+    setup
+        .ns
+        .api::<BackupBatch>()
+        .patch(BATCH, &Default::default(), &kube::api::Patch::Merge(&patch))
+        .await
+        .expect("patch");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    setup.back_up().await;
+    let left = std::fs::read_dir(&cache).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "disableCaching: restic ran without a cache");
+}
+
 /// `restic check` takes the repository to itself: it runs on a finalize only when the last one is
 /// older than the Repository's check interval (default 24 h), or failed; otherwise the session says
 /// when it last passed. `0s` checks on every finalize.

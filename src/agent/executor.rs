@@ -1,11 +1,12 @@
 //! What every executor shares: the API client, where it runs, the repository Secret and restic.
 
+use crate::api::backup_batch::BackupMember;
 use crate::api::repository::Repository;
 use crate::api::{BackupBatch, BackupSession};
 use crate::lease::{LeaseConfig, LeaseError, LeaseLock};
 use crate::restic::backend::{BackendError, Location};
 use crate::restic::secrets::{SecretError, SecretValues};
-use crate::restic::{Restic, ResticError};
+use crate::restic::{Cache, Restic, ResticError, priority_prefix};
 use kube::api::Api;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
@@ -55,6 +56,8 @@ pub struct ExecutorSettings {
     pub restic_binary: Option<PathBuf>,
     /// Target paths are read under this directory (`/` in a Pod).
     pub path_root: PathBuf,
+    /// restic's cache for a member's backups (see `member_restic`).
+    pub cache_dir: PathBuf,
 }
 
 pub struct Executor {
@@ -115,6 +118,19 @@ impl Executor {
         // restic retries an unreachable backend for 15 minutes; say so at once instead.
         restic.probe().await?;
         Ok(restic)
+    }
+
+    /// restic for backing up `member`: its cache kept in the scratch volume unless the member's
+    /// `tempDir.disableCaching` says otherwise, at the member's `nice`/`ionice` priority.
+    pub async fn member_restic(&self, repository: &Repository, member: &BackupMember) -> Result<Restic, AgentError> {
+        let cache = match member.temp_dir.as_ref().is_some_and(|t| t.disable_caching) {
+            true => Cache::Off,
+            false => Cache::Dir(self.settings.cache_dir.clone()),
+        };
+        let container = member.runtime_settings.as_ref().and_then(|r| r.container.as_ref());
+        let nice = container.and_then(|c| c.nice.as_ref()).and_then(|n| n.adjustment);
+        let ionice = container.and_then(|c| c.ionice.as_ref()).and_then(|i| i.class.map(|class| (class, i.class_data)));
+        Ok(self.restic(repository).await?.caching(cache).with_priority(priority_prefix(nice, ionice)))
     }
 
     /// A Lease held by this process: `name` in `namespace`, renewed while work goes on.

@@ -91,7 +91,7 @@ async fn back_up(
     job: &JobTarget,
 ) -> Result<(String, BackupOutcome), AgentError> {
     let repository = executor.repository(&batch.spec.repository).await?;
-    let restic = executor.restic(&repository).await?.waiting_for_locks(time_left(session));
+    let restic = executor.member_restic(&repository, member).await?.waiting_for_locks(time_left(session));
     if job.kind == DATABASE_KIND {
         let engine = Engine::from_task(member.task.as_ref().map(|t| t.name.as_str()));
         let connection = Connection::from_secret(engine, SecretValues::read_dir(&job.database_secret_dir)?)?;

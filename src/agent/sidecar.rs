@@ -114,7 +114,7 @@ async fn take_turn(executor: &Executor, target: &SidecarTarget, session: &Backup
                 if backup.paths.is_empty() {
                     return Err(AgentError::Invalid(format!("member {alias} names no paths to back up")));
                 }
-                let restic = executor.restic(&repository).await?.waiting_for_locks(limit);
+                let restic = executor.member_restic(&repository, member).await?.waiting_for_locks(limit);
                 run_hook(member.hooks.as_ref().and_then(|h| h.pre_backup.as_ref()), "pre-backup").await?;
                 let outcome = backup.run(executor, &restic).await;
                 if let Some(post) = member.hooks.as_ref().and_then(|h| h.post_backup.as_ref()) {

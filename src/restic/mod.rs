@@ -121,8 +121,39 @@ pub struct Restic {
     lock_wait: Duration,
     /// The largest document kept from stdout (`stream::DOCUMENT_LIMIT`).
     document_limit: usize,
-    /// Holds the CA file (when the Secret has CA_CERT_DATA) and restic's cache.
+    /// Holds the CA file (when the Secret has CA_CERT_DATA) and, by default, restic's cache.
     scratch: tempfile::TempDir,
+    cache: Cache,
+    /// `nice`/`ionice` and their arguments, run in front of restic; empty for none.
+    priority: Vec<String>,
+}
+
+/// Where restic keeps its cache (indexes, snapshot and tree data it would otherwise download).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cache {
+    /// In this process's scratch directory, gone with it (the CLI, finalize and restore Jobs).
+    Scratch,
+    /// In a directory that outlives this process (a sidecar's scratch volume lasts as long as its Pod).
+    Dir(PathBuf),
+    /// None at all (`--no-cache`; Stash's `tempDir.disableCaching`).
+    Off,
+}
+
+/// The `nice` and `ionice` words that run a command at the given CPU niceness and I/O class/level
+/// (Stash's `runtimeSettings.container.nice` / `ionice`). `ionice -t`: a class the process may not
+/// take (realtime without CAP_SYS_NICE) is skipped rather than failing the backup.
+pub fn priority_prefix(nice: Option<i32>, ionice: Option<(i32, Option<i32>)>) -> Vec<String> {
+    let mut words = Vec::new();
+    if let Some(adjustment) = nice {
+        words.extend(["nice".to_string(), "-n".into(), adjustment.to_string()]);
+    }
+    if let Some((class, level)) = ionice {
+        words.extend(["ionice".to_string(), "-t".into(), "-c".into(), class.to_string()]);
+        if let Some(level) = level {
+            words.extend(["-n".to_string(), level.to_string()]);
+        }
+    }
+    words
 }
 
 /// What `restic backup` gets for a tree of files.
@@ -168,6 +199,8 @@ impl Restic {
             lock_wait: DEFAULT_LOCK_WAIT,
             document_limit: stream::DOCUMENT_LIMIT,
             scratch,
+            cache: Cache::Scratch,
+            priority: Vec::new(),
         };
         let printed = restic.run(&["version"]).await?;
         restic.version = Version::parse(&printed)
@@ -180,6 +213,18 @@ impl Restic {
     /// gave up after a fixed two minutes would fail while nothing is wrong.
     pub fn waiting_for_locks(mut self, limit: Duration) -> Self {
         self.lock_wait = limit;
+        self
+    }
+
+    /// Where restic keeps its cache from now on.
+    pub fn caching(mut self, cache: Cache) -> Self {
+        self.cache = cache;
+        self
+    }
+
+    /// Runs restic behind `prefix` (see `priority_prefix`).
+    pub fn with_priority(mut self, prefix: Vec<String>) -> Self {
+        self.priority = prefix;
         self
     }
 
@@ -197,14 +242,38 @@ impl Restic {
 
     /// A restic command with the repository's environment and global flags.
     fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(&self.binary);
+        let mut command = match self.priority.split_first() {
+            Some((first, rest)) => {
+                let mut command = Command::new(first);
+                command.args(rest).arg(&self.binary);
+                command
+            }
+            None => Command::new(&self.binary),
+        };
         command.env_clear();
         command.envs(inherited_env(|key| std::env::var_os(key)));
+        if !self.priority.is_empty()
+            && let Some(path) = std::env::var_os("PATH")
+        {
+            // `nice` and `ionice` find the next program (restic) on PATH.
+            command.env("PATH", path);
+        }
         command
             .env("RESTIC_REPOSITORY", &self.location.url)
             .env("RESTIC_PASSWORD", &self.password)
-            .env("RESTIC_CACHE_DIR", self.scratch.path().join("cache"))
             .envs(self.location.env.iter().map(|(k, v)| (k, v)));
+        match &self.cache {
+            Cache::Scratch => {
+                command.env("RESTIC_CACHE_DIR", self.scratch.path().join("cache"));
+            }
+            Cache::Dir(dir) => {
+                // Old caches of other repositories are dropped, so the directory does not grow.
+                command.env("RESTIC_CACHE_DIR", dir).arg("--cleanup-cache");
+            }
+            Cache::Off => {
+                command.arg("--no-cache");
+            }
+        }
         for option in &self.location.options {
             command.arg("-o").arg(option);
         }
@@ -593,6 +662,8 @@ mod tests {
             lock_wait: DEFAULT_LOCK_WAIT,
             document_limit: stream::DOCUMENT_LIMIT,
             scratch: tempfile::tempdir().expect("scratch"),
+            cache: Cache::Scratch,
+            priority: Vec::new(),
         }
     }
 
@@ -603,6 +674,26 @@ mod tests {
         std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write the script");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("make it executable");
         path
+    }
+
+    /// Stash's `nice`/`ionice` settings run restic behind `nice` and `ionice`, which find it with
+    /// the executor's PATH (restic's own environment is otherwise cleared).
+    #[tokio::test]
+    async fn restic_runs_at_the_members_cpu_and_io_priority() {
+        assert_eq!(priority_prefix(None, None), Vec::<String>::new());
+        assert_eq!(
+            priority_prefix(Some(10), Some((2, Some(7)))),
+            ["nice", "-n", "10", "ionice", "-t", "-c", "2", "-n", "7"]
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let script = fake_restic(dir.path(), "echo \"$(nice) $(ionice)\"");
+        let base: i32 = String::from_utf8_lossy(&std::process::Command::new("nice").output().expect("nice").stdout)
+            .trim()
+            .parse()
+            .expect("a niceness");
+        let restic = restic_at(script, "/repo".into()).with_priority(priority_prefix(Some(5), Some((3, None))));
+        let printed = restic.run(&["version"]).await.expect("restic runs behind nice and ionice");
+        assert_eq!(printed.trim(), format!("{} idle", (base + 5).min(19)), "niceness and I/O class");
     }
 
     /// This process's peak resident memory so far (VmHWM), in bytes.

@@ -74,6 +74,8 @@ impl LocalNode {
         command.args(args);
         command.arg("--secret-dir").arg(self.secret_dir.path());
         command.arg("--path-root").arg(root);
+        // The Pod's scratch volume is its `/tmp`.
+        command.arg("--cache-dir").arg(root.join("tmp/restic-cache"));
         if matches!(args.first().map(String::as_str), Some("backup-job" | "restore")) {
             command.arg("--database-secret-dir").arg(self.database_secret_dir.path());
         }
