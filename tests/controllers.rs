@@ -1214,27 +1214,36 @@ async fn an_exec_hook_without_a_running_pod_fails_the_session_saying_why() {
     operator.stop().await;
 }
 
+/// Batch `measured` (one Deployment member) with one Succeeded session; the operator that ran it,
+/// and the session's name.
+async fn measured_success(ns: &TestNamespace) -> (support::operator::RunningOperator, String) {
+    let operator = with_controllers(ns).await;
+    fixtures::secret(ns, true).await;
+    fixtures::repository(ns).await;
+    fixtures::targets(ns).await;
+    fixtures::batch(ns, "measured", vec![member("Deployment", "app")], json!({})).await;
+    let sessions = ns.api::<BackupSession>();
+    let name = new_session(ns, "measured").await;
+    session_phase(&sessions, &name, BackupSessionPhase::Running).await;
+    report_host(&sessions, &name, 0, "app", HostPhase::Succeeded).await;
+    session_phase(&sessions, &name, BackupSessionPhase::Succeeded).await;
+    (operator, name)
+}
+
+/// The `/metrics` line of `measured`'s last-success series, if exported.
+fn last_success(ns: &TestNamespace, metrics: &str) -> Option<String> {
+    let series = format!("namespace=\"{}\",batch=\"measured\"", ns.name);
+    metrics.lines().find(|l| l.contains("last_success") && l.contains(&series)).map(ToString::to_string)
+}
+
 /// A batch's last success lives in its status (`lastSuccessfulSession`), not only in one process's
 /// memory: an operator started afterwards (a restart, a new leader) exports the same series.
 #[tokio::test]
 async fn a_batchs_last_success_survives_an_operator_restart() {
     let ns = TestNamespace::new("lastsuccess").await;
-    let operator = with_controllers(&ns).await;
-    fixtures::secret(&ns, true).await;
-    fixtures::repository(&ns).await;
-    fixtures::targets(&ns).await;
-    fixtures::batch(&ns, "measured", vec![member("Deployment", "app")], json!({})).await;
-    let sessions = ns.api::<BackupSession>();
-    let name = new_session(&ns, "measured").await;
-    session_phase(&sessions, &name, BackupSessionPhase::Running).await;
-    report_host(&sessions, &name, 0, "app", HostPhase::Succeeded).await;
-    session_phase(&sessions, &name, BackupSessionPhase::Succeeded).await;
-    let series = format!("namespace=\"{}\",batch=\"measured\"", ns.name);
-    let exported = |text: String| {
-        text.lines().find(|l| l.contains("last_success") && l.contains(&series)).map(ToString::to_string)
-    };
+    let (operator, name) = measured_success(&ns).await;
     let before = eventually("the last success exported", Duration::from_secs(30), || async {
-        exported(operator.metrics().await)
+        last_success(&ns, &operator.metrics().await)
     })
     .await;
     let batches = ns.api::<BackupBatch>();
@@ -1248,7 +1257,7 @@ async fn a_batchs_last_success_survives_an_operator_restart() {
 
     let restarted = with_controllers(&ns).await;
     let after = eventually("the restarted operator to export it", Duration::from_secs(30), || async {
-        exported(restarted.metrics().await)
+        last_success(&ns, &restarted.metrics().await)
     })
     .await;
     assert_eq!(after, before, "the same series and value after the restart");
@@ -1260,19 +1269,8 @@ async fn a_batchs_last_success_survives_an_operator_restart() {
 #[tokio::test]
 async fn a_deleted_batch_leaves_no_metric_series_behind() {
     let ns = TestNamespace::new("metrics").await;
-    let operator = with_controllers(&ns).await;
-    fixtures::secret(&ns, true).await;
-    fixtures::repository(&ns).await;
-    fixtures::targets(&ns).await;
-    fixtures::batch(&ns, "measured", vec![member("Deployment", "app")], json!({})).await;
-    let sessions = ns.api::<BackupSession>();
-    let name = new_session(&ns, "measured").await;
-    session_phase(&sessions, &name, BackupSessionPhase::Running).await;
-    report_host(&sessions, &name, 0, "app", HostPhase::Succeeded).await;
-    session_phase(&sessions, &name, BackupSessionPhase::Succeeded).await;
-    let series = format!("namespace=\"{}\",batch=\"measured\"", ns.name);
-    let labelled = |text: &str| text.lines().any(|l| l.contains("last_success") && l.contains(&series));
-    assert!(labelled(&operator.metrics().await), "the batch's last success is exported");
+    let (operator, _) = measured_success(&ns).await;
+    assert!(last_success(&ns, &operator.metrics().await).is_some(), "the batch's last success is exported");
 
     ns.api::<BackupBatch>().delete("measured", &DeleteParams::default()).await.expect("delete");
     eventually("the batch gone", Duration::from_secs(60), || {
@@ -1281,7 +1279,7 @@ async fn a_deleted_batch_leaves_no_metric_series_behind() {
     })
     .await;
     eventually("its metric series gone", Duration::from_secs(30), || async {
-        (!labelled(&operator.metrics().await)).then_some(())
+        last_success(&ns, &operator.metrics().await).is_none().then_some(())
     })
     .await;
     operator.stop().await;
