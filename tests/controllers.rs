@@ -973,24 +973,8 @@ async fn members_may_only_name_objects_of_their_own_namespace() {
 /// The shipped policy, bound here to the test's namespace only (the cluster is shared).
 #[tokio::test]
 async fn the_admission_policy_refuses_members_of_other_namespaces_at_apply_time() {
-    use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
     let a = TestNamespace::new("member-policy").await;
-    let path = support::repo_root().join("deploy/base/admission-policy.yaml");
-    let text = std::fs::read_to_string(&path).expect("the policy file");
-    let policy = serde_yaml::Deserializer::from_str(&text)
-        .map(|document| <serde_json::Value as serde::Deserialize>::deserialize(document).expect("YAML"))
-        .find(|document| document["kind"] == "ValidatingAdmissionPolicy")
-        .expect("a ValidatingAdmissionPolicy");
-    let name = policy["metadata"]["name"].as_str().expect("a name").to_string();
-    let policies = Api::<ValidatingAdmissionPolicy>::all(a.client.clone());
-    let apply = PatchParams::apply("stash-tests").force();
-    policies.patch(&name, &apply, &Patch::Apply(&policy)).await.expect("the policy applies");
-    let bindings = Api::<ValidatingAdmissionPolicyBinding>::all(a.client.clone());
-    let binding = json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
-        "metadata": {"name": a.name},
-        "spec": {"policyName": name, "validationActions": ["Deny"], "matchResources": {"namespaceSelector":
-            {"matchLabels": {"kubernetes.io/metadata.name": a.name}}}}});
-    bindings.patch(&a.name, &apply, &Patch::Apply(&binding)).await.expect("the binding applies");
+    let binding = fixtures::bind_shipped_policy(&a, "stash-same-namespace-members").await;
 
     let batch = |namespace: &str| -> BackupBatch {
         serde_json::from_value(json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "BackupBatch",
@@ -1008,7 +992,7 @@ async fn the_admission_policy_refuses_members_of_other_namespaces_at_apply_time(
     .await;
     assert!(refusal.to_string().contains("target.ref.namespace"), "{refusal}");
     batches.create(&dry_run, &batch(&a.name)).await.expect("its own namespace is fine");
-    bindings.delete(&a.name, &DeleteParams::default()).await.expect("unbind");
+    binding.remove().await;
 }
 
 /// M3: batch names up to 63 characters still get a CronJob (its name at most 52 characters) and
