@@ -45,6 +45,9 @@ pub enum Command {
     Resume(BatchArgs),
     /// List the sessions of a BackupBatch with phase, duration and size.
     Sessions(SessionsArgs),
+    /// One screen about a BackupBatch: schedule and next run, Repository, last success,
+    /// conditions, members and latest sessions.
+    Describe(BatchArgs),
 }
 
 /// Names the object that invokes a backup.

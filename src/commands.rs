@@ -2,11 +2,13 @@
 
 use crate::agent::status::human_bytes;
 use crate::agent::{AgentError, Executor, manifest};
-use crate::api::{BackupBatch, BackupSession};
+use crate::api::{BackupBatch, BackupSession, Repository};
 use crate::session::{SessionError, create_backup_session, invoker_selector};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use std::fmt::Write;
+use std::str::FromStr;
 
 /// Creates a session for `batch` now; returns its name.
 pub async fn trigger(client: Client, namespace: &str, batch: &str) -> Result<String, SessionError> {
@@ -26,9 +28,124 @@ pub async fn set_paused(client: Client, namespace: &str, batch: &str, paused: bo
 
 /// A table of the batch's sessions, newest first.
 pub async fn sessions_table(client: Client, namespace: &str, batch: &str) -> Result<String, SessionError> {
+    Ok(render_sessions(batch_sessions(client, namespace, batch).await?))
+}
+
+/// The batch's sessions, newest first.
+async fn batch_sessions(client: Client, namespace: &str, batch: &str) -> Result<Vec<BackupSession>, SessionError> {
     let sessions: Api<BackupSession> = Api::namespaced(client, namespace);
     let mut items = sessions.list(&ListParams::default().labels(&invoker_selector(batch))).await?.items;
     items.sort_by(|a, b| b.metadata.creation_timestamp.cmp(&a.metadata.creation_timestamp));
+    Ok(items)
+}
+
+/// `stash describe`: the batch, its schedule and next run, its Repository's state, its last
+/// success, its conditions and members', and its latest sessions, on one screen.
+pub async fn describe(client: Client, namespace: &str, batch: &str) -> Result<String, SessionError> {
+    let batches: Api<BackupBatch> = Api::namespaced(client.clone(), namespace);
+    let Some(found) = batches.get_opt(batch).await? else {
+        return Err(SessionError::BatchNotFound { namespace: namespace.into(), name: batch.into() });
+    };
+    let reference = &found.spec.repository;
+    let repository_namespace = reference.namespace.clone().unwrap_or_else(|| namespace.to_string());
+    let repositories: Api<Repository> = Api::namespaced(client.clone(), &repository_namespace);
+    // Unreadable (another namespace's, or not allowed to this user) reads as unknown, not as an error.
+    let repository = repositories.get_opt(&reference.name).await.ok().flatten();
+    let sessions = batch_sessions(client, namespace, batch).await?;
+    Ok(render_description(&found, repository.as_ref(), &sessions, Timestamp::now()))
+}
+
+/// How many sessions `describe` shows.
+const DESCRIBED_SESSIONS: usize = 5;
+
+fn render_description(
+    batch: &BackupBatch,
+    repository: Option<&Repository>,
+    sessions: &[BackupSession],
+    now: Timestamp,
+) -> String {
+    let status = batch.status.clone().unwrap_or_default();
+    let mut out = String::new();
+    let phase = status.phase.map_or_else(|| "-".to_string(), |p| format!("{p:?}"));
+    let _ =
+        writeln!(out, "{:<14}{}/{}   {phase}", "BackupBatch:", batch.namespace().unwrap_or_default(), batch.name_any());
+    let schedule = match batch.spec.schedule.as_deref() {
+        None => "none (sessions only when triggered)".to_string(),
+        Some(_) if batch.spec.paused => "paused".to_string(),
+        Some(cron) => match next_run(cron, now) {
+            Some(next) => format!("{cron}   next run {next}"),
+            None => format!("{cron}   (no next run: not a valid schedule)"),
+        },
+    };
+    let _ = writeln!(out, "{:<14}{schedule}", "Schedule:");
+    let repository_line = match repository {
+        None => format!("{} (not readable here)", batch.spec.repository.name),
+        Some(repository) => {
+            let state = repository.status.clone().unwrap_or_default();
+            let integrity = match (state.integrity, &state.last_integrity_check_time) {
+                (Some(true), Some(t)) => format!("check passed {}", t.0),
+                (Some(false), Some(t)) => format!("CHECK FAILED {}", t.0),
+                _ => "not checked yet".into(),
+            };
+            let snapshots = state.snapshot_count.map_or_else(|| "-".to_string(), |n| n.to_string());
+            let size = state.total_size.unwrap_or_else(|| "-".into());
+            format!("{}   {integrity}   {snapshots} snapshots   {size}", repository.name_any())
+        }
+    };
+    let _ = writeln!(out, "{:<14}{repository_line}", "Repository:");
+    let last = status.last_successful_session.as_ref().map_or_else(
+        || "none yet".to_string(),
+        |r| format!("{} at {}", r.name, r.finish_time.as_ref().map_or_else(|| "-".to_string(), |t| t.0.to_string())),
+    );
+    let _ = writeln!(out, "{:<14}{last}", "Last success:");
+    let _ = writeln!(out, "\nConditions:");
+    for c in &status.conditions {
+        let _ = writeln!(
+            out,
+            "  {:<22} {:<8} {:<28} {}",
+            c.type_,
+            format!("{:?}", c.status),
+            c.reason.as_deref().unwrap_or("-"),
+            c.message.as_deref().unwrap_or("")
+        );
+    }
+    let _ = writeln!(out, "\nMembers:");
+    for member in &batch.spec.members {
+        let reference = &member.target.reference;
+        let conditions = status.member_conditions.iter().find(|m| m.target == *reference);
+        let summary: Vec<String> = conditions
+            .into_iter()
+            .flat_map(|m| &m.conditions)
+            .map(|c| {
+                format!(
+                    "{}={:?}{}",
+                    c.type_,
+                    c.status,
+                    c.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "  {:<16} {:<40} {}",
+            member.target.host_alias(),
+            format!("{}/{}", reference.kind, reference.name),
+            if summary.is_empty() { "-".to_string() } else { summary.join(", ") }
+        );
+    }
+    let _ = writeln!(out, "\nSessions (newest first):");
+    out.push_str(&render_sessions(sessions.iter().take(DESCRIBED_SESSIONS).cloned().collect()));
+    out
+}
+
+/// The first run of `cron` after `now`, in UTC (as the trigger CronJob reads it).
+fn next_run(cron: &str, now: Timestamp) -> Option<Timestamp> {
+    let parsed = croner::Cron::from_str(cron).ok()?;
+    let next = parsed.find_next_occurrence(&now.to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC), false).ok()?;
+    Some(next.timestamp())
+}
+
+fn render_sessions(items: Vec<BackupSession>) -> String {
     let mut out =
         format!("{:<40} {:<10} {:<10} {:<9} {:<11} {}\n", "NAME", "PHASE", "DURATION", "TARGETS", "SIZE", "CREATED");
     for session in items {
@@ -53,7 +170,7 @@ pub async fn sessions_table(client: Client, namespace: &str, batch: &str) -> Res
             created
         );
     }
-    Ok(out)
+    out
 }
 
 /// `12.5 MiB` → bytes (what `human_bytes` wrote into a status).
@@ -89,6 +206,32 @@ pub async fn repository_sessions_table(executor: &Executor, batch: &str) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_description_says_what_runs_next_and_what_last_succeeded() {
+        let batch: BackupBatch = serde_json::from_value(serde_json::json!({
+            "apiVersion": "stash.appscode.com/v1beta1", "kind": "BackupBatch",
+            "metadata": {"name": "site", "namespace": "shop"},
+            "spec": {"repository": {"name": "repo"}, "schedule": "30 2 * * *", "members": [
+                {"target": {"alias": "web", "ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"}}}]},
+            "status": {"phase": "Ready",
+                "conditions": [{"type": "RepositoryFound", "status": "True", "reason": "RepositoryAvailable"}],
+                "memberConditions": [{"target": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                    "conditions": [{"type": "StashSidecarInjected", "status": "True", "reason": "Injected"}]}],
+                "lastSuccessfulSession": {"name": "site-1", "phase": "Succeeded", "finishTime": "2026-11-25T02:31:00Z"}}
+        }))
+        .expect("a batch");
+        let now: Timestamp = "2026-11-26T10:00:00Z".parse().expect("time");
+        let text = render_description(&batch, None, &[], now);
+        assert!(text.contains("shop/site   Ready"), "{text}");
+        assert!(text.contains("next run 2026-11-27T02:30:00Z"), "{text}");
+        assert!(text.contains("repo (not readable here)"), "{text}");
+        assert!(text.contains("site-1 at 2026-11-25T02:31:00Z"), "{text}");
+        assert!(text.contains("StashSidecarInjected=True (Injected)"), "{text}");
+        let mut paused = batch.clone();
+        paused.spec.paused = true;
+        assert!(render_description(&paused, None, &[], now).contains("Schedule:     paused"));
+    }
 
     #[test]
     fn sizes_read_back() {

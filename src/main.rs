@@ -99,6 +99,10 @@ fn run(command: Command) -> Result<(), MainError> {
                 Ok(())
             })
         }
+        Command::Describe(args) => batch_command(args, |client, namespace, name| async move {
+            print!("{}", stash::commands::describe(client, &namespace, &name).await?);
+            Ok(())
+        }),
         Command::Sessions(args) => batch_command(args.batch, |client, namespace, name| async move {
             print!("{}", stash::commands::sessions_table(client, &namespace, &name).await?);
             Ok(())

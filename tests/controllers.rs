@@ -1248,6 +1248,39 @@ async fn a_batchs_last_success_survives_an_operator_restart() {
     restarted.stop().await;
 }
 
+/// `kubectl stash describe` (the `stash` binary installed as `kubectl-stash`, as kubectl finds
+/// plugins) shows a batch on one screen, as its user's credentials see it.
+#[tokio::test]
+async fn kubectl_stash_describes_a_batch() {
+    let ns = TestNamespace::new("describe").await;
+    let (operator, name) = measured_success(&ns).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let plugin = dir.path().join("kubectl-stash");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_stash"), &plugin).expect("install as a kubectl plugin");
+    let described = eventually("a description with the last success", Duration::from_secs(30), || {
+        let output = Command::new(&plugin)
+            .args(["describe", "measured", "-n", &ns.name])
+            .env("KUBECONFIG", &support::cluster().kubeconfig)
+            .output()
+            .expect("kubectl-stash runs");
+        let text = String::from_utf8_lossy(&output.stdout).to_string();
+        async move { (output.status.success() && !text.contains("none yet")).then_some(text) }
+    })
+    .await;
+    assert!(described.contains(&format!("{}/measured", ns.name)), "{described}");
+    assert!(described.contains(&format!("Last success: {name} at")), "{described}");
+    assert!(described.contains("Deployment/app"), "{described}");
+    assert!(described.contains(&name), "the session is listed: {described}");
+    let missing = Command::new(&plugin)
+        .args(["describe", "nothing", "-n", &ns.name])
+        .env("KUBECONFIG", &support::cluster().kubeconfig)
+        .output()
+        .expect("kubectl-stash runs");
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not found"), "a clear error");
+    operator.stop().await;
+}
+
 /// L10: a batch's metric series (last success) goes with the batch; a deleted batch is not
 /// reported forever as "last succeeded at ...".
 #[tokio::test]
