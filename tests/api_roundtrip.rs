@@ -115,6 +115,8 @@ fn restore_batch_round_trips() {
     let restore: RestoreBatch = round_trip(load("restorebatch.yaml"));
     assert_eq!(restore.spec.members.len(), 2);
     assert!(restore.spec.restore_from.and_then(|f| f.before).is_some());
+    let post_restore = restore.spec.hooks.and_then(|h| h.post_restore).map(|h| h.execution_policy);
+    assert_eq!(post_restore, Some(HookExecutionPolicy::OnSuccess));
 }
 
 #[test]

@@ -2,8 +2,8 @@
 
 use super::backup_batch::Driver;
 use super::common::{
-    Condition, EmptyDirSettings, ExecutionOrder, Handler, ObjectReference, PersistentVolumeClaimTemplate,
-    RuntimeSettings, TargetRef, TaskRef,
+    Condition, EmptyDirSettings, ExecutionOrder, Handler, ObjectReference, PersistentVolumeClaimTemplate, PostHook,
+    RuntimeSettings, TargetRef, TaskRef, without_empty_hook,
 };
 use super::duration::DurationString;
 use k8s_openapi::api::core::v1::VolumeMount;
@@ -126,10 +126,10 @@ pub struct RestoreRule {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RestoreHooks {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "without_empty_hook", skip_serializing_if = "Option::is_none")]
     pub pre_restore: Option<Handler>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub post_restore: Option<Handler>,
+    #[serde(default, deserialize_with = "without_empty_hook", skip_serializing_if = "Option::is_none")]
+    pub post_restore: Option<PostHook>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

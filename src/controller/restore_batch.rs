@@ -584,6 +584,9 @@ mod tests {
         };
         let pvc = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "d"});
         assert_eq!(unsupported(&spec(json!({"target": {"ref": pvc}}))), None);
+        // A hook naming no action runs nothing, as in Stash: nothing to refuse.
+        let no_action = json!({"target": {"ref": pvc}, "hooks": {"postRestore": {"executionPolicy": "Always"}}});
+        assert_eq!(unsupported(&spec(no_action)), None);
         let cases = [
             (
                 json!({"target": {"ref": pvc}, "hooks": {"preRestore": {"exec": {"command": ["true"]}}}}),
@@ -594,6 +597,10 @@ mod tests {
                 "spec.members[0].hooks.postRestore",
             ),
             (json!({"target": {"ref": pvc, "args": ["--no-lock"]}}), "spec.members[0].target.args"),
+            (
+                json!({"target": {"ref": pvc}, "hooks": {"postRestore": {"httpGet": {"port": 80}, "executionPolicy": "OnSuccess"}}}),
+                "spec.members[0].hooks.postRestore",
+            ),
             (
                 json!({"target": {"ref": pvc, "rules": [{"snapshots": ["a", "b"]}]}}),
                 "spec.members[0].target.rules[0].snapshots",
