@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
     plural = "backupbatches",
     shortname = "bb",
     category = "stash",
+    category = "appscode",
+    category = "all",
     namespaced,
     status = "BackupBatchStatus",
     printcolumn = r#"{"name":"Schedule","type":"string","jsonPath":".spec.schedule"}"#,

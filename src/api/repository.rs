@@ -16,6 +16,7 @@ use std::borrow::Cow;
     plural = "repositories",
     shortname = "repo",
     category = "stash",
+    category = "appscode",
     namespaced,
     status = "RepositoryStatus",
     printcolumn = r#"{"name":"Integrity","type":"boolean","jsonPath":".status.integrity"}"#,
@@ -277,6 +278,22 @@ pub struct RepositoryStatus {
     pub snapshot_count: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshots_removed_on_last_cleanup: Option<i64>,
+    /// The objects that use this Repository, as Stash writes them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub references: Vec<TypedObjectReference>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TypedObjectReference {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 #[cfg(test)]
