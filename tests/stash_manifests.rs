@@ -267,3 +267,17 @@ async fn every_manifest_stash_accepts_is_accepted_unchanged() {
     assert!(accepted + refused.len() > 0, "no document of our kinds in {}", dir.display());
     assert!(refused.is_empty(), "{} of Stash's documents are refused:\n{}", refused.len(), refused.join("\n"));
 }
+
+/// The comparison catches what a structural schema prunes silently, and a rewritten value.
+#[test]
+fn a_dropped_or_changed_field_is_named() {
+    let sent = serde_json::json!({"spec": {"local": {"mountPath": "/r", "gcePersistentDisk": {"pdName": "d"}},
+        "list": [1, 2], "gone": null}});
+    let pruned = serde_json::json!({"spec": {"local": {"mountPath": "/r"}, "list": [1, 3], "added": true}});
+    let mut lost = Vec::new();
+    missing(&sent, &pruned, "", &mut lost);
+    assert_eq!(lost, [".spec.list[1] (sent 2, got 3)", ".spec.local.gcePersistentDisk"]);
+    lost.clear();
+    missing(&sent, &sent, "", &mut lost);
+    assert!(lost.is_empty(), "{lost:?}");
+}
