@@ -41,6 +41,7 @@ pub fn set(
             existing.reason = Some(desired.reason.clone());
             existing.message = Some(desired.message.clone());
             existing.observed_generation = generation;
+            existing.severity = None; // Stash's, if it wrote this condition: no longer what it says
             (previous != desired.status).then_some(Some(previous))
         }
         None => {
@@ -51,6 +52,7 @@ pub fn set(
                 last_transition_time: Some(now),
                 reason: Some(desired.reason.clone()),
                 message: Some(desired.message.clone()),
+                severity: None,
             });
             Some(None)
         }

@@ -18,6 +18,12 @@ pub enum Refusal {
         "Repository {namespace}/{name} does not exist or does not allow use from namespace {requester} (spec.usagePolicy)"
     )]
     NotAllowed { namespace: String, name: String, requester: String },
+    /// Stored before the schema demanded a volume (the API server had pruned a kind it did not list).
+    #[error(
+        "Repository {namespace}/{name}: spec.backend.local names no volume; Kubernetes would mount an emptyDir \
+         and the backups would go with the Pod"
+    )]
+    NoVolume { namespace: String, name: String },
 }
 
 impl Refusal {
@@ -26,6 +32,7 @@ impl Refusal {
         match self {
             Refusal::NotFound { .. } => "RepositoryNotFound",
             Refusal::NotAllowed { .. } => "RepositoryNotAllowed",
+            Refusal::NoVolume { .. } => "LocalVolumeMissing",
         }
     }
 }
@@ -39,7 +46,8 @@ pub(crate) fn repository_namespace<'a>(requester: &'a str, reference: &'a Object
 ///
 /// Same namespace: always. Another namespace: only as `spec.usagePolicy.allowedNamespaces` says —
 /// `Same` (the default) never, `All` always, `Selector` when the requester's labels match the whole
-/// selector. Unknown labels (`None`) and a missing, empty or unparsable selector refuse.
+/// selector. Unknown labels (`None`) and a missing, empty or unparsable selector refuse. A `local`
+/// Repository without a volume is refused wherever it is: it could hold no backup.
 pub(crate) fn authorize_repository<'r>(
     requester: &str,
     reference: &ObjectReference,
@@ -48,11 +56,30 @@ pub(crate) fn authorize_repository<'r>(
 ) -> Result<&'r Repository, Refusal> {
     let namespace = repository_namespace(requester, reference);
     let name = reference.name.clone();
-    if namespace == requester {
-        return repository.ok_or_else(|| Refusal::NotFound { namespace: namespace.to_string(), name });
+    let repository = if namespace == requester {
+        repository.ok_or_else(|| Refusal::NotFound { namespace: namespace.to_string(), name: name.clone() })?
+    } else {
+        permitted_from_elsewhere(requester, namespace, &name, repository, namespace_labels)?
+    };
+    if repository.spec.backend.local.as_ref().is_some_and(|local| !local.has_volume()) {
+        return Err(Refusal::NoVolume { namespace: namespace.to_string(), name });
     }
-    let refused =
-        || Refusal::NotAllowed { namespace: namespace.to_string(), name: name.clone(), requester: requester.into() };
+    Ok(repository)
+}
+
+/// `repository` of another namespace, as its `spec.usagePolicy` lets `requester` use it.
+fn permitted_from_elsewhere<'r>(
+    requester: &str,
+    namespace: &str,
+    name: &str,
+    repository: Option<&'r Repository>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+) -> Result<&'r Repository, Refusal> {
+    let refused = || Refusal::NotAllowed {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        requester: requester.into(),
+    };
     let repository = repository.ok_or_else(refused)?;
     let allowed = repository.spec.usage_policy.as_ref().and_then(|p| p.allowed_namespaces.as_ref());
     let permitted = match allowed.map(|a| a.from) {
@@ -167,6 +194,19 @@ mod tests {
                 assert!(std::ptr::eq(found, &repo));
             }
         }
+    }
+
+    /// Issue 12: a Repository stored while the API server pruned volume kinds it did not list
+    /// is refused, never backed up into the emptyDir Kubernetes would mount in its place.
+    #[test]
+    fn a_local_repository_without_a_volume_is_refused_by_name() {
+        let mut repo = repository("a", Value::Null);
+        repo.spec.backend.local = serde_json::from_value(json!({"mountPath": "/repo"})).expect("a local backend");
+        let refusal = authorize_repository("a", &reference(None), Some(&repo), None).expect_err("refused");
+        assert_eq!(refusal.reason(), "LocalVolumeMissing");
+        assert!(refusal.to_string().contains("spec.backend.local names no volume"), "{refusal}");
+        let elsewhere = repository("b", json!({"allowedNamespaces": {"from": "All"}}));
+        assert!(authorize_repository("a", &reference(Some("b")), Some(&elsewhere), None).is_ok());
     }
 
     #[test]

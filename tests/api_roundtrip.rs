@@ -101,10 +101,22 @@ fn repository_of_every_backend_kind_round_trips() {
 }
 
 #[test]
+fn local_repository_of_any_volume_kind_round_trips_into_its_pod_volume() {
+    let repo: Repository = round_trip(load("repository-local-gce.yaml"));
+    let local = repo.spec.backend.local.expect("a local backend");
+    let (volume, mount) = local.volume("repository");
+    assert_eq!(volume.name, "repository");
+    assert_eq!(volume.gce_persistent_disk.map(|disk| disk.pd_name), Some("stash-repo".to_string()));
+    assert_eq!((mount.mount_path.as_str(), mount.sub_path.as_deref()), ("/safe/data", Some("stash")));
+}
+
+#[test]
 fn restore_batch_round_trips() {
     let restore: RestoreBatch = round_trip(load("restorebatch.yaml"));
     assert_eq!(restore.spec.members.len(), 2);
     assert!(restore.spec.restore_from.and_then(|f| f.before).is_some());
+    let post_restore = restore.spec.hooks.and_then(|h| h.post_restore).map(|h| h.execution_policy);
+    assert_eq!(post_restore, Some(HookExecutionPolicy::OnSuccess));
 }
 
 #[test]

@@ -265,6 +265,7 @@ async fn sessions_run_aggregate_skip_time_out_and_keep_a_bounded_history() {
                 last_transition_time: None,
                 reason: Some("Finalized".into()),
                 message: None,
+                severity: None,
             });
             true
         })

@@ -26,7 +26,10 @@ fn crds_are_structural_apiextensions_v1() {
         let spec = &crd.spec;
         assert_eq!(spec.group, "stash.appscode.com");
         assert_eq!(spec.scope, "Namespaced");
-        assert_eq!(spec.names.categories.as_deref(), Some(&["stash".to_string()][..]));
+        // Stash's categories: `kubectl get stash`, `get appscode`, and `get all` for all but Repositories.
+        let categories: &[&str] =
+            if spec.names.kind == "Repository" { &["stash", "appscode"] } else { &["stash", "appscode", "all"] };
+        assert_eq!(spec.names.categories.clone().unwrap_or_default(), categories, "{}", spec.names.kind);
         assert_eq!(spec.versions.len(), 1);
         let version = &spec.versions[0];
         assert!(version.served && version.storage);

@@ -302,6 +302,7 @@ async fn report(
                     phase: Some(RestoreMemberPhase::Running),
                     total_hosts: Some(1),
                     stats: Vec::new(),
+                    conditions: Vec::new(),
                 });
                 status.members.len() - 1
             }

@@ -249,6 +249,7 @@ mod tests {
                     .collect(),
                 pre_backup_actions: Vec::new(),
                 post_backup_actions: Vec::new(),
+                conditions: Vec::new(),
             })
             .collect();
         session.status = Some(BackupSessionStatus { phase: Some(phase), targets, ..Default::default() });

@@ -2,8 +2,8 @@
 
 use super::backup_args::{RefusedArg, check_backup_args};
 use super::common::{
-    Condition, EmptyDirSettings, ExecutionOrder, Handler, HookExecutionPolicy, ObjectReference,
-    PersistentVolumeClaimTemplate, RetentionPolicy, RuntimeSettings, TargetRef, TaskRef,
+    Condition, EmptyDirSettings, ExecutionOrder, Handler, ObjectReference, PersistentVolumeClaimTemplate, PostHook,
+    RetentionPolicy, RuntimeSettings, TargetRef, TaskRef, without_empty_hook,
 };
 use super::duration::DurationString;
 use k8s_openapi::api::core::v1::VolumeMount;
@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
     plural = "backupbatches",
     shortname = "bb",
     category = "stash",
+    category = "appscode",
+    category = "all",
     namespaced,
     status = "BackupBatchStatus",
     printcolumn = r#"{"name":"Schedule","type":"string","jsonPath":".spec.schedule"}"#,
@@ -62,6 +64,10 @@ pub struct BackupBatchSpec {
 }
 
 fn default_backup_history_limit() -> i32 {
+    1
+}
+
+fn default_max_retry() -> i32 {
     1
 }
 
@@ -172,25 +178,17 @@ impl BackupTarget {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BackupHooks {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "without_empty_hook", skip_serializing_if = "Option::is_none")]
     pub pre_backup: Option<Handler>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub post_backup: Option<PostBackupHook>,
-}
-
-/// A post-backup hook: a handler plus when to run it.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct PostBackupHook {
-    #[serde(flatten)]
-    pub handler: Handler,
-    #[serde(default)]
-    pub execution_policy: HookExecutionPolicy,
+    #[serde(default, deserialize_with = "without_empty_hook", skip_serializing_if = "Option::is_none")]
+    pub post_backup: Option<PostHook>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RetryConfig {
+    /// Sessions to retry after a failed one (Stash's default: 1).
+    #[serde(default = "default_max_retry")]
     #[schemars(range(min = 0))]
     pub max_retry: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -254,6 +252,21 @@ mod tests {
             })
             .collect();
         serde_json::from_value(serde_json::json!({"repository": {"name": "repo"}, "members": members})).expect("spec")
+    }
+
+    /// Where Stash accepts less than a full hook or retry policy, it defaults it: a hook naming no
+    /// action runs nothing, `maxRetry` is 1.
+    #[test]
+    fn what_stash_leaves_out_is_defaulted_as_stash_does() {
+        let spec: BackupBatchSpec = serde_json::from_value(serde_json::json!({
+            "repository": {"name": "repo"},
+            "members": [{"target": {"ref": {"kind": "Secret", "name": "db"}}}],
+            "retryConfig": {"delay": "1m"},
+            "hooks": {"preBackup": {"containerName": "app"}, "postBackup": {"executionPolicy": "OnFailure"}},
+        }))
+        .expect("spec");
+        assert_eq!(spec.retry_config.map(|r| r.max_retry), Some(1));
+        assert_eq!(spec.hooks, Some(BackupHooks::default()));
     }
 
     /// M13 and L2: members that cannot make one session, each named with the field at fault.

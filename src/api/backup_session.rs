@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
     plural = "backupsessions",
     shortname = "bs",
     category = "stash",
+    category = "appscode",
+    category = "all",
     namespaced,
     status = "BackupSessionStatus",
     printcolumn = r#"{"name":"Invoker-Type","type":"string","jsonPath":".spec.invoker.kind"}"#,
@@ -119,6 +121,9 @@ pub struct BackupTargetStatus {
     pub pre_backup_actions: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub post_backup_actions: Vec<String>,
+    /// The target's conditions, as Stash writes them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

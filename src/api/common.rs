@@ -169,10 +169,13 @@ pub struct TemplateMeta {
     pub annotations: BTreeMap<String, String>,
 }
 
-/// A hook action: exactly one of `exec`, `httpGet`, `httpPost`, `tcpSocket`.
+/// A hook action: at most one of `exec`, `httpGet`, `httpPost`, `tcpSocket`; a hook that names
+/// none runs nothing, as in Stash.
+// Such hooks read as absent (`without_empty_hook`). Two actions are refused: Stash would run each
+// in turn, which our hook runner does not, and a hook hardly anyone means.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new(HANDLER_EXACTLY_ONE).message(HANDLER_EXACTLY_ONE_MESSAGE))]
+#[x_kube(validation = Rule::new(HANDLER_AT_MOST_ONE).message(HANDLER_AT_MOST_ONE_MESSAGE))]
 pub struct Handler {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec: Option<ExecAction>,
@@ -188,9 +191,46 @@ pub struct Handler {
 }
 
 // Arithmetic over `has()` keeps the rule's estimated cost low enough to nest under list items.
-const HANDLER_EXACTLY_ONE: &str = "(has(self.exec) ? 1 : 0) + (has(self.httpGet) ? 1 : 0) + \
-     (has(self.httpPost) ? 1 : 0) + (has(self.tcpSocket) ? 1 : 0) == 1";
-const HANDLER_EXACTLY_ONE_MESSAGE: &str = "a hook must set exactly one of exec, httpGet, httpPost, tcpSocket";
+const HANDLER_AT_MOST_ONE: &str = "(has(self.exec) ? 1 : 0) + (has(self.httpGet) ? 1 : 0) + \
+     (has(self.httpPost) ? 1 : 0) + (has(self.tcpSocket) ? 1 : 0) <= 1";
+const HANDLER_AT_MOST_ONE_MESSAGE: &str = "a hook may set only one of exec, httpGet, httpPost, tcpSocket";
+
+impl Handler {
+    fn names_an_action(&self) -> bool {
+        self.exec.is_some() || self.http_get.is_some() || self.http_post.is_some() || self.tcp_socket.is_some()
+    }
+}
+
+impl AsRef<Handler> for Handler {
+    fn as_ref(&self) -> &Handler {
+        self
+    }
+}
+
+/// Reads a hook, or none where the hook names no action (as Stash, which runs nothing for it).
+pub(crate) fn without_empty_hook<'de, D, H>(deserializer: D) -> Result<Option<H>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    H: Deserialize<'de> + AsRef<Handler>,
+{
+    Ok(Option::<H>::deserialize(deserializer)?.filter(|hook| hook.as_ref().names_an_action()))
+}
+
+/// A post-backup or post-restore hook: a handler plus when to run it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PostHook {
+    #[serde(flatten)]
+    pub handler: Handler,
+    #[serde(default)]
+    pub execution_policy: HookExecutionPolicy,
+}
+
+impl AsRef<Handler> for PostHook {
+    fn as_ref(&self) -> &Handler {
+        &self.handler
+    }
+}
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -240,7 +280,7 @@ pub struct FormEntry {
     pub values: Vec<String>,
 }
 
-/// When a post-backup hook runs, relative to the outcome of the backup.
+/// When a post hook runs, relative to the outcome of the backup or restore.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum HookExecutionPolicy {
     #[default]
@@ -305,6 +345,9 @@ pub struct Condition {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// How bad a False condition is (`Error`, `Warning`, `Info`), as Stash writes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub severity: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

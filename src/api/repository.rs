@@ -1,13 +1,12 @@
 //! `Repository` (stash.appscode.com/v1alpha1): where a restic repository lives and which Secret opens it.
 
-use k8s_openapi::api::core::v1::{
-    CSIVolumeSource, EmptyDirVolumeSource, HostPathVolumeSource, NFSVolumeSource, PersistentVolumeClaimVolumeSource,
-    Volume, VolumeMount,
-};
+use k8s_openapi::api::core::v1::{Volume, VolumeMount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 use kube::{CustomResource, KubeSchema};
-use schemars::JsonSchema;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::borrow::Cow;
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -17,6 +16,7 @@ use serde::{Deserialize, Serialize};
     plural = "repositories",
     shortname = "repo",
     category = "stash",
+    category = "appscode",
     namespaced,
     status = "RepositoryStatus",
     printcolumn = r#"{"name":"Integrity","type":"boolean","jsonPath":".status.integrity"}"#,
@@ -63,24 +63,13 @@ const EXACTLY_ONE_BACKEND: &str = "(has(self.local) ? 1 : 0) + (has(self.s3) ? 1
      (has(self.b2) ? 1 : 0) + (has(self.rest) ? 1 : 0) == 1";
 const EXACTLY_ONE_BACKEND_MESSAGE: &str = "spec.backend must set exactly one of local, s3, gcs, azure, swift, b2, rest";
 
-/// A volume mounted into the backup pods; `mountPath` is the restic repository directory.
-///
-/// Stash inlines a whole `VolumeSource` here; we accept the volume kinds that make sense for a
-/// repository (hostPath, persistentVolumeClaim, nfs, emptyDir, csi). Others are pruned by the API server.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+/// A volume mounted into the backup pods, of any kind a Pod volume may be (`kubectl explain
+/// pod.spec.volumes`); `mountPath` is the restic repository directory.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new(AT_MOST_ONE_VOLUME).message(AT_MOST_ONE_VOLUME_MESSAGE))]
 pub struct LocalSpec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host_path: Option<HostPathVolumeSource>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub persistent_volume_claim: Option<PersistentVolumeClaimVolumeSource>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nfs: Option<NFSVolumeSource>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub empty_dir: Option<EmptyDirVolumeSource>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub csi: Option<CSIVolumeSource>,
+    #[serde(flatten)]
+    pub volume_source: VolumeSource,
     #[schemars(length(min = 1))]
     pub mount_path: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -88,18 +77,15 @@ pub struct LocalSpec {
 }
 
 impl LocalSpec {
+    /// Whether a volume kind is set (the schema demands one; objects stored before may lack it).
+    pub fn has_volume(&self) -> bool {
+        Volume { name: String::new(), ..self.volume_source.0.clone() } != Volume::default()
+    }
+
     /// The repository's volume, named `name`, and its mount at `mountPath` (the repository directory)
     /// for an executor's container.
     pub fn volume(&self, name: &str) -> (Volume, VolumeMount) {
-        let volume = Volume {
-            name: name.into(),
-            host_path: self.host_path.clone(),
-            persistent_volume_claim: self.persistent_volume_claim.clone(),
-            nfs: self.nfs.clone(),
-            empty_dir: self.empty_dir.clone(),
-            csi: self.csi.clone(),
-            ..Default::default()
-        };
+        let volume = Volume { name: name.into(), ..self.volume_source.0.clone() };
         let mount = VolumeMount {
             name: name.into(),
             mount_path: self.mount_path.clone(),
@@ -110,10 +96,79 @@ impl LocalSpec {
     }
 }
 
-const AT_MOST_ONE_VOLUME: &str = "(has(self.hostPath) ? 1 : 0) + (has(self.persistentVolumeClaim) ? 1 : 0) + \
-     (has(self.nfs) ? 1 : 0) + (has(self.emptyDir) ? 1 : 0) + (has(self.csi) ? 1 : 0) <= 1";
-const AT_MOST_ONE_VOLUME_MESSAGE: &str =
-    "spec.backend.local may name at most one of hostPath, persistentVolumeClaim, nfs, emptyDir, csi";
+/// Any kind of core `VolumeSource`, as Stash inlines one in `local`: a Pod `Volume` without its name.
+///
+/// The whole core schema is carried rather than a subset: a kind the schema did not list would be
+/// pruned by the API server, and the Pod volume left without a source becomes an `emptyDir` —
+/// backups that "succeed" into storage that goes with the Pod. For the same reason exactly one kind
+/// is required (Stash would mount an `emptyDir` for none).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct VolumeSource(pub Volume);
+
+impl Serialize for VolumeSource {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error;
+        let Value::Object(mut fields) = serde_json::to_value(&self.0).map_err(S::Error::custom)? else {
+            return Err(S::Error::custom("a Volume serializes as an object"));
+        };
+        fields.remove("name");
+        fields.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for VolumeSource {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut fields = serde_json::Map::deserialize(deserializer)?;
+        // The Pod names the volume; `name` here would be no VolumeSource field.
+        fields.insert("name".into(), Value::String(String::new()));
+        Volume::deserialize(Value::Object(fields)).map(VolumeSource).map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for VolumeSource {
+    fn schema_name() -> Cow<'static, str> {
+        "VolumeSource".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let mut schema = Volume::json_schema(generator);
+        let object = schema.ensure_object();
+        object.remove("required"); // only `name` is
+        let kinds: Vec<String> = match object.get_mut("properties") {
+            Some(Value::Object(properties)) => {
+                properties.remove("name");
+                // The core types' descriptions would make this CRD eight times larger, and each of
+                // its writes costs the API server; `kubectl explain pod.spec.volumes` has them.
+                properties.values_mut().for_each(strip_descriptions);
+                properties.keys().cloned().collect()
+            }
+            _ => Vec::new(),
+        };
+        // Arithmetic over `has()`, as for the backends: cheap enough for the API server's CEL budget.
+        let count: Vec<String> = kinds.iter().map(|kind| format!("(has(self.{kind}) ? 1 : 0)")).collect();
+        let rule = json!({
+            "rule": format!("{} == 1", count.join(" + ")),
+            "message": "spec.backend.local must name exactly one volume (hostPath, persistentVolumeClaim, nfs, \
+                        gcePersistentDisk...): without one Kubernetes mounts an emptyDir, lost with the Pod",
+        });
+        object.insert("x-kubernetes-validations".into(), json!([rule]));
+        schema
+    }
+}
+
+fn strip_descriptions(schema: &mut Value) {
+    match schema {
+        Value::Object(fields) => {
+            // A string: a schema's description, not a property named `description`.
+            if fields.get("description").is_some_and(Value::is_string) {
+                fields.remove("description");
+            }
+            fields.values_mut().for_each(strip_descriptions);
+        }
+        Value::Array(items) => items.iter_mut().for_each(strip_descriptions),
+        _ => {}
+    }
+}
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -226,4 +281,59 @@ pub struct RepositoryStatus {
     pub snapshot_count: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshots_removed_on_last_cleanup: Option<i64>,
+    /// The objects that use this Repository, as Stash writes them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub references: Vec<TypedObjectReference>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TypedObjectReference {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 12: every kind a Pod volume may be is a kind `local` accepts, and the rule counts each.
+    #[test]
+    fn local_accepts_every_kind_of_pod_volume_and_demands_one() {
+        let mut generator = SchemaGenerator::default();
+        let kinds = |schema: &Schema| -> Vec<String> {
+            schema.get("properties").and_then(Value::as_object).map(|p| p.keys().cloned().collect()).unwrap_or_default()
+        };
+        let mut pod_volume = kinds(&Volume::json_schema(&mut generator));
+        pod_volume.retain(|kind| kind != "name");
+        let local = VolumeSource::json_schema(&mut generator);
+        assert_eq!(kinds(&local), pod_volume);
+        let rule =
+            local.get("x-kubernetes-validations").and_then(|rules| rules[0]["rule"].as_str()).unwrap_or_default();
+        for kind in &pod_volume {
+            assert!(rule.contains(&format!("has(self.{kind})")), "{kind} is not counted by {rule}");
+        }
+        assert!(rule.ends_with("== 1"), "{rule}");
+    }
+
+    #[test]
+    fn a_volume_kind_outside_the_old_subset_reaches_the_pod_volume() {
+        let local: LocalSpec = serde_json::from_value(json!({
+            "mountPath": "/safe/data", "azureDisk": {"diskName": "stash", "diskURI": "/disks/stash"}
+        }))
+        .expect("a local backend");
+        let (volume, _) = local.volume("repository");
+        assert_eq!(volume.azure_disk.map(|disk| disk.disk_name), Some("stash".to_string()));
+        let written = serde_json::to_value(&local).expect("serializes");
+        assert_eq!(
+            written,
+            json!({"mountPath": "/safe/data", "azureDisk": {"diskName": "stash", "diskURI": "/disks/stash"}})
+        );
+    }
 }

@@ -2,8 +2,8 @@
 
 use super::backup_batch::Driver;
 use super::common::{
-    Condition, EmptyDirSettings, ExecutionOrder, Handler, ObjectReference, PersistentVolumeClaimTemplate,
-    RuntimeSettings, TargetRef, TaskRef,
+    Condition, EmptyDirSettings, ExecutionOrder, Handler, ObjectReference, PersistentVolumeClaimTemplate, PostHook,
+    RuntimeSettings, TargetRef, TaskRef, without_empty_hook,
 };
 use super::duration::DurationString;
 use k8s_openapi::api::core::v1::VolumeMount;
@@ -20,10 +20,13 @@ use serde::{Deserialize, Serialize};
     plural = "restorebatches",
     shortname = "rb",
     category = "stash",
+    category = "appscode",
+    category = "all",
     namespaced,
     status = "RestoreBatchStatus",
     printcolumn = r#"{"name":"Repository","type":"string","jsonPath":".spec.repository.name"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Duration","type":"string","jsonPath":".status.sessionDuration"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -104,6 +107,9 @@ pub struct RestoreTarget {
     pub replicas: Option<i32>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
+    /// Claims to create before restoring into them (Stash's StatefulSet restores).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_claim_templates: Vec<PersistentVolumeClaimTemplate>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -126,10 +132,10 @@ pub struct RestoreRule {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RestoreHooks {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "without_empty_hook", skip_serializing_if = "Option::is_none")]
     pub pre_restore: Option<Handler>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub post_restore: Option<Handler>,
+    #[serde(default, deserialize_with = "without_empty_hook", skip_serializing_if = "Option::is_none")]
+    pub post_restore: Option<PostHook>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -139,6 +145,9 @@ pub struct RestoreBatchStatus {
     pub phase: Option<RestorePhase>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_duration: Option<String>,
+    /// When the restore is failed if still running (written by Stash; ours fail at `spec.timeOut`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_deadline: Option<Time>,
     /// The backup session whose snapshots were restored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_session: Option<String>,
@@ -169,6 +178,9 @@ pub struct RestoreMemberStatus {
     pub total_hosts: Option<i32>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stats: Vec<HostRestoreStats>,
+    /// The member's conditions, as Stash writes them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -177,6 +189,8 @@ pub enum RestoreMemberPhase {
     Running,
     Succeeded,
     Failed,
+    /// Written by Stash when a host's outcome could not be told.
+    Unknown,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

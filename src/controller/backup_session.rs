@@ -231,6 +231,7 @@ async fn start(
                 .collect(),
             pre_backup_actions: Vec::new(),
             post_backup_actions: Vec::new(),
+            conditions: Vec::new(),
         });
     }
     status.targets = targets;

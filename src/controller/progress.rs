@@ -57,6 +57,7 @@ mod tests {
             stats: Vec::new(),
             pre_backup_actions: Vec::new(),
             post_backup_actions: Vec::new(),
+            conditions: Vec::new(),
         }
     }
 

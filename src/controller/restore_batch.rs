@@ -177,6 +177,7 @@ fn member_status<'a>(
             phase: Some(RestoreMemberPhase::Pending),
             total_hosts: Some(i32::try_from(plan.len()).unwrap_or(i32::MAX)),
             stats: Vec::new(),
+            conditions: Vec::new(),
         });
         status.members.len() - 1
     });
@@ -274,6 +275,12 @@ pub(crate) fn unsupported(spec: &RestoreBatchSpec) -> Option<Refusal> {
         }
         if member.interim_volume_template.is_some() {
             return refuse(format!("{prefix}.interimVolumeTemplate"), "data is restored in place");
+        }
+        if !member.target.volume_claim_templates.is_empty() {
+            return refuse(
+                format!("{prefix}.target.volumeClaimTemplates"),
+                "restores do not create claims yet; create them, then restore into them",
+            );
         }
         for (r, rule) in member.target.rules.iter().enumerate() {
             if rule.snapshots.len() > 1 {
@@ -584,6 +591,9 @@ mod tests {
         };
         let pvc = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "d"});
         assert_eq!(unsupported(&spec(json!({"target": {"ref": pvc}}))), None);
+        // A hook naming no action runs nothing, as in Stash: nothing to refuse.
+        let no_action = json!({"target": {"ref": pvc}, "hooks": {"postRestore": {"executionPolicy": "Always"}}});
+        assert_eq!(unsupported(&spec(no_action)), None);
         let cases = [
             (
                 json!({"target": {"ref": pvc}, "hooks": {"preRestore": {"exec": {"command": ["true"]}}}}),
@@ -594,6 +604,14 @@ mod tests {
                 "spec.members[0].hooks.postRestore",
             ),
             (json!({"target": {"ref": pvc, "args": ["--no-lock"]}}), "spec.members[0].target.args"),
+            (
+                json!({"target": {"ref": pvc, "volumeClaimTemplates": [{"metadata": {"name": "data"}}]}}),
+                "spec.members[0].target.volumeClaimTemplates",
+            ),
+            (
+                json!({"target": {"ref": pvc}, "hooks": {"postRestore": {"httpGet": {"port": 80}, "executionPolicy": "OnSuccess"}}}),
+                "spec.members[0].hooks.postRestore",
+            ),
             (
                 json!({"target": {"ref": pvc, "rules": [{"snapshots": ["a", "b"]}]}}),
                 "spec.members[0].target.rules[0].snapshots",
