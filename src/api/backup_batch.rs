@@ -126,6 +126,24 @@ impl BackupBatchSpec {
             if let Err(refused) = member.target.check_args(i) {
                 return Some(("ResticFlagNotAllowed", refused.to_string()));
             }
+            if member.interim_volume_template.is_some() {
+                return Some((
+                    "UnsupportedField",
+                    format!(
+                        "spec.members[{i}].interimVolumeTemplate is not supported: backups stream from the volume or the \
+                         database into restic with no interim copy; remove it"
+                    ),
+                ));
+            }
+            if member.task.as_ref().is_some_and(|t| !t.params.is_empty()) {
+                return Some((
+                    "UnsupportedField",
+                    format!(
+                        "spec.members[{i}].task.params is not supported: the task name picks the dump tool and its \
+                         options are fixed (README, Database members); remove them"
+                    ),
+                ));
+            }
             let (target, alias) = (&member.target.reference, member.target.host_alias());
             if alias.contains([',', '=']) || alias.chars().any(char::is_whitespace) {
                 return Some((
@@ -290,5 +308,23 @@ mod tests {
         let (reason, message) = spec.member_problem().expect("a problem");
         assert_eq!(reason, "ResticFlagNotAllowed");
         assert!(message.starts_with("spec.members[1].target.args[2]: --password-command is not"), "{message}");
+    }
+
+    /// Stash fields we accept in the schema but do not act on are refused by name, never ignored.
+    #[test]
+    fn fields_accepted_but_not_acted_on_are_refused_by_name() {
+        let mut interim = spec(&[("db", "Secret", "pg")]);
+        interim.members[0].interim_volume_template = Some(Default::default());
+        let (reason, message) = interim.member_problem().expect("refused");
+        assert_eq!(reason, "UnsupportedField");
+        assert!(message.starts_with("spec.members[0].interimVolumeTemplate"), "{message}");
+        let mut params = spec(&[("db", "Secret", "pg")]);
+        params.members[0].task = Some(TaskRef {
+            name: "postgres-backup-15".into(),
+            params: vec![crate::api::common::Param { name: "args".into(), value: "--clean".into() }],
+        });
+        let (reason, message) = params.member_problem().expect("refused");
+        assert_eq!(reason, "UnsupportedField");
+        assert!(message.starts_with("spec.members[0].task.params"), "{message}");
     }
 }

@@ -43,6 +43,16 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
         Err(refusal) => Desired::new(BACKEND_SECRET_FOUND, false, refusal.reason(), "the Repository cannot be used"),
     };
     let repository_condition = match &repository {
+        // wipeOut is not acted on; keeping the data is the safe side, so it is said, not refused.
+        Ok(repo) if repo.spec.wipe_out => Desired::new(
+            REPOSITORY_FOUND,
+            true,
+            "RepositoryAvailable",
+            format!(
+                "Repository {} found; its spec.wipeOut is not acted on: deleting the Repository keeps the data",
+                repo.name_any()
+            ),
+        ),
         Ok(repo) => {
             Desired::new(REPOSITORY_FOUND, true, "RepositoryAvailable", format!("Repository {} found", repo.name_any()))
         }
