@@ -1,11 +1,11 @@
 //! End to end on the real node, as a user runs it: the operator installed from `deploy/` (two
 //! replicas, the shipped RBAC, self-managed webhook certificates, the webhook reached through its
 //! Service); an application in a namespace enforcing Pod Security `restricted` (a Deployment writing to
-//! a PVC, a standalone PVC, PostgreSQL as a StatefulSet); one BackupBatch whose CronJob fires, with exec
-//! hooks in the application's container; the sidecar, a PVC Job and a pg_dump Job backing up for real
+//! a PVC, a standalone PVC, PostgreSQL and MariaDB as StatefulSets); one BackupBatch whose CronJob fires, with exec
+//! hooks in the application's container; the sidecar, a PVC Job, a pg_dump and a mysqldump Job backing up for real
 //! into a REST server on the host, while the leading operator Pod is killed and the other replica
 //! finishes the session; then a RestoreBatch in a fresh namespace that brings every file back byte for
-//! byte and the table's rows back identical.
+//! byte and both databases' rows back identical.
 //! Without a node (`STASH_NODE_IP` unset: plain `cargo test`) it says so and passes; `scripts/test.sh`
 //! always runs it with one.
 
@@ -207,6 +207,64 @@ fn psql(ns: &TestNamespace, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// MariaDB 10.11 as a StatefulSet with a Service, and Secret `maria-conn` (the database member).
+async fn mariadb(ns: &TestNamespace) {
+    let container = json!({
+        "name": "mariadb", "image": "stash.local/mariadb:dev", "imagePullPolicy": "Never",
+        "env": [{"name": "MARIADB_ROOT_PASSWORD", "value": PG_PASSWORD}, {"name": "MARIADB_DATABASE", "value": "shop"}],
+        "ports": [{"containerPort": 3306}],
+        "volumeMounts": [{"name": "data", "mountPath": "/var/lib/mysql"}],
+        "readinessProbe": {"exec": {"command": ["mariadb-admin", "--no-defaults", "-h", "127.0.0.1", "ping"]},
+                           "periodSeconds": 1},
+        "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
+    });
+    let mut pod = restricted_pod(json!([container]), json!([{"name": "data", "emptyDir": {}}]));
+    pod["securityContext"]["runAsUser"] = json!(65532);
+    pod["securityContext"]["runAsGroup"] = json!(65532);
+    pod["securityContext"]["fsGroup"] = json!(65532);
+    fixtures::create::<k8s_openapi::api::apps::v1::StatefulSet>(
+        ns,
+        json!({"metadata": {"name": "maria"}, "spec": {"serviceName": "maria", "replicas": 1,
+            "selector": {"matchLabels": {"app": "maria"}},
+            "template": {"metadata": {"labels": {"app": "maria"}}, "spec": pod}}}),
+    )
+    .await;
+    fixtures::create::<k8s_openapi::api::core::v1::Service>(
+        ns,
+        json!({"metadata": {"name": "maria"}, "spec": {"selector": {"app": "maria"}, "ports": [{"port": 3306}]}}),
+    )
+    .await;
+    let connection = json!({"host": format!("maria.{}.svc.cluster.local", ns.name), "port": "3306",
+                            "username": "root", "password": PG_PASSWORD, "database": "shop"});
+    fixtures::create::<k8s_openapi::api::core::v1::Secret>(
+        ns,
+        json!({"metadata": {"name": "maria-conn"}, "stringData": connection}),
+    )
+    .await;
+    let pods = ns.api::<Pod>();
+    eventually("MariaDB ready", LIMIT, || {
+        let pods = pods.clone();
+        async move {
+            let pod = pods.get("maria-0").await.ok()?;
+            let ready = pod.status?.conditions?.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+            ready.then_some(())
+        }
+    })
+    .await;
+}
+
+/// `mariadb` in the database's own Pod, printing the result only.
+fn maria_sql(ns: &TestNamespace, sql: &str) -> String {
+    let password = format!("-p{PG_PASSWORD}");
+    let args = ["-n", &ns.name, "exec", "maria-0", "--", "mariadb", "--no-defaults", "-h", "127.0.0.1", "-uroot"];
+    let out = kubectl(&[&args[..], &[password.as_str(), "shop", "-NBe", sql]].concat());
+    assert!(out.status.success(), "mariadb {sql:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+const MARIA_CHECKSUM: &str =
+    "SELECT CONCAT(COUNT(*), ':', MD5(GROUP_CONCAT(CONCAT_WS('|', id, name, qty) ORDER BY id))) FROM items";
+
 const ROWS_CHECKSUM: &str = "SELECT count(*) || ':' || md5(string_agg(t::text, ',' ORDER BY id)) FROM items t";
 
 /// A StatefulSet of two replicas, each with its own claim `data-ledger-<ordinal>`, writing its own
@@ -254,7 +312,7 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
         eprintln!("skipped: no node (STASH_NODE_IP unset; scripts/test.sh brings one up)");
         return;
     };
-    node::import_images(&["stash", "toolbox", "postgres"]);
+    node::import_images(&["stash", "toolbox", "postgres", "mariadb"]);
     let rest = backends::rest_server_on(node_ip.into());
     let volumes = tempfile::tempdir().expect("volumes dir");
     let _operator = Installed::install().await;
@@ -284,6 +342,8 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
             json!({"target": {"alias": "archive", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "archive"}}}),
             json!({"target": {"alias": "shop-db", "ref": {"apiVersion": "v1", "kind": "Secret", "name": "pg-conn"}},
                    "task": {"name": "postgres-backup-15"}}),
+            json!({"target": {"alias": "shop-maria", "ref": {"apiVersion": "v1", "kind": "Secret", "name": "maria-conn"}},
+                   "task": {"name": "mariadb-backup-10.11"}}),
         ],
         json!({"schedule": "* * * * *", "executionOrder": "Sequential", "timeOut": "10m",
                "hooks": {"preBackup": hook("pre-hook"), "postBackup": post},
@@ -302,6 +362,13 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
          INSERT INTO items (name, qty) SELECT 'item ' || g, g % 17 FROM generate_series(1, 5000) g",
     );
     let checksum = psql(&app, ROWS_CHECKSUM);
+    mariadb(&app).await;
+    maria_sql(
+        &app,
+        "CREATE TABLE items (id INT PRIMARY KEY AUTO_INCREMENT, name TEXT, qty INT); \
+         INSERT INTO items (name, qty) SELECT CONCAT('item ', seq), seq % 17 FROM seq_1_to_5000",
+    );
+    let maria_checksum = maria_sql(&app, MARIA_CHECKSUM);
 
     // The webhook injected the sidecar when the Deployment's Pod was created.
     let pods = app.api::<Pod>();
@@ -438,6 +505,7 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
     }
     fixtures::create::<k8s_openapi::api::apps::v1::StatefulSet>(&fresh, ledger(false)).await;
     postgres(&fresh).await;
+    mariadb(&fresh).await;
     fixtures::create::<RestoreBatch>(
         &fresh,
         json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "RestoreBatch",
@@ -450,19 +518,23 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
                         "volumeMounts": [{"name": "data", "mountPath": "/data"}]}},
             {"target": {"alias": "archive", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "archive"}}},
             {"target": {"alias": "shop-db", "ref": {"apiVersion": "v1", "kind": "Secret", "name": "pg-conn"}},
-             "task": {"name": "postgres-restore-15"}}]}}),
+             "task": {"name": "postgres-restore-15"}},
+            {"target": {"alias": "shop-maria", "ref": {"apiVersion": "v1", "kind": "Secret", "name": "maria-conn"}},
+             "task": {"name": "mariadb-restore-10.11"}}]}}),
     )
     .await;
     let restores = fresh.api::<RestoreBatch>();
-    let restored = eventually("the restore to finish", LIMIT, || {
-        let restores = restores.clone();
-        async move {
-            let restore = restores.get("clone").await.ok()?;
-            let phase = restore.status.as_ref()?.phase?;
-            matches!(phase, RestorePhase::Succeeded | RestorePhase::Failed | RestorePhase::Invalid).then_some(restore)
+    let started = std::time::Instant::now();
+    let restored = loop {
+        let restore = restores.get("clone").await.expect("the RestoreBatch");
+        let phase = restore.status.as_ref().and_then(|s| s.phase);
+        if matches!(phase, Some(RestorePhase::Succeeded | RestorePhase::Failed | RestorePhase::Invalid)) {
+            break restore;
         }
-    })
-    .await;
+        // A hang guard that says where the restore stood.
+        assert!(started.elapsed() < LIMIT, "the restore did not finish: {:#?}", restore.status);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
     let status = restored.status.expect("status");
     assert_eq!(status.phase, Some(RestorePhase::Succeeded), "{status:#?}");
     assert_eq!(status.restored_session.as_deref(), Some(name.as_str()));
@@ -489,4 +561,5 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
         "the archive PVC is byte-identical"
     );
     assert_eq!(psql(&fresh, ROWS_CHECKSUM), checksum, "the table's rows are identical");
+    assert_eq!(maria_sql(&fresh, MARIA_CHECKSUM), maria_checksum, "MariaDB's rows are identical");
 }
