@@ -158,41 +158,51 @@ const PG_PASSWORD: &str = "e2e-pg-password-7c1d";
 /// reach it by its DNS name (the database member).
 async fn postgres(ns: &TestNamespace) {
     let container = json!({
-        "name": "postgres", "image": "stash.local/postgres:dev", "imagePullPolicy": "Never",
+        "image": "stash.local/postgres:dev",
         "env": [{"name": "POSTGRES_PASSWORD", "value": PG_PASSWORD}, {"name": "POSTGRES_DB", "value": "shop"}],
-        "ports": [{"containerPort": 5432}],
         "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}],
         "readinessProbe": {"exec": {"command": ["pg_isready", "-h", "127.0.0.1"]}, "periodSeconds": 1},
-        "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
     });
+    database(ns, "pg", 5432, container, "postgres").await;
+}
+
+/// Database `name` as a StatefulSet of one restricted Pod (`container` completed with its name, port
+/// and securityContext) with a Service, and Secret `<name>-conn` connecting `username` to its `shop`
+/// database (the member); waits until it is ready.
+async fn database(ns: &TestNamespace, name: &str, port: u16, mut container: Value, username: &str) {
+    container["name"] = json!(name);
+    container["imagePullPolicy"] = json!("Never");
+    container["ports"] = json!([{"containerPort": port}]);
+    container["securityContext"] = json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}});
     let mut pod = restricted_pod(json!([container]), json!([{"name": "data", "emptyDir": {}}]));
     pod["securityContext"]["runAsUser"] = json!(65532);
     pod["securityContext"]["runAsGroup"] = json!(65532);
     pod["securityContext"]["fsGroup"] = json!(65532);
     fixtures::create::<k8s_openapi::api::apps::v1::StatefulSet>(
         ns,
-        json!({"metadata": {"name": "pg"}, "spec": {"serviceName": "pg", "replicas": 1,
-            "selector": {"matchLabels": {"app": "pg"}},
-            "template": {"metadata": {"labels": {"app": "pg"}}, "spec": pod}}}),
+        json!({"metadata": {"name": name}, "spec": {"serviceName": name, "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}}, "spec": pod}}}),
     )
     .await;
     fixtures::create::<k8s_openapi::api::core::v1::Service>(
         ns,
-        json!({"metadata": {"name": "pg"}, "spec": {"selector": {"app": "pg"}, "ports": [{"port": 5432}]}}),
+        json!({"metadata": {"name": name}, "spec": {"selector": {"app": name}, "ports": [{"port": port}]}}),
     )
     .await;
-    let connection = json!({"host": format!("pg.{}.svc.cluster.local", ns.name), "port": "5432",
-                            "username": "postgres", "password": PG_PASSWORD, "database": "shop"});
+    let connection = json!({"host": format!("{name}.{}.svc.cluster.local", ns.name), "port": port.to_string(),
+                            "username": username, "password": PG_PASSWORD, "database": "shop"});
     fixtures::create::<k8s_openapi::api::core::v1::Secret>(
         ns,
-        json!({"metadata": {"name": "pg-conn"}, "stringData": connection}),
+        json!({"metadata": {"name": format!("{name}-conn")}, "stringData": connection}),
     )
     .await;
     let pods = ns.api::<Pod>();
-    eventually("PostgreSQL ready", LIMIT, || {
-        let pods = pods.clone();
+    let pod_name = format!("{name}-0");
+    eventually(&format!("database {name} ready"), LIMIT, || {
+        let (pods, pod_name) = (pods.clone(), pod_name.clone());
         async move {
-            let pod = pods.get("pg-0").await.ok()?;
+            let pod = pods.get(&pod_name).await.ok()?;
             let ready = pod.status?.conditions?.iter().any(|c| c.type_ == "Ready" && c.status == "True");
             ready.then_some(())
         }
@@ -210,47 +220,13 @@ fn psql(ns: &TestNamespace, sql: &str) -> String {
 /// MariaDB 10.11 as a StatefulSet with a Service, and Secret `maria-conn` (the database member).
 async fn mariadb(ns: &TestNamespace) {
     let container = json!({
-        "name": "mariadb", "image": "stash.local/mariadb:dev", "imagePullPolicy": "Never",
+        "image": "stash.local/mariadb:dev",
         "env": [{"name": "MARIADB_ROOT_PASSWORD", "value": PG_PASSWORD}, {"name": "MARIADB_DATABASE", "value": "shop"}],
-        "ports": [{"containerPort": 3306}],
         "volumeMounts": [{"name": "data", "mountPath": "/var/lib/mysql"}],
         "readinessProbe": {"exec": {"command": ["mariadb-admin", "--no-defaults", "-h", "127.0.0.1", "ping"]},
                            "periodSeconds": 1},
-        "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}},
     });
-    let mut pod = restricted_pod(json!([container]), json!([{"name": "data", "emptyDir": {}}]));
-    pod["securityContext"]["runAsUser"] = json!(65532);
-    pod["securityContext"]["runAsGroup"] = json!(65532);
-    pod["securityContext"]["fsGroup"] = json!(65532);
-    fixtures::create::<k8s_openapi::api::apps::v1::StatefulSet>(
-        ns,
-        json!({"metadata": {"name": "maria"}, "spec": {"serviceName": "maria", "replicas": 1,
-            "selector": {"matchLabels": {"app": "maria"}},
-            "template": {"metadata": {"labels": {"app": "maria"}}, "spec": pod}}}),
-    )
-    .await;
-    fixtures::create::<k8s_openapi::api::core::v1::Service>(
-        ns,
-        json!({"metadata": {"name": "maria"}, "spec": {"selector": {"app": "maria"}, "ports": [{"port": 3306}]}}),
-    )
-    .await;
-    let connection = json!({"host": format!("maria.{}.svc.cluster.local", ns.name), "port": "3306",
-                            "username": "root", "password": PG_PASSWORD, "database": "shop"});
-    fixtures::create::<k8s_openapi::api::core::v1::Secret>(
-        ns,
-        json!({"metadata": {"name": "maria-conn"}, "stringData": connection}),
-    )
-    .await;
-    let pods = ns.api::<Pod>();
-    eventually("MariaDB ready", LIMIT, || {
-        let pods = pods.clone();
-        async move {
-            let pod = pods.get("maria-0").await.ok()?;
-            let ready = pod.status?.conditions?.iter().any(|c| c.type_ == "Ready" && c.status == "True");
-            ready.then_some(())
-        }
-    })
-    .await;
+    database(ns, "maria", 3306, container, "root").await;
 }
 
 /// `mariadb` in the database's own Pod, printing the result only.

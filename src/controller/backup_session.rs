@@ -101,13 +101,8 @@ pub async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Context>) -> Result
             Ok(Action::requeue(Duration::from_millis(10)))
         }
         (Some(Claimed::HookJob(hook)), Some(batch)) => {
-            let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
-            match jobs.create(&PostParams::default(), &hook_job(batch, &session, hook, &ctx.trigger_image)).await {
-                Ok(_) => {}
-                // Another controller made it: its one Pod sends the hook, at most once.
-                Err(kube::Error::Api(e)) if e.code == 409 => {}
-                Err(err) => return Err(err.into()),
-            }
+            // Made by another controller meanwhile: its one Pod sends the hook, at most once.
+            create_job(&ctx, &namespace, &hook_job(batch, &session, hook, &ctx.trigger_image)).await?;
             Ok(Action::await_change())
         }
         _ => Ok(action),
@@ -457,13 +452,20 @@ async fn ensure_finalized(session: &BackupSession, batch: &BackupBatch, ctx: &Co
     let job = finalize_job(batch, session, &repository, &ctx.trigger_image);
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
     if jobs.get_opt(&job.name_any()).await?.is_none() {
-        match jobs.create(&PostParams::default(), &job).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(err) => return Err(err.into()),
-        }
+        create_job(ctx, &namespace, &job).await?;
     }
     Ok(())
+}
+
+/// Creates `job` unless a Job of its name exists: the name is the session's and the step's, so an
+/// existing one is this very Job, made by another reconcile or controller.
+async fn create_job(ctx: &Context, namespace: &str, job: &Job) -> Result<(), ControllerError> {
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
+    match jobs.create(&PostParams::default(), job).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(err) => Err(err.into()),
+    }
 }
 
 fn fail(status: &mut BackupSessionStatus, reason: &str, message: &str) {
@@ -538,7 +540,8 @@ async fn record_on_batch(session: &BackupSession, batch: &BackupBatch, ctx: &Con
     if replaces(current.and_then(|s| s.last_session.as_ref()), &record) {
         status.insert("lastSession".into(), serde_json::to_value(&record).unwrap_or_default());
     }
-    if succeeded && replaces(current.and_then(|s| s.last_successful_session.as_ref()), &record) {
+    let newer_success = succeeded && replaces(current.and_then(|s| s.last_successful_session.as_ref()), &record);
+    if newer_success {
         status.insert("lastSuccessfulSession".into(), serde_json::to_value(&record).unwrap_or_default());
     }
     let namespace = session.namespace().unwrap_or_default();
@@ -558,7 +561,7 @@ async fn record_on_batch(session: &BackupSession, batch: &BackupBatch, ctx: &Con
         let params = PatchParams::apply(SESSION_RECORDS_MANAGER).force();
         batches.patch_status(&batch.name_any(), &params, &Patch::Apply(&patch)).await?;
     }
-    if succeeded && replaces(current.and_then(|s| s.last_successful_session.as_ref()), &record) {
+    if newer_success {
         export_last_success(ctx, &namespace, &batch.name_any(), &record);
     }
     Ok(())
