@@ -145,11 +145,15 @@ impl Setup {
         restore_from: Value,
         volumes: Volumes<'_>,
     ) -> RestoreBatch {
+        let mut spec = json!({"repository": {"name": "repo"}, "members": members});
+        // Null: no restoreFrom at all, as a Stash manifest has none.
+        if !restore_from.is_null() {
+            spec["restoreFrom"] = restore_from;
+        }
         fixtures::create::<RestoreBatch>(
             &self.ns,
             json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "RestoreBatch",
-                   "metadata": {"name": name, "namespace": self.ns.name},
-                   "spec": {"repository": {"name": "repo"}, "members": members, "restoreFrom": restore_from}}),
+                   "metadata": {"name": name, "namespace": self.ns.name}, "spec": spec}),
         )
         .await;
         let label = format!("stash.appscode.com/restore-batch={name}");
@@ -1206,4 +1210,101 @@ async fn the_executor_refuses_restic_flags_added_after_the_session_started() {
     let error = status.targets[0].stats[0].error.clone().unwrap_or_default();
     assert!(!marker.exists(), "the password command never ran");
     assert!(error.starts_with("spec.members[0].target.args[2]: --password-command is not"), "{error}");
+}
+
+/// Backs up `path` (absolute, as Stash's sidecar did) with the plain restic CLI in Stash's layout:
+/// no tags, the member's alias as `--host`, taken at `time`; returns the snapshot id.
+fn stash_backup(setup: &Setup, repo: &str, host: &str, time: &str, path: &Path) -> String {
+    let printed =
+        setup.restic(&["-r", repo, "backup", "--json", "--host", host, "--time", time, &path.to_string_lossy()]);
+    let summary =
+        printed.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).find(|v| v["message_type"] == "summary");
+    summary.and_then(|s| s["snapshot_id"].as_str().map(str::to_string)).expect("a snapshot id")
+}
+
+/// Issue 12: a repository Stash wrote (no session manifests: per-host snapshots, paths as backed up,
+/// a database dump read from stdin as `dumpfile.sql`) restores through a verbatim-style RestoreBatch
+/// without `restoreFrom`: each host's latest snapshot by default, `rules[]` picking the first rule
+/// whose `targetHosts` match, `sourceHost` and named `snapshots` obeyed — and a rule naming a host
+/// the repository does not hold fails that host by name.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repository_stash_wrote_restores_through_its_rules() {
+    let pg = backends::postgres();
+    seed_database(pg.port);
+    let repo = tempfile::tempdir().expect("repo dir");
+    let url = repo.path().to_string_lossy().into_owned();
+    let mut setup = Setup::new("stashlayout", Backend::Local(repo.path())).await;
+    setup.restic(&["-r", &url, "init"]);
+    let source = tempfile::tempdir().expect("the app's files");
+    let html = source.path().join("var/www/html");
+    let mut ids = BTreeMap::new();
+    for (host, time, page) in [
+        ("app", "2026-01-01 10:00:00", "old"),
+        ("app", "2026-01-02 10:00:00", "new"),
+        ("staging", "2026-01-03 10:00:00", "staging"),
+    ] {
+        write_files(&html, &[("index.html", page)]);
+        ids.insert(page, stash_backup(&setup, &url, host, time, &html));
+    }
+    let before = table_checksum(pg.port);
+    let mut dump = Command::new("pg_dump")
+        .args(["--clean", "--if-exists", "-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "shop"])
+        .env("PGPASSWORD", PG_PASSWORD)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("pg_dump runs");
+    let stored = Command::new(backends::restic())
+        .args(["-r", &url, "backup", "--stdin", "--stdin-filename", "dumpfile.sql", "--host", "db"])
+        .envs(setup.secret.iter())
+        .stdin(dump.stdout.take().expect("the dump's output"))
+        .output()
+        .expect("restic runs");
+    assert!(stored.status.success(), "{}", String::from_utf8_lossy(&stored.stderr));
+    assert!(dump.wait().expect("pg_dump ends").success(), "pg_dump");
+    psql(pg.port, "shop", "DELETE FROM items WHERE id % 2 = 0");
+    assert_ne!(table_checksum(pg.port), before);
+
+    fixtures::create::<k8s_openapi::api::apps::v1::Deployment>(
+        &setup.ns,
+        json!({"metadata": {"name": "wordpress-app"}, "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "wp"}},
+            "template": {"metadata": {"labels": {"app": "wp"}}, "spec": {"containers": [{"name": "c", "image": "registry.invalid/c:1"}],
+                "volumes": [{"name": "storage", "persistentVolumeClaim": {"claimName": "wp-html"}}]}}}}),
+    )
+    .await;
+    let db = setup.database_member(pg.port).await;
+    let db = json!({"target": {"alias": "db", "ref": db["target"]["ref"], "rules": [{"snapshots": ["latest"]}]},
+                    "task": {"name": "postgres-restore-15"}});
+    let app = |rules: Value| {
+        json!({"target": {"alias": "app", "ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "wordpress-app"},
+               "rules": rules, "volumeMounts": [{"name": "storage", "mountPath": html.to_string_lossy()}]}})
+    };
+    let page = |claims: &Path| read(&claims.join("wp-html/index.html"));
+
+    let claims = tempfile::tempdir().expect("claims");
+    let restore = setup
+        .restore_on("latest", vec![db, app(json!([{"paths": [html]}]))], Value::Null, Volumes::Claims(claims.path()))
+        .await;
+    assert_eq!(restore.status.as_ref().and_then(|s| s.phase), Some(RestorePhase::Succeeded), "{:?}", restore.status);
+    assert_eq!(page(claims.path()), "new", "the latest snapshot of host app");
+    assert_eq!(table_checksum(pg.port), before, "the dump Stash stored is replayed");
+
+    let claims = tempfile::tempdir().expect("claims");
+    let rules = json!([{"targetHosts": ["elsewhere"], "snapshots": [ids["old"]]}, {"sourceHost": "staging"}]);
+    let restore = setup.restore_on("source-host", vec![app(rules)], Value::Null, Volumes::Claims(claims.path())).await;
+    assert_eq!(restore.status.as_ref().and_then(|s| s.phase), Some(RestorePhase::Succeeded), "{:?}", restore.status);
+    assert_eq!(page(claims.path()), "staging", "the first rule for host app: the latest of host staging");
+
+    let claims = tempfile::tempdir().expect("claims");
+    let named = json!([{"snapshots": [ids["staging"], &ids["old"][..8]]}]);
+    let restore = setup.restore_on("named", vec![app(named)], Value::Null, Volumes::Claims(claims.path())).await;
+    assert_eq!(restore.status.as_ref().and_then(|s| s.phase), Some(RestorePhase::Succeeded), "{:?}", restore.status);
+    assert_eq!(page(claims.path()), "old", "the snapshots the rule names, in its order: the last one's files win");
+
+    let claims = tempfile::tempdir().expect("claims");
+    let missing = json!([{"sourceHost": "prod"}]);
+    let restore = setup.restore_on("missing", vec![app(missing)], Value::Null, Volumes::Claims(claims.path())).await;
+    let status = restore.status.expect("status");
+    assert_eq!(status.phase, Some(RestorePhase::Failed), "{status:?}");
+    let error = status.members[0].stats[0].error.clone().unwrap_or_default();
+    assert!(error.contains("host prod"), "{error}");
 }

@@ -134,9 +134,9 @@ impl Connection {
         Ok(backed_up?)
     }
 
-    /// Streams the dump in `snapshot` back into the database.
-    pub async fn restore(&self, restic: &Restic, snapshot: &str) -> Result<(), AgentError> {
-        let mut dump = restic.dump(snapshot, &format!("/{}", self.dump_filename()))?;
+    /// Streams the dump `file` of `snapshot` back into the database.
+    pub async fn restore(&self, restic: &Restic, snapshot: &str, file: &str) -> Result<(), AgentError> {
+        let mut dump = restic.dump(snapshot, file)?;
         let stdout = dump.stdout.take().ok_or_else(|| AgentError::Database("restic dump has no output".into()))?;
         let stdin: Stdio = stdout.try_into().map_err(|e| AgentError::Database(format!("piping the dump: {e}")))?;
         let mut load = self.restore_command();

@@ -8,18 +8,20 @@
 use super::database::{Connection, Engine};
 use super::executor::{AgentError, Executor};
 use super::job::session_timeout;
-use super::manifest::{self, MANIFEST_TAG};
-use super::retention::NAMESPACE_TAG;
+use super::manifest;
+use super::retention::{NAMESPACE_TAG, is_manifest};
 use super::sidecar::host_name;
 use super::status::{matches, seconds};
 use crate::api::RestoreBatch;
 use crate::api::restore_batch::{
-    HostRestoreStats, RestoreMember, RestoreMemberPhase, RestoreMemberStatus, RestoreRule,
+    HostRestoreStats, RestoreMember, RestoreMemberPhase, RestoreMemberStatus, RestoreRule, SessionSelector,
 };
 use crate::executor_pod::{DATABASE_KIND, RESTORE_HOST_ENV, data_mounts, rule_for};
 use crate::restic::Restic;
+use crate::restic::output::Snapshot;
 use crate::restic::secrets::SecretValues;
 use crate::status_write::update_status;
+use k8s_openapi::jiff::Timestamp;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -91,12 +93,20 @@ async fn restore_member(
     let restic = executor.restic(&repository).await?.waiting_for_locks(session_timeout());
     let selector = restore.spec.restore_from.as_ref();
     let source_namespace = selector.and_then(|s| s.namespace.as_deref()).unwrap_or(executor.namespace());
-    let (snapshot, session) = match rule.and_then(|r| r.snapshots.first()).filter(|s| *s != "latest") {
-        Some(id) => named_snapshot(&restic, source_namespace, member, id).await?,
-        None => {
+    let listing = restic.snapshots(&[]).await?;
+    let alias = alias(member);
+    let wanted = Wanted { namespace: source_namespace, alias: &alias, host, rule, selector };
+    let (snapshots, session): (Vec<&Snapshot>, Option<String>) = match source(&listing, &wanted)? {
+        Source::Named(snapshots) => {
+            let sessions: BTreeSet<Option<&str>> = snapshots.iter().map(|s| s.tag("session")).collect();
+            let session = if sessions.len() == 1 { sessions.into_iter().flatten().next() } else { None };
+            (snapshots, session.map(str::to_string))
+        }
+        Source::StashLatest(snapshot) => (vec![snapshot], None),
+        Source::Session => {
             let batch = match selector.and_then(|s| s.batch.clone()) {
                 Some(batch) => batch,
-                None => only_batch(&restic, source_namespace).await?,
+                None => only_batch(&listing, source_namespace)?,
             };
             let manifest = manifest::select(&restic, source_namespace, &batch, selector).await?;
             let source = manifest.member(&target.kind, &target.name).ok_or_else(|| {
@@ -111,27 +121,88 @@ async fn restore_member(
             let found = source.hosts.iter().find(|h| h.hostname == wanted).ok_or_else(|| {
                 AgentError::Invalid(format!("session {} has no snapshot of host {wanted}", manifest.session))
             })?;
-            (found.snapshot.clone(), Some(manifest.session.clone()))
+            let snapshot = listing.iter().find(|s| s.id == found.snapshot).ok_or_else(|| {
+                AgentError::Invalid(format!("snapshot {} of session {} is gone", found.snapshot, manifest.session))
+            })?;
+            (vec![snapshot], Some(manifest.session.clone()))
         }
     };
-    restore_snapshot(executor, &restic, member, rule, &snapshot, target).await?;
+    // In the order the rule names them: a later snapshot's files win, as in Stash.
+    for snapshot in snapshots {
+        restore_snapshot(executor, &restic, member, rule, snapshot, target).await?;
+    }
     Ok(session)
 }
 
-/// The snapshot `id` of a rule, when it is one of this member in this namespace (never another
-/// namespace's or another member's data); with the session it belongs to.
-async fn named_snapshot(
-    restic: &Restic,
-    namespace: &str,
-    member: &RestoreMember,
-    id: &str,
-) -> Result<(String, Option<String>), AgentError> {
-    let tags = [format!("{NAMESPACE_TAG}={namespace}"), format!("member={}", alias(member))];
-    let snapshots = restic.snapshots(&tags).await?;
-    let found = snapshots.iter().find(|s| s.id == id || (id.len() >= 8 && s.id.starts_with(id))).ok_or_else(|| {
-        AgentError::Invalid(format!("snapshot {id} is not a snapshot of member {} in this namespace", alias(member)))
-    })?;
-    Ok((found.id.clone(), found.tag("session").map(str::to_string)))
+/// What one host of a restore asks for.
+struct Wanted<'a> {
+    /// The namespace whose sessions are restored.
+    namespace: &'a str,
+    alias: &'a str,
+    host: &'a str,
+    rule: Option<&'a RestoreRule>,
+    selector: Option<&'a SessionSelector>,
+}
+
+/// Where a host's snapshots come from.
+#[derive(Debug, PartialEq)]
+enum Source<'a> {
+    /// The snapshots a rule names, in its order.
+    Named(Vec<&'a Snapshot>),
+    /// One complete session, chosen through the manifests.
+    Session,
+    /// A repository Stash wrote (no manifests): the newest snapshot of the rule's source host.
+    StashLatest(&'a Snapshot),
+}
+
+/// Chooses from the repository's listing, without I/O. A rule's snapshot ids are honoured when
+/// each is a snapshot of this member in the source namespace, or one Stash wrote (which carries no
+/// namespace) — never another namespace's or another member's. Without ids, a repository holding
+/// any data of the source namespace (or a `restoreFrom` saying which session) restores a complete
+/// session, so runs are never mixed; only a repository holding nothing of ours but Stash's
+/// snapshots restores Stash's way: per host, the newest snapshot holding the rule's `paths`.
+fn source<'a>(listing: &'a [Snapshot], wanted: &Wanted<'_>) -> Result<Source<'a>, AgentError> {
+    let ours = |s: &Snapshot| s.tag(NAMESPACE_TAG) == Some(wanted.namespace);
+    let named: Vec<&String> = wanted.rule.iter().flat_map(|r| &r.snapshots).filter(|s| *s != "latest").collect();
+    if !named.is_empty() {
+        let eligible = |s: &&Snapshot| (ours(s) && s.tag("member") == Some(wanted.alias)) || stash_written(s);
+        let resolve = |id: &String| {
+            let matches = |s: &&Snapshot| s.id == *id || (id.len() >= 8 && s.id.starts_with(id.as_str()));
+            let mut found = listing.iter().filter(eligible).filter(matches);
+            match (found.next(), found.next()) {
+                (Some(snapshot), None) => Ok(snapshot),
+                (Some(_), Some(_)) => {
+                    Err(AgentError::Invalid(format!("snapshot id {id} is ambiguous: give more of it")))
+                }
+                (None, _) => Err(AgentError::Invalid(format!(
+                    "snapshot {id} is neither a snapshot of member {} in namespace {} nor one Stash wrote",
+                    wanted.alias, wanted.namespace
+                ))),
+            }
+        };
+        return named.into_iter().map(resolve).collect::<Result<_, _>>().map(Source::Named);
+    }
+    let asks_for_session = wanted.selector.is_some_and(|s| *s != SessionSelector::default());
+    let legacy_manifest = |s: &Snapshot| is_manifest(s) && s.tag(NAMESPACE_TAG).is_none();
+    if asks_for_session || listing.iter().any(|s| ours(s) || legacy_manifest(s)) || !listing.iter().any(stash_written) {
+        return Ok(Source::Session);
+    }
+    let source_host = wanted.rule.and_then(|r| r.source_host.as_deref()).unwrap_or(wanted.host);
+    let paths = wanted.rule.map(|r| r.paths.as_slice()).unwrap_or_default();
+    listing
+        .iter()
+        .filter(|s| stash_written(s) && s.hostname == source_host && paths.iter().all(|p| s.paths.contains(p)))
+        .max_by_key(|s| (s.time.parse::<Timestamp>().ok(), s.id.as_str()))
+        .map(Source::StashLatest)
+        .ok_or_else(|| {
+            let with = if paths.is_empty() { String::new() } else { format!(" with paths {}", paths.join(", ")) };
+            AgentError::Invalid(format!("the repository holds no snapshot of host {source_host}{with}"))
+        })
+}
+
+/// A snapshot Stash (or anyone but us) wrote: none of the tags our sessions and manifests carry.
+fn stash_written(snapshot: &Snapshot) -> bool {
+    snapshot.tag("batch").is_none() && snapshot.tag(NAMESPACE_TAG).is_none() && !is_manifest(snapshot)
 }
 
 async fn restore_snapshot(
@@ -139,14 +210,20 @@ async fn restore_snapshot(
     restic: &Restic,
     member: &RestoreMember,
     rule: Option<&RestoreRule>,
-    snapshot: &str,
+    snapshot: &Snapshot,
     target: &RestoreTarget,
 ) -> Result<(), AgentError> {
     if target.kind == DATABASE_KIND {
         let engine = Engine::from_task(member.task.as_ref().map(|t| t.name.as_str()));
         let connection = Connection::from_secret(engine, SecretValues::read_dir(&target.database_secret_dir)?)?;
-        return connection.restore(restic, snapshot).await;
+        // A dump read from stdin is the snapshot's one file, whatever its name (Stash: dumpfile.sql).
+        let file = match snapshot.paths.as_slice() {
+            [file] => file.clone(),
+            _ => format!("/{}", connection.dump_filename()),
+        };
+        return connection.restore(restic, &snapshot.id, &file).await;
     }
+    let snapshot = snapshot.id.as_str();
     let include: Vec<String> = rule.map(|r| r.paths.iter().chain(&r.include).cloned().collect()).unwrap_or_default();
     let exclude: Vec<String> = rule.map(|r| r.exclude.clone()).unwrap_or_default();
     let mounts: Vec<String> = data_mounts(&member.target.volume_mounts).into_iter().map(|m| m.mount_path).collect();
@@ -261,17 +338,15 @@ fn under(path: &str, dir: &str) -> bool {
 }
 
 /// The batch whose sessions a repository holds, when there is exactly one.
-async fn only_batch(restic: &Restic, namespace: &str) -> Result<String, AgentError> {
-    let batches: BTreeSet<String> = restic
-        .snapshots(&[MANIFEST_TAG.to_string()])
-        .await?
+fn only_batch(listing: &[Snapshot], namespace: &str) -> Result<String, AgentError> {
+    let batches: BTreeSet<&str> = listing
         .iter()
-        .filter(|s| s.tag(NAMESPACE_TAG).is_none_or(|ns| ns == namespace))
-        .filter_map(|s| s.tag("batch").map(str::to_string))
+        .filter(|s| is_manifest(s) && s.tag(NAMESPACE_TAG).is_none_or(|ns| ns == namespace))
+        .filter_map(|s| s.tag("batch"))
         .collect();
     let mut names = batches.iter();
     match (names.next(), names.next()) {
-        (Some(batch), None) => Ok(batch.clone()),
+        (Some(batch), None) => Ok(batch.to_string()),
         (None, _) => Err(AgentError::Invalid("the repository holds no complete session".into())),
         _ => Err(AgentError::Invalid(format!(
             "the repository holds sessions of several batches ({}): set spec.restoreFrom.batch",
@@ -319,6 +394,7 @@ async fn report(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn strings(values: &[&str]) -> Vec<String> {
         values.iter().map(|v| v.to_string()).collect()
@@ -347,5 +423,154 @@ mod tests {
         let wrong = Selection::new(&mounts, &wrong, &none);
         assert_eq!(wrong.place("/var", true), Place::Leads);
         assert_eq!(wrong.place("/var/lib/app/x", false), Place::Outside);
+    }
+
+    fn listed(id: &str, host: &str, time: i64, tags: &[&str], paths: &[&str]) -> Snapshot {
+        Snapshot {
+            id: id.into(),
+            short_id: id.chars().take(8).collect(),
+            time: Timestamp::from_second(time).expect("time").to_string(),
+            hostname: host.into(),
+            tags: strings(tags),
+            paths: strings(paths),
+        }
+    }
+
+    fn wanted<'a>(rule: Option<&'a RestoreRule>, selector: Option<&'a SessionSelector>) -> Wanted<'a> {
+        Wanted { namespace: "prod", alias: "app", host: "app", rule, selector }
+    }
+
+    fn ids(source: Result<Source<'_>, AgentError>) -> Result<Vec<String>, String> {
+        match source.map_err(|e| e.to_string())? {
+            Source::Named(found) => Ok(found.iter().map(|s| s.id.clone()).collect()),
+            Source::StashLatest(found) => Ok(vec![found.id.clone()]),
+            Source::Session => Ok(vec!["<session>".into()]),
+        }
+    }
+
+    #[test]
+    fn a_repository_stash_wrote_restores_the_newest_snapshot_of_the_rules_host() {
+        let listing = [
+            listed("a1aaaaaaaaaa", "app", 10, &[], &["/var/www/html"]),
+            listed("a2aaaaaaaaaa", "app", 20, &[], &["/var/www/html"]),
+            listed("a3aaaaaaaaaa", "app", 30, &[], &["/srv"]),
+            listed("s1aaaaaaaaaa", "staging", 40, &[], &["/var/www/html"]),
+        ];
+        assert_eq!(ids(source(&listing, &wanted(None, None))), Ok(strings(&["a3aaaaaaaaaa"])));
+        let paths = RestoreRule { paths: strings(&["/var/www/html"]), ..Default::default() };
+        assert_eq!(ids(source(&listing, &wanted(Some(&paths), None))), Ok(strings(&["a2aaaaaaaaaa"])));
+        let staging = RestoreRule { source_host: Some("staging".into()), ..Default::default() };
+        assert_eq!(ids(source(&listing, &wanted(Some(&staging), None))), Ok(strings(&["s1aaaaaaaaaa"])));
+        let latest = RestoreRule { snapshots: strings(&["latest"]), ..Default::default() };
+        assert_eq!(ids(source(&listing, &wanted(Some(&latest), None))), Ok(strings(&["a3aaaaaaaaaa"])));
+        let named = RestoreRule { snapshots: strings(&["a1aaaaaa", "s1aaaaaaaaaa"]), ..Default::default() };
+        assert_eq!(ids(source(&listing, &wanted(Some(&named), None))), Ok(strings(&["a1aaaaaaaaaa", "s1aaaaaaaaaa"])));
+        let missing = RestoreRule { source_host: Some("prod".into()), ..paths.clone() };
+        let error = ids(source(&listing, &wanted(Some(&missing), None))).expect_err("no such host");
+        assert!(error.contains("no snapshot of host prod with paths /var/www/html"), "{error}");
+        let short = RestoreRule { snapshots: strings(&["a1a"]), ..Default::default() };
+        assert!(ids(source(&listing, &wanted(Some(&short), None))).is_err(), "a short id names nothing");
+        let ambiguous = RestoreRule { snapshots: strings(&["a1aaaaaa", "aaaaaaaa"]), ..Default::default() };
+        let mut twins = listing.to_vec();
+        twins.push(listed("a1aaaaaabbbb", "app", 50, &[], &[]));
+        let error = ids(source(&twins, &wanted(Some(&ambiguous), None))).expect_err("two match");
+        assert!(error.contains("ambiguous"), "{error}");
+    }
+
+    #[test]
+    fn a_repository_with_our_sessions_never_restores_stashs_way() {
+        let stash = listed("a1aaaaaaaaaa", "app", 10, &[], &["/var/www/html"]);
+        let ours = listed("b1aaaaaaaaaa", "app", 5, &["batch=b", "session=s", "namespace=prod", "member=app"], &[]);
+        let theirs = listed("c1aaaaaaaaaa", "app", 5, &["batch=b", "session=s", "namespace=dev", "member=app"], &[]);
+        let legacy = listed("d1aaaaaaaaaa", "stash-manifest", 5, &["batch=b", "session=s", "stash=manifest"], &[]);
+        for listing in [vec![stash.clone(), ours.clone()], vec![stash.clone(), legacy], vec![theirs.clone()], vec![]] {
+            assert_eq!(ids(source(&listing, &wanted(None, None))), Ok(strings(&["<session>"])), "{listing:?}");
+        }
+        let asked = SessionSelector { session: Some("s".into()), ..Default::default() };
+        let listing = [stash.clone(), theirs.clone()];
+        assert_eq!(ids(source(&listing, &wanted(None, Some(&asked)))), Ok(strings(&["<session>"])));
+        assert_eq!(
+            ids(source(&listing, &wanted(None, Some(&SessionSelector::default())))),
+            Ok(strings(&["a1aaaaaaaaaa"]))
+        );
+        let other_namespace = RestoreRule { snapshots: strings(&["c1aaaaaaaaaa"]), ..Default::default() };
+        let error = ids(source(&listing, &wanted(Some(&other_namespace), None))).expect_err("another namespace's");
+        assert!(error.contains("neither a snapshot of member app in namespace prod nor one Stash wrote"), "{error}");
+        let own = RestoreRule { snapshots: strings(&["b1aaaaaaaaaa"]), ..Default::default() };
+        assert_eq!(ids(source(&[ours, theirs], &wanted(Some(&own), None))), Ok(strings(&["b1aaaaaaaaaa"])));
+    }
+
+    /// A random snapshot: our data, another namespace's or member's, a manifest, or Stash's (no tags).
+    fn any_snapshot() -> impl Strategy<Value = Snapshot> {
+        let owner = prop_oneof![Just(None), Just(Some("prod")), Just(Some("dev")), Just(Some("legacy"))];
+        let member = prop_oneof![Just("app"), Just("db")];
+        let host = prop_oneof![Just("app"), Just("staging"), Just("stash-manifest")];
+        let paths = proptest::sample::subsequence(vec!["/var/www/html", "/srv"], 0..=2);
+        (any::<u16>(), 0i64..50, owner, member, any::<bool>(), host, paths).prop_map(
+            |(id, time, owner, member, manifest, host, paths)| {
+                let mut tags = Vec::new();
+                match owner {
+                    // A manifest written before manifests named their namespace.
+                    Some("legacy") => tags.extend(["batch=b", "session=s", "stash=manifest"].map(String::from)),
+                    Some(namespace) => {
+                        tags.extend(["batch=b".to_string(), "session=s".into(), format!("namespace={namespace}")]);
+                        tags.push(if manifest { "stash=manifest".into() } else { format!("member={member}") });
+                    }
+                    None => {}
+                }
+                let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+                listed(&format!("{id:04x}{id:04x}aaaa"), host, time, &tags, &paths)
+            },
+        )
+    }
+
+    fn any_rule() -> impl Strategy<Value = Option<RestoreRule>> {
+        let ids = proptest::collection::vec(prop_oneof![Just("latest".to_string()), "[0-9a-f]{8}"], 0..3);
+        let host = proptest::option::of(prop_oneof![Just("app".to_string()), Just("staging".to_string())]);
+        let paths = proptest::sample::subsequence(vec!["/var/www/html".to_string()], 0..=1);
+        proptest::option::of((ids, host, paths).prop_map(|(snapshots, source_host, paths)| RestoreRule {
+            snapshots,
+            source_host,
+            paths,
+            ..Default::default()
+        }))
+    }
+
+    proptest! {
+        /// Whatever the repository holds and the rule asks, a restore in `prod` of member `app`
+        /// restores only `prod`'s snapshots of `app` or snapshots Stash wrote; it restores Stash's
+        /// way only when the repository holds nothing of `prod`, and then the newest of the host.
+        #[test]
+        fn a_restore_never_takes_another_namespaces_or_members_data(
+            mut listing in proptest::collection::vec(any_snapshot(), 0..12),
+            named in proptest::collection::vec(0usize..12, 0..2),
+            rule in any_rule(),
+        ) {
+            listing.dedup_by(|a, b| a.id == b.id);
+            let mut rule = rule;
+            if let Some(rule) = rule.as_mut() {
+                rule.snapshots.extend(named.iter().filter_map(|i| listing.get(*i)).map(|s| s.id[..8].to_string()));
+            }
+            let ours = |s: &Snapshot| s.tag(NAMESPACE_TAG) == Some("prod");
+            match source(&listing, &wanted(rule.as_ref(), None)) {
+                Ok(Source::Named(found)) => {
+                    for s in found {
+                        prop_assert!((ours(s) && s.tag("member") == Some("app")) || stash_written(s), "{s:?}");
+                    }
+                }
+                Ok(Source::StashLatest(s)) => {
+                    prop_assert!(stash_written(s));
+                    let legacy = |s: &Snapshot| is_manifest(s) && s.tag(NAMESPACE_TAG).is_none();
+                    prop_assert!(!listing.iter().any(|s| ours(s) || legacy(s)), "{listing:?}");
+                    let host = rule.as_ref().and_then(|r| r.source_host.as_deref()).unwrap_or("app");
+                    prop_assert_eq!(&s.hostname, host);
+                    let time = |s: &Snapshot| s.time.parse::<Timestamp>().ok();
+                    let mut newer = listing.iter().filter(|o| stash_written(o) && o.hostname == host && time(o) > time(s));
+                    let paths = rule.as_ref().map(|r| r.paths.clone()).unwrap_or_default();
+                    prop_assert!(!newer.any(|o| paths.iter().all(|p| o.paths.contains(p))));
+                }
+                Ok(Source::Session) | Err(_) => {}
+            }
+        }
     }
 }

@@ -283,8 +283,8 @@ pub(crate) fn unsupported(spec: &RestoreBatchSpec) -> Option<Refusal> {
             );
         }
         for (r, rule) in member.target.rules.iter().enumerate() {
-            if rule.snapshots.len() > 1 {
-                return refuse(format!("{prefix}.target.rules[{r}].snapshots"), "one snapshot id or `latest` per rule");
+            if rule.snapshots.len() > 1 && rule.snapshots.iter().any(|s| s == "latest") {
+                return refuse(format!("{prefix}.target.rules[{r}].snapshots"), "`latest` or snapshot ids, not both");
             }
             let filters = !(rule.paths.is_empty() && rule.include.is_empty() && rule.exclude.is_empty());
             if member.target.reference.kind == DATABASE_KIND && filters {
@@ -613,7 +613,7 @@ mod tests {
                 "spec.members[0].hooks.postRestore",
             ),
             (
-                json!({"target": {"ref": pvc, "rules": [{"snapshots": ["a", "b"]}]}}),
+                json!({"target": {"ref": pvc, "rules": [{"snapshots": ["latest", "b"]}]}}),
                 "spec.members[0].target.rules[0].snapshots",
             ),
         ];
