@@ -3,12 +3,14 @@
 //! volume, where data and secrets are mounted, and what the controller tells a restore about its host.
 //! Shared by the webhook and the controller, which build these Pods, and the agent, which runs in them.
 
-use crate::api::common::ContainerRuntimeSettings;
+use crate::api::common::{ContainerRuntimeSettings, PodRuntimeSettings};
 use crate::api::restore_batch::RestoreRule;
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EnvVar, EnvVarSource, ObjectFieldSelector, SeccompProfile, SecretVolumeSource,
+    Capabilities, Container, EnvVar, EnvVarSource, ObjectFieldSelector, PodSpec, SeccompProfile, SecretVolumeSource,
     SecurityContext, Volume, VolumeMount,
 };
+use kube::core::ObjectMeta;
+use std::collections::BTreeMap;
 
 pub const SIDECAR_NAME: &str = "stash";
 pub const TMP_MOUNT_PATH: &str = "/tmp";
@@ -110,6 +112,39 @@ pub(crate) fn secret_volume(name: &str, secret_name: &str) -> Volume {
             default_mode: Some(0o444),
             ..Default::default()
         }),
+        ..Default::default()
+    }
+}
+
+/// The pod-level `runtimeSettings` as a PodSpec to merge under a Pod's own fields. The identity is
+/// not among them: our Pods run as the ServiceAccounts the operator grants their rights to.
+pub(crate) fn pod_settings(pod: Option<&PodRuntimeSettings>) -> PodSpec {
+    let Some(pod) = pod else { return PodSpec::default() };
+    PodSpec {
+        node_selector: Some(pod.node_selector.clone()).filter(|s| !s.is_empty()),
+        node_name: pod.node_name.clone(),
+        security_context: pod.security_context.clone(),
+        image_pull_secrets: Some(pod.image_pull_secrets.clone()).filter(|s| !s.is_empty()),
+        affinity: pod.affinity.clone(),
+        tolerations: Some(pod.tolerations.clone()).filter(|t| !t.is_empty()),
+        priority_class_name: pod.priority_class_name.clone(),
+        priority: pod.priority,
+        scheduler_name: pod.scheduler_name.clone(),
+        runtime_class_name: pod.runtime_class_name.clone(),
+        automount_service_account_token: pod.automount_service_account_token,
+        enable_service_links: pod.enable_service_links,
+        ..Default::default()
+    }
+}
+
+/// A pod template's metadata: `labels` over the settings' `podLabels` (ours select and own the
+/// Pods, so they win), and the settings' `podAnnotations`.
+pub(crate) fn pod_metadata(labels: BTreeMap<String, String>, pod: Option<&PodRuntimeSettings>) -> ObjectMeta {
+    let mut merged = pod.map(|p| p.pod_labels.clone()).unwrap_or_default();
+    merged.extend(labels);
+    ObjectMeta {
+        labels: Some(merged),
+        annotations: pod.map(|p| p.pod_annotations.clone()).filter(|a| !a.is_empty()),
         ..Default::default()
     }
 }

@@ -101,6 +101,29 @@ pub struct PodRuntimeSettings {
     pub enable_service_links: Option<bool>,
 }
 
+impl PodRuntimeSettings {
+    /// The field a Job of ours cannot honour, with why, if one is set.
+    pub fn refused_in_jobs(&self) -> Option<(&'static str, &'static str)> {
+        if self.service_account_name.is_some() {
+            return Some((
+                "pod.serviceAccountName",
+                "member Jobs run as stash-backup, the identity the operator grants their rights to; another \
+                 account would lend its rights to whoever writes the batch",
+            ));
+        }
+        if !self.service_account_annotations.is_empty() {
+            return Some((
+                "pod.serviceAccountAnnotations",
+                "stash-backup is shared by the namespace's batches; annotate it yourself (e.g. for workload identity)",
+            ));
+        }
+        if self.automount_service_account_token == Some(false) {
+            return Some(("pod.automountServiceAccountToken", "executors report to the API server with their token"));
+        }
+        None
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerRuntimeSettings {

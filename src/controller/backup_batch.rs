@@ -1,11 +1,12 @@
 //! BackupBatch → validation conditions, the trigger CronJob and its identity, status and Events.
 
+use super::backup_job::is_job_model;
 use super::context::{Context, ControllerError, FIELD_MANAGER};
 use super::identity;
 use super::targets::{self, TargetState};
 use super::trigger::{CRONJOB_NAME_MAX, cronjob_name, trigger_cronjob};
-use crate::api::backup_batch::{BackupBatchStatus, BackupInvokerPhase, Driver, MemberConditions};
-use crate::api::common::{ConditionStatus, TargetRef};
+use crate::api::backup_batch::{BackupBatchSpec, BackupBatchStatus, BackupInvokerPhase, Driver, MemberConditions};
+use crate::api::common::{ConditionStatus, PodRuntimeSettings, TargetRef};
 use crate::api::{BackupBatch, Repository};
 use crate::conditions::{self, Desired};
 use crate::metrics::BatchLabels;
@@ -212,6 +213,9 @@ fn validate(batch: &BackupBatch, ctx: &Context) -> Desired {
     if let Some((reason, message)) = batch.spec.member_problem() {
         return Desired::new(VALIDATION_PASSED, false, reason, message);
     }
+    if let Some(message) = runtime_refusal(&batch.spec) {
+        return Desired::new(VALIDATION_PASSED, false, "UnsupportedField", message);
+    }
     if let Some((target, other)) = claimed_elsewhere(batch, ctx) {
         return Desired::new(
             VALIDATION_PASSED,
@@ -224,6 +228,32 @@ fn validate(batch: &BackupBatch, ctx: &Context) -> Desired {
         );
     }
     Desired::new(VALIDATION_PASSED, true, "ValidationSucceeded", "the batch is valid")
+}
+
+/// A pod-level `runtimeSettings` field that the Pods it would apply to cannot honour, as a message.
+/// The batch's own settings apply to its trigger, finalize and hook Pods (its serviceAccountName
+/// to the trigger only); a member's to its Jobs; a sidecar's Pod is the workload's.
+fn runtime_refusal(spec: &BackupBatchSpec) -> Option<String> {
+    let batch = spec.runtime_settings.as_ref().and_then(|r| r.pod.as_ref());
+    let batch = batch.map(|p| PodRuntimeSettings { service_account_name: None, ..p.clone() });
+    if let Some((field, why)) = batch.as_ref().and_then(PodRuntimeSettings::refused_in_jobs) {
+        return Some(format!("spec.runtimeSettings.{field} is not supported: {why}"));
+    }
+    for (i, member) in spec.members.iter().enumerate() {
+        let Some(pod) = member.runtime_settings.as_ref().and_then(|r| r.pod.as_ref()) else { continue };
+        let refused = if is_job_model(member) {
+            pod.refused_in_jobs()
+        } else {
+            (*pod != PodRuntimeSettings::default()).then_some((
+                "pod",
+                "the member is backed up by the sidecar in its workload's own Pods; set these on the workload",
+            ))
+        };
+        if let Some((field, why)) = refused {
+            return Some(format!("spec.members[{i}].runtimeSettings.{field} is not supported: {why}"));
+        }
+    }
+    None
 }
 
 /// A member target that an older batch of the namespace already backs up.
@@ -400,6 +430,53 @@ async fn publish(ctx: &Context, batch: &BackupBatch, type_: EventType, reason: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 12: pod settings are honoured where a Pod of ours runs, and refused by name where
+    /// they cannot be (a sidecar's Pod is the workload's; Jobs keep their identity and token).
+    #[test]
+    fn pod_settings_a_members_pods_cannot_honour_are_refused_by_name() {
+        let batch = |members: serde_json::Value, runtime: serde_json::Value| -> BackupBatchSpec {
+            serde_json::from_value(
+                serde_json::json!({"repository": {"name": "r"}, "members": members, "runtimeSettings": runtime}),
+            )
+            .expect("a spec")
+        };
+        let pvc = |pod: serde_json::Value| {
+            serde_json::json!([{"target": {"ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "d"}},
+                "runtimeSettings": {"pod": pod}}])
+        };
+        let app = |pod: serde_json::Value| {
+            serde_json::json!([{"target": {"ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "a"}},
+                "runtimeSettings": {"pod": pod}}])
+        };
+        let none = serde_json::json!({});
+        assert_eq!(runtime_refusal(&batch(pvc(serde_json::json!({"nodeSelector": {"a": "b"}})), none.clone())), None);
+        assert_eq!(runtime_refusal(&batch(app(none.clone()), none.clone())), None, "an empty pod block says nothing");
+        let trigger = serde_json::json!({"pod": {"serviceAccountName": "cron"}});
+        assert_eq!(runtime_refusal(&batch(app(none.clone()), trigger)), None, "the trigger's own identity");
+        let cases = [
+            (
+                batch(pvc(serde_json::json!({"serviceAccountName": "admin"})), none.clone()),
+                "spec.members[0].runtimeSettings.pod.serviceAccountName",
+            ),
+            (
+                batch(pvc(serde_json::json!({"automountServiceAccountToken": false})), none.clone()),
+                "spec.members[0].runtimeSettings.pod.automountServiceAccountToken",
+            ),
+            (
+                batch(app(serde_json::json!({"nodeSelector": {"a": "b"}})), none.clone()),
+                "spec.members[0].runtimeSettings.pod ",
+            ),
+            (
+                batch(app(none.clone()), serde_json::json!({"pod": {"serviceAccountAnnotations": {"k": "v"}}})),
+                "spec.runtimeSettings.pod.serviceAccountAnnotations",
+            ),
+        ];
+        for (spec, field) in cases {
+            let message = runtime_refusal(&spec).expect("refused");
+            assert!(message.starts_with(field), "{message}");
+        }
+    }
 
     #[test]
     fn the_trigger_is_withheld_while_invalid_or_while_the_repository_refuses_this_namespace() {

@@ -66,7 +66,7 @@ pub fn backup_job(
         ],
         image,
         repository: Some(repository),
-        runtime: member.runtime_settings.as_ref().and_then(|r| r.container.as_ref()),
+        runtime: member.runtime_settings.as_ref(),
         temp_dir: member.temp_dir.as_ref(),
         data: data.into_iter().collect(),
         database_secret: (target.kind == DATABASE_KIND).then(|| target.name.clone()),
@@ -85,7 +85,7 @@ pub fn finalize_job(batch: &BackupBatch, session: &BackupSession, repository: &R
         args: vec!["finalize-session".into(), format!("--session={}", session.name_any())],
         image,
         repository: Some(repository),
-        runtime: None,
+        runtime: batch.spec.runtime_settings.as_ref(),
         temp_dir: None,
         data: Vec::new(),
         database_secret: None,
@@ -112,7 +112,7 @@ pub fn hook_job(batch: &BackupBatch, session: &BackupSession, hook: Hook, image:
         args: vec!["run-hook".into(), format!("--session={}", session.name_any()), format!("--hook={}", hook.label())],
         image,
         repository: None,
-        runtime: None,
+        runtime: batch.spec.runtime_settings.as_ref(),
         temp_dir: None,
         data: Vec::new(),
         database_secret: None,
@@ -123,7 +123,43 @@ pub fn hook_job(batch: &BackupBatch, session: &BackupSession, hook: Hook, image:
 
 #[cfg(test)]
 mod tests {
-    use super::job_name;
+    use super::*;
+    use serde_json::json;
+
+    /// Issue 12: a member's pod-level runtimeSettings reach its Job's Pod (they were read for the
+    /// trigger only), while the Job keeps its own identity and labels.
+    #[test]
+    fn a_members_pod_settings_reach_its_job() {
+        let pod = json!({"nodeSelector": {"disk": "ssd"}, "tolerations": [{"key": "backup", "operator": "Exists"}],
+            "priorityClassName": "low", "podLabels": {"team": "shop", "stash.appscode.com/invoker-name": "mine"},
+            "podAnnotations": {"note": "nightly"}, "securityContext": {"fsGroup": 1000}});
+        let batch: BackupBatch = serde_json::from_value(json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "BackupBatch",
+            "metadata": {"name": "b", "namespace": "ns", "uid": "u"},
+            "spec": {"repository": {"name": "repo"}, "members": [{"target": {"ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "data"}},
+                "runtimeSettings": {"pod": pod}}]}}))
+        .expect("a batch");
+        let session: BackupSession =
+            serde_json::from_value(json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "BackupSession",
+            "metadata": {"name": "b-1", "namespace": "ns", "uid": "s"},
+            "spec": {"invoker": {"apiGroup": "stash.appscode.com", "kind": "BackupBatch", "name": "b"}}}))
+            .expect("a session");
+        let repository: Repository = serde_json::from_value(json!({"apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
+            "metadata": {"name": "repo"}, "spec": {"backend": {"storageSecretName": "s", "s3": {"endpoint": "e", "bucket": "b"}}}}))
+        .expect("a repository");
+        let job = backup_job(&batch, &session, 0, &batch.spec.members[0], &repository, "stash:test", None);
+        let template = job.spec.expect("a spec").template;
+        let pod = template.spec.expect("a pod");
+        assert_eq!(pod.node_selector.unwrap_or_default().get("disk").map(String::as_str), Some("ssd"));
+        assert_eq!(pod.tolerations.unwrap_or_default().len(), 1);
+        assert_eq!(pod.priority_class_name.as_deref(), Some("low"));
+        assert_eq!(pod.security_context.and_then(|s| s.fs_group), Some(1000));
+        assert_eq!(pod.service_account_name.as_deref(), Some("stash-backup"), "the Job keeps its identity");
+        let metadata = template.metadata.expect("metadata");
+        let labels = metadata.labels.unwrap_or_default();
+        assert_eq!(labels.get("team").map(String::as_str), Some("shop"));
+        assert_eq!(labels.get("stash.appscode.com/invoker-name").map(String::as_str), Some("b"), "ours win");
+        assert_eq!(metadata.annotations.unwrap_or_default().get("note").map(String::as_str), Some("nightly"));
+    }
 
     #[test]
     fn job_names_fit_in_63_characters() {

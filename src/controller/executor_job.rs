@@ -2,10 +2,11 @@
 //! touch the repository, its Secret as a volume (never inline) and a local repository's volume at
 //! its mountPath; optionally the member's PVC and its database-connection Secret.
 
-use crate::api::common::{ContainerRuntimeSettings, EmptyDirSettings};
+use crate::api::common::{EmptyDirSettings, RuntimeSettings};
 use crate::api::repository::Repository;
 use crate::executor_pod::{
-    DEFAULT_DATABASE_SECRET_DIR, SECRET_MOUNT_PATH, TMP_MOUNT_PATH, executor_container, secret_volume,
+    DEFAULT_DATABASE_SECRET_DIR, SECRET_MOUNT_PATH, TMP_MOUNT_PATH, executor_container, pod_metadata, pod_settings,
+    secret_volume,
 };
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
@@ -35,7 +36,8 @@ pub struct ExecutorJob<'a> {
     pub image: &'a str,
     /// `None` for a Job that never touches the repository (a hook's): no Secret is mounted.
     pub repository: Option<&'a Repository>,
-    pub runtime: Option<&'a ContainerRuntimeSettings>,
+    /// The member's (or the batch's) settings: the container's for the executor, the pod's for its Pod.
+    pub runtime: Option<&'a RuntimeSettings>,
     pub temp_dir: Option<&'a EmptyDirSettings>,
     /// One volume per distinct claim, each at its own mountPaths.
     pub data: Vec<DataVolume>,
@@ -58,6 +60,8 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
 
 impl ExecutorJob<'_> {
     pub fn build(self) -> Job {
+        let pod = self.runtime.and_then(|r| r.pod.as_ref());
+        let container = self.runtime.and_then(|r| r.container.as_ref());
         let mut volumes = vec![Volume {
             empty_dir: Some(EmptyDirVolumeSource {
                 medium: self.temp_dir.and_then(|t| t.medium.clone()),
@@ -106,13 +110,13 @@ impl ExecutorJob<'_> {
                 backoff_limit: Some(1),
                 active_deadline_seconds: self.deadline_seconds,
                 template: PodTemplateSpec {
-                    metadata: Some(ObjectMeta { labels: Some(self.labels), ..Default::default() }),
+                    metadata: Some(pod_metadata(self.labels, pod)),
                     spec: Some(PodSpec {
                         service_account_name: Some(BACKUP_SERVICE_ACCOUNT.into()),
                         restart_policy: Some("Never".into()),
-                        containers: vec![executor_container("stash", self.image, self.args, self.runtime, mounts)],
+                        containers: vec![executor_container("stash", self.image, self.args, container, mounts)],
                         volumes: Some(volumes),
-                        ..Default::default()
+                        ..pod_settings(pod)
                     }),
                 },
                 ..Default::default()

@@ -262,6 +262,10 @@ pub(crate) fn unsupported(spec: &RestoreBatchSpec) -> Option<Refusal> {
     if spec.driver != Driver::Restic {
         return refuse("spec.driver".into(), "only Restic restores exist");
     }
+    let pod = spec.runtime_settings.as_ref().and_then(|r| r.pod.as_ref());
+    if let Some((field, why)) = pod.and_then(|p| p.refused_in_jobs()) {
+        return refuse(format!("spec.runtimeSettings.{field}"), why);
+    }
     if let Some(field) = hooks("spec", spec.hooks.as_ref()) {
         return refuse(field, "nothing would stop the application while its volumes are rewritten");
     }
@@ -275,6 +279,10 @@ pub(crate) fn unsupported(spec: &RestoreBatchSpec) -> Option<Refusal> {
         }
         if member.interim_volume_template.is_some() {
             return refuse(format!("{prefix}.interimVolumeTemplate"), "data is restored in place");
+        }
+        let pod = member.runtime_settings.as_ref().and_then(|r| r.pod.as_ref());
+        if let Some((field, why)) = pod.and_then(|p| p.refused_in_jobs()) {
+            return refuse(format!("{prefix}.runtimeSettings.{field}"), why);
         }
         if !member.target.volume_claim_templates.is_empty() {
             return refuse(
@@ -430,7 +438,8 @@ fn restore_job(
     labels.insert(RESTORE_LABEL.into(), crate::names::label_value(&restore.name_any()));
     let suffix = plan.ordinal.map_or_else(|| format!("restore-{index}"), |o| format!("restore-{index}-{o}"));
     let deadline = restore.spec.time_out.as_ref().and_then(|t| t.parse().ok()).unwrap_or(DEFAULT_RESTORE_DEADLINE);
-    let runtime = member.runtime_settings.as_ref().and_then(|r| r.container.as_ref());
+    // A RestoreBatch has no Pod of its own: its settings are its members' default.
+    let runtime = member.runtime_settings.as_ref().or(restore.spec.runtime_settings.as_ref());
     let mut job = ExecutorJob {
         name: job_name(&restore.name_any(), &suffix),
         namespace: restore.namespace().unwrap_or_default(),
@@ -616,6 +625,10 @@ mod tests {
                 json!({"target": {"ref": pvc, "rules": [{"snapshots": ["latest", "b"]}]}}),
                 "spec.members[0].target.rules[0].snapshots",
             ),
+            (
+                json!({"target": {"ref": pvc}, "runtimeSettings": {"pod": {"serviceAccountName": "admin"}}}),
+                "spec.members[0].runtimeSettings.pod.serviceAccountName",
+            ),
         ];
         for (member, field) in cases {
             let refused = unsupported(&spec(member)).expect("refused");
@@ -628,7 +641,8 @@ mod tests {
     fn restore_jobs_mount_each_claim_name_their_host_and_have_a_deadline() {
         let restore: RestoreBatch = serde_json::from_value(json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "RestoreBatch",
             "metadata": {"name": "r", "namespace": "ns", "uid": "u"},
-            "spec": {"repository": {"name": "repo"}, "members": [{"target": {"ref": {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "db"}}}]}}))
+            "spec": {"repository": {"name": "repo"}, "members": [{"target": {"ref": {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "db"}}}],
+                "runtimeSettings": {"pod": {"nodeSelector": {"zone": "a"}}}}}))
         .expect("a restore");
         let repository: Repository = serde_json::from_value(json!({"apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
             "metadata": {"name": "repo"}, "spec": {"backend": {"storageSecretName": "s", "s3": {"endpoint": "e", "bucket": "b"}}}}))
@@ -661,5 +675,7 @@ mod tests {
         assert!(mounts.contains(&("target", "/var/lib/db")) && mounts.contains(&("target-1", "/shared")), "{mounts:?}");
         let host = container.env.iter().flatten().find(|e| e.name == RESTORE_HOST_ENV).and_then(|e| e.value.clone());
         assert_eq!(host.as_deref(), Some("db-1"));
+        let zone = pod.node_selector.as_ref().and_then(|s| s.get("zone")).map(String::as_str);
+        assert_eq!(zone, Some("a"), "the RestoreBatch's settings are its members' default");
     }
 }

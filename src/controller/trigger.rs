@@ -1,8 +1,7 @@
 //! The trigger CronJob `stash-trigger-<batch>` and the identity it runs as.
 
 use crate::api::BackupBatch;
-use crate::api::common::RuntimeSettings;
-use crate::executor_pod::{field_env, restricted};
+use crate::executor_pod::{field_env, pod_metadata, pod_settings, restricted};
 use crate::session::{invoker_labels, owned_by};
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
@@ -51,7 +50,7 @@ pub fn trigger_cronjob(batch: &BackupBatch, schedule: &str, image: &str) -> Cron
             security_context: Some(container.and_then(|c| c.security_context.clone()).unwrap_or_else(restricted)),
             ..Default::default()
         }],
-        ..pod_settings(runtime)
+        ..pod_settings(pod)
     };
     CronJob {
         metadata: ObjectMeta {
@@ -73,11 +72,7 @@ pub fn trigger_cronjob(batch: &BackupBatch, schedule: &str, image: &str) -> Cron
                     backoff_limit: Some(3),
                     ttl_seconds_after_finished: Some(3600),
                     template: PodTemplateSpec {
-                        metadata: Some(ObjectMeta {
-                            labels: Some(invoker_labels(&name)),
-                            annotations: pod.map(|p| p.pod_annotations.clone()).filter(|a| !a.is_empty()),
-                            ..Default::default()
-                        }),
+                        metadata: Some(pod_metadata(invoker_labels(&name), pod)),
                         spec: Some(pod_spec),
                     },
                     ..Default::default()
@@ -86,22 +81,5 @@ pub fn trigger_cronjob(batch: &BackupBatch, schedule: &str, image: &str) -> Cron
             ..Default::default()
         }),
         status: None,
-    }
-}
-
-/// The pod-level `runtimeSettings` as a PodSpec to merge under the trigger's own fields.
-fn pod_settings(runtime: Option<&RuntimeSettings>) -> PodSpec {
-    let Some(pod) = runtime.and_then(|r| r.pod.as_ref()) else { return PodSpec::default() };
-    PodSpec {
-        node_selector: Some(pod.node_selector.clone()).filter(|s| !s.is_empty()),
-        security_context: pod.security_context.clone(),
-        image_pull_secrets: Some(pod.image_pull_secrets.clone()).filter(|s| !s.is_empty()),
-        affinity: pod.affinity.clone(),
-        tolerations: Some(pod.tolerations.clone()).filter(|t| !t.is_empty()),
-        priority_class_name: pod.priority_class_name.clone(),
-        scheduler_name: pod.scheduler_name.clone(),
-        runtime_class_name: pod.runtime_class_name.clone(),
-        automount_service_account_token: pod.automount_service_account_token,
-        ..Default::default()
     }
 }
