@@ -11,13 +11,18 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// The node's taint: only Pods tolerating it run there.
 pub const TAINT: &str = "stash.local/test-node";
+
+/// `helm --set` values under which the chart installs what `deploy/overlays/test-node` does: the locally
+/// built image (never pulled) for the operator and its sidecars. The overlay's other change, the default
+/// toleration of the operator's namespace, is no chart value: Helm makes the namespace, not the chart.
+pub const CHART_VALUES: &str =
+    "image.repository=stash.local/stash,image.tag=dev,sidecarImage.repository=stash.local/stash,sidecarImage.tag=dev";
 
 /// The node's IP (its Pod bridge's gateway), where Pods reach servers on the host; `None` without a node.
 pub fn node_ip() -> Option<Ipv4Addr> {
@@ -53,19 +58,9 @@ pub fn import_images(images: &[&str]) {
     imported.extend(missing.iter().map(|image| image.to_string()));
 }
 
-/// The control plane's kubectl, built by `tests/cluster/build.sh`.
-fn kubectl_path() -> &'static PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let out = Command::new(repo_root().join("tests/cluster/build.sh")).output().expect("build.sh runs");
-        assert!(out.status.success(), "tests/cluster/build.sh failed: {}", String::from_utf8_lossy(&out.stderr));
-        PathBuf::from(String::from_utf8(out.stdout).expect("UTF-8 path").trim()).join("kubectl")
-    })
-}
-
 /// `kubectl ARGS` against the test cluster, as the admin.
 pub fn kubectl(args: &[&str]) -> Output {
-    Command::new(kubectl_path())
+    Command::new(super::kubectl_path())
         .arg("--kubeconfig")
         .arg(&super::cluster().kubeconfig)
         .args(args)
