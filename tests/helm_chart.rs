@@ -243,32 +243,26 @@ struct Release {
 
 impl Release {
     fn helm(&self, args: &[&str]) -> String {
-        let out = Command::new(support::helm_path())
-            .current_dir(support::repo_root())
-            .args(args)
-            .args(["--namespace", &self.namespace])
-            .env("KUBECONFIG", &support::cluster().kubeconfig)
-            .output()
-            .expect("helm runs");
+        let out = support::node::helm(&[args, &["--namespace", &self.namespace]].concat());
         success(out, &format!("helm {args:?}"))
     }
 }
 
 impl Drop for Release {
     fn drop(&mut self) {
-        let out = Command::new(support::helm_path())
-            .args(["uninstall", NAMESPACE, "--ignore-not-found", "--namespace", &self.namespace])
-            .env("KUBECONFIG", &support::cluster().kubeconfig)
-            .output();
-        match out {
-            Ok(out) if !out.status.success() => eprintln!("helm uninstall: {}", String::from_utf8_lossy(&out.stderr)),
-            Err(e) => eprintln!("helm uninstall: {e}"),
-            Ok(_) => {}
-        }
-        let out =
-            support::node::kubectl(&["delete", "namespace", &self.namespace, "--ignore-not-found", "--wait=false"]);
-        if !out.status.success() {
-            eprintln!("kubectl delete namespace: {}", String::from_utf8_lossy(&out.stderr));
+        for (what, out) in [
+            (
+                "helm uninstall",
+                support::node::helm(&["uninstall", NAMESPACE, "--ignore-not-found", "-n", &self.namespace]),
+            ),
+            (
+                "kubectl delete namespace",
+                support::node::kubectl(&["delete", "namespace", &self.namespace, "--ignore-not-found", "--wait=false"]),
+            ),
+        ] {
+            if !out.status.success() {
+                eprintln!("{what}: {}", String::from_utf8_lossy(&out.stderr));
+            }
         }
     }
 }

@@ -68,6 +68,16 @@ pub fn kubectl(args: &[&str]) -> Output {
         .expect("kubectl runs")
 }
 
+/// `helm ARGS` against the test cluster, from the repository's root (chart paths are relative to it).
+pub fn helm(args: &[&str]) -> Output {
+    Command::new(super::helm_path())
+        .current_dir(repo_root())
+        .args(args)
+        .env("KUBECONFIG", &super::cluster().kubeconfig)
+        .output()
+        .expect("helm runs")
+}
+
 /// Waits until the Pod runs, and returns it; panics with its status after `limit`.
 pub async fn running(pods: &Api<Pod>, name: &str, limit: Duration) -> Pod {
     let deadline = tokio::time::Instant::now() + limit;
