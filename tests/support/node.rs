@@ -7,6 +7,7 @@
 
 use super::{TestNamespace, repo_root};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use std::collections::BTreeSet;
@@ -33,10 +34,15 @@ pub fn node_ip() -> Option<Ipv4Addr> {
 /// Every Pod created in `ns` from now on tolerates the node's taint (PodTolerationRestriction adds it),
 /// the Pods of Jobs and workloads the operator creates included.
 pub async fn schedule_on_node(ns: &TestNamespace) {
-    let namespaces: Api<Namespace> = Api::all(ns.client.clone());
+    schedule_namespace_on_node(&ns.client, &ns.name).await;
+}
+
+/// [`schedule_on_node`] for a namespace that is not a test's own (the operator's).
+pub async fn schedule_namespace_on_node(client: &Client, namespace: &str) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
     let tolerations = json!([{"key": TAINT, "operator": "Exists"}]).to_string();
     let patch = json!({"metadata": {"annotations": {"scheduler.alpha.kubernetes.io/defaultTolerations": tolerations}}});
-    namespaces.patch(&ns.name, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("namespace annotated");
+    namespaces.patch(namespace, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("namespace annotated");
 }
 
 /// Builds the named images (`tests/images/build.sh`, cached) and imports those this test binary has not
