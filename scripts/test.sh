@@ -9,6 +9,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export STASH_CLUSTER_DIR="${TMPDIR:-/tmp}/stash-test-cluster-$$"
 # The node's stash image carries the debug binary `cargo test` builds anyway (tests/images/build.sh).
 export STASH_IMAGE_PROFILE=${STASH_IMAGE_PROFILE:-dev}
+# The chart tests' helm (cached), built before the tests rather than inside the first one that needs it.
+tests/cluster/build.sh helm >/dev/null
 trap 'tests/cluster/cluster.sh down' EXIT
 if [[ ${STASH_TEST_NODE:-1} == 0 ]]; then
   eval "$(tests/cluster/cluster.sh up)"

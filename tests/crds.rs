@@ -1,20 +1,23 @@
-//! The checked-in CRDs are exactly what `stash crds` prints, and they are well-formed apiextensions/v1.
+//! The checked-in CRDs (deploy/'s and the Helm chart's) are exactly what `stash crds` prints, and they are
+//! well-formed apiextensions/v1.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::Deserialize;
 use std::path::Path;
 use std::process::Command;
 
-const CHECKED_IN: &str = "deploy/crds/stash.yaml";
+const CHECKED_IN: &[&str] = &["deploy/crds/stash.yaml", "charts/stash/crds/stash.yaml"];
 
 #[test]
 fn checked_in_crds_match_generated() {
     let output = Command::new(env!("CARGO_BIN_EXE_stash")).arg("crds").output().expect("stash runs");
     assert!(output.status.success(), "stash crds failed: {}", String::from_utf8_lossy(&output.stderr));
     let printed = String::from_utf8(output.stdout).expect("UTF-8 output");
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(CHECKED_IN);
-    let checked_in = std::fs::read_to_string(&path).expect("deploy/crds/stash.yaml exists");
-    assert!(printed == checked_in, "{CHECKED_IN} is stale: regenerate it with `cargo run -- crds > {CHECKED_IN}`");
+    for file in CHECKED_IN {
+        let checked_in = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(file))
+            .unwrap_or_else(|e| panic!("reading {file}: {e}"));
+        assert!(printed == checked_in, "{file} is stale: regenerate it with `cargo run -- crds > {file}`");
+    }
 }
 
 #[test]

@@ -7,24 +7,18 @@ use serde::Deserialize;
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
-fn kubectl() -> PathBuf {
-    let out = Command::new(support::repo_root().join("tests/cluster/build.sh")).output().expect("build.sh runs");
-    assert!(out.status.success(), "build.sh failed: {}", String::from_utf8_lossy(&out.stderr));
-    PathBuf::from(String::from_utf8(out.stdout).expect("UTF-8").trim()).join("kubectl")
-}
-
 #[test]
 fn the_default_install_passes_server_side_dry_run() {
     let cluster = support::cluster();
     // A dry run cannot place objects in a namespace it only pretends to create.
-    let namespace = Command::new(kubectl())
+    let namespace = Command::new(support::kubectl_path())
         .args(["apply", "--server-side", "--field-manager=stash-tests", "-f"])
         .arg(support::repo_root().join("deploy/base/namespace.yaml"))
         .env("KUBECONFIG", &cluster.kubeconfig)
         .output()
         .expect("kubectl runs");
     assert!(namespace.status.success(), "{}", String::from_utf8_lossy(&namespace.stderr));
-    let out = Command::new(kubectl())
+    let out = Command::new(support::kubectl_path())
         .args(["apply", "--server-side", "--dry-run=server", "--field-manager=stash-tests", "-k"])
         .arg(support::repo_root().join("deploy"))
         .env("KUBECONFIG", &cluster.kubeconfig)
@@ -50,7 +44,7 @@ fn the_default_install_passes_server_side_dry_run() {
 
 #[test]
 fn the_cert_manager_overlay_renders_with_ca_injection() {
-    let out = Command::new(kubectl())
+    let out = Command::new(support::kubectl_path())
         .arg("kustomize")
         .arg(support::repo_root().join("deploy/overlays/cert-manager"))
         .output()
@@ -84,7 +78,8 @@ fn the_webhook_client_auth_component_composes_with_both_installs() {
             "components": [relative_to(dir.path(), &component)],
         });
         std::fs::write(dir.path().join("kustomization.yaml"), kustomization.to_string()).expect("write");
-        let out = Command::new(kubectl()).arg("kustomize").arg(dir.path()).output().expect("kubectl runs");
+        let out =
+            Command::new(support::kubectl_path()).arg("kustomize").arg(dir.path()).output().expect("kubectl runs");
         assert!(out.status.success(), "{install}: {}", String::from_utf8_lossy(&out.stderr));
         let rendered = String::from_utf8(out.stdout).expect("UTF-8");
         let deployment = serde_yaml::Deserializer::from_str(&rendered)

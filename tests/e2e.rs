@@ -1,6 +1,6 @@
-//! End to end on the real node, as a user runs it: the operator installed from `deploy/` (two
-//! replicas, the shipped RBAC, self-managed webhook certificates, the webhook reached through its
-//! Service); an application in a namespace enforcing Pod Security `restricted` (a Deployment writing to
+//! End to end on the real node, as a user runs it: the operator installed with `helm install` of
+//! `charts/stash` (two replicas, the shipped RBAC, self-managed webhook certificates, the webhook reached
+//! through its Service); an application in a namespace enforcing Pod Security `restricted` (a Deployment writing to
 //! a PVC, a standalone PVC, PostgreSQL and MariaDB as StatefulSets); one BackupBatch whose CronJob fires, with exec
 //! hooks in the application's container; the sidecar, a PVC Job, a pg_dump and a mysqldump Job backing up for real
 //! into a REST server on the host, while the leading operator Pod is killed and the other replica
@@ -30,7 +30,7 @@ use support::fixtures;
 use support::node::{self, kubectl};
 use support::{TestNamespace, eventually};
 
-const OVERLAY: &str = "deploy/overlays/test-node";
+const CHART: &str = "charts/stash";
 const APP_IMAGE: &str = "stash.local/toolbox:dev";
 /// Guards against hangs only: a CronJob fires within a minute, Pods start in seconds.
 const LIMIT: Duration = Duration::from_secs(240);
@@ -39,10 +39,16 @@ const LIMIT: Duration = Duration::from_secs(240);
 struct Installed;
 
 impl Installed {
+    /// What `kubectl apply -k deploy/overlays/test-node` installs (tests/helm_chart.rs compares the two):
+    /// the chart with the node's values, in the operator's namespace opted into the node. Every test binary
+    /// applies deploy/base/rbac.yaml first (`support::cluster`): `--take-ownership` adopts those objects.
     async fn install() -> Installed {
-        let applied = kubectl(&["apply", "--server-side", "--force-conflicts", "-k", &root(OVERLAY)]);
-        assert!(applied.status.success(), "kubectl apply -k {OVERLAY}: {}", String::from_utf8_lossy(&applied.stderr));
-        let deployments: Api<Deployment> = Api::namespaced(support::client().await, "stash");
+        let client = support::client().await;
+        node::schedule_namespace_on_node(&client, "stash").await;
+        let installed =
+            node::helm(&["install", "stash", CHART, "-n", "stash", "--take-ownership", "--set", node::CHART_VALUES]);
+        assert!(installed.status.success(), "helm install {CHART}: {}", String::from_utf8_lossy(&installed.stderr));
+        let deployments: Api<Deployment> = Api::namespaced(client, "stash");
         eventually("two ready operator replicas", LIMIT, || {
             let deployments = deployments.clone();
             async move {
@@ -57,8 +63,14 @@ impl Installed {
 
 impl Drop for Installed {
     fn drop(&mut self) {
-        // The namespace takes the operator and its Lease; the webhook configuration would otherwise
-        // keep sending the API server to a Service that is gone.
+        let uninstalled =
+            node::helm(&["uninstall", "stash", "-n", "stash", "--ignore-not-found", "--wait", "--timeout=120s"]);
+        if !uninstalled.status.success() {
+            eprintln!("helm uninstall: {}", String::from_utf8_lossy(&uninstalled.stderr));
+        }
+        // Also when the uninstall failed: the namespace takes what the operator made there (its Lease,
+        // the certificate Secret); the webhook configuration would otherwise keep sending the API server
+        // to a Service that is gone.
         for args in [
             &["delete", "mutatingwebhookconfiguration", "stash", "--ignore-not-found"][..],
             &["delete", "namespace", "stash", "--ignore-not-found", "--timeout=120s"][..],
@@ -69,10 +81,6 @@ impl Drop for Installed {
             }
         }
     }
-}
-
-fn root(relative: &str) -> String {
-    support::repo_root().join(relative).display().to_string()
 }
 
 /// A namespace that enforces `restricted` and whose Pods run on the node.

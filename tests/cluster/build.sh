@@ -5,6 +5,7 @@
 #   build.sh        kube-apiserver, kube-controller-manager, kubectl and etcd (go.mod beside this file)
 #   build.sh node   kubelet, kube-scheduler and kube-proxy (same module) and CoreDNS (its own module, coredns/),
 #                   for `cluster.sh up --node`; builds the control plane first when it is missing
+#   build.sh helm   helm (its own module, helm/), for the chart tests
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -13,15 +14,18 @@ modver() { awk -v m="$1" '$1 == "require" && $2 == m { print $3; exit } $1 == m 
 k8s_version=$(modver k8s.io/kubernetes "$here")
 etcd_version=$(modver go.etcd.io/etcd/server/v3 "$here")
 coredns_version=$(modver github.com/coredns/coredns "$here/coredns")
+helm_version=$(modver helm.sh/helm/v3 "$here/helm")
 cache_root=${STASH_TEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/stash-testcluster}
 cp_dir="$cache_root/k8s-$k8s_version-etcd-$etcd_version"
 node_dir="$cache_root/node-k8s-$k8s_version-coredns-$coredns_version"
+helm_dir="$cache_root/helm-$helm_version"
 
 case "${1:-}" in
   "") bin_dir=$cp_dir wanted=(kube-apiserver kube-controller-manager kubectl etcd) ;;
   node) bin_dir=$node_dir wanted=(kubelet kube-scheduler kube-proxy coredns) ;;
+  helm) bin_dir=$helm_dir wanted=(helm) ;;
   *)
-    echo "usage: $0 [node]" >&2
+    echo "usage: $0 [node|helm]" >&2
     exit 2
     ;;
 esac
@@ -57,6 +61,15 @@ if [[ $bin_dir == "$cp_dir" ]]; then
   k8s kube-controller-manager
   k8s kubectl
   go build -trimpath -pgo=off -ldflags "-s -w" -o "$staging/etcd" go.etcd.io/etcd/server/v3 >&2
+elif [[ $bin_dir == "$helm_dir" ]]; then
+  echo "build.sh: building helm $helm_version into $bin_dir (first run only)" >&2
+  # Upstream's Makefile flags: its version, and the Kubernetes version `helm template` and `helm lint` assume
+  # (the minor of the client-go it links).
+  client_go_minor=$(modver k8s.io/client-go "$here/helm" | cut -d. -f2)
+  helm_ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$helm_version -X helm.sh/helm/v3/internal/version.gitTreeState=clean
+    -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$client_go_minor
+    -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$client_go_minor"
+  (cd helm && go build -trimpath -ldflags "$helm_ldflags" -o "$staging/helm" helm.sh/helm/v3/cmd/helm >&2)
 else
   echo "build.sh: building kubelet, kube-scheduler, kube-proxy $k8s_version and CoreDNS $coredns_version into $bin_dir (first run only)" >&2
   k8s kubelet

@@ -188,6 +188,27 @@ async fn operator_namespace(client: &Client) {
     .await;
 }
 
+/// A binary of the test cluster's tools, built (once, then cached) by `tests/cluster/build.sh [mode]`.
+fn cluster_tool(mode: &[&str], name: &str) -> PathBuf {
+    let script = repo_root().join("tests/cluster/build.sh");
+    let out = Command::new(script).args(mode).output().expect("tests/cluster/build.sh runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "tests/cluster/build.sh {} failed: {stderr}", mode.join(" "));
+    PathBuf::from(String::from_utf8(out.stdout).expect("UTF-8 path").trim()).join(name)
+}
+
+/// The control plane's kubectl.
+pub fn kubectl_path() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| cluster_tool(&[], "kubectl"))
+}
+
+/// helm, for the chart's tests (`scripts/test.sh` builds it before the tests run).
+pub fn helm_path() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| cluster_tool(&["helm"], "helm"))
+}
+
 /// Where deploy/ installs the operator, and where the tests' operators keep their Leases.
 pub const OPERATOR_NAMESPACE: &str = "stash";
 

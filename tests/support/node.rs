@@ -7,17 +7,23 @@
 
 use super::{TestNamespace, repo_root};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// The node's taint: only Pods tolerating it run there.
 pub const TAINT: &str = "stash.local/test-node";
+
+/// `helm --set` values under which the chart installs what `deploy/overlays/test-node` does: the locally
+/// built image (never pulled) for the operator and its sidecars. The overlay's other change, the default
+/// toleration of the operator's namespace, is no chart value: Helm makes the namespace, not the chart.
+pub const CHART_VALUES: &str =
+    "image.repository=stash.local/stash,image.tag=dev,sidecarImage.repository=stash.local/stash,sidecarImage.tag=dev";
 
 /// The node's IP (its Pod bridge's gateway), where Pods reach servers on the host; `None` without a node.
 pub fn node_ip() -> Option<Ipv4Addr> {
@@ -28,10 +34,15 @@ pub fn node_ip() -> Option<Ipv4Addr> {
 /// Every Pod created in `ns` from now on tolerates the node's taint (PodTolerationRestriction adds it),
 /// the Pods of Jobs and workloads the operator creates included.
 pub async fn schedule_on_node(ns: &TestNamespace) {
-    let namespaces: Api<Namespace> = Api::all(ns.client.clone());
+    schedule_namespace_on_node(&ns.client, &ns.name).await;
+}
+
+/// [`schedule_on_node`] for a namespace that is not a test's own (the operator's).
+pub async fn schedule_namespace_on_node(client: &Client, namespace: &str) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
     let tolerations = json!([{"key": TAINT, "operator": "Exists"}]).to_string();
     let patch = json!({"metadata": {"annotations": {"scheduler.alpha.kubernetes.io/defaultTolerations": tolerations}}});
-    namespaces.patch(&ns.name, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("namespace annotated");
+    namespaces.patch(namespace, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("namespace annotated");
 }
 
 /// Builds the named images (`tests/images/build.sh`, cached) and imports those this test binary has not
@@ -53,24 +64,24 @@ pub fn import_images(images: &[&str]) {
     imported.extend(missing.iter().map(|image| image.to_string()));
 }
 
-/// The control plane's kubectl, built by `tests/cluster/build.sh`.
-fn kubectl_path() -> &'static PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let out = Command::new(repo_root().join("tests/cluster/build.sh")).output().expect("build.sh runs");
-        assert!(out.status.success(), "tests/cluster/build.sh failed: {}", String::from_utf8_lossy(&out.stderr));
-        PathBuf::from(String::from_utf8(out.stdout).expect("UTF-8 path").trim()).join("kubectl")
-    })
-}
-
 /// `kubectl ARGS` against the test cluster, as the admin.
 pub fn kubectl(args: &[&str]) -> Output {
-    Command::new(kubectl_path())
+    Command::new(super::kubectl_path())
         .arg("--kubeconfig")
         .arg(&super::cluster().kubeconfig)
         .args(args)
         .output()
         .expect("kubectl runs")
+}
+
+/// `helm ARGS` against the test cluster, from the repository's root (chart paths are relative to it).
+pub fn helm(args: &[&str]) -> Output {
+    Command::new(super::helm_path())
+        .current_dir(repo_root())
+        .args(args)
+        .env("KUBECONFIG", &super::cluster().kubeconfig)
+        .output()
+        .expect("helm runs")
 }
 
 /// Waits until the Pod runs, and returns it; panics with its status after `limit`.
