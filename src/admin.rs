@@ -14,11 +14,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub struct Readiness {
     pub certificate_loaded: AtomicBool,
     pub caches_synced: AtomicBool,
+    /// Every CRD we serve is ours, not another installation's (`install`).
+    pub crds_ours: AtomicBool,
 }
 
 impl Readiness {
     pub fn is_ready(&self) -> bool {
-        self.certificate_loaded.load(Ordering::Acquire) && self.caches_synced.load(Ordering::Acquire)
+        self.certificate_loaded.load(Ordering::Acquire)
+            && self.caches_synced.load(Ordering::Acquire)
+            && self.crds_ours.load(Ordering::Acquire)
     }
 }
 
@@ -47,6 +51,9 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     }
     if !readiness.caches_synced.load(Ordering::Acquire) {
         waiting.push("caches not synced");
+    }
+    if !readiness.crds_ours.load(Ordering::Acquire) {
+        waiting.push("CRDs missing or another installation's (see the log)");
     }
     (StatusCode::SERVICE_UNAVAILABLE, waiting.join(", ")).into_response()
 }

@@ -10,6 +10,7 @@ pub mod conditions;
 pub mod controller;
 pub mod executor_pod;
 pub mod hooks;
+pub mod install;
 pub mod lease;
 pub mod metrics;
 pub mod names;

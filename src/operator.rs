@@ -129,9 +129,17 @@ pub async fn run(client: Client, config: OperatorConfig, cancel: CancellationTok
     readiness.certificate_loaded.store(true, Ordering::Release);
     let tls = server_config(serving, client_verifier)?;
 
+    let crds_ours = {
+        let (client, readiness, cancel) = (client.clone(), readiness.clone(), cancel.clone());
+        tokio::spawn(async move { crate::install::wait_until_ours(&client, &readiness, &cancel).await })
+    };
     let controllers = config.controllers.clone().map(|(settings, lease)| {
         let (client, metrics, cancel) = (client.clone(), metrics.clone(), cancel.clone());
         tokio::spawn(async move {
+            // Another installation's objects are not ours to run.
+            if !matches!(crds_ours.await, Ok(true)) {
+                return;
+            }
             let lead = |token| crate::controller::run(client.clone(), metrics.clone(), settings.clone(), token);
             run_while_leader(client.clone(), lease, metrics.clone(), cancel, lead).await;
         })
