@@ -144,6 +144,15 @@ impl BackupBatchSpec {
                     ),
                 ));
             }
+            if member.target.replicas.is_some() {
+                return Some((
+                    "UnsupportedField",
+                    format!(
+                        "spec.members[{i}].target.replicas is not supported in a backup: every Pod of the workload \
+                         backs up its own host; remove it"
+                    ),
+                ));
+            }
             let (target, alias) = (&member.target.reference, member.target.host_alias());
             if alias.contains([',', '=']) || alias.chars().any(char::is_whitespace) {
                 return Some((
@@ -326,5 +335,10 @@ mod tests {
         let (reason, message) = params.member_problem().expect("refused");
         assert_eq!(reason, "UnsupportedField");
         assert!(message.starts_with("spec.members[0].task.params"), "{message}");
+        let mut replicas = spec(&[("db", "StatefulSet", "db")]);
+        replicas.members[0].target.replicas = Some(1);
+        let (reason, message) = replicas.member_problem().expect("refused");
+        assert_eq!(reason, "UnsupportedField");
+        assert!(message.starts_with("spec.members[0].target.replicas"), "{message}");
     }
 }
