@@ -202,13 +202,14 @@ pub struct BackupJobArgs {
     /// The BackupSession to back up for.
     #[arg(long)]
     pub session: String,
-    /// Kind of the member's target: PersistentVolumeClaim, or Secret for a database.
+    /// Kind of the member's target: PersistentVolumeClaim, or Secret or AppBinding for a database.
     #[arg(long)]
     pub target_kind: String,
     /// Name of the member's target.
     #[arg(long)]
     pub target_name: String,
-    /// A database member's connection Secret, one file per key.
+    /// A database member's connection, one file per key (a Secret member's Secret, or an AppBinding
+    /// member's endpoint and credentials).
     #[arg(long, default_value = crate::executor_pod::DEFAULT_DATABASE_SECRET_DIR)]
     pub database_secret_dir: PathBuf,
     #[command(flatten)]
@@ -256,7 +257,8 @@ pub struct RestoreArgs {
     /// Name of the member's target.
     #[arg(long)]
     pub target_name: String,
-    /// A database member's connection Secret, one file per key.
+    /// A database member's connection, one file per key (a Secret member's Secret, or an AppBinding
+    /// member's endpoint and credentials).
     #[arg(long, default_value = crate::executor_pod::DEFAULT_DATABASE_SECRET_DIR)]
     pub database_secret_dir: PathBuf,
     /// Namespace of the RestoreBatch; defaults to POD_NAMESPACE, then the in-cluster namespace.

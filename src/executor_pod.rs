@@ -21,6 +21,13 @@ pub const DEFAULT_DATABASE_SECRET_DIR: &str = "/etc/stash/database";
 pub const DEFAULT_DATA_PATH: &str = "/stash-data";
 /// A member whose target is a Secret is a database; the Secret holds its connection.
 pub const DATABASE_KIND: &str = "Secret";
+/// A member whose target is Stash's AppBinding is a database too (see `controller::app_binding`).
+pub const APP_BINDING_KIND: &str = "AppBinding";
+
+/// Whether a member of target kind `kind` is a database, whose Job dumps or loads it.
+pub fn is_database(kind: &str) -> bool {
+    kind == DATABASE_KIND || kind == APP_BINDING_KIND
+}
 pub const PVC_KIND: &str = "PersistentVolumeClaim";
 
 /// Where a member's PVC is mounted in its Job: its volumeMounts, else DEFAULT_DATA_PATH.

@@ -1337,3 +1337,170 @@ async fn the_one_restart_waits_for_the_repository() {
     })
     .await;
 }
+
+/// Issue 12: the BackupTargetFound condition of each member of `batch`, once it is `phase`:
+/// (member name, status, reason, message).
+async fn member_found(
+    ns: &TestNamespace,
+    batch: &str,
+    phase: BackupInvokerPhase,
+) -> Vec<(String, ConditionStatus, String, String)> {
+    let batch = batch_phase(ns, batch, phase).await;
+    let members = batch.status.expect("status").member_conditions;
+    members
+        .iter()
+        .map(|m| {
+            let c = m.conditions.iter().find(|c| c.type_ == "BackupTargetFound").expect("BackupTargetFound");
+            let reason = c.reason.clone().unwrap_or_default();
+            (m.target.name.clone(), c.status, reason, c.message.clone().unwrap_or_default())
+        })
+        .collect()
+}
+
+fn app_binding_member(name: &str, task: &str) -> serde_json::Value {
+    json!({"target": {"alias": name, "ref": {"apiVersion": "appcatalog.appscode.com/v1alpha1", "kind": "AppBinding", "name": name}},
+           "task": {"name": task}})
+}
+
+/// Issue 12: Stash's docs batch (a MySQL AppBinding member) on a cluster without the AppBinding CRD:
+/// stash does not depend on it, and says what is missing instead of `TargetKindNotSupported`.
+#[tokio::test]
+async fn an_appbinding_member_without_the_crd_says_the_crd_is_missing() {
+    let _crd = support::app_binding::absent().await;
+    let ns = TestNamespace::new("appbinding-nocrd").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::batch(&ns, "wordpress", vec![app_binding_member("wordpress-db", "mysql-backup-8.0.14")], json!({})).await;
+    let found = member_found(&ns, "wordpress", BackupInvokerPhase::NotReady).await;
+    assert_eq!(found.len(), 1);
+    let (_, status, reason, message) = &found[0];
+    assert_eq!((*status, reason.as_str()), (ConditionStatus::False, "AppBindingCRDMissing"), "{message}");
+    assert!(message.contains("appbindings.appcatalog.appscode.com"), "{message}");
+    operator.stop().await;
+}
+
+/// Issue 12: an AppBinding member as KubeDB writes it (a Service, the auth Secret) makes the batch
+/// Ready, and its Job gets the Service's cluster name, port and database through Pod annotations and
+/// the Secret's username and password by reference — never a Secret value in the Job.
+#[tokio::test]
+async fn an_appbinding_member_gives_its_job_the_service_endpoint_and_the_secret_by_reference() {
+    let _crd = support::app_binding::installed().await;
+    let ns = TestNamespace::new("appbinding-job").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::create::<k8s_openapi::api::core::v1::Secret>(
+        &ns,
+        json!({"metadata": {"name": "shop-db-auth"}, "stringData": {"username": "postgres", "password": PASSWORD}}),
+    )
+    .await;
+    support::app_binding::create(
+        &ns,
+        "shop-db",
+        json!({"type": "kubedb.com/postgres", "version": "15.1", "secret": {"name": "shop-db-auth"},
+               "clientConfig": {"service": {"name": "shop-postgres", "port": 5432, "scheme": "postgresql", "path": "/shop", "query": "sslmode=disable"}},
+               "parameters": {"stash": {"addon": {"backupTask": {"name": "postgres-backup-15.1"}}}}}),
+    )
+    .await;
+    fixtures::batch(&ns, "shop", vec![app_binding_member("shop-db", "postgres-backup-15.1")], json!({})).await;
+    let found = member_found(&ns, "shop", BackupInvokerPhase::Ready).await;
+    assert_eq!((found[0].1, found[0].2.as_str()), (ConditionStatus::True, "TargetAvailable"), "{found:?}");
+
+    let session = new_session(&ns, "shop").await;
+    let jobs = ns.api::<Job>();
+    let selector = format!("stash.appscode.com/backup-session={session}");
+    let job = eventually("the AppBinding member's Job", Duration::from_secs(60), || {
+        let (jobs, selector) = (jobs.clone(), selector.clone());
+        async move { jobs.list(&ListParams::default().labels(&selector)).await.ok()?.items.into_iter().next() }
+    })
+    .await;
+    let template = &job.spec.as_ref().expect("spec").template;
+    let annotations = template.metadata.as_ref().and_then(|m| m.annotations.clone()).unwrap_or_default();
+    let endpoint: Vec<(&str, &str)> = annotations
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("stash.appscode.com/database-")?, v.as_str())))
+        .collect();
+    let host = format!("shop-postgres.{}.svc", ns.name);
+    assert_eq!(endpoint, [("database", "shop"), ("host", host.as_str()), ("port", "5432")]);
+    let pod = template.spec.as_ref().expect("pod");
+    let volume = pod.volumes.iter().flatten().find(|v| v.name == "database-secret").expect("the database volume");
+    let sources = volume.projected.as_ref().and_then(|p| p.sources.clone()).expect("a projected volume");
+    let secret = sources.iter().find_map(|s| s.secret.as_ref()).expect("the Secret by reference");
+    let keys: Vec<(&str, &str)> = secret.items.iter().flatten().map(|i| (i.key.as_str(), i.path.as_str())).collect();
+    assert_eq!(
+        (secret.name.as_str(), keys),
+        ("shop-db-auth", vec![("username", "username"), ("password", "password")])
+    );
+    let files: Vec<(&str, &str)> = sources
+        .iter()
+        .filter_map(|s| s.downward_api.as_ref())
+        .flat_map(|d| d.items.iter().flatten())
+        .map(|i| (i.path.as_str(), i.field_ref.as_ref().map_or("", |f| f.field_path.as_str())))
+        .collect();
+    assert!(files.contains(&("host", "metadata.annotations['stash.appscode.com/database-host']")), "{files:?}");
+    let container = &pod.containers[0];
+    let mount = container.volume_mounts.iter().flatten().find(|m| m.name == "database-secret").expect("mounted");
+    assert_eq!((mount.mount_path.as_str(), mount.read_only), ("/etc/stash/database", Some(true)));
+    let args = container.args.clone().unwrap_or_default();
+    assert!(args.contains(&"--target-kind=AppBinding".to_string()), "{args:?}");
+    assert!(!serde_json::to_string(&job).expect("JSON").contains(PASSWORD), "no secret value in the Job");
+    operator.stop().await;
+}
+
+/// Issue 12: what keeps an AppBinding member from being backed up is said per member: a missing
+/// AppBinding or Secret as for any member kind, a Secret without `password`, a url that is no
+/// endpoint, a task that is no database stash dumps, and an AppBinding of another namespace —
+/// refused by the one namespace check before anything of it is read.
+#[tokio::test]
+async fn appbinding_members_that_cannot_be_used_say_why() {
+    let _crd = support::app_binding::installed().await;
+    let ns = TestNamespace::new("appbinding-why").await;
+    let other = TestNamespace::new("appbinding-other").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    let auth = json!({"metadata": {"name": "auth"}, "stringData": {"username": "u", "password": PASSWORD}});
+    fixtures::create::<k8s_openapi::api::core::v1::Secret>(&ns, auth.clone()).await;
+    fixtures::create::<k8s_openapi::api::core::v1::Secret>(&other, auth).await;
+    fixtures::create::<k8s_openapi::api::core::v1::Secret>(
+        &ns,
+        json!({"metadata": {"name": "user-only"}, "stringData": {"username": "u"}}),
+    )
+    .await;
+    let binding = |secret: &str, url: &str| json!({"type": "kubedb.com/mysql", "secret": {"name": secret}, "clientConfig": {"url": url}});
+    support::app_binding::create(&ns, "no-secret", binding("absent", "tcp(db.example.com:3306)/")).await;
+    support::app_binding::create(&ns, "no-password", binding("user-only", "tcp(db.example.com:3306)/")).await;
+    support::app_binding::create(&ns, "bad-url", binding("auth", "db.example.com:3306")).await;
+    support::app_binding::create(&ns, "mongo", binding("auth", "tcp(db.example.com:3306)/")).await;
+    support::app_binding::create(&other, "elsewhere", binding("auth", "tcp(db.example.com:3306)/")).await;
+    let mut foreign = app_binding_member("elsewhere", "mysql-backup-8.0.14");
+    foreign["target"]["ref"]["namespace"] = json!(other.name);
+    let members = vec![
+        app_binding_member("missing", "mysql-backup-8.0.14"),
+        app_binding_member("no-secret", "mysql-backup-8.0.14"),
+        app_binding_member("no-password", "mysql-backup-8.0.14"),
+        app_binding_member("bad-url", "mysql-backup-8.0.14"),
+        app_binding_member("mongo", "mongodb-backup-4.2.3"),
+        foreign,
+    ];
+    fixtures::batch(&ns, "why", members, json!({})).await;
+    let found = member_found(&ns, "why", BackupInvokerPhase::NotReady).await;
+    let reasons: Vec<(&str, &str)> = found.iter().map(|(n, _, r, _)| (n.as_str(), r.as_str())).collect();
+    assert_eq!(
+        reasons,
+        [
+            ("missing", "TargetNotFound"),
+            ("no-secret", "TargetNotFound"),
+            ("no-password", "SecretKeyMissing"),
+            ("bad-url", "AppBindingInvalid"),
+            ("mongo", "TaskNotSupported"),
+            ("elsewhere", "CrossNamespaceTarget"),
+        ]
+    );
+    assert!(found.iter().all(|(_, status, _, _)| *status == ConditionStatus::False));
+    assert!(found[1].3.contains("Secret absent"), "{}", found[1].3);
+    assert!(found[2].3.contains("no password key"), "{}", found[2].3);
+    assert!(found.iter().all(|(_, _, _, message)| !message.contains(PASSWORD)));
+    operator.stop().await;
+}

@@ -1308,3 +1308,49 @@ async fn a_repository_stash_wrote_restores_through_its_rules() {
     let error = status.members[0].stats[0].error.clone().unwrap_or_default();
     assert!(error.contains("host prod"), "{error}");
 }
+
+/// Issue 12: a PostgreSQL database named by a Stash/KubeDB AppBinding (its `clientConfig.url`, its auth
+/// Secret's `username`/`password`) is dumped by a real `pg_dump` into restic and loaded back by `psql`
+/// through a RestoreBatch member naming the same AppBinding — the executor reading the endpoint
+/// from the Pod's annotations and the credentials from the Secret, as the kubelet projects them.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_backs_up_and_restores_through_an_appbinding_member() {
+    let _crd = support::app_binding::installed().await;
+    let pg = backends::postgres();
+    seed_database(pg.port);
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut setup = Setup::new("appbinding", Backend::Local(repo.path())).await;
+    fixtures::create::<Secret>(
+        &setup.ns,
+        json!({"metadata": {"name": "shop-db-auth"}, "stringData": {"username": "postgres", "password": PG_PASSWORD}}),
+    )
+    .await;
+    let url = format!("postgres://127.0.0.1:{}/shop?sslmode=disable", pg.port);
+    support::app_binding::create(
+        &setup.ns,
+        "shop-db",
+        json!({"type": "kubedb.com/postgres", "version": "15", "secret": {"name": "shop-db-auth"}, "clientConfig": {"url": url}}),
+    )
+    .await;
+    let member = |task: &str| {
+        json!({"target": {"alias": "shop-db", "ref": {"apiVersion": "appcatalog.appscode.com/v1alpha1", "kind": "AppBinding", "name": "shop-db"}},
+               "task": {"name": task}})
+    };
+    setup.batch(vec![member("postgres-backup-15.1")], json!({"timeOut": "10m"})).await;
+
+    let session = setup.back_up().await;
+    let status = session.status.clone().expect("status");
+    assert_eq!(status.phase, Some(BackupSessionPhase::Succeeded), "{status:?}");
+    let host = &status.targets[0].stats[0];
+    assert_eq!((host.phase, host.snapshots[0].path.as_deref()), (Some(HostPhase::Succeeded), Some("/shop.sql")));
+    let repo_url = repo.path().to_string_lossy().into_owned();
+    let listing = setup.restic(&["-r", &repo_url, "ls", "--no-lock", &host.snapshots[0].name]);
+    assert!(listing.lines().any(|l| l == "/shop.sql"), "{listing}");
+
+    let before = table_checksum(pg.port);
+    psql(pg.port, "shop", "DELETE FROM items WHERE id % 2 = 0; UPDATE items SET note = 'changed'");
+    assert_ne!(table_checksum(pg.port), before);
+    let restored = tempfile::tempdir().expect("restore dir");
+    setup.restore("restore-db", vec![member("postgres-restore-15.1")], json!({}), restored.path()).await;
+    assert_eq!(table_checksum(pg.port), before, "the database named by the AppBinding is back as it was");
+}

@@ -19,9 +19,18 @@ pub enum Engine {
 impl Engine {
     /// From the member's task name, as Stash named its tasks (`postgres-backup-15`, `mysql-backup-8.0.21`).
     pub fn from_task(task: Option<&str>) -> Engine {
-        match task.map(str::to_ascii_lowercase) {
-            Some(t) if t.starts_with("mysql") || t.starts_with("mariadb") => Engine::Mysql,
-            _ => Engine::Postgres,
+        task.and_then(Engine::named_by).unwrap_or(Engine::Postgres)
+    }
+
+    /// The engine a task or application type names (`postgres…`, `mysql…`, `mariadb…`), if any.
+    pub(crate) fn named_by(name: &str) -> Option<Engine> {
+        let name = name.to_ascii_lowercase();
+        if name.starts_with("mysql") || name.starts_with("mariadb") {
+            Some(Engine::Mysql)
+        } else if name.starts_with("postgres") {
+            Some(Engine::Postgres)
+        } else {
+            None
         }
     }
 }

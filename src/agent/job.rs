@@ -8,7 +8,7 @@ use super::{locks, session_tags};
 use crate::api::backup_batch::BackupMember;
 use crate::api::backup_session::DEFAULT_SESSION_TIMEOUT;
 use crate::api::{BackupBatch, BackupSession};
-use crate::executor_pod::{DATABASE_KIND, DEFAULT_DATA_PATH};
+use crate::executor_pod::{DEFAULT_DATA_PATH, is_database};
 use crate::restic::BackupOutcome;
 use crate::restic::secrets::SecretValues;
 use kube::ResourceExt;
@@ -92,7 +92,7 @@ async fn back_up(
 ) -> Result<(String, BackupOutcome), AgentError> {
     let repository = executor.repository(&batch.spec.repository).await?;
     let restic = executor.member_restic(&repository, member).await?.waiting_for_locks(time_left(session));
-    if job.kind == DATABASE_KIND {
+    if is_database(&job.kind) {
         let engine = Engine::from_task(member.task.as_ref().map(|t| t.name.as_str()));
         let connection = Connection::from_secret(engine, SecretValues::read_dir(&job.database_secret_dir)?)?;
         executor.ensure_repository(&restic, &repository).await?;

@@ -16,7 +16,7 @@ use crate::api::RestoreBatch;
 use crate::api::restore_batch::{
     HostRestoreStats, RestoreMember, RestoreMemberPhase, RestoreMemberStatus, RestoreRule, SessionSelector,
 };
-use crate::executor_pod::{DATABASE_KIND, RESTORE_HOST_ENV, data_mounts, rule_for};
+use crate::executor_pod::{RESTORE_HOST_ENV, data_mounts, is_database, rule_for};
 use crate::restic::Restic;
 use crate::restic::output::Snapshot;
 use crate::restic::secrets::SecretValues;
@@ -213,7 +213,7 @@ async fn restore_snapshot(
     snapshot: &Snapshot,
     target: &RestoreTarget,
 ) -> Result<(), AgentError> {
-    if target.kind == DATABASE_KIND {
+    if is_database(&target.kind) {
         let engine = Engine::from_task(member.task.as_ref().map(|t| t.name.as_str()));
         let connection = Connection::from_secret(engine, SecretValues::read_dir(&target.database_secret_dir)?)?;
         // A dump read from stdin is the snapshot's one file, whatever its name (Stash: dumpfile.sql).

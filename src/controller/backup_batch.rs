@@ -65,7 +65,7 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
     let mut sidecars_pending = false;
     for member in &batch.spec.members {
         let reference = &member.target.reference;
-        let state = targets::inspect(&ctx.client, &namespace, reference).await?;
+        let state = targets::inspect(&ctx.client, &namespace, member).await?;
         let mut conditions = previous_member_conditions(&batch, reference);
         let found = match &state {
             TargetState::Missing => Desired::new(
@@ -89,6 +89,9 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
                     reference.kind, reference.name
                 ),
             ),
+            TargetState::Unusable(problem) => {
+                Desired::new(BACKUP_TARGET_FOUND, false, problem.reason(), problem.to_string())
+            }
             _ => Desired::new(
                 BACKUP_TARGET_FOUND,
                 true,
@@ -332,7 +335,7 @@ async fn check_secret(ctx: &Context, repository: &Repository) -> Result<Desired,
     })
 }
 
-fn has_key(secret: &Secret, key: &str) -> bool {
+pub(crate) fn has_key(secret: &Secret, key: &str) -> bool {
     secret.data.as_ref().is_some_and(|d| d.contains_key(key))
         || secret.string_data.as_ref().is_some_and(|d| d.contains_key(key))
 }

@@ -1,11 +1,11 @@
 //! The Job that backs up one job-model member (a PVC or a database) for one session, and the Job
 //! that finishes the session in the repository (retention, manifest, Repository status).
 
-use super::executor_job::{DataVolume, ExecutorJob};
+use super::executor_job::{DataVolume, DatabaseSource, ExecutorJob};
 use crate::api::backup_batch::BackupMember;
 use crate::api::repository::Repository;
 use crate::api::{BackupBatch, BackupSession};
-use crate::executor_pod::{DATABASE_KIND, PVC_KIND, data_mounts};
+use crate::executor_pod::{PVC_KIND, data_mounts, is_database};
 use crate::hooks::Hook;
 use crate::names::{LABEL_VALUE_MAX, bounded, label_value};
 use crate::session::invoker_labels;
@@ -19,7 +19,7 @@ pub const HOOK_LABEL: &str = "stash.appscode.com/hook";
 const HOOK_JOB_DEADLINE_SECONDS: i64 = 300;
 /// Whether a member is backed up by a Job (a PVC or a database) rather than a sidecar.
 pub fn is_job_model(member: &BackupMember) -> bool {
-    matches!(member.target.reference.kind.as_str(), PVC_KIND | DATABASE_KIND)
+    member.target.reference.kind == PVC_KIND || is_database(&member.target.reference.kind)
 }
 
 /// `<session>-<suffix>`, kept within the 63 characters a Job name (and its Pods' label) allows.
@@ -35,13 +35,13 @@ fn session_labels(batch: &BackupBatch, session: &BackupSession) -> std::collecti
 }
 
 /// The Job for member `index` of `batch` in `session`: a PVC is mounted read-only, a database's
-/// connection Secret as files; the Job belongs to the session.
+/// connection (`database`) as files; the Job belongs to the session.
 pub fn backup_job(
     batch: &BackupBatch,
     session: &BackupSession,
-    index: usize,
-    member: &BackupMember,
+    (index, member): (usize, &BackupMember),
     repository: &Repository,
+    database: Option<DatabaseSource>,
     image: &str,
     deadline_seconds: Option<i64>,
 ) -> Job {
@@ -69,7 +69,7 @@ pub fn backup_job(
         runtime: member.runtime_settings.as_ref(),
         temp_dir: member.temp_dir.as_ref(),
         data: data.into_iter().collect(),
-        database_secret: (target.kind == DATABASE_KIND).then(|| target.name.clone()),
+        database,
         deadline_seconds,
     }
     .build()
@@ -88,7 +88,7 @@ pub fn finalize_job(batch: &BackupBatch, session: &BackupSession, repository: &R
         runtime: batch.spec.runtime_settings.as_ref(),
         temp_dir: None,
         data: Vec::new(),
-        database_secret: None,
+        database: None,
         deadline_seconds: None,
     }
     .build()
@@ -115,7 +115,7 @@ pub fn hook_job(batch: &BackupBatch, session: &BackupSession, hook: Hook, image:
         runtime: batch.spec.runtime_settings.as_ref(),
         temp_dir: None,
         data: Vec::new(),
-        database_secret: None,
+        database: None,
         deadline_seconds: Some(HOOK_JOB_DEADLINE_SECONDS),
     }
     .build()
@@ -146,7 +146,7 @@ mod tests {
         let repository: Repository = serde_json::from_value(json!({"apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
             "metadata": {"name": "repo"}, "spec": {"backend": {"storageSecretName": "s", "s3": {"endpoint": "e", "bucket": "b"}}}}))
         .expect("a repository");
-        let job = backup_job(&batch, &session, 0, &batch.spec.members[0], &repository, "stash:test", None);
+        let job = backup_job(&batch, &session, (0, &batch.spec.members[0]), &repository, None, "stash:test", None);
         let template = job.spec.expect("a spec").template;
         let pod = template.spec.expect("a pod");
         assert_eq!(pod.node_selector.unwrap_or_default().get("disk").map(String::as_str), Some("ssd"));

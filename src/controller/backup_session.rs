@@ -4,6 +4,7 @@
 //! rest of the status. Every status write replaces the status at the resourceVersion it read, so a
 //! concurrent host write makes this reconcile start over instead of clobbering it.
 
+use super::app_binding;
 use super::backup_job::{backup_job, finalize_job, hook_job, hook_job_name, is_job_model};
 use super::context::{Context, ControllerError, FIELD_MANAGER};
 use super::progress::{self, Progress};
@@ -153,8 +154,7 @@ fn blocking_sibling<'a>(session: &BackupSession, siblings: &'a [BackupSession]) 
 async fn exec_pods(ctx: &Context, namespace: &str, batch: &BackupBatch) -> Result<hooks::ExecPods, ControllerError> {
     let mut selectors = Vec::new();
     for member in &batch.spec.members {
-        if let TargetState::Workload(workload) =
-            targets::inspect(&ctx.client, namespace, &member.target.reference).await?
+        if let TargetState::Workload(workload) = targets::inspect(&ctx.client, namespace, member).await?
             && let Some(selector) = workload.selector.and_then(|s| kube::core::Selector::try_from(s).ok())
         {
             selectors.push(selector);
@@ -207,7 +207,7 @@ async fn start(
     let namespace = session.namespace().unwrap_or_default();
     let mut targets = Vec::with_capacity(batch.spec.members.len());
     for member in &batch.spec.members {
-        let state = targets::inspect(&ctx.client, &namespace, &member.target.reference).await?;
+        let state = targets::inspect(&ctx.client, &namespace, member).await?;
         let reference = &member.target.reference;
         let unusable = unusable(&state, reference);
         targets.push(BackupTargetStatus {
@@ -246,6 +246,7 @@ fn unusable(state: &TargetState, reference: &TargetRef) -> Option<String> {
         TargetState::Missing => Some(format!("{what} does not exist")),
         TargetState::Unsupported => Some(format!("kind {:?} cannot be backed up", reference.kind)),
         TargetState::CrossNamespace => Some(format!("{what}: members may only name objects of their own namespace")),
+        TargetState::Unusable(problem) => Some(problem.to_string()),
         TargetState::Workload(_) if state.hosts() == 0 => {
             Some(format!("{what} is scaled to zero: no Pod runs the stash sidecar to back it up"))
         }
@@ -405,7 +406,23 @@ async fn run_job_members(
             });
             continue;
         };
-        let job = backup_job(batch, session, index, member, repository, &ctx.trigger_image, deadline_seconds);
+        let task = member.task.as_ref().map(|t| t.name.as_str());
+        let database =
+            match app_binding::database_source(&ctx.client, &namespace, &member.target.reference, task).await? {
+                Ok(database) => database,
+                Err(problem) => {
+                    target.stats.push(HostBackupStats {
+                        hostname: member.target.alias.clone(),
+                        phase: Some(HostPhase::Failed),
+                        snapshots: Vec::new(),
+                        duration: None,
+                        error: Some(problem.to_string()),
+                    });
+                    continue;
+                }
+            };
+        let job =
+            backup_job(batch, session, (index, member), repository, database, &ctx.trigger_image, deadline_seconds);
         let name = job.name_any();
         let existing = match jobs.get_opt(&name).await? {
             Some(existing) => existing,

@@ -2,6 +2,7 @@
 //! touch the repository, its Secret as a volume (never inline) and a local repository's volume at
 //! its mountPath; optionally the member's PVC and its database-connection Secret.
 
+use super::app_binding::Endpoint;
 use crate::api::common::{EmptyDirSettings, RuntimeSettings};
 use crate::api::repository::Repository;
 use crate::executor_pod::{
@@ -10,7 +11,9 @@ use crate::executor_pod::{
 };
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    EmptyDirVolumeSource, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Volume, VolumeMount,
+    DownwardAPIProjection, DownwardAPIVolumeFile, EmptyDirVolumeSource, KeyToPath, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, ProjectedVolumeSource, SecretProjection, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::core::ObjectMeta;
@@ -27,6 +30,81 @@ pub struct DataVolume {
     pub read_only: bool,
 }
 
+/// Where a database member's Job finds its connection: the files of `DEFAULT_DATABASE_SECRET_DIR`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DatabaseSource {
+    /// A Secret member: its Secret holds every key.
+    Secret(String),
+    /// An AppBinding member: `username` and `password` of its Secret, by reference, beside `host`,
+    /// `port` and `database` files that the downward API makes from the Pod's annotations — the
+    /// same files a Secret member's Secret gives, and no Secret value copied anywhere.
+    AppBinding { secret: String, endpoint: Endpoint },
+}
+
+/// The Pod annotation holding an AppBinding member's endpoint value `key` (`host`, `port`, `database`).
+fn endpoint_annotation(key: &str) -> String {
+    format!("stash.appscode.com/database-{key}")
+}
+
+impl DatabaseSource {
+    fn volume(&self, name: &str) -> Volume {
+        let (secret, endpoint) = match self {
+            DatabaseSource::Secret(secret) => return secret_volume(name, secret),
+            DatabaseSource::AppBinding { secret, endpoint } => (secret, endpoint),
+        };
+        let credentials =
+            ["username", "password"].map(|key| KeyToPath { key: key.into(), path: key.into(), mode: None });
+        let files = endpoint_values(endpoint).into_iter().map(|(key, _)| DownwardAPIVolumeFile {
+            path: key.into(),
+            field_ref: Some(ObjectFieldSelector {
+                field_path: format!("metadata.annotations['{}']", endpoint_annotation(key)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        Volume {
+            name: name.into(),
+            projected: Some(ProjectedVolumeSource {
+                // World-readable inside the container, as `secret_volume` says why.
+                default_mode: Some(0o444),
+                sources: Some(vec![
+                    VolumeProjection {
+                        secret: Some(SecretProjection {
+                            name: secret.clone(),
+                            items: Some(credentials.to_vec()),
+                            optional: None,
+                        }),
+                        ..Default::default()
+                    },
+                    VolumeProjection {
+                        downward_api: Some(DownwardAPIProjection { items: Some(files.collect()) }),
+                        ..Default::default()
+                    },
+                ]),
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The Pod annotations the volume's endpoint files come from.
+    fn annotations(&self) -> BTreeMap<String, String> {
+        match self {
+            DatabaseSource::Secret(_) => BTreeMap::new(),
+            DatabaseSource::AppBinding { endpoint, .. } => {
+                endpoint_values(endpoint).into_iter().map(|(key, value)| (endpoint_annotation(key), value)).collect()
+            }
+        }
+    }
+}
+
+/// The endpoint as the keys of a Secret member's Secret: a port or database left out is left unset.
+fn endpoint_values(endpoint: &Endpoint) -> Vec<(&'static str, String)> {
+    let mut values = vec![("host", endpoint.host.clone())];
+    values.extend(endpoint.port.map(|port| ("port", port.to_string())));
+    values.extend(endpoint.database.clone().map(|database| ("database", database)));
+    values
+}
+
 pub struct ExecutorJob<'a> {
     pub name: String,
     pub namespace: String,
@@ -41,7 +119,7 @@ pub struct ExecutorJob<'a> {
     pub temp_dir: Option<&'a EmptyDirSettings>,
     /// One volume per distinct claim, each at its own mountPaths.
     pub data: Vec<DataVolume>,
-    pub database_secret: Option<String>,
+    pub database: Option<DatabaseSource>,
     pub deadline_seconds: Option<i64>,
 }
 
@@ -94,9 +172,14 @@ impl ExecutorJob<'_> {
                 ..m
             }));
         }
-        if let Some(secret) = &self.database_secret {
-            volumes.push(secret_volume("database-secret", secret));
+        if let Some(database) = &self.database {
+            volumes.push(database.volume("database-secret"));
             mounts.push(mount("database-secret", DEFAULT_DATABASE_SECRET_DIR, true));
+        }
+        let mut metadata = pod_metadata(self.labels.clone(), pod);
+        // The endpoint's annotations win over the member's podAnnotations: the Job reads its database from them.
+        if let Some(endpoint) = self.database.as_ref().map(DatabaseSource::annotations).filter(|a| !a.is_empty()) {
+            metadata.annotations.get_or_insert_with(Default::default).extend(endpoint);
         }
         Job {
             metadata: ObjectMeta {
@@ -110,7 +193,7 @@ impl ExecutorJob<'_> {
                 backoff_limit: Some(1),
                 active_deadline_seconds: self.deadline_seconds,
                 template: PodTemplateSpec {
-                    metadata: Some(pod_metadata(self.labels, pod)),
+                    metadata: Some(metadata),
                     spec: Some(PodSpec {
                         service_account_name: Some(BACKUP_SERVICE_ACCOUNT.into()),
                         restart_policy: Some("Never".into()),

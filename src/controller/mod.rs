@@ -1,5 +1,6 @@
 //! The operator's controllers: BackupBatch → trigger CronJob, the BackupSession lifecycle, and RestoreBatch.
 
+mod app_binding;
 pub mod backup_batch;
 pub mod backup_job;
 pub mod backup_session;

@@ -2,9 +2,10 @@
 //! another for Sequential), aggregate the hosts' entries that `stash restore` writes, and finish —
 //! Failed when a member fails, a Job dies before reporting, or `timeOut` passes.
 
+use super::app_binding;
 use super::backup_job::job_name;
 use super::context::{Context, ControllerError};
-use super::executor_job::{DataVolume, ExecutorJob};
+use super::executor_job::{DataVolume, DatabaseSource, ExecutorJob};
 use super::identity;
 use crate::api::RestoreBatch;
 use crate::api::backup_batch::Driver;
@@ -15,7 +16,7 @@ use crate::api::restore_batch::{
     RestoreMemberStatus, RestorePhase,
 };
 use crate::conditions::{self, Desired};
-use crate::executor_pod::{DATABASE_KIND, PVC_KIND, RESTORE_HOST_ENV, data_mounts, rule_for};
+use crate::executor_pod::{PVC_KIND, RESTORE_HOST_ENV, data_mounts, is_database, rule_for};
 use crate::tenancy;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
@@ -63,6 +64,7 @@ pub async fn reconcile(restore: Arc<RestoreBatch>, ctx: Arc<Context>) -> Result<
         .and_then(|t| restore.metadata.creation_timestamp.as_ref().and_then(|c| c.0.checked_add(t).ok()));
 
     let mut plans = Vec::new();
+    let mut databases = Vec::new();
     let refusal = unsupported(&restore.spec);
     for (index, member) in restore.spec.members.iter().enumerate().take_while(|_| refusal.is_none()) {
         let reference = &member.target.reference;
@@ -76,7 +78,24 @@ pub async fn reconcile(restore: Arc<RestoreBatch>, ctx: Arc<Context>) -> Result<
             write(&restore, &ctx, status).await?;
             return Ok(Action::requeue(POLL));
         }
-        plans.push(plan_member(index, &namespace, member, template.as_ref()));
+        let plan = plan_member(index, &namespace, member, template.as_ref());
+        // Read only once the plan passed the namespace check, and always in the restore's own namespace.
+        let task = member.task.as_ref().map(|t| t.name.as_str());
+        let database = match &plan {
+            Ok(_) => app_binding::database_source(&ctx.client, &namespace, reference, task).await?,
+            Err(_) => Ok(None),
+        };
+        match database {
+            Ok(database) => databases.push(database),
+            Err(problem) => {
+                // Perhaps not created yet (KubeDB makes it with the database): wait for it.
+                let waiting = Desired::new("TargetFound", false, problem.reason(), problem.to_string());
+                conditions::set(&mut status.conditions, &waiting, None);
+                write(&restore, &ctx, status).await?;
+                return Ok(Action::requeue(POLL));
+            }
+        }
+        plans.push(plan);
     }
     if let Some(refusal) = refusal.or_else(|| plans.iter().find_map(|p| p.as_ref().err().cloned())) {
         let refused = Desired::new("MembersValid", false, refusal.reason(), refusal.to_string());
@@ -89,13 +108,15 @@ pub async fn reconcile(restore: Arc<RestoreBatch>, ctx: Arc<Context>) -> Result<
 
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut previous_done = true;
-    for ((index, member), plan) in restore.spec.members.iter().enumerate().zip(plans.into_iter().flatten()) {
+    let members = restore.spec.members.iter().enumerate().zip(databases);
+    for (((index, member), database), plan) in members.zip(plans.into_iter().flatten()) {
         let entry = member_status(&mut status, member, &plan);
         let done = matches!(entry.phase, Some(RestoreMemberPhase::Succeeded | RestoreMemberPhase::Failed));
         if !done && (previous_done || restore.spec.execution_order == ExecutionOrder::Parallel) {
             entry.phase = Some(RestoreMemberPhase::Running);
             for host in &plan {
-                let job = restore_job(&restore, index, member, host, &repository, &ctx.trigger_image);
+                let job =
+                    restore_job(&restore, (index, member), host, &repository, database.clone(), &ctx.trigger_image);
                 let name = job.name_any();
                 let existing = match jobs.get_opt(&name).await? {
                     Some(existing) => existing,
@@ -295,7 +316,7 @@ pub(crate) fn unsupported(spec: &RestoreBatchSpec) -> Option<Refusal> {
                 return refuse(format!("{prefix}.target.rules[{r}].snapshots"), "`latest` or snapshot ids, not both");
             }
             let filters = !(rule.paths.is_empty() && rule.include.is_empty() && rule.exclude.is_empty());
-            if member.target.reference.kind == DATABASE_KIND && filters {
+            if is_database(&member.target.reference.kind) && filters {
                 return refuse(format!("{prefix}.target.rules[{r}]"), "a database dump is replayed whole");
             }
         }
@@ -322,7 +343,7 @@ pub(crate) fn plan_member(
     let alias = if target.alias.is_empty() { reference.name.clone() } else { target.alias.clone() };
     let one = |data| Ok(vec![HostPlan { host: alias.clone(), ordinal: None, data }]);
     let template = match (reference.kind.as_str(), template) {
-        (DATABASE_KIND, _) => return one(Vec::new()),
+        (kind, _) if is_database(kind) => return one(Vec::new()),
         (PVC_KIND, _) => {
             let mounts = data_mounts(&target.volume_mounts);
             return one(vec![DataVolume { claim: reference.name.clone(), mounts, read_only: false }]);
@@ -423,13 +444,13 @@ async fn pod_template(
 }
 
 /// The Job restoring host `plan` of member `index`: its claims mounted writable where the member
-/// says, a database's connection Secret as files, and a deadline.
+/// says, a database's connection (`database`) as files, and a deadline.
 fn restore_job(
     restore: &RestoreBatch,
-    index: usize,
-    member: &RestoreMember,
+    (index, member): (usize, &RestoreMember),
     plan: &HostPlan,
     repository: &Repository,
+    database: Option<DatabaseSource>,
     image: &str,
 ) -> Job {
     let target = &member.target.reference;
@@ -456,7 +477,7 @@ fn restore_job(
         runtime,
         temp_dir: member.temp_dir.as_ref(),
         data: plan.data.clone(),
-        database_secret: (target.kind == DATABASE_KIND).then(|| target.name.clone()),
+        database,
         deadline_seconds: Some(i64::try_from(deadline.as_secs()).unwrap_or(i64::MAX)),
     }
     .build();
@@ -657,7 +678,7 @@ mod tests {
                 DataVolume { claim: "db-shared".into(), mounts: vec![mount("shared", "/shared")], read_only: false },
             ],
         };
-        let job = restore_job(&restore, 0, &restore.spec.members[0], &plan, &repository, "stash:test");
+        let job = restore_job(&restore, (0, &restore.spec.members[0]), &plan, &repository, None, "stash:test");
         let spec = job.spec.expect("a spec");
         assert_eq!(job.metadata.name.as_deref(), Some("r-restore-0-1"));
         assert_eq!(spec.active_deadline_seconds, Some(6 * 3600));

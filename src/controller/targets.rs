@@ -1,10 +1,10 @@
 //! Member targets: do they exist, how many hosts back them up, and do their Pods carry the sidecar.
 
 use super::backup_batch::SIDECAR_INJECTED;
-use crate::api::common::TargetRef;
+use crate::api::backup_batch::BackupMember;
 use crate::api::{BackupBatch, Repository};
 use crate::conditions::Desired;
-use crate::executor_pod::SIDECAR_NAME;
+use crate::executor_pod::{APP_BINDING_KIND, SIDECAR_NAME};
 use crate::workload::WorkloadKind;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, PodTemplateSpec, ReplicationController, Secret};
@@ -41,6 +41,8 @@ pub enum TargetState {
     CrossNamespace,
     Workload(WorkloadInfo),
     Volume,
+    /// An AppBinding member that cannot be used, and why.
+    Unusable(super::app_binding::Problem),
 }
 
 impl TargetState {
@@ -79,7 +81,8 @@ where
     })
 }
 
-pub async fn inspect(client: &Client, namespace: &str, target: &TargetRef) -> Result<TargetState, kube::Error> {
+pub async fn inspect(client: &Client, namespace: &str, member: &BackupMember) -> Result<TargetState, kube::Error> {
+    let target = &member.target.reference;
     if target.namespace.as_deref().is_some_and(|other| other != namespace) {
         return Ok(TargetState::CrossNamespace);
     }
@@ -140,6 +143,13 @@ pub async fn inspect(client: &Client, namespace: &str, target: &TargetRef) -> Re
             Some(_) => TargetState::Volume,
             None => TargetState::Missing,
         },
+        APP_BINDING_KIND => {
+            let task = member.task.as_ref().map(|t| t.name.as_str());
+            match super::app_binding::resolve(client, namespace, name, task).await? {
+                Ok(_) => TargetState::Volume,
+                Err(problem) => TargetState::Unusable(problem),
+            }
+        }
         _ => TargetState::Unsupported,
     })
 }

@@ -5,7 +5,7 @@
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, PostParams};
 use kube::config::Kubeconfig;
@@ -127,7 +127,8 @@ impl LocalNode {
     /// The same for the Jobs carrying `label`, with `/` mapped to `root`.
     pub async fn run_new_jobs_matching(&mut self, label: &str, root: &Path) -> Vec<(String, Output)> {
         let mut outputs = Vec::new();
-        for (name, _, args) in self.new_jobs(label).await {
+        for (name, job, args) in self.new_jobs(label).await {
+            self.project_database_volume(&job).await;
             let pod = format!("{name}-x7k2p");
             let output =
                 tokio::task::block_in_place(|| self.command_in(&args, &pod, root).output().expect("stash runs"));
@@ -181,6 +182,42 @@ impl LocalNode {
             }
         }
         new
+    }
+
+    /// Plays the kubelet for a Job's projected database volume (an AppBinding member's): the items
+    /// of its Secret, and the downward API's files from the Pod's annotations, written where the
+    /// executor reads them. A Job with a plain Secret volume keeps what the test wrote there.
+    async fn project_database_volume(&self, job: &Job) {
+        let Some(template) = job.spec.as_ref().map(|s| &s.template) else { return };
+        let volumes = template.spec.as_ref().and_then(|p| p.volumes.as_ref());
+        let Some(projected) =
+            volumes.into_iter().flatten().find(|v| v.name == "database-secret").and_then(|v| v.projected.as_ref())
+        else {
+            return;
+        };
+        let annotations = template.metadata.as_ref().and_then(|m| m.annotations.clone()).unwrap_or_default();
+        let secrets: Api<Secret> = Api::namespaced(super::client().await, &self.namespace);
+        let mut files = BTreeMap::new();
+        for source in projected.sources.iter().flatten() {
+            if let Some(projection) = &source.secret {
+                let secret = secrets.get(&projection.name).await.expect("the projected Secret exists");
+                let data = secret.data.unwrap_or_default();
+                for item in projection.items.iter().flatten() {
+                    let value =
+                        data.get(&item.key).unwrap_or_else(|| panic!("Secret {} has no {}", projection.name, item.key));
+                    files.insert(item.path.clone(), String::from_utf8(value.0.clone()).expect("UTF-8"));
+                }
+            }
+            for item in source.downward_api.iter().flat_map(|d| d.items.iter().flatten()) {
+                let path = item.field_ref.as_ref().map(|f| f.field_path.as_str()).unwrap_or_default();
+                let key = path
+                    .strip_prefix("metadata.annotations['")
+                    .and_then(|k| k.strip_suffix("']"))
+                    .expect("an annotation");
+                files.insert(item.path.clone(), annotations.get(key).cloned().unwrap_or_default());
+            }
+        }
+        write_secret_dir(self.database_secret_dir.path(), &files);
     }
 
     /// Treats Job `name` as run (a test ran it by hand).

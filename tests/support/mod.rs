@@ -18,6 +18,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+pub mod app_binding;
 pub mod backends;
 pub mod executors;
 pub mod fixtures;
