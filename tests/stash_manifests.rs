@@ -281,3 +281,181 @@ fn a_dropped_or_changed_field_is_named() {
     missing(&sent, &sent, "", &mut lost);
     assert!(lost.is_empty(), "{lost:?}");
 }
+
+/// The field-by-field compatibility table, checked against our schema and Stash's docs.
+const COMPATIBILITY: &str = "docs/compatibility.md";
+/// How a row's verdict may begin, so that every field says plainly what becomes of it.
+const VERDICTS: &[&str] = &["**works**", "**refused**", "**accepted, not acted on**", "**kept**", "**ours**"];
+
+/// One row: a field of `kind` and everything under it.
+struct Row {
+    kind: String,
+    path: String,
+    verdict: String,
+}
+
+/// The rows of the table, in file order: `## Kind` headings, then `| `path` | docs | verdict |`.
+fn table_rows(text: &str) -> Vec<Row> {
+    let mut kind = String::new();
+    let mut rows = Vec::new();
+    for line in text.lines() {
+        if let Some(heading) = line.strip_prefix("## ") {
+            kind = heading.split_whitespace().next().unwrap_or_default().to_string();
+        } else if let Some(rest) = line.strip_prefix("| `") {
+            let cells: Vec<&str> = rest.splitn(3, '|').map(str::trim).collect();
+            if let [path, _docs, verdict] = cells[..] {
+                let path = path.trim_end_matches('`').to_string();
+                let verdict = verdict.trim_end_matches('|').trim().to_string();
+                rows.push(Row { kind: kind.clone(), path, verdict });
+            }
+        }
+    }
+    rows
+}
+
+/// Every leaf under `schema` (an array's items are `[]`), as dotted paths from `path`.
+fn schema_leaves(schema: &Value, path: &str, out: &mut Vec<String>) {
+    if let Some(items) = schema.get("items") {
+        return schema_leaves(items, &format!("{path}[]"), out);
+    }
+    match schema.get("properties").and_then(Value::as_object) {
+        Some(properties) => {
+            for (key, property) in properties {
+                schema_leaves(property, &format!("{path}.{key}"), out);
+            }
+        }
+        None => out.push(path.to_string()),
+    }
+}
+
+/// Every value a document sets, as dotted paths from `path` (an array's entries are `[]`); an empty
+/// object or list and a null set nothing.
+fn document_leaves(value: &Value, path: &str, out: &mut BTreeSet<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, value) in map {
+                document_leaves(value, &format!("{path}.{key}"), out);
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                document_leaves(item, &format!("{path}[]"), out);
+            }
+        }
+        Value::Null => {}
+        _ => {
+            out.insert(path.to_string());
+        }
+    }
+}
+
+/// The row of `kind` that owns `path`: the longest whose path is it or a parent of it.
+fn owner(rows: &[Row], kind: &str, path: &str) -> Option<usize> {
+    let under = |row: &Row| {
+        path == row.path || path.starts_with(&format!("{}.", row.path)) || path.starts_with(&format!("{}[]", row.path))
+    };
+    rows.iter()
+        .enumerate()
+        .filter(|(_, r)| r.kind == kind && under(r))
+        .max_by_key(|(_, r)| r.path.len())
+        .map(|(i, _)| i)
+}
+
+/// How many of Stash's docs documents (those Stash's CRDs accept) set something under each row.
+fn docs_usage(rows: &[Row], problems: &mut Vec<String>) -> Option<Vec<usize>> {
+    let dir = support::repo_root().join(MANIFESTS);
+    if !dir.is_dir() {
+        return None;
+    }
+    let served = served_kinds();
+    let mut users = vec![0; rows.len()];
+    for path in manifest_files(&dir).0 {
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        for document in serde_yaml::Deserializer::from_str(&text) {
+            let Ok(document) = Value::deserialize(document) else { continue };
+            let kind = document["kind"].as_str().unwrap_or_default();
+            let Some(ours) = served.get(kind) else { continue };
+            if not_in_stash(&document, ours).is_some() {
+                continue;
+            }
+            let mut leaves = BTreeSet::new();
+            for part in ["spec", "status"] {
+                document_leaves(&document[part], part, &mut leaves);
+            }
+            let mut owners = BTreeSet::new();
+            for leaf in &leaves {
+                match owner(rows, kind, leaf) {
+                    Some(row) => {
+                        owners.insert(row);
+                    }
+                    None => problems.push(format!("{kind} {leaf}: set in {} but in no row", path.display())),
+                }
+            }
+            for row in owners {
+                users[row] += 1;
+            }
+        }
+    }
+    Some(users)
+}
+
+/// Every field of our schema is in exactly one row of docs/compatibility.md, which says what becomes of
+/// it; every row names something our schema has; the count of Stash's docs documents using each row
+/// is current. `STASH_WRITE_COMPATIBILITY=1` rewrites the counts (the verdicts are written by hand).
+#[test]
+fn the_compatibility_table_covers_every_field_of_our_schema() {
+    let file = support::repo_root().join(COMPATIBILITY);
+    let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
+    let rows = table_rows(&text);
+    let mut problems = Vec::new();
+    let mut owned = vec![0; rows.len()];
+    for crd in stash::api::crds() {
+        let kind = crd.spec.names.kind.clone();
+        let version = crd.spec.versions.iter().find(|v| v.served).expect("a served version");
+        let schema = serde_json::to_value(&version.schema).expect("a schema");
+        let mut leaves = Vec::new();
+        for part in ["spec", "status"] {
+            if let Some(schema) = schema["openAPIV3Schema"]["properties"].get(part) {
+                schema_leaves(schema, part, &mut leaves);
+            }
+        }
+        for leaf in leaves {
+            match owner(&rows, &kind, &leaf) {
+                Some(row) => owned[row] += 1,
+                None => problems.push(format!("{kind} {leaf}: in our schema but in no row")),
+            }
+        }
+    }
+    for (row, count) in rows.iter().zip(&owned) {
+        if *count == 0 {
+            problems.push(format!("{} {}: a row for a field our schema does not have", row.kind, row.path));
+        }
+        if !VERDICTS.iter().any(|v| row.verdict.starts_with(v)) {
+            problems.push(format!("{} {}: the verdict must start with one of {VERDICTS:?}", row.kind, row.path));
+        }
+    }
+    if let Some(users) = docs_usage(&rows, &mut problems) {
+        let mut next = 0;
+        let written: Vec<String> = text
+            .lines()
+            .map(|line| match line.strip_prefix("| `") {
+                Some(_) if next < rows.len() => {
+                    let row = &rows[next];
+                    next += 1;
+                    format!("| `{}` | {} | {} |", row.path, users[next - 1], row.verdict)
+                }
+                _ => line.to_string(),
+            })
+            .collect();
+        let written = written.join("\n") + "\n";
+        if written != text {
+            if std::env::var_os("STASH_WRITE_COMPATIBILITY").is_some() {
+                std::fs::write(&file, &written).expect("rewriting the table");
+            } else {
+                problems
+                    .push(format!("the docs counts are stale: run with STASH_WRITE_COMPATIBILITY=1 ({COMPATIBILITY})"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{COMPATIBILITY}:\n{}", problems.join("\n"));
+}

@@ -301,6 +301,9 @@ pub(crate) fn unsupported(spec: &RestoreBatchSpec) -> Option<Refusal> {
         if member.interim_volume_template.is_some() {
             return refuse(format!("{prefix}.interimVolumeTemplate"), "data is restored in place");
         }
+        if member.task.as_ref().is_some_and(|t| !t.params.is_empty()) {
+            return refuse(format!("{prefix}.task.params"), "the task name picks the client and its options are fixed");
+        }
         let pod = member.runtime_settings.as_ref().and_then(|r| r.pod.as_ref());
         if let Some((field, why)) = pod.and_then(|p| p.refused_in_jobs()) {
             return refuse(format!("{prefix}.runtimeSettings.{field}"), why);
@@ -649,6 +652,10 @@ mod tests {
             (
                 json!({"target": {"ref": pvc}, "runtimeSettings": {"pod": {"serviceAccountName": "admin"}}}),
                 "spec.members[0].runtimeSettings.pod.serviceAccountName",
+            ),
+            (
+                json!({"target": {"ref": pvc}, "task": {"name": "pvc-restore", "params": [{"name": "a", "value": "b"}]}}),
+                "spec.members[0].task.params",
             ),
         ];
         for (member, field) in cases {
