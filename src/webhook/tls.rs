@@ -144,7 +144,7 @@ impl CertificateFiles {
     }
 
     /// [`Self::reload`], logging the outcome: what the file watcher runs on every change and poll.
-    pub fn reload_logged(&self, serving: &ServingCertificate) {
+    pub(crate) fn reload_logged(&self, serving: &ServingCertificate) {
         match self.reload(serving) {
             Ok(true) => tracing::info!(cert = %self.cert.display(), "serving certificate reloaded"),
             Ok(false) => {}
@@ -168,7 +168,7 @@ impl CertificateFiles {
 }
 
 /// Wake-ups after every change in the directories of some files, and every `poll`.
-pub struct FileChanges {
+pub(crate) struct FileChanges {
     _watcher: notify::RecommendedWatcher,
     events: tokio::sync::mpsc::Receiver<()>,
     ticker: tokio::time::Interval,
@@ -176,7 +176,7 @@ pub struct FileChanges {
 }
 
 impl FileChanges {
-    pub fn watch(paths: &[&Path], poll: Duration, cancel: CancellationToken) -> Result<Self, TlsError> {
+    pub(crate) fn watch(paths: &[&Path], poll: Duration, cancel: CancellationToken) -> Result<Self, TlsError> {
         let (events_tx, events) = tokio::sync::mpsc::channel::<()>(1);
         let mut watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
             // A full channel already holds a pending wake-up; dropping this one loses nothing.
@@ -194,7 +194,7 @@ impl FileChanges {
     }
 
     /// Waits for the next change or poll; `false` once cancelled.
-    pub async fn next(&mut self) -> bool {
+    pub(crate) async fn next(&mut self) -> bool {
         tokio::select! {
             _ = self.cancel.cancelled() => false,
             Some(()) = self.events.recv() => {
