@@ -365,26 +365,21 @@ fn helm_install_creates_every_object_and_uninstall_removes_them() {
         "jsonpath={.webhooks[0].clientConfig.caBundle}",
     ]);
     assert_eq!(success(ca_bundle, "kubectl get caBundle"), "", "the chart writes no caBundle");
-    let args = support::node::kubectl(&[
-        "get",
-        "deployment",
-        "stash-operator",
-        "-n",
-        &release.namespace,
-        "-o",
-        "jsonpath={.spec.template.spec.containers[0].args}",
-    ]);
-    assert!(success(args, "kubectl get deployment").contains("--ca-bundle-file=/etc/stash/webhook/ca.crt"));
-    let secret = support::node::kubectl(&[
-        "get",
-        "deployment",
-        "stash-operator",
-        "-n",
-        &release.namespace,
-        "-o",
-        "jsonpath={.spec.template.spec.volumes[0].secret.secretName}",
-    ]);
-    assert_eq!(success(secret, "kubectl get deployment"), "corp-tls");
+    let deployment = |jsonpath: &str| {
+        let out = support::node::kubectl(&[
+            "get",
+            "deployment",
+            "stash-operator",
+            "-n",
+            &release.namespace,
+            "-o",
+            &format!("jsonpath={jsonpath}"),
+        ]);
+        success(out, "kubectl get deployment")
+    };
+    let args = deployment("{.spec.template.spec.containers[0].args}");
+    assert!(args.contains("--ca-bundle-file=/etc/stash/webhook/ca.crt"), "{args}");
+    assert_eq!(deployment("{.spec.template.spec.volumes[0].secret.secretName}"), "corp-tls");
 
     release.helm(&["uninstall", NAMESPACE, "--wait", "--timeout=60s"]);
     let left = existing(&manifest_file);
