@@ -100,13 +100,19 @@ pub struct OperatorArgs {
     /// configuration's caBundle in step (instead of reading --tls-cert-file/--tls-key-file).
     #[arg(long)]
     pub self_signed_certs: bool,
+    /// PEM bundle of the CA(s) that sign --tls-cert-file, published as the caBundle of
+    /// --webhook-configuration-name at start and whenever the file changes (certificates brought by a
+    /// platform team). Rotate a CA by listing old and new first, then switching the leaf, then dropping
+    /// the old CA. An empty or unparsable bundle is refused and the last one published stays.
+    #[arg(long, env = "STASH_CA_BUNDLE_FILE", conflicts_with = "self_signed_certs")]
+    pub ca_bundle_file: Option<PathBuf>,
     /// The operator's namespace (holds the certificate Secret).
     #[arg(long, env = "POD_NAMESPACE", default_value = "stash")]
     pub namespace: String,
     /// Secret holding the self-managed CA and serving certificate.
     #[arg(long, default_value = "stash-webhook-certs")]
     pub cert_secret_name: String,
-    /// MutatingWebhookConfiguration whose caBundle the self-managed mode maintains.
+    /// MutatingWebhookConfiguration whose caBundle --self-signed-certs or --ca-bundle-file maintains.
     #[arg(long, default_value = "stash")]
     pub webhook_configuration_name: String,
     /// Service the API server calls; the self-managed certificate names <service>.<namespace>.svc.
@@ -318,4 +324,16 @@ pub struct BatchArgs {
     /// Namespace of the BackupBatch; defaults to the kubeconfig's current namespace.
     #[arg(long, short = 'n')]
     pub namespace: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_bundle_file_is_refused_beside_self_signed_certificates() {
+        let parsed = Cli::try_parse_from(["stash", "operator", "--self-signed-certs", "--ca-bundle-file=/ca/ca.crt"]);
+        let message = parsed.expect_err("two owners of one caBundle").to_string();
+        assert!(message.contains("--ca-bundle-file") && message.contains("--self-signed-certs"), "{message}");
+    }
 }

@@ -185,6 +185,7 @@ where
 
 fn operator_config(args: Box<stash::cli::OperatorArgs>) -> stash::operator::OperatorConfig {
     use stash::operator::CertificateSource;
+    let args = *args;
     let certificates = if args.self_signed_certs {
         let service = &args.webhook_service_name;
         let namespace = &args.namespace;
@@ -203,6 +204,10 @@ fn operator_config(args: Box<stash::cli::OperatorArgs>) -> stash::operator::Oper
         CertificateSource::Files {
             files: stash::webhook::tls::CertificateFiles { cert: args.tls_cert_file, key: args.tls_key_file },
             poll: args.cert_poll_interval,
+            ca_bundle: args.ca_bundle_file.map(|path| stash::webhook::ca_bundle::CaBundleFile {
+                path,
+                webhook_configuration: args.webhook_configuration_name,
+            }),
         }
     };
     let identity = args.identity.clone().unwrap_or_else(|| {

@@ -67,6 +67,9 @@ pub struct WebhookMetrics {
 pub struct TlsMetrics {
     pub certificate_not_after: Gauge<i64, AtomicI64>,
     pub reloads: Family<ReloadLabels, Counter>,
+    /// Set from `--ca-bundle-file` only.
+    pub ca_bundle_not_after: Gauge<i64, AtomicI64>,
+    pub ca_bundle_publishes: Family<ReloadLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -128,7 +131,12 @@ impl Default for Metrics {
             "Time to answer one admission request, from body received to response built",
             webhook.latency.clone(),
         );
-        let tls = TlsMetrics { certificate_not_after: Gauge::default(), reloads: Family::default() };
+        let tls = TlsMetrics {
+            certificate_not_after: Gauge::default(),
+            reloads: Family::default(),
+            ca_bundle_not_after: Gauge::default(),
+            ca_bundle_publishes: Family::default(),
+        };
         registry.register(
             "webhook_certificate_not_after_seconds",
             "Expiry (Unix time) of the serving certificate in use",
@@ -138,6 +146,16 @@ impl Default for Metrics {
             "webhook_certificate_reloads",
             "Serving certificate reload attempts, by result",
             tls.reloads.clone(),
+        );
+        registry.register(
+            "webhook_ca_bundle_not_after_seconds",
+            "Earliest expiry (Unix time) among the CAs of the caBundle published from --ca-bundle-file",
+            tls.ca_bundle_not_after.clone(),
+        );
+        registry.register(
+            "webhook_ca_bundle_publishes",
+            "Attempts to publish a changed --ca-bundle-file as the webhook caBundle, by result",
+            tls.ca_bundle_publishes.clone(),
         );
         let controller = ControllerMetrics {
             reconciles: Family::default(),

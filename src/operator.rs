@@ -5,11 +5,12 @@ use crate::controller::ControllerSettings;
 use crate::controller::leader::run_while_leader;
 use crate::lease::LeaseConfig;
 use crate::metrics::Metrics;
+use crate::webhook::ca_bundle::{CaBundleError, CaBundleFile, CaBundlePublisher};
 use crate::webhook::client_auth::{ClientAuth, ClientAuthError};
 use crate::webhook::mutate::Mutator;
 use crate::webhook::self_signed::{SelfManagedCertificates, SelfSignedConfig, SelfSignedError};
 use crate::webhook::server::{ConnectionLimits, serve_tls};
-use crate::webhook::tls::{CertificateFiles, ServingCertificate, TlsError, server_config};
+use crate::webhook::tls::{CertificateFiles, FileChanges, ServingCertificate, TlsError, server_config};
 use crate::webhook::{caches, routes};
 use kube::Client;
 use std::net::SocketAddr;
@@ -29,6 +30,8 @@ pub enum OperatorError {
     #[error("self-managed certificates: {0}")]
     SelfSigned(#[from] SelfSignedError),
     #[error(transparent)]
+    CaBundle(#[from] CaBundleError),
+    #[error(transparent)]
     ClientAuth(#[from] ClientAuthError),
     #[error("listening on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
@@ -37,8 +40,10 @@ pub enum OperatorError {
 /// Where the webhook's serving certificate comes from.
 #[derive(Debug, Clone)]
 pub enum CertificateSource {
-    /// PEM files, reloaded on change and every `poll` (Secret volume, cert-manager, platform tooling).
-    Files { files: CertificateFiles, poll: Duration },
+    /// PEM files, reloaded on change and every `poll` (Secret volume, cert-manager, platform tooling),
+    /// with the CA bundle to publish as the webhook configuration's caBundle when the platform team
+    /// brings its own CA.
+    Files { files: CertificateFiles, poll: Duration, ca_bundle: Option<CaBundleFile> },
     /// A CA and leaf the operator generates, keeps in a Secret and rotates itself.
     SelfSigned(SelfSignedConfig),
 }
@@ -60,6 +65,24 @@ async fn listen(addr: SocketAddr) -> Result<TcpListener, OperatorError> {
     TcpListener::bind(addr).await.map_err(|source| OperatorError::Listen { addr, source })
 }
 
+/// Keeps the serving pair and the published CA bundle in step with their files, until cancelled: one
+/// watcher, so that a Secret volume holding both is read once per kubelet update.
+async fn watch_with_bundle(
+    files: &CertificateFiles,
+    serving: &ServingCertificate,
+    mut publisher: CaBundlePublisher,
+    poll: Duration,
+    cancel: CancellationToken,
+) -> Result<(), TlsError> {
+    let bundle = publisher.path().to_path_buf();
+    let mut changes = FileChanges::watch(&[&files.cert, &files.key, &bundle], poll, cancel)?;
+    while changes.next().await {
+        files.reload_logged(serving);
+        publisher.sync_logged().await;
+    }
+    Ok(())
+}
+
 /// Loads the first serving pair and starts keeping it current on `tasks`.
 async fn serving_certificate(
     client: &Client,
@@ -70,11 +93,20 @@ async fn serving_certificate(
 ) -> Result<Arc<ServingCertificate>, OperatorError> {
     let cancel = cancel.clone();
     match source {
-        CertificateSource::Files { files, poll } => {
+        CertificateSource::Files { files, poll, ca_bundle } => {
             let serving = files.load(metrics.clone())?;
             let watched = serving.clone();
+            // A bundle that cannot be published stops the start, as a pair that does not load does.
+            let mut publisher = ca_bundle.map(|file| CaBundlePublisher::new(client.clone(), file, metrics.clone()));
+            if let Some(publisher) = &mut publisher {
+                publisher.sync().await?;
+            }
             tasks.spawn(async move {
-                if let Err(err) = files.watch(watched, poll, cancel).await {
+                let watched = match publisher {
+                    None => files.watch(watched, poll, cancel).await,
+                    Some(publisher) => watch_with_bundle(&files, &watched, publisher, poll, cancel).await,
+                };
+                if let Err(err) = watched {
                     tracing::error!(error = %err, "certificate watch stopped; relying on restarts for rotation");
                 }
             });

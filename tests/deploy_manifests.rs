@@ -62,14 +62,15 @@ fn relative_to(dir: &Path, target: &Path) -> PathBuf {
     up.join(target.strip_prefix("/").expect("an absolute path"))
 }
 
-/// M7: `deploy/components/webhook-client-auth` adds the client CA flag and its Secret volume to either
-/// install, keeping what the install already mounts.
+/// M7: `deploy/components/webhook-client-auth` adds the client CA flag and its Secret volume to every
+/// install, keeping what the install already mounts (the bring-your-own component's too).
 #[test]
-fn the_webhook_client_auth_component_composes_with_both_installs() {
+fn the_webhook_client_auth_component_composes_with_every_install() {
     let component = support::repo_root().join("deploy/components/webhook-client-auth");
     for (install, volumes) in [
         ("deploy", &["webhook-client-ca"][..]),
         ("deploy/overlays/cert-manager", &["webhook-client-ca", "webhook-tls"][..]),
+        ("deploy/overlays/existing-secret", &["webhook-client-ca", "webhook-tls"][..]),
     ] {
         let dir = tempfile::tempdir().expect("temp dir");
         let kustomization = serde_json::json!({

@@ -1,6 +1,6 @@
 //! The Helm chart (`charts/stash`) installs what `deploy/` installs: its renderings are compared object by
-//! object with kustomize's (Helm's own labels aside), for the defaults, cert-manager mode and the test
-//! node's values; `helm lint` checks the values against `values.schema.json`; and a real `helm install`,
+//! object with kustomize's (Helm's own labels aside), for the defaults, cert-manager mode, existingSecret
+//! mode and the test node's values; `helm lint` checks the values against `values.schema.json`; and a real `helm install`,
 //! `upgrade` and `uninstall` on the test cluster leave nothing behind.
 
 mod support;
@@ -123,11 +123,12 @@ fn the_chart_lints_in_every_certificate_mode() {
     for values in [
         &[][..],
         &["--set", "webhook.certificate.mode=certManager"][..],
+        &["--set", "webhook.certificate.mode=existingSecret,webhook.certificate.existingSecret.name=tls"][..],
         &[
             "--set",
             "webhook.certificate.mode=existingSecret,webhook.certificate.existingSecret.name=tls",
             "--set",
-            "webhook.certificate.existingSecret.caBundle=Q0EK",
+            "webhook.certificate.existingSecret.caConfigMap=corp-ca",
         ][..],
         &["--set", "podDisruptionBudget.enabled=true,webhook.clientAuth.enabled=true,controller.watchNamespace=apps"][..],
     ] {
@@ -142,6 +143,8 @@ fn the_values_schema_refuses_what_the_chart_cannot_install() {
         ("imag.tag=x", "additional properties 'imag' not allowed"),
         ("webhook.certificate.mode=vault", "/webhook/certificate/mode"),
         ("webhook.certificate.mode=existingSecret", "/webhook/certificate/existingSecret/name"),
+        // The operator publishes the CA now; the chart takes none.
+        ("webhook.certificate.existingSecret.caBundle=Q0EK", "additional properties 'caBundle' not allowed"),
         ("webhook.failurePolicy=Never", "/webhook/failurePolicy"),
         ("controller.lease.duration=soon", "/controller/lease/duration"),
     ] {
@@ -208,12 +211,20 @@ fn the_test_node_values_install_what_the_test_node_overlay_builds() {
     compare("deploy/overlays/test-node", &["--set", CHART_VALUES]).unwrap_or_else(|difference| panic!("{difference}"));
 }
 
-/// existingSecret mode: the operator reads the user's Secret from files (it keeps no caBundle then), and
-/// the chart writes the webhook's caBundle from the value, or refuses to render without a CA.
 #[test]
-fn existing_secret_mode_mounts_the_users_secret_and_publishes_its_ca() {
+fn existing_secret_mode_installs_what_the_existing_secret_overlay_builds() {
+    let values =
+        ["--set", "webhook.certificate.mode=existingSecret,webhook.certificate.existingSecret.name=stash-webhook-tls"];
+    compare("deploy/overlays/existing-secret", &values).unwrap_or_else(|difference| panic!("{difference}"));
+}
+
+/// existingSecret mode: the operator reads the user's Secret from files and publishes the CA from the
+/// Secret's key, or from a ConfigMap's, as caBundle itself, so the chart needs no cluster to render and
+/// a rotated CA needs no `helm upgrade`.
+#[test]
+fn existing_secret_mode_mounts_the_users_secret_and_the_operator_publishes_its_ca() {
     let mode = "webhook.certificate.mode=existingSecret,webhook.certificate.existingSecret.name=corp-tls";
-    let rendered = objects(&chart(&["--set", mode, "--set", "webhook.certificate.existingSecret.caBundle=Q0EK"]));
+    let rendered = objects(&chart(&["--set", mode]));
     let pod = &the_one(&rendered, "Deployment")["spec"]["template"]["spec"];
     assert_eq!(pod["volumes"], json!([{"name": "webhook-tls", "secret": {"secretName": "corp-tls"}}]));
     let container = &pod["containers"][0];
@@ -223,16 +234,38 @@ fn existing_secret_mode_mounts_the_users_secret_and_publishes_its_ca() {
     );
     assert_eq!(
         container["args"],
-        json!(["operator", "--tls-cert-file=/etc/stash/webhook/tls.crt", "--tls-key-file=/etc/stash/webhook/tls.key"])
+        json!([
+            "operator",
+            "--tls-cert-file=/etc/stash/webhook/tls.crt",
+            "--tls-key-file=/etc/stash/webhook/tls.key",
+            "--ca-bundle-file=/etc/stash/webhook/ca.crt"
+        ])
     );
     let webhook = the_one(&rendered, "MutatingWebhookConfiguration");
-    assert_eq!(webhook["webhooks"][0]["clientConfig"]["caBundle"], "Q0EK");
+    assert_eq!(webhook["webhooks"][0]["clientConfig"].get("caBundle"), None, "the operator owns caBundle");
     assert!(!rendered.values().any(|object| object["kind"] == "Certificate"), "no cert-manager objects");
 
-    // `helm template` sees no cluster, so it cannot read the Secret's CA: it says what to do.
-    let out = helm(&["template", NAMESPACE, CHART, "--namespace", NAMESPACE, "--set", mode]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("set webhook.certificate.existingSecret.caBundle"), "{stderr}");
+    // The CA from a key of a ConfigMap instead, mounted beside the Secret.
+    let rendered = objects(&chart(&[
+        "--set",
+        mode,
+        "--set",
+        "webhook.certificate.existingSecret.caConfigMap=corp-ca,webhook.certificate.existingSecret.caKey=bundle.pem",
+    ]));
+    let pod = &the_one(&rendered, "Deployment")["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["volumes"],
+        json!([
+            {"name": "webhook-tls", "secret": {"secretName": "corp-tls"}},
+            {"name": "webhook-ca", "configMap": {"name": "corp-ca"}}
+        ])
+    );
+    let container = &pod["containers"][0];
+    assert_eq!(
+        container["volumeMounts"][1],
+        json!({"name": "webhook-ca", "mountPath": "/etc/stash/webhook-ca", "readOnly": true})
+    );
+    assert_eq!(container["args"][3], "--ca-bundle-file=/etc/stash/webhook-ca/bundle.pem");
 }
 
 /// A release on the test cluster, uninstalled (and its namespace deleted) when dropped, also when the
@@ -275,7 +308,7 @@ fn existing(manifest: &std::path::Path) -> Vec<String> {
 }
 
 /// A real install (no node: the operator's Pods stay Pending, which this does not wait for), an upgrade
-/// to existingSecret mode whose CA the chart reads from the cluster, and an uninstall that leaves none of
+/// to existingSecret mode with the user's Secret, and an uninstall that leaves none of
 /// the release's objects. Every test binary applies deploy/base/rbac.yaml first (`support::cluster`), so
 /// the cluster-wide roles exist already: `--take-ownership` adopts them as it would on a cluster that had
 /// deploy/ installed with kubectl; the next test binary applies them again.
@@ -301,7 +334,8 @@ fn helm_install_creates_every_object_and_uninstall_removes_them() {
     let found = existing(&manifest_file);
     assert_eq!(found.len(), expected.len(), "installed {found:?}, rendered {expected:?}");
 
-    // existingSecret mode: the chart reads the CA from the user's Secret into the webhook's caBundle.
+    // existingSecret mode: the Deployment mounts the user's Secret and names its CA to the operator,
+    // which publishes it (its Pods stay Pending without a node: caBundle stays unwritten here).
     let ca = stash::certs::generate_ca("corp-ca", std::time::Duration::from_secs(3600)).expect("a CA");
     let service = format!("stash-webhook.{}.svc", release.namespace);
     let leaf = stash::certs::issue_serving(&ca, &[service], &[], std::time::Duration::from_secs(3600)).expect("a leaf");
@@ -330,21 +364,22 @@ fn helm_install_creates_every_object_and_uninstall_removes_them() {
         "-o",
         "jsonpath={.webhooks[0].clientConfig.caBundle}",
     ]);
-    use base64::Engine;
-    assert_eq!(
-        success(ca_bundle, "kubectl get caBundle"),
-        base64::engine::general_purpose::STANDARD.encode(&ca.cert_pem)
-    );
-    let secret = support::node::kubectl(&[
-        "get",
-        "deployment",
-        "stash-operator",
-        "-n",
-        &release.namespace,
-        "-o",
-        "jsonpath={.spec.template.spec.volumes[0].secret.secretName}",
-    ]);
-    assert_eq!(success(secret, "kubectl get deployment"), "corp-tls");
+    assert_eq!(success(ca_bundle, "kubectl get caBundle"), "", "the chart writes no caBundle");
+    let deployment = |jsonpath: &str| {
+        let out = support::node::kubectl(&[
+            "get",
+            "deployment",
+            "stash-operator",
+            "-n",
+            &release.namespace,
+            "-o",
+            &format!("jsonpath={jsonpath}"),
+        ]);
+        success(out, "kubectl get deployment")
+    };
+    let args = deployment("{.spec.template.spec.containers[0].args}");
+    assert!(args.contains("--ca-bundle-file=/etc/stash/webhook/ca.crt"), "{args}");
+    assert_eq!(deployment("{.spec.template.spec.volumes[0].secret.secretName}"), "corp-tls");
 
     release.helm(&["uninstall", NAMESPACE, "--wait", "--timeout=60s"]);
     let left = existing(&manifest_file);

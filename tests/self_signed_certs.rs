@@ -7,40 +7,15 @@ mod support;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, DeleteParams};
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 use stash::operator::CertificateSource;
 use stash::webhook::self_signed::SelfSignedConfig;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
-use support::webhook::{create_app_batch, mutates_dry_run_pod, register_webhook};
+use support::webhook::{ca_bundle, create_app_batch, handshake, mutates_dry_run_pod, register_webhook};
 use support::{TestNamespace, eventually};
-
-async fn ca_bundle(api: &Api<MutatingWebhookConfiguration>, name: &str) -> Option<Vec<u8>> {
-    let configuration = api.get(name).await.ok()?;
-    let bundle = configuration.webhooks?.into_iter().next()?.client_config.ca_bundle?;
-    (!bundle.0.is_empty()).then_some(bundle.0)
-}
-
-/// Handshakes trusting exactly `bundle`; returns the leaf served.
-async fn handshake(addr: SocketAddr, bundle: &[u8]) -> Result<CertificateDer<'static>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(bundle) {
-        roots.add(cert.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let name = ServerName::try_from("127.0.0.1").map_err(|e| e.to_string())?;
-    let tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
-    Ok(tls.get_ref().1.peer_certificates().ok_or("no chain")?[0].clone().into_owned())
-}
 
 #[tokio::test]
 async fn self_managed_certificates_rotate_without_a_failed_handshake() {

@@ -2,6 +2,8 @@
 //! under load (plain file replacement and Kubernetes' `..data` symlink swap), a bad pair kept out, and
 //! client certificates required when a client CA is given.
 
+mod support;
+
 use kube::runtime::reflector::store::Writer;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -176,17 +178,6 @@ async fn serves_admission_reviews_over_http1_and_h2() {
     assert!(TcpStream::connect(server.addr).await.is_err(), "nothing listens after shutdown");
 }
 
-/// Replaces the pair the way kubelet updates a Secret volume: a new timestamped directory, then an
-/// atomic swap of the `..data` symlink that `tls.crt` and `tls.key` point through.
-fn swap_secret_volume(volume: &Path, generation: usize, ca_dir: &Path) {
-    let version = volume.join(format!("..2026_11_25_{generation:04}"));
-    generate(&version, Some(ca_dir));
-    let tmp = volume.join("..data_tmp");
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(version.file_name().expect("a name"), &tmp).expect("symlink");
-    std::fs::rename(&tmp, volume.join("..data")).expect("swap");
-}
-
 #[tokio::test]
 async fn rotating_certificates_under_load_fails_no_request() {
     let ca_dir = tempfile::tempdir().expect("temp dir");
@@ -197,10 +188,8 @@ async fn rotating_certificates_under_load_fails_no_request() {
     let plain = tempfile::tempdir().expect("temp dir");
     generate(plain.path(), Some(ca_dir.path()));
     let volume = tempfile::tempdir().expect("temp dir");
-    swap_secret_volume(volume.path(), 0, ca_dir.path());
-    for name in ["tls.crt", "tls.key"] {
-        std::os::unix::fs::symlink(format!("..data/{name}"), volume.path().join(name)).expect("symlink");
-    }
+    support::volume::swap(volume.path(), 0, |version| generate(version, Some(ca_dir.path())));
+    support::volume::link_files(volume.path(), &["tls.crt", "tls.key"]);
 
     for (dir, secret_volume) in [(plain.path(), false), (volume.path(), true)] {
         let (server, _, _) = start(dir.join("tls.crt"), dir.join("tls.key")).await;
@@ -225,7 +214,7 @@ async fn rotating_certificates_under_load_fails_no_request() {
         for generation in 1..=5 {
             let before = served_leaf(server.addr, &ca).await;
             if secret_volume {
-                swap_secret_volume(dir, generation, ca_dir.path());
+                support::volume::swap(dir, generation, |version| generate(version, Some(ca_dir.path())));
             } else {
                 generate(dir, Some(ca_dir.path()));
             }

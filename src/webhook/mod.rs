@@ -1,5 +1,6 @@
 //! The mutating admission webhook: injects the `stash` sidecar into targeted Pods at creation.
 
+pub mod ca_bundle;
 pub mod caches;
 pub mod client_auth;
 pub mod decision;

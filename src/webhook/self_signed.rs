@@ -12,9 +12,9 @@
 //! can still serve a leaf it signed.
 
 use crate::certs::{self, PemPair};
+use crate::webhook::ca_bundle::{self, Published};
 use crate::webhook::tls::ServingCertificate;
 use k8s_openapi::ByteString;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
@@ -44,6 +44,18 @@ pub enum SelfSignedError {
     Corrupt(&'static str),
     #[error("the certificate Secret changed underneath; retrying")]
     Conflict,
+    #[error("publishing the caBundle: {0}")]
+    Publish(ca_bundle::PublishError),
+}
+
+impl From<ca_bundle::PublishError> for SelfSignedError {
+    fn from(err: ca_bundle::PublishError) -> Self {
+        match err {
+            // Another replica wrote first: the next pass sees what it wrote.
+            ca_bundle::PublishError::Conflict(_) => Self::Conflict,
+            err => Self::Publish(err),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -113,17 +125,6 @@ fn signed_by(leaf: &str, ca: &str) -> bool {
 }
 
 type SecretData = BTreeMap<String, String>;
-
-/// Whether the webhook configuration holds the bundle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Published {
-    /// There is no configuration to update (yet): nobody calls the webhook through it.
-    NoConfiguration,
-    /// Just written: API servers may not have seen it yet.
-    Now,
-    /// Already there before this pass.
-    Earlier,
-}
 
 fn decode(secret: &Secret) -> SecretData {
     secret
@@ -213,31 +214,6 @@ impl SelfManagedCertificates {
         }
     }
 
-    /// Writes `bundle` into every webhook of the configuration.
-    async fn sync_ca_bundle(&self, bundle: &str) -> Result<Published, SelfSignedError> {
-        let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
-        let Some(mut configuration) = api.get_opt(&self.config.webhook_configuration).await? else {
-            return Ok(Published::NoConfiguration);
-        };
-        let wanted = ByteString(bundle.as_bytes().to_vec());
-        let mut changed = false;
-        for webhook in configuration.webhooks.iter_mut().flatten() {
-            if webhook.client_config.ca_bundle.as_ref() != Some(&wanted) {
-                webhook.client_config.ca_bundle = Some(wanted.clone());
-                changed = true;
-            }
-        }
-        if changed {
-            match api.replace(&self.config.webhook_configuration, &PostParams::default(), &configuration).await {
-                Ok(_) => tracing::info!(configuration = %self.config.webhook_configuration, "caBundle updated"),
-                Err(kube::Error::Api(status)) if status.code == 409 => return Err(SelfSignedError::Conflict),
-                Err(err) => return Err(err.into()),
-            }
-            return Ok(Published::Now);
-        }
-        Ok(Published::Earlier)
-    }
-
     /// One pass: rotate what is due, keep the webhook configuration trusting the bundle, and return
     /// the serving pair to use.
     pub async fn reconcile(&self) -> Result<PemPair, SelfSignedError> {
@@ -274,7 +250,7 @@ impl SelfManagedCertificates {
         }
 
         let bundle = field(&data, CA_BUNDLE)?;
-        let published = self.sync_ca_bundle(&bundle).await?;
+        let published = ca_bundle::publish(&self.client, &self.config.webhook_configuration, bundle.as_bytes()).await?;
         if published == Published::Now {
             let annotations = secret.metadata.annotations.get_or_insert_with(Default::default);
             annotations.insert(BUNDLE_PUBLISHED_ANNOTATION.into(), now.to_string());

@@ -1,7 +1,8 @@
 //! The serving certificate: loaded from PEM files and swapped atomically when they change.
 //!
 //! Kubernetes updates a mounted Secret by re-pointing a `..data` symlink, so the parent directory is
-//! watched (not the files), and a periodic poll catches anything the watcher misses. A new pair that
+//! watched (not the files), and a periodic poll catches anything the watcher misses ([`FileChanges`],
+//! which also keeps a `--ca-bundle-file` published). A new pair that
 //! does not load (half-written, key not matching) is counted and logged, and the old pair stays in use.
 
 use crate::metrics::{Metrics, ReloadLabels, ReloadResult};
@@ -142,6 +143,15 @@ impl CertificateFiles {
         serving.install(cert, key)
     }
 
+    /// [`Self::reload`], logging the outcome: what the file watcher runs on every change and poll.
+    pub(crate) fn reload_logged(&self, serving: &ServingCertificate) {
+        match self.reload(serving) {
+            Ok(true) => tracing::info!(cert = %self.cert.display(), "serving certificate reloaded"),
+            Ok(false) => {}
+            Err(err) => tracing::warn!(error = %err, "serving certificate not reloaded; keeping the current one"),
+        }
+    }
+
     /// Reloads on every change in the files' directories and every `poll`, until cancelled.
     pub async fn watch(
         self,
@@ -149,32 +159,50 @@ impl CertificateFiles {
         poll: Duration,
         cancel: CancellationToken,
     ) -> Result<(), TlsError> {
-        let (events_tx, mut events) = tokio::sync::mpsc::channel::<()>(1);
+        let mut changes = FileChanges::watch(&[&self.cert, &self.key], poll, cancel)?;
+        while changes.next().await {
+            self.reload_logged(&serving);
+        }
+        Ok(())
+    }
+}
+
+/// Wake-ups after every change in the directories of some files, and every `poll`.
+pub(crate) struct FileChanges {
+    _watcher: notify::RecommendedWatcher,
+    events: tokio::sync::mpsc::Receiver<()>,
+    ticker: tokio::time::Interval,
+    cancel: CancellationToken,
+}
+
+impl FileChanges {
+    pub(crate) fn watch(paths: &[&Path], poll: Duration, cancel: CancellationToken) -> Result<Self, TlsError> {
+        let (events_tx, events) = tokio::sync::mpsc::channel::<()>(1);
         let mut watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
             // A full channel already holds a pending wake-up; dropping this one loses nothing.
             let _ = events_tx.try_send(());
         })?;
-        let mut directories: Vec<&Path> = [&self.cert, &self.key].iter().filter_map(|p| p.parent()).collect();
+        let mut directories: Vec<&Path> = paths.iter().filter_map(|p| p.parent()).collect();
+        directories.sort();
         directories.dedup();
         for directory in directories {
             watcher.watch(directory, RecursiveMode::NonRecursive)?;
         }
         let mut ticker = tokio::time::interval(poll);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
-                Some(()) = events.recv() => {
-                    // Writers replace the two files one after the other; let them finish.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                _ = ticker.tick() => {}
+        Ok(Self { _watcher: watcher, events, ticker, cancel })
+    }
+
+    /// Waits for the next change or poll; `false` once cancelled.
+    pub(crate) async fn next(&mut self) -> bool {
+        tokio::select! {
+            _ = self.cancel.cancelled() => false,
+            Some(()) = self.events.recv() => {
+                // Writers replace the files one after the other; let them finish.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                true
             }
-            match self.reload(&serving) {
-                Ok(true) => tracing::info!(cert = %self.cert.display(), "serving certificate reloaded"),
-                Ok(false) => {}
-                Err(err) => tracing::warn!(error = %err, "serving certificate not reloaded; keeping the current one"),
-            }
+            _ = self.ticker.tick() => true,
         }
     }
 }

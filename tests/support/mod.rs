@@ -24,6 +24,7 @@ pub mod executors;
 pub mod fixtures;
 pub mod node;
 pub mod operator;
+pub mod volume;
 pub mod webhook;
 
 pub const FIELD_MANAGER: &str = "stash-tests";

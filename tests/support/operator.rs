@@ -46,8 +46,9 @@ pub fn controllers_for(
 
 /// Starts the operator with its webhook on `webhook_port` (else a free one) and `certificates` (else a
 /// generated pair on disk), and waits until ready. It runs as the `stash-operator` ServiceAccount,
-/// except with self-managed certificates: those tests keep a Secret and a webhook configuration of
-/// their own, which the shipped RBAC grants only under the production names.
+/// except when it maintains a caBundle (self-managed certificates, a CA bundle file): those tests keep
+/// a webhook configuration (and Secret) of their own, which the shipped RBAC grants only under the
+/// production names.
 pub async fn start_on(
     webhook_port: Option<u16>,
     certificates: Option<stash::operator::CertificateSource>,
@@ -86,6 +87,7 @@ async fn start_configured(
                 key: certs.path().join("tls.key"),
             },
             poll: Duration::from_secs(30),
+            ca_bundle: None,
         }),
         sidecar_image: "stash:test".into(),
         max_body_bytes: 4 * 1024 * 1024,
@@ -95,8 +97,9 @@ async fn start_configured(
     let (webhook_addr, admin_addr) = (config.webhook_addr, config.admin_addr);
     let cancel = CancellationToken::new();
     let client = match config.certificates {
-        stash::operator::CertificateSource::SelfSigned(_) => super::client().await,
-        stash::operator::CertificateSource::Files { .. } => super::operator_client().await,
+        stash::operator::CertificateSource::SelfSigned(_)
+        | stash::operator::CertificateSource::Files { ca_bundle: Some(_), .. } => super::client().await,
+        stash::operator::CertificateSource::Files { ca_bundle: None, .. } => super::operator_client().await,
     };
     let run = stash::operator::run(client, config, cancel.clone());
     let task = tokio::spawn(async move { run.await.expect("the operator runs") });

@@ -33,20 +33,12 @@ app.kubernetes.io/part-of: stash
 {{/* Where the serving certificate is mounted when the operator reads it from files. */}}
 {{- define "stash.tlsDir" -}}/etc/stash/webhook{{- end }}
 
-{{/*
-The CA the API server trusts the webhook with in existingSecret mode: the operator maintains caBundle only
-in selfSigned mode, so the chart writes it, from the value or from the Secret's CA key.
-*/}}
-{{- define "stash.existingSecretCaBundle" -}}
+{{/* Where a ConfigMap holding the CA bundle is mounted in existingSecret mode. */}}
+{{- define "stash.caDir" -}}/etc/stash/webhook-ca{{- end }}
+
+{{/* The CA bundle file the operator publishes as caBundle in existingSecret mode. */}}
+{{- define "stash.caBundleFile" -}}
 {{- $cert := .Values.webhook.certificate.existingSecret }}
-{{- if $cert.caBundle }}
-{{- $cert.caBundle }}
-{{- else }}
-{{- $secret := lookup "v1" "Secret" .Release.Namespace $cert.name | default dict }}
-{{- $ca := dig "data" $cert.caKey "" $secret }}
-{{- if not $ca }}
-{{- fail (printf "webhook.certificate.existingSecret: Secret %s/%s has no key %q, or could not be read (helm template and client-side dry runs see no cluster): create it first, or set webhook.certificate.existingSecret.caBundle" .Release.Namespace $cert.name $cert.caKey) }}
-{{- end }}
-{{- $ca }}
-{{- end }}
+{{- $dir := ternary (include "stash.caDir" .) (include "stash.tlsDir" .) (ne $cert.caConfigMap "") }}
+{{- printf "%s/%s" $dir $cert.caKey }}
 {{- end }}
