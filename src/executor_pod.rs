@@ -39,6 +39,10 @@ pub fn data_mounts(volume_mounts: &[VolumeMount]) -> Vec<VolumeMount> {
     }
 }
 
+/// Where a restore Job restores to: a writable scratch directory with the member's claims mounted
+/// below it at their mountPaths, so that the directories restic restores above them are writable.
+pub(crate) const RESTORE_ROOT: &str = "/stash-restore";
+
 /// The restore Job's env var naming the host it restores (the agent cannot tell a StatefulSet
 /// ordinal from its own Pod name, which is the Job's).
 pub(crate) const RESTORE_HOST_ENV: &str = "STASH_RESTORE_HOST";

@@ -931,8 +931,8 @@ async fn a_statefulset_restores_each_ordinal_into_its_own_claim() {
     assert_eq!(
         mounted,
         [
-            vec![("data-db-0".to_string(), "/var/lib/db".to_string())],
-            vec![("data-db-1".to_string(), "/var/lib/db".to_string())]
+            vec![("data-db-0".to_string(), "/stash-restore/var/lib/db".to_string())],
+            vec![("data-db-1".to_string(), "/stash-restore/var/lib/db".to_string())]
         ]
     );
     for ordinal in 0..2 {
@@ -972,7 +972,7 @@ async fn a_workload_with_two_mounts_restores_each_into_its_own_claim() {
     assert_eq!(read(&claims.path().join("web-html/index.html")), "page");
     assert_eq!(read(&claims.path().join("web-uploads/index.html")), "upload");
     let mounted: Vec<Vec<(String, String)>> = restore_claims(&setup, "web").await.into_values().collect();
-    let expected = [("web-html", "/var/www/html"), ("web-uploads", "/var/www/uploads")];
+    let expected = [("web-html", "/stash-restore/var/www/html"), ("web-uploads", "/stash-restore/var/www/uploads")];
     assert_eq!(mounted, [expected.map(|(c, p)| (c.to_string(), p.to_string())).to_vec()]);
 }
 

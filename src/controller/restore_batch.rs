@@ -16,11 +16,13 @@ use crate::api::restore_batch::{
     RestoreMemberStatus, RestorePhase,
 };
 use crate::conditions::{self, Desired};
-use crate::executor_pod::{PVC_KIND, RESTORE_HOST_ENV, data_mounts, is_database, rule_for};
+use crate::executor_pod::{PVC_KIND, RESTORE_HOST_ENV, RESTORE_ROOT, data_mounts, is_database, rule_for};
 use crate::tenancy;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{EnvVar, PodTemplateSpec, ReplicationController, Volume, VolumeMount};
+use k8s_openapi::api::core::v1::{
+    EnvVar, PodSecurityContext, PodTemplateSpec, ReplicationController, Volume, VolumeMount,
+};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::runtime::controller::Action;
@@ -261,6 +263,8 @@ pub(crate) struct PodTemplate {
     pub(crate) volumes: Vec<Volume>,
     pub(crate) claim_templates: Vec<String>,
     pub(crate) replicas: i32,
+    /// The Pods' own: their user owns the files a restore rewrites in place.
+    pub(crate) security_context: Option<PodSecurityContext>,
 }
 
 /// One restore Job of a member: the host it restores, the StatefulSet ordinal it stands for, and
@@ -270,6 +274,8 @@ pub(crate) struct HostPlan {
     pub(crate) host: String,
     pub(crate) ordinal: Option<i32>,
     pub(crate) data: Vec<DataVolume>,
+    /// The workload's pod securityContext, for the Job unless the member's settings give one.
+    pub(crate) security_context: Option<PodSecurityContext>,
 }
 
 /// Fields of the spec that restores do not carry out: refused, never silently ignored.
@@ -344,7 +350,7 @@ pub(crate) fn plan_member(
         return Err(Refusal::OtherNamespace { member: name, namespace: other.into() });
     }
     let alias = if target.alias.is_empty() { reference.name.clone() } else { target.alias.clone() };
-    let one = |data| Ok(vec![HostPlan { host: alias.clone(), ordinal: None, data }]);
+    let one = |data| Ok(vec![HostPlan { host: alias.clone(), ordinal: None, data, security_context: None }]);
     let template = match (reference.kind.as_str(), template) {
         (kind, _) if is_database(kind) => return one(Vec::new()),
         (PVC_KIND, _) => {
@@ -376,7 +382,7 @@ pub(crate) fn plan_member(
                 None => data.push(DataVolume { claim, mounts: vec![mount.clone()], read_only: false }),
             }
         }
-        plans.push(HostPlan { host, ordinal, data });
+        plans.push(HostPlan { host, ordinal, data, security_context: template.security_context.clone() });
     }
     if plans.is_empty() {
         return Err(Refusal::NoHosts { member: name });
@@ -420,8 +426,10 @@ async fn pod_template(
     target: &TargetRef,
 ) -> Result<Option<PodTemplate>, kube::Error> {
     fn of(spec: Option<&PodTemplateSpec>, claims: Vec<String>, replicas: Option<i32>) -> PodTemplate {
-        let volumes = spec.and_then(|t| t.spec.as_ref()).and_then(|s| s.volumes.clone()).unwrap_or_default();
-        PodTemplate { volumes, claim_templates: claims, replicas: replicas.unwrap_or(1) }
+        let pod = spec.and_then(|t| t.spec.as_ref());
+        let volumes = pod.and_then(|s| s.volumes.clone()).unwrap_or_default();
+        let security_context = pod.and_then(|s| s.security_context.clone());
+        PodTemplate { volumes, claim_templates: claims, replicas: replicas.unwrap_or(1), security_context }
     }
     let name = target.name.as_str();
     Ok(match target.kind.as_str() {
@@ -474,23 +482,40 @@ fn restore_job(
             format!("--restore-batch={}", restore.name_any()),
             format!("--target-kind={}", target.kind),
             format!("--target-name={}", target.name),
+            format!("--path-root={RESTORE_ROOT}"),
         ],
         image,
         repository: Some(repository),
         runtime,
         temp_dir: member.temp_dir.as_ref(),
-        data: plan.data.clone(),
+        data: plan.data.iter().map(under_restore_root).collect(),
         database,
         deadline_seconds: Some(i64::try_from(deadline.as_secs()).unwrap_or(i64::MAX)),
     }
     .build();
     // Last, so that it wins over a same-named variable of the member's runtime settings.
     let host = EnvVar { name: RESTORE_HOST_ENV.into(), value: Some(plan.host.clone()), ..Default::default() };
-    let pod = job.spec.as_mut().and_then(|s| s.template.spec.as_mut());
-    if let Some(container) = pod.and_then(|p| p.containers.first_mut()) {
-        container.env.get_or_insert_with(Vec::new).push(host);
+    if let Some(pod) = job.spec.as_mut().and_then(|s| s.template.spec.as_mut()) {
+        if pod.security_context.is_none() {
+            pod.security_context.clone_from(&plan.security_context);
+        }
+        let root = Volume { name: "restore-root".into(), empty_dir: Some(Default::default()), ..Default::default() };
+        pod.volumes.get_or_insert_with(Vec::new).push(root);
+        if let Some(container) = pod.containers.first_mut() {
+            container.env.get_or_insert_with(Vec::new).push(host);
+            let root =
+                VolumeMount { name: "restore-root".into(), mount_path: RESTORE_ROOT.into(), ..Default::default() };
+            container.volume_mounts.get_or_insert_with(Vec::new).insert(0, root);
+        }
     }
     job
+}
+
+/// `data` with its mountPaths below RESTORE_ROOT, where the restore writes.
+fn under_restore_root(data: &DataVolume) -> DataVolume {
+    let mounts =
+        data.mounts.iter().map(|m| VolumeMount { mount_path: format!("{RESTORE_ROOT}{}", m.mount_path), ..m.clone() });
+    DataVolume { mounts: mounts.collect(), ..data.clone() }
 }
 
 #[cfg(test)]
@@ -532,8 +557,15 @@ mod tests {
                                      {"name": "uploads", "persistentVolumeClaim": {"claimName": "web-uploads"}}])),
             claim_templates: Vec::new(),
             replicas: 3,
+            security_context: Some(PodSecurityContext {
+                run_as_user: Some(33),
+                fs_group: Some(33),
+                ..Default::default()
+            }),
         };
         let plans = plan_member(0, "ns", &web, Some(&template)).expect("a plan");
+        let user = plans[0].security_context.as_ref().and_then(|c| c.run_as_user);
+        assert_eq!(user, Some(33), "the Job writes as the application's Pods do");
         assert_eq!(
             summary(&plans),
             [owned("web", &[("web-html", &["/var/www/html"]), ("web-uploads", &["/var/www/uploads"])])]
@@ -563,6 +595,7 @@ mod tests {
             volumes: volumes(json!([{"name": "shared", "persistentVolumeClaim": {"claimName": "db-shared"}}])),
             claim_templates: vec!["data".into()],
             replicas: 2,
+            security_context: None,
         };
         let plans = plan_member(0, "ns", &db, Some(&template)).expect("a plan");
         assert_eq!(
@@ -680,6 +713,7 @@ mod tests {
         let plan = HostPlan {
             host: "db-1".into(),
             ordinal: Some(1),
+            security_context: Some(PodSecurityContext { run_as_user: Some(999), ..Default::default() }),
             data: vec![
                 DataVolume { claim: "data-db-1".into(), mounts: vec![mount("data", "/var/lib/db")], read_only: false },
                 DataVolume { claim: "db-shared".into(), mounts: vec![mount("shared", "/shared")], read_only: false },
@@ -700,9 +734,21 @@ mod tests {
         let container = &pod.containers[0];
         let mounts: Vec<(&str, &str)> =
             container.volume_mounts.iter().flatten().map(|m| (m.name.as_str(), m.mount_path.as_str())).collect();
-        assert!(mounts.contains(&("target", "/var/lib/db")) && mounts.contains(&("target-1", "/shared")), "{mounts:?}");
+        // Under a writable root of its own: restic also restores the directories above a mountPath
+        // (/var/www above /var/www/html), which a read-only root filesystem refuses.
+        assert_eq!(mounts.first(), Some(&("restore-root", RESTORE_ROOT)), "{mounts:?}");
+        assert!(
+            mounts.contains(&("target", "/stash-restore/var/lib/db"))
+                && mounts.contains(&("target-1", "/stash-restore/shared")),
+            "{mounts:?}"
+        );
+        let root = pod.volumes.iter().flatten().find(|v| v.name == "restore-root").expect("the restore root");
+        assert!(root.empty_dir.is_some(), "{root:?}");
+        assert!(container.args.iter().flatten().any(|a| *a == format!("--path-root={RESTORE_ROOT}")));
         let host = container.env.iter().flatten().find(|e| e.name == RESTORE_HOST_ENV).and_then(|e| e.value.clone());
         assert_eq!(host.as_deref(), Some("db-1"));
+        let user = pod.security_context.as_ref().and_then(|c| c.run_as_user);
+        assert_eq!(user, Some(999), "the workload's Pod user, so that in-place restores may write its files");
         let zone = pod.node_selector.as_ref().and_then(|s| s.get("zone")).map(String::as_str);
         assert_eq!(zone, Some("a"), "the RestoreBatch's settings are its members' default");
     }

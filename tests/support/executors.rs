@@ -68,12 +68,15 @@ impl LocalNode {
         self.command_in(args, pod, self.root.path())
     }
 
-    /// The same, with `/` mapped to `root`.
+    /// The same, with `/` mapped to `root` (a Job's own `--path-root` too).
     pub fn command_in(&self, args: &[String], pod: &str, root: &Path) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_stash"));
-        command.args(args);
+        let own_root = args.iter().find_map(|a| a.strip_prefix("--path-root="));
+        command.args(args.iter().filter(|a| !a.starts_with("--path-root=")));
         command.arg("--secret-dir").arg(self.secret_dir.path());
-        command.arg("--path-root").arg(root);
+        command
+            .arg("--path-root")
+            .arg(own_root.map_or_else(|| root.to_path_buf(), |r| root.join(r.trim_start_matches('/'))));
         // The Pod's scratch volume is its `/tmp`.
         command.arg("--cache-dir").arg(root.join("tmp/restic-cache"));
         if matches!(args.first().map(String::as_str), Some("backup-job" | "restore")) {
@@ -127,8 +130,10 @@ impl LocalNode {
     /// The same for the Jobs carrying `label`, with `/` mapped to `root`.
     pub async fn run_new_jobs_matching(&mut self, label: &str, root: &Path) -> Vec<(String, Output)> {
         let mut outputs = Vec::new();
-        for (name, job, args) in self.new_jobs(label).await {
+        for (name, job, mut args) in self.new_jobs(label).await {
             self.project_database_volume(&job).await;
+            // One shared root stands for every claim: the Job restores straight into it.
+            args.retain(|a| !a.starts_with("--path-root="));
             let pod = format!("{name}-x7k2p");
             let output =
                 tokio::task::block_in_place(|| self.command_in(&args, &pod, root).output().expect("stash runs"));
