@@ -116,15 +116,15 @@ async fn claim_on(ns: &TestNamespace, name: &str, dir: &Path) {
     .await;
 }
 
-/// The repository Secret and a Repository on the REST server on the host.
-async fn repository(ns: &TestNamespace, node_ip: Ipv4Addr, port: u16) {
+/// The repository Secret and Repository `name` at `path` of the REST server on the host.
+async fn repository(ns: &TestNamespace, name: &str, node_ip: Ipv4Addr, port: u16, path: &str) {
     fixtures::secret(ns, true).await;
     fixtures::create::<stash::api::Repository>(
         ns,
         json!({"apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
-               "metadata": {"name": "repo", "namespace": ns.name},
+               "metadata": {"name": name, "namespace": ns.name},
                "spec": {"backend": {"storageSecretName": "repo-secret",
-                                    "rest": {"url": format!("http://{node_ip}:{port}/e2e")}}}}),
+                                    "rest": {"url": format!("http://{node_ip}:{port}/{path}")}}}}),
     )
     .await;
 }
@@ -268,6 +268,39 @@ fn ledger(runs: bool) -> Value {
             "resources": {"requests": {"storage": "1Gi"}}}}]}})
 }
 
+/// The Pod of `app` (label `app=<app>`) running with the injected sidecar.
+async fn running_with_sidecar(ns: &TestNamespace, app: &str) -> Pod {
+    let pods = ns.api::<Pod>();
+    eventually(&format!("the {app} Pod running with the sidecar"), LIMIT, || {
+        let pods = pods.clone();
+        async move {
+            // The webhook may learn of the batch just after the first Pod was admitted: the
+            // operator's one restart then brings a Pod with the sidecar.
+            let list = pods.list(&ListParams::default().labels(&format!("app={app}"))).await.ok()?;
+            let injected = |p: &Pod| p.spec.iter().flat_map(|s| &s.containers).any(|c| c.name == "stash");
+            let running = |p: &Pod| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+            list.items.into_iter().find(|p| running(p) && injected(p))
+        }
+    })
+    .await
+}
+
+/// Waits until RestoreBatch `name` is final, saying where it stood if it never is.
+async fn restore_finished(ns: &TestNamespace, name: &str) -> RestoreBatch {
+    let restores = ns.api::<RestoreBatch>();
+    let started = std::time::Instant::now();
+    loop {
+        let restore = restores.get(name).await.expect("the RestoreBatch");
+        let phase = restore.status.as_ref().and_then(|s| s.phase);
+        if matches!(phase, Some(RestorePhase::Succeeded | RestorePhase::Failed | RestorePhase::Invalid)) {
+            return restore;
+        }
+        // A hang guard that says where the restore stood.
+        assert!(started.elapsed() < LIMIT, "the restore did not finish: {:#?}", restore.status);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// Every regular file under `dir`, by relative path, with its bytes.
 fn files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
@@ -303,7 +336,7 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
 
     // The application, its standalone archive PVC, and the batch, in a restricted namespace.
     let app = restricted_namespace("e2e").await;
-    repository(&app, node_ip, rest.port).await;
+    repository(&app, "repo", node_ip, rest.port, "e2e").await;
     claim_on(&app, "uploads", &volumes.path().join("app-uploads")).await;
     claim_on(&app, "archive", &volumes.path().join("app-archive")).await;
     std::fs::create_dir_all(volumes.path().join("app-archive/2025")).expect("archive dir");
@@ -329,7 +362,9 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
             json!({"target": {"alias": "shop-maria", "ref": {"apiVersion": "v1", "kind": "Secret", "name": "maria-conn"}},
                    "task": {"name": "mariadb-backup-10.11"}}),
         ],
-        json!({"schedule": "* * * * *", "executionOrder": "Sequential", "timeOut": "10m",
+        // Paused until the application runs: a pre-backup exec hook runs in the member Pods that
+        // are Running when the session starts, and the web Pod is restarted once to get its sidecar.
+        json!({"schedule": "* * * * *", "paused": true, "executionOrder": "Sequential", "timeOut": "10m",
                "hooks": {"preBackup": hook("pre-hook"), "postBackup": post},
                "retentionPolicy": {"name": "last-3", "keepLast": 3, "prune": true}}),
     )
@@ -356,18 +391,7 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
 
     // The webhook injected the sidecar when the Deployment's Pod was created.
     let pods = app.api::<Pod>();
-    let pod = eventually("the web Pod running with the sidecar", LIMIT, || {
-        let pods = pods.clone();
-        async move {
-            // The webhook may learn of the batch just after the first Pod was admitted: the
-            // operator's one restart then brings a Pod with the sidecar.
-            let list = pods.list(&ListParams::default().labels("app=web")).await.ok()?;
-            let injected = |p: &Pod| p.spec.iter().flat_map(|s| &s.containers).any(|c| c.name == "stash");
-            let running = |p: &Pod| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
-            list.items.into_iter().find(|p| running(p) && injected(p))
-        }
-    })
-    .await;
+    let pod = running_with_sidecar(&app, "web").await;
     let containers: Vec<String> = pod.spec.expect("spec").containers.into_iter().map(|c| c.name).collect();
     assert_eq!(containers, ["app", "stash"], "the webhook injected the sidecar");
     eventually("the site and both ledgers written", LIMIT, || async {
@@ -381,6 +405,8 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
         let names: Vec<&str> = pod.spec.iter().flat_map(|s| &s.containers).map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["app", "stash"], "{} got the sidecar", kube::ResourceExt::name_any(pod));
     }
+    let resume = json!({"spec": {"paused": false}});
+    app.api::<BackupBatch>().patch("site", &PatchParams::default(), &Patch::Merge(&resume)).await.expect("resume");
 
     // The CronJob fires; its session runs the sidecar, then the archive's Job, then finalizes.
     let sessions = app.api::<BackupSession>();
@@ -479,7 +505,7 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
     // A fresh namespace: its own Repository (same password), empty claims, the Deployment (scaled to
     // zero) whose volumes say which claim each path goes to.
     let fresh = restricted_namespace("e2e-restore").await;
-    repository(&fresh, node_ip, rest.port).await;
+    repository(&fresh, "repo", node_ip, rest.port, "e2e").await;
     claim_on(&fresh, "uploads", &volumes.path().join("fresh-uploads")).await;
     claim_on(&fresh, "archive", &volumes.path().join("fresh-archive")).await;
     fixtures::create::<Deployment>(&fresh, web(0)).await;
@@ -507,18 +533,7 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
              "task": {"name": "mariadb-restore-10.11"}}]}}),
     )
     .await;
-    let restores = fresh.api::<RestoreBatch>();
-    let started = std::time::Instant::now();
-    let restored = loop {
-        let restore = restores.get("clone").await.expect("the RestoreBatch");
-        let phase = restore.status.as_ref().and_then(|s| s.phase);
-        if matches!(phase, Some(RestorePhase::Succeeded | RestorePhase::Failed | RestorePhase::Invalid)) {
-            break restore;
-        }
-        // A hang guard that says where the restore stood.
-        assert!(started.elapsed() < LIMIT, "the restore did not finish: {:#?}", restore.status);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    };
+    let restored = restore_finished(&fresh, "clone").await;
     let status = restored.status.expect("status");
     assert_eq!(status.phase, Some(RestorePhase::Succeeded), "{status:#?}");
     assert_eq!(status.restored_session.as_deref(), Some(name.as_str()));
@@ -546,4 +561,93 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
     );
     assert_eq!(psql(&fresh, ROWS_CHECKSUM), checksum, "the table's rows are identical");
     assert_eq!(maria_sql(&fresh, MARIA_CHECKSUM), maria_checksum, "MariaDB's rows are identical");
+
+    stash_docs_wordpress(node_ip, rest.port, volumes.path()).await;
+}
+
+/// One of Stash's docs manifests (`../shared/stash-manifests`), verbatim but for its namespace.
+fn stash_docs_manifest(file: &str, ns: &TestNamespace) -> Value {
+    let path = support::repo_root().join("../shared/stash-manifests").join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let mut document: Value = serde_yaml::from_str(&text).expect("a YAML document");
+    document["metadata"]["namespace"] = json!(ns.name);
+    document
+}
+
+/// Stash's WordPress Deployment, as its docs run it: the site in PVC `wordpress-storage` at
+/// /var/www/html (here our toolbox image writes a small site there once).
+fn wordpress_app() -> Value {
+    let script = "cd /var/www/html && [ -f index.php ] || { echo '<?php echo 1;' > index.php; \
+                  mkdir -p wp-content/uploads && head -c 500000 /dev/urandom > wp-content/uploads/photo.jpg; }; \
+                  exec sleep infinity";
+    let mut container = app_container(script);
+    container["volumeMounts"] = json!([{"name": "storage", "mountPath": "/var/www/html"}]);
+    json!({"metadata": {"name": "wordpress-app"}, "spec": {
+        "replicas": 1, "selector": {"matchLabels": {"app": "wordpress"}},
+        "template": {"metadata": {"labels": {"app": "wordpress"}}, "spec": restricted_pod(
+            json!([container]),
+            json!([{"name": "storage", "persistentVolumeClaim": {"claimName": "wordpress-storage"}}]))}}})
+}
+
+/// Issue 12: Stash's docs WordPress batch and restore, their BackupBatch and RestoreBatch verbatim
+/// (namespace aside): a Deployment's PVC through the sidecar and a MySQL-protocol database through
+/// an `AppBinding` (the CRD from the tests' own copy) with Stash's task names, backed up together and
+/// restored in place, file for file and row for row. Stash's docs keep the repository in GCS; ours is
+/// the Repository of the same name on the REST server.
+async fn stash_docs_wordpress(node_ip: Ipv4Addr, rest_port: u16, volumes: &Path) {
+    let _crd = support::app_binding::installed().await;
+    let wp = restricted_namespace("e2e-wp").await;
+    repository(&wp, "gcs-repo", node_ip, rest_port, "e2e-wordpress").await;
+    claim_on(&wp, "wordpress-storage", &volumes.join("wp-storage")).await;
+    mariadb(&wp).await;
+    maria_sql(
+        &wp,
+        "CREATE TABLE items (id INT PRIMARY KEY AUTO_INCREMENT, name TEXT, qty INT); \
+         INSERT INTO items (name, qty) SELECT CONCAT('post ', seq), seq % 7 FROM seq_1_to_2000",
+    );
+    let rows = maria_sql(&wp, MARIA_CHECKSUM);
+    let service = json!({"name": "maria", "port": 3306, "scheme": "mysql", "path": "/shop"});
+    let binding = json!({"type": "kubedb.com/mysql", "version": "8.0.14", "secret": {"name": "maria-conn"},
+                         "clientConfig": {"service": service}});
+    support::app_binding::create(&wp, "wordpress-db", binding).await;
+    let batch = stash_docs_manifest("docs-batch-backup-wordpress-backup-backupbatch.yaml", &wp);
+    fixtures::create::<BackupBatch>(&wp, batch).await;
+    fixtures::create::<Deployment>(&wp, wordpress_app()).await;
+    running_with_sidecar(&wp, "wordpress").await;
+    let site = volumes.join("wp-storage");
+    eventually("the site written", LIMIT, || async {
+        site.join("wp-content/uploads/photo.jpg").exists().then_some(())
+    })
+    .await;
+
+    // An instant backup, as Stash's docs take one: a BackupSession of the batch.
+    let session = stash::session::create_backup_session(wp.client.clone(), &wp.name, "wordpress-backup", None)
+        .await
+        .expect("a session");
+    let name = kube::ResourceExt::name_any(&session);
+    let sessions = wp.api::<BackupSession>();
+    let status = eventually("the WordPress session finalized", LIMIT, || {
+        let (sessions, name) = (sessions.clone(), name.clone());
+        async move {
+            let status = sessions.get(&name).await.ok()?.status?;
+            let finalized = status.conditions.iter().any(|c| c.type_ == "SessionFinalized");
+            (status.phase.is_some_and(|p| p.is_final()) && finalized).then_some(status)
+        }
+    })
+    .await;
+    assert_eq!(status.phase, Some(BackupSessionPhase::Succeeded), "{status:#?}");
+    let backed_up = files(&site);
+
+    std::fs::write(site.join("index.php"), "defaced").expect("deface the site");
+    std::fs::remove_file(site.join("wp-content/uploads/photo.jpg")).expect("lose an upload");
+    maria_sql(&wp, "DELETE FROM items WHERE id % 2 = 0");
+    assert_ne!(maria_sql(&wp, MARIA_CHECKSUM), rows);
+    let restore = stash_docs_manifest("docs-batch-backup-wordpress-backup-restorebatch.yaml", &wp);
+    fixtures::create::<RestoreBatch>(&wp, restore).await;
+    let restored = restore_finished(&wp, "wordpress-restore").await;
+    let status = restored.status.expect("status");
+    assert_eq!(status.phase, Some(RestorePhase::Succeeded), "{status:#?}");
+    assert_eq!(status.restored_session.as_deref(), Some(name.as_str()));
+    assert!(files(&site) == backed_up, "the site is back, byte for byte");
+    assert_eq!(maria_sql(&wp, MARIA_CHECKSUM), rows, "the posts are back, row for row");
 }
