@@ -246,6 +246,18 @@ fn maria_sql(ns: &TestNamespace, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// Table `items` of MariaDB's `shop` with `count` rows named `<name> <n>`; returns its checksum.
+fn seed_maria(ns: &TestNamespace, name: &str, count: u32) -> String {
+    maria_sql(
+        ns,
+        &format!(
+            "CREATE TABLE items (id INT PRIMARY KEY AUTO_INCREMENT, name TEXT, qty INT); \
+             INSERT INTO items (name, qty) SELECT CONCAT('{name} ', seq), seq % 17 FROM seq_1_to_{count}"
+        ),
+    );
+    maria_sql(ns, MARIA_CHECKSUM)
+}
+
 const MARIA_CHECKSUM: &str =
     "SELECT CONCAT(COUNT(*), ':', MD5(GROUP_CONCAT(CONCAT_WS('|', id, name, qty) ORDER BY id))) FROM items";
 
@@ -382,12 +394,7 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
     );
     let checksum = psql(&app, ROWS_CHECKSUM);
     mariadb(&app).await;
-    maria_sql(
-        &app,
-        "CREATE TABLE items (id INT PRIMARY KEY AUTO_INCREMENT, name TEXT, qty INT); \
-         INSERT INTO items (name, qty) SELECT CONCAT('item ', seq), seq % 17 FROM seq_1_to_5000",
-    );
-    let maria_checksum = maria_sql(&app, MARIA_CHECKSUM);
+    let maria_checksum = seed_maria(&app, "item", 5000);
 
     // The webhook injected the sidecar when the Deployment's Pod was created.
     let pods = app.api::<Pod>();
@@ -600,12 +607,7 @@ async fn stash_docs_wordpress(node_ip: Ipv4Addr, rest_port: u16, volumes: &Path)
     repository(&wp, "gcs-repo", node_ip, rest_port, "e2e-wordpress").await;
     claim_on(&wp, "wordpress-storage", &volumes.join("wp-storage")).await;
     mariadb(&wp).await;
-    maria_sql(
-        &wp,
-        "CREATE TABLE items (id INT PRIMARY KEY AUTO_INCREMENT, name TEXT, qty INT); \
-         INSERT INTO items (name, qty) SELECT CONCAT('post ', seq), seq % 7 FROM seq_1_to_2000",
-    );
-    let rows = maria_sql(&wp, MARIA_CHECKSUM);
+    let rows = seed_maria(&wp, "post", 2000);
     let service = json!({"name": "maria", "port": 3306, "scheme": "mysql", "path": "/shop"});
     let binding = json!({"type": "kubedb.com/mysql", "version": "8.0.14", "secret": {"name": "maria-conn"},
                          "clientConfig": {"service": service}});

@@ -185,7 +185,7 @@ impl ExecutorJob<'_> {
             metadata: ObjectMeta {
                 name: Some(self.name),
                 namespace: Some(self.namespace),
-                labels: Some(self.labels.clone()),
+                labels: Some(self.labels),
                 owner_references: self.owner.map(|o| vec![o]),
                 ..Default::default()
             },
