@@ -28,6 +28,47 @@ pub const APP_BINDING_KIND: &str = "AppBinding";
 pub fn is_database(kind: &str) -> bool {
     kind == DATABASE_KIND || kind == APP_BINDING_KIND
 }
+
+/// The database engines whose clients the image carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Postgres,
+    Mysql,
+}
+
+impl Engine {
+    /// From a Secret member's task name, as Stash named its tasks (`postgres-backup-15`,
+    /// `mysql-backup-8.0.21`); no task is PostgreSQL. A task of another engine is an error, never
+    /// PostgreSQL by default.
+    pub fn from_task(task: Option<&str>) -> Result<Engine, String> {
+        match task {
+            None => Ok(Engine::Postgres),
+            Some(task) => Engine::named_by(task).ok_or_else(|| {
+                format!("task.name {task:?} names no database engine stash dumps (postgres…, mysql…, mariadb…)")
+            }),
+        }
+    }
+
+    /// The engine a task or application type names (`postgres…`, `mysql…`, `mariadb…`), if any.
+    pub(crate) fn named_by(name: &str) -> Option<Engine> {
+        let name = name.to_ascii_lowercase();
+        if name.starts_with("mysql") || name.starts_with("mariadb") {
+            Some(Engine::Mysql)
+        } else if name.starts_with("postgres") {
+            Some(Engine::Postgres)
+        } else {
+            None
+        }
+    }
+}
+
+/// Why the database member at `index` (a Secret target) cannot be dumped or loaded, if it cannot.
+pub fn database_task_refusal(index: usize, kind: &str, task: Option<&str>) -> Option<String> {
+    (kind == DATABASE_KIND)
+        .then(|| Engine::from_task(task).err())
+        .flatten()
+        .map(|why| format!("spec.members[{index}].{why}"))
+}
 pub const PVC_KIND: &str = "PersistentVolumeClaim";
 
 /// Where a member's PVC is mounted in its Job: its volumeMounts, else DEFAULT_DATA_PATH.

@@ -188,6 +188,16 @@ async fn bad_schedules_and_unsupported_drivers_make_the_batch_invalid() {
     let snapshots = batch_phase(&ns, "snapshots", BackupInvokerPhase::Invalid).await;
     assert_eq!(condition(&snapshots, "ValidationPassed").reason.as_deref(), Some("DriverNotSupported"));
     assert!(ns.api::<CronJob>().get_opt("stash-trigger-bad-cron").await.expect("get").is_none());
+    // A database member whose task names an engine stash does not dump is refused by name, never
+    // dumped with pg_dump as if it were PostgreSQL.
+    let mongo = json!({"target": {"alias": "mongo", "ref": {"apiVersion": "v1", "kind": "Secret", "name": "repo-secret"}},
+                       "task": {"name": "mongodb-backup-4.2.3"}});
+    fixtures::batch(&ns, "mongo", vec![mongo], json!({})).await;
+    let mongo = batch_phase(&ns, "mongo", BackupInvokerPhase::Invalid).await;
+    let validation = condition(&mongo, "ValidationPassed");
+    assert_eq!(validation.reason.as_deref(), Some("TaskNotSupported"));
+    let message = validation.message.clone().unwrap_or_default();
+    assert!(message.starts_with("spec.members[0].task.name \"mongodb-backup-4.2.3\""), "{message}");
     operator.stop().await;
 }
 

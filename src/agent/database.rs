@@ -1,39 +1,15 @@
 //! Database members: a dump streamed into `restic backup --stdin`, and restored by streaming
 //! `restic dump` into the database's client. The member's target names a Secret with the connection
 //! (`host`, `port`, `username`, `password`, optional `database`); its task name picks the engine
-//! (`postgres…` — the default — or `mysql…`/`mariadb…`). The password reaches the tools through
+//! (`postgres…` — the default without a task — or `mysql…`/`mariadb…`; any other is refused). The password reaches the tools through
 //! their environment, never argv.
 
 use super::executor::AgentError;
+pub use crate::executor_pod::Engine;
 use crate::restic::secrets::SecretValues;
 use crate::restic::{BackupOutcome, Restic};
 use std::process::Stdio;
 use tokio::process::Command;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Engine {
-    Postgres,
-    Mysql,
-}
-
-impl Engine {
-    /// From the member's task name, as Stash named its tasks (`postgres-backup-15`, `mysql-backup-8.0.21`).
-    pub fn from_task(task: Option<&str>) -> Engine {
-        task.and_then(Engine::named_by).unwrap_or(Engine::Postgres)
-    }
-
-    /// The engine a task or application type names (`postgres…`, `mysql…`, `mariadb…`), if any.
-    pub(crate) fn named_by(name: &str) -> Option<Engine> {
-        let name = name.to_ascii_lowercase();
-        if name.starts_with("mysql") || name.starts_with("mariadb") {
-            Some(Engine::Mysql)
-        } else if name.starts_with("postgres") {
-            Some(Engine::Postgres)
-        } else {
-            None
-        }
-    }
-}
 
 #[derive(Clone)]
 pub struct Connection {
@@ -178,9 +154,11 @@ mod tests {
 
     #[test]
     fn engine_and_file_names() {
-        assert_eq!(Engine::from_task(Some("mysql-backup-8.0.21")), Engine::Mysql);
-        assert_eq!(Engine::from_task(Some("postgres-backup-15")), Engine::Postgres);
-        assert_eq!(Engine::from_task(None), Engine::Postgres);
+        assert_eq!(Engine::from_task(Some("mysql-backup-8.0.21")), Ok(Engine::Mysql));
+        assert_eq!(Engine::from_task(Some("postgres-backup-15")), Ok(Engine::Postgres));
+        assert_eq!(Engine::from_task(None), Ok(Engine::Postgres));
+        let refused = Engine::from_task(Some("mongodb-backup-4.2.3")).expect_err("not PostgreSQL by default");
+        assert!(refused.starts_with("task.name \"mongodb-backup-4.2.3\" names no database engine"), "{refused}");
         let values: BTreeMap<String, String> =
             [("host", "127.0.0.1"), ("username", "app"), ("password", "pw-123"), ("database", "shop")]
                 .into_iter()

@@ -104,7 +104,7 @@ async fn back_up(
         .waiting_for_locks(time_left(session))
         .reporting_progress(progress);
     if is_database(&job.kind) {
-        let engine = Engine::from_task(member.task.as_ref().map(|t| t.name.as_str()));
+        let engine = Engine::from_task(member.task.as_ref().map(|t| t.name.as_str())).map_err(AgentError::Invalid)?;
         let connection = Connection::from_secret(engine, SecretValues::read_dir(&job.database_secret_dir)?)?;
         executor.ensure_repository(&restic, &repository).await?;
         locks::heal(executor, &restic, session).await?;

@@ -214,7 +214,7 @@ async fn restore_snapshot(
     target: &RestoreTarget,
 ) -> Result<(), AgentError> {
     if is_database(&target.kind) {
-        let engine = Engine::from_task(member.task.as_ref().map(|t| t.name.as_str()));
+        let engine = Engine::from_task(member.task.as_ref().map(|t| t.name.as_str())).map_err(AgentError::Invalid)?;
         let connection = Connection::from_secret(engine, SecretValues::read_dir(&target.database_secret_dir)?)?;
         // A dump read from stdin is the snapshot's one file, whatever its name (Stash: dumpfile.sql).
         let file = match snapshot.paths.as_slice() {

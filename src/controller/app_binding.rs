@@ -7,8 +7,8 @@
 //! the executor reads the same files as for a Secret member.
 
 use super::executor_job::DatabaseSource;
-use crate::agent::database::Engine;
 use crate::api::common::TargetRef;
+use crate::executor_pod::Engine;
 use crate::executor_pod::{APP_BINDING_KIND, DATABASE_KIND};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;

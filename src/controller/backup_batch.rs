@@ -9,6 +9,7 @@ use crate::api::backup_batch::{BackupBatchSpec, BackupBatchStatus, BackupInvoker
 use crate::api::common::{ConditionStatus, PodRuntimeSettings, TargetRef};
 use crate::api::{BackupBatch, Repository};
 use crate::conditions::{self, Desired};
+use crate::executor_pod::database_task_refusal;
 use crate::metrics::BatchLabels;
 use crate::tenancy::{self, Refusal};
 use k8s_openapi::api::batch::v1::CronJob;
@@ -218,6 +219,13 @@ fn validate(batch: &BackupBatch, ctx: &Context) -> Desired {
     }
     if let Some(message) = runtime_refusal(&batch.spec) {
         return Desired::new(VALIDATION_PASSED, false, "UnsupportedField", message);
+    }
+    let tasks = batch.spec.members.iter().enumerate().map(|(index, member)| {
+        let task = member.task.as_ref().map(|t| t.name.as_str());
+        database_task_refusal(index, &member.target.reference.kind, task)
+    });
+    if let Some(message) = tasks.flatten().next() {
+        return Desired::new(VALIDATION_PASSED, false, "TaskNotSupported", message);
     }
     if let Some((target, other)) = claimed_elsewhere(batch, ctx) {
         return Desired::new(

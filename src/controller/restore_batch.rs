@@ -16,7 +16,9 @@ use crate::api::restore_batch::{
     RestoreMemberStatus, RestorePhase,
 };
 use crate::conditions::{self, Desired};
-use crate::executor_pod::{PVC_KIND, RESTORE_HOST_ENV, RESTORE_ROOT, data_mounts, is_database, rule_for};
+use crate::executor_pod::{
+    PVC_KIND, RESTORE_HOST_ENV, RESTORE_ROOT, data_mounts, database_task_refusal, is_database, rule_for,
+};
 use crate::tenancy;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
@@ -242,6 +244,8 @@ pub(crate) enum Refusal {
     NotAClaim { member: String, volume: String, path: String, kind: String },
     #[error("{member}: no host matches the rules' targetHosts")]
     NoHosts { member: String },
+    #[error("{0}")]
+    TaskNotSupported(String),
 }
 
 impl Refusal {
@@ -252,6 +256,7 @@ impl Refusal {
             Refusal::UnsupportedKind { .. } => "UnsupportedKind",
             Refusal::NoMounts { .. } | Refusal::UnknownVolume { .. } | Refusal::NotAClaim { .. } => "VolumeNotAClaim",
             Refusal::NoHosts { .. } => "NoTargetHosts",
+            Refusal::TaskNotSupported(_) => "TaskNotSupported",
         }
     }
 }
@@ -309,6 +314,10 @@ pub(crate) fn unsupported(spec: &RestoreBatchSpec) -> Option<Refusal> {
         }
         if member.task.as_ref().is_some_and(|t| !t.params.is_empty()) {
             return refuse(format!("{prefix}.task.params"), "the task name picks the client and its options are fixed");
+        }
+        let task = member.task.as_ref().map(|t| t.name.as_str());
+        if let Some(why) = database_task_refusal(index, &member.target.reference.kind, task) {
+            return Some(Refusal::TaskNotSupported(why));
         }
         let pod = member.runtime_settings.as_ref().and_then(|r| r.pod.as_ref());
         if let Some((field, why)) = pod.and_then(|p| p.refused_in_jobs()) {
@@ -696,6 +705,11 @@ mod tests {
             assert_eq!(refused.reason(), "UnsupportedField");
             assert!(refused.to_string().starts_with(field), "{refused}");
         }
+        // A dump of an engine the image has no client for is refused, never fed to psql.
+        let mongo = json!({"target": {"ref": {"apiVersion": "v1", "kind": "Secret", "name": "db"}}, "task": {"name": "mongodb-restore-4.2"}});
+        let refused = unsupported(&spec(mongo)).expect("refused");
+        assert_eq!(refused.reason(), "TaskNotSupported");
+        assert!(refused.to_string().starts_with("spec.members[0].task.name \"mongodb-restore-4.2\""), "{refused}");
     }
 
     #[test]
