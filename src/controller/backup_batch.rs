@@ -10,7 +10,6 @@ use crate::api::backup_batch::{BackupBatchSpec, BackupBatchStatus, BackupInvoker
 use crate::api::common::{ConditionStatus, PodRuntimeSettings, TargetRef};
 use crate::api::{BackupBatch, Repository};
 use crate::conditions::{self, Desired};
-use crate::metrics::SeriesLabels;
 use crate::tenancy::{self, Refusal};
 use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::Secret;
@@ -404,10 +403,9 @@ pub async fn cleanup(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Actio
     let name = batch.name_any();
     let metrics = &ctx.metrics.controller;
     metrics.state.remove(&observed::batch_owner(&namespace, &name));
-    let labels: SeriesLabels = vec![("namespace", namespace), ("batch", name)];
-    metrics.session_duration.remove(&labels);
+    metrics.session_duration.remove(&observed::batch_labels(&namespace, &name, None));
     for outcome in observed::SESSION_OUTCOMES {
-        metrics.sessions.remove(&[labels.clone(), vec![("phase", outcome.to_string())]].concat());
+        metrics.sessions.remove(&observed::batch_labels(&namespace, &name, Some(outcome)));
     }
     Ok(Action::await_change())
 }

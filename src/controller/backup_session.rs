@@ -19,7 +19,6 @@ use crate::api::common::{ConditionStatus, Handler, TargetRef};
 use crate::api::{BackupBatch, BackupSession, Repository};
 use crate::conditions::{self, Desired};
 use crate::hooks::{self, Hook};
-use crate::metrics::SeriesLabels;
 use crate::session::{BACKUP_BATCH_KIND, create_backup_session, invoker_selector};
 use crate::status_write::update_status;
 use k8s_openapi::api::batch::v1::Job;
@@ -550,11 +549,10 @@ async fn finish(
 /// and only one write changes the phase), and observes its duration.
 fn count_finished(ctx: &Context, namespace: &str, batch: &str, status: &BackupSessionStatus) {
     let Some(outcome) = observed::session_outcome(status) else { return };
-    let labels: SeriesLabels = vec![("namespace", namespace.to_string()), ("batch", batch.to_string())];
     let metrics = &ctx.metrics.controller;
-    metrics.sessions.get_or_create(&[labels.clone(), vec![("phase", outcome.to_string())]].concat()).inc();
+    metrics.sessions.get_or_create(&observed::batch_labels(namespace, batch, Some(outcome))).inc();
     if let Some(seconds) = status.session_duration.as_deref().and_then(observed::duration_seconds) {
-        metrics.session_duration.get_or_create(&labels).observe(seconds);
+        metrics.session_duration.get_or_create(&observed::batch_labels(namespace, batch, None)).observe(seconds);
     }
 }
 

@@ -3,6 +3,7 @@
 //! exports the same values. The controllers hand these to `StateMetrics::export`.
 
 use super::trigger::next_run;
+use crate::api::backup_batch::Driver;
 use crate::api::backup_session::{BackupSessionPhase, BackupSessionStatus};
 use crate::api::common::Condition;
 use crate::api::restore_batch::RestorePhase;
@@ -10,13 +11,20 @@ use crate::api::{BackupBatch, BackupSession, Repository, RestoreBatch};
 use crate::metrics::{Sample, SeriesLabels, StateGauge};
 use crate::quantity::parse_bytes;
 use k8s_openapi::jiff::Timestamp;
-use kube::ResourceExt;
+use kube::{Resource, ResourceExt};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// The owner under which a batch's series are exported and removed.
 pub(crate) fn batch_owner(namespace: &str, name: &str) -> String {
     format!("BackupBatch/{namespace}/{name}")
+}
+
+/// The labels of a batch's own series; `phase` for its session counter.
+pub(crate) fn batch_labels(namespace: &str, batch: &str, phase: Option<&str>) -> SeriesLabels {
+    let mut labels = vec![("namespace", namespace.to_string()), ("batch", batch.to_string())];
+    labels.extend(phase.map(|phase| ("phase", phase.to_string())));
+    labels
 }
 
 /// The owner of the RestoreBatch series, which are computed over all RestoreBatches at once.
@@ -33,14 +41,8 @@ pub(crate) fn batch_series(
 ) -> Vec<Sample> {
     let namespace = batch.namespace().unwrap_or_default();
     let name = batch.name_any();
-    let ours: SeriesLabels = vec![("namespace", namespace.clone()), ("batch", name.clone())];
-    let stash: SeriesLabels = vec![
-        ("invoker_kind", "BackupBatch".into()),
-        ("invoker_name", name.clone()),
-        ("namespace", namespace.clone()),
-        ("driver", format!("{:?}", batch.spec.driver)),
-        ("repository", batch.spec.repository.name.clone()),
-    ];
+    let ours = batch_labels(&namespace, &name, None);
+    let stash = stash_labels(batch, batch.spec.driver, &batch.spec.repository.name);
     let mut out = Vec::new();
     let mut push = |gauge, labels: &SeriesLabels, value: f64| out.push(Sample { gauge, labels: labels.clone(), value });
 
@@ -112,13 +114,7 @@ pub(crate) fn restore_series(restores: &[Arc<RestoreBatch>]) -> Vec<Sample> {
         if !matches!(phase, RestorePhase::Succeeded | RestorePhase::Failed) {
             continue;
         }
-        let stash: SeriesLabels = vec![
-            ("invoker_kind", "RestoreBatch".into()),
-            ("invoker_name", restore.name_any()),
-            ("namespace", namespace),
-            ("driver", format!("{:?}", restore.spec.driver)),
-            ("repository", restore.spec.repository.name.clone()),
-        ];
+        let stash = stash_labels(&**restore, restore.spec.driver, &restore.spec.repository.name);
         let succeeded = f64::from(u8::from(phase == RestorePhase::Succeeded));
         out.push(Sample { gauge: StateGauge::StashRestoreSuccess, labels: stash.clone(), value: succeeded });
         if let Some(seconds) = status.session_duration.as_deref().and_then(duration_seconds) {
@@ -168,6 +164,17 @@ fn expected_interval(cron: &str, now: Timestamp) -> Option<f64> {
 fn added_bytes(status: &BackupSessionStatus) -> u64 {
     let snapshots = status.targets.iter().flat_map(|t| &t.stats).flat_map(|h| &h.snapshots);
     snapshots.filter_map(|s| s.uploaded.as_deref().and_then(parse_bytes)).sum()
+}
+
+/// Stash's labels of an invoker's series (its `pkg/metrics`, without user-provided extra labels).
+fn stash_labels<K: Resource<DynamicType = ()>>(invoker: &K, driver: Driver, repository: &str) -> SeriesLabels {
+    vec![
+        ("invoker_kind", K::kind(&()).into_owned()),
+        ("invoker_name", invoker.name_any()),
+        ("namespace", invoker.namespace().unwrap_or_default()),
+        ("driver", format!("{driver:?}")),
+        ("repository", repository.to_string()),
+    ]
 }
 
 fn condition_labels(batch: &SeriesLabels, target: String, condition: &Condition) -> SeriesLabels {
