@@ -1,7 +1,7 @@
 //! The monitoring pack (deploy/components/monitoring): its alert rules pass `promtool check rules` and
 //! their unit tests (`promtool test rules`, tests/monitoring/rules-test.yaml), each alert has its runbook,
 //! every metric the rules and the Grafana dashboard query is one a running operator exports, and a
-//! batch's series appear with its sessions and go with it.
+//! batch's series appear with its sessions, move to a new leader unchanged, and go with the batch.
 
 mod support;
 
@@ -274,4 +274,30 @@ async fn a_batchs_series_come_from_its_objects_and_go_with_it() {
     })
     .await;
     operator.stop().await;
+}
+
+/// Only the Lease holder exports a batch's series; when it steps down, the next leader exports the same
+/// values from the same objects, though it never saw the session run (its counters start anew).
+#[tokio::test]
+async fn a_new_leader_exports_the_same_series_and_a_standby_none() {
+    let ns = TestNamespace::new("monleader").await;
+    let leader = measured(&ns).await;
+    let before = all_series(&ns, &leader).await;
+    let standby =
+        support::operator::start_on(None, None, Some(support::operator::controllers_for(&ns.name, "standby"))).await;
+    assert!(measured_lines(&ns, &standby.metrics().await).is_empty(), "a standby exports no batch series");
+
+    leader.stop().await;
+    // The series apart from what was counted as it happened, in no particular order.
+    let state = |lines: Vec<String>| -> BTreeSet<String> {
+        let counted = ["stash_backupbatch_sessions_total", "stash_backupbatch_session_duration_seconds"];
+        lines.into_iter().filter(|l| !counted.iter().any(|c| l.starts_with(c))).collect()
+    };
+    let after = eventually("the new leader to export the batch's series", Duration::from_secs(60), || async {
+        let lines = state(measured_lines(&ns, &standby.metrics().await));
+        (lines.len() == state(before.clone()).len()).then_some(lines)
+    })
+    .await;
+    assert_eq!(after, state(before), "the same series and values from the new leader");
+    standby.stop().await;
 }
