@@ -1,10 +1,9 @@
 //! The everyday commands: back up now, pause, resume, list sessions.
 
 use crate::agent::{AgentError, Executor, manifest};
-use crate::api::backup_session::human_bytes;
+use crate::api::backup_session::{human_bytes, parse_bytes};
 use crate::api::{BackupBatch, BackupSession, Repository};
 use crate::controller::trigger::next_run;
-use crate::quantity::parse_bytes;
 use crate::session::{SessionError, create_backup_session, invoker_selector};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};

@@ -15,7 +15,6 @@ pub mod lease;
 pub mod metrics;
 pub mod names;
 pub mod operator;
-pub(crate) mod quantity;
 pub mod restic;
 pub mod session;
 pub mod status_write;

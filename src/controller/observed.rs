@@ -4,12 +4,11 @@
 
 use super::trigger::next_run;
 use crate::api::backup_batch::Driver;
-use crate::api::backup_session::{BackupSessionPhase, BackupSessionStatus};
+use crate::api::backup_session::{BackupSessionPhase, BackupSessionStatus, parse_bytes};
 use crate::api::common::Condition;
 use crate::api::restore_batch::RestorePhase;
 use crate::api::{BackupBatch, BackupSession, Repository, RestoreBatch};
 use crate::metrics::{Sample, SeriesLabels, StateGauge};
-use crate::quantity::parse_bytes;
 use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt};
 use std::collections::BTreeMap;
