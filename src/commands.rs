@@ -1,14 +1,14 @@
 //! The everyday commands: back up now, pause, resume, list sessions.
 
 use crate::agent::{AgentError, Executor, manifest};
-use crate::api::backup_session::human_bytes;
+use crate::api::backup_session::{human_bytes, parse_bytes};
 use crate::api::{BackupBatch, BackupSession, Repository};
+use crate::controller::trigger::next_run;
 use crate::session::{SessionError, create_backup_session, invoker_selector};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use std::fmt::Write;
-use std::str::FromStr;
 
 /// Creates a session for `batch` now; returns its name.
 pub async fn trigger(client: Client, namespace: &str, batch: &str) -> Result<String, SessionError> {
@@ -138,13 +138,6 @@ fn render_description(
     out
 }
 
-/// The first run of `cron` after `now`, in UTC (as the trigger CronJob reads it).
-fn next_run(cron: &str, now: Timestamp) -> Option<Timestamp> {
-    let parsed = croner::Cron::from_str(cron).ok()?;
-    let next = parsed.find_next_occurrence(&now.to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC), false).ok()?;
-    Some(next.timestamp())
-}
-
 fn render_sessions(items: Vec<BackupSession>) -> String {
     let mut out =
         format!("{:<40} {:<10} {:<10} {:<9} {:<11} {}\n", "NAME", "PHASE", "DURATION", "TARGETS", "SIZE", "CREATED");
@@ -171,14 +164,6 @@ fn render_sessions(items: Vec<BackupSession>) -> String {
         );
     }
     out
-}
-
-/// `12.5 MiB` → bytes (what `human_bytes` wrote into a status).
-fn parse_bytes(text: &str) -> Option<u64> {
-    let (number, unit) = text.split_once(' ')?;
-    let power = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"].iter().position(|u| *u == unit)?;
-    let value: f64 = number.parse().ok()?;
-    Some((value * 1024f64.powi(i32::try_from(power).ok()?)) as u64)
 }
 
 /// The complete sessions of `batch` as its repository's manifests record them, newest first.

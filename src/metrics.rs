@@ -6,7 +6,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use std::sync::atomic::AtomicI64;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 
 /// Admission latency buckets: answering is pure CPU, so most of the mass sits well under a millisecond.
 const ADMISSION_BUCKETS: [f64; 12] =
@@ -89,24 +91,201 @@ pub struct ControllerLabels {
     pub controller: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SessionLabels {
-    pub phase: String,
+/// The labels of a series computed from API objects, as name-value pairs in the order exported:
+/// one shape for every state gauge, so that one function can compute them all (`controller::observed`).
+pub(crate) type SeriesLabels = Vec<(&'static str, String)>;
+
+/// A gauge whose value is read from API objects (batch, session, Repository and RestoreBatch
+/// status), so any leader exports the same value, after a restart too.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub(crate) enum StateGauge {
+    LastSuccess,
+    LastSessionSuccess,
+    ExpectedInterval,
+    Paused,
+    Created,
+    LastSessionAddedBytes,
+    Condition,
+    Restores,
+    // Stash's own names and labels (`invoker_kind`, `invoker_name`, `namespace`, `driver`, `repository`).
+    StashSessionSuccess,
+    StashSessionDuration,
+    StashTargetCount,
+    StashLastSuccess,
+    StashRepositoryIntegrity,
+    StashRepositorySize,
+    StashRepositorySnapshots,
+    StashRepositorySnapshotsCleaned,
+    StashRestoreSuccess,
+    StashRestoreDuration,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BatchLabels {
-    pub namespace: String,
-    pub batch: String,
+impl StateGauge {
+    const ALL: [StateGauge; 18] = [
+        Self::LastSuccess,
+        Self::LastSessionSuccess,
+        Self::ExpectedInterval,
+        Self::Paused,
+        Self::Created,
+        Self::LastSessionAddedBytes,
+        Self::Condition,
+        Self::Restores,
+        Self::StashSessionSuccess,
+        Self::StashSessionDuration,
+        Self::StashTargetCount,
+        Self::StashLastSuccess,
+        Self::StashRepositoryIntegrity,
+        Self::StashRepositorySize,
+        Self::StashRepositorySnapshots,
+        Self::StashRepositorySnapshotsCleaned,
+        Self::StashRestoreSuccess,
+        Self::StashRestoreDuration,
+    ];
+
+    /// The name under the `stash_` prefix, and the help text.
+    fn describe(self) -> (&'static str, &'static str) {
+        match self {
+            Self::LastSuccess => (
+                "backup_last_success_timestamp_seconds",
+                "When the batch's last successful session finished (Unix time), from status.lastSuccessfulSession",
+            ),
+            Self::LastSessionSuccess => {
+                ("backupbatch_last_session_success", "1 if the batch's last finished session Succeeded, 0 if it Failed")
+            }
+            Self::ExpectedInterval => (
+                "backupbatch_expected_interval_seconds",
+                "Seconds between the next two runs of the batch's spec.schedule (absent without a schedule)",
+            ),
+            Self::Paused => ("backupbatch_paused", "1 while the batch's spec.paused is set"),
+            Self::Created => ("backupbatch_created_timestamp_seconds", "When the batch was created (Unix time)"),
+            Self::LastSessionAddedBytes => (
+                "backupbatch_last_session_added_bytes",
+                "Bytes the batch's last finished session added to the repository, summed over its hosts",
+            ),
+            Self::Condition => (
+                "backupbatch_condition",
+                "1 for each condition of a batch (target empty) or of one of its members, by type and status",
+            ),
+            Self::Restores => ("restorebatches", "RestoreBatches, by namespace and phase"),
+            Self::StashSessionSuccess => {
+                ("backup_session_success", "Stash's name: whether the last backup session succeeded (1) or not (0)")
+            }
+            Self::StashSessionDuration => {
+                ("backup_session_duration_seconds", "Stash's name: how long the last backup session took")
+            }
+            Self::StashTargetCount => ("backup_target_count_total", "Stash's name: targets of the last backup session"),
+            Self::StashLastSuccess => (
+                "backup_last_success_time_seconds",
+                "Stash's name: when the last successful backup session finished (Unix time)",
+            ),
+            Self::StashRepositoryIntegrity => {
+                ("repository_integrity", "Stash's name: result of the repository's last integrity check (1 passed)")
+            }
+            Self::StashRepositorySize => ("repository_size_bytes", "Stash's name: size of the repository"),
+            Self::StashRepositorySnapshots => {
+                ("repository_snapshot_count", "Stash's name: snapshots stored in the repository")
+            }
+            Self::StashRepositorySnapshotsCleaned => (
+                "repository_snapshot_cleaned",
+                "Stash's name: snapshots removed by the retention policy on the last cleanup",
+            ),
+            Self::StashRestoreSuccess => {
+                ("restore_session_success", "Stash's name: whether a finished restore succeeded (1) or not (0)")
+            }
+            Self::StashRestoreDuration => {
+                ("restore_session_duration_seconds", "Stash's name: how long a finished restore took")
+            }
+        }
+    }
 }
+
+/// One series to export: which gauge, its labels and its value.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Sample {
+    pub gauge: StateGauge,
+    pub labels: SeriesLabels,
+    pub value: f64,
+}
+
+type StateFamily = Family<SeriesLabels, Gauge<f64, AtomicU64>>;
+
+/// The state gauges, and which series each owner (a batch, the RestoreBatches) exported last, so
+/// that a series its objects no longer yield is removed instead of lingering.
+pub struct StateMetrics {
+    families: HashMap<StateGauge, StateFamily>,
+    exported: Mutex<HashMap<String, HashSet<(StateGauge, SeriesLabels)>>>,
+}
+
+impl StateMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let families: HashMap<StateGauge, StateFamily> =
+            StateGauge::ALL.iter().map(|gauge| (*gauge, StateFamily::default())).collect();
+        for gauge in StateGauge::ALL {
+            let (name, help) = gauge.describe();
+            if let Some(family) = families.get(&gauge) {
+                registry.register(name, help, family.clone());
+            }
+        }
+        Self { families, exported: Mutex::default() }
+    }
+
+    /// Makes `owner`'s series exactly `samples`: sets them and removes the ones it exported before
+    /// that are not among them (a condition changed status, a schedule was removed).
+    pub(crate) fn export(&self, owner: &str, samples: Vec<Sample>) {
+        let mut exported = self.exported.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now: HashSet<(StateGauge, SeriesLabels)> = samples.iter().map(|s| (s.gauge, s.labels.clone())).collect();
+        for (gauge, labels) in exported.get(owner).into_iter().flatten().filter(|series| !now.contains(series)) {
+            if let Some(family) = self.families.get(gauge) {
+                family.remove(labels);
+            }
+        }
+        for sample in samples {
+            if let Some(family) = self.families.get(&sample.gauge) {
+                family.get_or_create(&sample.labels).set(sample.value);
+            }
+        }
+        exported.insert(owner.to_string(), now);
+    }
+
+    /// Removes every series `owner` exported (its object is gone).
+    pub(crate) fn remove(&self, owner: &str) {
+        self.export(owner, Vec::new());
+        let mut exported = self.exported.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        exported.remove(owner);
+    }
+
+    /// Removes every series: this replica stopped leading, and only the leader exports them.
+    pub(crate) fn clear(&self) {
+        let mut exported = self.exported.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.families.values().for_each(Family::clear);
+        exported.clear();
+    }
+}
+
+/// Session duration buckets: from a quick manual trigger to the default 6-hour deadline.
+const SESSION_BUCKETS: [f64; 12] =
+    [5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 21600.0];
 
 pub struct ControllerMetrics {
     pub reconciles: Family<ReconcileLabels, Counter>,
     pub reconcile_duration: Family<ControllerLabels, Histogram>,
-    pub sessions_finished: Family<SessionLabels, Counter>,
-    pub last_success: Family<BatchLabels, Gauge<i64, AtomicI64>>,
+    /// Finished sessions by batch and phase, counted where the leader writes the final phase.
+    pub(crate) sessions: Family<SeriesLabels, Counter>,
+    /// Durations of Succeeded and Failed sessions by batch, observed with `sessions`.
+    pub(crate) session_duration: Family<SeriesLabels, Histogram>,
+    pub state: StateMetrics,
     pub managed_batches: Gauge<i64, AtomicI64>,
     pub leader: Gauge<i64, AtomicI64>,
+}
+
+impl ControllerMetrics {
+    /// Drops every per-object series; counters and histograms start again from zero, which
+    /// Prometheus reads as a reset.
+    pub(crate) fn clear_objects(&self) {
+        self.state.clear();
+        self.sessions.clear();
+        self.session_duration.clear();
+    }
 }
 
 /// Every metric of the process, registered once at start-up.
@@ -162,8 +341,9 @@ impl Default for Metrics {
             reconcile_duration: Family::new_with_constructor(|| {
                 Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0])
             }),
-            sessions_finished: Family::default(),
-            last_success: Family::default(),
+            sessions: Family::default(),
+            session_duration: Family::new_with_constructor(|| Histogram::new(SESSION_BUCKETS)),
+            state: StateMetrics::register(&mut registry),
             managed_batches: Gauge::default(),
             leader: Gauge::default(),
         };
@@ -174,14 +354,14 @@ impl Default for Metrics {
             controller.reconcile_duration.clone(),
         );
         registry.register(
-            "backup_sessions_finished",
-            "BackupSessions that reached a final phase, by phase",
-            controller.sessions_finished.clone(),
+            "backupbatch_sessions",
+            "BackupSessions that reached a final phase, by batch and phase (DeadlineExceeded: Failed at its deadline)",
+            controller.sessions.clone(),
         );
         registry.register(
-            "backup_last_success_timestamp_seconds",
-            "When the last successful session of a batch finished (Unix time)",
-            controller.last_success.clone(),
+            "backupbatch_session_duration_seconds",
+            "How long Succeeded and Failed BackupSessions took, by batch",
+            controller.session_duration.clone(),
         );
         registry.register(
             "managed_backup_batches",

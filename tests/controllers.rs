@@ -1298,7 +1298,11 @@ async fn kubectl_stash_describes_a_batch() {
 async fn a_deleted_batch_leaves_no_metric_series_behind() {
     let ns = TestNamespace::new("metrics").await;
     let (operator, _) = measured_success(&ns).await;
-    assert!(last_success(&ns, &operator.metrics().await).is_some(), "the batch's last success is exported");
+    // Exported once the session's record reached the batch's status and the batch was reconciled.
+    eventually("the batch's last success exported", Duration::from_secs(30), || async {
+        last_success(&ns, &operator.metrics().await)
+    })
+    .await;
 
     ns.api::<BackupBatch>().delete("measured", &DeleteParams::default()).await.expect("delete");
     eventually("the batch gone", Duration::from_secs(60), || {

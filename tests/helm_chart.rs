@@ -1,6 +1,6 @@
 //! The Helm chart (`charts/stash`) installs what `deploy/` installs: its renderings are compared object by
 //! object with kustomize's (Helm's own labels aside), for the defaults, cert-manager mode, existingSecret
-//! mode and the test node's values; `helm lint` checks the values against `values.schema.json`; and a real `helm install`,
+//! mode, monitoring and the test node's values; `helm lint` checks the values against `values.schema.json`; and a real `helm install`,
 //! `upgrade` and `uninstall` on the test cluster leave nothing behind.
 
 mod support;
@@ -209,6 +209,25 @@ fn cert_manager_mode_installs_what_the_cert_manager_overlay_builds() {
 #[test]
 fn the_test_node_values_install_what_the_test_node_overlay_builds() {
     compare("deploy/overlays/test-node", &["--set", CHART_VALUES]).unwrap_or_else(|difference| panic!("{difference}"));
+}
+
+/// `monitoring.enabled` renders deploy/components/monitoring: the ServiceMonitor, the PrometheusRule
+/// (its rules read from the component's file) and the dashboard ConfigMap; extra labels reach the
+/// ServiceMonitor and PrometheusRule only, and the dashboard can be left out.
+#[test]
+fn monitoring_installs_what_the_monitoring_overlay_builds() {
+    compare("deploy/overlays/monitoring", &["--set", "monitoring.enabled=true"])
+        .unwrap_or_else(|difference| panic!("{difference}"));
+    let labelled = objects(&chart(&[
+        "--set",
+        "monitoring.enabled=true,monitoring.grafanaDashboard=false,monitoring.additionalLabels.release=kps",
+    ]));
+    for kind in ["ServiceMonitor", "PrometheusRule"] {
+        assert_eq!(the_one(&labelled, kind)["metadata"]["labels"]["release"], "kps", "{kind}");
+    }
+    assert!(!labelled.values().any(|object| object["kind"] == "ConfigMap"), "no dashboard");
+    let lint = helm(&["lint", "--strict", CHART, "--set", "monitoring.enabled=true"]);
+    assert!(success(lint, "helm lint monitoring").contains("0 chart(s) failed"));
 }
 
 #[test]

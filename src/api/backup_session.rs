@@ -193,6 +193,14 @@ pub fn human_bytes(bytes: u64) -> String {
     if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
 }
 
+/// `12.5 MiB` → bytes: a size `human_bytes` wrote into a status, read back.
+pub fn parse_bytes(text: &str) -> Option<u64> {
+    let (number, unit) = text.split_once(' ')?;
+    let power = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"].iter().position(|u| *u == unit)?;
+    let value: f64 = number.parse().ok()?;
+    Some((value * 1024f64.powi(i32::try_from(power).ok()?)) as u64)
+}
+
 /// `1h2m3s`, `2m5s`, `40s`.
 fn short_duration(seconds: i64) -> String {
     let seconds = seconds.max(0);

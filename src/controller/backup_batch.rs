@@ -3,6 +3,7 @@
 use super::backup_job::is_job_model;
 use super::context::{Context, ControllerError, FIELD_MANAGER};
 use super::identity;
+use super::observed;
 use super::targets::{self, TargetState};
 use super::trigger::{CRONJOB_NAME_MAX, cronjob_name, trigger_cronjob};
 use crate::api::backup_batch::{BackupBatchSpec, BackupBatchStatus, BackupInvokerPhase, Driver, MemberConditions};
@@ -10,10 +11,10 @@ use crate::api::common::{ConditionStatus, PodRuntimeSettings, TargetRef};
 use crate::api::{BackupBatch, Repository};
 use crate::conditions::{self, Desired};
 use crate::executor_pod::database_task_refusal;
-use crate::metrics::BatchLabels;
 use crate::tenancy::{self, Refusal};
 use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
@@ -157,16 +158,37 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
         // The session records are the session controller's (see `write_status`).
         ..Default::default()
     };
+    export_series(&batch, &status, repository.as_ref().ok(), &ctx, &namespace);
     write_status(&batch, &ctx, &namespace, status).await?;
-    if let Some(record) = batch.status.as_ref().and_then(|s| s.last_successful_session.as_ref()) {
-        super::backup_session::export_last_success(&ctx, &namespace, &batch.name_any(), record);
-    }
 
     Ok(if phase == BackupInvokerPhase::Ready && !sidecars_pending {
         Action::await_change()
     } else {
         Action::requeue(RECHECK)
     })
+}
+
+/// Exports the batch's series as of this reconcile: the status just computed (conditions) with the
+/// session records of the cached one, the sessions from the session controller's cache and the
+/// Repository read above, so the metrics cost no request of their own.
+fn export_series(
+    batch: &BackupBatch,
+    status: &BackupBatchStatus,
+    repository: Option<&Repository>,
+    ctx: &Context,
+    namespace: &str,
+) {
+    let records = batch.status.as_ref();
+    let observed = BackupBatch {
+        status: Some(BackupBatchStatus {
+            last_session: records.and_then(|s| s.last_session.clone()),
+            last_successful_session: records.and_then(|s| s.last_successful_session.clone()),
+            ..status.clone()
+        }),
+        ..batch.clone()
+    };
+    let samples = observed::batch_series(&observed, &ctx.sessions.state(), repository, Timestamp::now());
+    ctx.metrics.controller.state.export(&observed::batch_owner(namespace, &batch.name_any()), samples);
 }
 
 /// Applies `status` unless the batch already has it. Our own write comes back as a watch event and
@@ -386,7 +408,13 @@ async fn remove_trigger(batch: &BackupBatch, ctx: &Context, namespace: &str) -> 
 pub async fn cleanup(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
     let namespace = batch.namespace().unwrap_or_default();
     identity::release(&ctx, &namespace, batch.metadata.uid.as_deref()).await?;
-    ctx.metrics.controller.last_success.remove(&BatchLabels { namespace, batch: batch.name_any() });
+    let name = batch.name_any();
+    let metrics = &ctx.metrics.controller;
+    metrics.state.remove(&observed::batch_owner(&namespace, &name));
+    metrics.session_duration.remove(&observed::batch_labels(&namespace, &name, None));
+    for outcome in observed::SESSION_OUTCOMES {
+        metrics.sessions.remove(&observed::batch_labels(&namespace, &name, Some(outcome)));
+    }
     Ok(Action::await_change())
 }
 

@@ -7,6 +7,7 @@
 use super::app_binding;
 use super::backup_job::{backup_job, finalize_job, hook_job, hook_job_name, is_job_model};
 use super::context::{Context, ControllerError, FIELD_MANAGER};
+use super::observed;
 use super::progress::{self, Progress, STALLED};
 use super::targets::{self, TargetState};
 use crate::api::backup_batch::SessionRecord;
@@ -18,7 +19,6 @@ use crate::api::common::{ConditionStatus, Handler, TargetRef};
 use crate::api::{BackupBatch, BackupSession, Repository};
 use crate::conditions::{self, Desired};
 use crate::hooks::{self, Hook};
-use crate::metrics::{BatchLabels, SessionLabels};
 use crate::session::{BACKUP_BATCH_KIND, create_backup_session, invoker_selector};
 use crate::status_write::update_status;
 use k8s_openapi::api::batch::v1::Job;
@@ -91,6 +91,9 @@ pub async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Context>) -> Result
             Err(err) => return Err(err.into()),
         }
         if phase_changed {
+            if batch.is_some() {
+                count_finished(&ctx, &namespace, &invoker.name, &status);
+            }
             announce(&ctx, &session, &status).await;
         }
         if let (Some(now_stalled), None) = (stalled(Some(&status)), stalled(session.status.as_ref())) {
@@ -539,10 +542,18 @@ async fn finish(
     let started = session.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or_else(now);
     let elapsed = now().duration_since(started);
     status.session_duration = Some(format!("{}s", elapsed.as_secs().max(0)));
-
-    let phase = format!("{:?}", status.phase.unwrap_or(BackupSessionPhase::Unknown));
-    ctx.metrics.controller.sessions_finished.get_or_create(&SessionLabels { phase }).inc();
     Ok(Action::await_change())
+}
+
+/// Counts a session whose final phase this reconcile just wrote (once: only the leader writes it,
+/// and only one write changes the phase), and observes its duration.
+fn count_finished(ctx: &Context, namespace: &str, batch: &str, status: &BackupSessionStatus) {
+    let Some(outcome) = observed::session_outcome(status) else { return };
+    let metrics = &ctx.metrics.controller;
+    metrics.sessions.get_or_create(&observed::batch_labels(namespace, batch, Some(outcome))).inc();
+    if let Some(seconds) = status.session_duration.as_deref().and_then(observed::duration_seconds) {
+        metrics.session_duration.get_or_create(&observed::batch_labels(namespace, batch, None)).observe(seconds);
+    }
 }
 
 /// The record of a finished (Succeeded or Failed) session; its finish time is its creation plus its
@@ -563,7 +574,7 @@ fn replaces(current: Option<&SessionRecord>, candidate: &SessionRecord) -> bool 
 }
 
 /// Records a finished session in its batch's status (`lastSession`, `lastSuccessfulSession`) once,
-/// under a field manager of its own, and exports the last success from that record.
+/// under a field manager of its own; the batch's reconcile exports its metrics from there.
 async fn record_on_batch(session: &BackupSession, batch: &BackupBatch, ctx: &Context) -> Result<(), ControllerError> {
     let Some(record) = session_record(session) else { return Ok(()) };
     let current = batch.status.as_ref();
@@ -576,8 +587,8 @@ async fn record_on_batch(session: &BackupSession, batch: &BackupBatch, ctx: &Con
     if newer_success {
         status.insert("lastSuccessfulSession".into(), serde_json::to_value(&record).unwrap_or_default());
     }
-    let namespace = session.namespace().unwrap_or_default();
     if !status.is_empty() {
+        let namespace = session.namespace().unwrap_or_default();
         // Apply keeps what this manager applied before unless named again: carry the other record.
         for (key, kept) in [
             ("lastSession", current.and_then(|s| s.last_session.as_ref())),
@@ -593,18 +604,7 @@ async fn record_on_batch(session: &BackupSession, batch: &BackupBatch, ctx: &Con
         let params = PatchParams::apply(SESSION_RECORDS_MANAGER).force();
         batches.patch_status(&batch.name_any(), &params, &Patch::Apply(&patch)).await?;
     }
-    if newer_success {
-        export_last_success(ctx, &namespace, &batch.name_any(), &record);
-    }
     Ok(())
-}
-
-/// Sets the batch's last-success series from its record.
-pub(super) fn export_last_success(ctx: &Context, namespace: &str, batch: &str, record: &SessionRecord) {
-    if let Some(finished) = &record.finish_time {
-        let labels = BatchLabels { namespace: namespace.into(), batch: batch.into() };
-        ctx.metrics.controller.last_success.get_or_create(&labels).set(finished.0.as_second());
-    }
 }
 
 fn failed_targets(status: &BackupSessionStatus) -> String {

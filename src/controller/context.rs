@@ -1,6 +1,6 @@
 //! What every reconcile shares: the client, the Event recorder, metrics, caches and settings.
 
-use crate::api::BackupBatch;
+use crate::api::{BackupBatch, BackupSession, RestoreBatch};
 use crate::metrics::Metrics;
 use kube::Client;
 use kube::runtime::events::Recorder;
@@ -20,6 +20,10 @@ pub struct Context {
     pub batches: Store<BackupBatch>,
     /// A running host whose progress stands still this long is reported as stalled.
     pub stall_after: std::time::Duration,
+    /// The session controller's cache: what a batch's metrics read of its sessions, with no request.
+    pub sessions: Store<BackupSession>,
+    /// The restore controller's cache, for the RestoreBatch metrics.
+    pub restores: Store<RestoreBatch>,
 }
 
 #[derive(Debug, thiserror::Error)]

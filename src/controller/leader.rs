@@ -64,8 +64,8 @@ pub async fn run_while_leader<F, Fut>(
             };
             stop(token, controllers, elector.config().renew_every / 2).await;
             metrics.controller.leader.set(0);
-            // Per-batch series come from the leader only: the next leader exports them from status.
-            metrics.controller.last_success.clear();
+            // Per-object series come from the leader only: the next leader exports them from status.
+            metrics.controller.clear_objects();
             match step_down {
                 StepDown::Lost => {}
                 StepDown::ControllersEnded => {

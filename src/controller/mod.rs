@@ -8,6 +8,7 @@ pub mod context;
 pub mod executor_job;
 mod identity;
 pub mod leader;
+mod observed;
 pub mod progress;
 pub mod restore_batch;
 pub mod targets;
@@ -58,6 +59,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
     let reporter = Reporter { controller: "stash-operator".into(), instance: Some(settings.identity.clone()) };
     let batch_controller = Controller::new(api::<BackupBatch>(&client, namespace), watcher::Config::default());
     let batches = batch_controller.store();
+    let restore_controller = Controller::new(api::<RestoreBatch>(&client, namespace), watcher::Config::default());
+    let session_controller = Controller::new(api::<BackupSession>(&client, namespace), watcher::Config::default());
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
@@ -65,6 +68,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
         trigger_image: settings.image.clone(),
         batches: batches.clone(),
         stall_after: settings.stall_after,
+        sessions: session_controller.store(),
+        restores: restore_controller.store(),
     });
 
     let by_repository = batches.clone();
@@ -93,7 +98,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
         )
         .for_each(|_| futures::future::ready(()));
 
-    let restore_loop = Controller::new(api::<RestoreBatch>(&client, namespace), watcher::Config::default())
+    let restore_loop = restore_controller
         .owns(api::<Job>(&client, namespace), ours.clone())
         .graceful_shutdown_on(cancel.clone().cancelled_owned())
         .run(
@@ -103,7 +108,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
         )
         .for_each(|_| futures::future::ready(()));
 
-    let session_loop = Controller::new(api::<BackupSession>(&client, namespace), watcher::Config::default())
+    let session_loop = session_controller
         .owns(api::<Job>(&client, namespace), ours)
         .graceful_shutdown_on(cancel.clone().cancelled_owned())
         .run(

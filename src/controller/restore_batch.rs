@@ -7,6 +7,7 @@ use super::backup_job::job_name;
 use super::context::{Context, ControllerError};
 use super::executor_job::{DataVolume, DatabaseSource, ExecutorJob};
 use super::identity;
+use super::observed;
 use crate::api::RestoreBatch;
 use crate::api::backup_batch::Driver;
 use crate::api::common::{ExecutionOrder, TargetRef};
@@ -39,6 +40,7 @@ const POLL: Duration = Duration::from_secs(30);
 #[tracing::instrument(skip_all, fields(namespace = restore.namespace().unwrap_or_default(), name = restore.name_any()))]
 pub async fn reconcile(restore: Arc<RestoreBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
     let namespace = restore.namespace().unwrap_or_default();
+    export_series(&ctx);
     let mut status = restore.status.clone().unwrap_or_default();
     if matches!(status.phase, Some(RestorePhase::Succeeded | RestorePhase::Failed | RestorePhase::Invalid)) {
         return Ok(Action::await_change());
@@ -185,7 +187,15 @@ pub async fn reconcile(restore: Arc<RestoreBatch>, ctx: Arc<Context>) -> Result<
 /// its last batch or restore.
 pub async fn cleanup(restore: Arc<RestoreBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
     identity::release(&ctx, &restore.namespace().unwrap_or_default(), restore.metadata.uid.as_deref()).await?;
+    export_series(&ctx);
     Ok(Action::await_change())
+}
+
+/// Exports the RestoreBatch series from the restore controller's cache (every restore's, since the
+/// by-phase counts span them all). A restore's own phase change comes back as a watch event and a
+/// reconcile, which exports it.
+fn export_series(ctx: &Context) {
+    ctx.metrics.controller.state.export(observed::RESTORES_OWNER, observed::restore_series(&ctx.restores.state()));
 }
 
 fn member_status<'a>(

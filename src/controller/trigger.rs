@@ -5,8 +5,10 @@ use crate::executor_pod::{field_env, pod_metadata, pod_settings, restricted};
 use crate::session::{invoker_labels, owned_by};
 use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
 use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
+use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::core::ObjectMeta;
+use std::str::FromStr;
 
 /// The ServiceAccount trigger Jobs run as, one per namespace.
 pub const TRIGGER_SERVICE_ACCOUNT: &str = "stash-trigger";
@@ -21,6 +23,13 @@ pub const CRONJOB_NAME_MAX: usize = 52;
 /// `stash-trigger-<batch>`, cut and hashed when the batch's name is longer than 38 characters.
 pub fn cronjob_name(batch: &str) -> String {
     crate::names::bounded(&format!("stash-trigger-{batch}"), CRONJOB_NAME_MAX)
+}
+
+/// The first run of `cron` after `now`, in UTC (as the trigger CronJob reads it).
+pub(crate) fn next_run(cron: &str, now: Timestamp) -> Option<Timestamp> {
+    let parsed = croner::Cron::from_str(cron).ok()?;
+    let next = parsed.find_next_occurrence(&now.to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC), false).ok()?;
+    Some(next.timestamp())
 }
 
 /// The CronJob that creates a BackupSession at every slot of the batch's schedule.

@@ -6,6 +6,7 @@
 #   build.sh node   kubelet, kube-scheduler and kube-proxy (same module) and CoreDNS (its own module, coredns/),
 #                   for `cluster.sh up --node`; builds the control plane first when it is missing
 #   build.sh helm   helm (its own module, helm/), for the chart tests
+#   build.sh promtool  promtool (its own module, promtool/), for the monitoring tests' rule checks
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -15,17 +16,20 @@ k8s_version=$(modver k8s.io/kubernetes "$here")
 etcd_version=$(modver go.etcd.io/etcd/server/v3 "$here")
 coredns_version=$(modver github.com/coredns/coredns "$here/coredns")
 helm_version=$(modver helm.sh/helm/v3 "$here/helm")
+prometheus_version=$(modver github.com/prometheus/prometheus "$here/promtool")
 cache_root=${STASH_TEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/stash-testcluster}
 cp_dir="$cache_root/k8s-$k8s_version-etcd-$etcd_version"
 node_dir="$cache_root/node-k8s-$k8s_version-coredns-$coredns_version"
 helm_dir="$cache_root/helm-$helm_version"
+promtool_dir="$cache_root/promtool-$prometheus_version"
 
 case "${1:-}" in
   "") bin_dir=$cp_dir wanted=(kube-apiserver kube-controller-manager kubectl etcd) ;;
   node) bin_dir=$node_dir wanted=(kubelet kube-scheduler kube-proxy coredns) ;;
   helm) bin_dir=$helm_dir wanted=(helm) ;;
+  promtool) bin_dir=$promtool_dir wanted=(promtool) ;;
   *)
-    echo "usage: $0 [node|helm]" >&2
+    echo "usage: $0 [node|helm|promtool]" >&2
     exit 2
     ;;
 esac
@@ -70,6 +74,10 @@ elif [[ $bin_dir == "$helm_dir" ]]; then
     -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$client_go_minor
     -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$client_go_minor"
   (cd helm && go build -trimpath -ldflags "$helm_ldflags" -o "$staging/helm" helm.sh/helm/v3/cmd/helm >&2)
+elif [[ $bin_dir == "$promtool_dir" ]]; then
+  echo "build.sh: building promtool of Prometheus module $prometheus_version into $bin_dir (first run only)" >&2
+  (cd promtool && go build -trimpath -ldflags "-s -w -X github.com/prometheus/common/version.Version=$prometheus_version" \
+    -o "$staging/promtool" github.com/prometheus/prometheus/cmd/promtool >&2)
 else
   echo "build.sh: building kubelet, kube-scheduler, kube-proxy $k8s_version and CoreDNS $coredns_version into $bin_dir (first run only)" >&2
   k8s kubelet

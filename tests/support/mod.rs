@@ -212,6 +212,12 @@ pub fn helm_path() -> &'static Path {
     PATH.get_or_init(|| cluster_tool(&["helm"], "helm"))
 }
 
+/// promtool, for the monitoring tests' rule checks (`scripts/test.sh` builds it before the tests run).
+pub fn promtool_path() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| cluster_tool(&["promtool"], "promtool"))
+}
+
 /// Where deploy/ installs the operator, and where the tests' operators keep their Leases.
 pub const OPERATOR_NAMESPACE: &str = "stash";
 
