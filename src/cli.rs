@@ -495,7 +495,15 @@ mod tests {
             .expect_err("not a time")
             .to_string();
         assert!(error.contains("--before") && error.contains("RFC 3339"), "{error}");
-        let both = PluginCli::try_parse_from(["kubectl-stash", "restore", "app", "--session", "s", "--before", "2026-11-25T00:00:00Z"]);
+        let both = PluginCli::try_parse_from([
+            "kubectl-stash",
+            "restore",
+            "app",
+            "--session",
+            "s",
+            "--before",
+            "2026-11-25T00:00:00Z",
+        ]);
         assert!(both.is_err(), "--session and --before exclude each other");
     }
 

@@ -4,11 +4,11 @@
 
 mod support;
 
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use serde_json::{Value, json};
 use stash::api::backup_session::{BackupSessionPhase, HostPhase};
 use stash::api::restore_batch::RestorePhase;
-use stash::api::{BackupBatch, BackupSession, RestoreBatch};
+use stash::api::{BackupBatch, BackupSession};
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use support::backends::{self, PG_PASSWORD, psql};
 use support::data::{BATCH, Backend, Setup, Volumes};
 use support::executors::write_secret_dir;
-use support::fixtures::{self, PASSWORD};
+use support::fixtures;
 
 /// ~2,000 files: nested directories, empty files, symlinks, a 50 MB file, odd names.
 fn make_tree(root: &Path) {

@@ -26,27 +26,23 @@ const USER: &str = "developer";
 /// A hang guard for a command and the Jobs it waits for.
 const COMMAND_LIMIT: Duration = Duration::from_secs(180);
 
-/// A kubeconfig for ServiceAccount `developer` of `ns`, bound to the cluster's `edit` role there
-/// (which our `stash-edit` ClusterRole extends by aggregation, as deploy/base/rbac.yaml ships it).
+/// The ClusterRoles Kubernetes aggregates into `edit`, ours (deploy/base/rbac.yaml) among them. The
+/// test control plane runs without the aggregation controller, so `edit` itself is empty there and
+/// the user is bound to what it would hold.
+const EDIT: [&str; 3] = ["system:aggregate-to-edit", "system:aggregate-to-view", "stash-edit"];
+
+/// A kubeconfig for ServiceAccount `developer` of `ns`, with the namespace's `edit` role.
 async fn namespace_editor(ns: &TestNamespace, dir: &Path) -> PathBuf {
     fixtures::create::<ServiceAccount>(ns, json!({"metadata": {"name": USER}})).await;
-    fixtures::create::<RoleBinding>(
-        ns,
-        json!({"metadata": {"name": USER},
-               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
-               "subjects": [{"kind": "ServiceAccount", "name": USER, "namespace": ns.name}]}),
-    )
-    .await;
-    let roles = kube::Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(support::client().await);
-    support::eventually("`edit` aggregating stash-edit", Duration::from_secs(60), || {
-        let roles = roles.clone();
-        async move {
-            let edit = roles.get("edit").await.ok()?;
-            let groups = edit.rules.into_iter().flatten().flat_map(|r| r.api_groups.unwrap_or_default());
-            groups.into_iter().any(|g| g == "stash.appscode.com").then_some(())
-        }
-    })
-    .await;
+    for role in EDIT {
+        fixtures::create::<RoleBinding>(
+            ns,
+            json!({"metadata": {"name": format!("{USER}-{}", role.replace(':', "-"))},
+                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+                   "subjects": [{"kind": "ServiceAccount", "name": USER, "namespace": ns.name}]}),
+        )
+        .await;
+    }
     service_account_kubeconfig(&ns.name, USER, dir).await
 }
 
@@ -65,11 +61,8 @@ fn kubectl_stash(kubeconfig: &Path, args: &[&str]) -> Command {
 
 /// Runs `kubectl stash <args>` to its end while playing kubelet for the Jobs it creates.
 async fn run_plugin(setup: &mut Setup, kubeconfig: &Path, args: &[&str]) -> Output {
-    let mut child = kubectl_stash(kubeconfig, args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl runs");
+    let mut child =
+        kubectl_stash(kubeconfig, args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("kubectl runs");
     let start = Instant::now();
     let root = setup.node.root().to_path_buf();
     while child.try_wait().expect("the plugin's status").is_none() {
@@ -101,8 +94,7 @@ async fn nothing_left(setup: &Setup) {
     let jobs = setup.ns.api::<Job>().list(&kube::api::ListParams::default().labels(TASK_LABEL)).await.expect("Jobs");
     assert!(jobs.items.is_empty(), "{:?}", jobs.items.iter().map(kube::ResourceExt::name_any).collect::<Vec<_>>());
     let results = setup.ns.api::<ConfigMap>().list(&Default::default()).await.expect("ConfigMaps").items;
-    let ours: Vec<_> =
-        results.iter().map(kube::ResourceExt::name_any).filter(|n| n.starts_with(BATCH)).collect();
+    let ours: Vec<_> = results.iter().map(kube::ResourceExt::name_any).filter(|n| n.starts_with(BATCH)).collect();
     assert!(ours.is_empty(), "{ours:?}");
 }
 

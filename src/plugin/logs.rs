@@ -41,9 +41,11 @@ pub async fn session_logs(client: Client, namespace: &str, session: &str) -> Res
         let TargetState::Workload(workload) = inspect(&client, namespace, member).await? else { continue };
         let Some(selector) = workload.selector.and_then(|s| kube::core::Selector::try_from(s).ok()) else { continue };
         let selected = pods.list(&ListParams::default().labels_from(&selector)).await?.items;
-        readings.extend(selected.into_iter().filter(has_sidecar).map(|p| {
-            (p, LogParams { container: Some(SIDECAR_NAME.into()), since_time: since, ..Default::default() })
-        }));
+        readings.extend(
+            selected.into_iter().filter(has_sidecar).map(|p| {
+                (p, LogParams { container: Some(SIDECAR_NAME.into()), since_time: since, ..Default::default() })
+            }),
+        );
     }
     if readings.is_empty() {
         return Ok(format!("no executor Pods of BackupSession {namespace}/{session} remain\n"));

@@ -6,6 +6,7 @@ use crate::agent::locks::LockVerdict;
 use crate::agent::retention::{Ownership, is_manifest, ownership};
 use crate::agent::status::human_bytes;
 use crate::restic::output::Snapshot;
+use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::fmt::Write;
@@ -102,6 +103,12 @@ pub(crate) fn snapshot_rows(snapshots: &[Snapshot], namespace: &str, batch: &str
     rows
 }
 
+/// restic's nanosecond time to the second, in UTC; as given when it does not parse.
+fn whole_seconds(time: &str) -> String {
+    let parsed = time.parse::<Timestamp>().ok().and_then(|t| Timestamp::from_second(t.as_second()).ok());
+    parsed.map_or_else(|| time.to_string(), |t| t.to_string())
+}
+
 /// The report as a person reads it.
 pub fn render_report(report: &RepositoryReport) -> String {
     let mut out = String::new();
@@ -109,15 +116,15 @@ pub fn render_report(report: &RepositoryReport) -> String {
         RepositoryReport::Snapshots { snapshots, .. } => {
             let _ = writeln!(
                 out,
-                "{:<10} {:<26} {:<20} {:<10} {:<8} {:<36} PATHS",
+                "{:<10} {:<21} {:<20} {:<10} {:<8} {:<36} PATHS",
                 "ID", "TIME", "HOST", "SIZE", "COMPLETE", "SESSION"
             );
             for s in snapshots {
                 let _ = writeln!(
                     out,
-                    "{:<10} {:<26} {:<20} {:<10} {:<8} {:<36} {}",
+                    "{:<10} {:<21} {:<20} {:<10} {:<8} {:<36} {}",
                     s.id.chars().take(8).collect::<String>(),
-                    s.time.chars().take(25).collect::<String>(),
+                    whole_seconds(&s.time),
                     s.host,
                     s.size_bytes.map_or_else(|| "-".to_string(), human_bytes),
                     if s.complete { "yes" } else { "no" },
@@ -157,16 +164,27 @@ mod tests {
             hostname: "uploads".into(),
             tags: tags.iter().map(|t| t.to_string()).collect(),
             paths: vec!["/data".into()],
-            summary: bytes.map(|total_bytes_processed| crate::restic::output::SnapshotSummary { total_bytes_processed }),
+            summary: bytes
+                .map(|total_bytes_processed| crate::restic::output::SnapshotSummary { total_bytes_processed }),
         }
     }
 
     #[test]
     fn rows_are_the_batchs_own_backups_marked_complete_by_their_manifest() {
         let listed = [
-            snapshot("b2", "2026-11-26T02:00:00Z", &["session=s-2", "batch=app", "member=uploads", "namespace=shop"], None),
+            snapshot(
+                "b2",
+                "2026-11-26T02:00:00Z",
+                &["session=s-2", "batch=app", "member=uploads", "namespace=shop"],
+                None,
+            ),
             snapshot("b1", "2026-11-25T02:00:00Z", &["session=s-1", "batch=app", "namespace=shop"], Some(2048)),
-            snapshot("m1", "2026-11-25T02:01:00Z", &["stash=manifest", "session=s-1", "batch=app", "namespace=shop"], None),
+            snapshot(
+                "m1",
+                "2026-11-25T02:01:00Z",
+                &["stash=manifest", "session=s-1", "batch=app", "namespace=shop"],
+                None,
+            ),
             snapshot("x1", "2026-11-25T02:00:00Z", &["session=s-9", "batch=app", "namespace=staging"], None),
             snapshot("y1", "2026-11-25T02:00:00Z", &["session=s-8", "batch=other", "namespace=shop"], None),
         ];
@@ -176,6 +194,8 @@ mod tests {
         assert_eq!(rows[1].member.as_deref(), Some("uploads"));
         let text = render_report(&RepositoryReport::Snapshots { repository: "repo".into(), snapshots: rows });
         assert!(text.contains("2.0 KiB") && text.contains("s-1"), "{text}");
+        assert_eq!(whole_seconds("2026-11-26T15:36:12.700964076+01:00"), "2026-11-26T14:36:12Z");
+        assert_eq!(whole_seconds("soon"), "soon");
     }
 
     #[test]
@@ -186,6 +206,8 @@ mod tests {
         });
         let text = serde_json::to_string(&outcome).expect("JSON");
         assert_eq!(serde_json::from_str::<JobOutcome>(&text).expect("parses"), outcome);
-        assert!(render_report(&RepositoryReport::Check { repository: "r".into(), healthy: false }).contains("CHECK FAILED"));
+        assert!(
+            render_report(&RepositoryReport::Check { repository: "r".into(), healthy: false }).contains("CHECK FAILED")
+        );
     }
 }

@@ -181,7 +181,14 @@ mod tests {
 
     #[test]
     fn the_job_is_an_executor_job_with_the_repository_secret() {
-        let job = task_job(&batch(), &repository(), RepositoryTask::Unlock, "stash:1", "app-unlock-1", Duration::from_secs(60));
+        let job = task_job(
+            &batch(),
+            &repository(),
+            RepositoryTask::Unlock,
+            "stash:1",
+            "app-unlock-1",
+            Duration::from_secs(60),
+        );
         let spec = job.spec.expect("a spec");
         assert_eq!((spec.backoff_limit, spec.active_deadline_seconds), (Some(0), Some(60)));
         let pod = spec.template.spec.expect("a pod");

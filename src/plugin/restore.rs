@@ -57,7 +57,12 @@ fn restore_member(member: &BackupMember) -> RestoreMember {
 /// The RestoreBatch `name` in `to_namespace` for `batch`: its Repository (named from `to_namespace`),
 /// its members, and the session selector — with the batch's namespace when restoring elsewhere, so
 /// that the sessions of the namespace that made them are found.
-pub(crate) fn restore_batch(batch: &BackupBatch, request: &RestoreRequest, to_namespace: &str, name: &str) -> RestoreBatch {
+pub(crate) fn restore_batch(
+    batch: &BackupBatch,
+    request: &RestoreRequest,
+    to_namespace: &str,
+    name: &str,
+) -> RestoreBatch {
     let source = batch.namespace().unwrap_or_default();
     let reference = &batch.spec.repository;
     let repository = ObjectReference {
@@ -75,13 +80,12 @@ pub(crate) fn restore_batch(batch: &BackupBatch, request: &RestoreRequest, to_na
             before: request.before.map(Time),
         }),
         members: batch.spec.members.iter().map(restore_member).collect(),
-        execution_order: batch.spec.execution_order.clone(),
+        execution_order: batch.spec.execution_order,
         hooks: None,
         time_out: None,
         runtime_settings: None,
     };
-    let metadata =
-        ObjectMeta { name: Some(name.into()), namespace: Some(to_namespace.into()), ..Default::default() };
+    let metadata = ObjectMeta { name: Some(name.into()), namespace: Some(to_namespace.into()), ..Default::default() };
     RestoreBatch { metadata, spec, status: None }
 }
 
@@ -132,7 +136,10 @@ mod tests {
         assert_eq!(spec.members[0].target.alias, "uploads");
         assert_eq!(spec.members[0].target.reference.namespace, None);
         assert_eq!(spec.members[0].target.volume_mounts[0].mount_path, "/data");
-        assert_eq!(spec.members[1].task.as_ref().map(|t| (t.name.as_str(), t.params.len())), Some(("postgres-backup-15", 0)));
+        assert_eq!(
+            spec.members[1].task.as_ref().map(|t| (t.name.as_str(), t.params.len())),
+            Some(("postgres-backup-15", 0))
+        );
         assert_eq!(crate::controller::restore_batch::unsupported(spec), None, "the operator accepts it");
     }
 

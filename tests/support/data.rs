@@ -185,4 +185,3 @@ pub enum Volumes<'a> {
     Root(&'a Path),
     Claims(&'a Path),
 }
-
