@@ -119,6 +119,11 @@ async fn a_namespace_editor_describes_lists_checks_and_restores_through_kubectl_
     assert_eq!(described["sessions"][0]["metadata"]["name"], json!(session_name));
     assert_eq!(described["repository"]["metadata"]["name"], json!("repo"));
 
+    // logs: the session's executor Pods, found by its label (with no kubelet they have no log yet).
+    let logs = succeeded(&run_plugin(&mut setup, &user, &["logs", &session_name]).await);
+    assert!(logs.contains(&format!("==> pod/{session_name}-0-")), "the backup Job's Pod: {logs}");
+    assert!(logs.contains(&format!("==> pod/{session_name}-finalize-")), "the finalize Job's Pod: {logs}");
+
     // snapshots: the session's snapshot, complete, from a Job in the cluster; as a table and as JSON.
     let table = succeeded(&run_plugin(&mut setup, &user, &["snapshots", BATCH]).await);
     assert!(table.contains(&session_name) && table.contains("uploads"), "{table}");
