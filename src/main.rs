@@ -79,7 +79,7 @@ fn run_plugin(command: PluginCommand) -> Result<(), MainError> {
             })
         }
         PluginCommand::Completion(args) => {
-            let mut command = PluginCli::command();
+            let mut command = PluginCli::command().bin_name("kubectl-stash");
             clap_complete::generate(args.shell, &mut command, "kubectl-stash", &mut std::io::stdout());
             Ok(())
         }

@@ -152,11 +152,20 @@ pub async fn run(client: Client, request: TaskRequest) -> Result<RepositoryRepor
         }
     };
     let background = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
-    jobs.delete(&name, &background).await?;
-    results.delete(&name, &DeleteParams::default()).await?;
+    delete_if_present(jobs.delete(&name, &background).await.map(drop))?;
+    // Owned by the Job's Pod: the garbage collector may be first.
+    delete_if_present(results.delete(&name, &DeleteParams::default()).await.map(drop))?;
     match outcome {
         JobOutcome::Report(report) => Ok(report),
         JobOutcome::Error(message) => Err(PluginError::Job(format!("Job {name}: {message}"))),
+    }
+}
+
+/// A delete whose object is already gone succeeded.
+fn delete_if_present(result: Result<(), kube::Error>) -> Result<(), kube::Error> {
+    match result {
+        Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
+        other => other,
     }
 }
 
