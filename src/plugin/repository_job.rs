@@ -51,10 +51,9 @@ pub(crate) fn task_job(
 ) -> Job {
     let mut labels = invoker_labels(&batch.name_any());
     labels.insert(TASK_LABEL.into(), task.label().into());
+    let namespace = batch.namespace().unwrap_or_default();
+    let runtime = batch.spec.runtime_settings.as_ref();
     let mut job = ExecutorJob {
-        name: name.into(),
-        namespace: batch.namespace().unwrap_or_default(),
-        owner: None,
         labels,
         args: vec![
             "repository-task".into(),
@@ -62,13 +61,8 @@ pub(crate) fn task_job(
             format!("--task={}", task.label()),
             format!("--result={name}"),
         ],
-        image,
-        repository: Some(repository),
-        runtime: batch.spec.runtime_settings.as_ref(),
-        temp_dir: None,
-        data: Vec::new(),
-        database: None,
         deadline_seconds: Some(i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX)),
+        ..ExecutorJob::on_repository(name.into(), namespace, repository, runtime, image)
     }
     .build();
     if let Some(spec) = job.spec.as_mut() {
