@@ -284,6 +284,10 @@ pub struct OperatorArgs {
     /// How often the Lease is renewed, or a takeover tried.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub lease_renew_interval: Duration,
+    /// A backing-up host whose progress (bytes, files) stands still this long sets its session's
+    /// `Stalled` condition and a Warning Event.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub stall_after: Duration,
 }
 
 /// How the user typed the command when the program runs as a kubectl plugin, else None: kubectl

@@ -1,7 +1,7 @@
 //! The everyday commands: back up now, pause, resume, list sessions.
 
-use crate::agent::status::human_bytes;
 use crate::agent::{AgentError, Executor, manifest};
+use crate::api::backup_session::human_bytes;
 use crate::api::{BackupBatch, BackupSession, Repository};
 use crate::session::{SessionError, create_backup_session, invoker_selector};
 use k8s_openapi::jiff::Timestamp;

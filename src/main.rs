@@ -328,6 +328,7 @@ fn operator_config(args: Box<stash::cli::OperatorArgs>) -> stash::operator::Oper
             image: args.job_image.clone().unwrap_or_else(|| args.sidecar_image.clone()),
             namespace: args.watch_namespace.clone(),
             identity: identity.clone(),
+            stall_after: args.stall_after,
         };
         let lease = stash::lease::LeaseConfig {
             namespace: args.namespace.clone(),

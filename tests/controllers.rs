@@ -8,7 +8,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
 use stash::api::backup_batch::BackupInvokerPhase;
-use stash::api::backup_session::{BackupSessionPhase, HostPhase, TargetPhase};
+use stash::api::backup_session::{BackupSessionPhase, HostBackupStats, HostPhase, HostProgress, TargetPhase};
 use stash::api::common::ConditionStatus;
 use stash::api::{BackupBatch, BackupSession};
 use std::process::{Child, Command, Stdio};
@@ -1503,4 +1503,65 @@ async fn appbinding_members_that_cannot_be_used_say_why() {
     assert!(found[2].3.contains("no password key"), "{}", found[2].3);
     assert!(found.iter().all(|(_, _, _, message)| !message.contains(PASSWORD)));
     operator.stop().await;
+}
+
+/// A running host whose progress stands still for `--stall-after` sets the session's `Stalled`
+/// condition with a Warning Event. A host that then finishes before its next sample (a backend
+/// that came back) leaves the session finished and no longer stalled.
+#[tokio::test]
+async fn a_stalled_host_is_reported_and_its_session_does_not_end_stalled() {
+    let ns = TestNamespace::new("stall").await;
+    let mut controllers = support::operator::controllers_for(&ns.name, "test-operator");
+    controllers.0.stall_after = Duration::from_secs(2);
+    let _operator = support::operator::start_on(None, None, Some(controllers)).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    fixtures::batch(&ns, "stalling", vec![member("Deployment", "app")], json!({})).await;
+    let sessions = ns.api::<BackupSession>();
+    let name = new_session(&ns, "stalling").await;
+    session_phase(&sessions, &name, BackupSessionPhase::Running).await;
+    let sample = HostProgress {
+        hostname: "app".into(),
+        percent: 40,
+        bytes_done: 400,
+        total_bytes: 1000,
+        files_done: 4,
+        total_files: 10,
+        seconds_remaining: Some(30),
+        last_change: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+    };
+    stash::agent::status::report_progress(&sessions, &name, "Deployment", "app", &sample).await.expect("progress");
+
+    let stalled = fixtures::session_condition(&sessions, &name, "Stalled").await;
+    assert_eq!(stalled.reason.as_deref(), Some("NoProgress"));
+    let message = stalled.message.unwrap_or_default();
+    assert!(message.starts_with("Deployment/app host app: no progress since"), "{message}");
+    let events = ns.api::<k8s_openapi::api::events::v1::Event>();
+    eventually("a BackupStalled Event", Duration::from_secs(30), || {
+        let events = events.clone();
+        async move {
+            let listed = events.list(&Default::default()).await.ok()?.items;
+            listed.into_iter().find(|e| e.reason.as_deref() == Some("BackupStalled"))
+        }
+    })
+    .await;
+
+    let done = HostBackupStats {
+        hostname: "app".into(),
+        phase: Some(HostPhase::Succeeded),
+        snapshots: Vec::new(),
+        duration: Some("9s".into()),
+        error: None,
+    };
+    stash::agent::status::report_host(&sessions, &name, "Deployment", "app", done).await.expect("report");
+    let finished = session_phase(&sessions, &name, BackupSessionPhase::Succeeded).await;
+    let status = finished.status.expect("status");
+    let condition = status.conditions.iter().find(|c| c.type_ == "Stalled").expect("the condition, kept");
+    assert_eq!(
+        (condition.status, condition.reason.as_deref()),
+        (ConditionStatus::False, Some("NoneStalled")),
+        "{status:?}"
+    );
+    assert_eq!(status.progress, None);
 }

@@ -7,6 +7,7 @@ mod support;
 use k8s_openapi::api::core::v1::Secret;
 use serde_json::{Value, json};
 use stash::api::backup_session::{BackupSessionPhase, HostPhase};
+use stash::api::common::ConditionStatus;
 use stash::api::restore_batch::RestorePhase;
 use stash::api::{BackupBatch, BackupSession};
 use std::collections::BTreeMap;
@@ -171,6 +172,82 @@ async fn files_a_pvc_and_postgres_back_up_and_restore_identically_without_kubele
     let restore_status = restore.status.expect("restore status");
     assert_eq!(restore_status.restored_session.as_deref(), Some(kube::ResourceExt::name_any(&session).as_str()));
     assert_eq!(restore_status.members.len(), 3);
+}
+
+/// A running session's status shows each host's live progress (and `kubectl get` sums it up); a host
+/// whose backend stops taking data is reported as stalled, and recovers when it takes data again.
+/// 1 GiB that does not deduplicate goes to a REST server behind a throttle a little at a time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_backup_shows_its_progress_and_a_stalled_backend_is_reported() {
+    let server = backends::rest_server();
+    let throttle = support::throttle::Throttle::start(server.port, 24 << 20).await;
+    let mut setup = Setup::with_stall_after("progress", Backend::Rest(throttle.port), Duration::from_secs(4)).await;
+    let member = setup.pvc_member().await;
+    write_random_files(&setup.node.root().join("stash-data/uploads/large"), 16, 64 << 20);
+    setup.batch(vec![member], json!({})).await;
+    let client = support::client().await;
+    let session = stash::session::create_backup_session(client, &setup.ns.name, BATCH, None).await.expect("session");
+    let name = kube::ResourceExt::name_any(&session);
+    let sessions = setup.ns.api::<BackupSession>();
+
+    // The backup Job runs on its own (a kubelet would) while the test watches its session.
+    let mut node = setup.node;
+    let runner = tokio::spawn(async move {
+        let limit = Instant::now() + Duration::from_secs(120);
+        while node.run_new_jobs().await.is_empty() {
+            assert!(Instant::now() < limit, "no backup Job appeared");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        node
+    });
+    let moving = support::eventually("progress in the session's status", Duration::from_secs(180), || {
+        let sessions = sessions.clone();
+        let name = name.clone();
+        async move {
+            let status = sessions.get(&name).await.ok()?.status?;
+            let host = status.targets.first()?.progress.first()?.clone();
+            (host.bytes_done > 0 && host.percent < 100).then_some((host, status.progress?))
+        }
+    })
+    .await;
+    let (host, summary) = moving;
+    println!("progress seen: {host:?}, summary {summary}");
+    assert_eq!(host.hostname, "uploads");
+    assert!(host.total_bytes >= 1 << 30, "the whole tree is counted: {host:?}");
+    assert!(summary.contains('%') && summary.contains("GiB"), "{summary}");
+    let table = support::node::kubectl(&["get", "backupsession", "-n", &setup.ns.name, &name]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("PROGRESS") && table.contains('%'), "a printer column: {table}");
+
+    // The backend stops taking data: restic's numbers stop moving, and the operator says so.
+    throttle.set_rate(0);
+    let stalled = fixtures::session_condition(&sessions, &name, "Stalled").await;
+    let message = stalled.message.unwrap_or_default();
+    assert!(message.contains("PersistentVolumeClaim/uploads host uploads: no progress since"), "{message}");
+    let events = setup.ns.api::<k8s_openapi::api::events::v1::Event>();
+    let warned = events.list(&Default::default()).await.expect("events").items;
+    assert!(warned.iter().any(|e| e.reason.as_deref() == Some("BackupStalled")), "a BackupStalled Event");
+
+    // It takes data again: the session moves on, finishes, and keeps no live progress.
+    throttle.set_rate(u64::MAX);
+    setup.node = runner.await.expect("the Job runner");
+    let done = setup.back_up_existing(&name).await;
+    let status = done.status.expect("status");
+    assert_eq!(status.phase, Some(BackupSessionPhase::Succeeded), "{status:?}");
+    let recovered = status.conditions.iter().find(|c| c.type_ == "Stalled").expect("the condition stays, False");
+    assert_eq!(recovered.status, ConditionStatus::False);
+    assert_eq!(status.progress, None);
+    assert!(status.targets.iter().all(|t| t.progress.is_empty()), "{:?}", status.targets);
+}
+
+/// `count` files of `size` bytes that neither compress nor deduplicate.
+fn write_random_files(dir: &Path, count: usize, size: u64) {
+    std::fs::create_dir_all(dir).expect("dir");
+    for index in 0..count {
+        let mut random = std::io::Read::take(std::fs::File::open("/dev/urandom").expect("urandom"), size);
+        let mut file = std::fs::File::create(dir.join(format!("part-{index}"))).expect("file");
+        std::io::copy(&mut random, &mut file).expect("random bytes");
+    }
 }
 
 /// Backs up the PVC member and restores it, through `backend`.

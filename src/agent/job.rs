@@ -3,6 +3,7 @@
 use super::database::{Connection, Engine};
 use super::executor::{AgentError, Executor};
 use super::files::FileBackup;
+use super::progress::Reporter;
 use super::status::{self, Turn};
 use super::{locks, session_tags};
 use crate::api::backup_batch::BackupMember;
@@ -10,10 +11,12 @@ use crate::api::backup_session::DEFAULT_SESSION_TIMEOUT;
 use crate::api::{BackupBatch, BackupSession};
 use crate::executor_pod::{DEFAULT_DATA_PATH, is_database};
 use crate::restic::BackupOutcome;
+use crate::restic::output::BackupProgress;
 use crate::restic::secrets::SecretValues;
 use kube::ResourceExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 pub struct JobTarget {
     pub batch: String,
@@ -69,11 +72,14 @@ pub async fn run(executor: &Executor, job: &JobTarget) -> Result<(), AgentError>
     }
     let started = Instant::now();
     let limit = time_left(&session);
-    let result =
-        match tokio::time::timeout(limit, back_up(executor, &batch, &session, (index, member), &host, job)).await {
-            Ok(result) => result,
-            Err(_) => Err(AgentError::DeadlinePassed),
-        };
+    let (reporter, progress) =
+        Reporter::start(sessions.clone(), job.session.clone(), job.kind.clone(), job.name.clone(), host.clone());
+    let backup = back_up(executor, &batch, &session, (index, member), &host, job, progress);
+    let result = match tokio::time::timeout(limit, backup).await {
+        Ok(result) => result,
+        Err(_) => Err(AgentError::DeadlinePassed),
+    };
+    reporter.stop();
     let entry = match &result {
         Ok((path, outcome)) => status::succeeded(&host, path.clone(), outcome, started.elapsed()),
         Err(err) => status::failed(&host, err.to_string(), started.elapsed()),
@@ -89,9 +95,14 @@ async fn back_up(
     (index, member): (usize, &BackupMember),
     host: &str,
     job: &JobTarget,
+    progress: watch::Sender<BackupProgress>,
 ) -> Result<(String, BackupOutcome), AgentError> {
     let repository = executor.repository(&batch.spec.repository).await?;
-    let restic = executor.member_restic(&repository, member).await?.waiting_for_locks(time_left(session));
+    let restic = executor
+        .member_restic(&repository, member)
+        .await?
+        .waiting_for_locks(time_left(session))
+        .reporting_progress(progress);
     if is_database(&job.kind) {
         let engine = Engine::from_task(member.task.as_ref().map(|t| t.name.as_str()));
         let connection = Connection::from_secret(engine, SecretValues::read_dir(&job.database_secret_dir)?)?;

@@ -12,6 +12,7 @@ pub(crate) mod integrity;
 pub mod job;
 pub mod locks;
 pub mod manifest;
+mod progress;
 pub mod repository_task;
 pub mod restore;
 pub(crate) mod retention;

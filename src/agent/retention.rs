@@ -251,6 +251,7 @@ mod tests {
                 pre_backup_actions: Vec::new(),
                 post_backup_actions: Vec::new(),
                 conditions: Vec::new(),
+                progress: Vec::new(),
             })
             .collect();
         session.status = Some(BackupSessionStatus { phase: Some(phase), targets, ..Default::default() });

@@ -6,6 +6,7 @@
 use super::executor::{AgentError, Executor};
 use super::files::FileBackup;
 use super::job::{find_member, time_left};
+use super::progress::Reporter;
 use super::status::{self, Turn};
 use crate::api::BackupSession;
 use crate::session::invoker_selector;
@@ -110,11 +111,22 @@ async fn take_turn(executor: &Executor, target: &SidecarTarget, session: &Backup
                 paths: member.target.paths.clone(),
             };
             let limit = time_left(&session);
+            let (reporter, progress) = Reporter::start(
+                executor.api(),
+                session_name.clone(),
+                target.kind.clone(),
+                target.name.clone(),
+                host.clone(),
+            );
             let result = async {
                 if backup.paths.is_empty() {
                     return Err(AgentError::Invalid(format!("member {alias} names no paths to back up")));
                 }
-                let restic = executor.member_restic(&repository, member).await?.waiting_for_locks(limit);
+                let restic = executor
+                    .member_restic(&repository, member)
+                    .await?
+                    .waiting_for_locks(limit)
+                    .reporting_progress(progress);
                 run_hook(member.hooks.as_ref().and_then(|h| h.pre_backup.as_ref()), "pre-backup").await?;
                 let outcome = backup.run(executor, &restic).await;
                 if let Some(post) = member.hooks.as_ref().and_then(|h| h.post_backup.as_ref()) {
@@ -126,6 +138,7 @@ async fn take_turn(executor: &Executor, target: &SidecarTarget, session: &Backup
                 outcome
             };
             let result = tokio::time::timeout(limit, result).await.unwrap_or(Err(AgentError::DeadlinePassed));
+            reporter.stop();
             let path = backup.paths.join(",");
             let entry = match &result {
                 Ok(outcome) => status::succeeded(&host, path, outcome, started.elapsed()),

@@ -4,7 +4,9 @@
 use crate::api::BackupSession;
 use crate::api::backup_session::BackupSessionPhase;
 use crate::api::backup_session::FileStats;
-use crate::api::backup_session::{BackupTargetStatus, HostBackupStats, HostPhase, SnapshotStats, TargetPhase};
+use crate::api::backup_session::{
+    BackupTargetStatus, HostBackupStats, HostPhase, HostProgress, SnapshotStats, TargetPhase, human_bytes,
+};
 use crate::api::common::TargetRef;
 use crate::restic::BackupOutcome;
 use crate::status_write::update_status;
@@ -49,7 +51,8 @@ pub fn turn(session: &BackupSession, kind: &str, name: &str, host: &str) -> Turn
     }
 }
 
-/// Appends `stats` to the target's entries unless this host already reported.
+/// Appends `stats` to the target's entries unless this host already reported; its live progress
+/// entry goes with it.
 pub async fn report_host(
     sessions: &Api<BackupSession>,
     session: &str,
@@ -68,6 +71,37 @@ pub async fn report_host(
             return false;
         }
         target.stats.push(stats.clone());
+        target.progress.retain(|p| p.hostname != stats.hostname);
+        if let Some(status) = current.status.as_mut() {
+            status.summarize_progress();
+        }
+        true
+    })
+    .await
+}
+
+/// Replaces this host's live progress entry, unless it has reported already (a late sample must
+/// not outlive the report).
+pub async fn report_progress(
+    sessions: &Api<BackupSession>,
+    session: &str,
+    kind: &str,
+    name: &str,
+    entry: &HostProgress,
+) -> Result<(), kube::Error> {
+    update_status(sessions, session, |current| {
+        let Some(status) = current.status.as_mut() else { return false };
+        let Some(target) = status.targets.iter_mut().find(|t| matches(&t.reference, kind, name)) else {
+            return false;
+        };
+        if target.phase != Some(TargetPhase::Running) || target.stats.iter().any(|s| s.hostname == entry.hostname) {
+            return false;
+        }
+        match target.progress.iter_mut().find(|p| p.hostname == entry.hostname) {
+            Some(existing) => *existing = entry.clone(),
+            None => target.progress.push(entry.clone()),
+        }
+        status.summarize_progress();
         true
     })
     .await
@@ -112,27 +146,12 @@ pub fn seconds(duration: Duration) -> String {
     format!("{:.1}s", duration.as_secs_f64())
 }
 
-/// `1.5 MiB`.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn formats_sizes_and_durations() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(50 * 1024 * 1024), "50.0 MiB");
+    fn formats_durations() {
         assert_eq!(seconds(Duration::from_millis(12_345)), "12.3s");
     }
 }

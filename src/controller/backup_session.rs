@@ -7,14 +7,14 @@
 use super::app_binding;
 use super::backup_job::{backup_job, finalize_job, hook_job, hook_job_name, is_job_model};
 use super::context::{Context, ControllerError, FIELD_MANAGER};
-use super::progress::{self, Progress};
+use super::progress::{self, Progress, STALLED};
 use super::targets::{self, TargetState};
 use crate::api::backup_batch::SessionRecord;
 use crate::api::backup_session::{
     BackupSessionPhase, BackupSessionStatus, BackupTargetStatus, DEFAULT_SESSION_TIMEOUT, HostBackupStats, HostPhase,
     TargetPhase,
 };
-use crate::api::common::{Handler, TargetRef};
+use crate::api::common::{ConditionStatus, Handler, TargetRef};
 use crate::api::{BackupBatch, BackupSession, Repository};
 use crate::conditions::{self, Desired};
 use crate::hooks::{self, Hook};
@@ -92,6 +92,10 @@ pub async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Context>) -> Result
         }
         if phase_changed {
             announce(&ctx, &session, &status).await;
+        }
+        if let (Some(now_stalled), None) = (stalled(Some(&status)), stalled(session.status.as_ref())) {
+            let note = now_stalled.message.clone().unwrap_or_default();
+            publish(&ctx, &session, EventType::Warning, "BackupStalled", &note).await;
         }
     }
     match (claimed, batch.as_ref()) {
@@ -227,6 +231,7 @@ async fn start(
             pre_backup_actions: Vec::new(),
             post_backup_actions: Vec::new(),
             conditions: Vec::new(),
+            progress: Vec::new(),
         });
     }
     status.targets = targets;
@@ -349,12 +354,22 @@ async fn progress(
     }
 
     run_job_members(session, batch, status, ctx).await?;
-    match progress::advance(&mut status.targets, batch.spec.execution_order) {
+    let advanced = progress::advance(&mut status.targets, batch.spec.execution_order);
+    status.summarize_progress();
+    // Before finishing too: a host that resumed and finished before its next sample is no longer
+    // stalled, and the session must not end saying it is.
+    let stall = progress::stalled(&status.targets, now(), ctx.stall_after);
+    if let Some(condition) = stall.condition(status.conditions.iter().any(|c| c.type_ == STALLED)) {
+        conditions::set(&mut status.conditions, &condition, None);
+    }
+    match advanced {
         Progress::Finished { succeeded } => finish(session, batch, status, ctx, succeeded, None, claimed).await,
         Progress::Running => {
-            // Host writes and owned Jobs wake us; the deadline and the poll are the backstops.
+            // Host writes and owned Jobs wake us; the deadline, the next possible stall and the poll
+            // are the backstops.
             let until_deadline = deadline.and_then(|d| Duration::try_from(d.duration_since(now())).ok());
-            Ok(Action::requeue(until_deadline.map_or(POLL, |d| d.min(POLL))))
+            let wake = [until_deadline, stall.look_again].into_iter().flatten().fold(POLL, Duration::min);
+            Ok(Action::requeue(wake))
         }
     }
 }
@@ -701,6 +716,11 @@ async fn trim_history(batch: &BackupBatch, sessions: &Api<BackupSession>) -> Res
         }
     }
     Ok(())
+}
+
+/// The session's `Stalled` condition, when True.
+fn stalled(status: Option<&BackupSessionStatus>) -> Option<&crate::api::common::Condition> {
+    status?.conditions.iter().find(|c| c.type_ == STALLED && c.status == ConditionStatus::True)
 }
 
 async fn announce(ctx: &Context, session: &BackupSession, status: &BackupSessionStatus) {

@@ -18,6 +18,8 @@ pub struct Context {
     pub trigger_image: String,
     /// The controller's own BackupBatch cache.
     pub batches: Store<BackupBatch>,
+    /// A running host whose progress stands still this long is reported as stalled.
+    pub stall_after: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]

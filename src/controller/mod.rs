@@ -36,6 +36,8 @@ pub struct ControllerSettings {
     pub namespace: Option<String>,
     /// This replica's name, for Events and the Lease.
     pub identity: String,
+    /// A running host whose progress stands still this long is reported as stalled.
+    pub stall_after: Duration,
 }
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -62,6 +64,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
         metrics: metrics.clone(),
         trigger_image: settings.image.clone(),
         batches: batches.clone(),
+        stall_after: settings.stall_after,
     });
 
     let by_repository = batches.clone();

@@ -4,7 +4,7 @@
 
 use crate::agent::locks::LockVerdict;
 use crate::agent::retention::{Ownership, is_manifest, ownership};
-use crate::agent::status::human_bytes;
+use crate::api::backup_session::human_bytes;
 use crate::restic::output::Snapshot;
 use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};

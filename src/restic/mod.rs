@@ -9,7 +9,7 @@ mod stream;
 
 use backend::Location;
 use k8s_openapi::jiff::Timestamp;
-use output::{BackupItemError, BackupReport, BackupSummary, Lock, Snapshot};
+use output::{BackupItemError, BackupProgress, BackupReport, BackupSummary, Lock, Snapshot};
 use percent_encoding::percent_decode_str;
 use secrets::{CA_CERT_DATA, RESTIC_PASSWORD, SecretError, SecretValues};
 use std::path::{Path, PathBuf};
@@ -126,6 +126,8 @@ pub struct Restic {
     cache: Cache,
     /// `nice`/`ionice` and their arguments, run in front of restic; empty for none.
     priority: Vec<String>,
+    /// Where backups send restic's progress, if anyone watches.
+    progress: Option<tokio::sync::watch::Sender<BackupProgress>>,
 }
 
 /// Where restic keeps its cache (indexes, snapshot and tree data it would otherwise download).
@@ -201,6 +203,7 @@ impl Restic {
             scratch,
             cache: Cache::Scratch,
             priority: Vec::new(),
+            progress: None,
         };
         let printed = restic.run(&["version"]).await?;
         restic.version = Version::parse(&printed)
@@ -213,6 +216,12 @@ impl Restic {
     /// gave up after a fixed two minutes would fail while nothing is wrong.
     pub fn waiting_for_locks(mut self, limit: Duration) -> Self {
         self.lock_wait = limit;
+        self
+    }
+
+    /// Backups from now on send restic's progress lines here.
+    pub fn reporting_progress(mut self, sink: tokio::sync::watch::Sender<BackupProgress>) -> Self {
+        self.progress = Some(sink);
         self
     }
 
@@ -465,8 +474,10 @@ impl Restic {
     }
 
     /// Runs a `backup --json` command, reading its progress, errors and summary as they come.
-    async fn backup_outcome(&self, argv: &[&str], command: Command) -> Result<BackupOutcome, ResticError> {
-        let mut report = BackupReport::default();
+    async fn backup_outcome(&self, argv: &[&str], mut command: Command) -> Result<BackupOutcome, ResticError> {
+        // restic prints 60 status lines a second in JSON mode; a few are plenty for anyone watching.
+        command.env("RESTIC_PROGRESS_FPS", if self.progress.is_some() { "1" } else { "0.1" });
+        let mut report = BackupReport { progress: self.progress.as_ref(), ..Default::default() };
         let finished = self.finish(self.spawn(command)?, argv, Stdout::Lines(&mut |line| report.line(line))).await?;
         match (finished.status.code(), report.summary) {
             (Some(0 | 3), Some(summary)) if !summary.snapshot_id.is_empty() => {
@@ -664,6 +675,7 @@ mod tests {
             scratch: tempfile::tempdir().expect("scratch"),
             cache: Cache::Scratch,
             priority: Vec::new(),
+            progress: None,
         }
     }
 

@@ -14,7 +14,8 @@ pub enum BackupMessage {
     Other,
 }
 
-#[derive(Debug, Deserialize, Default)]
+/// A `status` line: where a running backup stands.
+#[derive(Debug, Deserialize, Default, Clone, PartialEq)]
 pub struct BackupProgress {
     #[serde(default)]
     pub percent_done: f64,
@@ -22,6 +23,13 @@ pub struct BackupProgress {
     pub bytes_done: u64,
     #[serde(default)]
     pub total_bytes: u64,
+    #[serde(default)]
+    pub files_done: u64,
+    #[serde(default)]
+    pub total_files: u64,
+    /// Absent until restic can estimate it.
+    #[serde(default)]
+    pub seconds_remaining: Option<u64>,
 }
 
 /// The numbers restic reports at the end of a backup (fields common to 0.14 and later).
@@ -69,19 +77,26 @@ pub(crate) const UNREADABLE_EXAMPLES: usize = 3;
 /// What `restic backup --json` reports, read line by line as restic prints it: the summary, and the
 /// files it could not read, counted, the first few kept to name them (there may be millions).
 #[derive(Debug, Default)]
-pub(crate) struct BackupReport {
+pub(crate) struct BackupReport<'a> {
     pub(crate) summary: Option<BackupSummary>,
     pub(crate) unreadable: Vec<BackupItemError>,
     pub(crate) unreadable_count: usize,
+    /// Where status lines go, when someone watches (the latest one wins).
+    pub(crate) progress: Option<&'a tokio::sync::watch::Sender<BackupProgress>>,
 }
 
-impl BackupReport {
-    /// Takes one line of restic's stdout; status lines and anything that is not JSON are passed over.
+impl BackupReport<'_> {
+    /// Takes one line of restic's stdout; anything that is not JSON is passed over.
     pub(crate) fn line(&mut self, line: &str) {
         if !line.starts_with('{') {
             return;
         }
         match serde_json::from_str::<BackupMessage>(line) {
+            Ok(BackupMessage::Status(status)) => {
+                if let Some(progress) = self.progress {
+                    progress.send_replace(status);
+                }
+            }
             Ok(BackupMessage::Summary(s)) => self.summary = Some(s),
             Ok(BackupMessage::Error(e)) => {
                 self.unreadable_count += 1;

@@ -33,8 +33,14 @@ pub enum Backend<'a> {
 
 impl Setup {
     pub async fn new(prefix: &str, backend: Backend<'_>) -> Setup {
+        Setup::with_stall_after(prefix, backend, Duration::from_secs(600)).await
+    }
+
+    /// The same, with the operator's `--stall-after`.
+    pub async fn with_stall_after(prefix: &str, backend: Backend<'_>, stall_after: Duration) -> Setup {
         let ns = TestNamespace::new(prefix).await;
-        let controllers = super::operator::controllers_for(&ns.name, "test-operator");
+        let mut controllers = super::operator::controllers_for(&ns.name, "test-operator");
+        controllers.0.stall_after = stall_after;
         let operator = super::operator::start_on(None, None, Some(controllers)).await;
         let mut secret = BTreeMap::from([("RESTIC_PASSWORD".to_string(), PASSWORD.to_string())]);
         let backend = match backend {
@@ -98,7 +104,12 @@ impl Setup {
     pub async fn back_up(&mut self) -> BackupSession {
         let client = super::client().await;
         let session = stash::session::create_backup_session(client, &self.ns.name, BATCH, None).await.expect("session");
-        let name = kube::ResourceExt::name_any(&session);
+        self.back_up_existing(&kube::ResourceExt::name_any(&session)).await
+    }
+
+    /// Plays kubelet for session `name` until it is final and finalized.
+    pub async fn back_up_existing(&mut self, name: &str) -> BackupSession {
+        let name = name.to_string();
         let sessions = self.ns.api::<BackupSession>();
         let start = Instant::now();
         loop {

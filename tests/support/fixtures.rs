@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use stash::api::backup_session::{BackupSessionPhase, HostBackupStats, HostPhase};
+use stash::api::common::{Condition, ConditionStatus};
 use stash::api::{BackupBatch, BackupSession, Repository};
 use std::time::Duration;
 
@@ -109,6 +110,19 @@ pub async fn session_phase(sessions: &Api<BackupSession>, name: &str, phase: Bac
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Waits until session `name` has condition `type_` True, and returns it.
+pub async fn session_condition(sessions: &Api<BackupSession>, name: &str, type_: &str) -> Condition {
+    super::eventually(&format!("session {name} to be {type_}"), Duration::from_secs(120), || {
+        let sessions = sessions.clone();
+        let name = name.to_string();
+        async move {
+            let status = sessions.get(&name).await.ok()?.status?;
+            status.conditions.into_iter().find(|c| c.type_ == type_ && c.status == ConditionStatus::True)
+        }
+    })
+    .await
 }
 
 /// Plays a backup host: appends its own entry to target `index`, retrying on conflicts.

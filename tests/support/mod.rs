@@ -25,6 +25,7 @@ pub mod executors;
 pub mod fixtures;
 pub mod node;
 pub mod operator;
+pub mod throttle;
 pub mod volume;
 pub mod webhook;
 

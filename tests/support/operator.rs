@@ -33,6 +33,7 @@ pub fn controllers_for(
         image: "stash:test".into(),
         namespace: Some(namespace.into()),
         identity: identity.into(),
+        stall_after: Duration::from_secs(600),
     };
     let lease = stash::lease::LeaseConfig {
         namespace: super::OPERATOR_NAMESPACE.into(),
