@@ -133,7 +133,7 @@ pub struct RestoreRequestArgs {
     /// Restore this complete session (a BackupSession name) instead of the latest complete one.
     #[arg(long, conflicts_with = "before")]
     pub session: Option<String>,
-    /// Restore the last complete session that finished before this RFC 3339 time.
+    /// Restore the newest complete session that started before this RFC 3339 time.
     #[arg(long, value_parser = crate::plugin::restore::parse_time)]
     pub before: Option<k8s_openapi::jiff::Timestamp>,
     /// Restore into this namespace (its own copies of the targets) instead of the batch's; the
