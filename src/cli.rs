@@ -481,7 +481,7 @@ mod tests {
         assert_eq!(invoked("kubectl-stash").as_deref(), Some("kubectl stash"));
         assert_eq!(invoked("/usr/local/bin/kubectl-stash").as_deref(), Some("kubectl stash"));
         assert_eq!(invoked("kubectl-stash.exe").as_deref(), Some("kubectl stash"));
-        assert_eq!(invoked("/root/.krew/bin/kubectl-stash_batch").as_deref(), Some("kubectl stash-batch"));
+        assert_eq!(invoked("/home/ops/.krew/bin/kubectl-stash_batch").as_deref(), Some("kubectl stash-batch"));
         for other in ["stash", "/usr/local/bin/stash", "kubectl-stashy", "kubectl-other", ""] {
             assert_eq!(invoked(other), None, "{other}");
         }
