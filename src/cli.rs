@@ -37,6 +37,40 @@ pub enum Command {
     Certs(CertsCommand),
     /// Print every CustomResourceDefinition as one multi-document YAML stream.
     Crds,
+    /// Run one repository command of `kubectl stash` and record its result (its Job runs this).
+    #[command(hide = true)]
+    RepositoryTask(RepositoryTaskRoleArgs),
+    #[command(flatten)]
+    User(UserCommand),
+}
+
+/// `kubectl stash`: the `stash` binary installed as `kubectl-stash` offers the user's verbs alone.
+#[derive(Parser, Debug)]
+#[command(
+    name = "kubectl-stash",
+    bin_name = "kubectl stash",
+    version,
+    about = "Operate BackupBatches: back up now, pause, inspect, restore, and look after the repository"
+)]
+pub struct PluginCli {
+    #[command(subcommand)]
+    pub command: PluginCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PluginCommand {
+    #[command(flatten)]
+    User(UserCommand),
+    /// Restore a BackupBatch's members from one complete session: creates a RestoreBatch that the
+    /// operator carries out (`stash restore` is the restore Job's own role, hence only here).
+    Restore(RestoreRequestArgs),
+    /// Print a completion script for `kubectl-stash` in the given shell.
+    Completion(CompletionArgs),
+}
+
+/// The verbs both `stash` and `kubectl stash` offer.
+#[derive(Subcommand, Debug)]
+pub enum UserCommand {
     /// Back up a BackupBatch now, outside its schedule.
     Trigger(BatchArgs),
     /// Pause a BackupBatch: its CronJob is suspended until resumed.
@@ -47,7 +81,103 @@ pub enum Command {
     Sessions(SessionsArgs),
     /// One screen about a BackupBatch: schedule and next run, Repository, last success,
     /// conditions, members and latest sessions.
-    Describe(BatchArgs),
+    Describe(ReadBatchArgs),
+    /// List the batch's snapshots in its repository (a Job in the cluster reads them).
+    Snapshots(RepositoryCommandArgs),
+    /// Check the batch's repository with `restic check` (a Job in the cluster runs it).
+    Check(RepositoryCommandArgs),
+    /// Remove the repository's provably stale locks, by the operator's own rule (a Job in the
+    /// cluster does it); live locks are kept and listed.
+    Unlock(RepositoryCommandArgs),
+    /// Print the logs of a session's executors: its Jobs' Pods and its workloads' sidecars.
+    Logs(LogsArgs),
+}
+
+/// `-o json|yaml` for the verbs that read.
+#[derive(Args, Debug, Clone)]
+pub struct OutputArgs {
+    /// Print the objects (or the Job's report) as JSON or YAML instead of a table.
+    #[arg(long, short = 'o', value_enum)]
+    pub output: Option<crate::plugin::OutputFormat>,
+}
+
+/// A BackupBatch to read.
+#[derive(Args, Debug)]
+pub struct ReadBatchArgs {
+    #[command(flatten)]
+    pub batch: BatchArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// A repository command: a Job in the batch's namespace with the repository's Secret.
+#[derive(Args, Debug)]
+pub struct RepositoryCommandArgs {
+    #[command(flatten)]
+    pub batch: BatchArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+    /// The Job's image (default: the image of the batch's trigger CronJob, as the operator runs it).
+    #[arg(long)]
+    pub image: Option<String>,
+    /// How long the Job may take.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+/// `kubectl stash restore`.
+#[derive(Args, Debug)]
+pub struct RestoreRequestArgs {
+    #[command(flatten)]
+    pub batch: BatchArgs,
+    /// Restore this complete session (a BackupSession name) instead of the latest complete one.
+    #[arg(long, conflicts_with = "before")]
+    pub session: Option<String>,
+    /// Restore the newest complete session that started before this RFC 3339 time.
+    #[arg(long, value_parser = crate::plugin::restore::parse_time)]
+    pub before: Option<k8s_openapi::jiff::Timestamp>,
+    /// Restore into this namespace (its own copies of the targets) instead of the batch's; the
+    /// Repository must allow it (spec.usagePolicy).
+    #[arg(long)]
+    pub to_namespace: Option<String>,
+    /// Name of the RestoreBatch (default: <batch>-restore-<unix time>).
+    #[arg(long = "name")]
+    pub restore_name: Option<String>,
+}
+
+/// `kubectl stash logs`.
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    /// Name of the BackupSession.
+    pub session: String,
+    /// Namespace of the session; defaults to the kubeconfig's current namespace.
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+}
+
+/// `kubectl stash completion`.
+#[derive(Args, Debug)]
+pub struct CompletionArgs {
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// The Job side of a repository command.
+#[derive(Args, Debug)]
+pub struct RepositoryTaskRoleArgs {
+    /// The BackupBatch whose repository to work on.
+    #[arg(long)]
+    pub batch: String,
+    #[arg(long, value_enum)]
+    pub task: crate::plugin::report::RepositoryTask,
+    /// The ConfigMap to write the result into.
+    #[arg(long)]
+    pub result: String,
+    /// Namespace of the batch; defaults to POD_NAMESPACE, then the in-cluster namespace.
+    #[arg(long, short = 'n', env = "POD_NAMESPACE")]
+    pub namespace: Option<String>,
+    #[command(flatten)]
+    pub executor: ExecutorArgs,
 }
 
 /// Names the object that invokes a backup.
@@ -158,6 +288,15 @@ pub struct OperatorArgs {
     /// `Stalled` condition and a Warning Event.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub stall_after: Duration,
+}
+
+/// How the user typed the command when the program runs as a kubectl plugin, else None: kubectl
+/// runs `kubectl-stash` from PATH (krew links the `stash-batch` plugin as `kubectl-stash_batch`),
+/// and argv[0] is that file (`.exe` on Windows).
+pub fn plugin_invocation(argv0: &std::ffi::OsStr) -> Option<String> {
+    let name = std::path::Path::new(argv0).file_stem()?.to_string_lossy().into_owned();
+    let plugin = name.strip_prefix("kubectl-")?;
+    (plugin == "stash" || plugin.starts_with("stash_")).then(|| format!("kubectl {}", plugin.replace('_', "-")))
 }
 
 /// Parses a Go-style duration such as `30s` or `1h30m`.
@@ -317,6 +456,8 @@ pub struct SessionsArgs {
     #[arg(long)]
     pub from_repository: bool,
     #[command(flatten)]
+    pub output: OutputArgs,
+    #[command(flatten)]
     pub executor: ExecutorArgs,
 }
 
@@ -333,6 +474,42 @@ pub struct BatchArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_plugin_is_told_by_its_file_name() {
+        let invoked = |argv0: &str| plugin_invocation(argv0.as_ref());
+        assert_eq!(invoked("kubectl-stash").as_deref(), Some("kubectl stash"));
+        assert_eq!(invoked("/usr/local/bin/kubectl-stash").as_deref(), Some("kubectl stash"));
+        assert_eq!(invoked("kubectl-stash.exe").as_deref(), Some("kubectl stash"));
+        assert_eq!(invoked("/home/ops/.krew/bin/kubectl-stash_batch").as_deref(), Some("kubectl stash-batch"));
+        for other in ["stash", "/usr/local/bin/stash", "kubectl-stashy", "kubectl-other", ""] {
+            assert_eq!(invoked(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn both_command_lines_are_well_formed_and_the_plugin_speaks_as_kubectl_stash() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        PluginCli::command().debug_assert();
+        let help = PluginCli::command().render_help().to_string();
+        assert!(help.contains("kubectl stash"), "{help}");
+        assert!(!help.contains("run-backup") && !help.contains("repository-task"), "{help}");
+        let error = PluginCli::try_parse_from(["kubectl-stash", "restore", "app", "--before", "yesterday"])
+            .expect_err("not a time")
+            .to_string();
+        assert!(error.contains("--before") && error.contains("RFC 3339"), "{error}");
+        let both = PluginCli::try_parse_from([
+            "kubectl-stash",
+            "restore",
+            "app",
+            "--session",
+            "s",
+            "--before",
+            "2026-11-25T00:00:00Z",
+        ]);
+        assert!(both.is_err(), "--session and --before exclude each other");
+    }
 
     #[test]
     fn a_ca_bundle_file_is_refused_beside_self_signed_certificates() {

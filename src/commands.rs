@@ -32,7 +32,7 @@ pub async fn sessions_table(client: Client, namespace: &str, batch: &str) -> Res
 }
 
 /// The batch's sessions, newest first.
-async fn batch_sessions(client: Client, namespace: &str, batch: &str) -> Result<Vec<BackupSession>, SessionError> {
+pub async fn batch_sessions(client: Client, namespace: &str, batch: &str) -> Result<Vec<BackupSession>, SessionError> {
     let sessions: Api<BackupSession> = Api::namespaced(client, namespace);
     let mut items = sessions.list(&ListParams::default().labels(&invoker_selector(batch))).await?.items;
     items.sort_by(|a, b| b.metadata.creation_timestamp.cmp(&a.metadata.creation_timestamp));
@@ -42,6 +42,20 @@ async fn batch_sessions(client: Client, namespace: &str, batch: &str) -> Result<
 /// `stash describe`: the batch, its schedule and next run, its Repository's state, its last
 /// success, its conditions and members', and its latest sessions, on one screen.
 pub async fn describe(client: Client, namespace: &str, batch: &str) -> Result<String, SessionError> {
+    let found = description(client, namespace, batch).await?;
+    Ok(render_description(&found.batch, found.repository.as_ref(), &found.sessions, Timestamp::now()))
+}
+
+/// What `describe` shows, as the objects themselves (`-o json|yaml`).
+#[derive(Debug, serde::Serialize)]
+pub struct Description {
+    pub batch: BackupBatch,
+    pub repository: Option<Repository>,
+    pub sessions: Vec<BackupSession>,
+}
+
+/// The batch, its Repository when readable here, and its sessions, newest first.
+pub async fn description(client: Client, namespace: &str, batch: &str) -> Result<Description, SessionError> {
     let batches: Api<BackupBatch> = Api::namespaced(client.clone(), namespace);
     let Some(found) = batches.get_opt(batch).await? else {
         return Err(SessionError::BatchNotFound { namespace: namespace.into(), name: batch.into() });
@@ -52,7 +66,7 @@ pub async fn describe(client: Client, namespace: &str, batch: &str) -> Result<St
     // Unreadable (another namespace's, or not allowed to this user) reads as unknown, not as an error.
     let repository = repositories.get_opt(&reference.name).await.ok().flatten();
     let sessions = batch_sessions(client, namespace, batch).await?;
-    Ok(render_description(&found, repository.as_ref(), &sessions, Timestamp::now()))
+    Ok(Description { batch: found, repository, sessions })
 }
 
 /// How many sessions `describe` shows.
@@ -138,7 +152,7 @@ fn render_description(
     out
 }
 
-fn render_sessions(items: Vec<BackupSession>) -> String {
+pub fn render_sessions(items: Vec<BackupSession>) -> String {
     let mut out =
         format!("{:<40} {:<10} {:<10} {:<9} {:<11} {}\n", "NAME", "PHASE", "DURATION", "TARGETS", "SIZE", "CREATED");
     for session in items {

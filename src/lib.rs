@@ -15,6 +15,7 @@ pub mod lease;
 pub mod metrics;
 pub mod names;
 pub mod operator;
+pub mod plugin;
 pub mod restic;
 pub mod session;
 pub mod status_write;

@@ -1,5 +1,6 @@
-use clap::Parser;
-use stash::cli::{CertsCommand, Cli, Command};
+use clap::{CommandFactory, FromArgMatches, Parser};
+use stash::cli::{CertsCommand, Cli, Command, PluginCli, PluginCommand, UserCommand};
+use stash::plugin::report::RepositoryTask;
 use std::io::Write;
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
@@ -20,24 +21,156 @@ enum MainError {
     Kube(#[from] kube::Error),
     #[error(transparent)]
     Agent(#[from] stash::agent::AgentError),
+    #[error(transparent)]
+    Plugin(#[from] stash::plugin::PluginError),
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_tracing();
-    match run(cli.command) {
+/// One program under two names: `kubectl-stash` (the kubectl plugin) offers the user's verbs,
+/// `stash` every role as well (also `src/bin/kubectl-stash.rs`, which is this file).
+pub(crate) fn main() -> ExitCode {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let (program, result) = match stash::cli::plugin_invocation(&argv0) {
+        Some(typed) => {
+            // Help and errors speak of the command as the user typed it.
+            let matches = PluginCli::command().bin_name(typed.clone()).get_matches();
+            let cli = PluginCli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
+            init_tracing("warn");
+            (typed, run_plugin(cli.command))
+        }
+        None => {
+            let cli = Cli::parse();
+            init_tracing("info");
+            ("stash".to_string(), run(cli.command))
+        }
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("stash: {err}");
+            eprintln!("{program}: {err}");
             ExitCode::from(2)
         }
     }
 }
 
-fn init_tracing() {
+fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn run_plugin(command: PluginCommand) -> Result<(), MainError> {
+    match command {
+        PluginCommand::User(command) => run_user(command),
+        PluginCommand::Restore(args) => {
+            let request = stash::plugin::restore::RestoreRequest {
+                namespace: String::new(),
+                batch: args.batch.name.clone(),
+                session: args.session,
+                before: args.before,
+                to_namespace: args.to_namespace,
+                name: args.restore_name,
+            };
+            batch_command(args.batch, |client, namespace, _| async move {
+                let request = stash::plugin::restore::RestoreRequest { namespace, ..request };
+                let (namespace, name) = stash::plugin::restore::create(client, request).await?;
+                println!("restorebatch/{name} created in namespace {namespace}");
+                println!("follow it with: kubectl get restorebatch {name} -n {namespace} -w");
+                Ok(())
+            })
+        }
+        PluginCommand::Completion(args) => {
+            let mut command = PluginCli::command().bin_name("kubectl-stash");
+            clap_complete::generate(args.shell, &mut command, "kubectl-stash", &mut std::io::stdout());
+            Ok(())
+        }
+    }
+}
+
+/// Prints `value` as `-o` asks, else `table()`.
+fn print_read<T: serde::Serialize>(
+    value: &T,
+    output: &stash::cli::OutputArgs,
+    table: impl FnOnce(&T) -> String,
+) -> Result<(), MainError> {
+    let text = match output.output {
+        Some(format) => stash::plugin::render(value, format)?,
+        None => table(value),
+    };
+    print!("{text}");
+    Ok(())
+}
+
+fn run_user(command: UserCommand) -> Result<(), MainError> {
+    match command {
+        UserCommand::Trigger(args) => batch_command(args, |client, namespace, name| async move {
+            let session = stash::commands::trigger(client, &namespace, &name).await?;
+            println!("backupsession/{session} created");
+            Ok(())
+        }),
+        UserCommand::Pause(args) => batch_command(args, |client, namespace, name| async move {
+            stash::commands::set_paused(client, &namespace, &name, true).await?;
+            println!("backupbatch/{name} paused");
+            Ok(())
+        }),
+        UserCommand::Resume(args) => batch_command(args, |client, namespace, name| async move {
+            stash::commands::set_paused(client, &namespace, &name, false).await?;
+            println!("backupbatch/{name} resumed");
+            Ok(())
+        }),
+        UserCommand::Sessions(args) if args.from_repository => {
+            let namespace = args.batch.namespace.clone();
+            let name = args.batch.name.clone();
+            executor_command(namespace, args.executor, "cli", |executor| async move {
+                print!("{}", stash::commands::repository_sessions_table(&executor, &name).await?);
+                Ok(())
+            })
+        }
+        UserCommand::Sessions(args) => {
+            let output = args.output;
+            batch_command(args.batch, |client, namespace, name| async move {
+                let sessions = stash::commands::batch_sessions(client, &namespace, &name).await?;
+                print_read(&sessions, &output, |s| stash::commands::render_sessions(s.clone()))
+            })
+        }
+        UserCommand::Describe(args) => {
+            let output = args.output;
+            batch_command(args.batch, |client, namespace, name| async move {
+                match output.output {
+                    None => print!("{}", stash::commands::describe(client, &namespace, &name).await?),
+                    Some(_) => {
+                        let found = stash::commands::description(client, &namespace, &name).await?;
+                        print_read(&found, &output, |_| String::new())?;
+                    }
+                }
+                Ok(())
+            })
+        }
+        UserCommand::Snapshots(args) => repository_command(args, RepositoryTask::Snapshots),
+        UserCommand::Check(args) => repository_command(args, RepositoryTask::Check),
+        UserCommand::Unlock(args) => repository_command(args, RepositoryTask::Unlock),
+        UserCommand::Logs(args) => {
+            let batch = stash::cli::BatchArgs { name: args.session, namespace: args.namespace };
+            batch_command(batch, |client, namespace, session| async move {
+                print!("{}", stash::plugin::logs::session_logs(client, &namespace, &session).await?);
+                Ok(())
+            })
+        }
+    }
+}
+
+/// snapshots, check, unlock: a Job in the cluster, its report printed. A failed check exits non-zero.
+fn repository_command(args: stash::cli::RepositoryCommandArgs, task: RepositoryTask) -> Result<(), MainError> {
+    let (output, image, timeout) = (args.output, args.image, args.timeout);
+    batch_command(args.batch, |client, namespace, batch| async move {
+        let request = stash::plugin::repository_job::TaskRequest { namespace, batch, task, image, timeout };
+        let report = stash::plugin::repository_job::run(client, request).await?;
+        print_read(&report, &output, stash::plugin::report::render_report)?;
+        if let stash::plugin::report::RepositoryReport::Check { repository, healthy: false } = report {
+            let message = format!("restic check found errors in Repository {repository}");
+            return Err(stash::plugin::PluginError::Job(message).into());
+        }
+        Ok(())
+    })
 }
 
 fn run(command: Command) -> Result<(), MainError> {
@@ -76,37 +209,13 @@ fn run(command: Command) -> Result<(), MainError> {
                 Ok(())
             })
         }
-        Command::Trigger(args) => batch_command(args, |client, namespace, name| async move {
-            let session = stash::commands::trigger(client, &namespace, &name).await?;
-            println!("backupsession/{session} created");
-            Ok(())
-        }),
-        Command::Pause(args) => batch_command(args, |client, namespace, name| async move {
-            stash::commands::set_paused(client, &namespace, &name, true).await?;
-            println!("backupbatch/{name} paused");
-            Ok(())
-        }),
-        Command::Resume(args) => batch_command(args, |client, namespace, name| async move {
-            stash::commands::set_paused(client, &namespace, &name, false).await?;
-            println!("backupbatch/{name} resumed");
-            Ok(())
-        }),
-        Command::Sessions(args) if args.from_repository => {
-            let namespace = args.batch.namespace.clone();
-            let name = args.batch.name.clone();
-            executor_command(namespace, args.executor, "cli", |executor| async move {
-                print!("{}", stash::commands::repository_sessions_table(&executor, &name).await?);
-                Ok(())
+        Command::User(command) => run_user(command),
+        Command::RepositoryTask(args) => {
+            let (batch, task, result) = (args.batch, args.task, args.result);
+            executor_command(args.namespace, args.executor, "repository-task", |executor| async move {
+                Ok(stash::agent::repository_task::run(&executor, &batch, task, &result).await?)
             })
         }
-        Command::Describe(args) => batch_command(args, |client, namespace, name| async move {
-            print!("{}", stash::commands::describe(client, &namespace, &name).await?);
-            Ok(())
-        }),
-        Command::Sessions(args) => batch_command(args.batch, |client, namespace, name| async move {
-            print!("{}", stash::commands::sessions_table(client, &namespace, &name).await?);
-            Ok(())
-        }),
         Command::RunBackup(args) => {
             let target = stash::agent::sidecar::SidecarTarget {
                 batch: args.invoker.invoker_name,

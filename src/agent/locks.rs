@@ -204,13 +204,24 @@ async fn recorded_pod_gone(executor: &Executor, host: &str) -> Option<String> {
     Some(format!("its Pod {}/{name} (uid {uid}) no longer exists", executor.namespace()))
 }
 
-/// Removes the provably stale locks of the repository before a backup or finalize, with an Event
-/// on `about` naming each. Returns the ids removed.
+/// What the healer decided about one lock (`kubectl stash unlock` reports every one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockVerdict {
+    pub id: String,
+    /// `exclusive lock 1a2b3c4d (host h, pid 7)`.
+    pub holder: String,
+    pub removed: bool,
+    /// Why it went, or why it stays.
+    pub why: String,
+}
+
+/// Removes the provably stale locks of the repository before a backup or finalize (or when a user
+/// asks, `kubectl stash unlock`), with an Event on `about` naming each. Returns a verdict per lock.
 pub(crate) async fn heal<K: Resource<DynamicType = ()>>(
     executor: &Executor,
     restic: &Restic,
     about: &K,
-) -> Result<Vec<String>, AgentError> {
+) -> Result<Vec<LockVerdict>, AgentError> {
     record_holder(executor, about).await?;
     let locks = restic.locks().await?;
     if locks.is_empty() {
@@ -219,7 +230,7 @@ pub(crate) async fn heal<K: Resource<DynamicType = ()>>(
     let own_host = own_hostname();
     let now = restic.clock().and_then(|t| Timestamp::try_from(t).ok());
     let local_now = Timestamp::now();
-    let mut removed = Vec::new();
+    let mut verdicts = Vec::new();
     let mut for_restic = Vec::new();
     let mut unlock_safe = true;
     for (id, lock) in locks {
@@ -233,42 +244,52 @@ pub(crate) async fn heal<K: Resource<DynamicType = ()>>(
         let short = &id[..id.len().min(8)];
         let kind = if lock.exclusive { "exclusive" } else { "shared" };
         let holder = format!("{kind} lock {short} (host {}, pid {})", lock.hostname, lock.pid);
+        let verdict = |removed: bool, why: String| LockVerdict { id: id.clone(), holder: holder.clone(), removed, why };
         match judge(now, &lock, &evidence).why() {
-            None => unlock_safe &= !restic_would,
+            None => {
+                unlock_safe &= !restic_would;
+                verdicts.push(verdict(false, "not provably stale".into()));
+            }
             Some(why) if restic.remove_lock(&id).await => {
                 let note = format!("removed stale restic {holder}: {why}");
                 executor.event(about, true, "StaleLockRemoved", note).await;
-                removed.push(id);
+                verdicts.push(verdict(true, why));
             }
-            Some(why) if restic_would => for_restic.push((id, holder, why)),
+            Some(why) if restic_would => for_restic.push(verdict(false, why)),
             Some(why) => {
                 let note = format!(
                     "restic {holder} is stale ({why}) but this backend's locks can only be removed by \
                      `restic unlock`, which does not consider it stale yet"
                 );
-                executor.event(about, true, "StaleLockKept", note).await;
+                executor.event(about, true, "StaleLockKept", note.clone()).await;
+                verdicts.push(verdict(false, note));
             }
         }
     }
     if for_restic.is_empty() {
-        return Ok(removed);
+        return Ok(verdicts);
     }
     if unlock_safe {
         restic.unlock_stale().await?;
     }
-    for (id, holder, why) in for_restic {
+    for mut pending in for_restic {
+        let holder = &pending.holder;
         if unlock_safe {
-            executor.event(about, true, "StaleLockRemoved", format!("removed stale restic {holder}: {why}")).await;
-            removed.push(id);
+            let note = format!("removed stale restic {holder}: {}", pending.why);
+            executor.event(about, true, "StaleLockRemoved", note).await;
+            pending.removed = true;
         } else {
             let note = format!(
-                "restic {holder} is stale ({why}) but kept: `restic unlock` would also remove a lock \
-                 not proven stale, and this backend's locks can only be removed by restic"
+                "restic {holder} is stale ({}) but kept: `restic unlock` would also remove a lock \
+                 not proven stale, and this backend's locks can only be removed by restic",
+                pending.why
             );
-            executor.event(about, true, "StaleLockKept", note).await;
+            executor.event(about, true, "StaleLockKept", note.clone()).await;
+            pending.why = note;
         }
+        verdicts.push(pending);
     }
-    Ok(removed)
+    Ok(verdicts)
 }
 
 #[cfg(test)]

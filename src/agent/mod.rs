@@ -13,6 +13,7 @@ pub mod job;
 pub mod locks;
 pub mod manifest;
 mod progress;
+pub mod repository_task;
 pub mod restore;
 pub(crate) mod retention;
 pub mod sidecar;

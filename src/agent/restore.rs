@@ -433,6 +433,7 @@ mod tests {
             hostname: host.into(),
             tags: strings(tags),
             paths: strings(paths),
+            summary: None,
         }
     }
 

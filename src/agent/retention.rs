@@ -197,6 +197,7 @@ mod tests {
             hostname: String::new(),
             tags: tags.to_vec(),
             paths: Vec::new(),
+            summary: None,
         }
     }
 

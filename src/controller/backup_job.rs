@@ -77,19 +77,13 @@ pub fn backup_job(
 
 /// The Job that finishes `session` in the repository once every member is done.
 pub fn finalize_job(batch: &BackupBatch, session: &BackupSession, repository: &Repository, image: &str) -> Job {
+    let name = job_name(&session.name_any(), "finalize");
+    let namespace = session.namespace().unwrap_or_default();
     ExecutorJob {
-        name: job_name(&session.name_any(), "finalize"),
-        namespace: session.namespace().unwrap_or_default(),
         owner: session.controller_owner_ref(&()),
         labels: session_labels(batch, session),
         args: vec!["finalize-session".into(), format!("--session={}", session.name_any())],
-        image,
-        repository: Some(repository),
-        runtime: batch.spec.runtime_settings.as_ref(),
-        temp_dir: None,
-        data: Vec::new(),
-        database: None,
-        deadline_seconds: None,
+        ..ExecutorJob::on_repository(name, namespace, repository, batch.spec.runtime_settings.as_ref(), image)
     }
     .build()
 }

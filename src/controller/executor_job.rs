@@ -136,7 +136,33 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     }
 }
 
-impl ExecutorJob<'_> {
+impl<'a> ExecutorJob<'a> {
+    /// A Job on a repository as a whole (a session's finalize, a `kubectl stash` command): the
+    /// batch-level `runtime`, the repository's Secret, no member data; labels, args, owner and
+    /// deadline are the caller's.
+    pub fn on_repository(
+        name: String,
+        namespace: String,
+        repository: &'a Repository,
+        runtime: Option<&'a RuntimeSettings>,
+        image: &'a str,
+    ) -> Self {
+        ExecutorJob {
+            name,
+            namespace,
+            owner: None,
+            labels: BTreeMap::new(),
+            args: Vec::new(),
+            image,
+            repository: Some(repository),
+            runtime,
+            temp_dir: None,
+            data: Vec::new(),
+            database: None,
+            deadline_seconds: None,
+        }
+    }
+
     pub fn build(self) -> Job {
         let pod = self.runtime.and_then(|r| r.pod.as_ref());
         let container = self.runtime.and_then(|r| r.container.as_ref());

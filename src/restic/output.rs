@@ -121,6 +121,16 @@ pub struct Snapshot {
     pub tags: Vec<String>,
     #[serde(default)]
     pub paths: Vec<String>,
+    /// What restic 0.17 and later record of the backup that made the snapshot.
+    #[serde(default)]
+    pub summary: Option<SnapshotSummary>,
+}
+
+/// The part of a snapshot's `summary` that `kubectl stash snapshots` shows.
+#[derive(Debug, Deserialize, Clone, PartialEq, Default)]
+pub struct SnapshotSummary {
+    #[serde(default)]
+    pub total_bytes_processed: u64,
 }
 
 impl Snapshot {

@@ -267,7 +267,7 @@ fn job_env(job: &Job, name: &str) -> Option<String> {
 fn identity_of(args: &[String]) -> Option<&'static str> {
     match args.first().map(String::as_str) {
         Some("run-backup") => Some(WORKLOAD_ACCOUNT),
-        Some("backup-job" | "finalize-session" | "restore" | "run-hook") => Some(EXECUTOR_ACCOUNT),
+        Some("backup-job" | "finalize-session" | "restore" | "run-hook" | "repository-task") => Some(EXECUTOR_ACCOUNT),
         _ => None,
     }
 }
@@ -309,8 +309,8 @@ pub async fn service_account_kubeconfig(namespace: &str, account: &str, dir: &Pa
 fn executor_args(job: &Job) -> Option<Vec<String>> {
     let pod = job.spec.as_ref()?.template.spec.as_ref()?;
     let args = pod.containers.first()?.args.clone()?;
-    matches!(args.first().map(String::as_str), Some("backup-job" | "finalize-session" | "restore" | "run-hook"))
-        .then_some(args)
+    let executor = ["backup-job", "finalize-session", "restore", "run-hook", "repository-task"];
+    executor.contains(&args.first()?.as_str()).then_some(args)
 }
 
 pub struct KilledOnDrop(pub Child);

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 pub mod app_binding;
 pub mod backends;
+pub mod data;
 pub mod executors;
 pub mod fixtures;
 pub mod node;
