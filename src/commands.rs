@@ -2,6 +2,7 @@
 
 use crate::agent::{AgentError, Executor, manifest};
 use crate::api::backup_session::{human_bytes, parse_bytes};
+use crate::api::common::ConditionStatus;
 use crate::api::{BackupBatch, BackupSession, Repository};
 use crate::controller::trigger::next_run;
 use crate::session::{SessionError, create_backup_session, invoker_selector};
@@ -147,9 +148,51 @@ fn render_description(
             if summary.is_empty() { "-".to_string() } else { summary.join(", ") }
         );
     }
+    let running: Vec<String> = sessions.iter().flat_map(live_progress).collect();
+    if !running.is_empty() {
+        let _ = writeln!(out, "\nRunning now:");
+        for line in &running {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
     let _ = writeln!(out, "\nSessions (newest first):");
     out.push_str(&render_sessions(sessions.iter().take(DESCRIBED_SESSIONS).cloned().collect()));
     out
+}
+
+/// One line per host of `session` still backing up, and the session's `Stalled` condition if True.
+fn live_progress(session: &BackupSession) -> Vec<String> {
+    let Some(status) = session.status.as_ref() else { return Vec::new() };
+    let mut lines: Vec<String> = status
+        .targets
+        .iter()
+        .flat_map(|t| t.progress.iter().map(move |host| (t, host)))
+        .map(|(target, host)| {
+            let size = |n: i64| human_bytes(u64::try_from(n).unwrap_or(0));
+            let eta = host.seconds_remaining.map(|s| format!(", ETA {s}s")).unwrap_or_default();
+            format!(
+                "{} {}/{} host {}: {}% {}/{}, {}/{} files{eta}, last moved {}",
+                session.name_any(),
+                target.reference.kind,
+                target.reference.name,
+                host.hostname,
+                host.percent,
+                size(host.bytes_done),
+                size(host.total_bytes),
+                host.files_done,
+                host.total_files,
+                host.last_change.0
+            )
+        })
+        .collect();
+    let stalled = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == crate::controller::progress::STALLED && c.status == ConditionStatus::True);
+    if let Some(stalled) = stalled {
+        lines.push(format!("{} STALLED: {}", session.name_any(), stalled.message.as_deref().unwrap_or("")));
+    }
+    lines
 }
 
 pub fn render_sessions(items: Vec<BackupSession>) -> String {
@@ -230,6 +273,24 @@ mod tests {
         let mut paused = batch.clone();
         paused.spec.paused = true;
         assert!(render_description(&paused, None, &[], now).contains("Schedule:     paused"));
+
+        let running: BackupSession = serde_json::from_value(serde_json::json!({
+            "apiVersion": "stash.appscode.com/v1beta1", "kind": "BackupSession",
+            "metadata": {"name": "site-2", "namespace": "shop"},
+            "spec": {"invoker": {"apiGroup": "stash.appscode.com", "kind": "BackupBatch", "name": "site"}},
+            "status": {"phase": "Running", "progress": "42% 430.0 MiB/1.0 GiB",
+                "conditions": [{"type": "Stalled", "status": "True", "reason": "NoProgress", "message": "Deployment/web host web: no progress since 2026-11-26T09:50:00Z (42%)"}],
+                "targets": [{"ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"}, "phase": "Running",
+                    "progress": [{"hostname": "web", "percent": 42, "bytesDone": 450_887_680_i64, "totalBytes": 1_073_741_824_i64,
+                        "filesDone": 12, "totalFiles": 18, "secondsRemaining": 90, "lastChange": "2026-11-26T09:50:00Z"}]}]}
+        }))
+        .expect("a session");
+        let text = render_description(&batch, None, &[running], now);
+        assert!(
+            text.contains("site-2 Deployment/web host web: 42% 430.0 MiB/1.0 GiB, 12/18 files, ETA 90s, last moved 2026-11-26T09:50:00Z"),
+            "{text}"
+        );
+        assert!(text.contains("site-2 STALLED: Deployment/web host web: no progress since"), "{text}");
     }
 
     #[test]
