@@ -118,7 +118,12 @@ fn run_user(command: UserCommand) -> Result<(), MainError> {
             Ok(())
         }),
         UserCommand::Sessions(args) if args.from_repository => {
-            let namespace = args.batch.namespace.clone();
+            // A user's command: without -n, the kubeconfig's current namespace, as everywhere else.
+            let namespace = match args.batch.namespace.clone() {
+                Some(namespace) => namespace,
+                None => runtime()?.block_on(kube::Config::infer()).map_err(kube::Error::InferConfig)?.default_namespace,
+            };
+            let namespace = Some(namespace);
             let name = args.batch.name.clone();
             executor_command(namespace, args.executor, "cli", |executor| async move {
                 print!("{}", stash::commands::repository_sessions_table(&executor, &name).await?);

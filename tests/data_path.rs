@@ -323,6 +323,22 @@ async fn retention_keeps_complete_sets_and_restore_skips_an_incomplete_run() {
     let table = String::from_utf8_lossy(&listed.stdout);
     assert!(listed.status.success() && table.contains(&second_name), "{table}");
     assert!(!table.contains(&kube::ResourceExt::name_any(&first)), "the first set was forgotten: {table}");
+    // On a workstation (no POD_NAMESPACE, no -n) the kubeconfig's current namespace counts, as for kubectl.
+    let workstation = tempfile::tempdir().expect("dir");
+    let kubeconfig = workstation.path().join("config");
+    std::fs::copy(&setup.node.kubeconfig, &kubeconfig).expect("a kubeconfig");
+    let context = Command::new(support::kubectl_path())
+        .args(["config", "set-context", "--current", "--namespace", &setup.ns.name, "--kubeconfig"])
+        .arg(&kubeconfig)
+        .output()
+        .expect("kubectl runs");
+    assert!(context.status.success(), "{}", String::from_utf8_lossy(&context.stderr));
+    let args: Vec<String> = ["sessions", BATCH, "--from-repository"].map(String::from).into();
+    let mut command = setup.node.command(&args, "cli");
+    let listed = command.env_remove("POD_NAMESPACE").env("KUBECONFIG", &kubeconfig).output().expect("stash runs");
+    let table = String::from_utf8_lossy(&listed.stdout);
+    let problem = String::from_utf8_lossy(&listed.stderr);
+    assert!(listed.status.success() && table.contains(&second_name), "{table}{problem}");
 
     // A third run whose database is down: Failed, no manifest, and restore still takes the second.
     write_secret_dir(
