@@ -69,7 +69,7 @@ pub struct SessionSelector {
     /// A BackupSession name, e.g. `app-backup-1764043200`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
-    /// The last complete session that finished before this time.
+    /// The newest complete session that started before this time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub before: Option<Time>,
 }
