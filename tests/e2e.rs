@@ -483,6 +483,20 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
     })
     .await;
 
+    // The plugin's repository verbs run as Jobs in real Pods of the namespace, as its executor
+    // identity, and hand their result back: the session's snapshots, with no restic or credentials here.
+    let kubeconfig = support::cluster().kubeconfig.clone();
+    let listed = support::kubectl_stash(&kubeconfig, &["snapshots", "site", "-n", &app.name, "-o", "json"])
+        .output()
+        .expect("kubectl runs");
+    let problem = String::from_utf8_lossy(&listed.stderr);
+    assert!(listed.status.success(), "kubectl stash snapshots: {problem}");
+    let snapshots: Value = serde_json::from_slice(&listed.stdout).expect("JSON");
+    assert!(snapshots.to_string().contains(&name), "the session's snapshots are listed: {snapshots}");
+    let described = support::kubectl_stash(&kubeconfig, &["describe", "site", "-n", &app.name]).output().expect("runs");
+    let text = String::from_utf8_lossy(&described.stdout);
+    assert!(described.status.success() && text.contains(&name), "kubectl stash describe: {text}");
+
     // A batch's tcp hook is sent from a Pod of its own namespace, as its executor identity: the
     // Service's short name resolves there, and nowhere else.
     let tcp_hook = json!({"tcpSocket": {"host": "pg", "port": 5432}});

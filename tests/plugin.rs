@@ -20,6 +20,7 @@ use support::backends;
 use support::data::{BATCH, Backend, Setup, Volumes};
 use support::executors::{KilledOnDrop, service_account_kubeconfig};
 use support::fixtures::{self, PASSWORD};
+use support::kubectl_stash;
 
 /// The namespace user `kubectl stash` runs as.
 const USER: &str = "developer";
@@ -44,19 +45,6 @@ async fn namespace_editor(ns: &TestNamespace, dir: &Path) -> PathBuf {
         .await;
     }
     service_account_kubeconfig(&ns.name, USER, dir).await
-}
-
-/// `kubectl stash <args>` through the real kubectl, with the built plugin first on PATH.
-fn kubectl_stash(kubeconfig: &Path, args: &[&str]) -> Command {
-    let plugin = PathBuf::from(env!("CARGO_BIN_EXE_kubectl-stash"));
-    let dir = plugin.parent().expect("the plugin's directory");
-    let path = std::env::join_paths(
-        std::iter::once(dir.to_path_buf()).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
-    )
-    .expect("PATH");
-    let mut command = Command::new(support::kubectl_path());
-    command.arg("stash").args(args).env("PATH", path).env("KUBECONFIG", kubeconfig).env("RUST_LOG", "warn");
-    command
 }
 
 /// Runs `kubectl stash <args>` to its end while playing kubelet for the Jobs it creates.

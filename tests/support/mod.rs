@@ -208,6 +208,19 @@ pub fn kubectl_path() -> &'static Path {
 }
 
 /// helm, for the chart's tests (`scripts/test.sh` builds it before the tests run).
+/// `kubectl stash <args>` through the real kubectl, with the built plugin first on PATH.
+pub fn kubectl_stash(kubeconfig: &Path, args: &[&str]) -> Command {
+    let plugin = PathBuf::from(env!("CARGO_BIN_EXE_kubectl-stash"));
+    let dir = plugin.parent().expect("the plugin's directory");
+    let path = std::env::join_paths(
+        std::iter::once(dir.to_path_buf()).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+    )
+    .expect("PATH");
+    let mut command = Command::new(kubectl_path());
+    command.arg("stash").args(args).env("PATH", path).env("KUBECONFIG", kubeconfig).env("RUST_LOG", "warn");
+    command
+}
+
 pub fn helm_path() -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| cluster_tool(&["helm"], "helm"))
