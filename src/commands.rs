@@ -2,7 +2,6 @@
 
 use crate::agent::{AgentError, Executor, manifest};
 use crate::api::backup_session::{human_bytes, parse_bytes};
-use crate::api::common::ConditionStatus;
 use crate::api::{BackupBatch, BackupSession, Repository};
 use crate::controller::trigger::next_run;
 use crate::session::{SessionError, create_backup_session, invoker_selector};
@@ -185,11 +184,7 @@ fn live_progress(session: &BackupSession) -> Vec<String> {
             )
         })
         .collect();
-    let stalled = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == crate::controller::progress::STALLED && c.status == ConditionStatus::True);
-    if let Some(stalled) = stalled {
+    if let Some(stalled) = crate::controller::progress::stalled_condition(Some(status)) {
         lines.push(format!("{} STALLED: {}", session.name_any(), stalled.message.as_deref().unwrap_or("")));
     }
     lines

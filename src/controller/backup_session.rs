@@ -15,7 +15,7 @@ use crate::api::backup_session::{
     BackupSessionPhase, BackupSessionStatus, BackupTargetStatus, DEFAULT_SESSION_TIMEOUT, HostBackupStats, HostPhase,
     TargetPhase,
 };
-use crate::api::common::{ConditionStatus, Handler, TargetRef};
+use crate::api::common::{Handler, TargetRef};
 use crate::api::{BackupBatch, BackupSession, Repository};
 use crate::conditions::{self, Desired};
 use crate::hooks::{self, Hook};
@@ -96,7 +96,9 @@ pub async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Context>) -> Result
             }
             announce(&ctx, &session, &status).await;
         }
-        if let (Some(now_stalled), None) = (stalled(Some(&status)), stalled(session.status.as_ref())) {
+        if let (Some(now_stalled), None) =
+            (progress::stalled_condition(Some(&status)), progress::stalled_condition(session.status.as_ref()))
+        {
             let note = now_stalled.message.clone().unwrap_or_default();
             publish(&ctx, &session, EventType::Warning, "BackupStalled", &note).await;
         }
@@ -716,11 +718,6 @@ async fn trim_history(batch: &BackupBatch, sessions: &Api<BackupSession>) -> Res
         }
     }
     Ok(())
-}
-
-/// The session's `Stalled` condition, when True.
-fn stalled(status: Option<&BackupSessionStatus>) -> Option<&crate::api::common::Condition> {
-    status?.conditions.iter().find(|c| c.type_ == STALLED && c.status == ConditionStatus::True)
 }
 
 async fn announce(ctx: &Context, session: &BackupSession, status: &BackupSessionStatus) {

@@ -1,7 +1,8 @@
 //! How a running session moves on: targets finish when every host reported, and start in order.
 
-use crate::api::backup_session::{BackupTargetStatus, HostPhase, TargetPhase};
+use crate::api::backup_session::{BackupSessionStatus, BackupTargetStatus, HostPhase, TargetPhase};
 use crate::api::common::ExecutionOrder;
+use crate::api::common::{Condition, ConditionStatus};
 use crate::conditions::Desired;
 use k8s_openapi::jiff::Timestamp;
 use std::time::Duration;
@@ -72,6 +73,11 @@ impl Stall {
             said_before.then(|| Desired::new(STALLED, false, "NoneStalled", "no running host is stalled"))
         }
     }
+}
+
+/// The session's `Stalled` condition, when True (for Events and `describe`).
+pub fn stalled_condition(status: Option<&BackupSessionStatus>) -> Option<&Condition> {
+    status?.conditions.iter().find(|c| c.type_ == STALLED && c.status == ConditionStatus::True)
 }
 
 pub fn stalled(targets: &[BackupTargetStatus], now: Timestamp, stall_after: Duration) -> Stall {
