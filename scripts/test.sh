@@ -9,10 +9,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export STASH_CLUSTER_DIR="${TMPDIR:-/tmp}/stash-test-cluster-$$"
 # The node's stash image carries the debug binary `cargo test` builds anyway (tests/images/build.sh).
 export STASH_IMAGE_PROFILE=${STASH_IMAGE_PROFILE:-dev}
-# The chart tests' helm and the monitoring tests' promtool (cached), built before the tests rather than
-# inside the first one that needs them.
+# The chart tests' helm, the monitoring tests' promtool and the certificate tests' cert-manager (cached),
+# built before the tests rather than inside the first one that needs them.
 tests/cluster/build.sh helm >/dev/null
 tests/cluster/build.sh promtool >/dev/null
+tests/cluster/build.sh cert-manager >/dev/null
 trap 'tests/cluster/cluster.sh down' EXIT
 if [[ ${STASH_TEST_NODE:-1} == 0 ]]; then
   eval "$(tests/cluster/cluster.sh up)"

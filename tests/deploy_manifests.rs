@@ -4,7 +4,6 @@
 mod support;
 
 use serde::Deserialize;
-use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
 #[test]
@@ -51,15 +50,10 @@ fn the_cert_manager_overlay_renders_with_ca_injection() {
         .expect("kubectl runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let rendered = String::from_utf8_lossy(&out.stdout);
-    assert!(rendered.contains("cert-manager.io/inject-ca-from: stash/stash-webhook"));
+    assert!(rendered.contains("cert-manager.io/inject-ca-from-secret: stash/stash-webhook-ca-bundle"));
+    assert!(rendered.contains("--ca-bundle-secret=stash-webhook-ca-bundle"));
     assert!(rendered.contains("--tls-cert-file=/etc/stash/webhook/tls.crt"));
     assert!(!rendered.contains("--self-signed-certs"));
-}
-
-/// kustomize refuses absolute paths: `target` as seen from `dir`, both absolute.
-fn relative_to(dir: &Path, target: &Path) -> PathBuf {
-    let up: PathBuf = dir.components().skip(1).map(|_| Component::ParentDir).collect();
-    up.join(target.strip_prefix("/").expect("an absolute path"))
 }
 
 /// M7: `deploy/components/webhook-client-auth` adds the client CA flag and its Secret volume to every
@@ -75,8 +69,8 @@ fn the_webhook_client_auth_component_composes_with_every_install() {
         let dir = tempfile::tempdir().expect("temp dir");
         let kustomization = serde_json::json!({
             "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-            "resources": [relative_to(dir.path(), &support::repo_root().join(install))],
-            "components": [relative_to(dir.path(), &component)],
+            "resources": [support::relative_to(dir.path(), &support::repo_root().join(install))],
+            "components": [support::relative_to(dir.path(), &component)],
         });
         std::fs::write(dir.path().join("kustomization.yaml"), kustomization.to_string()).expect("write");
         let out =

@@ -7,6 +7,8 @@
 #                   for `cluster.sh up --node`; builds the control plane first when it is missing
 #   build.sh helm   helm (its own module, helm/), for the chart tests
 #   build.sh promtool  promtool (its own module, promtool/), for the monitoring tests' rule checks
+#   build.sh cert-manager  cert-manager's controller, CA injector and webhook (its own module, cert-manager/),
+#                   and its Helm chart with its CRDs from the same module (chart/), for the certificate tests
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -17,6 +19,7 @@ etcd_version=$(modver go.etcd.io/etcd/server/v3 "$here")
 coredns_version=$(modver github.com/coredns/coredns "$here/coredns")
 helm_version=$(modver helm.sh/helm/v3 "$here/helm")
 prometheus_version=$(modver github.com/prometheus/prometheus "$here/promtool")
+cert_manager_version=$(modver github.com/cert-manager/cert-manager "$here/cert-manager")
 cache_root=${STASH_TEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/stash-testcluster}
 cp_dir="$cache_root/k8s-$k8s_version-etcd-$etcd_version"
 node_dir="$cache_root/node-k8s-$k8s_version-coredns-$coredns_version"
@@ -24,14 +27,16 @@ helm_dir="$cache_root/helm-$helm_version"
 # Built without Prometheus's service-discovery plugins (cloud SDKs the rule checks never use): about
 # a quarter of the cold build time. The suffix keeps a full build from an older cache apart.
 promtool_dir="$cache_root/promtool-$prometheus_version-nosd"
+cert_manager_dir="$cache_root/cert-manager-$cert_manager_version"
 
 case "${1:-}" in
   "") bin_dir=$cp_dir wanted=(kube-apiserver kube-controller-manager kubectl etcd) ;;
   node) bin_dir=$node_dir wanted=(kubelet kube-scheduler kube-proxy coredns) ;;
   helm) bin_dir=$helm_dir wanted=(helm) ;;
   promtool) bin_dir=$promtool_dir wanted=(promtool) ;;
+  cert-manager) bin_dir=$cert_manager_dir wanted=(controller cainjector webhook chart) ;;
   *)
-    echo "usage: $0 [node|helm|promtool]" >&2
+    echo "usage: $0 [node|helm|promtool|cert-manager]" >&2
     exit 2
     ;;
 esac
@@ -80,6 +85,23 @@ elif [[ $bin_dir == "$promtool_dir" ]]; then
   echo "build.sh: building promtool of Prometheus module $prometheus_version into $bin_dir (first run only)" >&2
   (cd promtool && go build -tags remove_all_sd -trimpath -ldflags "-s -w -X github.com/prometheus/common/version.Version=$prometheus_version" \
     -o "$staging/promtool" github.com/prometheus/prometheus/cmd/promtool >&2)
+elif [[ $bin_dir == "$cert_manager_dir" ]]; then
+  echo "build.sh: building cert-manager $cert_manager_version into $bin_dir (first run only)" >&2
+  cm_ldflags="-s -w -X github.com/cert-manager/cert-manager/pkg/util.AppVersion=$cert_manager_version"
+  for command in controller cainjector webhook; do
+    (cd cert-manager && go build -trimpath -ldflags "$cm_ldflags" -o "$staging/$command" \
+      "github.com/cert-manager/cert-manager/cmd/$command" >&2)
+  done
+  # The chart as cert-manager's release tooling makes it: the version filled in, the CRDs among its templates.
+  source_dir=$(cd cert-manager && go mod download -json github.com/cert-manager/cert-manager | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+  cp -r "$source_dir/deploy/charts/cert-manager" "$staging/chart"
+  chmod -R u+w "$staging/chart"
+  sed -e "s/v0\.1\.0/$cert_manager_version/" -e 's/{{IS_PRERELEASE}}/false/' "$staging/chart/Chart.template.yaml" >"$staging/chart/Chart.yaml"
+  rm "$staging/chart/Chart.template.yaml"
+  for crd in "$source_dir"/deploy/crds/crd-*.yaml; do
+    echo ---
+    cat "$crd"
+  done >"$staging/chart/templates/crds.yaml"
 else
   echo "build.sh: building kubelet, kube-scheduler, kube-proxy $k8s_version and CoreDNS $coredns_version into $bin_dir (first run only)" >&2
   k8s kubelet

@@ -16,7 +16,7 @@ repo=$(cd "$here/../.." && pwd)
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/stash-images
 suite=bookworm
 
-usage() { echo "usage: $0 pause|toolbox|stash|postgres|mariadb ..." >&2; exit 2; }
+usage() { echo "usage: $0 pause|toolbox|stash|postgres|mariadb|cert-manager-{controller,cainjector,webhook} ..." >&2; exit 2; }
 (($#)) || usage
 log() { echo "images/build.sh: $*" >&2; }
 # A short key for whatever is on stdin.
@@ -228,6 +228,17 @@ EOF
     --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --env HOME=/home/nonroot
 }
 
+# One of cert-manager's commands (tests/cluster/build.sh cert-manager: static Go programs), alone in its
+# image as in upstream's distroless ones, tagged with the release the chart names.
+build_cert_manager() {
+  local command=$1 built dir="$scratch/cert-manager-$1" version
+  built=$("$here/../cluster/build.sh" cert-manager)
+  version=$(sed -n 's/^appVersion: //p' "$built/chart/Chart.yaml")
+  install -D -m 0755 "$built/$command" "$dir/app/cmd/$command"
+  oci_archive "cert-manager-$command" --name "stash.local/cert-manager-$command:$version" --layer "$dir" \
+    --user 65532:65532 --entrypoint "/app/cmd/$command"
+}
+
 for image in "$@"; do
   start=$SECONDS
   case "$image" in
@@ -236,6 +247,7 @@ for image in "$@"; do
     stash) build_stash ;;
     postgres) build_postgres ;;
     mariadb) build_mariadb ;;
+    cert-manager-controller | cert-manager-cainjector | cert-manager-webhook) build_cert_manager "${image#cert-manager-}" ;;
     *) usage ;;
   esac
   log "$image: ready in $((SECONDS - start)) s"

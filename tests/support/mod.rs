@@ -20,6 +20,7 @@ use std::time::Duration;
 
 pub mod app_binding;
 pub mod backends;
+pub mod cert_manager;
 pub mod data;
 pub mod executors;
 pub mod fixtures;
@@ -45,6 +46,12 @@ static CLUSTER: OnceLock<TestCluster> = OnceLock::new();
 
 pub fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `target` as seen from `dir`, both absolute: kustomize refuses absolute paths.
+pub fn relative_to(dir: &Path, target: &Path) -> PathBuf {
+    let up: PathBuf = dir.components().skip(1).map(|_| std::path::Component::ParentDir).collect();
+    up.join(target.strip_prefix("/").expect("an absolute path"))
 }
 
 /// Brings the cluster up (once per test binary) and installs the CRDs.
