@@ -4,6 +4,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -120,6 +122,32 @@ pub fn generate_to_dir(
     // Key first: a reloader that sees the new certificate before its key keeps the old pair and retries.
     write_atomically(&out_dir.join("tls.key"), &leaf.key_pem)?;
     write_atomically(&out_dir.join("tls.crt"), &leaf.cert_pem)
+}
+
+/// The PEM certificates of a bundle, each block kept verbatim.
+pub(crate) fn split_bundle(bundle: &str) -> Vec<String> {
+    const END: &str = "-----END CERTIFICATE-----";
+    bundle
+        .split_inclusive(END)
+        .map(str::trim)
+        .filter(|block| block.ends_with(END))
+        .map(|block| format!("{block}\n"))
+        .collect()
+}
+
+/// Whether `leaf` carries a signature by `ca`.
+pub(crate) fn signed_by(leaf: &str, ca: &str) -> bool {
+    let (Ok(leaf_der), Ok(ca_der)) =
+        (CertificateDer::from_pem_slice(leaf.as_bytes()), CertificateDer::from_pem_slice(ca.as_bytes()))
+    else {
+        return false;
+    };
+    let (Ok((_, leaf)), Ok((_, ca))) =
+        (x509_parser::parse_x509_certificate(&leaf_der), x509_parser::parse_x509_certificate(&ca_der))
+    else {
+        return false;
+    };
+    leaf.verify_signature(Some(ca.public_key())).is_ok()
 }
 
 #[cfg(test)]

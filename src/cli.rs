@@ -236,6 +236,12 @@ pub struct OperatorArgs {
     /// the old CA. An empty or unparsable bundle is refused and the last one published stays.
     #[arg(long, env = "STASH_CA_BUNDLE_FILE", conflicts_with = "self_signed_certs")]
     pub ca_bundle_file: Option<PathBuf>,
+    /// With cert-manager: keep --ca-bundle-file's CAs (the serving Secret's ca.crt), with those kept
+    /// before until they expire, in this Secret of --namespace, for cert-manager's CA injector
+    /// (`cert-manager.io/inject-ca-from-secret`), instead of writing the caBundle; a leaf from a new
+    /// CA is served only once the caBundle holds that CA, plus --ca-propagation-delay.
+    #[arg(long, env = "STASH_CA_BUNDLE_SECRET", requires = "ca_bundle_file")]
+    pub ca_bundle_secret: Option<String>,
     /// The operator's namespace (holds the certificate Secret).
     #[arg(long, env = "POD_NAMESPACE", default_value = "stash")]
     pub namespace: String,
@@ -260,7 +266,8 @@ pub struct OperatorArgs {
     /// How often the self-managed certificates are checked.
     #[arg(long, default_value = "1m", value_parser = parse_duration)]
     pub cert_check_interval: Duration,
-    /// How long a new caBundle must have been published before a leaf signed by a new CA is served.
+    /// How long a new caBundle must have been published before a leaf signed by a new CA is served
+    /// (--self-signed-certs, --ca-bundle-secret).
     #[arg(long, default_value = "1m", value_parser = parse_duration)]
     pub ca_propagation_delay: Duration,
     /// Serve the webhook only; run no controllers.

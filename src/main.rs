@@ -321,6 +321,11 @@ fn operator_config(args: Box<stash::cli::OperatorArgs>) -> stash::operator::Oper
             ca_bundle: args.ca_bundle_file.map(|path| stash::webhook::ca_bundle::CaBundleFile {
                 path,
                 webhook_configuration: args.webhook_configuration_name,
+                injector_secret: args.ca_bundle_secret.map(|name| stash::webhook::ca_bundle::InjectorSecret {
+                    namespace: args.namespace.clone(),
+                    name,
+                    propagation_delay: args.ca_propagation_delay,
+                }),
             }),
         }
     };

@@ -5,7 +5,7 @@ use crate::controller::ControllerSettings;
 use crate::controller::leader::run_while_leader;
 use crate::lease::LeaseConfig;
 use crate::metrics::Metrics;
-use crate::webhook::ca_bundle::{CaBundleError, CaBundleFile, CaBundlePublisher};
+use crate::webhook::ca_bundle::{self, CaBundleError, CaBundleFile, CaBundlePublisher, Hold, InjectorSecret};
 use crate::webhook::client_auth::{ClientAuth, ClientAuthError};
 use crate::webhook::mutate::Mutator;
 use crate::webhook::self_signed::{SelfManagedCertificates, SelfSignedConfig, SelfSignedError};
@@ -75,12 +75,81 @@ async fn watch_with_bundle(
     cancel: CancellationToken,
 ) -> Result<(), TlsError> {
     let bundle = publisher.path().to_path_buf();
-    let mut changes = FileChanges::watch(&[&files.cert, &files.key, &bundle], poll, cancel)?;
+    let mut changes = FileChanges::watch(&[&files.cert, &files.key, &bundle], poll, cancel.clone())?;
     while changes.next().await {
-        files.reload_logged(serving);
-        publisher.sync_logged().await;
+        match publisher.file().injector_secret.clone() {
+            None => {
+                files.reload_logged(serving);
+                publisher.sync_logged().await;
+            }
+            // Trust first: the new CA joins the injector's Secret, then the leaf waits for the caBundle.
+            Some(secret) => {
+                publisher.sync_logged().await;
+                let configuration = publisher.file().webhook_configuration.clone();
+                if wait_until_trusted(publisher.client(), &configuration, files, serving, &secret, &cancel).await {
+                    files.reload_logged(serving);
+                }
+            }
+        }
     }
     Ok(())
+}
+
+/// How long a leaf no CA of the caBundle signed is held back before it is served anyway (the CA
+/// injector is not running, or its Secret is not the one the configuration names): the served leaf
+/// may be close to expiring, and the failures then show in the API server's metrics and Events.
+const UNTRUSTED_HOLD_LIMIT: Duration = Duration::from_secs(300);
+
+/// Waits until the leaf in `files` may replace the one `serving` holds ([`ca_bundle::hold`]): at
+/// once when a CA that signed the served leaf signed it, after the propagation delay when the
+/// caBundle trusts it through a new CA, and up to [`UNTRUSTED_HOLD_LIMIT`] while it trusts it not.
+/// `false` when cancelled.
+async fn wait_until_trusted(
+    client: &Client,
+    configuration: &str,
+    files: &CertificateFiles,
+    serving: &ServingCertificate,
+    secret: &InjectorSecret,
+    cancel: &CancellationToken,
+) -> bool {
+    let Ok(new) = std::fs::read(&files.cert) else { return true };
+    let served = serving.cert_pem();
+    if new == served {
+        return true;
+    }
+    let (new, served) = (String::from_utf8_lossy(&new), String::from_utf8_lossy(&served));
+    let started = tokio::time::Instant::now();
+    loop {
+        let hold = match ca_bundle::published_bundle(client, configuration).await {
+            Ok(bundle) => ca_bundle::hold(&bundle, &served, &new),
+            Err(err) => {
+                tracing::warn!(error = %err, %configuration, "reading the caBundle; holding the new leaf");
+                Hold::Untrusted
+            }
+        };
+        let wait = match hold {
+            Hold::SameCa => return true,
+            Hold::NewCa => {
+                tracing::info!(delay = ?secret.propagation_delay, "caBundle trusts the new CA; serving its leaf after the delay");
+                secret.propagation_delay
+            }
+            Hold::Untrusted if started.elapsed() >= UNTRUSTED_HOLD_LIMIT => {
+                tracing::warn!(
+                    %configuration, secret = %secret.name,
+                    "the caBundle still does not trust the new serving certificate; serving it anyway"
+                );
+                return true;
+            }
+            Hold::Untrusted => Duration::from_secs(1),
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return false,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if hold == Hold::NewCa {
+            return true;
+        }
+    }
 }
 
 /// Loads the first serving pair and starts keeping it current on `tasks`.

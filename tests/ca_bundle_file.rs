@@ -79,6 +79,7 @@ impl Setup {
             ca_bundle: Some(CaBundleFile {
                 path: dir.join("ca.crt"),
                 webhook_configuration: self.configuration.clone(),
+                injector_secret: None,
             }),
         };
         support::operator::start_on(Some(self.port), Some(source), None).await

@@ -184,12 +184,25 @@ fn cert_manager_mode_installs_what_the_cert_manager_overlay_builds() {
     let values = ["--set", "webhook.certificate.mode=certManager"];
     compare("deploy/overlays/cert-manager", &values).unwrap_or_else(|difference| panic!("{difference}"));
     let rendered = objects(&chart(&values));
-    assert_eq!(the_one(&rendered, "Issuer")["spec"], json!({"selfSigned": {}}));
-    let certificate = the_one(&rendered, "Certificate");
+    let named = |kind: &str, name: &str| {
+        rendered
+            .values()
+            .find(|object| object["kind"] == kind && object["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{kind} {name} rendered"))
+            .clone()
+    };
+    assert_eq!(named("Issuer", "stash-selfsigned")["spec"], json!({"selfSigned": {}}));
+    assert_eq!(named("Issuer", "stash-ca")["spec"], json!({"ca": {"secretName": "stash-webhook-ca"}}));
+    let ca = named("Certificate", "stash-webhook-ca");
+    assert_eq!((&ca["spec"]["isCA"], &ca["spec"]["issuerRef"]["name"]), (&json!(true), &json!("stash-selfsigned")));
+    let certificate = named("Certificate", "stash-webhook");
     assert_eq!(certificate["spec"]["secretName"], "stash-webhook-tls");
-    assert_eq!(certificate["spec"]["issuerRef"]["name"], "stash-selfsigned");
+    assert_eq!(certificate["spec"]["issuerRef"]["name"], "stash-ca");
     let webhook = the_one(&rendered, "MutatingWebhookConfiguration");
-    assert_eq!(webhook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"], "stash/stash-webhook");
+    assert_eq!(
+        webhook["metadata"]["annotations"]["cert-manager.io/inject-ca-from-secret"],
+        "stash/stash-webhook-ca-bundle"
+    );
 
     // An issuer of the platform team's instead of the chart's own.
     let issuer = [

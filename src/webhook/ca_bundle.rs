@@ -1,7 +1,10 @@
 //! The webhook configuration's `caBundle`: what the API server trusts the webhook's certificate with.
 //!
 //! Two writers go through [`publish`]: self-managed certificates (from their Secret) and a bundle a
-//! platform team mounts as a file (`--ca-bundle-file`, [`CaBundlePublisher`]). Every replica may
+//! platform team mounts as a file (`--ca-bundle-file`, [`CaBundlePublisher`]). With cert-manager the
+//! file's CAs go instead into a Secret its CA injector copies into the configuration
+//! (`--ca-bundle-secret`, [`publish_to_secret`]), and a new leaf waits until the configuration trusts
+//! it ([`hold`]). Every replica may
 //! publish: nothing is written when the configuration holds the bundle already, and a write carries the
 //! resourceVersion it read, so a concurrent change is retried, never overwritten blind.
 //!
@@ -11,17 +14,24 @@
 //! every Pod would be admitted without its sidecar. Such a file is refused, counted and logged, and the
 //! last good bundle stays.
 
+use crate::certs::{signed_by, split_bundle};
 use crate::metrics::{Metrics, ReloadLabels, ReloadResult};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use kube::api::{Api, PostParams};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ObjectMeta, PostParams};
 use kube::{Client, ResourceExt};
 use rustls::pki_types::pem::{PemObject, SectionKind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// cert-manager's CA injector fills the caBundle of configurations carrying this annotation.
+/// cert-manager's CA injector fills the caBundle of configurations carrying this annotation (or
+/// `-secret` after it).
 const CERT_MANAGER_INJECTS: &str = "cert-manager.io/inject-ca-from";
+/// The Secret annotation without which cert-manager's CA injector refuses to copy a Secret's `ca.crt`.
+const ALLOW_DIRECT_INJECTION: &str = "cert-manager.io/allow-direct-injection";
+/// The key the CA injector reads.
+const INJECTED_KEY: &str = "ca.crt";
 /// Writes lost to another writer in a row before giving up until the next change or poll.
 const CONFLICT_RETRIES: usize = 3;
 
@@ -68,7 +78,7 @@ pub(crate) async fn publish(client: &Client, name: &str, bundle: &[u8]) -> Resul
     let Some(mut configuration) = api.get_opt(name).await? else {
         return Ok(Published::NoConfiguration);
     };
-    if configuration.annotations().contains_key(CERT_MANAGER_INJECTS) {
+    if configuration.annotations().keys().any(|key| key.starts_with(CERT_MANAGER_INJECTS)) {
         return Err(PublishError::OwnedByCertManager(name.into()));
     }
     if !set_ca_bundle(&mut configuration, bundle) {
@@ -82,6 +92,102 @@ pub(crate) async fn publish(client: &Client, name: &str, bundle: &[u8]) -> Resul
         Err(kube::Error::Api(status)) if status.code == 409 => Err(PublishError::Conflict(name.into())),
         Err(err) => Err(err.into()),
     }
+}
+
+/// What the CA injector's Secret should hold: the file's CAs first, then every CA it held before that
+/// has not expired. A CA that signed a leaf some replica may still serve stays trusted until it
+/// expires, which no leaf it signed outlives; so one Secret update by cert-manager (new leaf, new CA)
+/// never leaves a replica with a leaf the API server does not trust.
+pub(crate) fn merged_bundle(held: &str, file: &str, now: i64) -> String {
+    let mut merged = split_bundle(file);
+    for ca in split_bundle(held) {
+        if !merged.contains(&ca) && check_bundle(ca.as_bytes()).is_ok_and(|not_after| not_after > now) {
+            merged.push(ca);
+        }
+    }
+    merged.concat()
+}
+
+/// Keeps `bundle`'s CAs, merged with those it held ([`merged_bundle`]), in the Secret `name` of
+/// `namespace`, for cert-manager's CA injector (`cert-manager.io/inject-ca-from-secret`).
+pub(crate) async fn publish_to_secret(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    bundle: &[u8],
+    now: i64,
+) -> Result<Published, PublishError> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let file = String::from_utf8_lossy(bundle);
+    let existing = api.get_opt(name).await?;
+    let held = existing
+        .as_ref()
+        .and_then(|secret| secret.data.as_ref()?.get(INJECTED_KEY))
+        .map(|bytes| String::from_utf8_lossy(&bytes.0).into_owned())
+        .unwrap_or_default();
+    let merged = merged_bundle(&held, &file, now);
+    let allowed = existing.as_ref().is_some_and(|secret| {
+        secret.annotations().get(ALLOW_DIRECT_INJECTION).is_some_and(|allowed| allowed == "true")
+    });
+    if existing.is_some() && merged == held && allowed {
+        return Ok(Published::Earlier);
+    }
+    let mut secret = existing.unwrap_or_else(|| Secret {
+        metadata: ObjectMeta { name: Some(name.into()), namespace: Some(namespace.into()), ..Default::default() },
+        ..Default::default()
+    });
+    secret.annotations_mut().insert(ALLOW_DIRECT_INJECTION.into(), "true".into());
+    secret.data.get_or_insert_with(Default::default).insert(INJECTED_KEY.into(), ByteString(merged.into_bytes()));
+    let written = match secret.metadata.resource_version {
+        Some(_) => api.replace(name, &PostParams::default(), &secret).await,
+        None => api.create(&PostParams::default(), &secret).await,
+    };
+    match written {
+        Ok(_) => {
+            tracing::info!(%namespace, secret = %name, "CA bundle for the CA injector updated");
+            Ok(Published::Now)
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => Err(PublishError::Conflict(name.into())),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Whether a new serving leaf may replace the one served, given the CAs the webhook configuration's
+/// caBundle holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hold {
+    /// No CA of the bundle signed it: serving it would fail every call. Wait.
+    Untrusted,
+    /// A CA that signed the served leaf signed it too: API servers trust it already.
+    SameCa,
+    /// Trusted through a CA the served leaf is not signed by: API servers may not have read that
+    /// caBundle yet. Serve it after the propagation delay.
+    NewCa,
+}
+
+pub(crate) fn hold(bundle: &str, served: &str, new: &str) -> Hold {
+    let signers: Vec<String> = split_bundle(bundle).into_iter().filter(|ca| signed_by(new, ca)).collect();
+    if signers.is_empty() {
+        Hold::Untrusted
+    } else if signers.iter().any(|ca| signed_by(served, ca)) {
+        Hold::SameCa
+    } else {
+        Hold::NewCa
+    }
+}
+
+/// The caBundle of the first webhook of the configuration `name`, empty if none.
+pub(crate) async fn published_bundle(client: &Client, name: &str) -> Result<String, kube::Error> {
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let configuration = api.get_opt(name).await?;
+    let bundle = configuration
+        .and_then(|c| c.webhooks?.into_iter().next()?.client_config.ca_bundle)
+        .map(|bundle| String::from_utf8_lossy(&bundle.0).into_owned());
+    Ok(bundle.unwrap_or_default())
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Why a bundle file is not published.
@@ -128,6 +234,18 @@ pub enum CaBundleError {
 pub struct CaBundleFile {
     pub path: PathBuf,
     pub webhook_configuration: String,
+    /// `--ca-bundle-secret`: publish into a Secret for cert-manager's CA injector instead of into the
+    /// configuration.
+    pub injector_secret: Option<InjectorSecret>,
+}
+
+/// The Secret cert-manager's CA injector copies into the webhook configuration, and how long a leaf
+/// from a newly trusted CA waits once the configuration holds that CA.
+#[derive(Debug, Clone)]
+pub struct InjectorSecret {
+    pub namespace: String,
+    pub name: String,
+    pub propagation_delay: std::time::Duration,
 }
 
 /// Publishes the file's bundle whenever its content changes.
@@ -148,6 +266,14 @@ impl CaBundlePublisher {
 
     pub(crate) fn path(&self) -> &Path {
         &self.file.path
+    }
+
+    pub(crate) fn file(&self) -> &CaBundleFile {
+        &self.file
+    }
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
     }
 
     /// Publishes the file's bundle if it differs from the last one published. Returns `None` when it
@@ -178,7 +304,11 @@ impl CaBundlePublisher {
         let not_after = check_bundle(&pem).map_err(|refusal| CaBundleError::Refused { path: path.clone(), refusal })?;
         let mut attempt = 1;
         let published = loop {
-            match publish(&self.client, &self.file.webhook_configuration, &pem).await {
+            let result = match &self.file.injector_secret {
+                Some(secret) => publish_to_secret(&self.client, &secret.namespace, &secret.name, &pem, now()).await,
+                None => publish(&self.client, &self.file.webhook_configuration, &pem).await,
+            };
+            match result {
                 Ok(published) => break published,
                 Err(PublishError::Conflict(_)) if attempt < CONFLICT_RETRIES => attempt += 1,
                 Err(source) => return Err(CaBundleError::Publish { path: path.clone(), source }),
@@ -270,6 +400,36 @@ mod tests {
             })
             .collect();
         MutatingWebhookConfiguration { webhooks: Some(webhooks), ..Default::default() }
+    }
+
+    fn leaf_of(ca: &certs::PemPair) -> String {
+        certs::issue_serving(ca, &["stash-webhook.stash.svc".into()], &[], Duration::from_secs(600))
+            .expect("a leaf")
+            .cert_pem
+    }
+
+    #[test]
+    fn the_injectors_bundle_gains_a_new_ca_and_keeps_the_old_until_it_expires() {
+        let (old, new) = (ca("old", 600), ca("new", 7200));
+        let now = not_after(&old.cert_pem) - 300;
+        let merged = merged_bundle(&old.cert_pem, &new.cert_pem, now);
+        assert_eq!(merged, format!("{}{}", new.cert_pem, old.cert_pem), "the file's CA first, the old one kept");
+        assert_eq!(merged_bundle(&merged, &new.cert_pem, now), merged, "unchanged on the next sync");
+        let later = not_after(&old.cert_pem) + 1;
+        assert_eq!(merged_bundle(&merged, &new.cert_pem, later), new.cert_pem, "an expired CA leaves");
+        assert_eq!(merged_bundle("", &new.cert_pem, now), new.cert_pem, "the first bundle is the file's");
+    }
+
+    #[test]
+    fn a_new_leaf_waits_until_the_bundle_trusts_its_ca() {
+        let (old, new) = (ca("old", 600), ca("new", 600));
+        let (served, renewed, rotated) = (leaf_of(&old), leaf_of(&old), leaf_of(&new));
+        assert_eq!(hold(&old.cert_pem, &served, &renewed), Hold::SameCa, "a renewal from the same CA");
+        assert_eq!(hold(&old.cert_pem, &served, &rotated), Hold::Untrusted, "the injector has not copied the new CA");
+        let both = format!("{}{}", new.cert_pem, old.cert_pem);
+        assert_eq!(hold(&both, &served, &rotated), Hold::NewCa, "trusted, but only just");
+        assert_eq!(hold(&new.cert_pem, &rotated, &leaf_of(&new)), Hold::SameCa);
+        assert_eq!(hold("", &served, &renewed), Hold::Untrusted);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! The old CA leaves the bundle when it expires; leaves never outlive their CA, so by then no replica
 //! can still serve a leaf it signed.
 
-use crate::certs::{self, PemPair};
+use crate::certs::{self, PemPair, signed_by, split_bundle};
 use crate::webhook::ca_bundle::{self, Published};
 use crate::webhook::tls::ServingCertificate;
 use k8s_openapi::ByteString;
@@ -96,32 +96,6 @@ impl Validity {
 
 fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
-/// The PEM certificates of a bundle, each block kept verbatim.
-fn split_bundle(bundle: &str) -> Vec<String> {
-    const END: &str = "-----END CERTIFICATE-----";
-    bundle
-        .split_inclusive(END)
-        .map(str::trim)
-        .filter(|block| block.ends_with(END))
-        .map(|block| format!("{block}\n"))
-        .collect()
-}
-
-/// Whether `leaf` carries a signature by `ca`.
-fn signed_by(leaf: &str, ca: &str) -> bool {
-    let (Ok(leaf_der), Ok(ca_der)) =
-        (CertificateDer::from_pem_slice(leaf.as_bytes()), CertificateDer::from_pem_slice(ca.as_bytes()))
-    else {
-        return false;
-    };
-    let (Ok((_, leaf)), Ok((_, ca))) =
-        (x509_parser::parse_x509_certificate(&leaf_der), x509_parser::parse_x509_certificate(&ca_der))
-    else {
-        return false;
-    };
-    leaf.verify_signature(Some(ca.public_key())).is_ok()
 }
 
 type SecretData = BTreeMap<String, String>;

@@ -94,6 +94,11 @@ impl ServingCertificate {
         }))
     }
 
+    /// The PEM chain being served.
+    pub(crate) fn cert_pem(&self) -> Vec<u8> {
+        self.loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).0.clone()
+    }
+
     /// Swaps in a new pair when it differs from the one in use and is valid; a bad pair is counted
     /// and the current one stays. Returns whether the certificate in use changed.
     pub fn install(&self, cert_pem: Vec<u8>, key_pem: Vec<u8>) -> Result<bool, TlsError> {
