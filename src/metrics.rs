@@ -72,6 +72,8 @@ pub struct TlsMetrics {
     /// Set from `--ca-bundle-file` only.
     pub ca_bundle_not_after: Gauge<i64, AtomicI64>,
     pub ca_bundle_publishes: Family<ReloadLabels, Counter>,
+    /// 1 while a new serving certificate waits for the caBundle to trust its CA (`--ca-bundle-secret`).
+    pub certificate_held: Gauge<i64, AtomicI64>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -315,6 +317,7 @@ impl Default for Metrics {
             reloads: Family::default(),
             ca_bundle_not_after: Gauge::default(),
             ca_bundle_publishes: Family::default(),
+            certificate_held: Gauge::default(),
         };
         registry.register(
             "webhook_certificate_not_after_seconds",
@@ -330,6 +333,11 @@ impl Default for Metrics {
             "webhook_ca_bundle_not_after_seconds",
             "Earliest expiry (Unix time) among the CAs of the caBundle published from --ca-bundle-file",
             tls.ca_bundle_not_after.clone(),
+        );
+        registry.register(
+            "webhook_certificate_held",
+            "1 while a new serving certificate waits until the caBundle trusts its CA (--ca-bundle-secret)",
+            tls.certificate_held.clone(),
         );
         registry.register(
             "webhook_ca_bundle_publishes",

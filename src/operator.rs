@@ -13,8 +13,10 @@ use crate::webhook::server::{ConnectionLimits, serve_tls};
 use crate::webhook::tls::{CertificateFiles, FileChanges, ServingCertificate, TlsError, server_config};
 use crate::webhook::{caches, routes};
 use kube::Client;
+use prometheus_client::metrics::gauge::Gauge;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -118,10 +120,25 @@ async fn wait_until_trusted(
         return true;
     }
     let (new, served) = (String::from_utf8_lossy(&new), String::from_utf8_lossy(&served));
+    let held = &serving.metrics().tls.certificate_held;
+    let trusted = hold_until_trusted(client, configuration, (&served, &new), secret, held, cancel).await;
+    held.set(0);
+    trusted
+}
+
+/// [`wait_until_trusted`]'s loop; `held` is 1 while it waits.
+async fn hold_until_trusted(
+    client: &Client,
+    configuration: &str,
+    (served, new): (&str, &str),
+    secret: &InjectorSecret,
+    held: &Gauge<i64, AtomicI64>,
+    cancel: &CancellationToken,
+) -> bool {
     let started = tokio::time::Instant::now();
     loop {
         let hold = match ca_bundle::published_bundle(client, configuration).await {
-            Ok(bundle) => ca_bundle::hold(&bundle, &served, &new),
+            Ok(bundle) => ca_bundle::hold(&bundle, served, new),
             Err(err) => {
                 tracing::warn!(error = %err, %configuration, "reading the caBundle; holding the new leaf");
                 Hold::Untrusted
@@ -142,6 +159,7 @@ async fn wait_until_trusted(
             }
             Hold::Untrusted => Duration::from_secs(1),
         };
+        held.set(1);
         tokio::select! {
             _ = cancel.cancelled() => return false,
             _ = tokio::time::sleep(wait) => {}

@@ -44,6 +44,7 @@ const LEAF_RENEW_BEFORE: &str = "59m30s";
 const LEAF_RENEWALS: usize = 2;
 const CERT_NOT_AFTER: &str = "stash_webhook_certificate_not_after_seconds";
 const BUNDLE_NOT_AFTER: &str = "stash_webhook_ca_bundle_not_after_seconds";
+const HELD: &str = "stash_webhook_certificate_held";
 
 /// One operator install at a time: both tests install into `stash`.
 static INSTALL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -132,11 +133,12 @@ fn not_after(pem: &[u8]) -> i64 {
 }
 
 /// What an operator replica reports: the expiries of the certificate it serves and of the CA bundle it
-/// published last, and its containers' restarts.
+/// published last, whether it holds a new certificate back, and its containers' restarts.
 #[derive(Debug)]
 struct Replica {
     serving: Option<i64>,
     bundle: Option<i64>,
+    held: Option<i64>,
     restarts: i32,
 }
 
@@ -155,7 +157,12 @@ async fn replicas(pods: &Api<Pod>) -> Vec<Replica> {
         let gauge = |name: &str| {
             metrics.lines().find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok()).map(|s| s as i64)
         };
-        replicas.push(Replica { serving: gauge(CERT_NOT_AFTER), bundle: gauge(BUNDLE_NOT_AFTER), restarts });
+        replicas.push(Replica {
+            serving: gauge(CERT_NOT_AFTER),
+            bundle: gauge(BUNDLE_NOT_AFTER),
+            held: gauge(HELD),
+            restarts,
+        });
     }
     replicas
 }
@@ -185,12 +192,20 @@ async fn next_leaf(secrets: &Api<Secret>, previous: &Leaf) -> (Leaf, Instant) {
     }
 }
 
-/// How long after `since` both replicas report what `done` accepts.
-async fn every_replica(pods: &Api<Pod>, what: &str, since: Instant, done: impl Fn(&Replica) -> bool) -> Duration {
+/// How long after `since` both replicas report what `done` accepts, and whether one held a new
+/// certificate back meanwhile.
+async fn every_replica(
+    pods: &Api<Pod>,
+    what: &str,
+    since: Instant,
+    done: impl Fn(&Replica) -> bool,
+) -> (Duration, bool) {
+    let mut held = false;
     loop {
         let replicas = replicas(pods).await;
+        held |= replicas.iter().any(|replica| replica.held == Some(1));
         if replicas.len() >= 2 && replicas.iter().all(&done) {
-            return since.elapsed();
+            return (since.elapsed(), held);
         }
         assert!(since.elapsed() < LIMIT, "replicas do not {what}: {replicas:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -199,7 +214,7 @@ async fn every_replica(pods: &Api<Pod>, what: &str, since: Instant, done: impl F
 
 /// How long after `since` every replica serves a certificate expiring at `expiry` or later (cert-manager
 /// may renew again before kubelet has projected the previous renewal).
-async fn served_by_all(pods: &Api<Pod>, expiry: i64, since: Instant) -> Duration {
+async fn served_by_all(pods: &Api<Pod>, expiry: i64, since: Instant) -> (Duration, bool) {
     every_replica(pods, &format!("serve the certificate expiring at {expiry}"), since, |replica| {
         replica.serving.is_some_and(|served| served >= expiry)
     })
@@ -291,9 +306,11 @@ async fn cert_manager_issues_injects_and_rotates_the_webhook_certificate_without
         while rotation && next.ca == current.ca {
             (next, seen) = next_leaf(&secrets, &next).await;
         }
-        let delay = served_by_all(&operator_pods, not_after(&next.cert), seen).await;
+        let (delay, held) = served_by_all(&operator_pods, not_after(&next.cert), seen).await;
         let what = if rotation { "leaf from a new CA" } else { "leaf renewed" };
         eprintln!("{what} ({renewal}): Secret updated -> served by every replica after {:.1} s", delay.as_secs_f64());
+        // A renewal from the same CA is served at once; a leaf from a new CA waits for the caBundle.
+        assert_eq!(held, rotation, "{what}: a replica held the new certificate back");
         // Wait for a renewal none serves yet: cert-manager renews faster than kubelet projects.
         let latest = leaf(&secrets).await;
         current = if rotation { next } else { latest };
@@ -355,12 +372,12 @@ async fn a_secret_replaced_by_hand_in_three_steps_rotates_the_ca_without_a_faile
     eprintln!("1. bundle CA1+CA2: Secret replaced -> caBundle after {:.1} s", since.elapsed().as_secs_f64());
     // 2. The leaf from CA2, on every replica.
     write_tls_secret(&secrets, &leaf2, &both).await;
-    let delay = served_by_all(&operator_pods, not_after(leaf2.cert_pem.as_bytes()), Instant::now()).await;
+    let (delay, _) = served_by_all(&operator_pods, not_after(leaf2.cert_pem.as_bytes()), Instant::now()).await;
     eprintln!("2. leaf from CA2: Secret replaced -> served by every replica after {:.1} s", delay.as_secs_f64());
     // 3. CA2 alone, once every replica has read it (none writes the old bundle back).
     write_tls_secret(&secrets, &leaf2, &ca2.cert_pem).await;
     let ca2_expiry = not_after(ca2.cert_pem.as_bytes());
-    let delay = every_replica(&operator_pods, "publish CA2 alone", Instant::now(), |replica| {
+    let (delay, _) = every_replica(&operator_pods, "publish CA2 alone", Instant::now(), |replica| {
         replica.bundle == Some(ca2_expiry)
     })
     .await;

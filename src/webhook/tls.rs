@@ -94,6 +94,10 @@ impl ServingCertificate {
         }))
     }
 
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// The PEM chain being served.
     pub(crate) fn cert_pem(&self) -> Vec<u8> {
         self.loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).0.clone()
