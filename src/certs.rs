@@ -124,6 +124,11 @@ pub fn generate_to_dir(
     write_atomically(&out_dir.join("tls.crt"), &leaf.cert_pem)
 }
 
+/// Now, in Unix seconds: what certificate validity is compared with.
+pub(crate) fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
 /// The PEM certificates of a bundle, each block kept verbatim.
 pub(crate) fn split_bundle(bundle: &str) -> Vec<String> {
     const END: &str = "-----END CERTIFICATE-----";

@@ -77,9 +77,10 @@ async fn watch_with_bundle(
     cancel: CancellationToken,
 ) -> Result<(), TlsError> {
     let bundle = publisher.path().to_path_buf();
+    let file = publisher.file().clone();
     let mut changes = FileChanges::watch(&[&files.cert, &files.key, &bundle], poll, cancel.clone())?;
     while changes.next().await {
-        match publisher.file().injector_secret.clone() {
+        match &file.injector_secret {
             None => {
                 files.reload_logged(serving);
                 publisher.sync_logged().await;
@@ -87,8 +88,8 @@ async fn watch_with_bundle(
             // Trust first: the new CA joins the injector's Secret, then the leaf waits for the caBundle.
             Some(secret) => {
                 publisher.sync_logged().await;
-                let configuration = publisher.file().webhook_configuration.clone();
-                if wait_until_trusted(publisher.client(), &configuration, files, serving, &secret, &cancel).await {
+                let configuration = &file.webhook_configuration;
+                if wait_until_trusted(publisher.client(), configuration, files, serving, secret, &cancel).await {
                     files.reload_logged(serving);
                 }
             }

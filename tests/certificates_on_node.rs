@@ -250,14 +250,21 @@ async fn no_failed_admission(load: AdmissionLoad, operator_pods: &Api<Pod>, duri
     assert!(admissions.injected >= 100, "the load kept the webhook busy: {admissions:?}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn cert_manager_issues_injects_and_rotates_the_webhook_certificate_without_a_failed_admission() {
+/// With a node: this test's turn to install the operator, with its image on the node. Without one:
+/// says so, and `None`.
+async fn on_node() -> Option<tokio::sync::MutexGuard<'static, ()>> {
     if node::node_ip().is_none() {
         eprintln!("skipped: no node (STASH_NODE_IP unset); scripts/test.sh runs this with one");
-        return;
+        return None;
     }
-    let _one_install = INSTALL.lock().await;
+    let turn = INSTALL.lock().await;
     node::import_images(&["stash"]);
+    Some(turn)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cert_manager_issues_injects_and_rotates_the_webhook_certificate_without_a_failed_admission() {
+    let Some(_one_install) = on_node().await else { return };
     let _cert_manager = CertManager::install().await;
     let client = support::client().await;
     let started = Instant::now();
@@ -335,12 +342,7 @@ async fn write_tls_secret(secrets: &Api<Secret>, leaf: &PemPair, bundle: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_secret_replaced_by_hand_in_three_steps_rotates_the_ca_without_a_failed_admission() {
-    if node::node_ip().is_none() {
-        eprintln!("skipped: no node (STASH_NODE_IP unset); scripts/test.sh runs this with one");
-        return;
-    }
-    let _one_install = INSTALL.lock().await;
-    node::import_images(&["stash"]);
+    let Some(_one_install) = on_node().await else { return };
     let client = support::client().await;
     const HOUR: Duration = Duration::from_secs(3600);
     // Different lifetimes tell the bundles apart by their earliest expiry (the replicas' metric).

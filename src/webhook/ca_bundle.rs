@@ -14,7 +14,7 @@
 //! every Pod would be admitted without its sidecar. Such a file is refused, counted and logged, and the
 //! last good bundle stays.
 
-use crate::certs::{signed_by, split_bundle};
+use crate::certs::{signed_by, split_bundle, unix_now};
 use crate::metrics::{Metrics, ReloadLabels, ReloadResult};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -186,10 +186,6 @@ pub(crate) async fn published_bundle(client: &Client, name: &str) -> Result<Stri
     Ok(bundle.unwrap_or_default())
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
 /// Why a bundle file is not published.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum Refusal {
@@ -305,7 +301,9 @@ impl CaBundlePublisher {
         let mut attempt = 1;
         let published = loop {
             let result = match &self.file.injector_secret {
-                Some(secret) => publish_to_secret(&self.client, &secret.namespace, &secret.name, &pem, now()).await,
+                Some(secret) => {
+                    publish_to_secret(&self.client, &secret.namespace, &secret.name, &pem, unix_now()).await
+                }
                 None => publish(&self.client, &self.file.webhook_configuration, &pem).await,
             };
             match result {

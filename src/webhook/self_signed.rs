@@ -11,7 +11,7 @@
 //! The old CA leaves the bundle when it expires; leaves never outlive their CA, so by then no replica
 //! can still serve a leaf it signed.
 
-use crate::certs::{self, PemPair, signed_by, split_bundle};
+use crate::certs::{self, PemPair, signed_by, split_bundle, unix_now};
 use crate::webhook::ca_bundle::{self, Published};
 use crate::webhook::tls::ServingCertificate;
 use k8s_openapi::ByteString;
@@ -23,7 +23,7 @@ use rustls::pki_types::pem::PemObject;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 pub const CA_CERT: &str = "ca.crt";
@@ -94,10 +94,6 @@ impl Validity {
     }
 }
 
-fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
 type SecretData = BTreeMap<String, String>;
 
 fn decode(secret: &Secret) -> SecretData {
@@ -130,7 +126,7 @@ impl SelfManagedCertificates {
     fn issue_leaf(&self, ca: &PemPair) -> Result<PemPair, SelfSignedError> {
         let ca_validity = Validity::of(&ca.cert_pem).ok_or(SelfSignedError::Corrupt(CA_CERT))?;
         // A leaf never outlives its CA: that is what makes dropping an expired CA from the bundle safe.
-        let until_ca_expiry = Duration::from_secs(u64::try_from(ca_validity.not_after - now()).unwrap_or(0));
+        let until_ca_expiry = Duration::from_secs(u64::try_from(ca_validity.not_after - unix_now()).unwrap_or(0));
         let lifetime = self.config.leaf_lifetime.min(until_ca_expiry);
         Ok(certs::issue_serving(ca, &self.config.dns_names, &self.config.ips, lifetime)?)
     }
@@ -194,7 +190,7 @@ impl SelfManagedCertificates {
         let mut secret = self.load_or_create().await?;
         let mut data = decode(&secret);
         let field = |data: &SecretData, key: &'static str| data.get(key).cloned().ok_or(SelfSignedError::Corrupt(key));
-        let now = now();
+        let now = unix_now();
 
         let ca_cert = field(&data, CA_CERT)?;
         let ca_validity = Validity::of(&ca_cert).ok_or(SelfSignedError::Corrupt(CA_CERT))?;

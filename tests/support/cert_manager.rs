@@ -5,7 +5,8 @@
 use super::node::{self, helm, kubectl};
 use super::{client, cluster_tool, eventually};
 use k8s_openapi::api::apps::v1::Deployment;
-use kube::api::Api;
+use kube::api::{Api, ApiResource, DynamicObject, PostParams};
+use kube::core::GroupVersionKind;
 use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -61,7 +62,7 @@ impl CertManager {
             "helm install cert-manager: {}",
             String::from_utf8_lossy(&installed.stderr)
         );
-        let deployments: Api<Deployment> = Api::namespaced(client, NAMESPACE);
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);
         for name in ["cert-manager", "cert-manager-cainjector", "cert-manager-webhook"] {
             eventually(&format!("{name} to be ready"), LIMIT, || {
                 let deployments = deployments.clone();
@@ -70,14 +71,13 @@ impl CertManager {
             .await;
         }
         // Ready is not yet serving through the API server: its webhook must answer a dry-run create.
-        let issuer = r#"{"apiVersion": "cert-manager.io/v1", "kind": "Issuer",
-            "metadata": {"name": "probe", "namespace": "cert-manager"}, "spec": {"selfSigned": {}}}"#;
+        let gvk = GroupVersionKind::gvk("cert-manager.io", "v1", "Issuer");
+        let issuers: Api<DynamicObject> = Api::namespaced_with(client, NAMESPACE, &ApiResource::from_gvk(&gvk));
+        let mut probe = DynamicObject::new("probe", &ApiResource::from_gvk(&gvk));
+        probe.data = serde_json::json!({"spec": {"selfSigned": {}}});
+        let dry_run = PostParams { dry_run: true, ..Default::default() };
         eventually("cert-manager's webhook to admit an Issuer", LIMIT, || async {
-            let dir = tempfile::tempdir().ok()?;
-            let file = dir.path().join("issuer.json");
-            std::fs::write(&file, issuer).ok()?;
-            let out = kubectl(&["create", "--dry-run=server", "-f", file.to_str()?]);
-            out.status.success().then_some(())
+            issuers.create(&dry_run, &probe).await.ok().map(drop)
         })
         .await;
         CertManager
