@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod agent;
 pub mod api;
+mod api_requests;
 pub mod certs;
 pub mod cli;
 pub mod commands;

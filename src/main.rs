@@ -196,8 +196,8 @@ fn run(command: Command) -> Result<(), MainError> {
             let config = operator_config(args);
             runtime()?.block_on(async {
                 let cancel = shutdown_on_signal();
-                let client = operator_client().await.map_err(stash::operator::OperatorError::from)?;
-                stash::operator::run(client, config, cancel).await
+                let kube_config = operator_kube_config().await.map_err(stash::operator::OperatorError::from)?;
+                stash::operator::run(kube_config, config, cancel).await
             })?;
             Ok(())
         }
@@ -363,12 +363,13 @@ fn operator_config(args: Box<stash::cli::OperatorArgs>) -> stash::operator::Oper
     }
 }
 
-/// A client that names itself, so that API server audit logs tell the operator's requests apart.
-async fn operator_client() -> Result<kube::Client, kube::Error> {
+/// A client configuration that names itself, so that API server audit logs tell the operator's
+/// requests apart.
+async fn operator_kube_config() -> Result<kube::Config, kube::Error> {
     let mut config = kube::Config::infer().await.map_err(kube::Error::InferConfig)?;
     let agent = concat!("stash-operator/", env!("CARGO_PKG_VERSION"));
     config.headers.push((http::header::USER_AGENT, http::HeaderValue::from_static(agent)));
-    kube::Client::try_from(config)
+    Ok(config)
 }
 
 /// Runs a command about one BackupBatch, in `--namespace` or the kubeconfig's namespace.

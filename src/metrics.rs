@@ -88,6 +88,45 @@ pub enum ReconcileResult {
     Error,
 }
 
+/// One kind of request the operator sent to the API server (`api_requests`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiRequestLabels {
+    pub verb: ApiVerb,
+    /// As the audit log names it: `cronjobs`, `backupbatches/status`; `other` outside the resource API.
+    pub resource: String,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // the audit log's spelling
+pub enum ApiVerb {
+    get,
+    list,
+    watch,
+    create,
+    update,
+    patch,
+    delete,
+    deletecollection,
+    other,
+}
+
+impl ApiVerb {
+    /// `named`: the path names one object; `watch`: the query asks for a watch.
+    pub(crate) fn from_method(method: &http::Method, named: bool, watch: bool) -> Self {
+        match *method {
+            http::Method::GET if watch => Self::watch,
+            http::Method::GET if named => Self::get,
+            http::Method::GET => Self::list,
+            http::Method::POST => Self::create,
+            http::Method::PUT => Self::update,
+            http::Method::PATCH => Self::patch,
+            http::Method::DELETE if named => Self::delete,
+            http::Method::DELETE => Self::deletecollection,
+            _ => Self::other,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ControllerLabels {
     pub controller: &'static str,
@@ -296,6 +335,8 @@ pub struct Metrics {
     pub webhook: WebhookMetrics,
     pub tls: TlsMetrics,
     pub controller: ControllerMetrics,
+    /// The operator's own API requests, by verb and resource (see `api_requests`).
+    pub api_requests: Family<ApiRequestLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -381,7 +422,13 @@ impl Default for Metrics {
             "1 while this replica holds the controller Lease",
             controller.leader.clone(),
         );
-        Self { registry, webhook, tls, controller }
+        let api_requests = Family::default();
+        registry.register(
+            "api_requests",
+            "Requests this process sent to the Kubernetes API server, by verb and resource (watches counted when opened)",
+            Family::clone(&api_requests),
+        );
+        Self { registry, webhook, tls, controller, api_requests }
     }
 }
 

@@ -211,8 +211,13 @@ async fn serving_certificate(
     }
 }
 
-/// Runs until `cancel` fires, then drains and returns.
-pub async fn run(client: Client, config: OperatorConfig, cancel: CancellationToken) -> Result<(), OperatorError> {
+/// Runs until `cancel` fires, then drains and returns. Every request of the client made from
+/// `kube_config` is counted in `stash_api_requests`.
+pub async fn run(
+    kube_config: kube::Config,
+    config: OperatorConfig,
+    cancel: CancellationToken,
+) -> Result<(), OperatorError> {
     // A client CA that does not load stops the operator before it starts anything.
     let client_verifier = match &config.webhook_client_auth {
         Some(auth) => {
@@ -231,6 +236,7 @@ pub async fn run(client: Client, config: OperatorConfig, cancel: CancellationTok
         }
     };
     let metrics = Arc::new(Metrics::default());
+    let client = crate::api_requests::counted_client(kube_config, metrics.api_requests.clone())?;
     let readiness = Arc::new(Readiness::default());
     let mut tasks = JoinSet::new();
 

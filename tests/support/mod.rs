@@ -102,10 +102,12 @@ where
 }
 
 pub async fn client_for(kubeconfig: &Path) -> Client {
+    Client::try_from(config_for(kubeconfig).await).expect("a client")
+}
+
+pub async fn config_for(kubeconfig: &Path) -> Config {
     let kubeconfig = Kubeconfig::read_from(kubeconfig).expect("kubeconfig is readable");
-    let config =
-        Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("kubeconfig is valid");
-    Client::try_from(config).expect("a client")
+    Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("kubeconfig is valid")
 }
 
 /// A client for the test cluster, bound to the calling test's runtime.
@@ -242,12 +244,12 @@ pub fn promtool_path() -> &'static Path {
 /// Where deploy/ installs the operator, and where the tests' operators keep their Leases.
 pub const OPERATOR_NAMESPACE: &str = "stash";
 
-/// A client with the `stash-operator` ServiceAccount's credentials (a fresh TokenRequest token):
+/// A client configuration with the `stash-operator` ServiceAccount's credentials (a fresh TokenRequest token):
 /// the tests' operators run with exactly the shipped RBAC.
-pub async fn operator_client() -> Client {
+pub async fn operator_config() -> Config {
     let dir = tempfile::tempdir().expect("temp dir");
     let kubeconfig = operator_kubeconfig(dir.path()).await;
-    client_for(&kubeconfig).await
+    config_for(&kubeconfig).await
 }
 
 /// The same as a kubeconfig file in `dir`, for an operator process.

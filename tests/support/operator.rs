@@ -97,12 +97,14 @@ async fn start_configured(
     };
     let (webhook_addr, admin_addr) = (config.webhook_addr, config.admin_addr);
     let cancel = CancellationToken::new();
-    let client = match config.certificates {
+    let kube_config = match config.certificates {
         stash::operator::CertificateSource::SelfSigned(_)
-        | stash::operator::CertificateSource::Files { ca_bundle: Some(_), .. } => super::client().await,
-        stash::operator::CertificateSource::Files { ca_bundle: None, .. } => super::operator_client().await,
+        | stash::operator::CertificateSource::Files { ca_bundle: Some(_), .. } => {
+            super::config_for(&super::cluster().kubeconfig).await
+        }
+        stash::operator::CertificateSource::Files { ca_bundle: None, .. } => super::operator_config().await,
     };
-    let run = stash::operator::run(client, config, cancel.clone());
+    let run = stash::operator::run(kube_config, config, cancel.clone());
     let task = tokio::spawn(async move { run.await.expect("the operator runs") });
     let http = reqwest::Client::new();
     super::eventually("the operator to be ready", Duration::from_secs(60), || {
@@ -126,6 +128,19 @@ impl RunningOperator {
     pub async fn metrics(&self) -> String {
         let url = format!("http://{}/metrics", self.admin_addr);
         reqwest::get(url).await.expect("metrics").text().await.expect("text")
+    }
+
+    /// The samples of metric `name` whose label text (`{a="b",…}`) `keep` accepts, by label text.
+    pub async fn samples(&self, name: &str, keep: impl Fn(&str) -> bool) -> std::collections::BTreeMap<String, f64> {
+        let text = self.metrics().await;
+        text.lines()
+            .filter_map(|line| {
+                let (labels, value) = line.strip_prefix(name)?.rsplit_once(' ')?;
+                let value = value.parse().ok()?;
+                (labels.is_empty() || labels.starts_with('{')).then(|| (labels.to_string(), value))
+            })
+            .filter(|(labels, _)| keep(labels))
+            .collect()
     }
 }
 
