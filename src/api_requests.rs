@@ -35,7 +35,8 @@ fn classify(method: &Method, path: &str, query: Option<&str>) -> ApiRequestLabel
         _ => None,
     };
     let Some((resource, tail)) = rest else {
-        return ApiRequestLabels { verb: ApiVerb::from_method(method, false, false), resource: "other".into() };
+        // Non-resource paths (`/version`, discovery) read one thing.
+        return ApiRequestLabels { verb: ApiVerb::from_method(method, true, false), resource: "other".into() };
     };
     let resource = match tail.get(1) {
         Some(sub) => format!("{resource}/{sub}"),

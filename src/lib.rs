@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod names;
 pub mod operator;
 pub mod plugin;
+mod reflect;
 pub mod restic;
 pub mod session;
 pub mod status_write;

@@ -113,14 +113,25 @@ pub(crate) async fn fetch_repository(
 ) -> Result<Result<Repository, Refusal>, kube::Error> {
     let namespace = repository_namespace(requester, reference);
     let repository = Api::<Repository>::namespaced(client.clone(), namespace).get_opt(&reference.name).await?;
-    let labels = match &repository {
+    authorize_found(client, requester, reference, repository.as_ref()).await
+}
+
+/// Authorises `repository`, what was found under `reference` (read by the caller, or from a cache),
+/// reading the requester's namespace labels only when the policy needs them.
+pub(crate) async fn authorize_found(
+    client: &Client,
+    requester: &str,
+    reference: &ObjectReference,
+    repository: Option<&Repository>,
+) -> Result<Result<Repository, Refusal>, kube::Error> {
+    let labels = match repository {
         Some(repository) if needs_labels(requester, repository) => Api::<Namespace>::all(client.clone())
             .get_metadata_opt(requester)
             .await?
             .map(|n| n.metadata.labels.unwrap_or_default()),
         _ => None,
     };
-    Ok(authorize_repository(requester, reference, repository.as_ref(), labels.as_ref()).cloned())
+    Ok(authorize_repository(requester, reference, repository, labels.as_ref()).cloned())
 }
 
 #[cfg(test)]

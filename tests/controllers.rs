@@ -137,6 +137,48 @@ async fn a_ready_batch_gets_its_cronjob_which_follows_edits_and_goes_with_it() {
     operator.stop().await;
 }
 
+/// Issue 15: a Ready batch whose inputs did not change costs no API request when it is reconciled
+/// again (an edit of its metadata here, a watch relist alike): what it checks comes from caches.
+#[tokio::test]
+async fn a_ready_unchanged_batch_is_reconciled_again_without_a_request() {
+    let ns = TestNamespace::new("cached").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    let members = vec![member("PersistentVolumeClaim", "data")];
+    fixtures::batch(&ns, "nightly", members, json!({"schedule": "0 2 * * *"})).await;
+    batch_phase(&ns, "nightly", BackupInvokerPhase::Ready).await;
+
+    // The Lease renewals and the caches' watches are not the batch's.
+    let requests = || operator.samples("stash_api_requests_total", |l| !l.contains("leases") && !l.contains("watch"));
+    let reconciles = || async {
+        let ok = operator.samples("stash_reconciles_total", |l| l.contains("backupbatch")).await;
+        ok.values().sum::<f64>()
+    };
+    let mut settled = (requests().await, reconciles().await);
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let now = (requests().await, reconciles().await);
+        if now == settled {
+            break;
+        }
+        settled = now;
+    }
+    let (before, reconciled) = settled;
+    let patch = json!({"metadata": {"annotations": {"example.com/touched": "yes"}}});
+    let batches = ns.api::<BackupBatch>();
+    batches.patch("nightly", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("annotate");
+    eventually("the batch reconciled again", Duration::from_secs(30), || async {
+        (reconciles().await > reconciled).then_some(())
+    })
+    .await;
+    let after = requests().await;
+    let added: Vec<_> = after.iter().filter(|(series, n)| before.get(*series) != Some(n)).collect();
+    assert!(added.is_empty(), "requests of the reconcile: {added:?}");
+    operator.stop().await;
+}
+
 #[tokio::test]
 async fn missing_repository_or_secret_keeps_the_batch_not_ready_saying_which() {
     let ns = TestNamespace::new("notready").await;

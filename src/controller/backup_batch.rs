@@ -1,6 +1,7 @@
 //! BackupBatch → validation conditions, the trigger CronJob and its identity, status and Events.
 
 use super::backup_job::is_job_model;
+use super::caches;
 use super::context::{Context, ControllerError, FIELD_MANAGER};
 use super::identity;
 use super::observed;
@@ -18,6 +19,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -40,7 +42,10 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
     let generation = batch.metadata.generation;
 
     let validation = validate(&batch, &ctx);
-    let repository = tenancy::fetch_repository(&ctx.client, &namespace, &batch.spec.repository).await?;
+    let reference = &batch.spec.repository;
+    let cached = ObjectRef::new(&reference.name).within(tenancy::repository_namespace(&namespace, reference));
+    let found = ctx.caches.repositories.get(&cached);
+    let repository = tenancy::authorize_found(&ctx.client, &namespace, reference, found.as_deref()).await?;
     let secret = match &repository {
         Ok(repo) => check_secret(&ctx, repo).await?,
         Err(refusal) => Desired::new(BACKEND_SECRET_FOUND, false, refusal.reason(), "the Repository cannot be used"),
@@ -67,7 +72,7 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
     let mut sidecars_pending = false;
     for member in &batch.spec.members {
         let reference = &member.target.reference;
-        let state = targets::inspect(&ctx.client, &namespace, member).await?;
+        let state = targets::inspect(&ctx.client, Some(&ctx.caches.claims), &namespace, member).await?;
         let mut conditions = previous_member_conditions(&batch, reference);
         let found = match &state {
             TargetState::Missing => Desired::new(
@@ -334,6 +339,9 @@ fn withheld_trigger(validation: &Desired, repository: &Result<Repository, Refusa
 }
 
 /// BackendSecretFound: the Secret exists and holds RESTIC_PASSWORD (its value is never read into logs).
+/// Secrets are neither listed nor watched (that would need every Secret of the cluster): a usable one
+/// is read once per version of its Repository, and a missing or incomplete one on every recheck. A
+/// Secret removed later is not noticed here; the next session's executors fail saying so.
 async fn check_secret(ctx: &Context, repository: &Repository) -> Result<Desired, ControllerError> {
     let namespace = repository.namespace().unwrap_or_default();
     let name = &repository.spec.backend.storage_secret_name;
@@ -344,6 +352,11 @@ async fn check_secret(ctx: &Context, repository: &Repository) -> Result<Desired,
             "SecretNotNamed",
             "the Repository names no spec.backend.storageSecretName",
         ));
+    }
+    let usable =
+        || Desired::new(BACKEND_SECRET_FOUND, true, "SecretAvailable", format!("Secret {namespace}/{name} found"));
+    if ctx.caches.secret_known_usable(repository) {
+        return Ok(usable());
     }
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     Ok(match secrets.get_opt(name).await? {
@@ -360,7 +373,8 @@ async fn check_secret(ctx: &Context, repository: &Repository) -> Result<Desired,
             format!("Secret {namespace}/{name} has no RESTIC_PASSWORD key"),
         ),
         Some(_) => {
-            Desired::new(BACKEND_SECRET_FOUND, true, "SecretAvailable", format!("Secret {namespace}/{name} found"))
+            ctx.caches.secret_usable(repository);
+            usable()
         }
     })
 }
@@ -381,10 +395,17 @@ async fn ensure_trigger(batch: &BackupBatch, ctx: &Context, namespace: &str) -> 
             "spec.schedule is empty: back up with `stash trigger`",
         ));
     };
-    let cronjobs: Api<CronJob> = Api::namespaced(ctx.client.clone(), namespace);
     let cronjob = trigger_cronjob(batch, schedule, &ctx.trigger_image);
     let name = cronjob.name_any();
-    cronjobs.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&typed(cronjob))).await?;
+    let desired = typed(cronjob);
+    let fingerprint = caches::fingerprint(&desired);
+    // Applying what was applied last, to a CronJob nobody changed since, would change nothing.
+    if !ctx.caches.cronjob_current(namespace, &name, fingerprint) {
+        let cronjobs: Api<CronJob> = Api::namespaced(ctx.client.clone(), namespace);
+        let applied =
+            cronjobs.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&desired)).await?;
+        ctx.caches.cronjob_applied(namespace, &name, fingerprint, applied.metadata.generation);
+    }
     let shortened = if name == format!("stash-trigger-{}", batch.name_any()) {
         String::new()
     } else {
@@ -394,10 +415,13 @@ async fn ensure_trigger(batch: &BackupBatch, ctx: &Context, namespace: &str) -> 
 }
 
 async fn remove_trigger(batch: &BackupBatch, ctx: &Context, namespace: &str) -> Result<(), ControllerError> {
-    let cronjobs: Api<CronJob> = Api::namespaced(ctx.client.clone(), namespace);
     let name = cronjob_name(&batch.name_any());
-    if cronjobs.get_opt(&name).await?.is_some() {
-        cronjobs.delete(&name, &Default::default()).await?;
+    if ctx.caches.cronjobs.get(&ObjectRef::new(&name).within(namespace)).is_some() {
+        let cronjobs: Api<CronJob> = Api::namespaced(ctx.client.clone(), namespace);
+        match cronjobs.delete(&name, &Default::default()).await {
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            deleted => drop(deleted?),
+        }
     }
     Ok(())
 }

@@ -49,6 +49,7 @@ enum Claimed {
 
 #[tracing::instrument(skip_all, fields(namespace = session.namespace().unwrap_or_default(), name = session.name_any()))]
 pub async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
+    ctx.caches.ready().await?;
     let namespace = session.namespace().unwrap_or_default();
     let sessions: Api<BackupSession> = Api::namespaced(ctx.client.clone(), &namespace);
     let batches: Api<BackupBatch> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -163,7 +164,8 @@ fn blocking_sibling<'a>(session: &BackupSession, siblings: &'a [BackupSession]) 
 async fn exec_pods(ctx: &Context, namespace: &str, batch: &BackupBatch) -> Result<hooks::ExecPods, ControllerError> {
     let mut selectors = Vec::new();
     for member in &batch.spec.members {
-        if let TargetState::Workload(workload) = targets::inspect(&ctx.client, namespace, member).await?
+        if let TargetState::Workload(workload) =
+            targets::inspect(&ctx.client, Some(&ctx.caches.claims), namespace, member).await?
             && let Some(selector) = workload.selector.and_then(|s| kube::core::Selector::try_from(s).ok())
         {
             selectors.push(selector);
@@ -216,7 +218,7 @@ async fn start(
     let namespace = session.namespace().unwrap_or_default();
     let mut targets = Vec::with_capacity(batch.spec.members.len());
     for member in &batch.spec.members {
-        let state = targets::inspect(&ctx.client, &namespace, member).await?;
+        let state = targets::inspect(&ctx.client, Some(&ctx.caches.claims), &namespace, member).await?;
         let reference = &member.target.reference;
         let unusable = unusable(&state, reference);
         targets.push(BackupTargetStatus {

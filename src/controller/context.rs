@@ -24,6 +24,8 @@ pub struct Context {
     pub sessions: Store<BackupSession>,
     /// The restore controller's cache, for the RestoreBatch metrics.
     pub restores: Store<RestoreBatch>,
+    /// What the controllers read without a request.
+    pub caches: super::caches::Caches,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +34,8 @@ pub enum ControllerError {
     Kube(#[from] kube::Error),
     #[error("serializing: {0}")]
     Serialize(#[from] serde_json::Error),
+    #[error("the controllers' caches stopped before their first list")]
+    CachesStopped(#[from] kube::runtime::reflector::store::WriterDropped),
     #[error("finalizer: {0}")]
     Finalizer(#[from] Box<kube::runtime::finalizer::Error<ControllerError>>),
 }

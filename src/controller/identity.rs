@@ -6,11 +6,13 @@ use super::executor_job::BACKUP_SERVICE_ACCOUNT;
 use super::targets::WorkloadInfo;
 use super::trigger::{BACKUP_CLUSTER_ROLE, TRIGGER_CLUSTER_ROLE, TRIGGER_SERVICE_ACCOUNT};
 use crate::api::RestoreBatch;
+use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, PostParams};
-use kube::core::ObjectMeta;
+use kube::core::{ObjectMeta, PartialObjectMeta};
+use kube::runtime::reflector::Store;
 
 const IDENTITIES: [(&str, &str); 2] =
     [(TRIGGER_SERVICE_ACCOUNT, TRIGGER_CLUSTER_ROLE), (BACKUP_SERVICE_ACCOUNT, BACKUP_CLUSTER_ROLE)];
@@ -63,25 +65,38 @@ fn workload_binding(namespace: &str, account: &str) -> RoleBinding {
     binding(namespace, &name, account, BACKUP_CLUSTER_ROLE)
 }
 
-/// Creates `object` unless it exists; an existing one costs a read, never a write.
-async fn create_once<K>(api: &Api<K>, object: &K) -> Result<(), kube::Error>
+/// Creates `object` unless the cache (or a creation of ours its watch has not shown yet) has it:
+/// an existing identity costs no request. Creations are serialised, so that a namespace's batches
+/// reconciled together create each identity once instead of racing to it.
+async fn create_once<K>(ctx: &Context, store: &Store<PartialObjectMeta<K>>, object: &K) -> Result<(), kube::Error>
 where
-    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: kube::Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + 'static,
 {
-    if api.get_opt(&object.name_any()).await?.is_none() {
-        ignore_conflict(api.create(&PostParams::default(), object).await)?;
+    let (namespace, name) = (object.namespace().unwrap_or_default(), object.name_any());
+    if ctx.caches.identity_present(store, &namespace, &name) {
+        return Ok(());
     }
+    let _creating = ctx.caches.creating.lock().await;
+    if ctx.caches.identity_present(store, &namespace, &name) {
+        return Ok(());
+    }
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+    ignore_conflict(api.create(&PostParams::default(), object).await)?;
+    ctx.caches.identity_created::<K>(&namespace, &name);
     Ok(())
 }
 
 /// Creates the identities once.
 pub(crate) async fn ensure(ctx: &Context, namespace: &str) -> Result<(), ControllerError> {
-    let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), namespace);
-    let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), namespace);
     for (account, role) in IDENTITIES {
         let (service_account, binding) = namespace_identity(namespace, account, role);
-        create_once(&accounts, &service_account).await?;
-        create_once(&bindings, &binding).await?;
+        create_once(ctx, &ctx.caches.accounts, &service_account).await?;
+        create_once(ctx, &ctx.caches.bindings, &binding).await?;
     }
     Ok(())
 }
@@ -96,8 +111,7 @@ pub(crate) async fn ensure_workload(
     namespace: &str,
     workload: &WorkloadInfo,
 ) -> Result<(), ControllerError> {
-    let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), namespace);
-    create_once(&bindings, &workload_binding(namespace, &workload.service_account)).await?;
+    create_once(ctx, &ctx.caches.bindings, &workload_binding(namespace, &workload.service_account)).await?;
     Ok(())
 }
 
@@ -114,6 +128,7 @@ pub(crate) async fn release(ctx: &Context, namespace: &str, leaving: Option<&str
     if still_used(users, leaving) {
         return Ok(());
     }
+    ctx.caches.identities_released(namespace);
     let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), namespace);
     let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), namespace);
     for (account, _) in IDENTITIES {

@@ -4,6 +4,7 @@ mod app_binding;
 pub mod backup_batch;
 pub mod backup_job;
 pub mod backup_session;
+pub mod caches;
 pub mod context;
 pub mod executor_job;
 mod identity;
@@ -19,10 +20,11 @@ use crate::metrics::{ControllerLabels, Metrics, ReconcileLabels, ReconcileResult
 use context::{Context, ControllerError};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{ObjectRef, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use std::future::Future;
 use std::sync::Arc;
@@ -61,6 +63,23 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
     let batches = batch_controller.store();
     let restore_controller = Controller::new(api::<RestoreBatch>(&client, namespace), watcher::Config::default());
     let session_controller = Controller::new(api::<BackupSession>(&client, namespace), watcher::Config::default());
+    let (caches, writers, feeds) = caches::Caches::new(
+        watcher::Config::default(),
+        ours.clone(),
+        api::<PartialObjectMeta<_>>(&client, namespace),
+        api::<PartialObjectMeta<_>>(&client, namespace),
+        api::<PartialObjectMeta<_>>(&client, namespace),
+    );
+    // Every namespace's Repositories, whatever the install's scope: a batch may use another
+    // namespace's that allows it.
+    let repositories =
+        reflector(writers.repositories, watcher(Api::<Repository>::all(client.clone()), Default::default()))
+            .default_backoff()
+            .touched_objects();
+    let cronjobs =
+        reflector(writers.cronjobs, watcher(api::<PartialObjectMeta<CronJob>>(&client, namespace), ours.clone()))
+            .default_backoff()
+            .touched_objects();
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
@@ -70,12 +89,13 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
         stall_after: settings.stall_after,
         sessions: session_controller.store(),
         restores: restore_controller.store(),
+        caches,
     });
 
     let by_repository = batches.clone();
     let batch_loop = batch_controller
-        .owns(api::<CronJob>(&client, namespace), ours.clone())
-        .watches(api::<Repository>(&client, namespace), watcher::Config::default(), move |repository: Repository| {
+        .owns_stream(cronjobs)
+        .watches_stream(repositories, move |repository: Repository| {
             // A Repository appearing or changing re-checks the batches that use it.
             let (name, namespace) = (repository.name_any(), repository.namespace());
             by_repository
@@ -118,7 +138,11 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
         )
         .for_each(|_| futures::future::ready(()));
 
-    futures::join!(batch_loop, session_loop, restore_loop);
+    // The feeds never end; the controllers end on `cancel`.
+    let controllers = Box::pin(async {
+        futures::join!(batch_loop, session_loop, restore_loop);
+    });
+    futures::future::select(controllers, feeds).await;
 }
 
 /// The namespace's shared identities are removed with its last BackupBatch or RestoreBatch; this
@@ -126,6 +150,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
 pub const BATCH_FINALIZER: &str = "stash.appscode.com/cleanup";
 
 async fn reconcile_batch(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
+    ctx.caches.ready().await?;
     let api: Api<BackupBatch> = Api::namespaced(ctx.client.clone(), &batch.namespace().unwrap_or_default());
     kube::runtime::finalizer(&api, BATCH_FINALIZER, batch, |event| async {
         match event {
@@ -138,6 +163,7 @@ async fn reconcile_batch(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<A
 }
 
 async fn reconcile_restore(restore: Arc<RestoreBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
+    ctx.caches.ready().await?;
     let api: Api<RestoreBatch> = Api::namespaced(ctx.client.clone(), &restore.namespace().unwrap_or_default());
     kube::runtime::finalizer(&api, BATCH_FINALIZER, restore, |event| async {
         match event {

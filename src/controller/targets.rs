@@ -11,6 +11,8 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, PodTemplateSpec, Re
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 use std::collections::BTreeMap;
 
@@ -81,7 +83,14 @@ where
     })
 }
 
-pub async fn inspect(client: &Client, namespace: &str, member: &BackupMember) -> Result<TargetState, kube::Error> {
+/// What `member` names: PersistentVolumeClaims from `claims` when given (the controllers' cache),
+/// everything else from the API server.
+pub async fn inspect(
+    client: &Client,
+    claims: Option<&Store<PartialObjectMeta<PersistentVolumeClaim>>>,
+    namespace: &str,
+    member: &BackupMember,
+) -> Result<TargetState, kube::Error> {
     let target = &member.target.reference;
     if target.namespace.as_deref().is_some_and(|other| other != namespace) {
         return Ok(TargetState::CrossNamespace);
@@ -133,10 +142,14 @@ pub async fn inspect(client: &Client, namespace: &str, member: &BackupMember) ->
             }
         }
         "PersistentVolumeClaim" => {
-            match Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace).get_opt(name).await? {
-                Some(_) => TargetState::Volume,
-                None => TargetState::Missing,
-            }
+            let exists = match claims {
+                Some(cached) => cached.get(&ObjectRef::new(name).within(namespace)).is_some(),
+                None => {
+                    let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace);
+                    claims.get_metadata_opt(name).await?.is_some()
+                }
+            };
+            if exists { TargetState::Volume } else { TargetState::Missing }
         }
         // A database member: the Secret holding its connection (see agent::database).
         "Secret" => match Api::<Secret>::namespaced(client.clone(), namespace).get_metadata_opt(name).await? {

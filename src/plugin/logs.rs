@@ -38,7 +38,7 @@ pub async fn session_logs(client: Client, namespace: &str, session: &str) -> Res
     let since = found.metadata.creation_timestamp.as_ref().map(|t| t.0);
     let batch = super::batch(&client, namespace, &found.spec.invoker.name).await?;
     for member in batch.spec.members.iter().filter(|m| !is_job_model(m)) {
-        let TargetState::Workload(workload) = inspect(&client, namespace, member).await? else { continue };
+        let TargetState::Workload(workload) = inspect(&client, None, namespace, member).await? else { continue };
         let Some(selector) = workload.selector.and_then(|s| kube::core::Selector::try_from(s).ok()) else { continue };
         let selected = pods.list(&ListParams::default().labels_from(&selector)).await?.items;
         readings.extend(

@@ -4,12 +4,11 @@
 use super::decision::Catalog;
 use super::target_index::TargetIndex;
 use crate::api::{BackupBatch, Repository};
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use std::fmt::Debug;
@@ -42,7 +41,7 @@ pub fn start(client: &Client, tasks: &mut JoinSet<()>) -> Catalog {
     Catalog { batches, repositories, replicasets, namespaces, targets }
 }
 
-/// Starts a reflector for `K`; `changed` runs after the store applied each event.
+/// Starts a reflector for `K` on `tasks`; `changed` runs after the store applied each event.
 fn reflect<K>(
     tasks: &mut JoinSet<()>,
     events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
@@ -52,19 +51,9 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
-    let (reader, writer) = reflector::store();
-    let kind = K::kind(&K::DynamicType::default()).into_owned();
-    let stream = reflector::reflector(writer, events.default_backoff());
-    tasks.spawn(async move {
-        futures::pin_mut!(stream);
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(_) => changed(),
-                Err(err) => tracing::warn!(%kind, error = %err, "watch failed; retrying with backoff"),
-            }
-        }
-    });
-    reader
+    let (store, feeding) = crate::reflect::feed(events, changed);
+    tasks.spawn(feeding);
+    store
 }
 
 impl Catalog {

@@ -1,0 +1,155 @@
+//! What the controllers read without a request: reflector stores of Repositories, of PVC and
+//! identity metadata and of the trigger CronJobs, and three small memos for what no store can say —
+//! a backend Secret checked once per Repository version (Secrets are never listed or watched), the
+//! last CronJob applied per batch, and identities just created whose watch event is still on its way.
+//!
+//! The Repository and CronJob stores are fed by the BackupBatch controller's own trigger streams, so a
+//! reconcile woken by one of them always finds the change in the store.
+
+use crate::api::Repository;
+use crate::reflect::feed;
+use k8s_openapi::api::batch::v1::CronJob;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, ServiceAccount};
+use k8s_openapi::api::rbac::v1::RoleBinding;
+use kube::Resource;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
+use kube::runtime::watcher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How long an identity this operator created counts as present without its watch event: far longer
+/// than an event takes to arrive, far shorter than anyone deleting it by hand and expecting it back.
+const CREATED_GRACE: Duration = Duration::from_secs(30);
+
+/// The fingerprint of a CronJob applied, and the generation the API server gave it.
+type Applied = (u64, Option<i64>);
+
+pub struct Caches {
+    pub(crate) repositories: Store<Repository>,
+    pub(crate) claims: Store<PartialObjectMeta<PersistentVolumeClaim>>,
+    pub(crate) cronjobs: Store<PartialObjectMeta<CronJob>>,
+    pub(crate) accounts: Store<PartialObjectMeta<ServiceAccount>>,
+    pub(crate) bindings: Store<PartialObjectMeta<RoleBinding>>,
+    /// Repositories whose backend Secret was found usable, at the Repository's resourceVersion.
+    secrets_checked: Mutex<HashMap<ObjectRef<Repository>, String>>,
+    /// Per trigger CronJob: the fingerprint of what was last applied, and the generation it got.
+    applied: Mutex<HashMap<ObjectRef<CronJob>, Applied>>,
+    /// Identities created by this operator, by kind, namespace and name, and when.
+    created: Mutex<HashMap<(String, String, String), Instant>>,
+    /// Held while an identity is created, so that a namespace's batches do not race to create it.
+    pub(crate) creating: tokio::sync::Mutex<()>,
+}
+
+/// The writers of the stores the controllers' trigger streams feed.
+pub struct Writers {
+    pub repositories: Writer<Repository>,
+    pub cronjobs: Writer<PartialObjectMeta<CronJob>>,
+}
+
+/// The stores fed by reflectors of their own, as one future that runs until dropped.
+pub type Feeds = futures::future::BoxFuture<'static, ()>;
+
+impl Caches {
+    /// The caches, the writers for the trigger-fed stores, and the future that feeds the others.
+    pub(crate) fn new(
+        claims: watcher::Config,
+        identities: watcher::Config,
+        claims_api: kube::Api<PartialObjectMeta<PersistentVolumeClaim>>,
+        accounts_api: kube::Api<PartialObjectMeta<ServiceAccount>>,
+        bindings_api: kube::Api<PartialObjectMeta<RoleBinding>>,
+    ) -> (Self, Writers, Feeds) {
+        let (repositories, repositories_writer) = reflector::store();
+        let (cronjobs, cronjobs_writer) = reflector::store();
+        let (claims_store, claims_feed) = feed(watcher(claims_api, claims), || {});
+        let (accounts, accounts_feed) = feed(watcher(accounts_api, identities.clone()), || {});
+        let (bindings, bindings_feed) = feed(watcher(bindings_api, identities), || {});
+        let feeds = Box::pin(async move {
+            futures::join!(claims_feed, accounts_feed, bindings_feed);
+        });
+        let caches = Caches {
+            repositories,
+            claims: claims_store,
+            cronjobs,
+            accounts,
+            bindings,
+            secrets_checked: Mutex::default(),
+            applied: Mutex::default(),
+            created: Mutex::default(),
+            creating: tokio::sync::Mutex::const_new(()),
+        };
+        (caches, Writers { repositories: repositories_writer, cronjobs: cronjobs_writer }, feeds)
+    }
+
+    /// Resolves once every store has completed its first list: before that, a missing object would
+    /// read as absent, and a batch would report (and create) what is in fact there.
+    pub(crate) async fn ready(&self) -> Result<(), reflector::store::WriterDropped> {
+        self.repositories.wait_until_ready().await?;
+        self.claims.wait_until_ready().await?;
+        self.cronjobs.wait_until_ready().await?;
+        self.accounts.wait_until_ready().await?;
+        self.bindings.wait_until_ready().await
+    }
+
+    /// Whether `repository`, at its current version, was seen with a usable backend Secret.
+    pub(crate) fn secret_known_usable(&self, repository: &Repository) -> bool {
+        let version = repository.metadata.resource_version.as_deref();
+        let checked = self.secrets_checked.lock().unwrap_or_else(|e| e.into_inner());
+        version.is_some() && checked.get(&ObjectRef::from_obj(repository)).map(String::as_str) == version
+    }
+
+    pub(crate) fn secret_usable(&self, repository: &Repository) {
+        if let Some(version) = repository.metadata.resource_version.clone() {
+            let mut checked = self.secrets_checked.lock().unwrap_or_else(|e| e.into_inner());
+            checked.insert(ObjectRef::from_obj(repository), version);
+        }
+    }
+
+    /// Whether applying `fingerprint` to CronJob `name` would change nothing: it was the last thing
+    /// applied, and nobody changed the CronJob's spec since (its generation is the one it got).
+    pub(crate) fn cronjob_current(&self, namespace: &str, name: &str, fingerprint: u64) -> bool {
+        let key = ObjectRef::new(name).within(namespace);
+        let Some(cached) = self.cronjobs.get(&key) else { return false };
+        let applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        applied.get(&key) == Some(&(fingerprint, cached.metadata.generation))
+    }
+
+    pub(crate) fn cronjob_applied(&self, namespace: &str, name: &str, fingerprint: u64, generation: Option<i64>) {
+        let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        applied.insert(ObjectRef::new(name).within(namespace), (fingerprint, generation));
+    }
+
+    /// Whether identity `K` `namespace/name` exists, as the store or a recent creation of ours says.
+    pub(crate) fn identity_present<K>(&self, store: &Store<PartialObjectMeta<K>>, namespace: &str, name: &str) -> bool
+    where
+        K: Resource<DynamicType = ()> + Clone + 'static,
+    {
+        if store.get(&ObjectRef::new(name).within(namespace)).is_some() {
+            return true;
+        }
+        let created = self.created.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (K::kind(&()).into_owned(), namespace.to_string(), name.to_string());
+        created.get(&key).is_some_and(|at| at.elapsed() < CREATED_GRACE)
+    }
+
+    pub(crate) fn identity_created<K: Resource<DynamicType = ()>>(&self, namespace: &str, name: &str) {
+        let mut created = self.created.lock().unwrap_or_else(|e| e.into_inner());
+        created.retain(|_, at| at.elapsed() < CREATED_GRACE);
+        created.insert((K::kind(&()).into_owned(), namespace.to_string(), name.to_string()), Instant::now());
+    }
+
+    /// The namespace's identities are being removed: none of them counts as just created.
+    pub(crate) fn identities_released(&self, namespace: &str) {
+        let mut created = self.created.lock().unwrap_or_else(|e| e.into_inner());
+        created.retain(|(_, ns, _), _| ns != namespace);
+    }
+}
+
+/// A stable fingerprint of what is applied, to tell whether applying it again would change anything.
+pub(crate) fn fingerprint(object: &serde_json::Value) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    object.to_string().hash(&mut hasher);
+    hasher.finish()
+}
