@@ -36,7 +36,7 @@ pub struct Caches {
     /// Repositories whose backend Secret was found usable, at the Repository's resourceVersion.
     secrets_checked: Mutex<HashMap<ObjectRef<Repository>, String>>,
     /// Per trigger CronJob: the fingerprint of what was last applied, and the generation it got.
-    applied: Mutex<HashMap<ObjectRef<CronJob>, Applied>>,
+    applied: Mutex<HashMap<ObjectRef<PartialObjectMeta<CronJob>>, Applied>>,
     /// Identities created by this operator, by kind, namespace and name, and when.
     created: Mutex<HashMap<(String, String, String), Instant>>,
     /// Held while an identity is created, so that a namespace's batches do not race to create it.
