@@ -177,8 +177,9 @@ done
 
 # What the BackupBatch CRD's schema (176 KB of JSON, most of it the Pod runtime settings) costs the API
 # server: kubectl creating the same N batches (no operator) under the full schema and under a minimal
-# one (`x-kubernetes-preserve-unknown-fields`), alternating, twice each, on one control plane.
-n=${counts[0]}
+# one (`x-kubernetes-preserve-unknown-fields`), alternating, twice each, on one control plane; N is
+# the last one given.
+n=${counts[-1]}
 manifests "$n"
 eval "$(tests/cluster/cluster.sh up)" >/dev/null
 apiserver=$(cat "$STASH_CLUSTER_DIR/kube-apiserver.pid")

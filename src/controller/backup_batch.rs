@@ -38,6 +38,9 @@ const RECHECK: Duration = Duration::from_secs(10);
 
 #[tracing::instrument(skip_all, fields(namespace = batch.namespace().unwrap_or_default(), name = batch.name_any()))]
 pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
+    if ctx.caches.status_pending(&batch) {
+        return Ok(Action::await_change());
+    }
     let namespace = batch.namespace().unwrap_or_default();
     let generation = batch.metadata.generation;
 
@@ -216,13 +219,15 @@ async fn write_status(
     if ours.as_ref() == Some(&status) {
         return Ok(());
     }
-    let batches: Api<BackupBatch> = Api::namespaced(ctx.client.clone(), namespace);
     let patch = serde_json::json!({
         "apiVersion": "stash.appscode.com/v1beta1",
         "kind": "BackupBatch",
         "status": status,
     });
-    batches.patch_status(&batch.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    let batches: Api<BackupBatch> = Api::namespaced(ctx.client.clone(), namespace);
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let written = batches.patch_status(&batch.name_any(), &params, &Patch::Apply(&patch)).await?;
+    ctx.caches.status_written(batch, written.metadata.resource_version);
     Ok(())
 }
 
@@ -433,6 +438,7 @@ pub async fn cleanup(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Actio
     let namespace = batch.namespace().unwrap_or_default();
     identity::release(&ctx, &namespace, batch.metadata.uid.as_deref()).await?;
     let name = batch.name_any();
+    ctx.caches.forget_batch(&batch, &cronjob_name(&name));
     let metrics = &ctx.metrics.controller;
     metrics.state.remove(&observed::batch_owner(&namespace, &name));
     metrics.session_duration.remove(&observed::batch_labels(&namespace, &name, None));

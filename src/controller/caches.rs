@@ -6,7 +6,7 @@
 //! The Repository and CronJob stores are fed by the BackupBatch controller's own trigger streams, so a
 //! reconcile woken by one of them always finds the change in the store.
 
-use crate::api::Repository;
+use crate::api::{BackupBatch, Repository};
 use crate::reflect::feed;
 use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, ServiceAccount};
@@ -27,6 +27,9 @@ const CREATED_GRACE: Duration = Duration::from_secs(30);
 /// The fingerprint of a CronJob applied, and the generation the API server gave it.
 type Applied = (u64, Option<i64>);
 
+/// A batch's resourceVersion before and after a status write.
+type StatusWrite = (Option<String>, Option<String>);
+
 pub struct Caches {
     pub(crate) repositories: Store<Repository>,
     pub(crate) claims: Store<PartialObjectMeta<PersistentVolumeClaim>>,
@@ -37,6 +40,8 @@ pub struct Caches {
     secrets_checked: Mutex<HashMap<ObjectRef<Repository>, String>>,
     /// Per trigger CronJob: the fingerprint of what was last applied, and the generation it got.
     applied: Mutex<HashMap<ObjectRef<PartialObjectMeta<CronJob>>, Applied>>,
+    /// Per batch: its resourceVersion before and after the status this operator last wrote.
+    statuses: Mutex<HashMap<ObjectRef<BackupBatch>, StatusWrite>>,
     /// Identities created by this operator, by kind, namespace and name, and when.
     created: Mutex<HashMap<(String, String, String), Instant>>,
     /// Held while an identity is created, so that a namespace's batches do not race to create it.
@@ -77,6 +82,7 @@ impl Caches {
             bindings,
             secrets_checked: Mutex::default(),
             applied: Mutex::default(),
+            statuses: Mutex::default(),
             created: Mutex::default(),
             creating: tokio::sync::Mutex::const_new(()),
         };
@@ -121,6 +127,29 @@ impl Caches {
         applied.insert(ObjectRef::new(name).within(namespace), (fingerprint, generation));
     }
 
+    /// Whether the cached `batch` is still the version this operator's last status write replaced:
+    /// the write's own watch event is on its way and brings a reconcile that sees it. Reconciling the
+    /// stale copy would write the status (and publish its Events) again. Under load, reconciles woken
+    /// by a CronJob or Repository event often read the batch one write behind.
+    pub(crate) fn status_pending(&self, batch: &BackupBatch) -> bool {
+        let statuses = self.statuses.lock().unwrap_or_else(|e| e.into_inner());
+        let version = &batch.metadata.resource_version;
+        statuses.get(&ObjectRef::from_obj(batch)).is_some_and(|(before, after)| before == version && before != after)
+    }
+
+    /// `batch` (as cached) got a status write, which gave it resourceVersion `written`.
+    pub(crate) fn status_written(&self, batch: &BackupBatch, written: Option<String>) {
+        let mut statuses = self.statuses.lock().unwrap_or_else(|e| e.into_inner());
+        statuses.insert(ObjectRef::from_obj(batch), (batch.metadata.resource_version.clone(), written));
+    }
+
+    /// The batch is gone: what was remembered of it goes too.
+    pub(crate) fn forget_batch(&self, batch: &BackupBatch, cronjob: &str) {
+        self.statuses.lock().unwrap_or_else(|e| e.into_inner()).remove(&ObjectRef::from_obj(batch));
+        let cronjob = ObjectRef::new(cronjob).within(&batch.metadata.namespace.clone().unwrap_or_default());
+        self.applied.lock().unwrap_or_else(|e| e.into_inner()).remove(&cronjob);
+    }
+
     /// Whether identity `K` `namespace/name` exists, as the store or a recent creation of ours says.
     pub(crate) fn identity_present<K>(&self, store: &Store<PartialObjectMeta<K>>, namespace: &str, name: &str) -> bool
     where
@@ -152,4 +181,45 @@ pub(crate) fn fingerprint(object: &serde_json::Value) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     object.to_string().hash(&mut hasher);
     hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caches() -> Caches {
+        let config = watcher::Config::default;
+        let client = || {
+            let service = tower::service_fn(|_| async { Err::<http::Response<kube::client::Body>, _>("no server") });
+            kube::Client::new(service, "default")
+        };
+        Caches::new(config(), config(), kube::Api::all(client()), kube::Api::all(client()), kube::Api::all(client())).0
+    }
+
+    fn batch(version: &str) -> BackupBatch {
+        let mut batch = BackupBatch::new(
+            "b",
+            serde_json::from_value(serde_json::json!({"repository": {"name": "r"}, "members": []})).expect("a spec"),
+        );
+        batch.metadata.namespace = Some("ns".into());
+        batch.metadata.resource_version = Some(version.into());
+        batch
+    }
+
+    /// A reconcile of the copy our status write replaced waits for the write's own event; a write
+    /// that changed nothing (same version back) leaves nothing to wait for.
+    #[tokio::test]
+    async fn a_batch_is_stale_only_until_the_cache_shows_our_status_write() {
+        let caches = caches();
+        assert!(!caches.status_pending(&batch("1")), "nothing written yet");
+        caches.status_written(&batch("1"), Some("2".into()));
+        assert!(caches.status_pending(&batch("1")), "the cache still has the replaced version");
+        assert!(!caches.status_pending(&batch("2")), "the cache caught up");
+        assert!(!caches.status_pending(&batch("3")), "someone else wrote since");
+        caches.status_written(&batch("3"), Some("3".into()));
+        assert!(!caches.status_pending(&batch("3")), "a no-op write brings no event to wait for");
+        caches.status_written(&batch("3"), Some("4".into()));
+        caches.forget_batch(&batch("3"), "stash-trigger-b");
+        assert!(!caches.status_pending(&batch("3")), "a deleted batch is forgotten");
+    }
 }
