@@ -1,7 +1,7 @@
 //! Backing up a tree of files (a workload's paths, a PVC) for one host of one session.
 
 use super::executor::{AgentError, Executor};
-use super::{locks, session_tags};
+use super::session_tags;
 use crate::api::BackupSession;
 use crate::api::backup_batch::BackupTarget;
 use crate::api::repository::Repository;
@@ -32,8 +32,7 @@ impl FileBackup<'_> {
                 return Err(AgentError::PathMissing(path.clone()));
             }
         }
-        executor.ensure_repository(restic, self.repository).await?;
-        locks::heal(executor, restic, self.session).await?;
+        executor.prepare_backup(restic, self.repository, self.session).await?;
         let request = BackupRequest {
             root: root.clone(),
             paths: self.paths.clone(),

@@ -4,8 +4,8 @@ use super::database::{Connection, Engine};
 use super::executor::{AgentError, Executor};
 use super::files::FileBackup;
 use super::progress::Reporter;
+use super::session_tags;
 use super::status::{self, Turn};
-use super::{locks, session_tags};
 use crate::api::backup_batch::BackupMember;
 use crate::api::backup_session::DEFAULT_SESSION_TIMEOUT;
 use crate::api::{BackupBatch, BackupSession};
@@ -106,8 +106,7 @@ async fn back_up(
     if is_database(&job.kind) {
         let engine = Engine::from_task(member.task.as_ref().map(|t| t.name.as_str())).map_err(AgentError::Invalid)?;
         let connection = Connection::from_secret(engine, SecretValues::read_dir(&job.database_secret_dir)?)?;
-        executor.ensure_repository(&restic, &repository).await?;
-        locks::heal(executor, &restic, session).await?;
+        executor.prepare_backup(&restic, &repository, session).await?;
         let tags = session_tags(session, &batch.name_any(), host);
         let outcome = connection.backup(&restic, host, &tags).await?;
         return Ok((format!("/{}", connection.dump_filename()), outcome));

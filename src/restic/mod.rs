@@ -406,6 +406,11 @@ impl Restic {
         }
     }
 
+    /// A repository in a local directory (answers some questions without restic).
+    pub fn is_local(&self) -> bool {
+        self.location.local_dir.is_some()
+    }
+
     /// Whether the repository exists (after a reachability probe). A local repository's directory
     /// answers without restic, whose every opening costs a key derivation (~0.5 s).
     pub async fn exists(&self) -> Result<bool, ResticError> {
