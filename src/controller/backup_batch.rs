@@ -299,15 +299,19 @@ fn runtime_refusal(spec: &BackupBatchSpec) -> Option<String> {
     None
 }
 
-/// A member target that an older batch of the namespace already backs up.
+/// A member target that an older batch of the namespace already backs up. (Volumes may be shared:
+/// a batch of volumes only skips the scan, which goes over every cached batch on each reconcile.)
 fn claimed_elsewhere(batch: &BackupBatch, ctx: &Context) -> Option<(TargetRef, String)> {
-    let namespace = batch.namespace();
+    if batch.spec.members.iter().all(|m| m.target.reference.kind == "PersistentVolumeClaim") {
+        return None;
+    }
+    let meta = &batch.metadata;
     let older = |other: &BackupBatch| {
-        (other.metadata.creation_timestamp.as_ref(), other.name_any())
-            < (batch.metadata.creation_timestamp.as_ref(), batch.name_any())
+        (other.metadata.creation_timestamp.as_ref(), &other.metadata.name)
+            < (meta.creation_timestamp.as_ref(), &meta.name)
     };
     let others = ctx.batches.state_filter(|other| {
-        other.namespace() == namespace && other.metadata.uid != batch.metadata.uid && older(other)
+        other.metadata.namespace == meta.namespace && other.metadata.uid != meta.uid && older(other)
     });
     for member in &batch.spec.members {
         let target = &member.target.reference;

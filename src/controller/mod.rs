@@ -17,6 +17,7 @@ pub mod trigger;
 
 use crate::api::{BackupBatch, BackupSession, Repository, RestoreBatch};
 use crate::metrics::{ControllerLabels, Metrics, ReconcileLabels, ReconcileResult};
+use crate::reflect::lean;
 use context::{Context, ControllerError};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
@@ -59,10 +60,10 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
     let namespace = settings.namespace.as_deref();
     let ours = watcher::Config::default().labels(&format!("{}={}", crate::api::PART_OF.0, crate::api::PART_OF.1));
     let reporter = Reporter { controller: "stash-operator".into(), instance: Some(settings.identity.clone()) };
-    let batch_controller = Controller::new(api::<BackupBatch>(&client, namespace), watcher::Config::default());
+    let batch_controller = lean_controller(api::<BackupBatch>(&client, namespace));
     let batches = batch_controller.store();
-    let restore_controller = Controller::new(api::<RestoreBatch>(&client, namespace), watcher::Config::default());
-    let session_controller = Controller::new(api::<BackupSession>(&client, namespace), watcher::Config::default());
+    let restore_controller = lean_controller(api::<RestoreBatch>(&client, namespace));
+    let session_controller = lean_controller(api::<BackupSession>(&client, namespace));
     let (caches, writers, feeds) = caches::Caches::new(
         watcher::Config::default(),
         ours.clone(),
@@ -72,14 +73,10 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
     );
     // Every namespace's Repositories, whatever the install's scope: a batch may use another
     // namespace's that allows it.
-    let repositories =
-        reflector(writers.repositories, watcher(Api::<Repository>::all(client.clone()), Default::default()))
-            .default_backoff()
-            .touched_objects();
-    let cronjobs =
-        reflector(writers.cronjobs, watcher(api::<PartialObjectMeta<CronJob>>(&client, namespace), ours.clone()))
-            .default_backoff()
-            .touched_objects();
+    let repositories = watcher(Api::<Repository>::all(client.clone()), Default::default()).modify(lean);
+    let repositories = reflector(writers.repositories, repositories).default_backoff().touched_objects();
+    let cronjobs = watcher(api::<PartialObjectMeta<CronJob>>(&client, namespace), ours.clone()).modify(lean);
+    let cronjobs = reflector(writers.cronjobs, cronjobs).default_backoff().touched_objects();
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
@@ -143,6 +140,16 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
         futures::join!(batch_loop, session_loop, restore_loop);
     });
     futures::future::select(controllers, feeds).await;
+}
+
+/// A controller of `K` whose cache holds its objects lean (`reflect::lean`).
+fn lean_controller<K>(api: Api<K>) -> Controller<K>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = kube::runtime::reflector::store();
+    let objects = reflector(writer, watcher(api, watcher::Config::default()).modify(lean)).applied_objects();
+    Controller::for_stream(objects, reader)
 }
 
 /// The namespace's shared identities are removed with its last BackupBatch or RestoreBatch; this
