@@ -158,6 +158,10 @@ pub const BATCH_FINALIZER: &str = "stash.appscode.com/cleanup";
 
 async fn reconcile_batch(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
     ctx.caches.ready().await?;
+    // The batch's metric series are computed from its sessions: a reconcile that costs no request
+    // can otherwise run before a new leader's session cache has listed them, export a partial set
+    // and, the batch being Ready, not run again.
+    ctx.sessions.wait_until_ready().await?;
     let api: Api<BackupBatch> = Api::namespaced(ctx.client.clone(), &batch.namespace().unwrap_or_default());
     kube::runtime::finalizer(&api, BATCH_FINALIZER, batch, |event| async {
         match event {
