@@ -2,7 +2,7 @@
 
 use super::backup_job::is_job_model;
 use super::caches;
-use super::context::{Context, ControllerError, FIELD_MANAGER};
+use super::context::{Context, ControllerError, FIELD_MANAGER, ignore_missing};
 use super::identity;
 use super::observed;
 use super::targets::{self, TargetState};
@@ -427,10 +427,7 @@ async fn remove_trigger(batch: &BackupBatch, ctx: &Context, namespace: &str) -> 
     let name = cronjob_name(&batch.name_any());
     if ctx.caches.cronjobs.get(&ObjectRef::new(&name).within(namespace)).is_some() {
         let cronjobs: Api<CronJob> = Api::namespaced(ctx.client.clone(), namespace);
-        match cronjobs.delete(&name, &Default::default()).await {
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            deleted => drop(deleted?),
-        }
+        ignore_missing(cronjobs.delete(&name, &Default::default()).await)?;
     }
     Ok(())
 }

@@ -39,3 +39,12 @@ pub enum ControllerError {
     #[error("finalizer: {0}")]
     Finalizer(#[from] Box<kube::runtime::finalizer::Error<ControllerError>>),
 }
+
+/// A delete whose object is already gone did what it was for.
+pub(crate) fn ignore_missing<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(err) => Err(err),
+    }
+}

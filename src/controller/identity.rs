@@ -1,7 +1,7 @@
 //! The namespace's executor and trigger identities: ensured by every BackupBatch and RestoreBatch
 //! (executor Jobs of a schedule-less batch or a lone restore need them too), removed with the last.
 
-use super::context::{Context, ControllerError};
+use super::context::{Context, ControllerError, ignore_missing};
 use super::executor_job::BACKUP_SERVICE_ACCOUNT;
 use super::targets::WorkloadInfo;
 use super::trigger::{BACKUP_CLUSTER_ROLE, TRIGGER_CLUSTER_ROLE, TRIGGER_SERVICE_ACCOUNT};
@@ -156,14 +156,6 @@ fn ignore_conflict<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error>
     match result {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(err) => Err(err),
-    }
-}
-
-fn ignore_missing<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
-    match result {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         Err(err) => Err(err),
     }
 }
