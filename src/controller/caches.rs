@@ -7,7 +7,7 @@
 //! reconcile woken by one of them always finds the change in the store.
 
 use crate::api::{BackupBatch, Repository};
-use crate::reflect::feed;
+use crate::reflect::{Listed, NeverListed, feed};
 use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, ServiceAccount};
 use k8s_openapi::api::rbac::v1::RoleBinding;
@@ -46,6 +46,8 @@ pub struct Caches {
     created: Mutex<HashMap<(String, String, String), Instant>>,
     /// Held while an identity is created, so that a namespace's batches do not race to create it.
     pub(crate) creating: tokio::sync::Mutex<()>,
+    /// Whether each store has completed its first list.
+    listed: Vec<Listed>,
 }
 
 /// The writers of the stores the controllers' trigger streams feed.
@@ -68,9 +70,9 @@ impl Caches {
     ) -> (Self, Writers, Feeds) {
         let (repositories, repositories_writer) = reflector::store();
         let (cronjobs, cronjobs_writer) = reflector::store();
-        let (claims_store, claims_feed) = feed(watcher(claims_api, claims), || {});
-        let (accounts, accounts_feed) = feed(watcher(accounts_api, identities.clone()), || {});
-        let (bindings, bindings_feed) = feed(watcher(bindings_api, identities), || {});
+        let (claims_store, claims_listed, claims_feed) = feed(watcher(claims_api, claims), || {});
+        let (accounts, accounts_listed, accounts_feed) = feed(watcher(accounts_api, identities.clone()), || {});
+        let (bindings, bindings_listed, bindings_feed) = feed(watcher(bindings_api, identities), || {});
         let feeds = Box::pin(async move {
             futures::join!(claims_feed, accounts_feed, bindings_feed);
         });
@@ -85,18 +87,23 @@ impl Caches {
             statuses: Mutex::default(),
             created: Mutex::default(),
             creating: tokio::sync::Mutex::const_new(()),
+            listed: vec![claims_listed, accounts_listed, bindings_listed],
         };
         (caches, Writers { repositories: repositories_writer, cronjobs: cronjobs_writer }, feeds)
     }
 
     /// Resolves once every store has completed its first list: before that, a missing object would
     /// read as absent, and a batch would report (and create) what is in fact there.
-    pub(crate) async fn ready(&self) -> Result<(), reflector::store::WriterDropped> {
-        self.repositories.wait_until_ready().await?;
-        self.claims.wait_until_ready().await?;
-        self.cronjobs.wait_until_ready().await?;
-        self.accounts.wait_until_ready().await?;
-        self.bindings.wait_until_ready().await
+    pub(crate) async fn ready(&self) -> Result<(), NeverListed> {
+        for listed in &self.listed {
+            listed.wait().await?;
+        }
+        Ok(())
+    }
+
+    /// A store fed by one of the controllers' trigger streams is ready once `listed` says so.
+    pub(crate) fn also_ready_when(&mut self, listed: Listed) {
+        self.listed.push(listed);
     }
 
     /// Whether `repository`, at its current version, was seen with a usable backend Secret.

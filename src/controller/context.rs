@@ -22,6 +22,8 @@ pub struct Context {
     pub stall_after: std::time::Duration,
     /// The session controller's cache: what a batch's metrics read of its sessions, with no request.
     pub sessions: Store<BackupSession>,
+    /// Whether `sessions` has completed its first list.
+    pub(crate) sessions_listed: crate::reflect::Listed,
     /// The restore controller's cache, for the RestoreBatch metrics.
     pub restores: Store<RestoreBatch>,
     /// What the controllers read without a request.
@@ -35,7 +37,7 @@ pub enum ControllerError {
     #[error("serializing: {0}")]
     Serialize(#[from] serde_json::Error),
     #[error("the controllers' caches stopped before their first list")]
-    CachesStopped(#[from] kube::runtime::reflector::store::WriterDropped),
+    CachesStopped(#[from] crate::reflect::NeverListed),
     #[error("finalizer: {0}")]
     Finalizer(#[from] Box<kube::runtime::finalizer::Error<ControllerError>>),
 }

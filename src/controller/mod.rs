@@ -17,7 +17,7 @@ pub mod trigger;
 
 use crate::api::{BackupBatch, BackupSession, Repository, RestoreBatch};
 use crate::metrics::{ControllerLabels, Metrics, ReconcileLabels, ReconcileResult};
-use crate::reflect::lean;
+use crate::reflect::{Listed, lean, listing};
 use context::{Context, ControllerError};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
@@ -60,11 +60,11 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
     let namespace = settings.namespace.as_deref();
     let ours = watcher::Config::default().labels(&format!("{}={}", crate::api::PART_OF.0, crate::api::PART_OF.1));
     let reporter = Reporter { controller: "stash-operator".into(), instance: Some(settings.identity.clone()) };
-    let batch_controller = lean_controller(api::<BackupBatch>(&client, namespace));
+    let (batch_controller, _) = lean_controller(api::<BackupBatch>(&client, namespace));
     let batches = batch_controller.store();
-    let restore_controller = lean_controller(api::<RestoreBatch>(&client, namespace));
-    let session_controller = lean_controller(api::<BackupSession>(&client, namespace));
-    let (caches, writers, feeds) = caches::Caches::new(
+    let (restore_controller, _) = lean_controller(api::<RestoreBatch>(&client, namespace));
+    let (session_controller, sessions_listed) = lean_controller(api::<BackupSession>(&client, namespace));
+    let (mut caches, writers, feeds) = caches::Caches::new(
         watcher::Config::default(),
         ours.clone(),
         api::<PartialObjectMeta<_>>(&client, namespace),
@@ -74,9 +74,13 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
     // Every namespace's Repositories, whatever the install's scope: a batch may use another
     // namespace's that allows it.
     let repositories = watcher(Api::<Repository>::all(client.clone()), Default::default()).modify(lean);
-    let repositories = reflector(writers.repositories, repositories).default_backoff().touched_objects();
+    let (repositories, listed) = listing(reflector(writers.repositories, repositories));
+    caches.also_ready_when(listed);
+    let repositories = repositories.default_backoff().touched_objects();
     let cronjobs = watcher(api::<PartialObjectMeta<CronJob>>(&client, namespace), ours.clone()).modify(lean);
-    let cronjobs = reflector(writers.cronjobs, cronjobs).default_backoff().touched_objects();
+    let (cronjobs, listed) = listing(reflector(writers.cronjobs, cronjobs));
+    caches.also_ready_when(listed);
+    let cronjobs = cronjobs.default_backoff().touched_objects();
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
@@ -85,6 +89,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
         batches: batches.clone(),
         stall_after: settings.stall_after,
         sessions: session_controller.store(),
+        sessions_listed,
         restores: restore_controller.store(),
         caches,
     });
@@ -142,14 +147,15 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
     futures::future::select(controllers, feeds).await;
 }
 
-/// A controller of `K` whose cache holds its objects lean (`reflect::lean`).
-fn lean_controller<K>(api: Api<K>) -> Controller<K>
+/// A controller of `K` whose cache holds its objects lean (`reflect::lean`), and whether that cache
+/// has completed its first list.
+fn lean_controller<K>(api: Api<K>) -> (Controller<K>, Listed)
 where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let (reader, writer) = kube::runtime::reflector::store();
-    let objects = reflector(writer, watcher(api, watcher::Config::default()).modify(lean)).applied_objects();
-    Controller::for_stream(objects, reader)
+    let (objects, listed) = listing(reflector(writer, watcher(api, watcher::Config::default()).modify(lean)));
+    (Controller::for_stream(objects.applied_objects(), reader), listed)
 }
 
 /// The namespace's shared identities are removed with its last BackupBatch or RestoreBatch; this
@@ -161,7 +167,7 @@ async fn reconcile_batch(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<A
     // The batch's metric series are computed from its sessions: a reconcile that costs no request
     // can otherwise run before a new leader's session cache has listed them, export a partial set
     // and, the batch being Ready, not run again.
-    ctx.sessions.wait_until_ready().await?;
+    ctx.sessions_listed.wait().await?;
     let api: Api<BackupBatch> = Api::namespaced(ctx.client.clone(), &batch.namespace().unwrap_or_default());
     kube::runtime::finalizer(&api, BATCH_FINALIZER, batch, |event| async {
         match event {

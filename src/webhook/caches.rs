@@ -51,7 +51,7 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
-    let (store, feeding) = crate::reflect::feed(events, changed);
+    let (store, _, feeding) = crate::reflect::feed(events, changed);
     tasks.spawn(feeding);
     store
 }
