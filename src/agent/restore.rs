@@ -223,11 +223,15 @@ async fn restore_snapshot(
         };
         return connection.restore(restic, &snapshot.id, &file).await;
     }
-    let snapshot = snapshot.id.as_str();
     let include: Vec<String> = rule.map(|r| r.paths.iter().chain(&r.include).cloned().collect()).unwrap_or_default();
     let exclude: Vec<String> = rule.map(|r| r.exclude.clone()).unwrap_or_default();
     let mounts: Vec<String> = data_mounts(&member.target.volume_mounts).into_iter().map(|m| m.mount_path).collect();
-    lands_in_volumes(restic, snapshot, &Selection::new(&mounts, &include, &exclude)).await?;
+    let selection = Selection::new(&mounts, &include, &exclude);
+    let snapshot_paths = &snapshot.paths;
+    let snapshot = snapshot.id.as_str();
+    if selection.needs_walk(snapshot_paths) {
+        lands_in_volumes(restic, snapshot, &selection).await?;
+    }
     let root = &executor.settings.path_root;
     std::fs::create_dir_all(root).map_err(|e| AgentError::Invalid(format!("creating {}: {e}", root.display())))?;
     restic.restore(snapshot, root, &include, &exclude).await?;
@@ -310,6 +314,18 @@ impl<'a> Selection<'a> {
         let chosen = (!include.is_empty() && include.iter().all(literal))
             .then(|| include.iter().map(|p| p.trim_end_matches('/')).collect());
         Selection { mounts, chosen, exclude }
+    }
+
+    /// Whether the snapshot's tree must be walked to prove the selection lands in volumes: not when
+    /// each of its backed-up paths is inside a mount or not restored at all, since restic's tree
+    /// holds those paths and only their ancestors (directories restore creates under the root).
+    /// Each walk level is one more repository opening (~0.4 s), so a PVC member saves two.
+    fn needs_walk(&self, paths: &[String]) -> bool {
+        paths.is_empty()
+            || paths.iter().any(|p| {
+                let path = p.trim_end_matches('/');
+                !p.starts_with('/') || !matches!(self.place(path, true), Place::Inside | Place::Skipped)
+            })
     }
 
     fn place(&self, path: &str, is_dir: bool) -> Place {
@@ -398,6 +414,24 @@ mod tests {
 
     fn strings(values: &[&str]) -> Vec<String> {
         values.iter().map(|v| v.to_string()).collect()
+    }
+
+    #[test]
+    fn a_snapshot_whose_paths_all_land_in_volumes_needs_no_walk() {
+        let mounts = strings(&["/stash-data"]);
+        let none = Vec::new();
+        let all = Selection::new(&mounts, &none, &none);
+        assert!(!all.needs_walk(&strings(&["/stash-data"])), "the PVC member's own path");
+        assert!(!all.needs_walk(&strings(&["/stash-data/a", "/stash-data/b/"])));
+        assert!(all.needs_walk(&strings(&["/stash-data", "/var"])), "one path outside: the walk finds it");
+        assert!(all.needs_walk(&strings(&["/"])), "above the mount: its entries decide");
+        assert!(all.needs_walk(&strings(&["stash-data"])), "a relative path is not trusted");
+        assert!(all.needs_walk(&[]), "no paths listed");
+        let excluded = strings(&["/var"]);
+        let skipping = Selection::new(&mounts, &none, &excluded);
+        assert!(!skipping.needs_walk(&strings(&["/stash-data", "/var"])), "what is excluded is not restored");
+        let deep = strings(&["/stash-data/uploads"]);
+        assert!(Selection::new(&deep, &none, &none).needs_walk(&strings(&["/stash-data"])));
     }
 
     #[test]
