@@ -489,6 +489,53 @@ async fn a_lock_left_by_a_killed_executor_is_healed_by_the_next_session() {
     assert!(note.contains("its process is gone"), "{note}");
 }
 
+/// A backup on a network repository runs at once, without listing locks first; an exclusive lock
+/// left by a killed restic (a `check` cut off mid-way) stops it, and only then is the lock proven
+/// stale (its process is gone), removed with an Event, and the backup run again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_exclusive_lock_on_a_rest_repository_is_healed_when_it_stops_a_backup() {
+    let server = backends::rest_server();
+    let throttle = support::throttle::Throttle::start(server.port, u64::MAX).await;
+    let mut setup = Setup::new("rest-lock", Backend::Rest(throttle.port)).await;
+    let member = setup.pvc_member().await;
+    setup.batch(vec![member], json!({"timeOut": "2m"})).await;
+    let first = setup.back_up().await;
+    assert_eq!(first.status.and_then(|s| s.phase), Some(BackupSessionPhase::Succeeded));
+
+    // Slowed to a trickle, `restic check` is caught holding its exclusive lock, then stopped and killed.
+    let direct = format!("rest:http://127.0.0.1:{}/rest-lock", server.port);
+    let throttled = format!("rest:http://127.0.0.1:{}/rest-lock", throttle.port);
+    throttle.set_rate(2048);
+    let mut check = Command::new(backends::restic())
+        .args(["-r", &throttled, "check"])
+        .envs(setup.secret.iter())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("restic check starts");
+    let start = Instant::now();
+    while setup.restic(&["-r", &direct, "list", "locks", "--no-lock"]).trim().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(60), "restic check never took its lock");
+    }
+    throttle.set_rate(0);
+    check.kill().expect("kill restic check");
+    let _ = check.wait();
+    throttle.set_rate(u64::MAX);
+    assert_eq!(setup.restic(&["-r", &direct, "list", "locks", "--no-lock"]).lines().count(), 1, "the lock stays");
+
+    let next = setup.back_up().await;
+    assert_eq!(next.status.and_then(|s| s.phase), Some(BackupSessionPhase::Succeeded));
+    assert_eq!(setup.restic(&["-r", &direct, "list", "locks", "--no-lock"]).trim(), "", "no lock left");
+    let events = setup.ns.api::<k8s_openapi::api::events::v1::Event>();
+    let healed = events.list(&Default::default()).await.expect("events").items;
+    let note = healed
+        .iter()
+        .find(|e| e.reason.as_deref() == Some("StaleLockRemoved"))
+        .and_then(|e| e.note.clone())
+        .expect("a StaleLockRemoved Event");
+    assert!(note.contains("exclusive lock") && note.contains("its process is gone"), "{note}");
+}
+
 /// Files of the PVC member that make this namespace's data recognisable.
 fn mark_uploads(setup: &Setup, text: &str) {
     std::fs::write(setup.node.root().join("stash-data/uploads/index.html"), text).expect("file");

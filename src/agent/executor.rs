@@ -167,10 +167,39 @@ impl Executor {
             .await?
     }
 
-    /// Readies the repository for a backup: creates it on first use, then heals stale locks. A
-    /// network repository is not first asked whether it exists: listing its locks fails the same
-    /// way when it does not, and each restic opening of a remote repository costs a key derivation
-    /// and round trips (~0.5 s), so the usual case — it exists — costs one opening instead of two.
+    /// Runs a file backup, `attempt` (one restic command, safe to run again), against a ready
+    /// repository. A local one is readied first: its existence and locks are read from the
+    /// directory. A network one is not asked first, because each restic opening of a remote
+    /// repository costs a key derivation and round trips (~0.4 s, BENCHMARKS.md): the backup runs at
+    /// once, not waiting for locks, and only when it finds no repository (created under the Lease)
+    /// or a lock (stale ones healed, live ones waited for) does it run again. Stale shared locks,
+    /// which never stop a backup, are healed by the finalize that needs the repository to itself.
+    pub async fn backing_up<K: Resource<DynamicType = ()>, T>(
+        &self,
+        restic: &mut Restic,
+        repository: &Repository,
+        about: &K,
+        mut attempt: impl AsyncFnMut(&Restic) -> Result<T, AgentError>,
+    ) -> Result<T, AgentError> {
+        if restic.is_local() {
+            self.prepare_backup(restic, repository, about).await?;
+            return attempt(restic).await;
+        }
+        restic.probe().await?;
+        // The evidence that makes our own lock provably stale should we die holding it.
+        super::locks::record_holder(self, about).await?;
+        match restic.without_lock_wait(async |restic| attempt(restic).await).await {
+            Err(AgentError::Restic(ResticError::NoRepository(_))) => self.ensure_repository(restic, repository).await?,
+            Err(AgentError::Restic(ResticError::Locked(_))) => drop(super::locks::heal(self, restic, about).await?),
+            done => return done,
+        }
+        attempt(restic).await
+    }
+
+    /// Readies the repository for a backup that cannot simply run again (a database dump): creates
+    /// it on first use, then heals stale locks. A network repository is not first asked whether it
+    /// exists: listing its locks fails the same way when it does not, so the usual case costs one
+    /// opening instead of two.
     pub async fn prepare_backup<K: Resource<DynamicType = ()>>(
         &self,
         restic: &Restic,

@@ -21,9 +21,9 @@ pub struct FileBackup<'a> {
 }
 
 impl FileBackup<'_> {
-    /// Checks the member's restic flags and paths, heals stale locks, then runs `restic backup`.
+    /// Checks the member's restic flags and paths, then runs `restic backup` against a ready repository.
     /// Unreadable files fail the host: a partial snapshot is not a backup to count on.
-    pub async fn run(&self, executor: &Executor, restic: &Restic) -> Result<BackupOutcome, AgentError> {
+    pub async fn run(&self, executor: &Executor, restic: &mut Restic) -> Result<BackupOutcome, AgentError> {
         // The controllers refuse such a batch, but it may have been edited since the session started.
         self.target.check_args(self.member)?;
         let root = &executor.settings.path_root;
@@ -32,7 +32,6 @@ impl FileBackup<'_> {
                 return Err(AgentError::PathMissing(path.clone()));
             }
         }
-        executor.prepare_backup(restic, self.repository, self.session).await?;
         let request = BackupRequest {
             root: root.clone(),
             paths: self.paths.clone(),
@@ -41,7 +40,9 @@ impl FileBackup<'_> {
             tags: session_tags(self.session, self.batch, self.alias),
             extra_args: self.target.args.clone(),
         };
-        let outcome = restic.backup(&request).await?;
+        let outcome = executor
+            .backing_up(restic, self.repository, self.session, async |restic| Ok(restic.backup(&request).await?))
+            .await?;
         if outcome.unreadable_count > 0 {
             let items: Vec<String> = outcome.unreadable.iter().map(|e| e.describe()).collect();
             let snapshot = outcome.summary.snapshot_id.clone();

@@ -98,7 +98,7 @@ async fn back_up(
     progress: watch::Sender<BackupProgress>,
 ) -> Result<(String, BackupOutcome), AgentError> {
     let repository = executor.repository(&batch.spec.repository).await?;
-    let restic = executor
+    let mut restic = executor
         .member_restic(&repository, member)
         .await?
         .waiting_for_locks(time_left(session))
@@ -128,7 +128,7 @@ async fn back_up(
         host,
         paths: paths.clone(),
     };
-    let outcome = backup.run(executor, &restic).await?;
+    let outcome = backup.run(executor, &mut restic).await?;
     Ok((paths.join(","), outcome))
 }
 

@@ -158,7 +158,10 @@ fn is_dns_label(name: &str) -> bool {
 /// any lock, so that healers of this namespace can prove its locks abandoned once the Pod is gone.
 /// Owned by `about` (the session), so records go with the session history. Outside a Pod (no
 /// readable Pod object) nothing is recorded and rule (b) never applies to our locks.
-async fn record_holder<K: Resource<DynamicType = ()>>(executor: &Executor, about: &K) -> Result<(), AgentError> {
+pub(crate) async fn record_holder<K: Resource<DynamicType = ()>>(
+    executor: &Executor,
+    about: &K,
+) -> Result<(), AgentError> {
     let Some(pod_name) = executor.settings.pod_name.clone() else { return Ok(()) };
     let host = own_hostname();
     let Some(pod) = executor.api::<Pod>().get_opt(&pod_name).await? else { return Ok(()) };

@@ -122,13 +122,13 @@ async fn take_turn(executor: &Executor, target: &SidecarTarget, session: &Backup
                 if backup.paths.is_empty() {
                     return Err(AgentError::Invalid(format!("member {alias} names no paths to back up")));
                 }
-                let restic = executor
+                let mut restic = executor
                     .member_restic(&repository, member)
                     .await?
                     .waiting_for_locks(limit)
                     .reporting_progress(progress);
                 run_hook(member.hooks.as_ref().and_then(|h| h.pre_backup.as_ref()), "pre-backup").await?;
-                let outcome = backup.run(executor, &restic).await;
+                let outcome = backup.run(executor, &mut restic).await;
                 if let Some(post) = member.hooks.as_ref().and_then(|h| h.post_backup.as_ref()) {
                     let succeeded = outcome.is_ok();
                     if crate::hooks::post_hook_applies(post.execution_policy, succeeded, false) {

@@ -219,6 +219,15 @@ impl Restic {
         self
     }
 
+    /// Runs `f` with this repository's commands failing at once on another process's lock instead
+    /// of waiting for it, so that the caller can look at the lock first.
+    pub async fn without_lock_wait<T>(&mut self, f: impl AsyncFnOnce(&Restic) -> T) -> T {
+        let wait = std::mem::take(&mut self.lock_wait);
+        let result = f(self).await;
+        self.lock_wait = wait;
+        result
+    }
+
     /// Backups from now on send restic's progress lines here.
     pub fn reporting_progress(mut self, sink: tokio::sync::watch::Sender<BackupProgress>) -> Self {
         self.progress = Some(sink);
