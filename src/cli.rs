@@ -295,6 +295,10 @@ pub struct OperatorArgs {
     /// `Stalled` condition and a Warning Event.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub stall_after: Duration,
+    /// How many objects each controller reconciles at once. Bounds memory when many objects need a
+    /// reconcile together (a leader taking over 10,000 batches); 0 means unbounded.
+    #[arg(long, default_value_t = crate::controller::DEFAULT_MAX_CONCURRENT_RECONCILES)]
+    pub max_concurrent_reconciles: u16,
 }
 
 /// How the user typed the command when the program runs as a kubectl plugin, else None: kubectl

@@ -339,6 +339,7 @@ fn operator_config(args: Box<stash::cli::OperatorArgs>) -> stash::operator::Oper
             namespace: args.watch_namespace.clone(),
             identity: identity.clone(),
             stall_after: args.stall_after,
+            max_concurrent_reconciles: args.max_concurrent_reconciles,
         };
         let lease = stash::lease::LeaseConfig {
             namespace: args.namespace.clone(),

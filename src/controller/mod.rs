@@ -22,7 +22,7 @@ use context::{Context, ControllerError};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use kube::core::PartialObjectMeta;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -31,6 +31,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+
+/// Reconciles each controller runs at once unless told otherwise.
+pub const DEFAULT_MAX_CONCURRENT_RECONCILES: u16 = 32;
 
 #[derive(Debug, Clone)]
 pub struct ControllerSettings {
@@ -42,6 +45,9 @@ pub struct ControllerSettings {
     pub identity: String,
     /// A running host whose progress stands still this long is reported as stalled.
     pub stall_after: Duration,
+    /// Reconciles each controller runs at once (0: unbounded). Each waiting reconcile holds its
+    /// whole future: unbounded, a new leader over 10,000 batches peaked at 1.1 GiB.
+    pub max_concurrent_reconciles: u16,
 }
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -60,10 +66,11 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
     let namespace = settings.namespace.as_deref();
     let ours = watcher::Config::default().labels(&format!("{}={}", crate::api::PART_OF.0, crate::api::PART_OF.1));
     let reporter = Reporter { controller: "stash-operator".into(), instance: Some(settings.identity.clone()) };
-    let (batch_controller, _) = lean_controller(api::<BackupBatch>(&client, namespace));
+    let config = controller::Config::default().concurrency(settings.max_concurrent_reconciles);
+    let (batch_controller, _) = lean_controller(api::<BackupBatch>(&client, namespace), &config);
     let batches = batch_controller.store();
-    let (restore_controller, _) = lean_controller(api::<RestoreBatch>(&client, namespace));
-    let (session_controller, sessions_listed) = lean_controller(api::<BackupSession>(&client, namespace));
+    let (restore_controller, _) = lean_controller(api::<RestoreBatch>(&client, namespace), &config);
+    let (session_controller, sessions_listed) = lean_controller(api::<BackupSession>(&client, namespace), &config);
     let (mut caches, writers, feeds) = caches::Caches::new(
         watcher::Config::default(),
         ours.clone(),
@@ -149,13 +156,13 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
 
 /// A controller of `K` whose cache holds its objects lean (`reflect::lean`), and whether that cache
 /// has completed its first list.
-fn lean_controller<K>(api: Api<K>) -> (Controller<K>, Listed)
+fn lean_controller<K>(api: Api<K>, config: &controller::Config) -> (Controller<K>, Listed)
 where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let (reader, writer) = kube::runtime::reflector::store();
     let (objects, listed) = listing(reflector(writer, watcher(api, watcher::Config::default()).modify(lean)));
-    (Controller::for_stream(objects.applied_objects(), reader), listed)
+    (Controller::for_stream(objects.applied_objects(), reader).with_config(config.clone()), listed)
 }
 
 /// The namespace's shared identities are removed with its last BackupBatch or RestoreBatch; this

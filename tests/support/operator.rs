@@ -34,6 +34,7 @@ pub fn controllers_for(
         namespace: Some(namespace.into()),
         identity: identity.into(),
         stall_after: Duration::from_secs(600),
+        max_concurrent_reconciles: stash::controller::DEFAULT_MAX_CONCURRENT_RECONCILES,
     };
     let lease = stash::lease::LeaseConfig {
         namespace: super::OPERATOR_NAMESPACE.into(),
