@@ -127,7 +127,7 @@ impl Executor {
             true => Cache::Off,
             false => Cache::Dir(self.settings.cache_dir.clone()),
         };
-        let container = member.runtime_settings.as_ref().and_then(|r| r.container.as_ref());
+        let container = member.runtime_settings.as_deref().and_then(|r| r.container.as_ref());
         let nice = container.and_then(|c| c.nice.as_ref()).and_then(|n| n.adjustment);
         let ionice = container.and_then(|c| c.ionice.as_ref()).and_then(|i| i.class.map(|class| (class, i.class_data)));
         Ok(self.restic(repository).await?.caching(cache).with_priority(priority_prefix(nice, ionice)))

@@ -26,7 +26,7 @@ pub async fn run(executor: &Executor, session: &str, hook: Hook) -> Result<(), A
     }
     // Read after taking it: what the batch says now is sent, or the reason nothing was is recorded.
     let result = match executor.batch(&batch).await {
-        Ok(batch) => match hook.handler(batch.spec.hooks.as_ref()) {
+        Ok(batch) => match hook.handler(batch.spec.hooks.as_deref()) {
             Some(handler) => hooks::send(handler).await,
             None => Err(format!("the batch no longer has a {} hook", hook.label())),
         },

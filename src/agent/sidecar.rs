@@ -127,9 +127,9 @@ async fn take_turn(executor: &Executor, target: &SidecarTarget, session: &Backup
                     .await?
                     .waiting_for_locks(limit)
                     .reporting_progress(progress);
-                run_hook(member.hooks.as_ref().and_then(|h| h.pre_backup.as_ref()), "pre-backup").await?;
+                run_hook(member.hooks.as_deref().and_then(|h| h.pre_backup.as_ref()), "pre-backup").await?;
                 let outcome = backup.run(executor, &mut restic).await;
-                if let Some(post) = member.hooks.as_ref().and_then(|h| h.post_backup.as_ref()) {
+                if let Some(post) = member.hooks.as_deref().and_then(|h| h.post_backup.as_ref()) {
                     let succeeded = outcome.is_ok();
                     if crate::hooks::post_hook_applies(post.execution_policy, succeeded, false) {
                         run_hook(Some(&post.handler), "post-backup").await?;

@@ -45,10 +45,10 @@ pub struct BackupBatchSpec {
     pub members: Vec<BackupMember>,
     /// Applies to the trigger CronJob's pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub runtime_settings: Option<RuntimeSettings>,
+    pub runtime_settings: Option<Box<RuntimeSettings>>,
     /// Run once per session, before the first and after the last member.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hooks: Option<BackupHooks>,
+    pub hooks: Option<Box<BackupHooks>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention_policy: Option<RetentionPolicy>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -86,14 +86,14 @@ pub struct BackupMember {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<TaskRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub runtime_settings: Option<RuntimeSettings>,
+    pub runtime_settings: Option<Box<RuntimeSettings>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temp_dir: Option<EmptyDirSettings>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interim_volume_template: Option<PersistentVolumeClaimTemplate>,
+    pub interim_volume_template: Option<Box<PersistentVolumeClaimTemplate>>,
     /// Run around this member's backup, on each of its hosts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hooks: Option<BackupHooks>,
+    pub hooks: Option<Box<BackupHooks>>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -293,7 +293,7 @@ mod tests {
         }))
         .expect("spec");
         assert_eq!(spec.retry_config.map(|r| r.max_retry), Some(1));
-        assert_eq!(spec.hooks, Some(BackupHooks::default()));
+        assert_eq!(spec.hooks.as_deref(), Some(&BackupHooks::default()));
     }
 
     /// M13 and L2: members that cannot make one session, each named with the field at fault.

@@ -43,11 +43,11 @@ pub struct RestoreBatchSpec {
     #[serde(default)]
     pub execution_order: ExecutionOrder,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hooks: Option<RestoreHooks>,
+    pub hooks: Option<Box<RestoreHooks>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_out: Option<DurationString>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub runtime_settings: Option<RuntimeSettings>,
+    pub runtime_settings: Option<Box<RuntimeSettings>>,
 }
 
 /// Picks one complete session from the manifests in the repository.
@@ -81,13 +81,13 @@ pub struct RestoreMember {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<TaskRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub runtime_settings: Option<RuntimeSettings>,
+    pub runtime_settings: Option<Box<RuntimeSettings>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temp_dir: Option<EmptyDirSettings>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interim_volume_template: Option<PersistentVolumeClaimTemplate>,
+    pub interim_volume_template: Option<Box<PersistentVolumeClaimTemplate>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hooks: Option<RestoreHooks>,
+    pub hooks: Option<Box<RestoreHooks>>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

@@ -277,13 +277,13 @@ fn validate(batch: &BackupBatch, ctx: &Context) -> Desired {
 /// The batch's own settings apply to its trigger, finalize and hook Pods (its serviceAccountName
 /// to the trigger only); a member's to its Jobs; a sidecar's Pod is the workload's.
 fn runtime_refusal(spec: &BackupBatchSpec) -> Option<String> {
-    let batch = spec.runtime_settings.as_ref().and_then(|r| r.pod.as_ref());
+    let batch = spec.runtime_settings.as_deref().and_then(|r| r.pod.as_ref());
     let batch = batch.map(|p| PodRuntimeSettings { service_account_name: None, ..p.clone() });
     if let Some((field, why)) = batch.as_ref().and_then(PodRuntimeSettings::refused_in_jobs) {
         return Some(format!("spec.runtimeSettings.{field} is not supported: {why}"));
     }
     for (i, member) in spec.members.iter().enumerate() {
-        let Some(pod) = member.runtime_settings.as_ref().and_then(|r| r.pod.as_ref()) else { continue };
+        let Some(pod) = member.runtime_settings.as_deref().and_then(|r| r.pod.as_ref()) else { continue };
         let refused = if is_job_model(member) {
             pod.refused_in_jobs()
         } else {

@@ -66,7 +66,7 @@ pub fn backup_job(
         ],
         image,
         repository: Some(repository),
-        runtime: member.runtime_settings.as_ref(),
+        runtime: member.runtime_settings.as_deref(),
         temp_dir: member.temp_dir.as_ref(),
         data: data.into_iter().collect(),
         database,
@@ -83,7 +83,7 @@ pub fn finalize_job(batch: &BackupBatch, session: &BackupSession, repository: &R
         owner: session.controller_owner_ref(&()),
         labels: session_labels(batch, session),
         args: vec!["finalize-session".into(), format!("--session={}", session.name_any())],
-        ..ExecutorJob::on_repository(name, namespace, repository, batch.spec.runtime_settings.as_ref(), image)
+        ..ExecutorJob::on_repository(name, namespace, repository, batch.spec.runtime_settings.as_deref(), image)
     }
     .build()
 }
@@ -106,7 +106,7 @@ pub fn hook_job(batch: &BackupBatch, session: &BackupSession, hook: Hook, image:
         args: vec!["run-hook".into(), format!("--session={}", session.name_any()), format!("--hook={}", hook.label())],
         image,
         repository: None,
-        runtime: batch.spec.runtime_settings.as_ref(),
+        runtime: batch.spec.runtime_settings.as_deref(),
         temp_dir: None,
         data: Vec::new(),
         database: None,

@@ -107,7 +107,7 @@ pub async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Context>) -> Result
     match (claimed, batch.as_ref()) {
         (Some(Claimed::Exec(hook)), Some(batch)) => {
             let exec_pods = exec_pods(&ctx, &namespace, batch).await?;
-            let handler = hook.handler(batch.spec.hooks.as_ref());
+            let handler = hook.handler(batch.spec.hooks.as_deref());
             run_claimed(&sessions, &session.name_any(), hook, handler, &exec_pods).await?;
             Ok(Action::requeue(Duration::from_millis(10)))
         }
@@ -201,7 +201,7 @@ async fn start(
         fail(status, reason, &format!("the batch is invalid: {message}"));
         return Ok(Action::await_change());
     }
-    if let Some(pre) = Hook::PreBackup.handler(batch.spec.hooks.as_ref()) {
+    if let Some(pre) = Hook::PreBackup.handler(batch.spec.hooks.as_deref()) {
         let runner = runner(ctx, session, status, Hook::PreBackup, pre).await?;
         match gate(status, Hook::PreBackup, &runner, claimed) {
             Err(wait) => return Ok(wait),
@@ -524,7 +524,7 @@ async fn finish(
     claimed: &mut Option<Claimed>,
 ) -> Result<Action, ControllerError> {
     let retries_left = retries_left(session, batch) > 0;
-    if let Some(post) = batch.spec.hooks.as_ref().and_then(|h| h.post_backup.as_ref())
+    if let Some(post) = batch.spec.hooks.as_deref().and_then(|h| h.post_backup.as_ref())
         && hooks::post_hook_applies(post.execution_policy, succeeded, retries_left)
     {
         let runner = runner(ctx, session, status, Hook::PostBackup, &post.handler).await?;

@@ -304,16 +304,16 @@ pub(crate) fn unsupported(spec: &RestoreBatchSpec) -> Option<Refusal> {
     if spec.driver != Driver::Restic {
         return refuse("spec.driver".into(), "only Restic restores exist");
     }
-    let pod = spec.runtime_settings.as_ref().and_then(|r| r.pod.as_ref());
+    let pod = spec.runtime_settings.as_deref().and_then(|r| r.pod.as_ref());
     if let Some((field, why)) = pod.and_then(|p| p.refused_in_jobs()) {
         return refuse(format!("spec.runtimeSettings.{field}"), why);
     }
-    if let Some(field) = hooks("spec", spec.hooks.as_ref()) {
+    if let Some(field) = hooks("spec", spec.hooks.as_deref()) {
         return refuse(field, "nothing would stop the application while its volumes are rewritten");
     }
     for (index, member) in spec.members.iter().enumerate() {
         let prefix = format!("spec.members[{index}]");
-        if let Some(field) = hooks(&prefix, member.hooks.as_ref()) {
+        if let Some(field) = hooks(&prefix, member.hooks.as_deref()) {
             return refuse(field, "nothing would stop the application while its volumes are rewritten");
         }
         if !member.target.args.is_empty() {
@@ -329,7 +329,7 @@ pub(crate) fn unsupported(spec: &RestoreBatchSpec) -> Option<Refusal> {
         if let Some(why) = database_task_refusal(index, &member.target.reference.kind, task) {
             return Some(Refusal::TaskNotSupported(why));
         }
-        let pod = member.runtime_settings.as_ref().and_then(|r| r.pod.as_ref());
+        let pod = member.runtime_settings.as_deref().and_then(|r| r.pod.as_ref());
         if let Some((field, why)) = pod.and_then(|p| p.refused_in_jobs()) {
             return refuse(format!("{prefix}.runtimeSettings.{field}"), why);
         }
@@ -490,7 +490,7 @@ fn restore_job(
     let suffix = plan.ordinal.map_or_else(|| format!("restore-{index}"), |o| format!("restore-{index}-{o}"));
     let deadline = restore.spec.time_out.as_ref().and_then(|t| t.parse().ok()).unwrap_or(DEFAULT_RESTORE_DEADLINE);
     // A RestoreBatch has no Pod of its own: its settings are its members' default.
-    let runtime = member.runtime_settings.as_ref().or(restore.spec.runtime_settings.as_ref());
+    let runtime = member.runtime_settings.as_deref().or(restore.spec.runtime_settings.as_deref());
     let mut job = ExecutorJob {
         name: job_name(&restore.name_any(), &suffix),
         namespace: restore.namespace().unwrap_or_default(),

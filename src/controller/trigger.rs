@@ -35,7 +35,7 @@ pub(crate) fn next_run(cron: &str, now: Timestamp) -> Option<Timestamp> {
 /// The CronJob that creates a BackupSession at every slot of the batch's schedule.
 pub fn trigger_cronjob(batch: &BackupBatch, schedule: &str, image: &str) -> CronJob {
     let name = batch.name_any();
-    let runtime = batch.spec.runtime_settings.as_ref();
+    let runtime = batch.spec.runtime_settings.as_deref();
     let pod = runtime.and_then(|r| r.pod.as_ref());
     let container = runtime.and_then(|r| r.container.as_ref());
     let mut env = vec![field_env("POD_NAMESPACE", "metadata.namespace")];

@@ -52,7 +52,7 @@ pub(crate) fn task_job(
     let mut labels = invoker_labels(&batch.name_any());
     labels.insert(TASK_LABEL.into(), task.label().into());
     let namespace = batch.namespace().unwrap_or_default();
-    let runtime = batch.spec.runtime_settings.as_ref();
+    let runtime = batch.spec.runtime_settings.as_deref();
     let mut job = ExecutorJob {
         labels,
         args: vec![

@@ -119,7 +119,7 @@ fn sidecar_container(
     names: &VolumeNames,
 ) -> Result<Container, NotInjected> {
     let member = injection.member();
-    let runtime = member.runtime_settings.as_ref().and_then(|r| r.container.as_ref());
+    let runtime = member.runtime_settings.as_deref().and_then(|r| r.container.as_ref());
 
     // Target mounts are read-only; a mount naming a volume the Pod lacks is left out rather than
     // making the Pod invalid — the controller reports the member instead.
