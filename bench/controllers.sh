@@ -5,9 +5,11 @@
 # time until every trigger CronJob exists and every batch is Ready; the operator's API requests by verb
 # and resource (from the audit log, by user agent: apiserver_request_total has no user-agent label;
 # watches excluded); operator peak RSS and CPU seconds; API server CPU seconds; the operator's requests
-# in the following idle minute. The floor, in the same run: `kubectl create` of the same N CronJobs.
+# in the following idle minute; then a restart: time until a new operator process (a new leader) has
+# reconciled every batch again, and its peak RSS. The floor, in the same run: `kubectl create` of the
+# same N CronJobs.
 # Writes Markdown tables to stdout and the plot to docs/bench/controllers.svg (gnuplot).
-#   REPEATS=3 bench/controllers.sh [N ...]
+#   REPEATS=3 [SCHEMA_COST=0] bench/controllers.sh [N ...]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if (($#)); then counts=("$@"); else counts=(100 1000); fi
@@ -31,6 +33,18 @@ cleanup() {
 }
 trap cleanup EXIT
 
+admin_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+start_operator() {
+  RUST_LOG=warn "$stash" operator --webhook-addr 127.0.0.1:0 --admin-addr "127.0.0.1:$admin_port" \
+    --tls-cert-file "$work/certs/tls.crt" --tls-key-file "$work/certs/tls.key" \
+    --namespace stash --identity bench >>"$work/operator.log" 2>&1 &
+  operator_pid=$!
+}
+# Successful BackupBatch reconciles of the running operator.
+reconciled_batches() {
+  curl -sf "http://127.0.0.1:$admin_port/metrics" |
+    awk '/^stash_reconciles_total\{.*controller="backupbatch".*result="Ok"/ {s += $2} END {print s + 0}'
+}
 # CPU seconds (user + system) a process has used so far.
 cpu_seconds() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.1f", ($14 + $15) / hz }' "/proc/$1/stat"; }
 now() { date +%s.%N; }
@@ -129,10 +143,7 @@ for n in "${counts[@]}"; do
     kubectl create -f "$work/setup.yaml" >/dev/null
 
     "$stash" certs generate --out-dir "$work/certs" --ip 127.0.0.1 >/dev/null
-    RUST_LOG=warn "$stash" operator --webhook-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
-      --tls-cert-file "$work/certs/tls.crt" --tls-key-file "$work/certs/tls.key" \
-      --namespace stash --identity bench >"$work/operator.log" 2>&1 &
-    operator_pid=$!
+    start_operator
     sleep 3
     api_cpu0=$(cpu_seconds "$apiserver")
     op_cpu0=$(cpu_seconds "$operator_pid")
@@ -150,6 +161,15 @@ for n in "${counts[@]}"; do
     sleep 60
     idle1=$(now)
 
+    # A new leader over N Ready batches: every one is reconciled again (from the caches) at once.
+    stop_operator
+    restart0=$(now)
+    start_operator
+    wait_for_count reconciled_batches "$n" "$poll"
+    restart1=$(now)
+    restart_rss=$(awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$operator_pid/status")
+    stop_operator
+
     kubectl create namespace floor >/dev/null
     floor0=$(now)
     kubectl create -f "$work/cronjobs.yaml" >/dev/null
@@ -159,17 +179,16 @@ for n in "${counts[@]}"; do
     busy=$(audit_requests "$start" "$end")
     idle=$(audit_requests "$idle0" "$idle1")
     python3 - "$n" "$repeat" "$start" "$end" "$floor0" "$floor1" "$rss" "$op_cpu0" "$op_cpu1" "$api_cpu0" "$api_cpu1" \
-      "$busy" "$idle" >>"$results" <<'PY'
+      "$busy" "$idle" "$restart0" "$restart1" "$restart_rss" >>"$results" <<'PY'
 import json, sys
-n, repeat, start, end, f0, f1, rss, o0, o1, a0, a1, busy, idle = sys.argv[1:]
+n, repeat, start, end, f0, f1, rss, o0, o1, a0, a1, busy, idle, r0, r1, restart_rss = sys.argv[1:]
 busy, idle = json.loads(busy), json.loads(idle)
 # The Lease is renewed every few seconds whatever the load: the idle minute counts everything else.
 idle_other = sum(v for k, v in idle.items() if not k.endswith(" leases"))
 print("\t".join(map(str, [n, repeat, round(float(end) - float(start), 1), round(float(f1) - float(f0), 1),
     sum(busy.values()), rss, round(float(o1) - float(o0), 1), round(float(a1) - float(a0), 1), idle_other,
-    json.dumps(busy)])))
+    json.dumps(busy), round(float(r1) - float(r0), 1), restart_rss])))
 PY
-    stop_operator
     tests/cluster/cluster.sh down >/dev/null
     rm -rf "$STASH_CLUSTER_DIR" "$work/certs"
   done
@@ -178,8 +197,9 @@ done
 # What the BackupBatch CRD's schema (176 KB of JSON, most of it the Pod runtime settings) costs the API
 # server: kubectl creating the same N batches (no operator) under the full schema and under a minimal
 # one (`x-kubernetes-preserve-unknown-fields`), alternating, twice each, on one control plane; N is
-# the last one given.
+# the last one given. SCHEMA_COST=0 skips it.
 n=${counts[-1]}
+if [[ ${SCHEMA_COST:-1} == 0 ]]; then schema_rows=(); else
 manifests "$n"
 eval "$(tests/cluster/cluster.sh up)" >/dev/null
 apiserver=$(cat "$STASH_CLUSTER_DIR/kube-apiserver.pid")
@@ -220,15 +240,17 @@ for row in "${schema_rows[@]}"; do
   read -r schema round wall cpu <<<"$row"
   echo "| $schema | $round | $wall s | $cpu s |"
 done
+fi
 
 mkdir -p docs/bench
 python3 - "$results" "$work/plot.tsv" <<'PY'
 import json, sys, statistics, collections
 rows = collections.defaultdict(list)
 for line in open(sys.argv[1]):
-    n, repeat, ready, floor, requests, rss, op_cpu, api_cpu, idle, busy = line.rstrip("\n").split("\t")
+    n, repeat, ready, floor, requests, rss, op_cpu, api_cpu, idle, busy, restart, restart_rss = line.rstrip("\n").split("\t")
     rows[int(n)].append(dict(repeat=int(repeat), ready=float(ready), floor=float(floor), requests=int(requests),
-        rss=float(rss), op_cpu=float(op_cpu), api_cpu=float(api_cpu), idle=int(idle), busy=json.loads(busy)))
+        rss=float(rss), op_cpu=float(op_cpu), api_cpu=float(api_cpu), idle=int(idle), busy=json.loads(busy),
+        restart=float(restart), restart_rss=float(restart_rss)))
 def spread(values, unit="", fmt="{:.1f}"):
     return f"{fmt.format(statistics.median(values))}{unit} ({fmt.format(min(values))}–{fmt.format(max(values))})"
 with open(sys.argv[2], "w") as plot:
@@ -236,11 +258,11 @@ with open(sys.argv[2], "w") as plot:
         ratio = [r["ready"] / r["floor"] for r in runs]
         per = [r["requests"] / n for r in runs]
         print(f"\n### {n:,} batches ({len(runs)} runs; median, with min–max)\n")
-        print("| run | all CronJobs + all Ready | floor | ratio | requests | per batch | operator peak RSS | operator CPU | API server CPU | requests in the idle minute (Lease aside) |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| run | all CronJobs + all Ready | floor | ratio | requests | per batch | operator peak RSS | operator CPU | API server CPU | requests in the idle minute (Lease aside) | restart: all reconciled | restart: peak RSS |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in runs:
-            print(f"| {r['repeat']} | {r['ready']:.1f} s | {r['floor']:.1f} s | {r['ready']/r['floor']:.1f}× | {r['requests']:,} | {r['requests']/n:.1f} | {r['rss']:.1f} MiB | {r['op_cpu']:.1f} s | {r['api_cpu']:.1f} s | {r['idle']} |")
-        print(f"| **median** | {spread([r['ready'] for r in runs], ' s')} | {spread([r['floor'] for r in runs], ' s')} | {spread(ratio, '×')} | | {spread(per)} | {spread([r['rss'] for r in runs], ' MiB')} | {spread([r['op_cpu'] for r in runs], ' s')} | {spread([r['api_cpu'] for r in runs], ' s')} | {max(r['idle'] for r in runs)} (max) |")
+            print(f"| {r['repeat']} | {r['ready']:.1f} s | {r['floor']:.1f} s | {r['ready']/r['floor']:.1f}× | {r['requests']:,} | {r['requests']/n:.1f} | {r['rss']:.1f} MiB | {r['op_cpu']:.1f} s | {r['api_cpu']:.1f} s | {r['idle']} | {r['restart']:.1f} s | {r['restart_rss']:.1f} MiB |")
+        print(f"| **median** | {spread([r['ready'] for r in runs], ' s')} | {spread([r['floor'] for r in runs], ' s')} | {spread(ratio, '×')} | | {spread(per)} | {spread([r['rss'] for r in runs], ' MiB')} | {spread([r['op_cpu'] for r in runs], ' s')} | {spread([r['api_cpu'] for r in runs], ' s')} | {max(r['idle'] for r in runs)} (max) | {spread([r['restart'] for r in runs], ' s')} | {spread([r['restart_rss'] for r in runs], ' MiB')} |")
         verbs = collections.Counter()
         for r in runs:
             verbs.update(r["busy"])
