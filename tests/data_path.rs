@@ -479,13 +479,7 @@ async fn a_lock_left_by_a_killed_executor_is_healed_by_the_next_session() {
     let next = setup.back_up().await;
     assert_eq!(next.status.and_then(|s| s.phase), Some(BackupSessionPhase::Succeeded));
     assert_eq!(lock_files(&locks), 0, "no lock left");
-    let events = setup.ns.api::<k8s_openapi::api::events::v1::Event>();
-    let healed = events.list(&Default::default()).await.expect("events").items;
-    let note = healed
-        .iter()
-        .find(|e| e.reason.as_deref() == Some("StaleLockRemoved"))
-        .and_then(|e| e.note.clone())
-        .expect("a StaleLockRemoved Event");
+    let note = stale_lock_removed(&setup).await;
     assert!(note.contains("its process is gone"), "{note}");
 }
 
@@ -526,14 +520,19 @@ async fn a_stale_exclusive_lock_on_a_rest_repository_is_healed_when_it_stops_a_b
     let next = setup.back_up().await;
     assert_eq!(next.status.and_then(|s| s.phase), Some(BackupSessionPhase::Succeeded));
     assert_eq!(setup.restic(&["-r", &direct, "list", "locks", "--no-lock"]).trim(), "", "no lock left");
+    let note = stale_lock_removed(&setup).await;
+    assert!(note.contains("exclusive lock") && note.contains("its process is gone"), "{note}");
+}
+
+/// The note of the namespace's StaleLockRemoved Event.
+async fn stale_lock_removed(setup: &Setup) -> String {
     let events = setup.ns.api::<k8s_openapi::api::events::v1::Event>();
     let healed = events.list(&Default::default()).await.expect("events").items;
-    let note = healed
+    healed
         .iter()
         .find(|e| e.reason.as_deref() == Some("StaleLockRemoved"))
         .and_then(|e| e.note.clone())
-        .expect("a StaleLockRemoved Event");
-    assert!(note.contains("exclusive lock") && note.contains("its process is gone"), "{note}");
+        .expect("a StaleLockRemoved Event")
 }
 
 /// Files of the PVC member that make this namespace's data recognisable.
