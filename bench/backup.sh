@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
-# A 1 GiB tree of mixed file sizes backed up into a fresh local repository twice in the same run:
-# by `stash backup-job` (a PVC member of a session on the local control plane) and by the restic CLI
-# directly, three rounds in alternating order. Prints median wall times, their ratio, the stash
-# executor's own peak RSS and restic's.
-#   bench/backup.sh [size-in-MiB]
+# The data path against the restic CLI in the same run: a tree of mixed file sizes (default 1 GiB)
+# backed up by `stash backup-job` (a PVC member of a session on the local control plane) and by
+# `restic backup`, into a fresh, already initialised repository on a local directory, a REST server
+# (rest-server) or an S3 server (versitygw) on loopback. Each round and tool: a first backup, an
+# incremental one after 1 % of the tree's size was added as a new file, then a restore of that last
+# snapshot into an empty directory (`stash restore` of a RestoreBatch member naming the snapshot, and
+# `restic restore latest`). Three rounds, the order alternating; prints median wall times, their
+# ratios, the stash executor's own peak RSS and restic's.
+#   bench/backup.sh [size-in-MiB] [local|rest|s3]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 size_mib=${1:-1024}
+backend=${2:-local}
+case $backend in local | rest | s3) ;; *) echo "backend: local, rest or s3, not $backend" >&2; exit 2 ;; esac
 export STASH_CLUSTER_DIR="${TMPDIR:-/tmp}/stash-bench-backup-$$"
 work=$(mktemp -d)
-cleanup() { tests/cluster/cluster.sh down; rm -rf "$work"; }
+server_pid=
+cleanup() {
+  [[ -n $server_pid ]] && kill "$server_pid" 2>/dev/null
+  tests/cluster/cluster.sh down
+  rm -rf "$work"
+}
 trap cleanup EXIT
 eval "$(tests/cluster/cluster.sh up)" >/dev/null
 bin=$(tests/cluster/build.sh)
@@ -36,12 +47,52 @@ while written < budget:
 print(f"{n} files", file=sys.stderr)
 PY
 
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+mkdir -p "$work/secret" "$work/store"
+printf 'bench-only-password' >"$work/secret/RESTIC_PASSWORD"
+export RESTIC_PASSWORD=bench-only-password
+case $backend in
+  local)
+    stash_repo=$work/store/stash-repo restic_repo=$work/store/restic-repo
+    repository_backend="local: {mountPath: \"$stash_repo\", hostPath: {path: \"$stash_repo\"}}"
+    ;;
+  rest)
+    port=$(free_port)
+    "$tools/rest-server" --no-auth --path "$work/store" --listen "127.0.0.1:$port" >"$work/server.log" 2>&1 &
+    server_pid=$!
+    stash_repo=rest:http://127.0.0.1:$port/stash-repo restic_repo=rest:http://127.0.0.1:$port/restic-repo
+    repository_backend="rest: {url: \"http://127.0.0.1:$port/stash-repo\"}"
+    ;;
+  s3)
+    port=$(free_port)
+    export AWS_ACCESS_KEY_ID=AKIABENCH AWS_SECRET_ACCESS_KEY=bench-only-s3-secret
+    printf %s "$AWS_ACCESS_KEY_ID" >"$work/secret/AWS_ACCESS_KEY_ID"
+    printf %s "$AWS_SECRET_ACCESS_KEY" >"$work/secret/AWS_SECRET_ACCESS_KEY"
+    ROOT_ACCESS_KEY= "$tools/versitygw" --access "$AWS_ACCESS_KEY_ID" --secret "$AWS_SECRET_ACCESS_KEY" \
+      --port "127.0.0.1:$port" --quiet posix "$work/store" >"$work/server.log" 2>&1 &
+    server_pid=$!
+    mkdir -p "$work/store/bench" # the bucket: a directory of the posix backend
+    stash_repo=s3:http://127.0.0.1:$port/bench/stash-repo restic_repo=s3:http://127.0.0.1:$port/bench/restic-repo
+    repository_backend="s3: {endpoint: \"http://127.0.0.1:$port\", bucket: bench, prefix: stash-repo, region: us-east-1}"
+    ;;
+esac
+[[ $backend == local ]] || until curl -s "http://127.0.0.1:$port/" >/dev/null; do sleep 0.2; done
+# A fresh, initialised repository at $1 (both repositories' data lives in $work/store).
+fresh_repository() {
+  rm -rf "$work/store/${1##*/}" "$work/store/bench/${1##*/}"
+  "$tools/restic" -r "$1" init -q
+}
+# The incremental round's change: 1 % of the tree's size, as one new file (removed after the round).
+change_one_percent() {
+  python3 -c "import random, sys; open(sys.argv[1], 'wb').write(random.Random(int(sys.argv[2])).randbytes($size_mib * 1024 * 1024 // 100))" \
+    "$work/root/stash-data/d00/changed.bin" "$1"
+}
+# The bytes of the regular files under $1, to prove a restore brought the whole tree back.
+file_bytes() { find "$1" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}'; }
+
 "$stash" crds | kubectl apply --server-side -f - >/dev/null
 kubectl wait --for condition=Established crd -l app.kubernetes.io/part-of=stash --timeout 60s >/dev/null
 kubectl create namespace bench >/dev/null
-mkdir -p "$work/secret"
-printf 'bench-only-password' >"$work/secret/RESTIC_PASSWORD"
-: >"$work/results"
 kubectl apply -n bench -f - >/dev/null <<YAML
 apiVersion: v1
 kind: Secret
@@ -51,7 +102,7 @@ stringData: {RESTIC_PASSWORD: bench-only-password}
 apiVersion: stash.appscode.com/v1alpha1
 kind: Repository
 metadata: {name: repo}
-spec: {backend: {storageSecretName: repo-secret, local: {mountPath: "$work/stash-repo", hostPath: {path: "$work/stash-repo"}}}}
+spec: {backend: {storageSecretName: repo-secret, $repository_backend}}
 ---
 apiVersion: v1
 kind: PersistentVolumeClaim
@@ -65,60 +116,114 @@ spec:
   repository: {name: repo}
   members: [{target: {alias: data, ref: {apiVersion: v1, kind: PersistentVolumeClaim, name: data}}}]
 YAML
-# Both repositories are created before the timed runs (the steady state; a first backup's
-# `restic init` costs the same on both sides). Three rounds, the order alternating, medians reported.
 export KUBECONFIG POD_NAMESPACE=bench POD_NAME=bench-job-x7k2p STASH_RESTIC_BINARY="$tools/restic"
-export RESTIC_PASSWORD=bench-only-password
+: >"$work/results"
 
-run_stash() {
-  rm -rf "$work/stash-repo"
-  "$tools/restic" -r "$work/stash-repo" init -q
+# Runs "$@" as stash's step $1 (the rest: the command), recording the wall time (the end taken when
+# `wait` returns, not by polling) and the stash process's own peak RSS: VmHWM, a high-water mark,
+# read with shell builtins by a poller beside it (restic's memory is its child's, reported separately).
+stash_timed() {
+  local kind=$1 start end pid poller rss
+  shift
+  sync
+  start=$(date +%s%N)
+  "$@" >/dev/null 2>"$work/err" &
+  pid=$!
+  (
+    while kill -0 "$pid" 2>/dev/null; do
+      while read -r key value _; do
+        [[ $key == VmHWM: ]] && echo "$value" >"$work/hwm"
+      done 2>/dev/null <"/proc/$pid/status" || true
+      sleep 0.25
+    done
+  ) &
+  poller=$!
+  wait "$pid" || { cat "$work/err" >&2; exit 1; }
+  end=$(date +%s%N)
+  wait "$poller" || true
+  rss=$(cat "$work/hwm" 2>/dev/null || echo 0)
+  rm -f "$work/hwm"
+  echo "stash $kind $(( (end - start) / 1000000 )) $rss" >>"$work/results"
+}
+# Runs restic with "$@" (from the tree's parent) as restic's step $1.
+restic_timed() {
+  local kind=$1 wall rss
+  shift
+  sync
+  (cd "$work/root" && /usr/bin/time -f "%e %M" -o "$work/time" "$tools/restic" -r "$restic_repo" \
+    --cache-dir "$work/cache-restic" "$@" >/dev/null)
+  read -r wall rss <"$work/time"
+  echo "restic $kind $(python3 -c "print(int($wall * 1000))") $rss" >>"$work/results"
+}
+
+# One `stash backup-job` run of a new session, as its kind $1 (first | incremental); prints the snapshot.
+stash_backup() {
   sleep 1 # session names are per second
   local session
   session=$("$stash" trigger bench -n bench | sed 's#backupsession/\([^ ]*\) created#\1#')
   # No operator here: the session is set Running by hand, as the operator would.
   kubectl patch backupsession "$session" -n bench --subresource=status --type=merge -p \
     '{"status":{"phase":"Running","targets":[{"ref":{"apiVersion":"v1","kind":"PersistentVolumeClaim","name":"data"},"totalHosts":1,"phase":"Running"}]}}' >/dev/null
-  sync
-  # The executor's own peak (VmHWM of the stash process, polled) and the wall time of the whole run.
-  local start pid hwm rss=0
-  start=$(date +%s%N)
-  "$stash" backup-job --invoker-name bench --session "$session" --target-kind PersistentVolumeClaim \
-    --target-name data --secret-dir "$work/secret" --path-root "$work/root" 2>"$work/err" &
-  pid=$!
-  while kill -0 "$pid" 2>/dev/null; do
-    hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
-    [[ -n $hwm ]] && rss=$hwm
-    sleep 0.05
-  done
-  wait "$pid" || { cat "$work/err" >&2; exit 1; }
-  echo "stash $(( ($(date +%s%N) - start) / 1000000 )) $rss" >>"$work/results"
-  local phase
-  phase=$(kubectl get backupsession "$session" -n bench -o jsonpath='{.status.targets[0].stats[0].phase}')
-  [[ $phase == Succeeded ]] || { echo "the stash backup did not succeed: $phase" >&2; exit 1; }
+  stash_timed "$1" "$stash" backup-job --invoker-name bench --session "$session" \
+    --target-kind PersistentVolumeClaim --target-name data --secret-dir "$work/secret" \
+    --path-root "$work/root" --cache-dir "$work/cache-stash"
+  local stats phase
+  stats=$(kubectl get backupsession "$session" -n bench -o jsonpath='{.status.targets[0].stats[0].phase} {.status.targets[0].stats[0].snapshots[0].name}')
+  phase=${stats% *}
+  [[ $phase == Succeeded ]] || { echo "the stash backup did not succeed: $stats" >&2; exit 1; }
+  echo "${stats#* }"
 }
 
-run_restic() {
-  rm -rf "$work/restic-repo"
-  "$tools/restic" -r "$work/restic-repo" init -q
-  sync
-  (cd "$work/root" && /usr/bin/time -f "%e %M" -o "$work/time" \
-    "$tools/restic" -r "$work/restic-repo" backup --json --host data stash-data >/dev/null)
-  read -r wall rss <"$work/time"
-  echo "restic $(python3 -c "print(int($wall * 1000))") $rss" >>"$work/results"
+# A restore of snapshot $2 through a RestoreBatch that names it, in round $1.
+stash_restore() {
+  kubectl apply -n bench -f - >/dev/null <<YAML
+apiVersion: stash.appscode.com/v1beta1
+kind: RestoreBatch
+metadata: {name: restore-$1}
+spec:
+  repository: {name: repo}
+  members: [{target: {alias: data, ref: {apiVersion: v1, kind: PersistentVolumeClaim, name: data}, rules: [{snapshots: ["$2"]}]}}]
+YAML
+  stash_timed restore "$stash" restore --restore-batch "restore-$1" --target-kind PersistentVolumeClaim \
+    --target-name data --secret-dir "$work/secret" --path-root "$work/restored" --cache-dir "$work/cache-stash"
+}
+
+run() { # $1: stash | restic; $2: round
+  local snapshot
+  rm -rf "$work/restored"
+  if [[ $1 == stash ]]; then
+    fresh_repository "$stash_repo"
+    stash_backup first >/dev/null
+    change_one_percent "$2"
+    snapshot=$(stash_backup incremental)
+    stash_restore "$2" "$snapshot"
+  else
+    fresh_repository "$restic_repo"
+    restic_timed first backup --json --host data stash-data
+    change_one_percent "$2"
+    restic_timed incremental backup --json --host data stash-data
+    restic_timed restore restore latest --target "$work/restored"
+  fi
+  local want got
+  want=$(file_bytes "$work/root/stash-data") got=$(file_bytes "$work/restored")
+  [[ $want == "$got" ]] || { echo "$1 restored $got bytes of $want" >&2; exit 1; }
+  rm -rf "$work/restored" "$work/root/stash-data/d00/changed.bin"
 }
 
 for round in 1 2 3; do
-  if (( round % 2 )); then run_stash; run_restic; else run_restic; run_stash; fi
+  if ((round % 2)); then run stash "$round"; run restic "$round"; else run restic "$round"; run stash "$round"; fi
 done
-python3 - "$size_mib" "$work/results" <<'PY'
+python3 - "$size_mib" "$backend" "$work/results" <<'PY'
 import statistics, sys
-size, rows = sys.argv[1], [line.split() for line in open(sys.argv[2])]
-wall = {k: statistics.median(int(r[1]) for r in rows if r[0] == k) / 1000 for k in ("stash", "restic")}
-rss = {k: max(int(r[2]) for r in rows if r[0] == k) / 1024 for k in ("stash", "restic")}
-runs = ", ".join(f"{r[0]} {int(r[1]) / 1000:.1f}" for r in rows)
-print("| tree | stash backup-job wall (median of 3) | restic CLI wall (median of 3) | ratio | stash executor peak RSS | restic peak RSS |")
+size, backend, rows = sys.argv[1], sys.argv[2], [line.split() for line in open(sys.argv[3])]
+def median(tool, kind):
+    return statistics.median(int(r[2]) for r in rows if r[0] == tool and r[1] == kind) / 1000
+rss = {k: max(int(r[3]) for r in rows if r[0] == k) / 1024 for k in ("stash", "restic")}
+print("| tree | backend | step | stash wall (median of 3) | restic CLI wall (median of 3) | ratio |")
 print("|---|---|---|---|---|---|")
-print(f"| {size} MiB | {wall['stash']:.2f} s | {wall['restic']:.2f} s | {wall['stash'] / wall['restic']:.3f} | {rss['stash']:.1f} MiB | {rss['restic']:.1f} MiB |")
-print(f"\nruns in order (s): {runs}")
+for kind in ("first", "incremental", "restore"):
+    ours, theirs = median("stash", kind), median("restic", kind)
+    print(f"| {size} MiB | {backend} | {kind} | {ours:.2f} s | {theirs:.2f} s | {ours / theirs:.3f} |")
+print(f"\npeak RSS: stash executor {rss['stash']:.1f} MiB, restic {rss['restic']:.1f} MiB")
+print("runs in order (s): " + ", ".join(f"{r[0]} {r[1]} {int(r[2]) / 1000:.2f}" for r in rows))
 PY
