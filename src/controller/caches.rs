@@ -101,7 +101,8 @@ impl Caches {
         Ok(())
     }
 
-    /// A store fed by one of the controllers' trigger streams is ready once `listed` says so.
+    /// A store the controllers feed themselves (their trigger streams, their own caches) is ready
+    /// once `listed` says so.
     pub(crate) fn also_ready_when(&mut self, listed: Listed) {
         self.listed.push(listed);
     }

@@ -22,8 +22,6 @@ pub struct Context {
     pub stall_after: std::time::Duration,
     /// The session controller's cache: what a batch's metrics read of its sessions, with no request.
     pub sessions: Store<BackupSession>,
-    /// Whether `sessions` has completed its first list.
-    pub(crate) sessions_listed: crate::reflect::Listed,
     /// The restore controller's cache, for the RestoreBatch metrics.
     pub restores: Store<RestoreBatch>,
     /// What the controllers read without a request.

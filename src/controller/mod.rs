@@ -88,6 +88,10 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
     let (cronjobs, listed) = listing(reflector(writers.cronjobs, cronjobs));
     caches.also_ready_when(listed);
     let cronjobs = cronjobs.default_backoff().touched_objects();
+    // The batch's metric series are computed from its sessions: a reconcile that costs no request
+    // could otherwise run before a new leader's session cache has listed them, export a partial set
+    // and, the batch being Ready, not run again.
+    caches.also_ready_when(sessions_listed);
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
@@ -96,7 +100,6 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
         batches: batches.clone(),
         stall_after: settings.stall_after,
         sessions: session_controller.store(),
-        sessions_listed,
         restores: restore_controller.store(),
         caches,
     });
@@ -171,10 +174,6 @@ pub const BATCH_FINALIZER: &str = "stash.appscode.com/cleanup";
 
 async fn reconcile_batch(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
     ctx.caches.ready().await?;
-    // The batch's metric series are computed from its sessions: a reconcile that costs no request
-    // can otherwise run before a new leader's session cache has listed them, export a partial set
-    // and, the batch being Ready, not run again.
-    ctx.sessions_listed.wait().await?;
     let api: Api<BackupBatch> = Api::namespaced(ctx.client.clone(), &batch.namespace().unwrap_or_default());
     kube::runtime::finalizer(&api, BATCH_FINALIZER, batch, |event| async {
         match event {
