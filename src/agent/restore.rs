@@ -617,5 +617,38 @@ mod tests {
                 Ok(Source::Session) | Err(_) => {}
             }
         }
+
+        /// Invariant 4 where the walk is skipped: whatever the snapshot records (relative targets
+        /// included, whose tree holds any trailing part of the recorded path) and whatever the
+        /// rule selects, everything the tree can hold under a recorded path lands in a volume or is
+        /// not restored.
+        #[test]
+        fn skipping_the_walk_never_lets_data_land_outside_the_volumes(
+            paths in proptest::collection::vec(any_path(), 1..3),
+            mounts in proptest::collection::vec(any_path(), 1..3),
+            include in proptest::collection::vec(any_path(), 0..2),
+            exclude in proptest::collection::vec(any_path(), 0..2),
+            leaf in "[a-c]",
+        ) {
+            let selection = Selection::new(&mounts, &include, &exclude);
+            if !selection.needs_walk(&paths) {
+                for path in &paths {
+                    let starts = path.match_indices('/').map(|(i, _)| i);
+                    for held in starts.map(|i| &path[i..]) {
+                        for (entry, is_dir) in [(held.to_string(), true), (format!("{held}/{leaf}"), false)] {
+                            let place = selection.place(&entry, is_dir);
+                            prop_assert!(matches!(place, Place::Inside | Place::Skipped), "{entry}: {place:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// An absolute path of one to three components from a small alphabet, so that paths, mounts
+    /// and rules often nest.
+    fn any_path() -> impl Strategy<Value = String> {
+        proptest::collection::vec(prop_oneof![Just("a"), Just("b"), Just("stash-data")], 1..4)
+            .prop_map(|parts| format!("/{}", parts.join("/")))
     }
 }
