@@ -24,7 +24,8 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-eval "$(tests/cluster/cluster.sh up)" >/dev/null
+exports=$(tests/cluster/cluster.sh up) # outside eval, which would hide a failed up
+eval "$exports"
 read -r webhook_port admin_port < <(python3 -c '
 import socket
 ports = []

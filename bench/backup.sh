@@ -22,7 +22,8 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-eval "$(tests/cluster/cluster.sh up)" >/dev/null
+exports=$(tests/cluster/cluster.sh up) # outside eval, which would hide a failed up
+eval "$exports"
 bin=$(tests/cluster/build.sh)
 tools=$(tests/backends/build.sh)
 kubectl() { "$bin/kubectl" "$@"; }

@@ -134,7 +134,8 @@ for n in "${counts[@]}"; do
   poll=$((n >= 5000 ? 5 : 1))
   manifests "$n"
   for repeat in $(seq 1 "$repeats"); do
-    eval "$(tests/cluster/cluster.sh up)" >/dev/null
+    exports=$(tests/cluster/cluster.sh up) # outside eval, which would hide a failed up
+    eval "$exports"
     apiserver=$(cat "$STASH_CLUSTER_DIR/kube-apiserver.pid")
     "$stash" crds | kubectl apply --server-side -f - >/dev/null
     kubectl wait --for condition=Established crd -l app.kubernetes.io/part-of=stash --timeout 60s >/dev/null
@@ -201,7 +202,8 @@ done
 n=${counts[-1]}
 if [[ ${SCHEMA_COST:-1} == 0 ]]; then schema_rows=(); else
 manifests "$n"
-eval "$(tests/cluster/cluster.sh up)" >/dev/null
+exports=$(tests/cluster/cluster.sh up) # outside eval, which would hide a failed up
+eval "$exports"
 apiserver=$(cat "$STASH_CLUSTER_DIR/kube-apiserver.pid")
 "$stash" crds >"$work/full.yaml"
 python3 - "$work/full.yaml" "$work/minimal.yaml" <<'PY'

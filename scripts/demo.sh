@@ -21,7 +21,8 @@ fi
 
 mkdir -p "$state"
 echo "== cluster with a node"
-eval "$(tests/cluster/cluster.sh up --node)"
+exports=$(tests/cluster/cluster.sh up --node) # not inside eval, where a failed up would go unnoticed
+eval "$exports"
 bin=$(tests/cluster/build.sh)
 kubectl() { "$bin/kubectl" "$@"; }
 cargo build --quiet --bin stash

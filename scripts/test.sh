@@ -15,11 +15,14 @@ tests/cluster/build.sh helm >/dev/null
 tests/cluster/build.sh promtool >/dev/null
 tests/cluster/build.sh cert-manager >/dev/null
 trap 'tests/cluster/cluster.sh down' EXIT
+# Captured before eval: `eval "$(cluster.sh up)"` evaluates an empty string when up fails, and the tests
+# would then run without the cluster they were promised (each binary starting a plain one, node tests skipped).
 if [[ ${STASH_TEST_NODE:-1} == 0 ]]; then
-  eval "$(tests/cluster/cluster.sh up)"
+  exports=$(tests/cluster/cluster.sh up)
 else
-  eval "$(tests/cluster/cluster.sh up --node)"
+  exports=$(tests/cluster/cluster.sh up --node)
 fi
+eval "$exports"
 status=0
 # Benches are load targets, not tests (clippy --all-targets in .ci/run compiles them).
 cargo test --lib --bins --tests --no-fail-fast "$@" || status=$?
