@@ -1,6 +1,6 @@
 //! Shared by the integration tests: one real control plane per test binary, a namespace per test.
 //!
-//! The cluster comes from `KUBECONFIG` when that points at a live API server, otherwise from
+//! The cluster comes from `KUBECONFIG` when that is set (it must answer within a minute), otherwise from
 //! `tests/cluster/cluster.sh up` (which reuses a running one). The CRDs are applied once.
 #![allow(dead_code)] // each test binary uses its own subset of these helpers
 
@@ -57,11 +57,19 @@ pub fn relative_to(dir: &Path, target: &Path) -> PathBuf {
 /// Brings the cluster up (once per test binary) and installs the CRDs.
 pub fn cluster() -> &'static TestCluster {
     CLUSTER.get_or_init(|| {
+        // A set KUBECONFIG that does not answer is an error, not a reason to start another cluster: under
+        // scripts/test.sh that `up` would replace the busy node cluster with a plain one.
         let cluster = match std::env::var_os("KUBECONFIG").map(PathBuf::from) {
-            Some(kubeconfig) if block_on(api_reachable(kubeconfig.clone())) => {
+            Some(kubeconfig) => {
+                let answered = block_on(answers_within(kubeconfig.clone(), Duration::from_secs(60)));
+                assert!(
+                    answered,
+                    "KUBECONFIG={} does not answer (unset it to let the tests start a cluster)",
+                    kubeconfig.display()
+                );
                 TestCluster { kubeconfig, webhook_client_ca: std::env::var_os(WEBHOOK_CLIENT_CA).map(PathBuf::from) }
             }
-            _ => start_local_cluster(),
+            None => start_local_cluster(),
         };
         block_on(install_crds(cluster.kubeconfig.clone()));
         block_on(install_rbac(cluster.kubeconfig.clone()));
@@ -115,7 +123,9 @@ pub async fn client() -> Client {
     client_for(&cluster().kubeconfig).await
 }
 
-async fn api_reachable(kubeconfig: PathBuf) -> bool {
+/// Whether the API server `kubeconfig` names answers `/version` within `limit` (a loaded machine may
+/// miss one request).
+async fn answers_within(kubeconfig: PathBuf, limit: Duration) -> bool {
     let Ok(kubeconfig) = Kubeconfig::read_from(&kubeconfig) else {
         return false;
     };
@@ -125,7 +135,14 @@ async fn api_reachable(kubeconfig: PathBuf) -> bool {
     let Ok(client) = Client::try_from(config) else {
         return false;
     };
-    client.apiserver_version().await.is_ok()
+    let deadline = tokio::time::Instant::now() + limit;
+    while client.apiserver_version().await.is_err() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    true
 }
 
 async fn install_crds(kubeconfig: PathBuf) {
