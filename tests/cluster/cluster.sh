@@ -281,15 +281,31 @@ up() { # [--node]
   exports
 }
 
-# Refuses a second node on this machine (another state dir's), and takes over after a crash whose state is gone.
+# Whether a process of the cluster under $1 lives: its `up` (still starting it) or a component.
+cluster_alive() {
+  local pid_file
+  for pid_file in "$1"/*.pid; do
+    [[ -f $pid_file ]] && alive "$(cat "$pid_file")" && return 0
+  done
+  return 1
+}
+
+# Refuses a second node on this machine (another state dir's). Takes over after a crash: when the owner's
+# state is gone, or none of its processes lives (a restart kept its files, the CI machine's once did).
 claim_node() {
   local owner
+  mkdir -p "$state"
+  echo $$ >"$state/up.pid"
   until (set -C && echo "$state" >"$node_owner") 2>/dev/null; do # noclobber: one of two racing ups wins
     owner=$(cat "$node_owner" 2>/dev/null || true)
     [[ $owner != "$state" ]] || return 0
     if [[ -n $owner && -d $owner ]]; then
-      log "this machine's node belongs to $owner: run STASH_CLUSTER_DIR=$owner $0 down first"
-      exit 1
+      if cluster_alive "$owner"; then
+        log "this machine's node belongs to $owner: run STASH_CLUSTER_DIR=$owner $0 down first"
+        exit 1
+      fi
+      log "taking over this machine's node from $owner, none of whose processes lives"
+      STASH_CLUSTER_DIR=$owner "$here/cluster.sh" down
     fi
     rm -f "$node_owner"
   done
