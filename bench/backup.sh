@@ -7,12 +7,18 @@
 # snapshot into an empty directory (`stash restore` of a RestoreBatch member naming the snapshot, and
 # `restic restore latest`). Three rounds, the order alternating; prints median wall times, their
 # ratios, the stash executor's own peak RSS and restic's.
-#   bench/backup.sh [size-in-MiB] [local|rest|s3]
+# `finalize` instead times `stash finalize-session` as the repository's history grows to 10, 100 and 1,000
+# complete sessions (a member snapshot and a manifest each, written by restic with the tags stash gives
+# them), each finalize forgetting the oldest session (keepLast: the history's size, no prune), against
+# restic's own forget decision and snapshot listing on the same repository in the same run.
+#   bench/backup.sh [size-in-MiB] [local|rest|s3] [data|finalize]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 size_mib=${1:-1024}
 backend=${2:-local}
+what=${3:-data}
 case $backend in local | rest | s3) ;; *) echo "backend: local, rest or s3, not $backend" >&2; exit 2 ;; esac
+case $what in data | finalize) ;; *) echo "what: data or finalize, not $what" >&2; exit 2 ;; esac
 export STASH_CLUSTER_DIR="${TMPDIR:-/tmp}/stash-bench-backup-$$"
 work=$(mktemp -d)
 server_pid=
@@ -157,10 +163,9 @@ restic_timed() {
   echo "restic $kind $(python3 -c "print(int($wall * 1000))") $rss" >>"$work/results"
 }
 
-# One `stash backup-job` run of a new session, as its kind $1 (first | incremental); prints the snapshot.
+# One `stash backup-job` run of a new session (named in $session), as its kind $1; prints the snapshot.
 stash_backup() {
   sleep 1 # session names are per second
-  local session
   session=$("$stash" trigger bench -n bench | sed 's#backupsession/\([^ ]*\) created#\1#')
   # No operator here: the session is set Running by hand, as the operator would.
   kubectl patch backupsession "$session" -n bench --subresource=status --type=merge -p \
@@ -210,6 +215,75 @@ run() { # $1: stash | restic; $2: round
   [[ $want == "$got" ]] || { echo "$1 restored $got bytes of $want" >&2; exit 1; }
   rm -rf "$work/restored" "$work/root/stash-data/d00/changed.bin"
 }
+
+# The finalize mode, to its end.
+if [[ $what == finalize ]]; then
+  restic_repo=$stash_repo
+  manifest_tags=stash=manifest,batch=bench,namespace=bench
+  # A session backed up and set Succeeded by hand (no operator here), then finalized as step $1.
+  finalized_session() {
+    stash_backup "backup-$1" >/dev/null
+    kubectl patch backupsession "$session" -n bench --subresource=status --type=json -p \
+      '[{"op":"replace","path":"/status/phase","value":"Succeeded"},{"op":"replace","path":"/status/targets/0/phase","value":"Succeeded"}]' >/dev/null
+    stash_timed "$1" "$stash" finalize-session --session "$session" --secret-dir "$work/secret" \
+      --cache-dir "$work/cache-stash"
+    local finalized
+    finalized=$(kubectl get backupsession "$session" -n bench -o jsonpath='{.status.conditions[?(@.type=="SessionFinalized")].status} {.status.conditions[?(@.type=="ManifestWritten")].status}')
+    [[ $finalized == "True True" ]] || { echo "session $session: finalized, manifest written: $finalized" >&2; exit 1; }
+  }
+  fresh_repository "$stash_repo"
+  # The first finalize of a repository also runs restic check; the timed ones find it checked.
+  finalized_session warm-up
+  # History sessions copy the host and tags of that real member snapshot, dated long before it.
+  read -r member_host member_tags < <("$tools/restic" -r "$stash_repo" snapshots --json --no-lock --no-cache |
+    python3 -c 'import json, sys
+member = next(s for s in json.load(sys.stdin) if "stash=manifest" not in s["tags"])
+print(member["hostname"], ",".join(t for t in member["tags"] if not t.startswith("session=")))')
+  grow_history() { # from to
+    python3 - "$tools/restic" "$stash_repo" "$1" "$2" "$member_host" "$member_tags" "$manifest_tags" <<'PY'
+import concurrent.futures, datetime, subprocess, sys
+restic, repo, low, high, host, tags, manifest_tags = sys.argv[1:]
+start = datetime.datetime(2026, 1, 1)
+def session(i):
+    name, time = f"history-{i:05d}", (start + datetime.timedelta(minutes=i)).strftime("%Y-%m-%d %H:%M:%S")
+    backup = [restic, "-r", repo, "--no-cache", "-q", "backup", "--time", time, "--stdin"]
+    subprocess.run(backup + ["--host", host, "--tag", f"{tags},session={name}", "--stdin-filename", "data"],
+                   input=name.encode(), check=True)
+    subprocess.run(backup + ["--host", "stash-manifest", "--tag", f"{manifest_tags},session={name}",
+                             "--stdin-filename", "manifest.json"], input=b"{}", check=True)
+# Each restic run mostly waits (its lock's settle time): eight at once keep two cores busy.
+with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    list(pool.map(session, range(int(low), int(high) + 1)))
+PY
+  }
+  grown=0
+  for sessions in 10 100 1000; do
+    echo "growing the history to $sessions sessions" >&2
+    grow_history $((grown + 1)) "$sessions"
+    grown=$sessions
+    kubectl patch backupbatch bench -n bench --type merge \
+      -p "{\"spec\":{\"retentionPolicy\":{\"name\":\"keep-$sessions\",\"keepLast\":$sessions}}}" >/dev/null
+    for _ in 1 2 3; do
+      finalized_session "finalize-$sessions"
+      restic_timed "forget-$sessions" forget --dry-run --json --group-by host --host stash-manifest \
+        --tag "$manifest_tags" --keep-last "$sessions"
+      restic_timed "snapshots-$sessions" snapshots --json
+    done
+  done
+  python3 - "$backend" "$work/results" <<'PY'
+import statistics, sys
+backend, rows = sys.argv[1], [line.split() for line in open(sys.argv[2])]
+def median(tool, kind):
+    return statistics.median(int(r[2]) for r in rows if r[0] == tool and r[1] == kind) / 1000
+print("| complete sessions | backend | stash finalize-session | restic forget --dry-run | restic snapshots | finalize / forget |")
+print("|---|---|---|---|---|---|")
+for n in (10, 100, 1000):
+    ours, forget, listing = median("stash", f"finalize-{n}"), median("restic", f"forget-{n}"), median("restic", f"snapshots-{n}")
+    print(f"| {n} | {backend} | {ours:.2f} s | {forget:.2f} s | {listing:.2f} s | {ours / forget:.2f} |")
+print("\nmedians of 3; the warm-up finalize (with restic check):", f"{median('stash', 'warm-up'):.2f} s")
+PY
+  exit 0
+fi
 
 for round in 1 2 3; do
   if ((round % 2)); then run stash "$round"; run restic "$round"; else run restic "$round"; run stash "$round"; fi
