@@ -61,12 +61,7 @@ pub fn cluster() -> &'static TestCluster {
         // scripts/test.sh that `up` would replace the busy node cluster with a plain one.
         let cluster = match std::env::var_os("KUBECONFIG").map(PathBuf::from) {
             Some(kubeconfig) => {
-                let answered = block_on(answers_within(kubeconfig.clone(), Duration::from_secs(60)));
-                assert!(
-                    answered,
-                    "KUBECONFIG={} does not answer (unset it to let the tests start a cluster)",
-                    kubeconfig.display()
-                );
+                block_on(answers(kubeconfig.clone()));
                 TestCluster { kubeconfig, webhook_client_ca: std::env::var_os(WEBHOOK_CLIENT_CA).map(PathBuf::from) }
             }
             None => start_local_cluster(),
@@ -123,26 +118,16 @@ pub async fn client() -> Client {
     client_for(&cluster().kubeconfig).await
 }
 
-/// Whether the API server `kubeconfig` names answers `/version` within `limit` (a loaded machine may
-/// miss one request).
-async fn answers_within(kubeconfig: PathBuf, limit: Duration) -> bool {
-    let Ok(kubeconfig) = Kubeconfig::read_from(&kubeconfig) else {
-        return false;
-    };
-    let Ok(config) = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await else {
-        return false;
-    };
-    let Ok(client) = Client::try_from(config) else {
-        return false;
-    };
-    let deadline = tokio::time::Instant::now() + limit;
-    while client.apiserver_version().await.is_err() {
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    true
+/// Waits for the API server `kubeconfig` names to answer `/version` (a loaded machine may miss one
+/// request); a minute without an answer fails the test binary, naming the kubeconfig.
+async fn answers(kubeconfig: PathBuf) {
+    let client = client_for(&kubeconfig).await;
+    let what = format!("KUBECONFIG={} to answer (unset it to let the tests start a cluster)", kubeconfig.display());
+    eventually(&what, Duration::from_secs(60), || {
+        let client = client.clone();
+        async move { client.apiserver_version().await.ok() }
+    })
+    .await;
 }
 
 async fn install_crds(kubeconfig: PathBuf) {
