@@ -12,7 +12,7 @@ use stash::api::restore_batch::RestorePhase;
 use stash::api::{BackupBatch, BackupSession};
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use support::backends::{self, PG_PASSWORD, psql};
@@ -318,6 +318,10 @@ async fn retention_keeps_complete_sets_and_restore_skips_an_incomplete_run() {
         .collect();
     assert_eq!(sessions_left, [second_name.clone()].into(), "keepLast 1 leaves one complete set");
     assert_eq!(snapshots(&setup).len(), 3, "two members and the manifest");
+    // The Repository counts what retention left: the second set's two members.
+    let repository = setup.ns.api::<stash::api::Repository>().get("repo").await.expect("repository");
+    let counted = repository.status.unwrap_or_default();
+    assert_eq!((counted.snapshot_count, counted.snapshots_removed_on_last_cleanup), (Some(2), Some(3)));
     let args: Vec<String> = ["sessions", BATCH, "--from-repository", "-n", &setup.ns.name].map(String::from).into();
     let listed = setup.node.command(&args, "cli").output().expect("stash sessions runs");
     let table = String::from_utf8_lossy(&listed.stdout);
@@ -587,6 +591,11 @@ impl Setup {
 
     /// Runs the finalize Job of `session` now, as a kubelet would.
     async fn finalize(&mut self, session: &str) {
+        self.finalize_with(session, &backends::restic()).await;
+    }
+
+    /// The same, with `restic` as the Job's restic binary.
+    async fn finalize_with(&mut self, session: &str, restic: &Path) {
         let jobs = self.ns.api::<k8s_openapi::api::batch::v1::Job>();
         let name = format!("{session}-finalize");
         let job = support::eventually(&format!("Job {name}"), Duration::from_secs(60), || {
@@ -595,7 +604,8 @@ impl Setup {
         })
         .await;
         let args = job.spec.and_then(|s| s.template.spec).and_then(|p| p.containers[0].args.clone()).expect("args");
-        let output = self.node.command(&args, &format!("{name}-x7k2p")).output().expect("stash runs");
+        let mut command = self.node.command(&args, &format!("{name}-x7k2p"));
+        let output = command.env("STASH_RESTIC_BINARY", restic).output().expect("stash runs");
         eprintln!("job {name}: {} {}", output.status, String::from_utf8_lossy(&output.stderr).trim());
     }
 }
@@ -665,6 +675,68 @@ async fn finalize_jobs_out_of_order_keep_the_newest_complete_set() {
     setup.finalize(&fourth).await;
     setup.finalize(&third).await;
     assert_eq!(restored_page(&mut setup, "latest-again").await, ("<h1>fourth</h1>".into(), Some(fourth)));
+}
+
+/// A restic that, at its first call after the finalize's keep rules ran (`forget --dry-run`),
+/// plays a cron slot firing at that moment: a new session of the batch starts and one of its
+/// members backs up. The session's name is written to `dir/late`.
+fn restic_with_a_late_session(dir: &Path, setup: &Setup) -> PathBuf {
+    let (restic, stash) = (backends::restic(), env!("CARGO_BIN_EXE_stash"));
+    let (admin, ns) = (setup.node.kubeconfig.display(), &setup.ns.name);
+    std::fs::write(dir.join("data"), "late").expect("file");
+    let script = format!(
+        r#"#!/bin/bash
+set -euo pipefail
+dir={dir}
+if [[ -f $dir/after-dry-run && ! -f $dir/late ]]; then
+  created=$(KUBECONFIG={admin} {stash} create-backupsession --invoker-name {BATCH} --namespace {ns})
+  name=${{created#backupsession/}}; name=${{name% created}}
+  {restic} backup --quiet --host late --tag "session=$name,batch={BATCH},namespace={ns}" $dir/data >&2
+  printf %s "$name" > $dir/late
+fi
+if [[ " $* " == *" forget "* && " $* " == *" --dry-run "* ]]; then touch $dir/after-dry-run; fi
+exec {restic} "$@"
+"#,
+        dir = dir.display(),
+        restic = restic.display(),
+    );
+    let path = dir.join("restic");
+    std::fs::write(&path, script).expect("script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
+
+/// R1: a session that starts while a finalize applies retention — after the finalize read which
+/// sessions are unsettled, before it lists the snapshots — keeps the snapshots it wrote: retention
+/// forgets only snapshots it listed before it read the unsettled sessions.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_started_while_retention_runs_keeps_its_snapshots() {
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut setup = Setup::new("late", Backend::Local(repo.path())).await;
+    let member = setup.pvc_member().await;
+    let spec = json!({"retentionPolicy": {"name": "last", "keepLast": 1}, "backupHistoryLimit": 5});
+    setup.batch(vec![member], spec).await;
+    mark_uploads(&setup, "<h1>first</h1>");
+    setup.back_up().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let second = setup.back_up_without_finalize().await;
+    // Session names count seconds: the late one must not take the second's name.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let restic = restic_with_a_late_session(scratch.path(), &setup);
+    setup.finalize_with(&second, &restic).await;
+
+    let late = std::fs::read_to_string(scratch.path().join("late")).expect("the late session started");
+    let url = repo.path().to_string_lossy().into_owned();
+    let tag = format!("session={late}");
+    let listed: Vec<Value> =
+        serde_json::from_str(&setup.restic(&["-r", &url, "snapshots", "--json", "--no-lock", "--tag", &tag]))
+            .expect("JSON");
+    assert_eq!(listed.len(), 1, "the late session's snapshot is still in the repository");
+    let finalized = setup.ns.api::<BackupSession>().get(&second).await.expect("session");
+    let retention =
+        finalized.status.unwrap_or_default().conditions.into_iter().find(|c| c.type_ == "RetentionPolicyApplied");
+    assert!(retention.is_some_and(|c| c.status == ConditionStatus::True), "retention ran");
 }
 
 /// Restores the PVC member from the latest complete session: its index page and the session.

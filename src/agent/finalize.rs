@@ -16,6 +16,7 @@ use crate::api::common::RetentionPolicy;
 use crate::api::repository::Repository;
 use crate::conditions::{self, Desired};
 use crate::restic::Restic;
+use crate::restic::output::Snapshot;
 use crate::session::invoker_selector;
 use crate::status_write::update_status;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -78,7 +79,10 @@ async fn finalize(
     let mut outcome = Outcome { conditions: Vec::new() };
     locks::heal(executor, restic, session).await?;
 
-    let snapshots = restic.snapshots(&[format!("batch={batch}")]).await?;
+    // The one listing of the finalize: what retention may forget must have been listed before it
+    // reads which sessions are unsettled (a session that starts later writes snapshots this listing
+    // never holds), and the Repository's snapshot count follows from it.
+    let snapshots = restic.snapshots(&[]).await?;
     let already = snapshots.iter().find(|s| {
         retention::is_manifest(s)
             && s.tag("session") == Some(name.as_str())
@@ -104,11 +108,11 @@ async fn finalize(
     };
     outcome.conditions.push(manifest);
 
-    let removed = match policy {
+    let forgotten = match policy {
         Some(policy) => {
-            let (removed, message) = apply_retention(executor, restic, &batch, &name, policy).await?;
+            let (forgotten, message) = apply_retention(executor, restic, &batch, &name, policy, &snapshots).await?;
             outcome.conditions.push(Desired::new(RETENTION_APPLIED, true, "RetentionPolicyApplied", message));
-            Some(removed)
+            Some(forgotten)
         }
         None => None,
     };
@@ -131,7 +135,10 @@ async fn finalize(
             None
         }
     };
-    update_repository(executor, restic, repository, session, integrity, removed).await?;
+    let left = snapshots.iter().filter(|s| forgotten.as_ref().is_none_or(|f| !f.contains(&s.id)));
+    let data = left.filter(|s| s.hostname != MANIFEST_HOST).count();
+    let removed = forgotten.map(|f| f.len());
+    update_repository(executor, restic, repository, session, Counts { data, removed, integrity }).await?;
     Ok(outcome)
 }
 
@@ -158,17 +165,19 @@ fn keep_flags(policy: &RetentionPolicy) -> Vec<String> {
 
 /// Retention by whole sessions: restic's keep rules pick among this namespace's manifests (dated at
 /// their sessions' start), and `retention::plan` decides what is forgotten — never the newest complete
-/// session, nor any session not finalized yet. Per-host retention would break the sets.
+/// session, nor any session not finalized yet. Per-host retention would break the sets. `listed` is
+/// the repository as the finalize listed it first; returns the ids forgotten.
 async fn apply_retention(
     executor: &Executor,
     restic: &Restic,
     batch: &str,
     current: &str,
     policy: &RetentionPolicy,
-) -> Result<(usize, String), AgentError> {
+    listed: &[Snapshot],
+) -> Result<(BTreeSet<String>, String), AgentError> {
     let flags = keep_flags(policy);
     if flags.is_empty() {
-        return Ok((0, "the policy keeps everything".into()));
+        return Ok((BTreeSet::new(), "the policy keeps everything".into()));
     }
     let namespace = executor.namespace();
     let mut args = vec![
@@ -184,9 +193,9 @@ async fn apply_retention(
     ];
     args.extend(flags);
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let planned = restic.run(&argv).await?;
+    let planned = dry_run(&restic.run(&argv).await?)?;
     let kept_by_policy: BTreeSet<String> =
-        kept_snapshots(&planned)?.iter().filter_map(|s| s.tag("session").map(str::to_string)).collect();
+        planned.keep.iter().filter_map(|s| s.tag("session").map(str::to_string)).collect();
 
     let unsettled: BTreeSet<String> = executor
         .api::<BackupSession>()
@@ -197,7 +206,10 @@ async fn apply_retention(
         .filter(|s| s.name_any() != current && !s.is_settled())
         .map(|s| s.name_any())
         .collect();
-    let snapshots = restic.snapshots(&[format!("batch={batch}")]).await?;
+    // The listing plus the manifest this finalize wrote, which the keep rules' run listed after it.
+    let mut snapshots = listed.to_vec();
+    let known: BTreeSet<String> = listed.iter().map(|s| s.id.clone()).collect();
+    snapshots.extend(planned.keep.into_iter().chain(planned.remove).filter(|s| !known.contains(&s.id)));
     let plan = retention::plan(&retention::Observed {
         namespace,
         batch,
@@ -208,25 +220,52 @@ async fn apply_retention(
     let sessions = plan.keep.iter().cloned().collect::<Vec<_>>().join(", ");
     let forget = plan.forget;
     if policy.dry_run {
-        return Ok((0, format!("dry run: would forget {} snapshots; keeping sessions {sessions}", forget.len())));
+        return Ok((
+            BTreeSet::new(),
+            format!("dry run: would forget {} snapshots; keeping sessions {sessions}", forget.len()),
+        ));
     }
     restic.forget(&forget).await?;
     if policy.prune && !forget.is_empty() {
         restic.prune().await?;
     }
-    Ok((forget.len(), format!("forgot {} snapshots; keeping sessions {sessions}", forget.len())))
+    let message = format!("forgot {} snapshots; keeping sessions {sessions}", forget.len());
+    Ok((forget.into_iter().collect(), message))
 }
 
-fn kept_snapshots(forget_json: &str) -> Result<Vec<crate::restic::output::Snapshot>, AgentError> {
+/// What `restic forget --dry-run --json` would keep and remove, over every group.
+#[derive(Debug, Default)]
+struct DryRun {
+    keep: Vec<Snapshot>,
+    remove: Vec<Snapshot>,
+}
+
+fn dry_run(forget_json: &str) -> Result<DryRun, AgentError> {
     #[derive(serde::Deserialize)]
     struct Group {
         #[serde(default)]
-        keep: Option<Vec<crate::restic::output::Snapshot>>,
+        keep: Option<Vec<Snapshot>>,
+        #[serde(default)]
+        remove: Option<Vec<Snapshot>>,
     }
     let text = forget_json.lines().rev().find(|l| l.starts_with('[')).unwrap_or("[]");
     let groups: Vec<Group> = serde_json::from_str(text)
         .map_err(|e| AgentError::Invalid(format!("restic forget printed unexpected JSON: {e}")))?;
-    Ok(groups.into_iter().flat_map(|g| g.keep.unwrap_or_default()).collect())
+    Ok(groups.into_iter().fold(DryRun::default(), |mut all, group| {
+        all.keep.extend(group.keep.unwrap_or_default());
+        all.remove.extend(group.remove.unwrap_or_default());
+        all
+    }))
+}
+
+/// What the finalize learnt about the repository, for its status.
+struct Counts {
+    /// Snapshots of members (not manifests) left after retention.
+    data: usize,
+    /// Snapshots retention forgot; None when the batch has no policy.
+    removed: Option<usize>,
+    /// The check's verdict, when it ran.
+    integrity: Option<bool>,
 }
 
 async fn update_repository(
@@ -234,11 +273,9 @@ async fn update_repository(
     restic: &Restic,
     repository: &Repository,
     session: &BackupSession,
-    integrity: Option<bool>,
-    removed: Option<usize>,
+    counts: Counts,
 ) -> Result<(), AgentError> {
-    let snapshots = restic.snapshots(&[]).await?;
-    let data = snapshots.iter().filter(|s| s.hostname != MANIFEST_HOST).count();
+    let Counts { data, removed, integrity } = counts;
     let size = restic.stored_size().await?;
     let succeeded = session.status.as_ref().and_then(|s| s.phase) == Some(BackupSessionPhase::Succeeded);
     let now = Time(Timestamp::now());
@@ -306,9 +343,10 @@ mod tests {
     #[test]
     fn reads_the_kept_manifests() {
         let json = r#"[{"tags":null,"host":"stash-manifest","paths":null,"keep":[{"id":"a","time":"2026-11-25T07:00:00Z","tags":["session=s2"]}],"remove":[{"id":"b","time":"2026-11-24T07:00:00Z","tags":["session=s1"]}],"reasons":[]}]"#;
-        let kept = kept_snapshots(json).unwrap();
-        assert_eq!(kept.len(), 1);
-        assert_eq!(kept[0].tag("session"), Some("s2"));
-        assert!(kept_snapshots("[]").unwrap().is_empty());
+        let planned = dry_run(json).unwrap();
+        assert_eq!(planned.keep.len(), 1);
+        assert_eq!(planned.keep[0].tag("session"), Some("s2"));
+        assert_eq!(planned.remove[0].tag("session"), Some("s1"));
+        assert!(dry_run("[]").unwrap().keep.is_empty());
     }
 }

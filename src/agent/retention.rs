@@ -122,7 +122,8 @@ pub(crate) fn manifest_of(
 pub(crate) struct Observed<'a> {
     pub namespace: &'a str,
     pub batch: &'a str,
-    /// Every snapshot of the repository tagged `batch=<batch>` (any namespace).
+    /// The repository's snapshots (any namespace and batch), listed before `unsettled` was read:
+    /// a session that starts after that read cannot have written any of them.
     pub snapshots: &'a [Snapshot],
     /// Sessions whose manifests the user's keep rules keep (restic's own policy evaluation).
     pub kept_by_policy: &'a BTreeSet<String>,
