@@ -238,41 +238,36 @@ async fn restore_snapshot(
     Ok(())
 }
 
-/// Fails unless everything of `snapshot` the selection restores lands in a mounted volume: walks
-/// the snapshot's directories that lead to a mountPath (one `restic ls` per level), so that a
-/// restore whose volumeMounts differ from the backed-up paths is refused instead of writing into
-/// the Job's own filesystem and reporting success.
+/// Fails unless everything of `snapshot` the selection restores lands in a mounted volume, so that
+/// a restore whose volumeMounts differ from the backed-up paths is refused instead of writing into
+/// the Job's own filesystem and reporting success. One `restic ls` of the directories that lead to
+/// a mountPath or a chosen path prints their entries (restic walks only the trees towards them):
+/// one repository opening whatever the depth.
 async fn lands_in_volumes(restic: &Restic, snapshot: &str, selection: &Selection<'_>) -> Result<(), AgentError> {
-    let mut level = vec!["/".to_string()];
-    while !level.is_empty() {
-        let mut args = vec!["ls", "--json", "--no-lock", snapshot];
-        args.extend(level.iter().map(String::as_str));
-        // A directory may hold millions of entries: each line is placed as restic prints it, and
-        // only the few that lead on towards a mountPath are kept.
-        let mut next = Vec::new();
-        let mut outside = None;
-        let mut on_line = |line: &str| {
-            let Ok(node) = serde_json::from_str::<LsNode>(line) else { return };
-            if outside.is_some() || node.struct_type != "node" || level.contains(&node.path) {
-                return;
-            }
-            match selection.place(&node.path, node.kind == "dir") {
-                Place::Inside | Place::Skipped => {}
-                Place::Leads => next.push(node.path),
-                Place::Outside => outside = Some(node.path),
-            }
-        };
-        restic.run_lines(&args, &mut on_line).await?;
-        if let Some(path) = outside {
-            return Err(AgentError::Invalid(format!(
-                "{path} of snapshot {snapshot} would land outside every mounted volume ({}): set volumeMounts \
-                 to where the data was backed up, or restrict rules[].paths",
-                selection.mounts.join(", ")
-            )));
+    let leading = selection.leading_dirs();
+    let mut args = vec!["ls", "--json", "--no-lock", snapshot];
+    args.extend(leading.iter().map(String::as_str));
+    // A directory may hold millions of entries: each line is placed as restic prints it, and only
+    // the first that lands outside is kept.
+    let mut outside = None;
+    let mut on_line = |line: &str| {
+        let Ok(node) = serde_json::from_str::<LsNode>(line) else { return };
+        if outside.is_none()
+            && node.struct_type == "node"
+            && selection.place(&node.path, node.kind == "dir") == Place::Outside
+        {
+            outside = Some(node.path);
         }
-        level = next;
+    };
+    restic.run_lines(&args, &mut on_line).await?;
+    match outside {
+        Some(path) => Err(AgentError::Invalid(format!(
+            "{path} of snapshot {snapshot} would land outside every mounted volume ({}): set volumeMounts \
+             to where the data was backed up, or restrict rules[].paths",
+            selection.mounts.join(", ")
+        ))),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// A line of `restic ls --json`.
@@ -330,6 +325,24 @@ impl<'a> Selection<'a> {
             path.starts_with('/') && suffixes.all(|p| matches!(self.place(p, true), Place::Inside | Place::Skipped))
         };
         paths.is_empty() || !paths.iter().all(|p| lands(p))
+    }
+
+    /// `/`, every directory above a mountPath, and every chosen path with the directories above
+    /// it: the directories whose entries `place` must see. An entry that lands outside is one of
+    /// their entries or lies under one that does (then that one lands outside too), so listing
+    /// their entries finds it.
+    fn leading_dirs(&self) -> BTreeSet<String> {
+        let above = |path: &str| -> Vec<String> {
+            let path = path.trim_end_matches('/');
+            path.match_indices('/').map(|(i, _)| if i == 0 { "/".to_string() } else { path[..i].to_string() }).collect()
+        };
+        let mut dirs: BTreeSet<String> = BTreeSet::from(["/".to_string()]);
+        dirs.extend(self.mounts.iter().flat_map(|m| above(m)));
+        for chosen in self.chosen.iter().flatten().filter(|c| !c.is_empty()) {
+            dirs.extend(above(chosen));
+            dirs.insert(chosen.to_string());
+        }
+        dirs
     }
 
     fn place(&self, path: &str, is_dir: bool) -> Place {
@@ -642,6 +655,39 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    proptest! {
+        /// Invariant 4 where the walk runs: the one `restic ls` of the leading directories prints
+        /// an entry that lands outside the volumes whenever the snapshot holds one.
+        #[test]
+        fn one_listing_finds_whatever_lands_outside_the_volumes(
+            entries in proptest::collection::vec((any_path(), any::<bool>()), 1..6),
+            mounts in proptest::collection::vec(any_path(), 1..3),
+            include in proptest::collection::vec(any_path(), 0..2),
+            exclude in proptest::collection::vec(any_path(), 0..2),
+        ) {
+            // The tree: each entry and every directory above it; what holds another is a directory.
+            let mut tree = std::collections::BTreeMap::new();
+            for (path, is_dir) in &entries {
+                for (i, _) in path.match_indices('/').skip(1) {
+                    tree.insert(path[..i].to_string(), true);
+                }
+                let held = entries.iter().any(|(other, _)| other != path && under(other, path));
+                tree.entry(path.clone()).or_insert(*is_dir || held);
+            }
+            let selection = Selection::new(&mounts, &include, &exclude);
+            let dirs = selection.leading_dirs();
+            // What restic's `ls` prints for those directories: the entries within one of them whose
+            // parent it enters (a directory above or equal to one of them).
+            let parent = |p: &str| p.rfind('/').map_or("/", |i| if i == 0 { "/" } else { &p[..i] }).to_string();
+            let printed = tree.iter().filter(|(path, _)| {
+                dirs.iter().any(|d| under(d, &parent(path))) && dirs.iter().any(|d| under(path, d))
+            });
+            let found = printed.clone().any(|(path, is_dir)| selection.place(path, *is_dir) == Place::Outside);
+            let held = tree.iter().any(|(path, is_dir)| selection.place(path, *is_dir) == Place::Outside);
+            prop_assert_eq!(found, held, "listed {:?}, printed {:?}", dirs, printed.collect::<Vec<_>>());
         }
     }
 
