@@ -4,7 +4,7 @@
 //! so they never mix runs — and need nothing from etcd.
 
 use super::executor::AgentError;
-use super::retention::{NAMESPACE_TAG, Ownership, ownership};
+use super::retention::{NAMESPACE_TAG, Ownership, is_manifest, ownership};
 use crate::api::restore_batch::SessionSelector;
 use crate::restic::output::Snapshot;
 use crate::restic::{BackupOutcome, Restic};
@@ -74,14 +74,19 @@ impl Manifest {
 /// The manifest snapshots of `batch` of `namespace` (and legacy ones that name no namespace),
 /// oldest first.
 pub async fn list(restic: &Restic, namespace: &str, batch: &str) -> Result<Vec<Snapshot>, AgentError> {
-    let mut snapshots: Vec<Snapshot> = restic
-        .snapshots(&[MANIFEST_TAG.to_string(), format!("batch={batch}")])
-        .await?
-        .into_iter()
-        .filter(|s| ownership(s, namespace, batch) != Ownership::Foreign)
+    let listed = restic.snapshots(&[MANIFEST_TAG.to_string(), format!("batch={batch}")]).await?;
+    Ok(of(&listed, namespace, batch))
+}
+
+/// The same, from a listing of the repository.
+fn of(listing: &[Snapshot], namespace: &str, batch: &str) -> Vec<Snapshot> {
+    let mut snapshots: Vec<Snapshot> = listing
+        .iter()
+        .filter(|s| is_manifest(s) && ownership(s, namespace, batch) != Ownership::Foreign)
+        .cloned()
         .collect();
     snapshots.sort_by(|a, b| a.time.cmp(&b.time));
-    Ok(snapshots)
+    snapshots
 }
 
 pub async fn read(restic: &Restic, snapshot: &Snapshot) -> Result<Manifest, AgentError> {
@@ -91,15 +96,16 @@ pub async fn read(restic: &Restic, snapshot: &Snapshot) -> Result<Manifest, Agen
 }
 
 /// The complete session a restore in `namespace` asks for: a named one, the last one before a time,
-/// or the latest. Never another namespace's: a legacy manifest (no namespace tag) counts only when
-/// its body names this namespace.
+/// or the latest, among the manifests of `listing` (the repository's snapshots). Never another
+/// namespace's: a legacy manifest (no namespace tag) counts only when its body names this namespace.
 pub async fn select(
     restic: &Restic,
+    listing: &[Snapshot],
     namespace: &str,
     batch: &str,
     selector: Option<&SessionSelector>,
 ) -> Result<Manifest, AgentError> {
-    let mut manifests = list(restic, namespace, batch).await?;
+    let mut manifests = of(listing, namespace, batch);
     loop {
         let chosen = choose(&manifests, batch, selector)?;
         let manifest = read(restic, chosen).await?;
@@ -133,4 +139,37 @@ fn choose<'a>(
             .last()
             .ok_or_else(|| AgentError::Invalid(format!("the repository holds no complete session of {batch}")))?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listed(id: &str, time: &str, tags: &[&str]) -> Snapshot {
+        Snapshot {
+            id: id.into(),
+            short_id: id.into(),
+            time: time.into(),
+            hostname: MANIFEST_HOST.into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            paths: Vec::new(),
+            summary: None,
+        }
+    }
+
+    /// A restore picks its session from the listing it already made: the batch's manifests of its
+    /// namespace and legacy ones, oldest first; nothing of another namespace or batch, no data.
+    #[test]
+    fn the_manifests_of_a_listing_are_the_batchs_own_oldest_first() {
+        let listing = [
+            listed("new", "2026-11-27T02:00:00Z", &[MANIFEST_TAG, "batch=app", "namespace=prod", "session=s2"]),
+            listed("data", "2026-11-27T00:30:00Z", &["batch=app", "namespace=prod", "session=s1"]),
+            listed("old", "2026-11-27T01:00:00Z", &[MANIFEST_TAG, "batch=app", "namespace=prod", "session=s1"]),
+            listed("legacy", "2026-11-26T00:00:00Z", &[MANIFEST_TAG, "batch=app", "session=s0"]),
+            listed("other-ns", "2026-11-27T03:00:00Z", &[MANIFEST_TAG, "batch=app", "namespace=dev", "session=d"]),
+            listed("other-batch", "2026-11-27T03:00:00Z", &[MANIFEST_TAG, "batch=web", "namespace=prod"]),
+        ];
+        let ids: Vec<String> = of(&listing, "prod", "app").into_iter().map(|s| s.id).collect();
+        assert_eq!(ids, ["legacy", "old", "new"]);
+    }
 }

@@ -108,7 +108,7 @@ async fn restore_member(
                 Some(batch) => batch,
                 None => only_batch(&listing, source_namespace)?,
             };
-            let manifest = manifest::select(&restic, source_namespace, &batch, selector).await?;
+            let manifest = manifest::select(&restic, &listing, source_namespace, &batch, selector).await?;
             let source = manifest.member(&target.kind, &target.name).ok_or_else(|| {
                 let session = &manifest.session;
                 AgentError::Invalid(format!("session {session} holds no member {}/{}", target.kind, target.name))
