@@ -8,7 +8,7 @@ use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use std::fmt::Debug;
@@ -20,12 +20,14 @@ use tokio::task::JoinSet;
 pub fn start(client: &Client, tasks: &mut JoinSet<()>) -> Catalog {
     let targets = Arc::new(TargetIndex::default());
     let invalidate = targets.clone();
-    let batches =
-        reflect(tasks, watcher(Api::<BackupBatch>::all(client.clone()), watcher::Config::default()), move || {
-            invalidate.invalidate()
-        });
-    let repositories =
-        reflect(tasks, watcher(Api::<Repository>::all(client.clone()), watcher::Config::default()), || {});
+    // Without status: admission reads specs only, and at 10,000 batches their statuses (conditions
+    // with messages) were a tenth of the operator's memory.
+    let batches = watcher(Api::<BackupBatch>::all(client.clone()), watcher::Config::default())
+        .modify(|batch| batch.status = None);
+    let batches = reflect(tasks, batches, move || invalidate.invalidate());
+    let repositories = watcher(Api::<Repository>::all(client.clone()), watcher::Config::default())
+        .modify(|repository| repository.status = None);
+    let repositories = reflect(tasks, repositories, || {});
     // Metadata only: the owner chain is all the webhook reads from a ReplicaSet.
     let replicasets = reflect(
         tasks,
