@@ -11,7 +11,7 @@
 # complete sessions (a member snapshot and a manifest each, written by restic with the tags stash gives
 # them), each finalize forgetting the oldest session (keepLast: the history's size, no prune), against
 # restic's own forget decision and snapshot listing on the same repository in the same run.
-#   bench/backup.sh [size-in-MiB] [local|rest|s3] [data|finalize]
+#   [STASH_RESTIC_BINARY=…] bench/backup.sh [size-in-MiB] [local|rest|s3] [data|finalize]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 size_mib=${1:-1024}
@@ -123,7 +123,8 @@ spec:
   repository: {name: repo}
   members: [{target: {alias: data, ref: {apiVersion: v1, kind: PersistentVolumeClaim, name: data}}}]
 YAML
-export KUBECONFIG POD_NAMESPACE=bench POD_NAME=bench-job-x7k2p STASH_RESTIC_BINARY="$tools/restic"
+# STASH_RESTIC_BINARY, when set, is stash's restic (e.g. a wrapper that logs each call's time).
+export KUBECONFIG POD_NAMESPACE=bench POD_NAME=bench-job-x7k2p STASH_RESTIC_BINARY="${STASH_RESTIC_BINARY:-$tools/restic}"
 : >"$work/results"
 
 # Runs "$@" as stash's step $1 (the rest: the command), recording the wall time (the end taken when
