@@ -315,8 +315,8 @@ impl<'a> Selection<'a> {
     /// each of its backed-up paths is inside a mount or not restored at all, since restic's tree
     /// holds those paths and only their ancestors (directories restore creates under the root).
     /// A relative target is recorded as its absolute path but stored from the tree's root, so any
-    /// trailing part of a path may be what the tree holds: every one must land. Each walk level is
-    /// one more repository opening (~0.4 s); a PVC member (`/stash-data` at `/`) saves two.
+    /// trailing part of a path may be what the tree holds: every one must land. The walk is one more
+    /// repository opening (~0.5 s), which a PVC member (`/stash-data` at `/`) saves.
     fn needs_walk(&self, paths: &[String]) -> bool {
         let lands = |path: &str| {
             let path = path.trim_end_matches('/');
