@@ -62,10 +62,10 @@ pub fn time_left(session: &BackupSession) -> Duration {
 
 pub async fn run(executor: &Executor, job: &JobTarget) -> Result<(), AgentError> {
     let sessions = executor.api::<BackupSession>();
-    let batch = executor.batch(&job.batch).await?;
+    // Two reads at once: each is a round trip before restic can start.
+    let (batch, session) = tokio::try_join!(executor.batch(&job.batch), executor.session(&job.session))?;
     let (index, member) = find_member(&batch, &job.kind, &job.name)?;
     let host = member.target.host_alias();
-    let session = executor.session(&job.session).await?;
     if status::turn(&session, &job.kind, &job.name, &host) != Turn::Now {
         tracing::info!(session = %job.session, host, "nothing to do: the target is not running or already reported");
         return Ok(());

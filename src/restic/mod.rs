@@ -36,6 +36,10 @@ pub enum ResticError {
     Locked(String),
     #[error("restic {command} failed ({status}): {message}")]
     Failed { command: String, status: String, message: String },
+    #[error(
+        "restic {command} does not know a flag stash passes ({message}): stash needs restic {MINIMUM_RELEASE} or later"
+    )]
+    TooOld { command: String, message: String },
     #[error("restic {command} printed unexpected output: {message}")]
     Output { command: String, message: String },
     #[error("restic {command} printed {what}; the rest was not kept, to bound the executor's memory")]
@@ -59,18 +63,10 @@ struct Finished {
     stderr: String,
 }
 
-/// restic's release as `major.minor.patch`, for flags newer releases added.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Version(pub u32, pub u32, pub u32);
-
-impl Version {
-    /// Parses `restic 0.18.1 compiled with go1.25 on linux/amd64`.
-    pub fn parse(text: &str) -> Option<Version> {
-        let number = text.split_whitespace().nth(1)?;
-        let mut parts = number.split(['.', '-']).map(|p| p.parse::<u32>().ok());
-        Some(Version(parts.next()??, parts.next()??, parts.next().flatten().unwrap_or(0)))
-    }
-}
+/// The oldest restic release that knows every flag stash passes (`--retry-lock` came in 0.16). It is
+/// not asked for up front: a `restic version` at every opening cost a process start, and an older
+/// restic says which flag it does not know, which names the release in the error.
+const MINIMUM_RELEASE: &str = "0.16";
 
 /// What restic inherits from the executor's environment; everything else is cleared, so that no
 /// credential of the Pod leaks into restic by accident. Proxies (`runtimeSettings` env) and workload
@@ -116,7 +112,6 @@ pub struct Restic {
     location: Location,
     secrets: SecretValues,
     password: String,
-    version: Version,
     /// How long a command waits for another process's lock before failing (`--retry-lock`).
     lock_wait: Duration,
     /// The largest document kept from stdout (`stream::DOCUMENT_LIMIT`).
@@ -182,7 +177,7 @@ pub struct BackupOutcome {
 }
 
 impl Restic {
-    /// Resolves the binary (flag, then `STASH_RESTIC_BINARY`, then `restic` on PATH) and asks its version.
+    /// Resolves the binary (flag, then `STASH_RESTIC_BINARY`, then `restic` on PATH), without running it.
     pub async fn open(binary: Option<PathBuf>, location: Location, secrets: SecretValues) -> Result<Self, ResticError> {
         let binary = binary
             .or_else(|| std::env::var_os(BINARY_ENV).map(PathBuf::from))
@@ -192,23 +187,18 @@ impl Restic {
         if let Some(ca) = secrets.get(CA_CERT_DATA) {
             std::fs::write(scratch.path().join("ca.crt"), ca).map_err(ResticError::CaCert)?;
         }
-        let mut restic = Restic {
+        Ok(Restic {
             binary,
             location,
             secrets,
             password,
-            version: Version(0, 0, 0),
             lock_wait: DEFAULT_LOCK_WAIT,
             document_limit: stream::DOCUMENT_LIMIT,
             scratch,
             cache: Cache::Scratch,
             priority: Vec::new(),
             progress: None,
-        };
-        let printed = restic.run(&["version"]).await?;
-        restic.version = Version::parse(&printed)
-            .ok_or_else(|| ResticError::Output { command: "version".into(), message: printed.trim().to_string() })?;
-        Ok(restic)
+        })
     }
 
     /// Waits up to `limit` for other processes' locks. Executors pass their deadline: a backup of
@@ -244,10 +234,6 @@ impl Restic {
     pub fn with_priority(mut self, prefix: Vec<String>) -> Self {
         self.priority = prefix;
         self
-    }
-
-    pub fn version(&self) -> Version {
-        self.version
     }
 
     pub fn location(&self) -> &Location {
@@ -302,8 +288,8 @@ impl Restic {
         if ca.exists() {
             command.arg("--cacert").arg(ca);
         }
-        // Wait for another process's lock instead of failing at once (restic 0.16 and later).
-        if self.version >= Version(0, 16, 0) && !self.lock_wait.is_zero() {
+        // Wait for another process's lock instead of failing at once.
+        if !self.lock_wait.is_zero() {
             command.arg("--retry-lock").arg(format!("{}s", self.lock_wait.as_secs().max(1)));
         }
         command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
@@ -384,6 +370,10 @@ impl Restic {
         }
         if code == Some(11) || stderr.contains("repository is already locked") {
             return ResticError::Locked(url);
+        }
+        if let Some(line) = stderr.lines().find(|l| l.contains("unknown flag")) {
+            let command = args.first().copied().unwrap_or_default().to_string();
+            return ResticError::TooOld { command, message: self.secrets.redact(line.trim()) };
         }
         let message = stderr
             .lines()
@@ -683,7 +673,6 @@ mod tests {
             location: Location { url, options: Vec::new(), env: Vec::new(), insecure_tls: false, local_dir: None },
             secrets: SecretValues::from_map("/secret", Default::default()),
             password: String::new(),
-            version: Version(0, 18, 1),
             lock_wait: DEFAULT_LOCK_WAIT,
             document_limit: stream::DOCUMENT_LIMIT,
             scratch: tempfile::tempdir().expect("scratch"),
@@ -720,6 +709,41 @@ mod tests {
         let restic = restic_at(script, "/repo".into()).with_priority(priority_prefix(Some(5), Some((3, None))));
         let printed = restic.run(&["version"]).await.expect("restic runs behind nice and ionice");
         assert_eq!(printed.trim(), format!("{} idle", (base + 5).min(19)), "niceness and I/O class");
+    }
+
+    /// Opening a repository starts no restic: every run is a process start, and `restic version`
+    /// was a third of what a backup added to restic's own time (BENCHMARKS.md).
+    #[tokio::test]
+    async fn opening_a_repository_runs_no_restic() {
+        let dir = tempfile::tempdir().expect("dir");
+        let calls = dir.path().join("calls");
+        let script = fake_restic(
+            dir.path(),
+            &format!("echo \"$*\" >> '{}'\necho 'restic 0.18.1 compiled with go1.25 on linux/amd64'", calls.display()),
+        );
+        let location = Location {
+            url: dir.path().join("repo").to_string_lossy().into_owned(),
+            options: Vec::new(),
+            env: Vec::new(),
+            insecure_tls: false,
+            local_dir: None,
+        };
+        let secrets = SecretValues::from_map("/secret", [(RESTIC_PASSWORD.to_string(), "pw".to_string())].into());
+        Restic::open(Some(script), location, secrets).await.expect("opened");
+        let ran = std::fs::read_to_string(&calls).unwrap_or_default();
+        assert_eq!(ran, "", "restic ran while opening");
+    }
+
+    /// A restic too old for a flag stash passes says which release stash needs, besides restic's words.
+    #[tokio::test]
+    async fn a_restic_too_old_for_our_flags_is_named_as_such() {
+        let dir = tempfile::tempdir().expect("dir");
+        let script = fake_restic(dir.path(), "echo 'unknown flag: --retry-lock' >&2\nexit 1");
+        let restic = restic_at(script, dir.path().join("repo").to_string_lossy().into_owned());
+        let failed = restic.snapshots(&[]).await.map(|s| s.len());
+        let message = failed.map_err(|e| e.to_string()).expect_err("an unknown flag fails");
+        assert!(message.contains("unknown flag: --retry-lock"), "{message}");
+        assert!(message.contains("restic 0.16 or later"), "{message}");
     }
 
     /// This process's peak resident memory so far (VmHWM), in bytes.
@@ -836,15 +860,6 @@ echo '{"id":"0123abcd","time":"2026-11-25T07:00:00Z"}]'"#,
         };
         let passed: Vec<&str> = inherited_env(pod_env).into_iter().map(|(key, _)| key).collect();
         assert_eq!(passed, ["PATH", "HTTPS_PROXY", "NO_PROXY", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"]);
-    }
-
-    #[test]
-    fn parses_versions() {
-        assert_eq!(Version::parse("restic 0.18.1 compiled with go1.25.1 on linux/amd64"), Some(Version(0, 18, 1)));
-        assert_eq!(Version::parse("restic 0.14.0 compiled with go1.19.8 on linux/amd64"), Some(Version(0, 14, 0)));
-        assert_eq!(Version::parse("restic 0.17.0-dev (compiled manually)"), Some(Version(0, 17, 0)));
-        assert_eq!(Version::parse("garbage"), None);
-        assert!(Version(0, 14, 0) < Version(0, 16, 0));
     }
 
     #[test]
