@@ -272,39 +272,94 @@ pub async fn send(handler: &Handler) -> Result<(), String> {
     if status.is_success() || status.is_redirection() { Ok(()) } else { Err(format!("hook answered HTTP {status}")) }
 }
 
+/// How long an exec hook waits for the batch's workload Pods to run its container (a Pod being
+/// scheduled, or restarting): half the hook's time, leaving the rest for the command.
+const POD_WAIT: Duration = Duration::from_secs(15);
+const POD_POLL: Duration = Duration::from_secs(2);
+
 /// Runs `command` in container `container` (default: each Pod's first container that is not the
-/// sidecar) of every live Pod of the batch's workloads; each must exit 0.
+/// sidecar) of every live Pod of the batch's workloads, all at once; each must exit 0. A Pod that
+/// does not run the container yet is waited for, and fails the hook if it still does not: a Pod
+/// that starts after the hook would back up without it. All of it ends within `HOOK_TIMEOUT`, which
+/// `CLAIM_GRACE` counts on.
 async fn run_exec(exec_pods: &ExecPods, command: &[String], container: Option<&str>) -> Result<(), String> {
     if command.is_empty() {
         return Err("the exec hook has no command".into());
     }
-    let mut ran = 0;
-    for selector in &exec_pods.selectors {
-        let listed = exec_pods
-            .pods
-            .list(&ListParams::default().labels_from(selector))
-            .await
-            .map_err(|e| format!("listing the workload's Pods: {e}"))?;
-        for pod in listed.items.iter().filter(|p| is_running(p)) {
-            let Some(target) = exec_container(pod, container) else { continue };
-            let name = pod.name_any();
-            match tokio::time::timeout(HOOK_TIMEOUT, exec_in(&exec_pods.pods, &name, &target, command)).await {
-                Ok(Ok(())) => ran += 1,
-                Ok(Err(err)) => return Err(format!("exec in Pod {name}, container {target}: {err}")),
-                Err(_) => return Err(format!("exec in Pod {name}, container {target}: timed out")),
-            }
+    let started = tokio::time::Instant::now();
+    let plan = loop {
+        let mut pods = Vec::new();
+        for selector in &exec_pods.selectors {
+            let listed = exec_pods
+                .pods
+                .list(&ListParams::default().labels_from(selector))
+                .await
+                .map_err(|e| format!("listing the workload's Pods: {e}"))?;
+            pods.extend(listed.items);
         }
+        let plan = plan_exec(&pods, container);
+        if plan.waiting.is_empty() || started.elapsed() + POD_POLL > POD_WAIT {
+            break plan;
+        }
+        tokio::time::sleep(POD_POLL).await;
+    };
+    if !plan.waiting.is_empty() {
+        return Err(format!(
+            "not run: Pod {} of the batch's workloads did not run its container within {}s, and would back up \
+             without the hook",
+            plan.waiting.join(", "),
+            POD_WAIT.as_secs()
+        ));
     }
-    if ran == 0 {
+    if plan.ready.is_empty() {
         let which =
             container.map_or_else(|| "no running Pod".to_string(), |c| format!("no running Pod with container {c:?}"));
         return Err(format!("{which} among the batch's workloads to run the exec hook in"));
     }
-    Ok(())
+    let runs = plan.ready.iter().map(|(pod, target)| async move {
+        exec_in(&exec_pods.pods, pod, target, command)
+            .await
+            .map_err(|err| format!("exec in Pod {pod}, container {target}: {err}"))
+    });
+    let left = HOOK_TIMEOUT.saturating_sub(started.elapsed());
+    match tokio::time::timeout(left, futures::future::join_all(runs)).await {
+        Ok(results) => results.into_iter().collect::<Result<Vec<()>, String>>().map(drop),
+        Err(_) => Err(format!("exec in the batch's workload Pods: timed out after {}s", HOOK_TIMEOUT.as_secs())),
+    }
 }
 
-fn is_running(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none() && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+/// The Pods an exec hook runs in (name and container), and those it waits for (name and why).
+#[derive(Debug, Default, PartialEq)]
+struct ExecPlan {
+    ready: Vec<(String, String)>,
+    waiting: Vec<String>,
+}
+
+/// Every live Pod (once, however many selectors list it) that has the container: ready when it runs
+/// it, else waited for. Terminating and finished Pods back up nothing and are left out.
+fn plan_exec(pods: &[Pod], wanted: Option<&str>) -> ExecPlan {
+    let mut plan = ExecPlan::default();
+    let mut seen = std::collections::BTreeSet::new();
+    for pod in pods {
+        let name = pod.name_any();
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+        if pod.metadata.deletion_timestamp.is_some()
+            || matches!(phase, "Succeeded" | "Failed")
+            || !seen.insert(name.clone())
+        {
+            continue;
+        }
+        let Some(container) = exec_container(pod, wanted) else { continue };
+        let statuses = pod.status.as_ref().and_then(|s| s.container_statuses.as_deref()).unwrap_or_default();
+        let running =
+            statuses.iter().any(|c| c.name == container && c.state.as_ref().is_some_and(|s| s.running.is_some()));
+        match (phase, running) {
+            ("Running", true) => plan.ready.push((name, container)),
+            ("Running", false) => plan.waiting.push(format!("{name} (container {container} is not running)")),
+            (phase, _) => plan.waiting.push(format!("{name} ({phase})")),
+        }
+    }
+    plan
 }
 
 /// The container an exec hook runs in: the named one, or the first that is not the sidecar.
@@ -395,9 +450,56 @@ fn headers(headers: &[k8s_openapi::api::core::v1::HTTPHeader]) -> Result<reqwest
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn at(second: i64) -> Timestamp {
         Timestamp::from_second(second).expect("time")
+    }
+
+    /// A Pod of the workloads, in `phase`, whose containers `app` and the sidecar run or not.
+    fn pod(name: &str, phase: &str, app_running: bool, terminating: bool) -> Pod {
+        let state = |running: bool| {
+            if running { json!({"running": {}}) } else { json!({"waiting": {"reason": "CrashLoopBackOff"}}) }
+        };
+        let mut pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"containers": [{"name": "app"}, {"name": SIDECAR_NAME}]},
+            "status": {"phase": phase, "containerStatuses": [
+                {"name": "app", "ready": app_running, "restartCount": 0, "image": "", "imageID": "", "state": state(app_running)},
+                {"name": SIDECAR_NAME, "ready": true, "restartCount": 0, "image": "", "imageID": "", "state": state(true)}]}
+        }))
+        .expect("a Pod");
+        if terminating {
+            pod.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(1)));
+        }
+        pod
+    }
+
+    /// A Pod that is scheduled, starting or restarting is waited for, not passed over: it would back
+    /// up without the hook. Terminating and finished Pods, and Pods without the container, are not.
+    #[test]
+    fn an_exec_hook_waits_for_every_live_pod_that_would_back_up() {
+        let running = pod("web-1", "Running", true, false);
+        let plan = plan_exec(
+            &[
+                running.clone(),
+                pod("web-2", "Pending", false, false),
+                pod("web-3", "Running", false, false),
+                pod("web-4", "Running", true, true),
+                pod("web-5", "Succeeded", false, false),
+                running.clone(),
+            ],
+            Some("app"),
+        );
+        assert_eq!(plan.ready, [("web-1".to_string(), "app".to_string())], "once, though listed twice");
+        assert_eq!(plan.waiting, ["web-2 (Pending)", "web-3 (container app is not running)"]);
+        assert_eq!(
+            plan_exec(std::slice::from_ref(&running), Some("db")),
+            ExecPlan::default(),
+            "no such container: not ours"
+        );
+        let default = plan_exec(&[running], None);
+        assert_eq!(default.ready, [("web-1".to_string(), "app".to_string())], "the first container not the sidecar");
     }
 
     #[test]

@@ -1228,10 +1228,11 @@ async fn every_operator_made_pod_passes_pod_security_restricted() {
     operator.stop().await;
 }
 
-/// An exec hook runs in the batch's workload Pods; with none running (no kubelet here: Pods stay
-/// Pending) the session fails before any member, saying which container it looked for.
+/// An exec hook runs in every live Pod of the batch's workloads. A Pod that does not run yet (no
+/// kubelet here: the Deployment's Pod stays Pending) is waited for, then fails the session before any
+/// member, named: passed over, it would back up without the hook once it ran.
 #[tokio::test]
-async fn an_exec_hook_without_a_running_pod_fails_the_session_saying_why() {
+async fn an_exec_hook_waits_for_a_pod_that_does_not_run_and_fails_naming_it() {
     let ns = TestNamespace::new("exechook").await;
     let operator = with_controllers(&ns).await;
     fixtures::secret(&ns, true).await;
@@ -1239,6 +1240,12 @@ async fn an_exec_hook_without_a_running_pod_fails_the_session_saying_why() {
     fixtures::targets(&ns).await;
     let hooks = json!({"hooks": {"preBackup": {"exec": {"command": ["sync"]}, "containerName": "c"}}});
     fixtures::batch(&ns, "flushed", vec![member("Deployment", "app")], hooks).await;
+    let pods = ns.api::<k8s_openapi::api::core::v1::Pod>();
+    eventually("the Deployment's Pod", Duration::from_secs(60), || {
+        let pods = pods.clone();
+        async move { pods.list(&ListParams::default().labels("app=app")).await.ok()?.items.into_iter().next() }
+    })
+    .await;
     let sessions = ns.api::<BackupSession>();
     let name = new_session(&ns, "flushed").await;
     let failed = session_phase(&sessions, &name, BackupSessionPhase::Failed).await;
@@ -1246,7 +1253,8 @@ async fn an_exec_hook_without_a_running_pod_fails_the_session_saying_why() {
     let hook = status.conditions.iter().find(|c| c.type_ == "PreBackupHookExecutionSucceeded").expect("hook condition");
     assert_eq!(hook.status, ConditionStatus::False);
     let message = hook.message.clone().unwrap_or_default();
-    assert!(message.contains("no running Pod with container \"c\""), "{message}");
+    assert!(message.starts_with("not run: Pod app-"), "{message}");
+    assert!(message.contains("(Pending) of the batch's workloads did not run its container"), "{message}");
     assert!(status.targets.is_empty(), "no member started");
     operator.stop().await;
 }
