@@ -374,8 +374,8 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
             json!({"target": {"alias": "shop-maria", "ref": {"apiVersion": "v1", "kind": "Secret", "name": "maria-conn"}},
                    "task": {"name": "mariadb-backup-10.11"}}),
         ],
-        // Paused until the application runs: a pre-backup exec hook runs in the member Pods that
-        // are Running when the session starts, and the web Pod is restarted once to get its sidecar.
+        // Paused until the application runs: a pre-backup exec hook waits only 15 s for member Pods
+        // that do not run yet, and the web Pod is restarted once to get its sidecar.
         json!({"schedule": "* * * * *", "paused": true, "executionOrder": "Sequential", "timeOut": "10m",
                "hooks": {"preBackup": hook("pre-hook"), "postBackup": post},
                "retentionPolicy": {"name": "last-3", "keepLast": 3, "prune": true}}),
