@@ -16,6 +16,7 @@ use crate::api::common::{Condition, ConditionStatus, Handler, HookExecutionPolic
 use crate::conditions::Desired;
 use crate::executor_pod::SIDECAR_NAME;
 use crate::restic::backend::percent_encode;
+use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -276,6 +277,8 @@ pub async fn send(handler: &Handler) -> Result<(), String> {
 /// scheduled, or restarting): half the hook's time, leaving the rest for the command.
 const POD_WAIT: Duration = Duration::from_secs(15);
 const POD_POLL: Duration = Duration::from_secs(2);
+/// How many Pods an exec hook runs in at once.
+const EXECS_AT_ONCE: usize = 16;
 
 /// Runs `command` in container `container` (default: each Pod's first container that is not the
 /// sidecar) of every live Pod of the batch's workloads, all at once; each must exit 0. A Pod that
@@ -316,13 +319,19 @@ async fn run_exec(exec_pods: &ExecPods, command: &[String], container: Option<&s
             container.map_or_else(|| "no running Pod".to_string(), |c| format!("no running Pod with container {c:?}"));
         return Err(format!("{which} among the batch's workloads to run the exec hook in"));
     }
-    let runs = plan.ready.iter().map(|(pod, target)| async move {
-        exec_in(&exec_pods.pods, pod, target, command)
-            .await
-            .map_err(|err| format!("exec in Pod {pod}, container {target}: {err}"))
+    // Each run owns what it uses: borrowed, the stream's futures are not provably Send.
+    let runs = plan.ready.into_iter().map(|(pod, target)| {
+        let (pods, command) = (exec_pods.pods.clone(), command.to_vec());
+        async move {
+            exec_in(&pods, &pod, &target, &command)
+                .await
+                .map_err(|err| format!("exec in Pod {pod}, container {target}: {err}"))
+        }
     });
     let left = HOOK_TIMEOUT.saturating_sub(started.elapsed());
-    match tokio::time::timeout(left, futures::future::join_all(runs)).await {
+    // A DaemonSet may have hundreds of Pods: a bounded number of exec streams at once.
+    let all = futures::stream::iter(runs).buffer_unordered(EXECS_AT_ONCE).collect::<Vec<_>>();
+    match tokio::time::timeout(left, all).await {
         Ok(results) => results.into_iter().collect::<Result<Vec<()>, String>>().map(drop),
         Err(_) => Err(format!("exec in the batch's workload Pods: timed out after {}s", HOOK_TIMEOUT.as_secs())),
     }
