@@ -281,7 +281,7 @@ const POD_POLL: Duration = Duration::from_secs(2);
 const EXECS_AT_ONCE: usize = 16;
 
 /// Runs `command` in container `container` (default: each Pod's first container that is not the
-/// sidecar) of every live Pod of the batch's workloads, all at once; each must exit 0. A Pod that
+/// sidecar) of every live Pod of the batch's workloads, `EXECS_AT_ONCE` at a time; each must exit 0. A Pod that
 /// does not run the container yet is waited for, and fails the hook if it still does not: a Pod
 /// that starts after the hook would back up without it. All of it ends within `HOOK_TIMEOUT`, which
 /// `CLAIM_GRACE` counts on.

@@ -114,7 +114,7 @@ impl Executor {
     pub async fn restic(&self, repository: &Repository) -> Result<Restic, AgentError> {
         let secrets = SecretValues::read_dir(&self.settings.secret_dir)?;
         let location = Location::from_backend(&repository.spec.backend, &secrets)?;
-        let restic = Restic::open(self.settings.restic_binary.clone(), location, secrets).await?;
+        let restic = Restic::open(self.settings.restic_binary.clone(), location, secrets)?;
         // restic retries an unreachable backend for 15 minutes; say so at once instead.
         restic.probe().await?;
         Ok(restic)

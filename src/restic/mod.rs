@@ -178,7 +178,7 @@ pub struct BackupOutcome {
 
 impl Restic {
     /// Resolves the binary (flag, then `STASH_RESTIC_BINARY`, then `restic` on PATH), without running it.
-    pub async fn open(binary: Option<PathBuf>, location: Location, secrets: SecretValues) -> Result<Self, ResticError> {
+    pub fn open(binary: Option<PathBuf>, location: Location, secrets: SecretValues) -> Result<Self, ResticError> {
         let binary = binary
             .or_else(|| std::env::var_os(BINARY_ENV).map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from("restic"));
@@ -729,7 +729,7 @@ mod tests {
             local_dir: None,
         };
         let secrets = SecretValues::from_map("/secret", [(RESTIC_PASSWORD.to_string(), "pw".to_string())].into());
-        Restic::open(Some(script), location, secrets).await.expect("opened");
+        Restic::open(Some(script), location, secrets).expect("opened");
         let ran = std::fs::read_to_string(&calls).unwrap_or_default();
         assert_eq!(ran, "", "restic ran while opening");
     }
