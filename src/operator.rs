@@ -260,15 +260,12 @@ pub async fn run(
         tokio::spawn(async move { crate::install::wait_until_ours(&client, &readiness, &cancel).await })
     };
     let controllers = config.controllers.clone().map(|(settings, lease)| {
-        let (client, metrics, cancel, catalog) = (client.clone(), metrics.clone(), cancel.clone(), catalog.clone());
+        let (client, metrics, cancel) = (client.clone(), metrics.clone(), cancel.clone());
         tokio::spawn(async move {
             // Another installation's objects are not ours to run.
             if !matches!(crds_ours.await, Ok(true)) {
                 return;
             }
-            // Leading lists every batch again, for the controllers' caches: only once the webhook's
-            // have listed theirs, so that a starting process never holds both first lists at once.
-            catalog.synced().await.ok();
             let lead = |token| crate::controller::run(client.clone(), metrics.clone(), settings.clone(), token);
             run_while_leader(client.clone(), lease, metrics.clone(), cancel, lead).await;
         })
