@@ -240,11 +240,11 @@ pub async fn run(
     let readiness = Arc::new(Readiness::default());
     let mut tasks = JoinSet::new();
 
-    let catalog = caches::start(&client, &mut tasks);
+    let (catalog, listed) = caches::start(&client, &mut tasks);
     {
-        let (catalog, readiness) = (catalog.clone(), readiness.clone());
+        let (listed, readiness) = (listed.clone(), readiness.clone());
         tasks.spawn(async move {
-            if catalog.synced().await.is_ok() {
+            if crate::reflect::all_listed(&listed).await.is_ok() {
                 readiness.caches_synced.store(true, Ordering::Release);
                 tracing::info!("caches synced");
             }
@@ -260,10 +260,15 @@ pub async fn run(
         tokio::spawn(async move { crate::install::wait_until_ours(&client, &readiness, &cancel).await })
     };
     let controllers = config.controllers.clone().map(|(settings, lease)| {
-        let (client, metrics, cancel) = (client.clone(), metrics.clone(), cancel.clone());
+        let (client, metrics, cancel, listed) = (client.clone(), metrics.clone(), cancel.clone(), listed.clone());
         tokio::spawn(async move {
             // Another installation's objects are not ours to run.
             if !matches!(crds_ours.await, Ok(true)) {
+                return;
+            }
+            // Leading lists every batch again, for the controllers' caches: only once the webhook's
+            // have listed theirs, so that a starting process never holds both first lists at once.
+            if crate::reflect::all_listed(&listed).await.is_err() {
                 return;
             }
             let lead = |token| crate::controller::run(client.clone(), metrics.clone(), settings.clone(), token);

@@ -24,6 +24,14 @@ impl Listed {
     }
 }
 
+/// Resolves once each of `listed` has.
+pub(crate) async fn all_listed(listed: &[Listed]) -> Result<(), NeverListed> {
+    for one in listed {
+        one.wait().await?;
+    }
+    Ok(())
+}
+
 /// `events` (a reflector's, so the store has applied each one) passed on, and a [`Listed`] that
 /// turns true once they carried a complete list.
 pub(crate) fn listing<K>(

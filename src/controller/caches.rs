@@ -7,7 +7,7 @@
 //! reconcile woken by one of them always finds the change in the store.
 
 use crate::api::{BackupBatch, Repository};
-use crate::reflect::{Listed, NeverListed, feed};
+use crate::reflect::{Listed, NeverListed, all_listed, feed};
 use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, ServiceAccount};
 use k8s_openapi::api::rbac::v1::RoleBinding;
@@ -95,10 +95,7 @@ impl Caches {
     /// Resolves once every store has completed its first list: before that, a missing object would
     /// read as absent, and a batch would report (and create) what is in fact there.
     pub(crate) async fn ready(&self) -> Result<(), NeverListed> {
-        for listed in &self.listed {
-            listed.wait().await?;
-        }
-        Ok(())
+        all_listed(&self.listed).await
     }
 
     /// A store the controllers feed themselves (their trigger streams, their own caches) is ready
