@@ -1,8 +1,10 @@
 //! Stale restic locks heal themselves, but only when provably stale by evidence this cluster owns
 //! (DESIGN §6b, invariant 3). A lock is removed when
 //! (a) it names this very host and its process is gone here, or its pid now belongs to a process
-//!     started after the lock was written (the pid was reused);
-//! (b) its host is a Pod this namespace recorded as a lock holder (name and uid), and that Pod is gone;
+//!     started after the lock was written (the pid was reused); a host name is this host's only
+//!     where no other Pod can have it ([`OwnHost`]);
+//! (b) its host is a Pod this namespace recorded as a lock holder (name and uid, recorded only for
+//!     such host names), and that Pod is gone;
 //! (c) it is shared and was not refreshed for restic's 30 minutes, by the repository's own clock.
 //! An exclusive lock is removed only by (a) or (b). The time a holder writes into its lock is never
 //! compared with our clock: the holder's clock may be skewed. `restic unlock` reads exactly that
@@ -30,6 +32,9 @@ const START_SLACK: SignedDuration = SignedDuration::from_secs(2);
 const RECORD_PREFIX: &str = "stash-lock-holder-";
 const POD_NAME_ANNOTATION: &str = "stash.appscode.com/pod-name";
 const POD_UID_ANNOTATION: &str = "stash.appscode.com/pod-uid";
+/// On records whose host name no other Pod can have; records without it (written before it existed,
+/// perhaps for a StatefulSet's Pod) prove nothing.
+const UNIQUE_HOST_ANNOTATION: &str = "stash.appscode.com/unique-host";
 /// The kernel's `USER_HZ`, the unit of /proc/<pid>/stat start times: 100 on every Linux ABI we ship.
 const CLOCK_TICKS_PER_SECOND: u64 = 100;
 
@@ -110,15 +115,15 @@ pub(crate) fn judge(now: Option<Timestamp>, lock: &Lock, evidence: &Evidence) ->
 }
 
 /// What `restic unlock` removes by its own rule: the holder's time more than 30 minutes behind our
-/// clock, or this host with no such process.
-fn restic_calls_stale(lock: &Lock, local_now: Timestamp, host: &Host) -> bool {
+/// clock, or our kernel host name with no such process here (`gone_here`), whoever wrote it.
+fn restic_calls_stale(lock: &Lock, local_now: Timestamp, gone_here: bool) -> bool {
     let old = lock
         .time
         .parse::<Timestamp>()
         .ok()
         .and_then(|t| Duration::try_from(local_now.duration_since(t)).ok())
         .is_some_and(|age| age > RESTIC_STALE_AFTER);
-    old || *host == Host::This(Process::Gone)
+    old || gone_here
 }
 
 /// A process's start from its /proc/<pid>/stat line and the boot time (seconds since the epoch).
@@ -154,18 +159,56 @@ fn is_dns_label(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
+/// This executor's host as restic's locks name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OwnHost {
+    /// The kernel host name.
+    name: String,
+    /// Whether no other process that may share the repository can have this host name.
+    unique: bool,
+}
+
+impl OwnHost {
+    /// `hostname`, of the Pod `pod` read by its name `pod_name` (None outside a Pod). restic names a
+    /// lock's holder by kernel host name only. A Pod's is its name, which only a generated name (a
+    /// Job's, ReplicaSet's or DaemonSet's Pod) makes its own: a StatefulSet's `db-0`, a set
+    /// `spec.hostname` or hostNetwork's node name is as well another namespace's or cluster's Pod,
+    /// writing into the same repository from a process this Pod cannot see. Outside a Pod, the
+    /// machine's host name is taken as its own, as restic does.
+    pub(crate) fn new(hostname: String, pod_name: Option<&str>, pod: Option<&Pod>) -> Self {
+        let unique = match (pod_name, pod) {
+            (Some(name), Some(pod)) => {
+                pod.metadata.generate_name.is_some()
+                    && pod.spec.as_ref().is_none_or(|spec| spec.hostname.is_none())
+                    && name == hostname
+            }
+            _ => true,
+        };
+        OwnHost { name: hostname, unique }
+    }
+
+    /// Whether `lock` was written on this very host, so that its process is seen here.
+    pub(crate) fn wrote(&self, lock: &Lock) -> bool {
+        self.unique && lock.hostname == self.name
+    }
+}
+
 /// Records this Pod (name and uid) as a lock holder under its host name, before its restic takes
 /// any lock, so that healers of this namespace can prove its locks abandoned once the Pod is gone.
 /// Owned by `about` (the session), so records go with the session history. Outside a Pod (no
-/// readable Pod object) nothing is recorded and rule (b) never applies to our locks.
+/// readable Pod object) nothing is recorded and rule (b) never applies to our locks. Returns this
+/// host.
 pub(crate) async fn record_holder<K: Resource<DynamicType = ()>>(
     executor: &Executor,
     about: &K,
-) -> Result<(), AgentError> {
-    let Some(pod_name) = executor.settings.pod_name.clone() else { return Ok(()) };
+) -> Result<OwnHost, AgentError> {
     let host = own_hostname();
-    let Some(pod) = executor.api::<Pod>().get_opt(&pod_name).await? else { return Ok(()) };
-    let (Some(uid), true) = (pod.uid(), is_dns_label(&host)) else { return Ok(()) };
+    let Some(pod_name) = executor.settings.pod_name.clone() else { return Ok(OwnHost::new(host, None, None)) };
+    let pod = executor.api::<Pod>().get_opt(&pod_name).await?;
+    let own = OwnHost::new(host.clone(), Some(&pod_name), pod.as_ref());
+    // Only a host name no other Pod can have proves, once its Pod is gone, whose lock it was.
+    let Some(pod) = pod.filter(|_| own.unique) else { return Ok(own) };
+    let (Some(uid), true) = (pod.uid(), is_dns_label(&host)) else { return Ok(own) };
     let owner = super::plain_owner(about);
     let leases = executor.api::<Lease>();
     let name = format!("{RECORD_PREFIX}{host}");
@@ -175,6 +218,7 @@ pub(crate) async fn record_holder<K: Resource<DynamicType = ()>>(
             annotations: Some(BTreeMap::from([
                 (POD_NAME_ANNOTATION.to_string(), pod_name.clone()),
                 (POD_UID_ANNOTATION.to_string(), uid),
+                (UNIQUE_HOST_ANNOTATION.to_string(), "true".to_string()),
             ])),
             owner_references: owner.map(|o| vec![o]),
             ..ObjectMeta::default()
@@ -188,7 +232,7 @@ pub(crate) async fn record_holder<K: Resource<DynamicType = ()>>(
             leases.replace(&name, &PostParams::default(), &record).await.map(drop)?;
         }
     }
-    Ok(())
+    Ok(own)
 }
 
 /// `Some(proof)` when `host` is a Pod this namespace recorded and no Pod of that name and uid exists.
@@ -199,6 +243,7 @@ async fn recorded_pod_gone(executor: &Executor, host: &str) -> Option<String> {
     }
     let record = executor.api::<Lease>().get_opt(&format!("{RECORD_PREFIX}{host}")).await.ok()??;
     let annotations = record.metadata.annotations?;
+    annotations.get(UNIQUE_HOST_ANNOTATION).filter(|unique| *unique == "true")?;
     let (name, uid) = (annotations.get(POD_NAME_ANNOTATION)?, annotations.get(POD_UID_ANNOTATION)?);
     let current = executor.api::<Pod>().get_opt(name).await.ok()?;
     if current.as_ref().and_then(|p| p.uid()).as_ref() == Some(uid) {
@@ -225,25 +270,25 @@ pub(crate) async fn heal<K: Resource<DynamicType = ()>>(
     restic: &Restic,
     about: &K,
 ) -> Result<Vec<LockVerdict>, AgentError> {
-    record_holder(executor, about).await?;
+    let own = record_holder(executor, about).await?;
     let locks = restic.locks().await?;
     if locks.is_empty() {
         return Ok(Vec::new());
     }
-    let own_host = own_hostname();
     let now = restic.clock().and_then(|t| Timestamp::try_from(t).ok());
     let local_now = Timestamp::now();
     let mut verdicts = Vec::new();
     let mut for_restic = Vec::new();
     let mut unlock_safe = true;
     for (id, lock) in locks {
-        let host = if lock.hostname == own_host {
-            Host::This(process(lock.pid))
+        let named_here = (lock.hostname == own.name).then(|| process(lock.pid));
+        let host = if let Some(process) = named_here.filter(|_| own.wrote(&lock)) {
+            Host::This(process)
         } else {
             Host::Other { pod_gone: recorded_pod_gone(executor, &lock.hostname).await }
         };
         let evidence = Evidence { host, written: restic.lock_written(&id).and_then(|t| Timestamp::try_from(t).ok()) };
-        let restic_would = restic_calls_stale(&lock, local_now, &evidence.host);
+        let restic_would = restic_calls_stale(&lock, local_now, named_here == Some(Process::Gone));
         let short = &id[..id.len().min(8)];
         let kind = if lock.exclusive { "exclusive" } else { "shared" };
         let holder = format!("{kind} lock {short} (host {}, pid {})", lock.hostname, lock.pid);
@@ -359,9 +404,84 @@ mod tests {
         // Written two hours ago: not refreshed, though the holder's time says the future.
         assert!(matches!(judge(Some(at(7200)), &future, &elsewhere(false, Some(0))), Staleness::NotRefreshed(_)));
         // restic's own rule reads the holder's time, so `restic unlock` would remove `past`.
-        assert!(restic_calls_stale(&past, at(60), &Host::Other { pod_gone: None }));
-        assert!(!restic_calls_stale(&future, at(60), &Host::Other { pod_gone: None }));
-        assert!(restic_calls_stale(&lock("me", false), at(60), &Host::This(Process::Gone)));
+        assert!(restic_calls_stale(&past, at(60), false));
+        assert!(!restic_calls_stale(&future, at(60), false));
+        assert!(restic_calls_stale(&lock("me", false), at(60), true));
+    }
+
+    /// A Pod of `name`; `generated` when a controller named it (Job, ReplicaSet, DaemonSet).
+    fn pod(name: &str, generated: bool, hostname: Option<&str>) -> Pod {
+        let mut pod = Pod::default();
+        pod.metadata.name = Some(name.into());
+        pod.metadata.generate_name = generated.then(|| format!("{}-", name.rsplit_once('-').map_or(name, |(p, _)| p)));
+        pod.spec =
+            Some(k8s_openapi::api::core::v1::PodSpec { hostname: hostname.map(Into::into), ..Default::default() });
+        pod
+    }
+
+    /// restic says who holds a lock by kernel host name only. A StatefulSet's `db-0` of another
+    /// namespace (or cluster) backing up into the same repository has ours, and its process is not in
+    /// our Pod: its live lock must not read as ours with its process gone.
+    #[test]
+    fn a_lock_is_this_hosts_only_where_no_other_pod_can_have_its_host_name() {
+        let generated = "app-7d9f8c-x2k4q";
+        let stateful = OwnHost::new("db-0".into(), Some("db-0"), Some(&pod("db-0", false, None)));
+        assert!(!stateful.wrote(&lock("db-0", false)), "another namespace's db-0 has the same host name");
+        let own = OwnHost::new(generated.into(), Some(generated), Some(&pod(generated, true, None)));
+        assert!(own.wrote(&lock(generated, true)), "a generated Pod name is this Pod's alone");
+        assert!(!own.wrote(&lock("db-0", true)));
+        // A set spec.hostname, or hostNetwork (the node's host name, shared by its Pods): not ours alone.
+        let named = OwnHost::new("db".into(), Some(generated), Some(&pod(generated, true, Some("db"))));
+        assert!(!named.wrote(&lock("db", false)));
+        let host_network = OwnHost::new("node-1".into(), Some(generated), Some(&pod(generated, true, None)));
+        assert!(!host_network.wrote(&lock("node-1", false)));
+        // Outside a Pod (no POD_NAME, or no such Pod): the machine's host name, as restic assumes.
+        assert!(OwnHost::new("build-1".into(), None, None).wrote(&lock("build-1", false)));
+        assert!(OwnHost::new("build-1".into(), Some("x"), None).wrote(&lock("build-1", false)));
+    }
+
+    /// A Pod of the model cluster: how it was named and where it runs.
+    #[derive(Debug, Clone)]
+    struct ModelPod {
+        /// 0: a StatefulSet's `db-0`; 1: a set `spec.hostname`; 2: hostNetwork; 3: a generated name.
+        naming: u8,
+        node: u8,
+    }
+
+    impl ModelPod {
+        /// The Pod object, its kernel host name; `index` makes a generated name its own.
+        fn observed(&self, index: usize) -> (Pod, String) {
+            let generated = format!("app-7d9f8c-{index:05}");
+            let node = format!("node-{}", self.node);
+            match self.naming {
+                0 => (pod("db-0", false, None), "db-0".into()),
+                1 => (pod(&generated, true, Some("db")), "db".into()),
+                2 => (pod(&generated, true, None), node),
+                _ => (pod(&generated, true, None), generated),
+            }
+        }
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Pods of several namespaces and nodes back up into one repository: no Pod ever takes a
+        /// lock written by another Pod for its own (whose process it could then call gone).
+        #[test]
+        fn no_pod_takes_another_pods_lock_for_its_own(
+            pods in proptest::collection::vec((0u8..4, 0u8..2).prop_map(|(naming, node)| ModelPod { naming, node }), 2..8),
+        ) {
+            let observed: Vec<_> = pods.iter().enumerate().map(|(i, p)| p.observed(i)).collect();
+            for (i, (pod, hostname)) in observed.iter().enumerate() {
+                let own = OwnHost::new(hostname.clone(), pod.metadata.name.as_deref(), Some(pod));
+                for (j, (_, writer)) in observed.iter().enumerate() {
+                    if i != j {
+                        prop_assert!(!own.wrote(&lock(writer, true)), "{hostname} took {writer}'s lock for its own");
+                    }
+                }
+                prop_assert_eq!(own.wrote(&lock(hostname, true)), pods[i].naming == 3);
+            }
+        }
     }
 
     #[test]
