@@ -155,13 +155,16 @@ pub fn field_env(name: &str, path: &str) -> EnvVar {
 
 /// A Secret as a volume. World-readable inside the container that mounts it: executors run as
 /// whatever non-root user the Pod has (the image's, or the application's for a sidecar), which is
-/// never the files' owner, and only our container mounts the volume.
+/// never the files' owner, and only our container mounts the volume. Optional: a Secret missing from
+/// the Pod's namespace must not hold an application's Pod in ContainerCreating (the sidecar's) or a
+/// Job's until its deadline; the executor finds the volume empty and says which Secret is missing.
 pub(crate) fn secret_volume(name: &str, secret_name: &str) -> Volume {
     Volume {
         name: name.into(),
         secret: Some(SecretVolumeSource {
             secret_name: Some(secret_name.into()),
             default_mode: Some(0o444),
+            optional: Some(true),
             ..Default::default()
         }),
         ..Default::default()

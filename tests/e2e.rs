@@ -14,7 +14,7 @@ mod support;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{PersistentVolume, Pod};
+use k8s_openapi::api::core::v1::{PersistentVolume, Pod, Secret};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 use stash::api::backup_session::{BackupSessionPhase, HostPhase};
@@ -523,6 +523,8 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
     let account = job.spec.and_then(|s| s.template.spec).and_then(|p| p.service_account_name);
     assert_eq!(account.as_deref(), Some("stash-backup"));
 
+    secret_missing(node_ip, rest.port, volumes.path()).await;
+
     // A fresh namespace: its own Repository (same password), empty claims, the Deployment (scaled to
     // zero) whose volumes say which claim each path goes to.
     let fresh = restricted_namespace("e2e-restore").await;
@@ -584,6 +586,41 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
     assert_eq!(maria_sql(&fresh, MARIA_CHECKSUM), maria_checksum, "MariaDB's rows are identical");
 
     stash_docs_wordpress(node_ip, rest.port, volumes.path()).await;
+}
+
+/// A batch whose Repository Secret is missing from the namespace: the application's Pod still starts
+/// with the sidecar (its Secret volume is optional), and the sidecar's backup fails naming the Secret.
+async fn secret_missing(node_ip: Ipv4Addr, rest_port: u16, volumes: &Path) {
+    let ns = restricted_namespace("e2e-nosecret").await;
+    repository(&ns, "repo", node_ip, rest_port, "e2e-nosecret").await;
+    ns.api::<Secret>().delete("repo-secret", &Default::default()).await.expect("the Secret deleted");
+    claim_on(&ns, "uploads", &volumes.join("nosecret-uploads")).await;
+    fixtures::batch(
+        &ns,
+        "site",
+        vec![json!({"target": {"alias": "web", "ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                               "paths": ["/data"], "volumeMounts": [{"name": "data", "mountPath": "/data"}]}})],
+        json!({}),
+    )
+    .await;
+    fixtures::create::<Deployment>(&ns, web(1)).await;
+    running_with_sidecar(&ns, "web").await;
+    let session = stash::session::create_backup_session(ns.client.clone(), &ns.name, "site", None)
+        .await
+        .expect("a session of the batch");
+    let name = kube::ResourceExt::name_any(&session);
+    let sessions = ns.api::<BackupSession>();
+    let status = eventually("the session without a Secret to finish", LIMIT, || {
+        let (sessions, name) = (sessions.clone(), name.clone());
+        async move { sessions.get(&name).await.ok()?.status.filter(|s| s.phase.is_some_and(|p| p.is_final())) }
+    })
+    .await;
+    assert_eq!(status.phase, Some(BackupSessionPhase::Failed), "{status:#?}");
+    let errors: Vec<_> = status.targets.iter().flat_map(|t| &t.stats).filter_map(|h| h.error.as_deref()).collect();
+    assert!(
+        errors.iter().any(|e| e.contains("repository Secret \"repo-secret\" is missing")),
+        "the sidecar names the missing Secret: {status:#?}"
+    );
 }
 
 /// One of Stash's docs manifests (`../shared/stash-manifests`), verbatim but for its namespace.

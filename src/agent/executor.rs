@@ -10,7 +10,7 @@ use crate::restic::{Cache, Restic, ResticError, priority_prefix};
 use kube::api::Api;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +33,11 @@ pub enum AgentError {
     RefusedArg(#[from] crate::api::backup_batch::MemberArgRefused),
     #[error("BackupBatch {batch} has no member {kind}/{name}")]
     NoSuchMember { batch: String, kind: String, name: String },
+    #[error(
+        "the repository Secret {name:?} is missing from namespace {namespace} (or has no keys): create it \
+         there; the Pod started without it, as its volume is optional"
+    )]
+    RepositorySecretMissing { namespace: String, name: String },
     #[error("path {0} does not exist")]
     PathMissing(String),
     #[error("database: {0}")]
@@ -112,7 +117,7 @@ impl Executor {
 
     /// restic for `repository`, opened with the mounted Secret.
     pub async fn restic(&self, repository: &Repository) -> Result<Restic, AgentError> {
-        let secrets = SecretValues::read_dir(&self.settings.secret_dir)?;
+        let secrets = repository_secret(&self.settings.secret_dir, repository, self.namespace())?;
         let location = Location::from_backend(&repository.spec.backend, &secrets)?;
         let restic = Restic::open(self.settings.restic_binary.clone(), location, secrets)?;
         // restic retries an unreachable backend for 15 minutes; say so at once instead.
@@ -237,4 +242,42 @@ impl Executor {
 /// The kernel's host name: what restic writes into its lock files.
 pub fn own_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
+/// The repository Secret mounted at `dir`. Its volume is optional, so a Secret missing from this
+/// namespace mounts as an empty directory: that is named here, not as a key restic lacks.
+fn repository_secret(dir: &Path, repository: &Repository, namespace: &str) -> Result<SecretValues, AgentError> {
+    let secrets = SecretValues::read_dir(dir)?;
+    if secrets.is_empty() {
+        let name = repository.spec.backend.storage_secret_name.clone();
+        return Err(AgentError::RepositorySecretMissing { namespace: namespace.to_string(), name });
+    }
+    Ok(secrets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repository(secret: &str) -> Repository {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
+            "metadata": {"name": "repo", "namespace": "shop"},
+            "spec": {"backend": {"storageSecretName": secret, "rest": {"url": "http://127.0.0.1:1/"}}}
+        }))
+        .expect("a Repository")
+    }
+
+    /// A Secret missing from the namespace mounts empty (the volume is optional): the error names it.
+    #[test]
+    fn an_empty_repository_secret_volume_names_the_missing_secret() {
+        let dir = tempfile::tempdir().expect("a directory");
+        let err = repository_secret(dir.path(), &repository("shop-repo"), "shop").expect_err("no keys");
+        let text = err.to_string();
+        assert!(text.contains("\"shop-repo\"") && text.contains("namespace shop"), "{text}");
+
+        std::fs::write(dir.path().join("RESTIC_PASSWORD"), "secret\n").expect("written");
+        let secrets = repository_secret(dir.path(), &repository("shop-repo"), "shop").expect("keys");
+        assert_eq!(secrets.get("RESTIC_PASSWORD"), Some("secret"));
+    }
 }

@@ -12,7 +12,7 @@ pub const CA_CERT_DATA: &str = "CA_CERT_DATA";
 pub enum SecretError {
     #[error("reading the secret directory {dir}: {source}")]
     Read { dir: PathBuf, source: std::io::Error },
-    #[error("the secret in {dir} has no {key} key")]
+    #[error("the Secret mounted at {dir} has no {key} key (a Secret missing from the Pod's namespace mounts empty)")]
     Missing { dir: PathBuf, key: &'static str },
 }
 
@@ -49,6 +49,10 @@ impl SecretValues {
 
     pub fn from_map(dir: impl Into<PathBuf>, values: BTreeMap<String, String>) -> Self {
         SecretValues { dir: dir.into(), values }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
     }
 
     pub fn dir(&self) -> &Path {
