@@ -946,6 +946,29 @@ async fn repository_selector_needs_every_expression_and_a_missing_one_reads_like
     assert_eq!(anonymous(&missing, &empty), anonymous(&refused, &b), "no existence oracle");
     let allowed = repository_condition(&a, "allowed").await;
     assert_eq!(allowed.status, ConditionStatus::True, "{allowed:?}");
+
+    // B has the Secret (nfs_repository made it); it is looked for where the batch's Pods mount it
+    // from: A.
+    let batches = a.api::<BackupBatch>();
+    let secret_found = |status: ConditionStatus| {
+        let batches = batches.clone();
+        async move {
+            eventually(&format!("BackendSecretFound {status:?}"), Duration::from_secs(60), move || {
+                let batches = batches.clone();
+                async move {
+                    let batch = batches.get("allowed").await.ok()?;
+                    let found = batch.status?.conditions.into_iter().find(|c| c.type_ == "BackendSecretFound")?;
+                    (found.status == status).then_some(found)
+                }
+            })
+            .await
+        }
+    };
+    let missing_in_a = secret_found(ConditionStatus::False).await;
+    let message = missing_in_a.message.clone().unwrap_or_default();
+    assert!(message.contains(&format!("{}/repo-secret", a.name)), "{missing_in_a:?}");
+    fixtures::secret(&a, true).await;
+    secret_found(ConditionStatus::True).await;
     nothing_in_a_mounts_b(&a).await;
     operator.stop().await;
 }

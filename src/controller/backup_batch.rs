@@ -50,7 +50,7 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
     let found = ctx.caches.repositories.get(&cached);
     let repository = tenancy::authorize_found(&ctx.client, &namespace, reference, found.as_deref()).await?;
     let secret = match &repository {
-        Ok(repo) => check_secret(&ctx, repo).await?,
+        Ok(repo) => check_secret(&ctx, repo, &namespace).await?,
         Err(refusal) => Desired::new(BACKEND_SECRET_FOUND, false, refusal.reason(), "the Repository cannot be used"),
     };
     let repository_condition = match &repository {
@@ -348,11 +348,12 @@ fn withheld_trigger(validation: &Desired, repository: &Result<Repository, Refusa
 }
 
 /// BackendSecretFound: the Secret exists and holds RESTIC_PASSWORD (its value is never read into logs).
-/// Secrets are neither listed nor watched (that would need every Secret of the cluster): a usable one
-/// is read once per version of its Repository, and a missing or incomplete one on every recheck. A
-/// Secret removed later is not noticed here; the next session's executors fail saying so.
-async fn check_secret(ctx: &Context, repository: &Repository) -> Result<Desired, ControllerError> {
-    let namespace = repository.namespace().unwrap_or_default();
+/// It is looked up in `namespace`, the batch's: its Pods and Jobs mount the Secret by name from there,
+/// whichever namespace the Repository is in. Secrets are neither listed nor watched (that would need
+/// every Secret of the cluster): a usable one is read once per version of its Repository, and a
+/// missing or incomplete one on every recheck. A Secret removed later is not noticed here; the next
+/// session's executors fail saying so.
+async fn check_secret(ctx: &Context, repository: &Repository, namespace: &str) -> Result<Desired, ControllerError> {
     let name = &repository.spec.backend.storage_secret_name;
     if name.is_empty() {
         return Ok(Desired::new(
@@ -364,10 +365,10 @@ async fn check_secret(ctx: &Context, repository: &Repository) -> Result<Desired,
     }
     let usable =
         || Desired::new(BACKEND_SECRET_FOUND, true, "SecretAvailable", format!("Secret {namespace}/{name} found"));
-    if ctx.caches.secret_known_usable(repository) {
+    if ctx.caches.secret_known_usable(repository, namespace) {
         return Ok(usable());
     }
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     Ok(match secrets.get_opt(name).await? {
         None => Desired::new(
             BACKEND_SECRET_FOUND,
@@ -382,7 +383,7 @@ async fn check_secret(ctx: &Context, repository: &Repository) -> Result<Desired,
             format!("Secret {namespace}/{name} has no RESTIC_PASSWORD key"),
         ),
         Some(_) => {
-            ctx.caches.secret_usable(repository);
+            ctx.caches.secret_usable(repository, namespace);
             usable()
         }
     })

@@ -36,8 +36,9 @@ pub struct Caches {
     pub(crate) cronjobs: Store<PartialObjectMeta<CronJob>>,
     pub(crate) accounts: Store<PartialObjectMeta<ServiceAccount>>,
     pub(crate) bindings: Store<PartialObjectMeta<RoleBinding>>,
-    /// Repositories whose backend Secret was found usable, at the Repository's resourceVersion.
-    secrets_checked: Mutex<HashMap<ObjectRef<Repository>, String>>,
+    /// Repositories whose backend Secret was found usable in a namespace that uses them (where its
+    /// Pods mount the Secret), at the Repository's resourceVersion.
+    secrets_checked: Mutex<HashMap<(ObjectRef<Repository>, String), String>>,
     /// Per trigger CronJob: the fingerprint of what was last applied, and the generation it got.
     applied: Mutex<HashMap<ObjectRef<PartialObjectMeta<CronJob>>, Applied>>,
     /// Per batch: its resourceVersion before and after the status this operator last wrote.
@@ -104,17 +105,20 @@ impl Caches {
         self.listed.push(listed);
     }
 
-    /// Whether `repository`, at its current version, was seen with a usable backend Secret.
-    pub(crate) fn secret_known_usable(&self, repository: &Repository) -> bool {
+    /// Whether `repository`, at its current version, was seen with a usable backend Secret in
+    /// `namespace`.
+    pub(crate) fn secret_known_usable(&self, repository: &Repository, namespace: &str) -> bool {
         let version = repository.metadata.resource_version.as_deref();
         let checked = self.secrets_checked.lock().unwrap_or_else(|e| e.into_inner());
-        version.is_some() && checked.get(&ObjectRef::from_obj(repository)).map(String::as_str) == version
+        let key = (ObjectRef::from_obj(repository), namespace.to_string());
+        version.is_some() && checked.get(&key).map(String::as_str) == version
     }
 
-    pub(crate) fn secret_usable(&self, repository: &Repository) {
+    /// `repository`'s Secret, at its current version, was found usable in `namespace`.
+    pub(crate) fn secret_usable(&self, repository: &Repository, namespace: &str) {
         if let Some(version) = repository.metadata.resource_version.clone() {
             let mut checked = self.secrets_checked.lock().unwrap_or_else(|e| e.into_inner());
-            checked.insert(ObjectRef::from_obj(repository), version);
+            checked.insert((ObjectRef::from_obj(repository), namespace.to_string()), version);
         }
     }
 
