@@ -17,7 +17,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolume, Pod, Secret};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
-use stash::api::backup_session::{BackupSessionPhase, HostPhase};
+use stash::api::backup_session::{BackupSessionPhase, BackupSessionStatus, HostPhase};
 use stash::api::restore_batch::RestorePhase;
 use stash::api::{BackupBatch, BackupSession, RestoreBatch};
 use std::collections::BTreeMap;
@@ -297,6 +297,21 @@ async fn running_with_sidecar(ns: &TestNamespace, app: &str) -> Pod {
     .await
 }
 
+/// A BackupSession of `batch`, as `stash trigger` makes one: its name and its status once final.
+async fn session_run(ns: &TestNamespace, batch: &str) -> (String, BackupSessionStatus) {
+    let session = stash::session::create_backup_session(ns.client.clone(), &ns.name, batch, None)
+        .await
+        .unwrap_or_else(|e| panic!("a session of {batch}: {e}"));
+    let name = kube::ResourceExt::name_any(&session);
+    let sessions = ns.api::<BackupSession>();
+    let status = eventually(&format!("the session of {batch} to finish"), LIMIT, || {
+        let (sessions, name) = (sessions.clone(), name.clone());
+        async move { sessions.get(&name).await.ok()?.status.filter(|s| s.phase.is_some_and(|p| p.is_final())) }
+    })
+    .await;
+    (name, status)
+}
+
 /// Waits until RestoreBatch `name` is final, saying where it stood if it never is.
 async fn restore_finished(ns: &TestNamespace, name: &str) -> RestoreBatch {
     let restores = ns.api::<RestoreBatch>();
@@ -507,15 +522,7 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
         json!({"hooks": {"preBackup": tcp_hook}}),
     )
     .await;
-    let pinged = stash::session::create_backup_session(app.client.clone(), &app.name, "pinged", None)
-        .await
-        .expect("a session of the hooked batch");
-    let pinged = kube::ResourceExt::name_any(&pinged);
-    let status = eventually("the hooked batch's session to finish", LIMIT, || {
-        let (sessions, name) = (sessions.clone(), pinged.clone());
-        async move { sessions.get(&name).await.ok()?.status.filter(|s| s.phase.is_some_and(|p| p.is_final())) }
-    })
-    .await;
+    let (pinged, status) = session_run(&app, "pinged").await;
     assert_eq!(status.phase, Some(BackupSessionPhase::Succeeded), "{status:#?}");
     let hook = status.conditions.iter().find(|c| c.type_ == "PreBackupHookExecutionSucceeded").expect("its record");
     assert_eq!(hook.status, stash::api::common::ConditionStatus::True, "{hook:?}");
@@ -605,16 +612,7 @@ async fn secret_missing(node_ip: Ipv4Addr, rest_port: u16, volumes: &Path) {
     .await;
     fixtures::create::<Deployment>(&ns, web(1)).await;
     running_with_sidecar(&ns, "web").await;
-    let session = stash::session::create_backup_session(ns.client.clone(), &ns.name, "site", None)
-        .await
-        .expect("a session of the batch");
-    let name = kube::ResourceExt::name_any(&session);
-    let sessions = ns.api::<BackupSession>();
-    let status = eventually("the session without a Secret to finish", LIMIT, || {
-        let (sessions, name) = (sessions.clone(), name.clone());
-        async move { sessions.get(&name).await.ok()?.status.filter(|s| s.phase.is_some_and(|p| p.is_final())) }
-    })
-    .await;
+    let (_, status) = session_run(&ns, "site").await;
     assert_eq!(status.phase, Some(BackupSessionPhase::Failed), "{status:#?}");
     let errors: Vec<_> = status.targets.iter().flat_map(|t| &t.stats).filter_map(|h| h.error.as_deref()).collect();
     assert!(
