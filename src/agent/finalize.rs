@@ -24,6 +24,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use std::collections::BTreeSet;
+use std::time::Instant;
 
 pub const MANIFEST_WRITTEN: &str = "ManifestWritten";
 pub const RETENTION_APPLIED: &str = "RetentionPolicyApplied";
@@ -58,12 +59,13 @@ async fn finalize_session(executor: &Executor, session_name: &str) -> Result<Vec
     }
     let batch = executor.batch(&session.spec.invoker.name).await?;
     let repository = executor.repository(&batch.spec.repository).await?;
-    let restic = executor.restic(&repository).await?.waiting_for_locks(session_timeout());
+    let mut restic = executor.restic(&repository).await?;
     let policy = batch.spec.retention_policy.as_ref();
-    let outcome = executor
-        .repository_lease(&repository)
-        .hold_while(finalize(executor, &restic, &repository, &session, policy))
-        .await??;
+    let deadline = Instant::now() + session_timeout();
+    let finalizing = locks::exclusively(executor, &mut restic, &session, deadline, async |restic| {
+        finalize(executor, restic, &repository, &session, policy).await
+    });
+    let outcome = executor.repository_lease(&repository).hold_while(finalizing).await??;
     Ok(outcome.conditions)
 }
 
@@ -77,7 +79,6 @@ async fn finalize(
     let batch = session.spec.invoker.name.clone();
     let name = session.name_any();
     let mut outcome = Outcome { conditions: Vec::new() };
-    locks::heal(executor, restic, session).await?;
 
     // The one listing of the finalize: what retention may forget must have been listed before it
     // reads which sessions are unsettled (a session that starts later writes snapshots this listing

@@ -5,14 +5,17 @@
 //!     where no other Pod can have it ([`OwnHost`]);
 //! (b) its host is a Pod this namespace recorded as a lock holder (name and uid, recorded only for
 //!     such host names), and that Pod is gone;
-//! (c) it is shared and was not refreshed for restic's 30 minutes, by the repository's own clock.
-//! An exclusive lock is removed only by (a) or (b). The time a holder writes into its lock is never
+//! (c) it is shared and was not refreshed for restic's 30 minutes, by the repository's own clock;
+//! (d) this process has seen the very same lock (its id) for longer than restic's 30 minutes: a live
+//!     restic replaces its lock with a new one every 5 minutes and stops when it cannot for 30
+//!     ([`exclusively`] waits in rounds to see it).
+//! An exclusive lock is removed only by (a), (b) or (d). The time a holder writes into its lock is never
 //! compared with our clock: the holder's clock may be skewed. `restic unlock` reads exactly that
 //! clock, so it runs only when every lock it would remove is one we proved stale.
 
 use super::executor::{AgentError, Executor, own_hostname};
-use crate::restic::Restic;
 use crate::restic::output::Lock;
+use crate::restic::{Restic, ResticError};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -20,7 +23,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::PostParams;
 use kube::{Resource, ResourceExt};
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// restic refreshes a held lock every 5 minutes (a new lock file) and calls it stale after this.
 const RESTIC_STALE_AFTER: Duration = Duration::from_secs(30 * 60);
@@ -62,6 +65,28 @@ pub(crate) struct Evidence {
     pub(crate) host: Host,
     /// When the lock file was written, by the repository's clock (local directories only).
     pub(crate) written: Option<Timestamp>,
+    /// How long this process has seen this very lock (its id) in the repository, by its own
+    /// monotonic clock.
+    pub(crate) seen_for: Duration,
+}
+
+/// When this process first saw each lock it still sees, by id.
+#[derive(Debug, Default)]
+pub(crate) struct Sightings(BTreeMap<String, Instant>);
+
+impl Sightings {
+    /// Notes the locks seen `now`, forgetting those gone; returns how long each has been seen.
+    pub(crate) fn observe<'a>(
+        &mut self,
+        ids: impl IntoIterator<Item = &'a str>,
+        now: Instant,
+    ) -> BTreeMap<String, Duration> {
+        let seen: BTreeMap<String, Instant> =
+            ids.into_iter().map(|id| (id.to_string(), self.0.get(id).copied().unwrap_or(now))).collect();
+        let since = seen.iter().map(|(id, first)| (id.clone(), now.saturating_duration_since(*first))).collect();
+        self.0 = seen;
+        since
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -71,6 +96,8 @@ pub(crate) enum Staleness {
     PidReused,
     PodGone(String),
     NotRefreshed(Duration),
+    /// The same lock, seen by this process for this long.
+    SeenUnrefreshed(Duration),
 }
 
 impl Staleness {
@@ -84,6 +111,11 @@ impl Staleness {
             Staleness::NotRefreshed(age) => Some(format!(
                 "not refreshed for {}s by the repository's clock, longer than restic's 30 minutes",
                 age.as_secs()
+            )),
+            Staleness::SeenUnrefreshed(seen) => Some(format!(
+                "the same lock for {}s of this executor's waiting: a live restic replaces its lock every 5 \
+                 minutes and gives up after 30 without doing so",
+                seen.as_secs()
             )),
         }
     }
@@ -103,6 +135,9 @@ pub(crate) fn judge(now: Option<Timestamp>, lock: &Lock, evidence: &Evidence) ->
         Host::This(Process::Running) => return Staleness::Live,
         Host::Other { pod_gone: Some(proof) } => return Staleness::PodGone(proof.clone()),
         Host::Other { pod_gone: None } => {}
+    }
+    if evidence.seen_for > RESTIC_STALE_AFTER {
+        return Staleness::SeenUnrefreshed(evidence.seen_for);
     }
     if lock.exclusive {
         return Staleness::Live;
@@ -252,6 +287,34 @@ async fn recorded_pod_gone(executor: &Executor, host: &str) -> Option<String> {
     Some(format!("its Pod {}/{name} (uid {uid}) no longer exists", executor.namespace()))
 }
 
+/// How long one round of waiting for other processes' locks lasts in [`exclusively`]: between rounds
+/// the locks are looked at again, so that one left by a dead process is seen unchanged.
+const LOCK_ROUND: Duration = Duration::from_secs(5 * 60);
+
+/// Runs `step` (restic commands that may run again after a lock stopped them, as a lock stops restic
+/// before it changes anything) waiting for other processes' locks until `deadline`. It waits in
+/// rounds, healing between them, so that a lock whose holder died where no evidence of ours reaches
+/// (another namespace's or cluster's Pod, a StatefulSet's host name) goes by rule (d) instead of
+/// holding the repository until the deadline.
+pub(crate) async fn exclusively<K: Resource<DynamicType = ()>, T>(
+    executor: &Executor,
+    restic: &mut Restic,
+    about: &K,
+    deadline: Instant,
+    mut step: impl AsyncFnMut(&Restic) -> Result<T, AgentError>,
+) -> Result<T, AgentError> {
+    let mut sightings = Sightings::default();
+    loop {
+        heal_seen(executor, restic, about, &mut sightings).await?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let round = left.min(LOCK_ROUND);
+        match restic.waiting_at_most(round, async |restic| step(restic).await).await {
+            Err(AgentError::Restic(ResticError::Locked(_))) if round < left => {}
+            done => return done,
+        }
+    }
+}
+
 /// What the healer decided about one lock (`kubectl stash unlock` reports every one).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockVerdict {
@@ -270,8 +333,19 @@ pub(crate) async fn heal<K: Resource<DynamicType = ()>>(
     restic: &Restic,
     about: &K,
 ) -> Result<Vec<LockVerdict>, AgentError> {
+    heal_seen(executor, restic, about, &mut Sightings::default()).await
+}
+
+/// [`heal`], with what this process saw of the locks before.
+async fn heal_seen<K: Resource<DynamicType = ()>>(
+    executor: &Executor,
+    restic: &Restic,
+    about: &K,
+    sightings: &mut Sightings,
+) -> Result<Vec<LockVerdict>, AgentError> {
     let own = record_holder(executor, about).await?;
     let locks = restic.locks().await?;
+    let mut seen_for = sightings.observe(locks.iter().map(|(id, _)| id.as_str()), Instant::now());
     if locks.is_empty() {
         return Ok(Vec::new());
     }
@@ -287,7 +361,8 @@ pub(crate) async fn heal<K: Resource<DynamicType = ()>>(
         } else {
             Host::Other { pod_gone: recorded_pod_gone(executor, &lock.hostname).await }
         };
-        let evidence = Evidence { host, written: restic.lock_written(&id).and_then(|t| Timestamp::try_from(t).ok()) };
+        let written = restic.lock_written(&id).and_then(|t| Timestamp::try_from(t).ok());
+        let evidence = Evidence { host, written, seen_for: seen_for.remove(&id).unwrap_or_default() };
         let restic_would = restic_calls_stale(&lock, local_now, named_here == Some(Process::Gone));
         let short = &id[..id.len().min(8)];
         let kind = if lock.exclusive { "exclusive" } else { "shared" };
@@ -355,13 +430,13 @@ mod tests {
     }
 
     fn here(process: Process) -> Evidence {
-        Evidence { host: Host::This(process), written: Some(at(0)) }
+        Evidence { host: Host::This(process), written: Some(at(0)), seen_for: Duration::ZERO }
     }
 
     /// Another host, its lock file written `written` seconds after T by the repository's clock.
     fn elsewhere(pod_gone: bool, written: Option<i64>) -> Evidence {
         let pod_gone = pod_gone.then(|| "its Pod ns/app-7d9f8c-x2k4q (uid u) no longer exists".to_string());
-        Evidence { host: Host::Other { pod_gone }, written: written.map(at) }
+        Evidence { host: Host::Other { pod_gone }, written: written.map(at), seen_for: Duration::ZERO }
     }
 
     #[test]
@@ -407,6 +482,100 @@ mod tests {
         assert!(restic_calls_stale(&past, at(60), false));
         assert!(!restic_calls_stale(&future, at(60), false));
         assert!(restic_calls_stale(&lock("me", false), at(60), true));
+    }
+
+    /// restic replaces a held lock every 5 minutes (a new id) and stops after 30 without: a lock this
+    /// process saw unchanged for longer is stale, shared or exclusive, whoever holds it and whatever
+    /// any clock but ours says.
+    #[test]
+    fn a_lock_seen_unchanged_longer_than_restic_allows_is_stale() {
+        let (minute, db) = (Duration::from_secs(60), "db-0");
+        let seen =
+            |minutes: u32| Evidence { host: Host::Other { pod_gone: None }, written: None, seen_for: minute * minutes };
+        assert_eq!(judge(None, &lock(db, true), &seen(31)), Staleness::SeenUnrefreshed(minute * 31));
+        assert_eq!(judge(None, &lock(db, false), &seen(31)), Staleness::SeenUnrefreshed(minute * 31));
+        assert_eq!(judge(None, &lock(db, true), &seen(29)), Staleness::Live);
+        let mut here = here(Process::Running);
+        here.seen_for = minute * 31;
+        assert_eq!(judge(None, &lock(db, true), &here), Staleness::Live, "its process runs here");
+    }
+
+    /// A restic of the model: it locks at `start` (minutes), replaces its lock every `refresh` minutes
+    /// (5, or later on a slow backend) and dies at `death`, leaving its last lock behind.
+    #[derive(Debug, Clone)]
+    struct ModelHolder {
+        start: u32,
+        refresh: u32,
+        death: Option<u32>,
+        exclusive: bool,
+    }
+
+    impl ModelHolder {
+        /// The id of its lock at minute `t`, if it had locked by then.
+        fn lock_at(&self, index: usize, t: u32) -> Option<String> {
+            let until = self.death.map_or(t, |death| t.min(death));
+            (t >= self.start).then(|| format!("{index}-{}", (until - self.start) / self.refresh))
+        }
+
+        fn alive_at(&self, t: u32) -> bool {
+            self.death.is_none_or(|death| t < death)
+        }
+    }
+
+    fn holder() -> impl Strategy<Value = ModelHolder> {
+        (0u32..120, 5u32..10, proptest::option::of(0u32..180), any::<bool>()).prop_map(
+            |(start, refresh, death, exclusive)| ModelHolder {
+                start,
+                refresh,
+                death: death.map(|d| start + d),
+                exclusive,
+            },
+        )
+    }
+
+    proptest! {
+        /// Holders of other namespaces or clusters (no evidence of ours reaches them) lock, refresh
+        /// and die; an executor looks at the locks at random minutes. A lock it calls stale is never
+        /// a live holder's, and a dead holder's lock seen for more than 30 minutes is stale.
+        #[test]
+        fn only_a_dead_holders_lock_is_ever_seen_unrefreshed(
+            holders in proptest::collection::vec(holder(), 1..4),
+            mut looks in proptest::collection::vec(0u32..300, 1..40),
+        ) {
+            looks.sort_unstable();
+            let origin = Instant::now();
+            let mut sightings = Sightings::default();
+            let mut first_seen: BTreeMap<String, u32> = BTreeMap::new();
+            for t in looks {
+                let present: Vec<(usize, String)> =
+                    holders.iter().enumerate().filter_map(|(i, h)| h.lock_at(i, t).map(|id| (i, id))).collect();
+                let seen = sightings.observe(present.iter().map(|(_, id)| id.as_str()), origin + Duration::from_secs(u64::from(t) * 60));
+                for (i, id) in &present {
+                    let first = *first_seen.entry(id.clone()).or_insert(t);
+                    let evidence = Evidence { host: Host::Other { pod_gone: None }, written: None, seen_for: seen[id] };
+                    let verdict = judge(None, &lock("db-0", holders[*i].exclusive), &evidence);
+                    if verdict != Staleness::Live {
+                        prop_assert!(!holders[*i].alive_at(t), "{id} of a live holder called stale at minute {t}");
+                    }
+                    if t - first > 30 {
+                        prop_assert_eq!(verdict, Staleness::SeenUnrefreshed(Duration::from_secs(u64::from(t - first) * 60)));
+                    }
+                }
+                first_seen.retain(|id, _| present.iter().any(|(_, p)| p == id));
+            }
+        }
+    }
+
+    #[test]
+    fn sightings_keep_the_first_time_of_each_lock_still_there() {
+        let t0 = Instant::now();
+        let mut sightings = Sightings::default();
+        assert_eq!(sightings.observe(["a", "b"], t0)["a"], Duration::ZERO);
+        let later = sightings.observe(["a", "c"], t0 + Duration::from_secs(300));
+        assert_eq!((later["a"], later["c"]), (Duration::from_secs(300), Duration::ZERO));
+        // A lock gone and back (an id is never reused; here, a test) starts over.
+        let again = sightings.observe(["b"], t0 + Duration::from_secs(600));
+        assert_eq!(again["b"], Duration::ZERO);
     }
 
     /// A Pod of `name`; `generated` when a controller named it (Job, ReplicaSet, DaemonSet).

@@ -212,9 +212,14 @@ impl Restic {
     /// Runs `f` with this repository's commands failing at once on another process's lock instead
     /// of waiting for it, so that the caller can look at the lock first.
     pub async fn without_lock_wait<T>(&mut self, f: impl AsyncFnOnce(&Restic) -> T) -> T {
-        let wait = std::mem::take(&mut self.lock_wait);
+        self.waiting_at_most(Duration::ZERO, f).await
+    }
+
+    /// Runs `f` with this repository's commands waiting at most `wait` for another process's lock.
+    pub async fn waiting_at_most<T>(&mut self, wait: Duration, f: impl AsyncFnOnce(&Restic) -> T) -> T {
+        let before = std::mem::replace(&mut self.lock_wait, wait);
         let result = f(self).await;
-        self.lock_wait = wait;
+        self.lock_wait = before;
         result
     }
 
