@@ -52,11 +52,15 @@ pub(crate) fn lean<K: Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
 }
 
+/// A watch's events, as a reflector takes them.
+pub(crate) trait Events<K>: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static {}
+impl<K, S> Events<K> for S where S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static {}
+
 /// A store fed by `events` (lean), whether it has listed, and the future that feeds it until dropped:
 /// `changed` runs after the store applied each event; watch errors are logged and retried with
 /// backoff.
 pub(crate) fn feed<K>(
-    events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    events: impl Events<K>,
     changed: impl Fn() + Send + 'static,
 ) -> (Store<K>, Listed, impl Future<Output = ()> + Send + 'static)
 where

@@ -4,7 +4,7 @@
 use super::decision::Catalog;
 use super::target_index::TargetIndex;
 use crate::api::{BackupBatch, Repository};
-use crate::reflect::Listed;
+use crate::reflect::{Events, Listed};
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::core::PartialObjectMeta;
@@ -50,10 +50,6 @@ fn fed(
     let namespaces = reflect(tasks, &mut listed, namespaces, || {});
     (Catalog { batches, repositories, replicasets, namespaces, targets }, listed)
 }
-
-/// A watch's events.
-trait Events<K>: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static {}
-impl<K, S> Events<K> for S where S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static {}
 
 /// Starts a reflector for `K` on `tasks` and adds whether it has listed to `listed`; `changed` runs
 /// after the store applied each event.
