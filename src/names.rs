@@ -18,6 +18,9 @@ pub fn bounded(name: &str, max: usize) -> String {
     format!("{kept}-{:08x}", digest as u32)
 }
 
+/// The longest object name the API server accepts.
+pub(crate) const NAME_MAX: usize = 253;
+
 /// A label value naming `name` (a batch, session or restore).
 pub fn label_value(name: &str) -> String {
     bounded(name, LABEL_VALUE_MAX)

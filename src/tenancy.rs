@@ -97,6 +97,24 @@ fn permitted_from_elsewhere<'r>(
     if permitted { Ok(repository) } else { Err(refused()) }
 }
 
+/// The one Lease, in namespaces that share Repositories, of all their shared Repositories.
+pub(crate) const SHARED_LEASE: &str = "stash-shared-repositories";
+
+/// The Lease, in `repository`'s namespace, under which every user of it creates the repository,
+/// applies retention and checks it, whatever namespace it runs in. One per Repository that only its
+/// own namespace uses; one for all the Repositories of a namespace that others may use
+/// (`SHARED_LEASE`): the operator may grant another namespace only a Lease it holds itself, and it
+/// holds only that name anywhere, so that it can take over no one else's Lease.
+pub(crate) fn repository_lease(repository: &Repository) -> String {
+    let from = repository.spec.usage_policy.as_ref().and_then(|p| p.allowed_namespaces.as_ref()).map(|a| a.from);
+    match from {
+        None | Some(FromNamespaces::Same) => {
+            crate::names::bounded(&format!("stash-repository-{}", repository.name_any()), crate::names::NAME_MAX)
+        }
+        Some(FromNamespaces::All | FromNamespaces::Selector) => SHARED_LEASE.into(),
+    }
+}
+
 /// Whether deciding needs the requester's namespace labels: a foreign Repository with a `Selector`
 /// policy. Everything else is decided without reading the Namespace.
 fn needs_labels(requester: &str, repository: &Repository) -> bool {
@@ -301,6 +319,18 @@ mod tests {
         assert_eq!(missing, denied);
         assert_eq!(missing.reason(), "RepositoryNotAllowed");
         assert_eq!(missing.to_string(), denied.to_string());
+    }
+
+    /// Every user of a Repository that others may use takes the namespace's one shared Lease, the
+    /// only one the operator may grant; one used by its own namespace only keeps a Lease of its own.
+    #[test]
+    fn a_repository_others_may_use_is_serialised_under_the_shared_lease() {
+        let repo = |policy: Value| repository("b", policy);
+        assert_eq!(repository_lease(&repo(Value::Null)), "stash-repository-repo");
+        assert_eq!(repository_lease(&repo(json!({"allowedNamespaces": {"from": "Same"}}))), "stash-repository-repo");
+        assert_eq!(repository_lease(&repo(json!({"allowedNamespaces": {"from": "All"}}))), SHARED_LEASE);
+        let selector = json!({"allowedNamespaces": {"from": "Selector", "selector": {"matchLabels": {"a": "b"}}}});
+        assert_eq!(repository_lease(&repo(selector)), SHARED_LEASE);
     }
 
     #[test]

@@ -4,12 +4,15 @@
 
 mod support;
 
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
 use stash::api::backup_session::{BackupSessionPhase, HostPhase};
 use stash::api::common::ConditionStatus;
 use stash::api::restore_batch::RestorePhase;
-use stash::api::{BackupBatch, BackupSession};
+use stash::api::{BackupBatch, BackupSession, Repository};
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -850,6 +853,57 @@ async fn same_named_batches_of_two_namespaces_restore_their_own_data() {
     assert_eq!(restored_page(&mut prod, "own-data").await, expected, "prod restores prod's data");
 }
 
+/// RELIABILITY-SECURITY C3: namespace `platform`'s Repository allows `tenant` (usagePolicy). Both
+/// namespaces' executors, each under its own namespace's ServiceAccount, back up into it, finalize
+/// under its one Lease and restore their own data. Once `platform` stops allowing it, the tenant's
+/// executor account can no longer even read the Repository.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repository_another_namespace_allows_serves_it_under_its_own_accounts_until_revoked() {
+    let repo = tempfile::tempdir().expect("repo dir");
+    let retention = json!({"retentionPolicy": {"name": "last", "keepLast": 1, "prune": true}});
+    let mut platform = Setup::new("platform", Backend::Local(repo.path())).await;
+    let mut tenant = Setup::new("tenant", Backend::Local(repo.path())).await;
+    let shared: Api<Repository> = platform.ns.api();
+    let allow = |from: &str| json!({"spec": {"usagePolicy": {"allowedNamespaces": {"from": from}}}});
+    shared.patch("repo", &PatchParams::default(), &Patch::Merge(allow("All"))).await.expect("shared");
+    tenant.repository = json!({"name": "repo", "namespace": platform.ns.name});
+    for (setup, page) in [(&platform, "<h1>platform</h1>"), (&tenant, "<h1>tenant</h1>")] {
+        let member = setup.pvc_member().await;
+        setup.batch(vec![member], retention.clone()).await;
+        mark_uploads(setup, page);
+    }
+
+    let tenant_session = tenant.back_up().await;
+    let status = tenant_session.status.clone().unwrap_or_default();
+    assert_eq!(status.phase, Some(BackupSessionPhase::Succeeded), "the tenant's session: {status:?}");
+    let written = status.conditions.iter().find(|c| c.type_ == "ManifestWritten").map(|c| c.status);
+    assert_eq!(written, Some(ConditionStatus::True), "the tenant's set is complete: {status:?}");
+    let lease = platform.ns.api::<Lease>().get("stash-shared-repositories").await.expect("the shared Lease");
+    let renewed = lease.spec.and_then(|s| s.renew_time);
+    assert!(renewed.is_some(), "the tenant's executors serialised under the platform's shared Lease");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let platform_session = platform.back_up().await;
+    let phase = platform_session.status.and_then(|s| s.phase);
+    assert_eq!(phase, Some(BackupSessionPhase::Succeeded), "the platform's own session");
+    let expected = ("<h1>tenant</h1>".to_string(), Some(kube::ResourceExt::name_any(&tenant_session)));
+    assert_eq!(restored_page(&mut tenant, "from-shared").await, expected, "the tenant restores its own data");
+
+    shared.patch("repo", &PatchParams::default(), &Patch::Merge(allow("Same"))).await.expect("revoked");
+    let dir = tempfile::tempdir().expect("kubeconfig dir");
+    let executor = support::executors::service_account_kubeconfig(&tenant.ns.name, "stash-backup", dir.path()).await;
+    let as_tenant: Api<Repository> = Api::namespaced(support::client_for(&executor).await, &platform.ns.name);
+    support::eventually("the tenant's executors to lose the Repository", Duration::from_secs(60), || {
+        let as_tenant = as_tenant.clone();
+        async move {
+            match as_tenant.get("repo").await {
+                Err(kube::Error::Api(e)) if e.code == 403 => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_live_lock_of_a_pod_named_host_of_elsewhere_is_never_removed() {
     // H3: a restic of another namespace (or cluster) holds a lock under a Pod-shaped host name that
@@ -1126,7 +1180,6 @@ async fn a_fresh_namespace_restores_the_sessions_of_the_namespace_it_names() {
 /// left behind in the namespace forever.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_targets_lease_goes_with_its_batch() {
-    use k8s_openapi::api::coordination::v1::Lease;
     let repo = tempfile::tempdir().expect("repo dir");
     let mut setup = Setup::new("leasegc", Backend::Local(repo.path())).await;
     fixtures::create::<k8s_openapi::api::apps::v1::Deployment>(

@@ -99,8 +99,10 @@ fn the_webhook_client_auth_component_composes_with_every_install() {
     }
 }
 
-/// M5: the operator's cluster-wide role grants no Leases (it could otherwise take over or delete any
-/// node's or controller's Lease); its own leader Lease is granted by a Role in its namespace.
+/// M5: the operator's cluster-wide role lets it take over or delete no one's Lease (a node's, a
+/// controller's): of Leases it may only create them and read and renew the one name it invents for
+/// shared Repositories (`tenancy::SHARED_LEASE`); its own leader Lease is granted by a Role in its
+/// namespace.
 #[test]
 fn the_operator_may_touch_leases_only_in_its_own_namespace() {
     let text = std::fs::read_to_string(support::repo_root().join("deploy/base/rbac.yaml")).expect("rbac.yaml");
@@ -108,18 +110,26 @@ fn the_operator_may_touch_leases_only_in_its_own_namespace() {
     let mut namespaced = Vec::new();
     for document in serde_yaml::Deserializer::from_str(&text) {
         let object = serde_json::Value::deserialize(document).expect("YAML");
-        let grants_leases = object["rules"]
+        let lease_rules: Vec<&serde_json::Value> = object["rules"]
             .as_array()
             .into_iter()
             .flatten()
-            .any(|rule| rule["resources"].as_array().into_iter().flatten().any(|r| r == "leases" || r == "*"));
+            .filter(|rule| rule["resources"].as_array().into_iter().flatten().any(|r| r == "leases" || r == "*"))
+            .collect();
         let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
-        match (object["kind"].as_str(), grants_leases) {
-            (Some("ClusterRole"), true) if name == "stash-operator" => cluster_wide.push(name),
-            (Some("Role"), true) if object["metadata"]["namespace"] == "stash" => namespaced.push(name),
+        match object["kind"].as_str() {
+            Some("ClusterRole") if name == "stash-operator" => cluster_wide.extend(lease_rules.into_iter().cloned()),
+            Some("Role") if !lease_rules.is_empty() && object["metadata"]["namespace"] == "stash" => {
+                namespaced.push(name)
+            }
             _ => {}
         }
     }
-    assert!(cluster_wide.is_empty(), "the operator's ClusterRole grants leases: {cluster_wide:?}");
+    for rule in &cluster_wide {
+        let verbs: Vec<&str> = rule["verbs"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
+        let only_ours = rule["resourceNames"] == serde_json::json!(["stash-shared-repositories"]);
+        assert!(only_ours || verbs == ["create"], "the operator's ClusterRole reaches others' Leases: {rule}");
+        assert!(!verbs.iter().any(|v| ["delete", "deletecollection", "patch", "*"].contains(v)), "{rule}");
+    }
     assert_eq!(namespaced.len(), 1, "one Role in the operator's namespace grants its Lease");
 }

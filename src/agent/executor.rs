@@ -150,10 +150,11 @@ impl Executor {
         LeaseLock::new(self.client.clone(), config)
     }
 
-    /// The Lease that serialises repository-wide work: creating it, retention, checks.
+    /// The Lease that serialises repository-wide work: creating it, retention, checks
+    /// (`tenancy::repository_lease`).
     pub fn repository_lease(&self, repository: &Repository) -> LeaseLock {
         let namespace = repository.namespace().unwrap_or_else(|| self.settings.namespace.clone());
-        self.lease(namespace, format!("stash-repository-{}", repository.name_any()))
+        self.lease(namespace, crate::tenancy::repository_lease(repository))
     }
 
     /// Creates the repository on first use. Two hosts racing `restic init` would leave a config

@@ -3,6 +3,7 @@
 use super::backup_job::is_job_model;
 use super::caches;
 use super::context::{Context, ControllerError, FIELD_MANAGER, ignore_missing};
+use super::grants;
 use super::identity;
 use super::observed;
 use super::targets::{self, TargetState};
@@ -35,6 +36,8 @@ pub const SIDECAR_INJECTED: &str = "StashSidecarInjected";
 /// While something is missing or Pods still lack the sidecar, look again after this. (Secrets are not
 /// watched: that would need list/watch on every Secret of the cluster.)
 const RECHECK: Duration = Duration::from_secs(10);
+/// How often a Ready batch using another namespace's Repository makes sure of its grant there.
+const REGRANT: Duration = Duration::from_secs(300);
 
 #[tracing::instrument(skip_all, fields(namespace = batch.namespace().unwrap_or_default(), name = batch.name_any()))]
 pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
@@ -142,6 +145,9 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
 
     // Every batch's executor Jobs run as the namespace's identity, with or without a schedule.
     identity::ensure(&ctx, &namespace).await?;
+    if let Ok(repository) = &repository {
+        grants::ensure(&ctx, &namespace, repository).await?;
+    }
     let cronjob = match withheld_trigger(&validation, &repository) {
         Some(withheld) => {
             remove_trigger(&batch, &ctx, &namespace).await?;
@@ -169,10 +175,14 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
     export_series(&batch, &status, repository.as_ref().ok(), &ctx, &namespace);
     write_status(&batch, &ctx, &namespace, status).await?;
 
-    Ok(if phase == BackupInvokerPhase::Ready && !sidecars_pending {
-        Action::await_change()
-    } else {
+    let foreign = repository.as_ref().is_ok_and(|r| r.namespace().as_deref() != Some(namespace.as_str()));
+    Ok(if phase != BackupInvokerPhase::Ready || sidecars_pending {
         Action::requeue(RECHECK)
+    } else if foreign {
+        // Its grant lives in another namespace, where nothing it watches sees it go.
+        Action::requeue(REGRANT)
+    } else {
+        Action::await_change()
     })
 }
 

@@ -36,6 +36,8 @@ pub struct Caches {
     pub(crate) cronjobs: Store<PartialObjectMeta<CronJob>>,
     pub(crate) accounts: Store<PartialObjectMeta<ServiceAccount>>,
     pub(crate) bindings: Store<PartialObjectMeta<RoleBinding>>,
+    /// The Repository grants (`grants`) to the namespaces of this operator's scope, wherever they are.
+    pub(crate) grants: Store<PartialObjectMeta<RoleBinding>>,
     /// Repositories whose backend Secret was found usable in a namespace that uses them (where its
     /// Pods mount the Secret), at the Repository's resourceVersion.
     secrets_checked: Mutex<HashMap<(ObjectRef<Repository>, String), String>>,
@@ -68,14 +70,17 @@ impl Caches {
         claims_api: kube::Api<PartialObjectMeta<PersistentVolumeClaim>>,
         accounts_api: kube::Api<PartialObjectMeta<ServiceAccount>>,
         bindings_api: kube::Api<PartialObjectMeta<RoleBinding>>,
+        grants: watcher::Config,
+        grants_api: kube::Api<PartialObjectMeta<RoleBinding>>,
     ) -> (Self, Writers, Feeds) {
         let (repositories, repositories_writer) = reflector::store();
         let (cronjobs, cronjobs_writer) = reflector::store();
         let (claims_store, claims_listed, claims_feed) = feed(watcher(claims_api, claims), || {});
         let (accounts, accounts_listed, accounts_feed) = feed(watcher(accounts_api, identities.clone()), || {});
         let (bindings, bindings_listed, bindings_feed) = feed(watcher(bindings_api, identities), || {});
+        let (grants_store, grants_listed, grants_feed) = feed(watcher(grants_api, grants), || {});
         let feeds = Box::pin(async move {
-            futures::join!(claims_feed, accounts_feed, bindings_feed);
+            futures::join!(claims_feed, accounts_feed, bindings_feed, grants_feed);
         });
         let caches = Caches {
             repositories,
@@ -83,12 +88,13 @@ impl Caches {
             cronjobs,
             accounts,
             bindings,
+            grants: grants_store,
             secrets_checked: Mutex::default(),
             applied: Mutex::default(),
             statuses: Mutex::default(),
             created: Mutex::default(),
             creating: tokio::sync::Mutex::const_new(()),
-            listed: vec![claims_listed, accounts_listed, bindings_listed],
+            listed: vec![claims_listed, accounts_listed, bindings_listed, grants_listed],
         };
         (caches, Writers { repositories: repositories_writer, cronjobs: cronjobs_writer }, feeds)
     }
@@ -178,6 +184,12 @@ impl Caches {
         created.insert((K::kind(&()).into_owned(), namespace.to_string(), name.to_string()), Instant::now());
     }
 
+    /// Identity `K` `namespace/name` is being removed: it no longer counts as just created.
+    pub(crate) fn creation_undone<K: Resource<DynamicType = ()>>(&self, namespace: &str, name: &str) {
+        let mut created = self.created.lock().unwrap_or_else(|e| e.into_inner());
+        created.remove(&(K::kind(&()).into_owned(), namespace.to_string(), name.to_string()));
+    }
+
     /// The namespace's identities are being removed: none of them counts as just created.
     pub(crate) fn identities_released(&self, namespace: &str) {
         let mut created = self.created.lock().unwrap_or_else(|e| e.into_inner());
@@ -202,7 +214,17 @@ mod tests {
             let service = tower::service_fn(|_| async { Err::<http::Response<kube::client::Body>, _>("no server") });
             kube::Client::new(service, "default")
         };
-        Caches::new(config(), config(), kube::Api::all(client()), kube::Api::all(client()), kube::Api::all(client())).0
+        let (a, b, c, d) = (client(), client(), client(), client());
+        Caches::new(
+            config(),
+            config(),
+            kube::Api::all(a),
+            kube::Api::all(b),
+            kube::Api::all(c),
+            config(),
+            kube::Api::all(d),
+        )
+        .0
     }
 
     fn batch(version: &str) -> BackupBatch {

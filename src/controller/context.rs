@@ -26,6 +26,8 @@ pub struct Context {
     pub restores: Store<RestoreBatch>,
     /// What the controllers read without a request.
     pub caches: super::caches::Caches,
+    /// Asks for a sweep of the Repository grants (`grants::keep_swept`).
+    pub sweep: tokio::sync::Notify,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +40,15 @@ pub enum ControllerError {
     CachesStopped(#[from] crate::reflect::NeverListed),
     #[error("finalizer: {0}")]
     Finalizer(#[from] Box<kube::runtime::finalizer::Error<ControllerError>>),
+}
+
+/// Another reconcile created it meanwhile: just as good.
+pub(crate) fn ignore_conflict<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(err) => Err(err),
+    }
 }
 
 /// A delete whose object is already gone did what it was for.

@@ -1,11 +1,12 @@
 //! The namespace's executor and trigger identities: ensured by every BackupBatch and RestoreBatch
 //! (executor Jobs of a schedule-less batch or a lone restore need them too), removed with the last.
 
-use super::context::{Context, ControllerError, ignore_missing};
+use super::context::{Context, ControllerError, ignore_conflict, ignore_missing};
 use super::executor_job::BACKUP_SERVICE_ACCOUNT;
 use super::targets::WorkloadInfo;
 use super::trigger::{BACKUP_CLUSTER_ROLE, TRIGGER_CLUSTER_ROLE, TRIGGER_SERVICE_ACCOUNT};
 use crate::api::RestoreBatch;
+use crate::names::NAME_MAX;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
@@ -19,8 +20,6 @@ const IDENTITIES: [(&str, &str); 2] =
 /// Names the RoleBindings of workload ServiceAccounts (the namespace's own identities are named
 /// after their account, so never start with it).
 const WORKLOAD_BINDING_PREFIX: &str = "stash-sidecar-";
-/// The longest object name the API server accepts.
-const NAME_MAX: usize = 253;
 
 /// Our objects in a namespace, labelled so that release finds them.
 fn identity_meta(namespace: &str, name: &str) -> ObjectMeta {
@@ -149,15 +148,6 @@ fn is_workload_binding(binding: &RoleBinding) -> bool {
 /// Any user other than `leaving` that is not being deleted.
 fn still_used<'a>(mut users: impl Iterator<Item = &'a ObjectMeta>, leaving: Option<&str>) -> bool {
     users.any(|meta| meta.uid.as_deref() != leaving && meta.deletion_timestamp.is_none())
-}
-
-/// Another batch created it meanwhile: just as good.
-fn ignore_conflict<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
-    match result {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(err) => Err(err),
-    }
 }
 
 #[cfg(test)]

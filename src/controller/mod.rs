@@ -7,6 +7,7 @@ pub mod backup_session;
 pub mod caches;
 pub mod context;
 pub mod executor_job;
+mod grants;
 mod identity;
 pub mod leader;
 mod observed;
@@ -67,9 +68,9 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
     let ours = watcher::Config::default().labels(&format!("{}={}", crate::api::PART_OF.0, crate::api::PART_OF.1));
     let reporter = Reporter { controller: "stash-operator".into(), instance: Some(settings.identity.clone()) };
     let config = controller::Config::default().concurrency(settings.max_concurrent_reconciles);
-    let (batch_controller, _) = lean_controller(api::<BackupBatch>(&client, namespace), &config);
+    let (batch_controller, batches_listed) = lean_controller(api::<BackupBatch>(&client, namespace), &config);
     let batches = batch_controller.store();
-    let (restore_controller, _) = lean_controller(api::<RestoreBatch>(&client, namespace), &config);
+    let (restore_controller, restores_listed) = lean_controller(api::<RestoreBatch>(&client, namespace), &config);
     let (session_controller, sessions_listed) = lean_controller(api::<BackupSession>(&client, namespace), &config);
     let (mut caches, writers, feeds) = caches::Caches::new(
         watcher::Config::default(),
@@ -77,6 +78,12 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
         api::<PartialObjectMeta<_>>(&client, namespace),
         api::<PartialObjectMeta<_>>(&client, namespace),
         api::<PartialObjectMeta<_>>(&client, namespace),
+        // The grants to this scope's namespaces live in the Repositories' namespaces.
+        watcher::Config::default().labels(&match namespace {
+            Some(namespace) => format!("{}={namespace}", grants::REQUESTER_LABEL),
+            None => grants::REQUESTER_LABEL.to_string(),
+        }),
+        Api::all(client.clone()),
     );
     // Every namespace's Repositories, whatever the install's scope: a batch may use another
     // namespace's that allows it.
@@ -92,6 +99,9 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
     // could otherwise run before a new leader's session cache has listed them, export a partial set
     // and, the batch being Ready, not run again.
     caches.also_ready_when(sessions_listed);
+    // A grant is swept once no batch or restore uses it: not before both caches can say so.
+    caches.also_ready_when(batches_listed);
+    caches.also_ready_when(restores_listed);
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
@@ -102,7 +112,9 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
         sessions: session_controller.store(),
         restores: restore_controller.store(),
         caches,
+        sweep: tokio::sync::Notify::new(),
     });
+    let sweeping = grants::keep_swept(ctx.clone());
 
     let by_repository = batches.clone();
     let batch_loop = batch_controller
@@ -154,7 +166,10 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
     let controllers = Box::pin(async {
         futures::join!(batch_loop, session_loop, restore_loop);
     });
-    futures::future::select(controllers, feeds).await;
+    let background = Box::pin(async {
+        futures::join!(feeds, sweeping);
+    });
+    futures::future::select(controllers, background).await;
 }
 
 /// A controller of `K` whose cache holds its objects lean (`reflect::lean`), and whether that cache
@@ -175,27 +190,30 @@ pub const BATCH_FINALIZER: &str = "stash.appscode.com/cleanup";
 async fn reconcile_batch(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
     ctx.caches.ready().await?;
     let api: Api<BackupBatch> = Api::namespaced(ctx.client.clone(), &batch.namespace().unwrap_or_default());
-    kube::runtime::finalizer(&api, BATCH_FINALIZER, batch, |event| async {
+    let reconciled = kube::runtime::finalizer(&api, BATCH_FINALIZER, batch, |event| async {
         match event {
             kube::runtime::finalizer::Event::Apply(batch) => backup_batch::reconcile(batch, ctx.clone()).await,
             kube::runtime::finalizer::Event::Cleanup(batch) => backup_batch::cleanup(batch, ctx.clone()).await,
         }
     })
-    .await
-    .map_err(|err| ControllerError::Finalizer(Box::new(err)))
+    .await;
+    // Its Repository, or whether it still exists, may have changed: so may the grants it needs.
+    ctx.sweep.notify_one();
+    reconciled.map_err(|err| ControllerError::Finalizer(Box::new(err)))
 }
 
 async fn reconcile_restore(restore: Arc<RestoreBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
     ctx.caches.ready().await?;
     let api: Api<RestoreBatch> = Api::namespaced(ctx.client.clone(), &restore.namespace().unwrap_or_default());
-    kube::runtime::finalizer(&api, BATCH_FINALIZER, restore, |event| async {
+    let reconciled = kube::runtime::finalizer(&api, BATCH_FINALIZER, restore, |event| async {
         match event {
             kube::runtime::finalizer::Event::Apply(restore) => restore_batch::reconcile(restore, ctx.clone()).await,
             kube::runtime::finalizer::Event::Cleanup(restore) => restore_batch::cleanup(restore, ctx.clone()).await,
         }
     })
-    .await
-    .map_err(|err| ControllerError::Finalizer(Box::new(err)))
+    .await;
+    ctx.sweep.notify_one();
+    reconciled.map_err(|err| ControllerError::Finalizer(Box::new(err)))
 }
 
 async fn timed(

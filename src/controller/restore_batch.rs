@@ -6,6 +6,7 @@ use super::app_binding;
 use super::backup_job::job_name;
 use super::context::{Context, ControllerError};
 use super::executor_job::{DataVolume, DatabaseSource, ExecutorJob};
+use super::grants;
 use super::identity;
 use super::observed;
 use crate::api::RestoreBatch;
@@ -57,6 +58,7 @@ pub async fn reconcile(restore: Arc<RestoreBatch>, ctx: Arc<Context>) -> Result<
     };
     // Restore Jobs run as the namespace's executor identity, also where no BackupBatch made it.
     identity::ensure(&ctx, &namespace).await?;
+    grants::ensure(&ctx, &namespace, &repository).await?;
     conditions::set(&mut status.conditions, &Desired::new("RepositoryFound", true, "Found", "found"), None);
     if status.phase.is_none() || status.phase == Some(RestorePhase::Pending) {
         status.phase = Some(RestorePhase::Running);

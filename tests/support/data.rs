@@ -22,6 +22,9 @@ pub struct Setup {
     pub ns: TestNamespace,
     pub node: LocalNode,
     pub secret: BTreeMap<String, String>,
+    /// The `spec.repository` of this namespace's batches and restores: its own `repo` unless a test
+    /// points them at another namespace's.
+    pub repository: Value,
     _operator: super::operator::RunningOperator,
 }
 
@@ -63,7 +66,7 @@ impl Setup {
         .await;
         let node = LocalNode::new(&ns.name);
         write_secret_dir(node.secret_dir.path(), &secret);
-        Setup { ns, node, secret, _operator: operator }
+        Setup { ns, node, secret, repository: json!({"name": "repo"}), _operator: operator }
     }
 
     /// A PVC member `uploads` mounted at /stash-data/uploads, with a few files.
@@ -96,7 +99,10 @@ impl Setup {
                "task": {"name": "postgres-backup-15"}})
     }
 
-    pub async fn batch(&self, members: Vec<Value>, spec: Value) -> BackupBatch {
+    pub async fn batch(&self, members: Vec<Value>, mut spec: Value) -> BackupBatch {
+        if spec.get("repository").is_none() {
+            spec["repository"] = self.repository.clone();
+        }
         fixtures::batch(&self.ns, BATCH, members, spec).await
     }
 
@@ -152,7 +158,7 @@ impl Setup {
         restore_from: Value,
         volumes: Volumes<'_>,
     ) -> RestoreBatch {
-        let mut spec = json!({"repository": {"name": "repo"}, "members": members});
+        let mut spec = json!({"repository": self.repository, "members": members});
         // Null: no restoreFrom at all, as a Stash manifest has none.
         if !restore_from.is_null() {
             spec["restoreFrom"] = restore_from;
