@@ -531,6 +531,7 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
     assert_eq!(account.as_deref(), Some("stash-backup"));
 
     secret_missing(node_ip, rest.port, volumes.path()).await;
+    shared_repository(node_ip, rest.port, volumes.path()).await;
 
     // A fresh namespace: its own Repository (same password), empty claims, the Deployment (scaled to
     // zero) whose volumes say which claim each path goes to.
@@ -619,6 +620,43 @@ async fn secret_missing(node_ip: Ipv4Addr, rest_port: u16, volumes: &Path) {
         errors.iter().any(|e| e.contains("repository Secret \"repo-secret\" is missing")),
         "the sidecar names the missing Secret: {status:#?}"
     );
+}
+
+/// Namespace `e2e-platform`'s Repository allows every namespace (usagePolicy). A tenant's workload
+/// backs up into it on the node: its sidecar, as the workload's own ServiceAccount, and its finalize
+/// Job, as the tenant's `stash-backup`, reach the platform's Repository and Lease only through the
+/// grant the operator keeps there.
+async fn shared_repository(node_ip: Ipv4Addr, rest_port: u16, volumes: &Path) {
+    let platform = restricted_namespace("e2e-platform").await;
+    repository(&platform, "shared", node_ip, rest_port, "e2e-shared").await;
+    let allow_all = json!({"spec": {"usagePolicy": {"allowedNamespaces": {"from": "All"}}}});
+    let shared = platform.api::<stash::api::Repository>();
+    shared.patch("shared", &PatchParams::default(), &Patch::Merge(allow_all)).await.expect("shared");
+    let tenant = restricted_namespace("e2e-tenant").await;
+    fixtures::secret(&tenant, true).await;
+    claim_on(&tenant, "uploads", &volumes.join("tenant-uploads")).await;
+    fixtures::batch(
+        &tenant,
+        "site",
+        vec![json!({"target": {"alias": "web", "ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                               "paths": ["/data"], "volumeMounts": [{"name": "data", "mountPath": "/data"}]}})],
+        json!({"repository": {"name": "shared", "namespace": platform.name}}),
+    )
+    .await;
+    fixtures::create::<Deployment>(&tenant, web(1)).await;
+    running_with_sidecar(&tenant, "web").await;
+    let (name, status) = session_run(&tenant, "site").await;
+    assert_eq!(status.phase, Some(BackupSessionPhase::Succeeded), "{status:#?}");
+    let sessions = tenant.api::<BackupSession>();
+    let finalized = eventually("the tenant's session finalized", LIMIT, || {
+        let (sessions, name) = (sessions.clone(), name.clone());
+        async move {
+            let status = sessions.get(&name).await.ok()?.status?;
+            status.conditions.into_iter().find(|c| c.type_ == "SessionFinalized")
+        }
+    })
+    .await;
+    assert_eq!(finalized.status, stash::api::common::ConditionStatus::True, "{finalized:?}");
 }
 
 /// One of Stash's docs manifests (`../shared/stash-manifests`), verbatim but for its namespace.
