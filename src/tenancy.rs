@@ -97,21 +97,33 @@ fn permitted_from_elsewhere<'r>(
     if permitted { Ok(repository) } else { Err(refused()) }
 }
 
-/// The one Lease, in namespaces that share Repositories, of all their shared Repositories.
-pub(crate) const SHARED_LEASE: &str = "stash-shared-repositories";
+/// A namespace's one Lease of its Repositories: every creation of one, and all the repository-wide
+/// work on those that other namespaces may use. The operator may grant another namespace only a
+/// Lease it holds itself, and of Leases it holds only this name anywhere (so that it can take over
+/// no one else's): hence one for all of them.
+pub(crate) const NAMESPACE_LEASE: &str = "stash-repositories";
 
-/// The Lease, in `repository`'s namespace, under which every user of it creates the repository,
-/// applies retention and checks it, whatever namespace it runs in. One per Repository that only its
-/// own namespace uses; one for all the Repositories of a namespace that others may use
-/// (`SHARED_LEASE`): the operator may grant another namespace only a Lease it holds itself, and it
-/// holds only that name anywhere, so that it can take over no one else's Lease.
-pub(crate) fn repository_lease(repository: &Repository) -> String {
+/// What a repository's Lease serialises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LeaseFor {
+    /// `restic init`, which two hosts must never run at once.
+    Creation,
+    /// Retention and checks (restic's own locks keep them safe; the Lease spares the waiting).
+    Maintenance,
+}
+
+/// The Lease, in `repository`'s namespace, under which every user of it does `work`, whatever
+/// namespace it runs in. Creation: `NAMESPACE_LEASE` whatever the policy, because executors that
+/// read the Repository before its policy changed must take the same Lease as those that read it
+/// after. Maintenance: one Lease per Repository that only its own namespace uses, else
+/// `NAMESPACE_LEASE`.
+pub(crate) fn repository_lease(repository: &Repository, work: LeaseFor) -> String {
     let from = repository.spec.usage_policy.as_ref().and_then(|p| p.allowed_namespaces.as_ref()).map(|a| a.from);
-    match from {
-        None | Some(FromNamespaces::Same) => {
+    match (work, from) {
+        (LeaseFor::Maintenance, None | Some(FromNamespaces::Same)) => {
             crate::names::bounded(&format!("stash-repository-{}", repository.name_any()), crate::names::NAME_MAX)
         }
-        Some(FromNamespaces::All | FromNamespaces::Selector) => SHARED_LEASE.into(),
+        _ => NAMESPACE_LEASE.into(),
     }
 }
 
@@ -156,6 +168,7 @@ pub(crate) async fn authorize_found(
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+    use std::collections::BTreeSet;
 
     fn repository(namespace: &str, policy: Value) -> Repository {
         let mut spec = json!({"backend": {"storageSecretName": "s", "local": {"mountPath": "/repo", "nfs": {"server": "nfs.b", "path": "/b"}}}});
@@ -321,16 +334,39 @@ mod tests {
         assert_eq!(missing.to_string(), denied.to_string());
     }
 
-    /// Every user of a Repository that others may use takes the namespace's one shared Lease, the
-    /// only one the operator may grant; one used by its own namespace only keeps a Lease of its own.
+    /// Every user of a Repository that others may use maintains it under the namespace's one Lease,
+    /// the only one the operator may grant; one used by its own namespace only keeps a Lease of its own.
     #[test]
-    fn a_repository_others_may_use_is_serialised_under_the_shared_lease() {
+    fn a_repository_others_may_use_is_maintained_under_the_namespace_lease() {
         let repo = |policy: Value| repository("b", policy);
-        assert_eq!(repository_lease(&repo(Value::Null)), "stash-repository-repo");
-        assert_eq!(repository_lease(&repo(json!({"allowedNamespaces": {"from": "Same"}}))), "stash-repository-repo");
-        assert_eq!(repository_lease(&repo(json!({"allowedNamespaces": {"from": "All"}}))), SHARED_LEASE);
+        assert_eq!(repository_lease(&repo(Value::Null), LeaseFor::Maintenance), "stash-repository-repo");
+        assert_eq!(
+            repository_lease(&repo(json!({"allowedNamespaces": {"from": "Same"}})), LeaseFor::Maintenance),
+            "stash-repository-repo"
+        );
+        assert_eq!(
+            repository_lease(&repo(json!({"allowedNamespaces": {"from": "All"}})), LeaseFor::Maintenance),
+            NAMESPACE_LEASE
+        );
         let selector = json!({"allowedNamespaces": {"from": "Selector", "selector": {"matchLabels": {"a": "b"}}}});
-        assert_eq!(repository_lease(&repo(selector)), SHARED_LEASE);
+        assert_eq!(repository_lease(&repo(selector), LeaseFor::Maintenance), NAMESPACE_LEASE);
+    }
+
+    /// Two hosts running `restic init` at once leave a repository that a key of one of them cannot
+    /// open. A Repository's policy may change while executors run, some having read it before: so
+    /// the Lease of its creation must not depend on the policy.
+    #[test]
+    fn a_repository_is_created_under_one_lease_whatever_its_policy() {
+        let selector = json!({"allowedNamespaces": {"from": "Selector", "selector": {"matchLabels": {"a": "b"}}}});
+        let policies = [
+            Value::Null,
+            json!({"allowedNamespaces": {"from": "Same"}}),
+            json!({"allowedNamespaces": {"from": "All"}}),
+            selector,
+        ];
+        let created = |policy| repository_lease(&repository("b", policy), LeaseFor::Creation);
+        let leases: BTreeSet<String> = policies.into_iter().map(created).collect();
+        assert_eq!(leases.len(), 1, "{leases:?}");
     }
 
     #[test]

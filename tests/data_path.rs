@@ -878,9 +878,9 @@ async fn a_repository_another_namespace_allows_serves_it_under_its_own_accounts_
     assert_eq!(status.phase, Some(BackupSessionPhase::Succeeded), "the tenant's session: {status:?}");
     let written = status.conditions.iter().find(|c| c.type_ == "ManifestWritten").map(|c| c.status);
     assert_eq!(written, Some(ConditionStatus::True), "the tenant's set is complete: {status:?}");
-    let lease = platform.ns.api::<Lease>().get("stash-shared-repositories").await.expect("the shared Lease");
+    let lease = platform.ns.api::<Lease>().get("stash-repositories").await.expect("the platform's Repositories' Lease");
     let renewed = lease.spec.and_then(|s| s.renew_time);
-    assert!(renewed.is_some(), "the tenant's executors serialised under the platform's shared Lease");
+    assert!(renewed.is_some(), "the tenant's executors serialised under the platform's Repositories' Lease");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let platform_session = platform.back_up().await;
     let phase = platform_session.status.and_then(|s| s.phase);

@@ -101,7 +101,7 @@ fn the_webhook_client_auth_component_composes_with_every_install() {
 
 /// M5: the operator's cluster-wide role lets it take over or delete no one's Lease (a node's, a
 /// controller's): of Leases it may only create them and read and renew the one name it invents for
-/// shared Repositories (`tenancy::SHARED_LEASE`); its own leader Lease is granted by a Role in its
+/// namespaces' Repositories (`tenancy::NAMESPACE_LEASE`); its own leader Lease is granted by a Role in its
 /// namespace.
 #[test]
 fn the_operator_may_touch_leases_only_in_its_own_namespace() {
@@ -127,7 +127,7 @@ fn the_operator_may_touch_leases_only_in_its_own_namespace() {
     }
     for rule in &cluster_wide {
         let verbs: Vec<&str> = rule["verbs"].as_array().into_iter().flatten().filter_map(|v| v.as_str()).collect();
-        let only_ours = rule["resourceNames"] == serde_json::json!(["stash-shared-repositories"]);
+        let only_ours = rule["resourceNames"] == serde_json::json!(["stash-repositories"]);
         assert!(only_ours || verbs == ["create"], "the operator's ClusterRole reaches others' Leases: {rule}");
         assert!(!verbs.iter().any(|v| ["delete", "deletecollection", "patch", "*"].contains(v)), "{rule}");
     }

@@ -7,6 +7,7 @@ use crate::lease::{LeaseConfig, LeaseError, LeaseLock};
 use crate::restic::backend::{BackendError, Location};
 use crate::restic::secrets::{SecretError, SecretValues};
 use crate::restic::{Cache, Restic, ResticError, priority_prefix};
+use crate::tenancy::LeaseFor;
 use kube::api::Api;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
@@ -150,11 +151,10 @@ impl Executor {
         LeaseLock::new(self.client.clone(), config)
     }
 
-    /// The Lease that serialises repository-wide work: creating it, retention, checks
-    /// (`tenancy::repository_lease`).
-    pub fn repository_lease(&self, repository: &Repository) -> LeaseLock {
+    /// The Lease that serialises `work` on the repository with its other users' (`tenancy::repository_lease`).
+    pub(crate) fn repository_lease(&self, repository: &Repository, work: LeaseFor) -> LeaseLock {
         let namespace = repository.namespace().unwrap_or_else(|| self.settings.namespace.clone());
-        self.lease(namespace, crate::tenancy::repository_lease(repository))
+        self.lease(namespace, crate::tenancy::repository_lease(repository, work))
     }
 
     /// Creates the repository on first use. Two hosts racing `restic init` would leave a config
@@ -163,7 +163,7 @@ impl Executor {
         if restic.exists().await? {
             return Ok(());
         }
-        self.repository_lease(repository)
+        self.repository_lease(repository, LeaseFor::Creation)
             .hold_while(async {
                 if !restic.exists().await? {
                     restic.init().await?;

@@ -19,6 +19,7 @@ use crate::restic::Restic;
 use crate::restic::output::Snapshot;
 use crate::session::invoker_selector;
 use crate::status_write::update_status;
+use crate::tenancy::LeaseFor;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -65,7 +66,7 @@ async fn finalize_session(executor: &Executor, session_name: &str) -> Result<Vec
     let finalizing = locks::exclusively(executor, &mut restic, &session, deadline, async |restic| {
         finalize(executor, restic, &repository, &session, policy).await
     });
-    let outcome = executor.repository_lease(&repository).hold_while(finalizing).await??;
+    let outcome = executor.repository_lease(&repository, LeaseFor::Maintenance).hold_while(finalizing).await??;
     Ok(outcome.conditions)
 }
 

@@ -6,6 +6,7 @@
 use super::executor::{AgentError, Executor};
 use super::locks;
 use crate::plugin::report::{JobOutcome, LockRow, RepositoryReport, RepositoryTask, snapshot_rows};
+use crate::tenancy::LeaseFor;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::ResourceExt;
 use kube::api::PostParams;
@@ -47,7 +48,8 @@ async fn report(executor: &Executor, batch: &str, task: RepositoryTask) -> Resul
         RepositoryTask::Check => {
             let restic = executor.restic(&repository).await?.waiting_for_locks(CHECK_LOCK_WAIT);
             // Under the repository's Lease, as the finalize's own check: never beside retention.
-            let healthy = executor.repository_lease(&repository).hold_while(restic.check()).await??;
+            let healthy =
+                executor.repository_lease(&repository, LeaseFor::Maintenance).hold_while(restic.check()).await??;
             RepositoryReport::Check { repository: name, healthy }
         }
         RepositoryTask::Unlock => {

@@ -5,7 +5,7 @@
 //! A grant is a Role and a RoleBinding in B, bound to A's ServiceAccounts (the group: B's policy
 //! admits namespaces, and the sidecar runs as whichever account a workload has). It lets them
 //! - `get` that one Repository, and `get`/`patch` its status (finalize reports the repository's numbers);
-//! - `get`/`update` the namespace's shared-Repository Lease (`tenancy::SHARED_LEASE`), which the
+//! - `get`/`update` the namespace's Repositories' Lease (`tenancy::NAMESPACE_LEASE`), which the
 //!   operator creates, so that creating the repository, retention and checks are serialised with
 //!   every other user's, whatever its namespace.
 //!
@@ -19,7 +19,7 @@ use crate::api::common::ObjectReference;
 use crate::api::restore_batch::RestorePhase;
 use crate::api::{BackupBatch, Repository, RestoreBatch};
 use crate::names::{NAME_MAX, bounded};
-use crate::tenancy::SHARED_LEASE;
+use crate::tenancy::NAMESPACE_LEASE;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use kube::ResourceExt;
@@ -97,7 +97,7 @@ impl Grant {
             rules: Some(vec![
                 rule(group, "repositories", self.repository.clone(), &["get"]),
                 rule(group, "repositories/status", self.repository.clone(), &["get", "patch"]),
-                rule("coordination.k8s.io", "leases", SHARED_LEASE.into(), &["get", "update"]),
+                rule("coordination.k8s.io", "leases", NAMESPACE_LEASE.into(), &["get", "update"]),
             ]),
         }
     }
@@ -145,7 +145,7 @@ pub(crate) async fn ensure(ctx: &Context, requester: &str, repository: &Reposito
         return Ok(());
     }
     // The holder updates the Lease; only its creation needs a right no grant gives.
-    let lease = Lease { metadata: ObjectMeta { name: Some(SHARED_LEASE.into()), ..Default::default() }, spec: None };
+    let lease = Lease { metadata: ObjectMeta { name: Some(NAMESPACE_LEASE.into()), ..Default::default() }, spec: None };
     let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &grant.namespace);
     ignore_conflict(leases.create(&PostParams::default(), &lease).await)?;
     let apply = PatchParams::apply(FIELD_MANAGER).force();
@@ -266,7 +266,7 @@ mod tests {
             json!([
                 {"apiGroups": ["stash.appscode.com"], "resources": ["repositories"], "resourceNames": ["repo"], "verbs": ["get"]},
                 {"apiGroups": ["stash.appscode.com"], "resources": ["repositories/status"], "resourceNames": ["repo"], "verbs": ["get", "patch"]},
-                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["stash-shared-repositories"], "verbs": ["get", "update"]},
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["stash-repositories"], "verbs": ["get", "update"]},
             ])
         );
         let binding = grant.binding();
