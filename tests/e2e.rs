@@ -596,6 +596,21 @@ async fn a_batch_backs_up_on_the_node_and_restores_into_a_fresh_namespace() {
     stash_docs_wordpress(node_ip, rest.port, volumes.path()).await;
 }
 
+/// Batch `site` (with `spec`) of the web Deployment's `/data`, then the Deployment, until its Pod runs
+/// with the sidecar.
+async fn web_site(ns: &TestNamespace, spec: Value) {
+    fixtures::batch(
+        ns,
+        "site",
+        vec![json!({"target": {"alias": "web", "ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                               "paths": ["/data"], "volumeMounts": [{"name": "data", "mountPath": "/data"}]}})],
+        spec,
+    )
+    .await;
+    fixtures::create::<Deployment>(ns, web(1)).await;
+    running_with_sidecar(ns, "web").await;
+}
+
 /// A batch whose Repository Secret is missing from the namespace: the application's Pod still starts
 /// with the sidecar (its Secret volume is optional), and the sidecar's backup fails naming the Secret.
 async fn secret_missing(node_ip: Ipv4Addr, rest_port: u16, volumes: &Path) {
@@ -603,16 +618,7 @@ async fn secret_missing(node_ip: Ipv4Addr, rest_port: u16, volumes: &Path) {
     repository(&ns, "repo", node_ip, rest_port, "e2e-nosecret").await;
     ns.api::<Secret>().delete("repo-secret", &Default::default()).await.expect("the Secret deleted");
     claim_on(&ns, "uploads", &volumes.join("nosecret-uploads")).await;
-    fixtures::batch(
-        &ns,
-        "site",
-        vec![json!({"target": {"alias": "web", "ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
-                               "paths": ["/data"], "volumeMounts": [{"name": "data", "mountPath": "/data"}]}})],
-        json!({}),
-    )
-    .await;
-    fixtures::create::<Deployment>(&ns, web(1)).await;
-    running_with_sidecar(&ns, "web").await;
+    web_site(&ns, json!({})).await;
     let (_, status) = session_run(&ns, "site").await;
     assert_eq!(status.phase, Some(BackupSessionPhase::Failed), "{status:#?}");
     let errors: Vec<_> = status.targets.iter().flat_map(|t| &t.stats).filter_map(|h| h.error.as_deref()).collect();
@@ -635,16 +641,7 @@ async fn shared_repository(node_ip: Ipv4Addr, rest_port: u16, volumes: &Path) {
     let tenant = restricted_namespace("e2e-tenant").await;
     fixtures::secret(&tenant, true).await;
     claim_on(&tenant, "uploads", &volumes.join("tenant-uploads")).await;
-    fixtures::batch(
-        &tenant,
-        "site",
-        vec![json!({"target": {"alias": "web", "ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
-                               "paths": ["/data"], "volumeMounts": [{"name": "data", "mountPath": "/data"}]}})],
-        json!({"repository": {"name": "shared", "namespace": platform.name}}),
-    )
-    .await;
-    fixtures::create::<Deployment>(&tenant, web(1)).await;
-    running_with_sidecar(&tenant, "web").await;
+    web_site(&tenant, json!({"repository": {"name": "shared", "namespace": platform.name}})).await;
     let (name, status) = session_run(&tenant, "site").await;
     assert_eq!(status.phase, Some(BackupSessionPhase::Succeeded), "{status:#?}");
     let sessions = tenant.api::<BackupSession>();
