@@ -970,6 +970,29 @@ async fn repository_selector_needs_every_expression_and_a_missing_one_reads_like
     fixtures::secret(&a, true).await;
     secret_found(ConditionStatus::True).await;
     nothing_in_a_mounts_b(&a).await;
+
+    // A's executors reach B's allowed Repository through one grant in B, none for the refused one;
+    // pointed at A's own Repository, the batch no longer needs it, and it goes.
+    let grants = Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(a.client.clone(), &b.name);
+    let of_a = ListParams::default().labels(&format!("stash.appscode.com/repository-user={}", a.name));
+    let granted = |count: usize| {
+        let (grants, of_a) = (grants.clone(), of_a.clone());
+        async move {
+            eventually(&format!("{count} grants to A in B"), Duration::from_secs(60), || {
+                let (grants, of_a) = (grants.clone(), of_a.clone());
+                async move {
+                    let items = grants.list(&of_a).await.ok()?.items;
+                    let names: Vec<String> = items.iter().map(kube::ResourceExt::name_any).collect();
+                    (names.len() == count).then_some(names)
+                }
+            })
+            .await
+        }
+    };
+    assert_eq!(granted(1).await, [format!("stash-repository-shared.{}", a.name)]);
+    let own = json!({"spec": {"repository": {"name": "repo"}}});
+    batches.patch("allowed", &PatchParams::default(), &Patch::Merge(&own)).await.expect("repointed");
+    granted(0).await;
     operator.stop().await;
 }
 
