@@ -3,6 +3,7 @@
 
 mod support;
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -750,7 +751,6 @@ async fn two_sessions_created_together_run_one_and_skip_the_other() {
 
 #[tokio::test]
 async fn existing_pods_get_the_sidecar_through_one_restart_and_edits_restart_nothing() {
-    use k8s_openapi::api::apps::v1::Deployment;
     let ns = TestNamespace::new("rollout").await;
     let _operator = with_controllers(&ns).await;
     fixtures::secret(&ns, true).await;
@@ -792,6 +792,60 @@ async fn existing_pods_get_the_sidecar_through_one_restart_and_edits_restart_not
     let member = &batch.status.expect("status").member_conditions[0];
     let injected = member.conditions.iter().find(|c| c.type_ == "StashSidecarInjected").expect("condition");
     assert!(injected.message.as_deref().unwrap_or_default().contains("restarted once"), "{injected:?}");
+}
+
+/// A Ready batch is not reconciled while it is unchanged, so a Pod that came up without the sidecar
+/// (the webhook was down, or its certificate had expired) left `StashSidecarInjected=True` until the
+/// session ended, hours later. Each session's start checks the batch's members again.
+#[tokio::test]
+async fn a_session_start_rechecks_that_the_members_pods_carry_the_sidecar() {
+    let ns = TestNamespace::new("recheck").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    // Its Pods carry a container named as the sidecar (no webhook here), so the batch is content.
+    let containers =
+        json!([{"name": "c", "image": "registry.invalid/c:1"}, {"name": "stash", "image": "registry.invalid/s:1"}]);
+    fixtures::create::<Deployment>(
+        &ns,
+        json!({"metadata": {"name": "web"}, "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+               "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": containers}}}}),
+    )
+    .await;
+    fixtures::batch(&ns, "site", vec![member("Deployment", "web")], json!({"timeOut": "30m"})).await;
+    let injected = |status: ConditionStatus| {
+        let batches = ns.api::<BackupBatch>();
+        async move {
+            eventually(&format!("StashSidecarInjected {status:?}"), Duration::from_secs(60), || {
+                let batches = batches.clone();
+                async move {
+                    let batch = batches.get("site").await.ok()?;
+                    let members = batch.status?.member_conditions;
+                    let found = members.first()?.conditions.iter().find(|c| c.type_ == "StashSidecarInjected")?.clone();
+                    (found.status == status).then_some(found)
+                }
+            })
+            .await
+        }
+    };
+    injected(ConditionStatus::True).await;
+    batch_phase(&ns, "site", BackupInvokerPhase::Ready).await;
+
+    // A Pod of the workload without the sidecar; owned elsewhere, so that its ReplicaSet leaves it be.
+    let owner =
+        fixtures::create::<k8s_openapi::api::core::v1::ConfigMap>(&ns, json!({"metadata": {"name": "owner"}})).await;
+    let uid = owner.metadata.uid.expect("a uid");
+    fixtures::create::<k8s_openapi::api::core::v1::Pod>(
+        &ns,
+        json!({"metadata": {"name": "web-bare", "labels": {"app": "web"},
+                            "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": uid, "controller": true}]},
+               "spec": {"containers": [{"name": "c", "image": "registry.invalid/c:1"}]}}),
+    )
+    .await;
+    new_session(&ns, "site").await;
+    let stale = injected(ConditionStatus::False).await;
+    assert!(stale.message.as_deref().unwrap_or_default().contains("of 2 Pods carry"), "{stale:?}");
+    operator.stop().await;
 }
 
 /// M1: a hook runs at most once per session even when two controllers act on the same session at
@@ -1136,7 +1190,6 @@ async fn long_batch_names_get_a_cronjob_and_jobs_that_fit_the_limits() {
 /// fails its target at once instead of holding the session (and every later one) until a deadline.
 #[tokio::test]
 async fn duplicate_members_are_invalid_and_a_workload_scaled_to_zero_fails_at_once() {
-    use k8s_openapi::api::apps::v1::Deployment;
     let ns = TestNamespace::new("badmembers").await;
     let operator = with_controllers(&ns).await;
     fixtures::secret(&ns, true).await;
@@ -1417,7 +1470,6 @@ async fn a_deleted_batch_leaves_no_metric_series_behind() {
 /// the webhook cannot inject (it knows no Repository): the restart waits for the Repository.
 #[tokio::test]
 async fn the_one_restart_waits_for_the_repository() {
-    use k8s_openapi::api::apps::v1::Deployment;
     let ns = TestNamespace::new("rollwait").await;
     let _operator = with_controllers(&ns).await;
     fixtures::secret(&ns, true).await;

@@ -27,6 +27,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use std::sync::Arc;
 use std::time::Duration;
@@ -175,7 +176,8 @@ async fn exec_pods(ctx: &Context, namespace: &str, batch: &BackupBatch) -> Resul
 }
 
 /// Pending → Skipped when another session of the batch runs; else the pre-backup hook (claimed,
-/// then run once), then the targets with their host counts, the deadline, and Running.
+/// then run once), then the targets with their host counts, the deadline, and Running, asking for
+/// the batch to be checked again.
 async fn start(
     session: &BackupSession,
     batch: &BackupBatch,
@@ -247,6 +249,10 @@ async fn start(
         batch.spec.time_out.as_ref().and_then(|t| t.parse().ok()).and_then(|t| SignedDuration::try_from(t).ok());
     status.session_deadline = now().checked_add(timeout.unwrap_or(DEFAULT_SESSION_TIMEOUT)).ok().map(Time);
     status.phase = Some(BackupSessionPhase::Running);
+    // The batch's member conditions were last computed when it changed: say now whether its
+    // workloads' Pods still carry the sidecar (a Pod admitted while the webhook was down has none).
+    // The controller is gone only when the operator stops.
+    let _ = ctx.recheck.unbounded_send(ObjectRef::from_obj(batch));
     Ok(Action::requeue(Duration::from_millis(10)))
 }
 

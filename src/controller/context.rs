@@ -4,7 +4,7 @@ use crate::api::{BackupBatch, BackupSession, RestoreBatch};
 use crate::metrics::Metrics;
 use kube::Client;
 use kube::runtime::events::Recorder;
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use std::sync::Arc;
 
 /// The field manager of everything the controllers apply.
@@ -28,6 +28,9 @@ pub struct Context {
     pub caches: super::caches::Caches,
     /// Asks for a sweep of the Repository grants (`grants::keep_swept`).
     pub sweep: tokio::sync::Notify,
+    /// Asks the BackupBatch controller to reconcile a batch: a Ready one is otherwise left alone
+    /// while it is unchanged, and its members' Pods may have changed (see `backup_session::start`).
+    pub recheck: futures::channel::mpsc::UnboundedSender<ObjectRef<BackupBatch>>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -102,6 +102,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
     // A grant is swept once no batch or restore uses it: not before both caches can say so.
     caches.also_ready_when(batches_listed);
     caches.also_ready_when(restores_listed);
+    let (recheck, rechecks) = futures::channel::mpsc::unbounded();
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
@@ -113,12 +114,14 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
         restores: restore_controller.store(),
         caches,
         sweep: tokio::sync::Notify::new(),
+        recheck,
     });
     let sweeping = grants::keep_swept(ctx.clone());
 
     let by_repository = batches.clone();
     let batch_loop = batch_controller
         .owns_stream(cronjobs)
+        .reconcile_on(rechecks)
         .watches_stream(repositories, move |repository: Repository| {
             // A Repository appearing or changing re-checks the batches that use it.
             let (name, namespace) = (repository.name_any(), repository.namespace());
