@@ -145,9 +145,10 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
 
     // Every batch's executor Jobs run as the namespace's identity, with or without a schedule.
     identity::ensure(&ctx, &namespace).await?;
-    if let Ok(repository) = &repository {
-        grants::ensure(&ctx, &namespace, repository).await?;
-    }
+    let granted_elsewhere = match &repository {
+        Ok(repository) => grants::ensure(&ctx, &namespace, repository).await?,
+        Err(_) => false,
+    };
     let cronjob = match withheld_trigger(&validation, &repository) {
         Some(withheld) => {
             remove_trigger(&batch, &ctx, &namespace).await?;
@@ -175,10 +176,9 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
     export_series(&batch, &status, repository.as_ref().ok(), &ctx, &namespace);
     write_status(&batch, &ctx, &namespace, status).await?;
 
-    let foreign = repository.as_ref().is_ok_and(|r| r.namespace().as_deref() != Some(namespace.as_str()));
     Ok(if phase != BackupInvokerPhase::Ready || sidecars_pending {
         Action::requeue(RECHECK)
-    } else if foreign {
+    } else if granted_elsewhere {
         // Its grant lives in another namespace, where nothing it watches sees it go.
         Action::requeue(REGRANT)
     } else {

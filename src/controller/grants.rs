@@ -138,11 +138,12 @@ impl Grant {
 
 /// Makes the grant `requester` needs to use `repository` (authorised by the caller), unless the cache
 /// (or a creation of ours its watch has not shown yet) has it: an existing grant costs no request.
-pub(crate) async fn ensure(ctx: &Context, requester: &str, repository: &Repository) -> Result<(), ControllerError> {
-    let Some(grant) = Grant::needed(requester, repository) else { return Ok(()) };
+/// Whether `requester` needs one at all (a Repository of another namespace).
+pub(crate) async fn ensure(ctx: &Context, requester: &str, repository: &Repository) -> Result<bool, ControllerError> {
+    let Some(grant) = Grant::needed(requester, repository) else { return Ok(false) };
     let name = grant.name();
     if ctx.caches.identity_present(&ctx.caches.grants, &grant.namespace, &name) {
-        return Ok(());
+        return Ok(true);
     }
     // The holder updates the Lease; only its creation needs a right no grant gives.
     let lease = Lease { metadata: ObjectMeta { name: Some(NAMESPACE_LEASE.into()), ..Default::default() }, spec: None };
@@ -156,7 +157,7 @@ pub(crate) async fn ensure(ctx: &Context, requester: &str, repository: &Reposito
     ctx.caches.identity_created::<RoleBinding>(&grant.namespace, &name);
     tracing::info!(namespace = %grant.namespace, repository = %grant.repository, requester = %grant.requester,
         "granted the Repository to the namespace's ServiceAccounts");
-    Ok(())
+    Ok(true)
 }
 
 /// Removes every grant (of this operator's scope) no longer both used and allowed.
