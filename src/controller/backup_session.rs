@@ -7,6 +7,7 @@
 use super::app_binding;
 use super::backup_job::{backup_job, finalize_job, hook_job, hook_job_name, is_job_model};
 use super::context::{Context, ControllerError, FIELD_MANAGER};
+use super::grants;
 use super::observed;
 use super::progress::{self, Progress, STALLED};
 use super::targets::{self, TargetState};
@@ -476,13 +477,19 @@ pub fn job_failed(job: &Job) -> bool {
         .is_some_and(|conditions| conditions.iter().any(|c| c.type_ == "Failed" && c.status == "True"))
 }
 
-/// The batch's Repository when the session's namespace may use it (see `tenancy`).
+/// The batch's Repository when the session's namespace may use it (see `tenancy`), with the grant
+/// the namespace's executors need when it is another namespace's: a session created with its
+/// batch may start before the batch's first reconcile made it, and its Jobs would get a 403.
 async fn batch_repository(
     batch: &BackupBatch,
     ctx: &Context,
     namespace: &str,
 ) -> Result<Result<Repository, crate::tenancy::Refusal>, ControllerError> {
-    Ok(crate::tenancy::fetch_repository(&ctx.client, namespace, &batch.spec.repository).await?)
+    let repository = crate::tenancy::fetch_repository(&ctx.client, namespace, &batch.spec.repository).await?;
+    if let Ok(repository) = &repository {
+        grants::ensure(ctx, namespace, repository).await?;
+    }
+    Ok(repository)
 }
 
 /// A Succeeded or Failed session gets one finalize Job: retention, the manifest (when complete) and
