@@ -1107,6 +1107,89 @@ async fn restore_rules_exclude_files_and_data_outside_the_volumes_fails() {
     assert!(error.contains("outside every mounted volume"), "{error}");
 }
 
+/// A restore of snapshots a rule names opens the repository once per snapshot to check it (its
+/// namespace and member, and where its files land) and once to restore it: each opening is a key
+/// derivation (~0.5 s, BENCHMARKS.md). Another namespace's snapshot in the same repository is
+/// refused before anything is written. A restore of the latest session walks the member's snapshot
+/// while it reads the manifest.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_opens_the_repository_no_more_than_its_checks_need() {
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut setup = Setup::new("named", Backend::Local(repo.path())).await;
+    let member = setup.pvc_member().await;
+    setup.batch(vec![member], json!({})).await;
+    setup.back_up().await;
+    let url = repo.path().to_string_lossy().into_owned();
+    let listed: Vec<Value> =
+        serde_json::from_str(&setup.restic(&["-r", &url, "snapshots", "--json", "--no-lock"])).expect("JSON");
+    let ours = listed.iter().find(|s| s["hostname"] != "stash-manifest").expect("the member's snapshot");
+    let ours = ours["id"].as_str().expect("an id").to_string();
+    let theirs_dir = tempfile::tempdir().expect("another namespace's data");
+    write_files(theirs_dir.path(), &[("stash-data/uploads/index.html", "<h1>theirs</h1>")]);
+    let tags = format!("batch={BATCH},session=elsewhere-1,namespace=elsewhere,member=uploads");
+    let theirs = setup.restic(&["-r", &url, "backup", "--json", "--tag", &tags, &theirs_dir.path().to_string_lossy()]);
+    let theirs = theirs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|v| v["snapshot_id"].as_str().map(str::to_string));
+    let theirs = theirs.expect("the other namespace's snapshot id");
+
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let calls = scratch.path().join("calls");
+    let script = format!(
+        "#!/bin/sh\necho \"start $*\" >> '{calls}'\n'{restic}' \"$@\"\nrc=$?\necho \"end $*\" >> '{calls}'\nexit $rc\n",
+        calls = calls.display(),
+        restic = backends::restic().display()
+    );
+    let wrapper = scratch.path().join("restic");
+    std::fs::write(&wrapper, script).expect("script");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    setup.node.restic = wrapper;
+    let named = |id: &str| {
+        json!({"target": {"alias": "uploads", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "uploads"},
+            "volumeMounts": [{"name": "uploads", "mountPath": "/stash-data/uploads"}], "rules": [{"snapshots": [id]}]}})
+    };
+    let claims = tempfile::tempdir().expect("claims");
+    let restore = setup.restore_on("ours", vec![named(&ours)], Value::Null, Volumes::Claims(claims.path())).await;
+    assert_eq!(restore.status.as_ref().and_then(|s| s.phase), Some(RestorePhase::Succeeded), "{:?}", restore.status);
+    assert_eq!(read(&claims.path().join("uploads/index.html")), "<h1>uploads</h1>");
+    // Each restic run as `start <command>` and `end <command>`, in the order they happened.
+    let runs = || -> Vec<String> {
+        let ran = std::fs::read_to_string(&calls).unwrap_or_default();
+        std::fs::remove_file(&calls).ok();
+        let known = ["snapshots", "ls", "dump", "restore"];
+        let run = |line: &str| -> Option<String> {
+            let mut words = line.split_whitespace();
+            let edge = words.next()?;
+            Some(format!("{edge} {}", words.find(|w| known.contains(w))?))
+        };
+        ran.lines().filter_map(run).collect()
+    };
+    let ran = runs();
+    let started: Vec<&str> = ran.iter().filter_map(|r| r.strip_prefix("start ")).collect();
+    assert_eq!(started, ["ls", "restore"], "restic ran: {ran:?}");
+
+    let latest = json!({"target": {"alias": "uploads", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "uploads"},
+        "volumeMounts": [{"name": "uploads", "mountPath": "/stash-data/uploads"}]}});
+    let claims = tempfile::tempdir().expect("claims");
+    let restore = setup.restore_on("latest", vec![latest], Value::Null, Volumes::Claims(claims.path())).await;
+    assert_eq!(restore.status.as_ref().and_then(|s| s.phase), Some(RestorePhase::Succeeded), "{:?}", restore.status);
+    assert_eq!(read(&claims.path().join("uploads/index.html")), "<h1>uploads</h1>");
+    let ran = runs();
+    let at = |run: &str| ran.iter().position(|r| r == run).unwrap_or_else(|| panic!("no {run} in {ran:?}"));
+    assert!(at("start ls") < at("end dump"), "the walk starts while the manifest is read: {ran:?}");
+    assert!(at("end ls") < at("start restore") && at("end dump") < at("start restore"), "{ran:?}");
+
+    let claims = tempfile::tempdir().expect("claims");
+    let restore =
+        setup.restore_on("theirs", vec![named(&theirs[..8])], Value::Null, Volumes::Claims(claims.path())).await;
+    let status = restore.status.expect("status");
+    assert_eq!(status.phase, Some(RestorePhase::Failed), "{status:?}");
+    let error = status.members[0].stats[0].error.clone().unwrap_or_default();
+    assert!(error.contains("neither a snapshot of member uploads in namespace"), "{error}");
+    assert!(!claims.path().join("uploads/index.html").exists(), "nothing of theirs was written");
+}
+
 /// M2: a finalize needs the repository to itself (check, forget, prune take restic's exclusive
 /// lock); a backup of another batch that holds the repository for longer than two minutes makes it
 /// wait, not fail — the wait is bounded by a deadline, not by a fixed two minutes.

@@ -75,16 +75,13 @@ impl Manifest {
 /// oldest first.
 pub async fn list(restic: &Restic, namespace: &str, batch: &str) -> Result<Vec<Snapshot>, AgentError> {
     let listed = restic.snapshots(&[MANIFEST_TAG.to_string(), format!("batch={batch}")]).await?;
-    Ok(of(&listed, namespace, batch))
+    Ok(of(&listed, namespace, batch).into_iter().cloned().collect())
 }
 
 /// The same, from a listing of the repository.
-fn of(listing: &[Snapshot], namespace: &str, batch: &str) -> Vec<Snapshot> {
-    let mut snapshots: Vec<Snapshot> = listing
-        .iter()
-        .filter(|s| is_manifest(s) && ownership(s, namespace, batch) != Ownership::Foreign)
-        .cloned()
-        .collect();
+fn of<'a>(listing: &'a [Snapshot], namespace: &str, batch: &str) -> Vec<&'a Snapshot> {
+    let mut snapshots: Vec<&Snapshot> =
+        listing.iter().filter(|s| is_manifest(s) && ownership(s, namespace, batch) != Ownership::Foreign).collect();
     snapshots.sort_by(|a, b| a.time.cmp(&b.time));
     snapshots
 }
@@ -117,8 +114,18 @@ pub async fn select(
     }
 }
 
+/// The session of the manifest `select` reads first, without I/O.
+pub fn first_choice<'a>(
+    listing: &'a [Snapshot],
+    namespace: &str,
+    batch: &str,
+    selector: Option<&SessionSelector>,
+) -> Option<&'a str> {
+    choose(&of(listing, namespace, batch), batch, selector).ok()?.tag("session")
+}
+
 fn choose<'a>(
-    manifests: &'a [Snapshot],
+    manifests: &[&'a Snapshot],
     batch: &str,
     selector: Option<&SessionSelector>,
 ) -> Result<&'a Snapshot, AgentError> {
@@ -169,7 +176,7 @@ mod tests {
             listed("other-ns", "2026-11-27T03:00:00Z", &[MANIFEST_TAG, "batch=app", "namespace=dev", "session=d"]),
             listed("other-batch", "2026-11-27T03:00:00Z", &[MANIFEST_TAG, "batch=web", "namespace=prod"]),
         ];
-        let ids: Vec<String> = of(&listing, "prod", "app").into_iter().map(|s| s.id).collect();
+        let ids: Vec<&str> = of(&listing, "prod", "app").into_iter().map(|s| s.id.as_str()).collect();
         assert_eq!(ids, ["legacy", "old", "new"]);
     }
 }

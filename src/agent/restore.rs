@@ -93,22 +93,54 @@ async fn restore_member(
     let restic = executor.restic(&repository).await?.waiting_for_locks(session_timeout());
     let selector = restore.spec.restore_from.as_ref();
     let source_namespace = selector.and_then(|s| s.namespace.as_deref()).unwrap_or(executor.namespace());
-    let listing = restic.snapshots(&[]).await?;
     let alias = alias(member);
     let wanted = Wanted { namespace: source_namespace, alias: &alias, host, rule, selector };
-    let (snapshots, session): (Vec<&Snapshot>, Option<String>) = match source(&listing, &wanted)? {
-        Source::Named(snapshots) => {
-            let sessions: BTreeSet<Option<&str>> = snapshots.iter().map(|s| s.tag("session")).collect();
-            let session = if sessions.len() == 1 { sessions.into_iter().flatten().next() } else { None };
-            (snapshots, session.map(str::to_string))
+    let include: Vec<String> = rule.map(|r| r.paths.iter().chain(&r.include).cloned().collect()).unwrap_or_default();
+    let exclude: Vec<String> = rule.map(|r| r.exclude.clone()).unwrap_or_default();
+    let mounts: Vec<String> = data_mounts(&member.target.volume_mounts).into_iter().map(|m| m.mount_path).collect();
+    let selection = Selection::new(&mounts, &include, &exclude);
+    let restoring = Restoring { executor, restic: &restic, member, target, include: &include, exclude: &exclude };
+
+    let database = is_database(&target.kind);
+    let named = named_snapshots(rule);
+    if !named.is_empty() {
+        // Every named snapshot is checked before any is restored.
+        let mut snapshots = Vec::with_capacity(named.len());
+        for id in named {
+            snapshots.push(named_snapshot(&restic, id, &wanted, &selection, database).await?);
         }
-        Source::StashLatest(snapshot) => (vec![snapshot], None),
+        let sessions: BTreeSet<Option<&str>> = snapshots.iter().map(|s| s.tag("session")).collect();
+        let session = if sessions.len() == 1 { sessions.into_iter().flatten().next() } else { None };
+        let session = session.map(str::to_string);
+        // In the order the rule names them: a later snapshot's files win, as in Stash.
+        for snapshot in &snapshots {
+            restoring.restore(snapshot).await?;
+        }
+        return Ok(session);
+    }
+
+    let listing = restic.snapshots(&[]).await?;
+    let (snapshot, session, walked) = match source(&listing, &wanted)? {
+        Source::StashLatest(snapshot) => (snapshot, None, None),
         Source::Session => {
             let batch = match selector.and_then(|s| s.batch.clone()) {
                 Some(batch) => batch,
                 None => only_batch(&listing, source_namespace)?,
             };
-            let manifest = manifest::select(&restic, &listing, source_namespace, &batch, selector).await?;
+            // Reading the manifest and walking the snapshot it most likely names are two repository
+            // openings (~0.5 s of key derivation each): they run side by side, and the walk counts
+            // only if the manifest names that snapshot.
+            let likely =
+                likely_snapshot(&listing, &wanted, &batch).filter(|s| !database && selection.needs_walk(&s.paths));
+            let walk = async {
+                match likely {
+                    Some(s) => Some((s.id.as_str(), list_leading(&restic, &s.id, &selection).await)),
+                    None => None,
+                }
+            };
+            let (manifest, walked) =
+                tokio::join!(manifest::select(&restic, &listing, source_namespace, &batch, selector), walk);
+            let manifest = manifest?;
             let source = manifest.member(&target.kind, &target.name).ok_or_else(|| {
                 let session = &manifest.session;
                 AgentError::Invalid(format!("session {session} holds no member {}/{}", target.kind, target.name))
@@ -124,14 +156,49 @@ async fn restore_member(
             let snapshot = listing.iter().find(|s| s.id == found.snapshot).ok_or_else(|| {
                 AgentError::Invalid(format!("snapshot {} of session {} is gone", found.snapshot, manifest.session))
             })?;
-            (vec![snapshot], Some(manifest.session.clone()))
+            let walked = walked.filter(|(id, _)| *id == snapshot.id).map(|(_, listed)| listed);
+            (snapshot, Some(manifest.session.clone()), walked)
         }
     };
-    // In the order the rule names them: a later snapshot's files win, as in Stash.
-    for snapshot in snapshots {
-        restore_snapshot(executor, &restic, member, rule, snapshot, target).await?;
+    // The data must land in mounted volumes, or the restore is refused before writing anything.
+    if !database && selection.needs_walk(&snapshot.paths) {
+        let listed = match walked {
+            Some(listed) => listed?,
+            None => list_leading(&restic, &snapshot.id, &selection).await?,
+        };
+        if let Some(path) = listed.outside {
+            return Err(lands_outside(&path, &snapshot.id, &selection));
+        }
     }
+    restoring.restore(snapshot).await?;
     Ok(session)
+}
+
+/// The snapshot of this host in the session a restore reads the manifest of first, as the
+/// listing's tags say, without I/O: the one the manifest names unless the session wrote the host
+/// twice (then none is guessed). The manifest decides; this only lets the walk start early.
+fn likely_snapshot<'a>(listing: &'a [Snapshot], wanted: &Wanted<'_>, batch: &str) -> Option<&'a Snapshot> {
+    let session = manifest::first_choice(listing, wanted.namespace, batch, wanted.selector)?;
+    let of_member = |s: &&Snapshot| {
+        s.tag("session") == Some(session)
+            && s.tag("batch") == Some(batch)
+            && s.tag(NAMESPACE_TAG) == Some(wanted.namespace)
+            && s.tag("member") == Some(wanted.alias)
+            && !is_manifest(s)
+    };
+    let only = |mut found: std::vec::IntoIter<&'a Snapshot>| match (found.next(), found.next()) {
+        (Some(snapshot), None) => Some(snapshot),
+        _ => None,
+    };
+    let hosts: Vec<&Snapshot> = listing.iter().filter(of_member).collect();
+    match wanted.rule.and_then(|r| r.source_host.as_deref()) {
+        Some(source_host) => {
+            only(hosts.into_iter().filter(|s| s.hostname == source_host).collect::<Vec<_>>().into_iter())
+        }
+        // A member of one host restores it whatever this host is called, as the manifest says.
+        None if hosts.len() == 1 => only(hosts.into_iter()),
+        None => only(hosts.into_iter().filter(|s| s.hostname == wanted.host).collect::<Vec<_>>().into_iter()),
+    }
 }
 
 /// What one host of a restore asks for.
@@ -144,44 +211,21 @@ struct Wanted<'a> {
     selector: Option<&'a SessionSelector>,
 }
 
-/// Where a host's snapshots come from.
+/// Where a host's snapshot comes from when the rule names none.
 #[derive(Debug, PartialEq)]
 enum Source<'a> {
-    /// The snapshots a rule names, in its order.
-    Named(Vec<&'a Snapshot>),
     /// One complete session, chosen through the manifests.
     Session,
     /// A repository Stash wrote (no manifests): the newest snapshot of the rule's source host.
     StashLatest(&'a Snapshot),
 }
 
-/// Chooses from the repository's listing, without I/O. A rule's snapshot ids are honoured when
-/// each is a snapshot of this member in the source namespace, or one Stash wrote (which carries no
-/// namespace) — never another namespace's or another member's. Without ids, a repository holding
-/// any data of the source namespace (or a `restoreFrom` saying which session) restores a complete
+/// Chooses from the repository's listing, without I/O, when the rule names no snapshot: a
+/// repository holding any data of the source namespace (or a `restoreFrom` saying which session) restores a complete
 /// session, so runs are never mixed; only a repository holding nothing of ours but Stash's
 /// snapshots restores Stash's way: per host, the newest snapshot holding the rule's `paths`.
 fn source<'a>(listing: &'a [Snapshot], wanted: &Wanted<'_>) -> Result<Source<'a>, AgentError> {
     let ours = |s: &Snapshot| s.tag(NAMESPACE_TAG) == Some(wanted.namespace);
-    let named: Vec<&String> = wanted.rule.iter().flat_map(|r| &r.snapshots).filter(|s| *s != "latest").collect();
-    if !named.is_empty() {
-        let eligible = |s: &&Snapshot| (ours(s) && s.tag("member") == Some(wanted.alias)) || stash_written(s);
-        let resolve = |id: &String| {
-            let matches = |s: &&Snapshot| s.id == *id || (id.len() >= 8 && s.id.starts_with(id.as_str()));
-            let mut found = listing.iter().filter(eligible).filter(matches);
-            match (found.next(), found.next()) {
-                (Some(snapshot), None) => Ok(snapshot),
-                (Some(_), Some(_)) => {
-                    Err(AgentError::Invalid(format!("snapshot id {id} is ambiguous: give more of it")))
-                }
-                (None, _) => Err(AgentError::Invalid(format!(
-                    "snapshot {id} is neither a snapshot of member {} in namespace {} nor one Stash wrote",
-                    wanted.alias, wanted.namespace
-                ))),
-            }
-        };
-        return named.into_iter().map(resolve).collect::<Result<_, _>>().map(Source::Named);
-    }
     let asks_for_session = wanted.selector.is_some_and(|s| *s != SessionSelector::default());
     let legacy_manifest = |s: &Snapshot| is_manifest(s) && s.tag(NAMESPACE_TAG).is_none();
     if asks_for_session || listing.iter().any(|s| ours(s) || legacy_manifest(s)) || !listing.iter().any(stash_written) {
@@ -205,69 +249,138 @@ fn stash_written(snapshot: &Snapshot) -> bool {
     snapshot.tag("batch").is_none() && snapshot.tag(NAMESPACE_TAG).is_none() && !is_manifest(snapshot)
 }
 
-async fn restore_snapshot(
-    executor: &Executor,
-    restic: &Restic,
-    member: &RestoreMember,
-    rule: Option<&RestoreRule>,
-    snapshot: &Snapshot,
-    target: &RestoreTarget,
-) -> Result<(), AgentError> {
-    if is_database(&target.kind) {
-        let engine = Engine::from_task(member.task.as_ref().map(|t| t.name.as_str())).map_err(AgentError::Invalid)?;
-        let connection = Connection::from_secret(engine, SecretValues::read_dir(&target.database_secret_dir)?)?;
-        // A dump read from stdin is the snapshot's one file, whatever its name (Stash: dumpfile.sql).
-        let file = match snapshot.paths.as_slice() {
-            [file] => file.clone(),
-            _ => format!("/{}", connection.dump_filename()),
-        };
-        return connection.restore(restic, &snapshot.id, &file).await;
-    }
-    let include: Vec<String> = rule.map(|r| r.paths.iter().chain(&r.include).cloned().collect()).unwrap_or_default();
-    let exclude: Vec<String> = rule.map(|r| r.exclude.clone()).unwrap_or_default();
-    let mounts: Vec<String> = data_mounts(&member.target.volume_mounts).into_iter().map(|m| m.mount_path).collect();
-    let selection = Selection::new(&mounts, &include, &exclude);
-    let snapshot_paths = &snapshot.paths;
-    let snapshot = snapshot.id.as_str();
-    if selection.needs_walk(snapshot_paths) {
-        lands_in_volumes(restic, snapshot, &selection).await?;
-    }
-    let root = &executor.settings.path_root;
-    std::fs::create_dir_all(root).map_err(|e| AgentError::Invalid(format!("creating {}: {e}", root.display())))?;
-    restic.restore(snapshot, root, &include, &exclude).await?;
-    Ok(())
+/// The ids a rule names; `latest` names none (the newest is chosen as without ids).
+fn named_snapshots(rule: Option<&RestoreRule>) -> Vec<&str> {
+    rule.iter().flat_map(|r| &r.snapshots).map(String::as_str).filter(|s| *s != "latest").collect()
 }
 
-/// Fails unless everything of `snapshot` the selection restores lands in a mounted volume, so that
-/// a restore whose volumeMounts differ from the backed-up paths is refused instead of writing into
-/// the Job's own filesystem and reporting success. One `restic ls` of the directories that lead to
-/// a mountPath or a chosen path prints their entries (restic walks only the trees towards them):
-/// one repository opening whatever the depth.
-async fn lands_in_volumes(restic: &Restic, snapshot: &str, selection: &Selection<'_>) -> Result<(), AgentError> {
+/// A snapshot a rule names, checked by one `restic ls` of it: one repository opening (~0.5 s of
+/// key derivation) instead of a listing of the repository and then a walk. The ls prints the
+/// snapshot's own record first, which says whose it is, then the entries of its leading
+/// directories, which say where its files land.
+async fn named_snapshot(
+    restic: &Restic,
+    id: &str,
+    wanted: &Wanted<'_>,
+    selection: &Selection<'_>,
+    database: bool,
+) -> Result<Snapshot, AgentError> {
+    // Checked before restic sees it: an id is an argument, and a short prefix names too much.
+    let hex = id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !(8..=64).contains(&id.len()) || !hex {
+        return Err(not_eligible(id, wanted));
+    }
+    let listed = list_leading(restic, id, selection).await?;
+    judge_named(id, listed, wanted, selection, database)
+}
+
+/// Whether a named snapshot may be restored, from what its `ls` showed, without I/O: only one of
+/// this member in the source namespace, or one Stash wrote (which carries no namespace), never
+/// another namespace's or another member's; and only when all of it the selection restores lands
+/// in a volume (a database's dump is replayed, not written to a volume).
+fn judge_named(
+    id: &str,
+    listed: Listed,
+    wanted: &Wanted<'_>,
+    selection: &Selection<'_>,
+    database: bool,
+) -> Result<Snapshot, AgentError> {
+    let snapshot = listed
+        .snapshot
+        .filter(|s| s.id.starts_with(id) && eligible(s, wanted))
+        .ok_or_else(|| not_eligible(id, wanted))?;
+    match listed.outside {
+        Some(path) if !database && selection.needs_walk(&snapshot.paths) => {
+            Err(lands_outside(&path, &snapshot.id, selection))
+        }
+        _ => Ok(snapshot),
+    }
+}
+
+fn eligible(snapshot: &Snapshot, wanted: &Wanted<'_>) -> bool {
+    let ours = snapshot.tag(NAMESPACE_TAG) == Some(wanted.namespace) && snapshot.tag("member") == Some(wanted.alias);
+    ours || stash_written(snapshot)
+}
+
+fn not_eligible(id: &str, wanted: &Wanted<'_>) -> AgentError {
+    AgentError::Invalid(format!(
+        "snapshot {id} is neither a snapshot of member {} in namespace {} nor one Stash wrote",
+        wanted.alias, wanted.namespace
+    ))
+}
+
+/// What restoring one snapshot of the member needs.
+struct Restoring<'a> {
+    executor: &'a Executor,
+    restic: &'a Restic,
+    member: &'a RestoreMember,
+    target: &'a RestoreTarget,
+    include: &'a [String],
+    exclude: &'a [String],
+}
+
+impl Restoring<'_> {
+    /// Restores a snapshot already checked: its files under the path root, or its dump replayed.
+    async fn restore(&self, snapshot: &Snapshot) -> Result<(), AgentError> {
+        if is_database(&self.target.kind) {
+            let task = self.member.task.as_ref().map(|t| t.name.as_str());
+            let engine = Engine::from_task(task).map_err(AgentError::Invalid)?;
+            let values = SecretValues::read_dir(&self.target.database_secret_dir)?;
+            let connection = Connection::from_secret(engine, values)?;
+            // A dump read from stdin is the snapshot's one file, whatever its name (Stash: dumpfile.sql).
+            let file = match snapshot.paths.as_slice() {
+                [file] => file.clone(),
+                _ => format!("/{}", connection.dump_filename()),
+            };
+            return connection.restore(self.restic, &snapshot.id, &file).await;
+        }
+        let root = &self.executor.settings.path_root;
+        std::fs::create_dir_all(root).map_err(|e| AgentError::Invalid(format!("creating {}: {e}", root.display())))?;
+        self.restic.restore(&snapshot.id, root, self.include, self.exclude).await?;
+        Ok(())
+    }
+}
+
+/// A restore whose volumeMounts differ from the backed-up paths is refused instead of writing into
+/// the Job's own filesystem and reporting success.
+fn lands_outside(path: &str, snapshot: &str, selection: &Selection<'_>) -> AgentError {
+    AgentError::Invalid(format!(
+        "{path} of snapshot {snapshot} would land outside every mounted volume ({}): set volumeMounts \
+         to where the data was backed up, or restrict rules[].paths",
+        selection.mounts.join(", ")
+    ))
+}
+
+/// What one `restic ls` of a snapshot's leading directories showed.
+#[derive(Default)]
+struct Listed {
+    /// The snapshot's own record (its first line).
+    snapshot: Option<Snapshot>,
+    /// The first entry that would land outside every volume.
+    outside: Option<String>,
+}
+
+/// One `restic ls` of the directories that lead to a mountPath or a chosen path prints their
+/// entries (restic walks only the trees towards them): one repository opening whatever the depth.
+async fn list_leading(restic: &Restic, snapshot: &str, selection: &Selection<'_>) -> Result<Listed, AgentError> {
     let leading = selection.leading_dirs();
     let mut args = vec!["ls", "--json", "--no-lock", snapshot];
     args.extend(leading.iter().map(String::as_str));
     // A directory may hold millions of entries: each line is placed as restic prints it, and only
     // the first that lands outside is kept.
-    let mut outside = None;
+    let mut listed = Listed::default();
     let mut on_line = |line: &str| {
         let Ok(node) = serde_json::from_str::<LsNode>(line) else { return };
-        if outside.is_none()
-            && node.struct_type == "node"
-            && selection.place(&node.path, node.kind == "dir") == Place::Outside
-        {
-            outside = Some(node.path);
+        match node.struct_type.as_str() {
+            "snapshot" if listed.snapshot.is_none() => listed.snapshot = serde_json::from_str(line).ok(),
+            "node" if listed.outside.is_none() && selection.place(&node.path, node.kind == "dir") == Place::Outside => {
+                listed.outside = Some(node.path);
+            }
+            _ => {}
         }
     };
     restic.run_lines(&args, &mut on_line).await?;
-    match outside {
-        Some(path) => Err(AgentError::Invalid(format!(
-            "{path} of snapshot {snapshot} would land outside every mounted volume ({}): set volumeMounts \
-             to where the data was backed up, or restrict rules[].paths",
-            selection.mounts.join(", ")
-        ))),
-        None => Ok(()),
-    }
+    Ok(listed)
 }
 
 /// A line of `restic ls --json`.
@@ -500,7 +613,6 @@ mod tests {
 
     fn ids(source: Result<Source<'_>, AgentError>) -> Result<Vec<String>, String> {
         match source.map_err(|e| e.to_string())? {
-            Source::Named(found) => Ok(found.iter().map(|s| s.id.clone()).collect()),
             Source::StashLatest(found) => Ok(vec![found.id.clone()]),
             Source::Session => Ok(vec!["<session>".into()]),
         }
@@ -520,19 +632,94 @@ mod tests {
         let staging = RestoreRule { source_host: Some("staging".into()), ..Default::default() };
         assert_eq!(ids(source(&listing, &wanted(Some(&staging), None))), Ok(strings(&["s1aaaaaaaaaa"])));
         let latest = RestoreRule { snapshots: strings(&["latest"]), ..Default::default() };
+        assert!(named_snapshots(Some(&latest)).is_empty(), "`latest` names no snapshot");
         assert_eq!(ids(source(&listing, &wanted(Some(&latest), None))), Ok(strings(&["a3aaaaaaaaaa"])));
-        let named = RestoreRule { snapshots: strings(&["a1aaaaaa", "s1aaaaaaaaaa"]), ..Default::default() };
-        assert_eq!(ids(source(&listing, &wanted(Some(&named), None))), Ok(strings(&["a1aaaaaaaaaa", "s1aaaaaaaaaa"])));
         let missing = RestoreRule { source_host: Some("prod".into()), ..paths.clone() };
         let error = ids(source(&listing, &wanted(Some(&missing), None))).expect_err("no such host");
         assert!(error.contains("no snapshot of host prod with paths /var/www/html"), "{error}");
-        let short = RestoreRule { snapshots: strings(&["a1a"]), ..Default::default() };
-        assert!(ids(source(&listing, &wanted(Some(&short), None))).is_err(), "a short id names nothing");
-        let ambiguous = RestoreRule { snapshots: strings(&["a1aaaaaa", "aaaaaaaa"]), ..Default::default() };
-        let mut twins = listing.to_vec();
-        twins.push(listed("a1aaaaaabbbb", "app", 50, &[], &[]));
-        let error = ids(source(&twins, &wanted(Some(&ambiguous), None))).expect_err("two match");
-        assert!(error.contains("ambiguous"), "{error}");
+    }
+
+    /// The walk starts on the snapshot the listing's tags say the latest manifest names: this
+    /// member's in that session and namespace, of the host the manifest would pick; no guess when
+    /// two would do.
+    #[test]
+    fn the_walk_guesses_the_snapshot_of_the_session_the_manifest_is_read_of() {
+        let tags = |session: &str, namespace: &str, member: &str| {
+            vec![
+                format!("batch=b"),
+                format!("session={session}"),
+                format!("namespace={namespace}"),
+                format!("member={member}"),
+            ]
+        };
+        let snapshot = |id: &str, host: &str, time: i64, tags: Vec<String>| {
+            let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+            listed(id, host, time, &tags, &["/data"])
+        };
+        let manifest = |id: &str, session: &str, time: i64| {
+            listed(
+                id,
+                "stash-manifest",
+                time,
+                &["stash=manifest", "batch=b", &format!("session={session}"), "namespace=prod"],
+                &[],
+            )
+        };
+        let mut listing = vec![
+            manifest("m1", "s1", 10),
+            manifest("m2", "s2", 20),
+            snapshot("old", "app", 10, tags("s1", "prod", "app")),
+            snapshot("new", "app-0", 20, tags("s2", "prod", "app")),
+            snapshot("dev", "app-0", 20, tags("s2", "dev", "app")),
+            snapshot("db", "app-0", 20, tags("s2", "prod", "db")),
+        ];
+        let guess = |listing: &[Snapshot], rule: Option<&RestoreRule>, selector: Option<&SessionSelector>| {
+            likely_snapshot(listing, &wanted(rule, selector), "b").map(|s| s.id.clone())
+        };
+        assert_eq!(guess(&listing, None, None), Some("new".into()), "the one host of the latest session");
+        let first = SessionSelector { session: Some("s1".into()), ..Default::default() };
+        assert_eq!(guess(&listing, None, Some(&first)), Some("old".into()));
+        listing.push(snapshot("twin", "app-1", 20, tags("s2", "prod", "app")));
+        assert_eq!(guess(&listing, None, None), None, "two hosts, none called app");
+        let staging = RestoreRule { source_host: Some("app-1".into()), ..Default::default() };
+        assert_eq!(guess(&listing, Some(&staging), None), Some("twin".into()));
+        listing.push(snapshot("again", "app-1", 21, tags("s2", "prod", "app")));
+        assert_eq!(guess(&listing, Some(&staging), None), None, "the host written twice");
+    }
+
+    /// What `ls` of a named snapshot showed.
+    fn shown(snapshot: &Snapshot, outside: Option<&str>) -> Listed {
+        Listed { snapshot: Some(snapshot.clone()), outside: outside.map(str::to_string) }
+    }
+
+    /// A named snapshot is judged by its own record: this member's in the source namespace or one
+    /// Stash wrote, never another namespace's or member's, and with nothing landing outside.
+    #[test]
+    fn a_named_snapshot_is_restored_only_when_it_is_ours_and_lands_in_volumes() {
+        let mounts = strings(&["/var/www/html"]);
+        let none = Vec::new();
+        let selection = Selection::new(&mounts, &none, &none);
+        let judge = |id: &str, listed: Listed, database: bool| {
+            judge_named(id, listed, &wanted(None, None), &selection, database).map(|s| s.id).map_err(|e| e.to_string())
+        };
+        let stash = listed("a1aaaaaaaaaa", "app", 10, &[], &["/var/www/html"]);
+        let ours = listed("b1aaaaaaaaaa", "app", 5, &["batch=b", "session=s", "namespace=prod", "member=app"], &["/"]);
+        let theirs = listed("c1aaaaaaaaaa", "app", 5, &["batch=b", "session=s", "namespace=dev", "member=app"], &[]);
+        let other = listed("d1aaaaaaaaaa", "app", 5, &["batch=b", "session=s", "namespace=prod", "member=db"], &[]);
+        assert_eq!(judge("a1aaaaaa", shown(&stash, None), false), Ok("a1aaaaaaaaaa".into()));
+        assert_eq!(judge("b1aaaaaaaaaa", shown(&ours, None), false), Ok("b1aaaaaaaaaa".into()));
+        for (id, refused) in [("c1aaaaaa", &theirs), ("d1aaaaaa", &other)] {
+            let error = judge(id, shown(refused, None), false).expect_err("not ours");
+            assert!(
+                error.contains("neither a snapshot of member app in namespace prod nor one Stash wrote"),
+                "{error}"
+            );
+        }
+        assert!(judge("b1aaaaaa", Listed::default(), false).is_err(), "no record printed");
+        assert!(judge("a1aaaaab", shown(&stash, None), false).is_err(), "a record of another id");
+        let error = judge("b1aaaaaa", shown(&ours, Some("/etc/passwd")), false).expect_err("lands outside");
+        assert!(error.contains("/etc/passwd of snapshot b1aaaaaaaaaa would land outside"), "{error}");
+        assert!(judge("b1aaaaaa", shown(&ours, Some("/etc/passwd")), true).is_ok(), "a dump is replayed");
     }
 
     #[test]
@@ -551,11 +738,6 @@ mod tests {
             ids(source(&listing, &wanted(None, Some(&SessionSelector::default())))),
             Ok(strings(&["a1aaaaaaaaaa"]))
         );
-        let other_namespace = RestoreRule { snapshots: strings(&["c1aaaaaaaaaa"]), ..Default::default() };
-        let error = ids(source(&listing, &wanted(Some(&other_namespace), None))).expect_err("another namespace's");
-        assert!(error.contains("neither a snapshot of member app in namespace prod nor one Stash wrote"), "{error}");
-        let own = RestoreRule { snapshots: strings(&["b1aaaaaaaaaa"]), ..Default::default() };
-        assert_eq!(ids(source(&[ours, theirs], &wanted(Some(&own), None))), Ok(strings(&["b1aaaaaaaaaa"])));
     }
 
     /// A random snapshot: our data, another namespace's or member's, a manifest, or Stash's (no tags).
@@ -595,27 +777,21 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever the repository holds and the rule asks, a restore in `prod` of member `app`
-        /// restores only `prod`'s snapshots of `app` or snapshots Stash wrote; it restores Stash's
-        /// way only when the repository holds nothing of `prod`, and then the newest of the host.
+        /// Whatever the repository holds and the rule asks (naming no snapshot), a restore in
+        /// `prod` of member `app` restores Stash's way only when the repository holds nothing of
+        /// `prod`, and then the newest snapshot Stash wrote of the host.
         #[test]
         fn a_restore_never_takes_another_namespaces_or_members_data(
             mut listing in proptest::collection::vec(any_snapshot(), 0..12),
-            named in proptest::collection::vec(0usize..12, 0..2),
             rule in any_rule(),
         ) {
             listing.dedup_by(|a, b| a.id == b.id);
             let mut rule = rule;
             if let Some(rule) = rule.as_mut() {
-                rule.snapshots.extend(named.iter().filter_map(|i| listing.get(*i)).map(|s| s.id[..8].to_string()));
+                rule.snapshots.retain(|s| s == "latest");
             }
             let ours = |s: &Snapshot| s.tag(NAMESPACE_TAG) == Some("prod");
             match source(&listing, &wanted(rule.as_ref(), None)) {
-                Ok(Source::Named(found)) => {
-                    for s in found {
-                        prop_assert!((ours(s) && s.tag("member") == Some("app")) || stash_written(s), "{s:?}");
-                    }
-                }
                 Ok(Source::StashLatest(s)) => {
                     prop_assert!(stash_written(s));
                     let legacy = |s: &Snapshot| is_manifest(s) && s.tag(NAMESPACE_TAG).is_none();
@@ -628,6 +804,30 @@ mod tests {
                     prop_assert!(!newer.any(|o| paths.iter().all(|p| o.paths.contains(p))));
                 }
                 Ok(Source::Session) | Err(_) => {}
+            }
+        }
+
+        /// Whatever a named snapshot is and whatever its `ls` printed, a restore in `prod` of
+        /// member `app` takes it only when it is the snapshot named, is `prod`'s of `app` or one
+        /// Stash wrote, and lands in the volumes (or is a dump).
+        #[test]
+        fn a_named_snapshot_is_never_another_namespaces_or_members(
+            snapshot in any_snapshot(),
+            named in prop_oneof![(8usize..=12).prop_map(Some), Just(None)],
+            other in "[0-9a-f]{8}",
+            outside in proptest::option::of(any_path()),
+            database in any::<bool>(),
+        ) {
+            let id = named.map_or(other, |len| snapshot.id[..len].to_string());
+            let mounts = ["/var/www".to_string()];
+            let none = Vec::new();
+            let selection = Selection::new(&mounts, &none, &none);
+            let listed = Listed { snapshot: Some(snapshot.clone()), outside: outside.clone() };
+            if let Ok(taken) = judge_named(&id, listed, &wanted(None, None), &selection, database) {
+                prop_assert!(taken.id.starts_with(&id));
+                let ours = taken.tag(NAMESPACE_TAG) == Some("prod") && taken.tag("member") == Some("app");
+                prop_assert!(ours || stash_written(&taken), "{taken:?}");
+                prop_assert!(outside.is_none() || database || !selection.needs_walk(&taken.paths));
             }
         }
 

@@ -34,6 +34,8 @@ pub struct LocalNode {
     pub secret_dir: tempfile::TempDir,
     /// A database member's connection Secret's files.
     pub database_secret_dir: tempfile::TempDir,
+    /// The restic the executors run: the real one, or a test's wrapper around it.
+    pub restic: PathBuf,
     ran: HashSet<String>,
 }
 
@@ -55,6 +57,7 @@ impl LocalNode {
             root: tempfile::tempdir().expect("temp dir"),
             secret_dir: tempfile::tempdir().expect("temp dir"),
             database_secret_dir: tempfile::tempdir().expect("temp dir"),
+            restic: super::backends::restic(),
             ran: HashSet::new(),
         }
     }
@@ -94,7 +97,7 @@ impl LocalNode {
             .env("POD_NAMESPACE", &self.namespace)
             .env("POD_NAME", pod)
             .env("NODE_NAME", "local-node")
-            .env("STASH_RESTIC_BINARY", super::backends::restic())
+            .env("STASH_RESTIC_BINARY", &self.restic)
             .env("RUST_LOG", "warn");
         command
     }
