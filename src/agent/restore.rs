@@ -186,18 +186,17 @@ fn likely_snapshot<'a>(listing: &'a [Snapshot], wanted: &Wanted<'_>, batch: &str
             && s.tag("member") == Some(wanted.alias)
             && !is_manifest(s)
     };
-    let only = |mut found: std::vec::IntoIter<&'a Snapshot>| match (found.next(), found.next()) {
+    let hosts: Vec<&Snapshot> = listing.iter().filter(of_member).collect();
+    // A member of one host restores it whatever this host is called, as the manifest says.
+    let host = match wanted.rule.and_then(|r| r.source_host.as_deref()) {
+        Some(source_host) => Some(source_host),
+        None if hosts.len() == 1 => None,
+        None => Some(wanted.host),
+    };
+    let mut found = hosts.into_iter().filter(|s| host.is_none_or(|h| s.hostname == h));
+    match (found.next(), found.next()) {
         (Some(snapshot), None) => Some(snapshot),
         _ => None,
-    };
-    let hosts: Vec<&Snapshot> = listing.iter().filter(of_member).collect();
-    match wanted.rule.and_then(|r| r.source_host.as_deref()) {
-        Some(source_host) => {
-            only(hosts.into_iter().filter(|s| s.hostname == source_host).collect::<Vec<_>>().into_iter())
-        }
-        // A member of one host restores it whatever this host is called, as the manifest says.
-        None if hosts.len() == 1 => only(hosts.into_iter()),
-        None => only(hosts.into_iter().filter(|s| s.hostname == wanted.host).collect::<Vec<_>>().into_iter()),
     }
 }
 
@@ -221,9 +220,10 @@ enum Source<'a> {
 }
 
 /// Chooses from the repository's listing, without I/O, when the rule names no snapshot: a
-/// repository holding any data of the source namespace (or a `restoreFrom` saying which session) restores a complete
-/// session, so runs are never mixed; only a repository holding nothing of ours but Stash's
-/// snapshots restores Stash's way: per host, the newest snapshot holding the rule's `paths`.
+/// repository holding any data of the source namespace (or a `restoreFrom` saying which session)
+/// restores a complete session, so runs are never mixed; only a repository holding nothing of ours
+/// but Stash's snapshots restores Stash's way: per host, the newest snapshot holding the rule's
+/// `paths`.
 fn source<'a>(listing: &'a [Snapshot], wanted: &Wanted<'_>) -> Result<Source<'a>, AgentError> {
     let ours = |s: &Snapshot| s.tag(NAMESPACE_TAG) == Some(wanted.namespace);
     let asks_for_session = wanted.selector.is_some_and(|s| *s != SessionSelector::default());
