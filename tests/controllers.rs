@@ -1047,6 +1047,21 @@ async fn repository_selector_needs_every_expression_and_a_missing_one_reads_like
     let own = json!({"spec": {"repository": {"name": "repo"}}});
     batches.patch("allowed", &PatchParams::default(), &Patch::Merge(&own)).await.expect("repointed");
     granted(0).await;
+
+    // Pointed back and then deleted, the batch takes its grant with it: the grant is gone before the
+    // batch is, so an operator removed right after the deletion cannot leave it behind.
+    let back = json!({"spec": {"repository": {"name": "shared", "namespace": b.name}}});
+    batches.patch("allowed", &PatchParams::default(), &Patch::Merge(&back)).await.expect("pointed back");
+    granted(1).await;
+    batches.delete("allowed", &Default::default()).await.expect("deleted");
+    eventually("the batch gone", Duration::from_secs(60), || {
+        let batches = batches.clone();
+        async move { batches.get_opt("allowed").await.ok()?.is_none().then_some(()) }
+    })
+    .await;
+    let left: Vec<String> =
+        grants.list(&of_a).await.expect("grants").items.iter().map(kube::ResourceExt::name_any).collect();
+    assert!(left.is_empty(), "the grant outlived its last batch: {left:?}");
     operator.stop().await;
 }
 

@@ -444,11 +444,13 @@ async fn remove_trigger(batch: &BackupBatch, ctx: &Context, namespace: &str) -> 
 }
 
 /// The batch is being deleted: owned objects go by garbage collection; the namespace's shared
-/// identities go with its last batch or restore; its metric series go now (a batch that is gone must
+/// identities go with its last batch or restore, and a grant of another namespace's Repository with
+/// the last one using it, before the batch does; its metric series go now (a batch that is gone must
 /// not read as "last succeeded at ..." forever).
 pub async fn cleanup(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
     let namespace = batch.namespace().unwrap_or_default();
     identity::release(&ctx, &namespace, batch.metadata.uid.as_deref()).await?;
+    grants::sweep(&ctx).await?;
     let name = batch.name_any();
     ctx.caches.forget_batch(&batch, &cronjob_name(&name));
     let metrics = &ctx.metrics.controller;

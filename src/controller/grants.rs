@@ -160,8 +160,10 @@ pub(crate) async fn ensure(ctx: &Context, requester: &str, repository: &Reposito
     Ok(true)
 }
 
-/// Removes every grant (of this operator's scope) no longer both used and allowed.
-async fn sweep(ctx: &Context) -> Result<(), ControllerError> {
+/// Removes every grant (of this operator's scope) no longer both used and allowed. Also run by a
+/// batch's or restore's cleanup, so that a grant goes before the last object using it does: the
+/// coalesced sweep could otherwise come after the operator itself was removed.
+pub(crate) async fn sweep(ctx: &Context) -> Result<(), ControllerError> {
     let grants: Vec<Grant> = ctx.caches.grants.state().iter().filter_map(|b| Grant::of(b)).collect();
     if grants.is_empty() {
         return Ok(());

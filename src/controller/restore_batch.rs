@@ -186,9 +186,10 @@ pub async fn reconcile(restore: Arc<RestoreBatch>, ctx: Arc<Context>) -> Result<
 }
 
 /// The restore is being deleted: its Jobs go by garbage collection, the namespace's identities with
-/// its last batch or restore.
+/// its last batch or restore, a grant with the last one using it.
 pub async fn cleanup(restore: Arc<RestoreBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
     identity::release(&ctx, &restore.namespace().unwrap_or_default(), restore.metadata.uid.as_deref()).await?;
+    grants::sweep(&ctx).await?;
     export_series(&ctx);
     Ok(Action::await_change())
 }
