@@ -1110,8 +1110,8 @@ async fn restore_rules_exclude_files_and_data_outside_the_volumes_fails() {
 /// A restore of snapshots a rule names opens the repository once per snapshot to check it (its
 /// namespace and member, and where its files land) and once to restore it: each opening is a key
 /// derivation (~0.5 s, BENCHMARKS.md). Another namespace's snapshot in the same repository is
-/// refused before anything is written. A restore of the latest session walks the member's snapshot
-/// while it reads the manifest.
+/// refused before anything is written. A restore of the latest session reads the newest manifest
+/// while it lists the repository.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restore_opens_the_repository_no_more_than_its_checks_need() {
     let repo = tempfile::tempdir().expect("repo dir");
@@ -1177,7 +1177,11 @@ async fn a_restore_opens_the_repository_no_more_than_its_checks_need() {
     assert_eq!(read(&claims.path().join("uploads/index.html")), "<h1>uploads</h1>");
     let ran = runs();
     let at = |run: &str| ran.iter().position(|r| r == run).unwrap_or_else(|| panic!("no {run} in {ran:?}"));
-    assert!(at("start ls") < at("end dump"), "the walk starts while the manifest is read: {ran:?}");
+    assert!(
+        at("start dump") < at("end snapshots"),
+        "the newest manifest is read while the repository is listed: {ran:?}"
+    );
+    assert_eq!(ran.iter().filter(|r| *r == "start dump").count(), 1, "the manifest is read once: {ran:?}");
     assert!(at("end ls") < at("start restore") && at("end dump") < at("start restore"), "{ran:?}");
 
     let claims = tempfile::tempdir().expect("claims");

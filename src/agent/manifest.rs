@@ -92,6 +92,30 @@ pub async fn read(restic: &Restic, snapshot: &Snapshot) -> Result<Manifest, Agen
         .map_err(|e| AgentError::Invalid(format!("manifest in snapshot {} is unreadable: {e}", snapshot.short_id)))
 }
 
+/// The newest manifest tagged with `namespace`, read without a listing first: restic picks it
+/// (`dump latest` with the manifests' host and tags). Only a guess at what `select` would choose;
+/// the caller compares it with the listing.
+pub async fn newest(restic: &Restic, namespace: &str) -> Result<Manifest, AgentError> {
+    let tags = format!("{MANIFEST_TAG},{NAMESPACE_TAG}={namespace}");
+    let file = format!("/{MANIFEST_FILE}");
+    let printed = restic.run(&["dump", "--no-lock", "--host", MANIFEST_HOST, "--tag", &tags, "latest", &file]).await?;
+    serde_json::from_str(&printed).map_err(|e| AgentError::Invalid(format!("the newest manifest is unreadable: {e}")))
+}
+
+/// Whether `guessed` is the manifest `select` would read first from `listing`: the session the
+/// listing's newest manifest of the batch names, in the namespace its body names.
+pub fn is_first_choice(
+    guessed: &Manifest,
+    listing: &[Snapshot],
+    namespace: &str,
+    batch: &str,
+    selector: Option<&SessionSelector>,
+) -> bool {
+    guessed.namespace == namespace
+        && guessed.batch == batch
+        && first_choice(listing, namespace, batch, selector) == Some(guessed.session.as_str())
+}
+
 /// The complete session a restore in `namespace` asks for: a named one, the last one before a time,
 /// or the latest, among the manifests of `listing` (the repository's snapshots). Never another
 /// namespace's: a legacy manifest (no namespace tag) counts only when its body names this namespace.
@@ -162,6 +186,36 @@ mod tests {
             paths: Vec::new(),
             summary: None,
         }
+    }
+
+    /// A manifest read before the listing is used only when the listing's first choice for the
+    /// batch is its session, in its namespace and batch; any other counts as a wrong guess.
+    #[test]
+    fn a_guessed_manifest_counts_only_as_the_listings_first_choice() {
+        let listing = [
+            listed("old", "2026-11-27T01:00:00Z", &[MANIFEST_TAG, "batch=app", "namespace=prod", "session=s1"]),
+            listed("new", "2026-11-27T02:00:00Z", &[MANIFEST_TAG, "batch=app", "namespace=prod", "session=s2"]),
+            listed("web", "2026-11-27T03:00:00Z", &[MANIFEST_TAG, "batch=web", "namespace=prod", "session=w1"]),
+        ];
+        let manifest = |batch: &str, session: &str, namespace: &str| Manifest {
+            version: 1,
+            session: session.into(),
+            batch: batch.into(),
+            namespace: namespace.into(),
+            start_time: None,
+            end_time: String::new(),
+            members: Vec::new(),
+        };
+        let first = |guessed: &Manifest, selector: Option<&SessionSelector>| {
+            is_first_choice(guessed, &listing, "prod", "app", selector)
+        };
+        assert!(first(&manifest("app", "s2", "prod"), None));
+        assert!(!first(&manifest("app", "s1", "prod"), None), "an older session");
+        assert!(!first(&manifest("web", "w1", "prod"), None), "the namespace's newest, of another batch");
+        assert!(!first(&manifest("app", "s2", "dev"), None), "a body naming another namespace");
+        let older = SessionSelector { session: Some("s1".into()), ..Default::default() };
+        assert!(first(&manifest("app", "s1", "prod"), Some(&older)));
+        assert!(!first(&manifest("app", "s2", "prod"), Some(&older)));
     }
 
     /// A restore picks its session from the listing it already made: the batch's manifests of its

@@ -119,7 +119,17 @@ async fn restore_member(
         return Ok(session);
     }
 
-    let listing = restic.snapshots(&[]).await?;
+    // A restore of the latest session reads the newest manifest of the namespace while it lists
+    // the repository (two openings side by side); the listing then says whether it is the one.
+    let latest = selector.is_none_or(|s| s.session.is_none() && s.before.is_none());
+    let guess = async {
+        match latest {
+            true => manifest::newest(&restic, source_namespace).await.ok(),
+            false => None,
+        }
+    };
+    let (listing, guessed) = tokio::join!(restic.snapshots(&[]), guess);
+    let listing = listing?;
     let (snapshot, session, walked) = match source(&listing, &wanted)? {
         Source::StashLatest(snapshot) => (snapshot, None, None),
         Source::Session => {
@@ -138,8 +148,15 @@ async fn restore_member(
                     None => None,
                 }
             };
-            let (manifest, walked) =
-                tokio::join!(manifest::select(&restic, &listing, source_namespace, &batch, selector), walk);
+            let guessed =
+                guessed.filter(|m| manifest::is_first_choice(m, &listing, source_namespace, &batch, selector));
+            let read = async {
+                match guessed {
+                    Some(manifest) => Ok(manifest),
+                    None => manifest::select(&restic, &listing, source_namespace, &batch, selector).await,
+                }
+            };
+            let (manifest, walked) = tokio::join!(read, walk);
             let manifest = manifest?;
             let source = manifest.member(&target.kind, &target.name).ok_or_else(|| {
                 let session = &manifest.session;
