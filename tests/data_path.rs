@@ -703,6 +703,11 @@ exec {restic} "$@"
         dir = dir.display(),
         restic = restic.display(),
     );
+    restic_wrapper(dir, &script)
+}
+
+/// Writes `script` as an executable `restic` in `dir`, for the executors to run instead of restic.
+fn restic_wrapper(dir: &Path, script: &str) -> PathBuf {
     let path = dir.join("restic");
     std::fs::write(&path, script).expect("script");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -1141,10 +1146,7 @@ async fn a_restore_opens_the_repository_no_more_than_its_checks_need() {
         calls = calls.display(),
         restic = backends::restic().display()
     );
-    let wrapper = scratch.path().join("restic");
-    std::fs::write(&wrapper, script).expect("script");
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    setup.node.restic = wrapper;
+    setup.node.restic = restic_wrapper(scratch.path(), &script);
     let named = |id: &str| {
         json!({"target": {"alias": "uploads", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "uploads"},
             "volumeMounts": [{"name": "uploads", "mountPath": "/stash-data/uploads"}], "rules": [{"snapshots": [id]}]}})

@@ -102,18 +102,10 @@ pub async fn newest(restic: &Restic, namespace: &str) -> Result<Manifest, AgentE
     serde_json::from_str(&printed).map_err(|e| AgentError::Invalid(format!("the newest manifest is unreadable: {e}")))
 }
 
-/// Whether `guessed` is the manifest `select` would read first from `listing`: the session the
-/// listing's newest manifest of the batch names, in the namespace its body names.
-pub fn is_first_choice(
-    guessed: &Manifest,
-    listing: &[Snapshot],
-    namespace: &str,
-    batch: &str,
-    selector: Option<&SessionSelector>,
-) -> bool {
-    guessed.namespace == namespace
-        && guessed.batch == batch
-        && first_choice(listing, namespace, batch, selector) == Some(guessed.session.as_str())
+/// Whether `guessed` is the manifest `select` would read first: of `first` (`first_choice` of
+/// the listing), the batch, and the namespace, as its body says.
+pub fn is_first_choice(guessed: &Manifest, first: Option<&str>, namespace: &str, batch: &str) -> bool {
+    guessed.namespace == namespace && guessed.batch == batch && first == Some(guessed.session.as_str())
 }
 
 /// The complete session a restore in `namespace` asks for: a named one, the last one before a time,
@@ -207,7 +199,7 @@ mod tests {
             members: Vec::new(),
         };
         let first = |guessed: &Manifest, selector: Option<&SessionSelector>| {
-            is_first_choice(guessed, &listing, "prod", "app", selector)
+            is_first_choice(guessed, first_choice(&listing, "prod", "app", selector), "prod", "app")
         };
         assert!(first(&manifest("app", "s2", "prod"), None));
         assert!(!first(&manifest("app", "s1", "prod"), None), "an older session");

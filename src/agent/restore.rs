@@ -122,12 +122,7 @@ async fn restore_member(
     // A restore of the latest session reads the newest manifest of the namespace while it lists
     // the repository (two openings side by side); the listing then says whether it is the one.
     let latest = selector.is_none_or(|s| s.session.is_none() && s.before.is_none());
-    let guess = async {
-        match latest {
-            true => manifest::newest(&restic, source_namespace).await.ok(),
-            false => None,
-        }
-    };
+    let guess = async { if latest { manifest::newest(&restic, source_namespace).await.ok() } else { None } };
     let (listing, guessed) = tokio::join!(restic.snapshots(&[]), guess);
     let listing = listing?;
     let (snapshot, session, walked) = match source(&listing, &wanted)? {
@@ -140,16 +135,17 @@ async fn restore_member(
             // Reading the manifest and walking the snapshot it most likely names are two repository
             // openings (~0.5 s of key derivation each): they run side by side, and the walk counts
             // only if the manifest names that snapshot.
-            let likely =
-                likely_snapshot(&listing, &wanted, &batch).filter(|s| !database && selection.needs_walk(&s.paths));
+            let first = manifest::first_choice(&listing, source_namespace, &batch, selector);
+            let likely = first
+                .and_then(|session| likely_snapshot(&listing, &wanted, &batch, session))
+                .filter(|s| !database && selection.needs_walk(&s.paths));
             let walk = async {
                 match likely {
                     Some(s) => Some((s.id.as_str(), list_leading(&restic, &s.id, &selection).await)),
                     None => None,
                 }
             };
-            let guessed =
-                guessed.filter(|m| manifest::is_first_choice(m, &listing, source_namespace, &batch, selector));
+            let guessed = guessed.filter(|m| manifest::is_first_choice(m, first, source_namespace, &batch));
             let read = async {
                 match guessed {
                     Some(manifest) => Ok(manifest),
@@ -191,11 +187,15 @@ async fn restore_member(
     Ok(session)
 }
 
-/// The snapshot of this host in the session a restore reads the manifest of first, as the
+/// The snapshot of this host in `session` (the one a restore reads the manifest of first), as the
 /// listing's tags say, without I/O: the one the manifest names unless the session wrote the host
 /// twice (then none is guessed). The manifest decides; this only lets the walk start early.
-fn likely_snapshot<'a>(listing: &'a [Snapshot], wanted: &Wanted<'_>, batch: &str) -> Option<&'a Snapshot> {
-    let session = manifest::first_choice(listing, wanted.namespace, batch, wanted.selector)?;
+fn likely_snapshot<'a>(
+    listing: &'a [Snapshot],
+    wanted: &Wanted<'_>,
+    batch: &str,
+    session: &str,
+) -> Option<&'a Snapshot> {
     let of_member = |s: &&Snapshot| {
         s.tag("session") == Some(session)
             && s.tag("batch") == Some(batch)
@@ -691,7 +691,8 @@ mod tests {
             snapshot("db", "app-0", 20, tags("s2", "prod", "db")),
         ];
         let guess = |listing: &[Snapshot], rule: Option<&RestoreRule>, selector: Option<&SessionSelector>| {
-            likely_snapshot(listing, &wanted(rule, selector), "b").map(|s| s.id.clone())
+            let session = manifest::first_choice(listing, "prod", "b", selector)?;
+            likely_snapshot(listing, &wanted(rule, selector), "b", session).map(|s| s.id.clone())
         };
         assert_eq!(guess(&listing, None, None), Some("new".into()), "the one host of the latest session");
         let first = SessionSelector { session: Some("s1".into()), ..Default::default() };
