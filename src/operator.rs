@@ -240,7 +240,7 @@ pub async fn run(
     let readiness = Arc::new(Readiness::default());
     let mut tasks = JoinSet::new();
 
-    let (catalog, listed) = caches::start(&client, &mut tasks);
+    let (catalog, listed, batches) = caches::start(&client, &mut tasks);
     {
         let (listed, readiness) = (listed.clone(), readiness.clone());
         tasks.spawn(async move {
@@ -261,17 +261,21 @@ pub async fn run(
     };
     let controllers = config.controllers.clone().map(|(settings, lease)| {
         let (client, metrics, cancel, listed) = (client.clone(), metrics.clone(), cancel.clone(), listed.clone());
+        let batches = batches.clone();
         tokio::spawn(async move {
             // Another installation's objects are not ours to run.
             if !matches!(crds_ours.await, Ok(true)) {
                 return;
             }
-            // Leading lists every batch again, for the controllers' caches: only once the webhook's
-            // have listed theirs, so that a starting process never holds both first lists at once.
+            // The controllers follow the webhook's cache of batches, and list the rest of what they
+            // read when leading: only once the webhook's caches have listed, so that a starting
+            // process never holds both sets of first lists at once.
             if crate::reflect::all_listed(&listed).await.is_err() {
                 return;
             }
-            let lead = |token| crate::controller::run(client.clone(), metrics.clone(), settings.clone(), token);
+            let lead = |token| {
+                crate::controller::run(client.clone(), metrics.clone(), settings.clone(), batches.clone(), token)
+            };
             run_while_leader(client.clone(), lease, metrics.clone(), cancel, lead).await;
         })
     });

@@ -75,10 +75,10 @@ impl Caches {
     ) -> (Self, Writers, Feeds) {
         let (repositories, repositories_writer) = reflector::store();
         let (cronjobs, cronjobs_writer) = reflector::store();
-        let (claims_store, claims_listed, claims_feed) = feed(watcher(claims_api, claims), || {});
-        let (accounts, accounts_listed, accounts_feed) = feed(watcher(accounts_api, identities.clone()), || {});
-        let (bindings, bindings_listed, bindings_feed) = feed(watcher(bindings_api, identities), || {});
-        let (grants_store, grants_listed, grants_feed) = feed(watcher(grants_api, grants), || {});
+        let (claims_store, claims_listed, claims_feed) = feed(watcher(claims_api, claims), |_| {});
+        let (accounts, accounts_listed, accounts_feed) = feed(watcher(accounts_api, identities.clone()), |_| {});
+        let (bindings, bindings_listed, bindings_feed) = feed(watcher(bindings_api, identities), |_| {});
+        let (grants_store, grants_listed, grants_feed) = feed(watcher(grants_api, grants), |_| {});
         let feeds = Box::pin(async move {
             futures::join!(claims_feed, accounts_feed, bindings_feed, grants_feed);
         });

@@ -18,14 +18,14 @@ pub mod trigger;
 
 use crate::api::{BackupBatch, BackupSession, Repository, RestoreBatch};
 use crate::metrics::{ControllerLabels, Metrics, ReconcileLabels, ReconcileResult};
-use crate::reflect::{Listed, lean, listing};
+use crate::reflect::{Listed, Shared, lean, listing};
 use context::{Context, ControllerError};
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, reflector};
+use kube::runtime::reflector::{ObjectRef, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use std::future::Future;
@@ -62,14 +62,42 @@ where
     }
 }
 
-/// Runs both controllers until `cancel` fires.
-pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSettings, cancel: CancellationToken) {
+/// The namespace the controllers run (`--watch-namespace`), or all: the batches' cache they follow
+/// is the webhook's, which holds every namespace's.
+#[derive(Clone)]
+struct Scope(Option<String>);
+
+impl Scope {
+    fn holds(&self, object: &impl Resource) -> bool {
+        self.0.as_deref().is_none_or(|namespace| object.meta().namespace.as_deref() == Some(namespace))
+    }
+
+    /// How many of `batches` are in scope: the store's length unless a namespace is watched.
+    fn count(&self, batches: &Store<BackupBatch>) -> usize {
+        match self.0 {
+            None => batches.len(),
+            Some(_) => batches.state().iter().filter(|batch| self.holds(&***batch)).count(),
+        }
+    }
+}
+
+/// Runs the controllers until `cancel` fires; the BackupBatch controller follows `batches`.
+pub(crate) async fn run(
+    client: Client,
+    metrics: Arc<Metrics>,
+    settings: ControllerSettings,
+    batches: Shared<BackupBatch>,
+    cancel: CancellationToken,
+) {
     let namespace = settings.namespace.as_deref();
+    let scope = Scope(settings.namespace.clone());
     let ours = watcher::Config::default().labels(&format!("{}={}", crate::api::PART_OF.0, crate::api::PART_OF.1));
     let reporter = Reporter { controller: "stash-operator".into(), instance: Some(settings.identity.clone()) };
     let config = controller::Config::default().concurrency(settings.max_concurrent_reconciles);
-    let (batch_controller, batches_listed) = lean_controller(api::<BackupBatch>(&client, namespace), &config);
-    let batches = batch_controller.store();
+    let in_scope = scope.clone();
+    let followed = batches.follow().filter(move |batch| futures::future::ready(in_scope.holds(&**batch)));
+    let batch_controller = Controller::for_shared_stream(followed, batches.store.clone()).with_config(config.clone());
+    let (batches, batches_listed) = (batches.store, batches.listed);
     let (restore_controller, restores_listed) = lean_controller(api::<RestoreBatch>(&client, namespace), &config);
     let (session_controller, sessions_listed) = lean_controller(api::<BackupSession>(&client, namespace), &config);
     let (mut caches, writers, feeds) = caches::Caches::new(
@@ -118,7 +146,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
     });
     let sweeping = grants::keep_swept(ctx.clone());
 
-    let by_repository = batches.clone();
+    let (by_repository, managed) = (batches.clone(), scope.clone());
     let batch_loop = batch_controller
         .owns_stream(cronjobs)
         .reconcile_on(rechecks)
@@ -129,15 +157,18 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: ControllerSett
                 .state()
                 .into_iter()
                 .filter(|b| {
-                    b.spec.repository.name == name && b.spec.repository.namespace.clone().or(b.namespace()) == namespace
+                    scope.holds(&**b)
+                        && b.spec.repository.name == name
+                        && b.spec.repository.namespace.clone().or(b.namespace()) == namespace
                 })
                 .map(|b| ObjectRef::from_obj(&*b))
                 .collect::<Vec<_>>()
         })
         .graceful_shutdown_on(cancel.clone().cancelled_owned())
         .run(
-            |batch, ctx: Arc<Context>| {
-                ctx.metrics.controller.managed_batches.set(i64::try_from(ctx.batches.len()).unwrap_or(i64::MAX));
+            move |batch, ctx: Arc<Context>| {
+                let managed = managed.count(&ctx.batches);
+                ctx.metrics.controller.managed_batches.set(i64::try_from(managed).unwrap_or(i64::MAX));
                 timed("backupbatch", ctx.clone(), reconcile_batch(batch, ctx))
             },
             |_, err, ctx| error_policy("backupbatch", err, ctx),
@@ -236,4 +267,32 @@ async fn timed(
 fn error_policy(controller: &'static str, err: &ControllerError, _ctx: Arc<Context>) -> Action {
     tracing::warn!(controller, error = %err, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(10))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::api::ObjectMeta;
+
+    fn batch(namespace: &str, name: &str) -> BackupBatch {
+        let spec = serde_json::from_value(serde_json::json!({"repository": {"name": "repo"}, "members": []}));
+        let mut batch = BackupBatch::new(name, spec.expect("a spec"));
+        batch.metadata =
+            ObjectMeta { name: Some(name.into()), namespace: Some(namespace.into()), ..Default::default() };
+        batch
+    }
+
+    /// The batches' cache is the webhook's, with every namespace's: an operator that watches one
+    /// namespace reconciles and counts that namespace's only.
+    #[test]
+    fn a_watched_namespace_holds_only_its_own_batches() {
+        let (store, mut writer) = kube::runtime::reflector::store();
+        for (namespace, name) in [("a", "one"), ("a", "two"), ("b", "one")] {
+            writer.apply_watcher_event(&watcher::Event::Apply(batch(namespace, name)));
+        }
+        let (everywhere, only_a) = (Scope(None), Scope(Some("a".into())));
+        assert_eq!((everywhere.count(&store), only_a.count(&store)), (3, 2));
+        assert!(everywhere.holds(&batch("b", "one")));
+        assert!(only_a.holds(&batch("a", "one")) && !only_a.holds(&batch("b", "one")));
+    }
 }

@@ -1,10 +1,10 @@
 //! The reflector caches behind the webhook's answers: BackupBatches, Repositories, ReplicaSet and
-//! Namespace metadata.
+//! Namespace metadata. The BackupBatches' cache is the controllers' too (`reflect::Shared`).
 
 use super::decision::Catalog;
 use super::target_index::TargetIndex;
 use crate::api::{BackupBatch, Repository};
-use crate::reflect::{Events, Listed};
+use crate::reflect::{Events, Listed, Shared};
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::core::PartialObjectMeta;
@@ -18,12 +18,13 @@ use std::sync::Arc;
 use tokio::task::JoinSet;
 
 /// Starts one reflector per kind on `tasks`; the returned catalog fills as they list and watch, and
-/// each [`Listed`] says when one of them has completed its first list.
-pub(crate) fn start(client: &Client, tasks: &mut JoinSet<()>) -> (Catalog, Vec<Listed>) {
-    // Without status: admission reads specs only, and at 10,000 batches their statuses (conditions
-    // with messages) were a tenth of the operator's memory.
-    let batches = watcher(Api::<BackupBatch>::all(client.clone()), watcher::Config::default())
-        .modify(|batch| batch.status = None);
+/// each [`Listed`] says when one of them has completed its first list. The BackupBatches' cache is
+/// returned for the controllers to follow too.
+pub(crate) fn start(client: &Client, tasks: &mut JoinSet<()>) -> (Catalog, Vec<Listed>, Shared<BackupBatch>) {
+    // With status, which admission does not read: the controllers do.
+    let batches = watcher(Api::<BackupBatch>::all(client.clone()), watcher::Config::default());
+    // Without status: admission reads specs only, and at 10,000 batches the statuses of batches and
+    // Repositories (conditions with messages) were a tenth of the operator's memory.
     let repositories = watcher(Api::<Repository>::all(client.clone()), watcher::Config::default())
         .modify(|repository| repository.status = None);
     // Metadata only: the owner chain is all the webhook reads from a ReplicaSet.
@@ -33,37 +34,34 @@ pub(crate) fn start(client: &Client, tasks: &mut JoinSet<()>) -> (Catalog, Vec<L
     fed(tasks, batches, repositories, replicasets, namespaces)
 }
 
-/// The catalog fed by these event streams, on `tasks`, and whether each has listed.
+/// The catalog fed by these event streams, on `tasks`, whether each has listed, and the batches'
+/// cache to follow.
 fn fed(
     tasks: &mut JoinSet<()>,
     batches: impl Events<BackupBatch>,
     repositories: impl Events<Repository>,
     replicasets: impl Events<PartialObjectMeta<ReplicaSet>>,
     namespaces: impl Events<PartialObjectMeta<Namespace>>,
-) -> (Catalog, Vec<Listed>) {
+) -> (Catalog, Vec<Listed>, Shared<BackupBatch>) {
     let targets = Arc::new(TargetIndex::default());
     let invalidate = targets.clone();
-    let mut listed = Vec::new();
-    let batches = reflect(tasks, &mut listed, batches, move || invalidate.invalidate());
-    let repositories = reflect(tasks, &mut listed, repositories, || {});
-    let replicasets = reflect(tasks, &mut listed, replicasets, || {});
-    let namespaces = reflect(tasks, &mut listed, namespaces, || {});
-    (Catalog { batches, repositories, replicasets, namespaces, targets }, listed)
+    let (shared, feeding) = Shared::feed(batches, move || invalidate.invalidate());
+    tasks.spawn(feeding);
+    let mut listed = vec![shared.listed.clone()];
+    let repositories = reflect(tasks, &mut listed, repositories);
+    let replicasets = reflect(tasks, &mut listed, replicasets);
+    let namespaces = reflect(tasks, &mut listed, namespaces);
+    let catalog = Catalog { batches: shared.store.clone(), repositories, replicasets, namespaces, targets };
+    (catalog, listed, shared)
 }
 
-/// Starts a reflector for `K` on `tasks` and adds whether it has listed to `listed`; `changed` runs
-/// after the store applied each event.
-fn reflect<K>(
-    tasks: &mut JoinSet<()>,
-    listed: &mut Vec<Listed>,
-    events: impl Events<K>,
-    changed: impl Fn() + Send + 'static,
-) -> Store<K>
+/// Starts a reflector for `K` on `tasks` and adds whether it has listed to `listed`.
+fn reflect<K>(tasks: &mut JoinSet<()>, listed: &mut Vec<Listed>, events: impl Events<K>) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
-    let (store, first_list, feeding) = crate::reflect::feed(events, changed);
+    let (store, first_list, feeding) = crate::reflect::feed(events, |_| {});
     tasks.spawn(feeding);
     listed.push(first_list);
     store
@@ -92,7 +90,8 @@ mod tests {
         let (repositories, repository_events) = mpsc::unbounded();
         let (replicasets, replicaset_events) = mpsc::unbounded();
         let (namespaces, namespace_events) = mpsc::unbounded();
-        let (_catalog, listed) = fed(&mut tasks, batch_events, repository_events, replicaset_events, namespace_events);
+        let (_catalog, listed, _batches) =
+            fed(&mut tasks, batch_events, repository_events, replicaset_events, namespace_events);
         let waiters: Vec<_> = (0..2)
             .map(|_| {
                 let listed = listed.clone();
