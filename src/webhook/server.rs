@@ -16,7 +16,11 @@ use tokio_util::sync::CancellationToken;
 pub struct ConnectionLimits {
     /// A client must finish the TLS handshake within this.
     pub handshake_timeout: Duration,
-    /// An HTTP/1.1 client must send a request's headers within this.
+    /// An HTTP/1.1 client must send a request's headers within this, counted on a kept-alive
+    /// connection from the end of the previous response (hyper times the idle wait and the headers
+    /// as one). So it is also how long an idle connection stays open, and it must outlast the API
+    /// server's own 90 s: the API server may send a review on an idle connection at any moment, and
+    /// one written into a connection we are closing fails, admitting the Pod without the sidecar.
     pub header_read_timeout: Duration,
     /// How long in-flight requests may take to finish once shutdown starts.
     pub drain_timeout: Duration,
@@ -26,7 +30,7 @@ impl Default for ConnectionLimits {
     fn default() -> Self {
         Self {
             handshake_timeout: Duration::from_secs(10),
-            header_read_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(120),
             drain_timeout: Duration::from_secs(15),
         }
     }
