@@ -320,9 +320,10 @@ pub struct ControllerMetrics {
 }
 
 impl ControllerMetrics {
-    /// Drops every per-object series; counters and histograms start again from zero, which
-    /// Prometheus reads as a reset.
+    /// Drops every per-object series and the count of batches; counters and histograms start again
+    /// from zero, which Prometheus reads as a reset.
     pub(crate) fn clear_objects(&self) {
+        self.managed_batches.set(0);
         self.state.clear();
         self.sessions.clear();
         self.session_duration.clear();

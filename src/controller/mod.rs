@@ -146,7 +146,8 @@ pub(crate) async fn run(
     });
     let sweeping = grants::keep_swept(ctx.clone());
 
-    let (by_repository, managed) = (batches.clone(), scope.clone());
+    let counting = keep_counted(scope.clone(), batches.clone(), metrics.clone());
+    let by_repository = batches.clone();
     let batch_loop = batch_controller
         .owns_stream(cronjobs)
         .reconcile_on(rechecks)
@@ -166,11 +167,7 @@ pub(crate) async fn run(
         })
         .graceful_shutdown_on(cancel.clone().cancelled_owned())
         .run(
-            move |batch, ctx: Arc<Context>| {
-                let managed = managed.count(&ctx.batches);
-                ctx.metrics.controller.managed_batches.set(i64::try_from(managed).unwrap_or(i64::MAX));
-                timed("backupbatch", ctx.clone(), reconcile_batch(batch, ctx))
-            },
+            |batch, ctx: Arc<Context>| timed("backupbatch", ctx.clone(), reconcile_batch(batch, ctx)),
             |_, err, ctx| error_policy("backupbatch", err, ctx),
             ctx.clone(),
         )
@@ -201,9 +198,23 @@ pub(crate) async fn run(
         futures::join!(batch_loop, session_loop, restore_loop);
     });
     let background = Box::pin(async {
-        futures::join!(feeds, sweeping);
+        futures::join!(feeds, sweeping, counting);
     });
     futures::future::select(controllers, background).await;
+}
+
+/// How often `stash_managed_backup_batches` is counted. A watched namespace's count walks the whole
+/// shared cache (every namespace's batches), so it is not done per reconcile.
+const COUNT_EVERY: Duration = Duration::from_secs(15);
+
+/// Keeps `stash_managed_backup_batches` at the number of batches in scope, while this replica leads.
+async fn keep_counted(scope: Scope, batches: Store<BackupBatch>, metrics: Arc<Metrics>) {
+    let mut every = tokio::time::interval(COUNT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        metrics.controller.managed_batches.set(i64::try_from(scope.count(&batches)).unwrap_or(i64::MAX));
+    }
 }
 
 /// A controller of `K` whose cache holds its objects lean (`reflect::lean`), and whether that cache
@@ -294,5 +305,28 @@ mod tests {
         assert_eq!((everywhere.count(&store), only_a.count(&store)), (3, 2));
         assert!(everywhere.holds(&batch("b", "one")));
         assert!(only_a.holds(&batch("a", "one")) && !only_a.holds(&batch("b", "one")));
+    }
+
+    /// The gauge is counted apart from the reconciles (a watched namespace's count walks every
+    /// namespace's batches), and goes back to 0 when this replica stops leading.
+    #[tokio::test]
+    async fn the_managed_batches_are_counted_without_a_reconcile() {
+        let (store, mut writer) = kube::runtime::reflector::store();
+        for (namespace, name) in [("a", "one"), ("a", "two"), ("b", "one")] {
+            writer.apply_watcher_event(&watcher::Event::Apply(batch(namespace, name)));
+        }
+        let metrics = Arc::new(Metrics::default());
+        let counting = tokio::spawn(keep_counted(Scope(Some("a".into())), store, metrics.clone()));
+        let gauge = &metrics.controller.managed_batches;
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while gauge.get() != 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the first count comes at once");
+        counting.abort();
+        metrics.controller.clear_objects();
+        assert_eq!(gauge.get(), 0);
     }
 }
