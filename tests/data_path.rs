@@ -691,7 +691,8 @@ fn restic_with_a_late_session(dir: &Path, setup: &Setup) -> PathBuf {
         r#"#!/bin/bash
 set -euo pipefail
 dir={dir}
-if [[ -f $dir/after-dry-run && ! -f $dir/late ]]; then
+# The first restic run after the dry run starts the late session; the finalize may start two at once.
+if [[ -f $dir/after-dry-run ]] && mkdir $dir/late-claimed 2>/dev/null; then
   created=$(KUBECONFIG={admin} {stash} create-backupsession --invoker-name {BATCH} --namespace {ns})
   name=${{created#backupsession/}}; name=${{name% created}}
   {restic} backup --quiet --host late --tag "session=$name,batch={BATCH},namespace={ns}" $dir/data >&2
@@ -834,6 +835,49 @@ async fn the_integrity_check_runs_once_per_interval_not_on_every_finalize() {
     repositories.patch("repo", &Default::default(), &kube::api::Patch::Merge(&every)).await.expect("annotate");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(verified(&setup.back_up().await), passed, "an interval of 0s checks every time");
+}
+
+/// A finalize measures the Repository's size beside its forget, over the snapshots retention
+/// leaves, instead of after it over everything (one repository opening fewer in sequence), and the
+/// size is what restic measures of the repository once the finalize is done.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_finalize_measures_the_repository_beside_its_forget() {
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut setup = Setup::new("sized", Backend::Local(repo.path())).await;
+    let member = setup.pvc_member().await;
+    setup.batch(vec![member], json!({"retentionPolicy": {"name": "last", "keepLast": 1}})).await;
+    mark_uploads(&setup, "<h1>first</h1>");
+    setup.back_up().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    mark_uploads(&setup, "<h1>second, and longer than the first</h1>");
+    let second = setup.back_up_without_finalize().await;
+
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let calls = scratch.path().join("calls");
+    let script = format!(
+        "#!/bin/sh\necho \"start $*\" >> '{calls}'\n'{restic}' \"$@\"\nrc=$?\necho \"end $*\" >> '{calls}'\nexit $rc\n",
+        calls = calls.display(),
+        restic = backends::restic().display()
+    );
+    let restic = restic_wrapper(scratch.path(), &script);
+    setup.finalize_with(&second, &restic).await;
+    let ran = std::fs::read_to_string(&calls).unwrap_or_default();
+    let at = |edge: &str, command: &str| {
+        ran.lines()
+            .position(|l| l.starts_with(edge) && l.split_whitespace().any(|w| w == command) && !l.contains("--dry-run"))
+            .unwrap_or_else(|| panic!("no {edge} {command} in {ran}"))
+    };
+    assert!(at("start", "stats") < at("end", "forget"), "the size is measured beside the forget: {ran}");
+
+    let url = repo.path().to_string_lossy().into_owned();
+    let measured: Value =
+        serde_json::from_str(&setup.restic(&["-r", &url, "stats", "--json", "--no-lock", "--mode", "raw-data"]))
+            .expect("JSON");
+    let measured = measured["total_size"].as_u64().expect("a size");
+    let repository = setup.ns.api::<stash::api::Repository>().get("repo").await.expect("repository");
+    let status = repository.status.expect("status");
+    assert_eq!(status.total_size.as_deref(), Some(stash::api::backup_session::human_bytes(measured).as_str()));
+    assert_eq!(status.snapshots_removed_on_last_cleanup, Some(2), "the first session's two snapshots went");
 }
 
 /// H2: same-named batches of two namespaces share one repository; each keeps and restores its own data.

@@ -90,15 +90,18 @@ async fn finalize(
             && s.tag("session") == Some(name.as_str())
             && retention::ownership(s, executor.namespace(), &batch) == Ownership::Ours
     });
+    let mut written = None;
     let manifest = match already {
         Some(existing) => {
             Desired::new(MANIFEST_WRITTEN, true, "ManifestWritten", format!("manifest snapshot {}", existing.short_id))
         }
         None => match retention::manifest_of(session, &batch, &snapshots, Timestamp::now()) {
             Ok(manifest) => {
-                let written = manifest.write(restic).await?;
-                let id = written.summary.snapshot_id;
-                Desired::new(MANIFEST_WRITTEN, true, "ManifestWritten", format!("manifest snapshot {id}"))
+                let id = manifest.write(restic).await?.summary.snapshot_id;
+                let condition =
+                    Desired::new(MANIFEST_WRITTEN, true, "ManifestWritten", format!("manifest snapshot {id}"));
+                written = Some(id);
+                condition
             }
             Err(why) => Desired::new(
                 MANIFEST_WRITTEN,
@@ -110,38 +113,83 @@ async fn finalize(
     };
     outcome.conditions.push(manifest);
 
-    let forgotten = match policy {
-        Some(policy) => {
-            let (forgotten, message) = apply_retention(executor, restic, &batch, &name, policy, &snapshots).await?;
-            outcome.conditions.push(Desired::new(RETENTION_APPLIED, true, "RetentionPolicyApplied", message));
-            Some(forgotten)
-        }
+    let retention = match policy {
+        Some(policy) => Some(plan_retention(executor, restic, &batch, &name, policy, &snapshots).await?),
         None => None,
     };
-
-    let integrity = match integrity::decide(Timestamp::now(), repository) {
-        Check::Run { note } => {
-            let passed = restic.check().await?;
-            let said = if passed { "restic check found no errors" } else { "restic check reported errors" };
-            let message = note.map_or_else(|| said.to_string(), |note| format!("{said}; {note}"));
-            let reason = if passed { "CheckPassed" } else { "CheckFailed" };
-            outcome.conditions.push(Desired::new(INTEGRITY_VERIFIED, passed, reason, message));
-            Some(passed)
-        }
-        Check::Skip { passed, next } => {
-            let message = format!(
-                "restic check passed at {passed}; the next runs after {next} (annotation {})",
-                integrity::CHECK_INTERVAL_ANNOTATION
-            );
-            outcome.conditions.push(Desired::new(INTEGRITY_VERIFIED, true, "CheckedRecently", message));
-            None
+    let forgotten: BTreeSet<&str> = retention.iter().flat_map(|r| r.forget.iter().map(String::as_str)).collect();
+    let left: Vec<&str> = snapshots
+        .iter()
+        .map(|s| s.id.as_str())
+        .chain(written.as_deref())
+        .filter(|id| !forgotten.contains(id))
+        .collect();
+    let sizing = sizing(left, retention.as_ref().is_some_and(|r| r.prune));
+    let measuring = async {
+        match &sizing {
+            Sizing::Beside(ids) => Some(restic.stored_size(ids).await),
+            Sizing::After => None,
         }
     };
-    let left = snapshots.iter().filter(|s| forgotten.as_ref().is_none_or(|f| !f.contains(&s.id)));
-    let data = left.filter(|s| s.hostname != MANIFEST_HOST).count();
-    let removed = forgotten.map(|f| f.len());
-    update_repository(executor, restic, repository, session, Counts { data, removed, integrity }).await?;
+    let maintaining = async {
+        let mut conditions = Vec::new();
+        if let Some(retention) = &retention {
+            restic.forget(&retention.forget).await?;
+            if retention.prune {
+                restic.prune().await?;
+            }
+            conditions.push(Desired::new(RETENTION_APPLIED, true, "RetentionPolicyApplied", retention.message.clone()));
+        }
+        let integrity = match integrity::decide(Timestamp::now(), repository) {
+            Check::Run { note } => {
+                let passed = restic.check().await?;
+                let said = if passed { "restic check found no errors" } else { "restic check reported errors" };
+                let message = note.map_or_else(|| said.to_string(), |note| format!("{said}; {note}"));
+                let reason = if passed { "CheckPassed" } else { "CheckFailed" };
+                conditions.push(Desired::new(INTEGRITY_VERIFIED, passed, reason, message));
+                Some(passed)
+            }
+            Check::Skip { passed, next } => {
+                let message = format!(
+                    "restic check passed at {passed}; the next runs after {next} (annotation {})",
+                    integrity::CHECK_INTERVAL_ANNOTATION
+                );
+                conditions.push(Desired::new(INTEGRITY_VERIFIED, true, "CheckedRecently", message));
+                None
+            }
+        };
+        Ok::<_, AgentError>((conditions, integrity))
+    };
+    let (measured, maintained) = tokio::join!(measuring, maintaining);
+    let (conditions, integrity) = maintained?;
+    outcome.conditions.extend(conditions);
+    let size = match measured {
+        Some(size) => size?,
+        None => restic.stored_size(&[]).await?,
+    };
+    let data = snapshots.iter().filter(|s| !forgotten.contains(s.id.as_str()) && s.hostname != MANIFEST_HOST).count();
+    let removed = retention.as_ref().map(|r| r.forget.len());
+    update_repository(executor, repository, session, Counts { size, data, removed, integrity }).await?;
     Ok(outcome)
+}
+
+/// Ids passed to one `restic stats`: ~650 KB of arguments, well inside Linux's 2 MiB for a command
+/// line under the default stack limit.
+const SIZED_BY_ID_MAX: usize = 10_000;
+
+/// When the Repository's size is measured.
+#[derive(Debug, PartialEq)]
+enum Sizing<'a> {
+    /// Over the snapshots retention leaves, beside its deletions and the check: forget deletes
+    /// only snapshot files these do not name, and removes no data they read.
+    Beside(Vec<&'a str>),
+    /// Over the whole repository once retention is done: a prune rewrites the packs a measure
+    /// reads, and too many ids do not fit one command line.
+    After,
+}
+
+fn sizing(left: Vec<&str>, prunes: bool) -> Sizing<'_> {
+    if prunes || left.is_empty() || left.len() > SIZED_BY_ID_MAX { Sizing::After } else { Sizing::Beside(left) }
 }
 
 /// restic forget flags of a policy; empty when it keeps nothing explicitly (then nothing is removed).
@@ -168,18 +216,18 @@ fn keep_flags(policy: &RetentionPolicy) -> Vec<String> {
 /// Retention by whole sessions: restic's keep rules pick among this namespace's manifests (dated at
 /// their sessions' start), and `retention::plan` decides what is forgotten — never the newest complete
 /// session, nor any session not finalized yet. Per-host retention would break the sets. `listed` is
-/// the repository as the finalize listed it first; returns the ids forgotten.
-async fn apply_retention(
+/// the repository as the finalize listed it first. Deletes nothing: the finalize applies the plan.
+async fn plan_retention(
     executor: &Executor,
     restic: &Restic,
     batch: &str,
     current: &str,
     policy: &RetentionPolicy,
     listed: &[Snapshot],
-) -> Result<(BTreeSet<String>, String), AgentError> {
+) -> Result<Retention, AgentError> {
     let flags = keep_flags(policy);
     if flags.is_empty() {
-        return Ok((BTreeSet::new(), "the policy keeps everything".into()));
+        return Ok(Retention { forget: Vec::new(), prune: false, message: "the policy keeps everything".into() });
     }
     let namespace = executor.namespace();
     let mut args = vec![
@@ -222,17 +270,18 @@ async fn apply_retention(
     let sessions = plan.keep.iter().cloned().collect::<Vec<_>>().join(", ");
     let forget = plan.forget;
     if policy.dry_run {
-        return Ok((
-            BTreeSet::new(),
-            format!("dry run: would forget {} snapshots; keeping sessions {sessions}", forget.len()),
-        ));
-    }
-    restic.forget(&forget).await?;
-    if policy.prune && !forget.is_empty() {
-        restic.prune().await?;
+        let message = format!("dry run: would forget {} snapshots; keeping sessions {sessions}", forget.len());
+        return Ok(Retention { forget: Vec::new(), prune: false, message });
     }
     let message = format!("forgot {} snapshots; keeping sessions {sessions}", forget.len());
-    Ok((forget.into_iter().collect(), message))
+    Ok(Retention { prune: policy.prune && !forget.is_empty(), forget, message })
+}
+
+/// What retention will do: the snapshots to forget, whether a prune follows, and what to say.
+struct Retention {
+    forget: Vec<String>,
+    prune: bool,
+    message: String,
 }
 
 /// What `restic forget --dry-run --json` would keep and remove, over every group.
@@ -262,6 +311,8 @@ fn dry_run(forget_json: &str) -> Result<DryRun, AgentError> {
 
 /// What the finalize learnt about the repository, for its status.
 struct Counts {
+    /// Bytes the repository stores (`restic stats --mode raw-data`).
+    size: u64,
     /// Snapshots of members (not manifests) left after retention.
     data: usize,
     /// Snapshots retention forgot; None when the batch has no policy.
@@ -272,13 +323,11 @@ struct Counts {
 
 async fn update_repository(
     executor: &Executor,
-    restic: &Restic,
     repository: &Repository,
     session: &BackupSession,
     counts: Counts,
 ) -> Result<(), AgentError> {
-    let Counts { data, removed, integrity } = counts;
-    let size = restic.stored_size().await?;
+    let Counts { size, data, removed, integrity } = counts;
     let succeeded = session.status.as_ref().and_then(|s| s.phase) == Some(BackupSessionPhase::Succeeded);
     let now = Time(Timestamp::now());
     let current = repository.status.clone().unwrap_or_default();
@@ -340,6 +389,14 @@ mod tests {
         };
         assert_eq!(keep_flags(&policy), ["--keep-last", "5", "--keep-daily", "7", "--keep-tag", "monthly"]);
         assert!(keep_flags(&RetentionPolicy::default()).is_empty());
+    }
+
+    #[test]
+    fn the_size_is_measured_beside_retention_unless_a_prune_or_the_command_line_forbids_it() {
+        assert_eq!(sizing(vec!["a", "b"], false), Sizing::Beside(vec!["a", "b"]));
+        assert_eq!(sizing(vec!["a", "b"], true), Sizing::After);
+        assert_eq!(sizing(Vec::new(), false), Sizing::After, "no ids means every snapshot to restic");
+        assert_eq!(sizing(vec!["a"; SIZED_BY_ID_MAX + 1], false), Sizing::After);
     }
 
     #[test]

@@ -544,13 +544,16 @@ impl Restic {
         }
     }
 
-    /// Bytes the repository stores (after deduplication and compression).
-    pub async fn stored_size(&self) -> Result<u64, ResticError> {
+    /// Bytes the snapshots `ids` (all when empty) hold in the repository, after deduplication and
+    /// compression.
+    pub async fn stored_size(&self, ids: &[&str]) -> Result<u64, ResticError> {
         #[derive(serde::Deserialize)]
         struct Stats {
             total_size: u64,
         }
-        let printed = self.run(&["stats", "--json", "--no-lock", "--mode", "raw-data"]).await?;
+        let mut args = vec!["stats", "--json", "--no-lock", "--mode", "raw-data"];
+        args.extend(ids);
+        let printed = self.run(&args).await?;
         serde_json::from_str::<Stats>(printed.trim())
             .map(|s| s.total_size)
             .map_err(|err| ResticError::Output { command: "stats".into(), message: err.to_string() })
