@@ -13,6 +13,9 @@ use kube::core::ObjectMeta;
 use std::collections::BTreeMap;
 
 pub const SIDECAR_NAME: &str = "stash";
+/// Set by the webhook on each Pod it gives the sidecar, naming the BackupBatch whose member the Pod
+/// belongs to: the controllers count injected Pods by it from a metadata-only cache.
+pub const BATCH_ANNOTATION: &str = "stash.appscode.com/backup-batch";
 pub const TMP_MOUNT_PATH: &str = "/tmp";
 pub const SECRET_MOUNT_PATH: &str = "/etc/stash/repository/secret";
 /// Where a backup or restore Job mounts the member's connection Secret.

@@ -150,7 +150,55 @@ async fn a_ready_unchanged_batch_is_reconciled_again_without_a_request() {
     let members = vec![member("PersistentVolumeClaim", "data")];
     fixtures::batch(&ns, "nightly", members, json!({"schedule": "0 2 * * *"})).await;
     batch_phase(&ns, "nightly", BackupInvokerPhase::Ready).await;
+    reconciled_again_without_a_request(&ns, &operator, "nightly").await;
+    operator.stop().await;
+}
 
+/// The same for a workload member: the workload and its Pods come from caches too, not from a GET
+/// and a list per reconcile.
+#[tokio::test]
+async fn a_ready_batch_of_a_workload_is_reconciled_again_without_a_request() {
+    let ns = TestNamespace::new("cachedwl").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    injected_deployment(&ns, "web", "site").await;
+    let pods = ns.api::<k8s_openapi::api::core::v1::Pod>();
+    eventually("a Pod of web", Duration::from_secs(60), || {
+        let pods = pods.clone();
+        async move { pods.list(&ListParams::default().labels("app=web")).await.ok().filter(|l| !l.items.is_empty()) }
+    })
+    .await;
+    fixtures::batch(&ns, "site", vec![member("Deployment", "web")], json!({"schedule": "0 2 * * *"})).await;
+    let batch = batch_phase(&ns, "site", BackupInvokerPhase::Ready).await;
+    let member = &batch.status.expect("status").member_conditions[0];
+    let injected = member.conditions.iter().find(|c| c.type_ == "StashSidecarInjected").expect("condition");
+    assert_eq!(injected.message.as_deref(), Some("1 of 1 Pods carry the stash sidecar"));
+    reconciled_again_without_a_request(&ns, &operator, "site").await;
+    operator.stop().await;
+}
+
+/// A Deployment whose Pods are as the webhook makes them for batch `batch` (no webhook runs in these
+/// tests): with the sidecar and the batch annotation.
+async fn injected_deployment(ns: &TestNamespace, name: &str, batch: &str) {
+    let containers =
+        json!([{"name": "c", "image": "registry.invalid/c:1"}, {"name": "stash", "image": "registry.invalid/s:1"}]);
+    let template = json!({"metadata": {"labels": {"app": name}, "annotations": {"stash.appscode.com/backup-batch": batch}},
+                          "spec": {"containers": containers}});
+    fixtures::create::<Deployment>(
+        ns,
+        json!({"metadata": {"name": name}, "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}}, "template": template}}),
+    )
+    .await;
+}
+
+/// Waits until the operator is quiet, edits the batch's metadata, and checks that the reconcile this
+/// brings sends no request.
+async fn reconciled_again_without_a_request(
+    ns: &TestNamespace,
+    operator: &support::operator::RunningOperator,
+    batch: &str,
+) {
     // The Lease renewals and the caches' watches are not the batch's.
     let requests = || operator.samples("stash_api_requests_total", |l| !l.contains("leases") && !l.contains("watch"));
     let reconciles = || async {
@@ -169,7 +217,7 @@ async fn a_ready_unchanged_batch_is_reconciled_again_without_a_request() {
     let (before, reconciled) = settled;
     let patch = json!({"metadata": {"annotations": {"example.com/touched": "yes"}}});
     let batches = ns.api::<BackupBatch>();
-    batches.patch("nightly", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("annotate");
+    batches.patch(batch, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("annotate");
     eventually("the batch reconciled again", Duration::from_secs(30), || async {
         (reconciles().await > reconciled).then_some(())
     })
@@ -177,7 +225,6 @@ async fn a_ready_unchanged_batch_is_reconciled_again_without_a_request() {
     let after = requests().await;
     let added: Vec<_> = after.iter().filter(|(series, n)| before.get(*series) != Some(n)).collect();
     assert!(added.is_empty(), "requests of the reconcile: {added:?}");
-    operator.stop().await;
 }
 
 #[tokio::test]
@@ -803,15 +850,7 @@ async fn a_session_start_rechecks_that_the_members_pods_carry_the_sidecar() {
     let operator = with_controllers(&ns).await;
     fixtures::secret(&ns, true).await;
     fixtures::repository(&ns).await;
-    // Its Pods carry a container named as the sidecar (no webhook here), so the batch is content.
-    let containers =
-        json!([{"name": "c", "image": "registry.invalid/c:1"}, {"name": "stash", "image": "registry.invalid/s:1"}]);
-    fixtures::create::<Deployment>(
-        &ns,
-        json!({"metadata": {"name": "web"}, "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
-               "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": containers}}}}),
-    )
-    .await;
+    injected_deployment(&ns, "web", "site").await;
     fixtures::batch(&ns, "site", vec![member("Deployment", "web")], json!({"timeOut": "30m"})).await;
     let injected = |status: ConditionStatus| {
         let batches = ns.api::<BackupBatch>();

@@ -78,7 +78,7 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
     let mut sidecars_pending = false;
     for member in &batch.spec.members {
         let reference = &member.target.reference;
-        let state = targets::inspect(&ctx.client, Some(&ctx.caches.claims), &namespace, member).await?;
+        let state = targets::inspect(&ctx.client, Some(&ctx.caches), &namespace, member).await?;
         let mut conditions = previous_member_conditions(&batch, reference);
         let found = match &state {
             TargetState::Missing => Desired::new(
@@ -118,7 +118,9 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
             // Its Pods' sidecar acts as the workload's ServiceAccount.
             identity::ensure_workload(&ctx, &namespace, workload).await?;
             let usable = repository.as_ref().ok();
-            let injected = targets::sidecar_status(&ctx.client, &namespace, workload, &batch, usable).await?;
+            let injected =
+                targets::sidecar_status(&ctx.client, &ctx.caches.members.pods, &namespace, workload, &batch, usable)
+                    .await?;
             sidecars_pending |= !injected.desired.is_true();
             record(&ctx, &batch, &mut conditions, &injected.desired, generation).await;
             if injected.rolled {

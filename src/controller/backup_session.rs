@@ -167,7 +167,7 @@ async fn exec_pods(ctx: &Context, namespace: &str, batch: &BackupBatch) -> Resul
     let mut selectors = Vec::new();
     for member in &batch.spec.members {
         if let TargetState::Workload(workload) =
-            targets::inspect(&ctx.client, Some(&ctx.caches.claims), namespace, member).await?
+            targets::inspect(&ctx.client, Some(&ctx.caches), namespace, member).await?
             && let Some(selector) = workload.selector.and_then(|s| kube::core::Selector::try_from(s).ok())
         {
             selectors.push(selector);
@@ -221,7 +221,7 @@ async fn start(
     let namespace = session.namespace().unwrap_or_default();
     let mut targets = Vec::with_capacity(batch.spec.members.len());
     for member in &batch.spec.members {
-        let state = targets::inspect(&ctx.client, Some(&ctx.caches.claims), &namespace, member).await?;
+        let state = targets::inspect(&ctx.client, Some(&ctx.caches), &namespace, member).await?;
         let reference = &member.target.reference;
         let unusable = unusable(&state, reference);
         targets.push(BackupTargetStatus {

@@ -1,21 +1,27 @@
 //! What the controllers read without a request: reflector stores of Repositories, of PVC and
-//! identity metadata and of the trigger CronJobs, and three small memos for what no store can say —
+//! identity metadata, of the trigger CronJobs and of what workload members name (the workloads, lean,
+//! and their Pods' metadata), and three small memos for what no store can say —
 //! a backend Secret checked once per Repository version (Secrets are never listed or watched), the
 //! last CronJob applied per batch, and identities just created whose watch event is still on its way.
 //!
 //! The Repository and CronJob stores are fed by the BackupBatch controller's own trigger streams, so a
 //! reconcile woken by one of them always finds the change in the store.
 
+use super::targets::ROLLOUT_ANNOTATION;
 use crate::api::{BackupBatch, Repository};
+use crate::executor_pod::BATCH_ANNOTATION;
 use crate::reflect::{Listed, NeverListed, all_listed, feed};
+use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetStatus, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::CronJob;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    PersistentVolumeClaim, Pod, PodSpec, PodTemplateSpec, ReplicationController, ServiceAccount,
+};
 use k8s_openapi::api::rbac::v1::RoleBinding;
-use kube::Resource;
-use kube::core::PartialObjectMeta;
+use kube::core::{ObjectMeta, PartialObjectMeta};
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
-use kube::runtime::watcher;
-use std::collections::HashMap;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource};
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -38,6 +44,7 @@ pub struct Caches {
     pub(crate) bindings: Store<PartialObjectMeta<RoleBinding>>,
     /// The Repository grants (`grants`) to the namespaces of this operator's scope, wherever they are.
     pub(crate) grants: Store<PartialObjectMeta<RoleBinding>>,
+    pub(crate) members: Members,
     /// Repositories whose backend Secret was found usable in a namespace that uses them (where its
     /// Pods mount the Secret), at the Repository's resourceVersion.
     secrets_checked: Mutex<HashMap<(ObjectRef<Repository>, String), String>>,
@@ -63,25 +70,31 @@ pub struct Writers {
 pub type Feeds = futures::future::BoxFuture<'static, ()>;
 
 impl Caches {
-    /// The caches, the writers for the trigger-fed stores, and the future that feeds the others.
+    /// The caches of `namespace` (or all), the writers for the trigger-fed stores, and the future
+    /// that feeds the others. Identities are watched with `identities` (our label), the Repository
+    /// grants with `grants`, in every namespace.
     pub(crate) fn new(
-        claims: watcher::Config,
+        client: &Client,
+        namespace: Option<&str>,
         identities: watcher::Config,
-        claims_api: kube::Api<PartialObjectMeta<PersistentVolumeClaim>>,
-        accounts_api: kube::Api<PartialObjectMeta<ServiceAccount>>,
-        bindings_api: kube::Api<PartialObjectMeta<RoleBinding>>,
         grants: watcher::Config,
-        grants_api: kube::Api<PartialObjectMeta<RoleBinding>>,
     ) -> (Self, Writers, Feeds) {
         let (repositories, repositories_writer) = reflector::store();
         let (cronjobs, cronjobs_writer) = reflector::store();
-        let (claims_store, claims_listed, claims_feed) = feed(watcher(claims_api, claims), |_| {});
+        let claims_api = super::api::<PartialObjectMeta<PersistentVolumeClaim>>(client, namespace);
+        let (claims_store, claims_listed, claims_feed) = feed(watcher(claims_api, watcher::Config::default()), |_| {});
+        let accounts_api = super::api::<PartialObjectMeta<ServiceAccount>>(client, namespace);
         let (accounts, accounts_listed, accounts_feed) = feed(watcher(accounts_api, identities.clone()), |_| {});
+        let bindings_api = super::api::<PartialObjectMeta<RoleBinding>>(client, namespace);
         let (bindings, bindings_listed, bindings_feed) = feed(watcher(bindings_api, identities), |_| {});
+        let grants_api = kube::Api::<PartialObjectMeta<RoleBinding>>::all(client.clone());
         let (grants_store, grants_listed, grants_feed) = feed(watcher(grants_api, grants), |_| {});
+        let (members, members_listed, members_feed) = Members::watch(client, namespace);
         let feeds = Box::pin(async move {
-            futures::join!(claims_feed, accounts_feed, bindings_feed, grants_feed);
+            futures::join!(claims_feed, accounts_feed, bindings_feed, grants_feed, members_feed);
         });
+        let mut listed = vec![claims_listed, accounts_listed, bindings_listed, grants_listed];
+        listed.extend(members_listed);
         let caches = Caches {
             repositories,
             claims: claims_store,
@@ -89,12 +102,13 @@ impl Caches {
             accounts,
             bindings,
             grants: grants_store,
+            members,
             secrets_checked: Mutex::default(),
             applied: Mutex::default(),
             statuses: Mutex::default(),
             created: Mutex::default(),
             creating: tokio::sync::Mutex::const_new(()),
-            listed: vec![claims_listed, accounts_listed, bindings_listed, grants_listed],
+            listed,
         };
         (caches, Writers { repositories: repositories_writer, cronjobs: cronjobs_writer }, feeds)
     }
@@ -197,6 +211,131 @@ impl Caches {
     }
 }
 
+/// What workload members name, kept lean: only what `targets` reads of them. The five workload kinds
+/// (selector, replicas, the pod template's ServiceAccount and rollout annotation, a DaemonSet's
+/// desired Pods) and Pods' metadata (labels, and the annotation the webhook sets on each Pod it gives
+/// the sidecar). A reconcile then counts a workload's sidecars without a request, and a batch that
+/// waits for its Pods re-checks them for free.
+pub(crate) struct Members {
+    pub(crate) deployments: Store<Deployment>,
+    pub(crate) statefulsets: Store<StatefulSet>,
+    pub(crate) daemonsets: Store<DaemonSet>,
+    pub(crate) replicasets: Store<ReplicaSet>,
+    pub(crate) controllers: Store<ReplicationController>,
+    pub(crate) pods: Store<PartialObjectMeta<Pod>>,
+}
+
+impl Members {
+    /// The stores (of `namespace`, or all), whether each has listed, and the future that feeds them.
+    fn watch(client: &Client, namespace: Option<&str>) -> (Self, Vec<Listed>, Feeds) {
+        let config = watcher::Config::default;
+        let (deployments, deployments_listed, deployments_feed) =
+            feed(watcher(super::api(client, namespace), config()).modify(lean_deployment), |_| {});
+        let (statefulsets, statefulsets_listed, statefulsets_feed) =
+            feed(watcher(super::api(client, namespace), config()).modify(lean_statefulset), |_| {});
+        let (daemonsets, daemonsets_listed, daemonsets_feed) =
+            feed(watcher(super::api(client, namespace), config()).modify(lean_daemonset), |_| {});
+        let (replicasets, replicasets_listed, replicasets_feed) =
+            feed(watcher(super::api(client, namespace), config()).modify(lean_replicaset), |_| {});
+        let (controllers, controllers_listed, controllers_feed) =
+            feed(watcher(super::api(client, namespace), config()).modify(lean_controller), |_| {});
+        let (pods, pods_listed, pods_feed) =
+            feed(watcher(super::api(client, namespace), config()).modify(lean_pod), |_| {});
+        let feeds = Box::pin(async move {
+            futures::join!(
+                deployments_feed,
+                statefulsets_feed,
+                daemonsets_feed,
+                replicasets_feed,
+                controllers_feed,
+                pods_feed
+            );
+        });
+        let listed = vec![
+            deployments_listed,
+            statefulsets_listed,
+            daemonsets_listed,
+            replicasets_listed,
+            controllers_listed,
+            pods_listed,
+        ];
+        (Self { deployments, statefulsets, daemonsets, replicasets, controllers, pods }, listed, feeds)
+    }
+}
+
+/// Keeps of `annotations` only the one named `key`.
+fn only(annotations: Option<BTreeMap<String, String>>, key: &str) -> Option<BTreeMap<String, String>> {
+    annotations.and_then(|mut all| all.remove_entry(key)).map(|entry| BTreeMap::from([entry]))
+}
+
+/// A workload's own metadata is read for its name only: a `kubectl apply`'d one carries its whole
+/// last spec in an annotation.
+fn lean_workload_meta(meta: &mut ObjectMeta) {
+    meta.labels = None;
+    meta.annotations = None;
+    meta.owner_references = None;
+}
+
+fn lean_template(template: &mut PodTemplateSpec) {
+    let annotations = only(template.metadata.take().and_then(|m| m.annotations), ROLLOUT_ANNOTATION);
+    template.metadata = Some(ObjectMeta { annotations, ..Default::default() });
+    template.spec = template.spec.take().map(|spec| PodSpec {
+        service_account_name: spec.service_account_name,
+        service_account: spec.service_account,
+        ..Default::default()
+    });
+}
+
+fn lean_deployment(deployment: &mut Deployment) {
+    lean_workload_meta(&mut deployment.metadata);
+    if let Some(spec) = deployment.spec.as_mut() {
+        lean_template(&mut spec.template);
+    }
+    deployment.status = None;
+}
+
+fn lean_statefulset(statefulset: &mut StatefulSet) {
+    lean_workload_meta(&mut statefulset.metadata);
+    if let Some(spec) = statefulset.spec.as_mut() {
+        lean_template(&mut spec.template);
+        spec.volume_claim_templates = None;
+    }
+    statefulset.status = None;
+}
+
+fn lean_daemonset(daemonset: &mut DaemonSet) {
+    lean_workload_meta(&mut daemonset.metadata);
+    if let Some(spec) = daemonset.spec.as_mut() {
+        lean_template(&mut spec.template);
+    }
+    daemonset.status = daemonset.status.take().map(|status| DaemonSetStatus {
+        desired_number_scheduled: status.desired_number_scheduled,
+        ..Default::default()
+    });
+}
+
+fn lean_replicaset(replicaset: &mut ReplicaSet) {
+    lean_workload_meta(&mut replicaset.metadata);
+    if let Some(template) = replicaset.spec.as_mut().and_then(|spec| spec.template.as_mut()) {
+        lean_template(template);
+    }
+    replicaset.status = None;
+}
+
+fn lean_controller(controller: &mut ReplicationController) {
+    lean_workload_meta(&mut controller.metadata);
+    if let Some(template) = controller.spec.as_mut().and_then(|spec| spec.template.as_mut()) {
+        lean_template(template);
+    }
+    controller.status = None;
+}
+
+/// A Pod is matched by its labels and counted as injected by our annotation.
+fn lean_pod(pod: &mut PartialObjectMeta<Pod>) {
+    pod.metadata.annotations = only(pod.metadata.annotations.take(), BATCH_ANNOTATION);
+    pod.metadata.owner_references = None;
+}
+
 /// A stable fingerprint of what is applied, to tell whether applying it again would change anything.
 pub(crate) fn fingerprint(object: &serde_json::Value) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -214,17 +353,7 @@ mod tests {
             let service = tower::service_fn(|_| async { Err::<http::Response<kube::client::Body>, _>("no server") });
             kube::Client::new(service, "default")
         };
-        let (a, b, c, d) = (client(), client(), client(), client());
-        Caches::new(
-            config(),
-            config(),
-            kube::Api::all(a),
-            kube::Api::all(b),
-            kube::Api::all(c),
-            config(),
-            kube::Api::all(d),
-        )
-        .0
+        Caches::new(&client(), None, config(), config()).0
     }
 
     fn batch(version: &str) -> BackupBatch {
@@ -235,6 +364,54 @@ mod tests {
         batch.metadata.namespace = Some("ns".into());
         batch.metadata.resource_version = Some(version.into());
         batch
+    }
+
+    /// What `targets` reads of a workload and of a Pod survives the trim; the bulk does not.
+    #[test]
+    fn lean_members_keep_what_targets_read() {
+        let template = serde_json::json!({
+            "metadata": {"labels": {"app": "web"}, "annotations": {ROLLOUT_ANNOTATION: "nightly", "other": "x"}},
+            "spec": {"serviceAccountName": "web", "containers": [{"name": "c", "image": "c:1"}],
+                     "volumes": [{"name": "v", "emptyDir": {}}]}
+        });
+        let mut deployment: Deployment = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "ns", "labels": {"a": "b"},
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}"}},
+            "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "web"}}, "template": template},
+            "status": {"replicas": 1}
+        }))
+        .expect("a Deployment");
+        lean_deployment(&mut deployment);
+        let spec = deployment.spec.as_ref().expect("spec");
+        assert_eq!((deployment.metadata.name.as_deref(), spec.replicas), (Some("web"), Some(0)));
+        assert_eq!(spec.selector.match_labels, Some(BTreeMap::from([("app".to_string(), "web".to_string())])));
+        let annotations = spec.template.metadata.as_ref().and_then(|m| m.annotations.clone());
+        assert_eq!(annotations, Some(BTreeMap::from([(ROLLOUT_ANNOTATION.to_string(), "nightly".to_string())])));
+        let pod = spec.template.spec.as_ref().expect("pod spec");
+        assert_eq!(pod.service_account_name.as_deref(), Some("web"));
+        assert!(pod.containers.is_empty() && pod.volumes.is_none());
+        assert!(deployment.metadata.annotations.is_none() && deployment.status.is_none());
+
+        let mut daemonset: DaemonSet = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "agent"},
+            "spec": {"selector": {"matchLabels": {"app": "agent"}}, "template": {"spec": {"containers": []}}},
+            "status": {"desiredNumberScheduled": 3, "currentNumberScheduled": 2, "numberMisscheduled": 0, "numberReady": 2}
+        }))
+        .expect("a DaemonSet");
+        lean_daemonset(&mut daemonset);
+        assert_eq!(daemonset.status.map(|s| (s.desired_number_scheduled, s.number_ready)), Some((3, 0)));
+
+        let mut pod: PartialObjectMeta<Pod> = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web-1", "labels": {"app": "web"}, "annotations": {BATCH_ANNOTATION: "nightly", "big": "x"}}
+        }))
+        .expect("Pod metadata");
+        lean_pod(&mut pod);
+        assert_eq!(pod.metadata.labels, Some(BTreeMap::from([("app".to_string(), "web".to_string())])));
+        assert_eq!(
+            pod.metadata.annotations,
+            Some(BTreeMap::from([(BATCH_ANNOTATION.to_string(), "nightly".to_string())]))
+        );
     }
 
     /// A reconcile of the copy our status write replaced waits for the write's own event; a write

@@ -101,17 +101,14 @@ pub(crate) async fn run(
     let (restore_controller, restores_listed) = lean_controller(api::<RestoreBatch>(&client, namespace), &config);
     let (session_controller, sessions_listed) = lean_controller(api::<BackupSession>(&client, namespace), &config);
     let (mut caches, writers, feeds) = caches::Caches::new(
-        watcher::Config::default(),
+        &client,
+        namespace,
         ours.clone(),
-        api::<PartialObjectMeta<_>>(&client, namespace),
-        api::<PartialObjectMeta<_>>(&client, namespace),
-        api::<PartialObjectMeta<_>>(&client, namespace),
         // The grants to this scope's namespaces live in the Repositories' namespaces.
         watcher::Config::default().labels(&match namespace {
             Some(namespace) => format!("{}={namespace}", grants::REQUESTER_LABEL),
             None => grants::REQUESTER_LABEL.to_string(),
         }),
-        Api::all(client.clone()),
     );
     // Every namespace's Repositories, whatever the install's scope: a batch may use another
     // namespace's that allows it.

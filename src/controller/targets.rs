@@ -1,19 +1,21 @@
 //! Member targets: do they exist, how many hosts back them up, and do their Pods carry the sidecar.
 
 use super::backup_batch::SIDECAR_INJECTED;
+use super::caches::Caches;
 use crate::api::backup_batch::BackupMember;
 use crate::api::{BackupBatch, Repository};
 use crate::conditions::Desired;
-use crate::executor_pod::{APP_BINDING_KIND, SIDECAR_NAME};
+use crate::executor_pod::{APP_BINDING_KIND, BATCH_ANNOTATION};
 use crate::workload::WorkloadKind;
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, PodTemplateSpec, ReplicationController, Secret};
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, PodTemplateSpec, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, ListParams, Patch, PatchParams};
-use kube::core::PartialObjectMeta;
+use kube::api::{Api, Patch, PatchParams};
+use kube::core::{PartialObjectMeta, SelectorExt};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use std::collections::BTreeMap;
 
 /// Set on a workload's pod template when the controller restarted it once to inject the sidecar.
@@ -83,11 +85,30 @@ where
     })
 }
 
-/// What `member` names: PersistentVolumeClaims from `claims` when given (the controllers' cache),
-/// everything else from the API server.
+/// `K` `namespace/name`: from `store` when the controllers have one, else from the API server.
+async fn read<K>(
+    store: Option<&Store<K>>,
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<K>, kube::Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    match store {
+        Some(store) => Ok(store.get(&ObjectRef::new(name).within(namespace)).map(|cached| K::clone(&cached))),
+        None => Api::<K>::namespaced(client.clone(), namespace).get_opt(name).await,
+    }
+}
+
+/// What `member` names: workloads and PersistentVolumeClaims from the controllers' `cached` stores
+/// when given, Secrets and AppBindings (and everything, for the CLI) from the API server.
 pub async fn inspect(
     client: &Client,
-    claims: Option<&Store<PartialObjectMeta<PersistentVolumeClaim>>>,
+    cached: Option<&Caches>,
     namespace: &str,
     member: &BackupMember,
 ) -> Result<TargetState, kube::Error> {
@@ -97,7 +118,7 @@ pub async fn inspect(
     }
     let name = target.name.as_str();
     Ok(match target.kind.as_str() {
-        "Deployment" => match Api::<Deployment>::namespaced(client.clone(), namespace).get_opt(name).await? {
+        "Deployment" => match read(cached.map(|c| &c.members.deployments), client, namespace, name).await? {
             Some(d) => {
                 let spec = d.spec.clone().unwrap_or_default();
                 let hosts = i32::from(spec.replicas.unwrap_or(1) > 0);
@@ -105,7 +126,7 @@ pub async fn inspect(
             }
             None => TargetState::Missing,
         },
-        "StatefulSet" => match Api::<StatefulSet>::namespaced(client.clone(), namespace).get_opt(name).await? {
+        "StatefulSet" => match read(cached.map(|c| &c.members.statefulsets), client, namespace, name).await? {
             Some(s) => {
                 let spec = s.spec.clone().unwrap_or_default();
                 let replicas = spec.replicas.unwrap_or(1);
@@ -113,7 +134,7 @@ pub async fn inspect(
             }
             None => TargetState::Missing,
         },
-        "DaemonSet" => match Api::<DaemonSet>::namespaced(client.clone(), namespace).get_opt(name).await? {
+        "DaemonSet" => match read(cached.map(|c| &c.members.daemonsets), client, namespace, name).await? {
             Some(d) => {
                 let spec = d.spec.clone().unwrap_or_default();
                 let desired = d.status.as_ref().map_or(0, |s| s.desired_number_scheduled);
@@ -121,7 +142,7 @@ pub async fn inspect(
             }
             None => TargetState::Missing,
         },
-        "ReplicaSet" => match Api::<ReplicaSet>::namespaced(client.clone(), namespace).get_opt(name).await? {
+        "ReplicaSet" => match read(cached.map(|c| &c.members.replicasets), client, namespace, name).await? {
             Some(r) => {
                 let spec = r.spec.clone().unwrap_or_default();
                 let hosts = i32::from(spec.replicas.unwrap_or(1) > 0);
@@ -129,21 +150,19 @@ pub async fn inspect(
             }
             None => TargetState::Missing,
         },
-        "ReplicationController" => {
-            match Api::<ReplicationController>::namespaced(client.clone(), namespace).get_opt(name).await? {
-                Some(r) => {
-                    let spec = r.spec.clone().unwrap_or_default();
-                    let selector =
-                        spec.selector.map(|labels| LabelSelector { match_labels: Some(labels), ..Default::default() });
-                    let hosts = i32::from(spec.replicas.unwrap_or(1) > 0);
-                    workload(WorkloadKind::ReplicationController, r, hosts, selector, spec.template.as_ref())
-                }
-                None => TargetState::Missing,
+        "ReplicationController" => match read(cached.map(|c| &c.members.controllers), client, namespace, name).await? {
+            Some(r) => {
+                let spec = r.spec.clone().unwrap_or_default();
+                let selector =
+                    spec.selector.map(|labels| LabelSelector { match_labels: Some(labels), ..Default::default() });
+                let hosts = i32::from(spec.replicas.unwrap_or(1) > 0);
+                workload(WorkloadKind::ReplicationController, r, hosts, selector, spec.template.as_ref())
             }
-        }
+            None => TargetState::Missing,
+        },
         "PersistentVolumeClaim" => {
-            let exists = match claims {
-                Some(cached) => cached.get(&ObjectRef::new(name).within(namespace)).is_some(),
+            let exists = match cached {
+                Some(cached) => cached.claims.get(&ObjectRef::new(name).within(namespace)).is_some(),
                 None => {
                     let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace);
                     claims.get_metadata_opt(name).await?.is_some()
@@ -173,11 +192,13 @@ pub struct SidecarStatus {
     pub rolled: bool,
 }
 
-/// StashSidecarInjected: how many of the workload's Pods carry the sidecar. Pods that predate the
-/// batch get it through one restart of the workload, never more: later edits of the batch change no
-/// pod template (the sidecar reads its configuration at run time).
+/// StashSidecarInjected: how many of the workload's Pods carry the sidecar (the webhook's annotation
+/// says so; `pods` is the controllers' cache of Pod metadata). Pods that predate the batch get it
+/// through one restart of the workload, never more: later edits of the batch change no pod template
+/// (the sidecar reads its configuration at run time).
 pub async fn sidecar_status(
     client: &Client,
+    pods: &Store<PartialObjectMeta<Pod>>,
     namespace: &str,
     workload: &WorkloadInfo,
     batch: &BackupBatch,
@@ -187,14 +208,18 @@ pub async fn sidecar_status(
         let desired = Desired::new(SIDECAR_INJECTED, false, "NoSelector", "the workload has no usable selector");
         return Ok(SidecarStatus { desired, rolled: false });
     };
-    let pods =
-        Api::<Pod>::namespaced(client.clone(), namespace).list(&ListParams::default().labels_from(&selector)).await?;
-    let live: Vec<&Pod> = pods.items.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
-    let injected = live
-        .iter()
-        .filter(|p| p.spec.as_ref().is_some_and(|s| s.containers.iter().any(|c| c.name == SIDECAR_NAME)))
-        .count();
-    let total = live.len();
+    let (mut injected, mut total) = (0, 0);
+    for pod in pods.state() {
+        let meta = &pod.metadata;
+        let labels = meta.labels.clone().unwrap_or_default();
+        if meta.namespace.as_deref() == Some(namespace)
+            && meta.deletion_timestamp.is_none()
+            && selector.matches(&labels)
+        {
+            total += 1;
+            injected += usize::from(pod.annotations().contains_key(BATCH_ANNOTATION));
+        }
+    }
     if injected == total {
         let message = if total == 0 {
             "no Pods yet; they get the sidecar when created".to_string()

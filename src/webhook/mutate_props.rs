@@ -3,7 +3,7 @@
 
 use super::mutate::Mutator;
 use super::mutate_tests::{catalog, catalog_with_backend, review};
-use super::sidecar::BATCH_ANNOTATION;
+use crate::executor_pod::BATCH_ANNOTATION;
 use crate::executor_pod::SIDECAR_NAME;
 use k8s_openapi::api::core::v1::{Pod, SecurityContext};
 use proptest::prelude::*;

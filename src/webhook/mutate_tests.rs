@@ -2,8 +2,8 @@
 
 use super::decision::Catalog;
 use super::mutate::{BadReview, Mutator, Verdict};
-use super::sidecar::BATCH_ANNOTATION;
 use crate::api::{BackupBatch, Repository};
+use crate::executor_pod::BATCH_ANNOTATION;
 use crate::executor_pod::SIDECAR_NAME;
 use crate::executor_pod::tests::assert_restricted;
 use base64::Engine;

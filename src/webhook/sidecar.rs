@@ -4,14 +4,14 @@
 use super::decision::Injection;
 use super::pod_view::PodView;
 use crate::api::common::EmptyDirSettings;
-use crate::executor_pod::{SECRET_MOUNT_PATH, SIDECAR_NAME, TMP_MOUNT_PATH, executor_container, secret_volume};
+use crate::executor_pod::{
+    BATCH_ANNOTATION, SECRET_MOUNT_PATH, SIDECAR_NAME, TMP_MOUNT_PATH, executor_container, secret_volume,
+};
 use k8s_openapi::api::core::v1::{Container, EmptyDirVolumeSource, Volume, VolumeMount};
 use kube::ResourceExt;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
-/// Names the BackupBatch whose member the Pod belongs to.
-pub const BATCH_ANNOTATION: &str = "stash.appscode.com/backup-batch";
 pub const TMP_VOLUME: &str = "stash-tmp-dir";
 pub const SECRET_VOLUME: &str = "stash-repository-secret";
 /// A `local` repository's volume in the sidecar.
