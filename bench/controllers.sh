@@ -8,8 +8,11 @@
 # in the following idle minute; then a restart: time until a new operator process (a new leader) has
 # reconciled every batch again, and its peak RSS. The floor, in the same run: `kubectl create` of the
 # same N CronJobs.
+# CLUSTER_PODS=P first fills a namespace of its own with P Pods (Pending: no node) and P/10 Deployments
+# scaled to zero, none of them a member: what the operator's caches of workloads and Pods hold in a
+# busy cluster.
 # Writes Markdown tables to stdout and the plot to docs/bench/controllers.svg (gnuplot).
-#   REPEATS=3 [SCHEMA_COST=0] bench/controllers.sh [N ...]
+#   REPEATS=3 [SCHEMA_COST=0] [CLUSTER_PODS=0] bench/controllers.sh [N ...]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if (($#)); then counts=("$@"); else counts=(100 1000); fi
@@ -61,7 +64,7 @@ ready_batches() {
 
 manifests() { # N → setup.yaml batches.yaml cronjobs.yaml in $work
   python3 - "$1" "$work" <<'PY'
-import sys
+import os, sys
 n, work = int(sys.argv[1]), sys.argv[2]
 with open(f"{work}/setup.yaml", "w") as out:
     out.write("""apiVersion: v1
@@ -81,6 +84,31 @@ apiVersion: v1
 kind: PersistentVolumeClaim
 metadata: {{name: data-{i}-{m}, namespace: bench}}
 spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 1Gi}}}}}}
+""")
+pods = int(os.environ.get("CLUSTER_PODS", "0"))
+with open(f"{work}/cluster.yaml", "w") as out:
+    for i in range(pods):
+        out.write(f"""---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-{i}
+  namespace: cluster
+  labels: {{app: web-{i // 10}, pod-template-hash: 5d8f7c9b4{i % 10}, tier: frontend}}
+  annotations: {{kubectl.kubernetes.io/restartedAt: "2026-11-28T00:00:00Z", prometheus.io/scrape: "true"}}
+spec: {{containers: [{{name: web, image: "registry.invalid/web:1.2.3", ports: [{{containerPort: 8080}}]}}]}}
+""")
+    for i in range(pods // 10):
+        out.write(f"""---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web-{i}, namespace: cluster, labels: {{app: web-{i}}}}}
+spec:
+  replicas: 0
+  selector: {{matchLabels: {{app: web-{i}}}}}
+  template:
+    metadata: {{labels: {{app: web-{i}, tier: frontend}}}}
+    spec: {{containers: [{{name: web, image: "registry.invalid/web:1.2.3", ports: [{{containerPort: 8080}}]}}]}}
 """)
 with open(f"{work}/batches.yaml", "w") as out:
     for i in range(n):
@@ -142,6 +170,10 @@ for n in "${counts[@]}"; do
     kubectl create namespace bench >/dev/null
     kubectl create namespace stash >/dev/null
     kubectl create -f "$work/setup.yaml" >/dev/null
+    if [[ -s $work/cluster.yaml ]]; then
+      kubectl create namespace cluster >/dev/null
+      kubectl create -f "$work/cluster.yaml" >/dev/null
+    fi
 
     "$stash" certs generate --out-dir "$work/certs" --ip 127.0.0.1 >/dev/null
     start_operator
@@ -246,7 +278,7 @@ fi
 
 mkdir -p docs/bench
 python3 - "$results" "$work/plot.tsv" <<'PY'
-import json, sys, statistics, collections
+import json, os, sys, statistics, collections
 rows = collections.defaultdict(list)
 for line in open(sys.argv[1]):
     n, repeat, ready, floor, requests, rss, op_cpu, api_cpu, idle, busy, restart, restart_rss = line.rstrip("\n").split("\t")
@@ -259,7 +291,9 @@ with open(sys.argv[2], "w") as plot:
     for n, runs in sorted(rows.items()):
         ratio = [r["ready"] / r["floor"] for r in runs]
         per = [r["requests"] / n for r in runs]
-        print(f"\n### {n:,} batches ({len(runs)} runs; median, with min–max)\n")
+        pods = int(os.environ.get("CLUSTER_PODS", "0"))
+        beside = f"; beside {pods:,} other Pods and {pods // 10:,} Deployments" if pods else ""
+        print(f"\n### {n:,} batches ({len(runs)} runs; median, with min–max{beside})\n")
         print("| run | all CronJobs + all Ready | floor | ratio | requests | per batch | operator peak RSS | operator CPU | API server CPU | requests in the idle minute (Lease aside) | restart: all reconciled | restart: peak RSS |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in runs:

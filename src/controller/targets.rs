@@ -209,12 +209,12 @@ pub async fn sidecar_status(
         return Ok(SidecarStatus { desired, rolled: false });
     };
     let (mut injected, mut total) = (0, 0);
+    let unlabelled = BTreeMap::new();
     for pod in pods.state() {
         let meta = &pod.metadata;
-        let labels = meta.labels.clone().unwrap_or_default();
         if meta.namespace.as_deref() == Some(namespace)
             && meta.deletion_timestamp.is_none()
-            && selector.matches(&labels)
+            && selector.matches(meta.labels.as_ref().unwrap_or(&unlabelled))
         {
             total += 1;
             injected += usize::from(pod.annotations().contains_key(BATCH_ANNOTATION));
