@@ -14,8 +14,12 @@ use std::collections::BTreeMap;
 
 pub const SIDECAR_NAME: &str = "stash";
 /// Set by the webhook on each Pod it gives the sidecar, naming the BackupBatch whose member the Pod
-/// belongs to: the controllers count injected Pods by it from a metadata-only cache.
+/// belongs to.
 pub const BATCH_ANNOTATION: &str = "stash.appscode.com/backup-batch";
+/// Set by the webhook, beside [`BATCH_ANNOTATION`], on each Pod it gives the sidecar. A label, so
+/// that the controllers' Pod watch asks the API server for these Pods only: its cache grows with the
+/// Pods backed up, not with the cluster.
+pub const SIDECAR_LABEL: (&str, &str) = ("stash.appscode.com/sidecar", "injected");
 pub const TMP_MOUNT_PATH: &str = "/tmp";
 pub const SECRET_MOUNT_PATH: &str = "/etc/stash/repository/secret";
 /// Where a backup or restore Job mounts the member's connection Secret.

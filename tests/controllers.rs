@@ -179,11 +179,12 @@ async fn a_ready_batch_of_a_workload_is_reconciled_again_without_a_request() {
 }
 
 /// A Deployment whose Pods are as the webhook makes them for batch `batch` (no webhook runs in these
-/// tests): with the sidecar and the batch annotation.
+/// tests): with the sidecar, the batch annotation and the sidecar label.
 async fn injected_deployment(ns: &TestNamespace, name: &str, batch: &str) {
     let containers =
         json!([{"name": "c", "image": "registry.invalid/c:1"}, {"name": "stash", "image": "registry.invalid/s:1"}]);
-    let template = json!({"metadata": {"labels": {"app": name}, "annotations": {"stash.appscode.com/backup-batch": batch}},
+    let template = json!({"metadata": {"labels": {"app": name, "stash.appscode.com/sidecar": "injected"},
+                                       "annotations": {"stash.appscode.com/backup-batch": batch}},
                           "spec": {"containers": containers}});
     fixtures::create::<Deployment>(
         ns,
@@ -870,16 +871,19 @@ async fn a_session_start_rechecks_that_the_members_pods_carry_the_sidecar() {
     injected(ConditionStatus::True).await;
     batch_phase(&ns, "site", BackupInvokerPhase::Ready).await;
 
-    // A Pod of the workload without the sidecar; owned elsewhere, so that its ReplicaSet leaves it be.
-    let owner =
-        fixtures::create::<k8s_openapi::api::core::v1::ConfigMap>(&ns, json!({"metadata": {"name": "owner"}})).await;
-    let uid = owner.metadata.uid.expect("a uid");
-    fixtures::create::<k8s_openapi::api::core::v1::Pod>(
-        &ns,
-        json!({"metadata": {"name": "web-bare", "labels": {"app": "web"},
-                            "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": uid, "controller": true}]},
-               "spec": {"containers": [{"name": "c", "image": "registry.invalid/c:1"}]}}),
-    )
+    // A Pod of the workload comes up without the sidecar (as while the webhook is down): a template
+    // without what the webhook adds rolls out a new Pod, and the old one stays (none gets Ready).
+    let bare = json!({"spec": {"template": {"metadata": {"labels": {"stash.appscode.com/sidecar": null},
+                                                          "annotations": {"stash.appscode.com/backup-batch": null}}}}});
+    let deployments = ns.api::<Deployment>();
+    deployments.patch("web", &PatchParams::default(), &Patch::Merge(&bare)).await.expect("a bare template");
+    eventually("two Pods of web", Duration::from_secs(60), || {
+        let deployments = deployments.clone();
+        async move {
+            let replicas = deployments.get("web").await.ok()?.status?.replicas?;
+            (replicas == 2).then_some(())
+        }
+    })
     .await;
     new_session(&ns, "site").await;
     let stale = injected(ConditionStatus::False).await;

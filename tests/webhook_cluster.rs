@@ -37,6 +37,8 @@ async fn targeted_deployment_pods_get_the_sidecar_and_a_stopped_webhook_fails_op
     assert_eq!(data.read_only, Some(true));
     let annotations = app.metadata.annotations.clone().unwrap_or_default();
     assert_eq!(annotations.get("stash.appscode.com/backup-batch").map(String::as_str), Some("app-backup"));
+    let labels = app.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(labels.get("stash.appscode.com/sidecar").map(String::as_str), Some("injected"));
     assert!(!has_sidecar(&pod_of(&pods, "other").await), "an untargeted Deployment's Pod does not");
     let metrics = operator.metrics().await;
     let mutated = "stash_webhook_requests_total{operation=\"CREATE\",result=\"Allowed\",mutated=\"true\"}";

@@ -118,9 +118,15 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
             // Its Pods' sidecar acts as the workload's ServiceAccount.
             identity::ensure_workload(&ctx, &namespace, workload).await?;
             let usable = repository.as_ref().ok();
-            let injected =
-                targets::sidecar_status(&ctx.client, &ctx.caches.members.pods, &namespace, workload, &batch, usable)
-                    .await?;
+            let injected = targets::sidecar_status(
+                &ctx.client,
+                &ctx.caches.members.injected,
+                &namespace,
+                workload,
+                &batch,
+                usable,
+            )
+            .await?;
             sidecars_pending |= !injected.desired.is_true();
             record(&ctx, &batch, &mut conditions, &injected.desired, generation).await;
             if injected.rolled {

@@ -9,12 +9,16 @@
 
 use super::targets::ROLLOUT_ANNOTATION;
 use crate::api::{BackupBatch, Repository};
-use crate::executor_pod::BATCH_ANNOTATION;
+use crate::executor_pod::SIDECAR_LABEL;
 use crate::reflect::{Listed, NeverListed, all_listed, feed};
-use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetStatus, Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::apps::v1::{
+    DaemonSet, DaemonSetStatus, Deployment, DeploymentStatus, ReplicaSet, ReplicaSetStatus, StatefulSet,
+    StatefulSetStatus,
+};
 use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::{
-    PersistentVolumeClaim, Pod, PodSpec, PodTemplateSpec, ReplicationController, ServiceAccount,
+    PersistentVolumeClaim, Pod, PodSpec, PodTemplateSpec, ReplicationController, ReplicationControllerStatus,
+    ServiceAccount,
 };
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::core::{ObjectMeta, PartialObjectMeta};
@@ -212,17 +216,18 @@ impl Caches {
 }
 
 /// What workload members name, kept lean: only what `targets` reads of them. The five workload kinds
-/// (selector, replicas, the pod template's ServiceAccount and rollout annotation, a DaemonSet's
-/// desired Pods) and Pods' metadata (labels, and the annotation the webhook sets on each Pod it gives
-/// the sidecar). A reconcile then counts a workload's sidecars without a request, and a batch that
-/// waits for its Pods re-checks them for free.
+/// (selector, replicas, the pod template's ServiceAccount and rollout annotation, and from the status
+/// how many Pods the workload has) and the metadata of the Pods the webhook gave the sidecar (by its
+/// label, so the API server sends no others). A reconcile then counts a workload's sidecars without a
+/// request, and a batch that waits for its Pods re-checks them for free.
 pub(crate) struct Members {
     pub(crate) deployments: Store<Deployment>,
     pub(crate) statefulsets: Store<StatefulSet>,
     pub(crate) daemonsets: Store<DaemonSet>,
     pub(crate) replicasets: Store<ReplicaSet>,
     pub(crate) controllers: Store<ReplicationController>,
-    pub(crate) pods: Store<PartialObjectMeta<Pod>>,
+    /// Pods carrying the sidecar label.
+    pub(crate) injected: Store<PartialObjectMeta<Pod>>,
 }
 
 impl Members {
@@ -239,8 +244,9 @@ impl Members {
             feed(watcher(super::api(client, namespace), config()).modify(lean_replicaset), |_| {});
         let (controllers, controllers_listed, controllers_feed) =
             feed(watcher(super::api(client, namespace), config()).modify(lean_controller), |_| {});
-        let (pods, pods_listed, pods_feed) =
-            feed(watcher(super::api(client, namespace), config()).modify(lean_pod), |_| {});
+        let labelled = config().labels(&format!("{}={}", SIDECAR_LABEL.0, SIDECAR_LABEL.1));
+        let (injected, injected_listed, injected_feed) =
+            feed(watcher(super::api(client, namespace), labelled).modify(lean_pod), |_| {});
         let feeds = Box::pin(async move {
             futures::join!(
                 deployments_feed,
@@ -248,7 +254,7 @@ impl Members {
                 daemonsets_feed,
                 replicasets_feed,
                 controllers_feed,
-                pods_feed
+                injected_feed
             );
         });
         let listed = vec![
@@ -257,9 +263,9 @@ impl Members {
             daemonsets_listed,
             replicasets_listed,
             controllers_listed,
-            pods_listed,
+            injected_listed,
         ];
-        (Self { deployments, statefulsets, daemonsets, replicasets, controllers, pods }, listed, feeds)
+        (Self { deployments, statefulsets, daemonsets, replicasets, controllers, injected }, listed, feeds)
     }
 }
 
@@ -291,7 +297,8 @@ fn lean_deployment(deployment: &mut Deployment) {
     if let Some(spec) = deployment.spec.as_mut() {
         lean_template(&mut spec.template);
     }
-    deployment.status = None;
+    let replicas = deployment.status.take().and_then(|status| status.replicas);
+    deployment.status = Some(DeploymentStatus { replicas, ..Default::default() });
 }
 
 fn lean_statefulset(statefulset: &mut StatefulSet) {
@@ -300,7 +307,8 @@ fn lean_statefulset(statefulset: &mut StatefulSet) {
         lean_template(&mut spec.template);
         spec.volume_claim_templates = None;
     }
-    statefulset.status = None;
+    let replicas = statefulset.status.take().map_or(0, |status| status.replicas);
+    statefulset.status = Some(StatefulSetStatus { replicas, ..Default::default() });
 }
 
 fn lean_daemonset(daemonset: &mut DaemonSet) {
@@ -310,6 +318,8 @@ fn lean_daemonset(daemonset: &mut DaemonSet) {
     }
     daemonset.status = daemonset.status.take().map(|status| DaemonSetStatus {
         desired_number_scheduled: status.desired_number_scheduled,
+        current_number_scheduled: status.current_number_scheduled,
+        number_misscheduled: status.number_misscheduled,
         ..Default::default()
     });
 }
@@ -319,7 +329,8 @@ fn lean_replicaset(replicaset: &mut ReplicaSet) {
     if let Some(template) = replicaset.spec.as_mut().and_then(|spec| spec.template.as_mut()) {
         lean_template(template);
     }
-    replicaset.status = None;
+    let replicas = replicaset.status.take().map_or(0, |status| status.replicas);
+    replicaset.status = Some(ReplicaSetStatus { replicas, ..Default::default() });
 }
 
 fn lean_controller(controller: &mut ReplicationController) {
@@ -327,12 +338,13 @@ fn lean_controller(controller: &mut ReplicationController) {
     if let Some(template) = controller.spec.as_mut().and_then(|spec| spec.template.as_mut()) {
         lean_template(template);
     }
-    controller.status = None;
+    let replicas = controller.status.take().map_or(0, |status| status.replicas);
+    controller.status = Some(ReplicationControllerStatus { replicas, ..Default::default() });
 }
 
-/// A Pod is matched by its labels and counted as injected by our annotation.
+/// An injected Pod is matched to its workload by its labels.
 fn lean_pod(pod: &mut PartialObjectMeta<Pod>) {
-    pod.metadata.annotations = only(pod.metadata.annotations.take(), BATCH_ANNOTATION);
+    pod.metadata.annotations = None;
     pod.metadata.owner_references = None;
 }
 
@@ -378,7 +390,7 @@ mod tests {
             "metadata": {"name": "web", "namespace": "ns", "labels": {"a": "b"},
                          "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}"}},
             "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "web"}}, "template": template},
-            "status": {"replicas": 1}
+            "status": {"replicas": 1, "readyReplicas": 1, "conditions": [{"type": "Available", "status": "True"}]}
         }))
         .expect("a Deployment");
         lean_deployment(&mut deployment);
@@ -390,7 +402,9 @@ mod tests {
         let pod = spec.template.spec.as_ref().expect("pod spec");
         assert_eq!(pod.service_account_name.as_deref(), Some("web"));
         assert!(pod.containers.is_empty() && pod.volumes.is_none());
-        assert!(deployment.metadata.annotations.is_none() && deployment.status.is_none());
+        assert!(deployment.metadata.annotations.is_none());
+        let status = deployment.status.expect("status");
+        assert_eq!((status.replicas, status.ready_replicas, status.conditions), (Some(1), None, None));
 
         let mut daemonset: DaemonSet = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "agent"},
@@ -399,19 +413,17 @@ mod tests {
         }))
         .expect("a DaemonSet");
         lean_daemonset(&mut daemonset);
-        assert_eq!(daemonset.status.map(|s| (s.desired_number_scheduled, s.number_ready)), Some((3, 0)));
+        let status = daemonset.status.map(|s| (s.desired_number_scheduled, s.current_number_scheduled, s.number_ready));
+        assert_eq!(status, Some((3, 2, 0)));
 
         let mut pod: PartialObjectMeta<Pod> = serde_json::from_value(serde_json::json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "web-1", "labels": {"app": "web"}, "annotations": {BATCH_ANNOTATION: "nightly", "big": "x"}}
+            "metadata": {"name": "web-1", "labels": {"app": "web"}, "annotations": {"big": "x"}}
         }))
         .expect("Pod metadata");
         lean_pod(&mut pod);
         assert_eq!(pod.metadata.labels, Some(BTreeMap::from([("app".to_string(), "web".to_string())])));
-        assert_eq!(
-            pod.metadata.annotations,
-            Some(BTreeMap::from([(BATCH_ANNOTATION.to_string(), "nightly".to_string())]))
-        );
+        assert_eq!(pod.metadata.annotations, None);
     }
 
     /// A reconcile of the copy our status write replaced waits for the write's own event; a write

@@ -5,7 +5,7 @@ use super::caches::Caches;
 use crate::api::backup_batch::BackupMember;
 use crate::api::{BackupBatch, Repository};
 use crate::conditions::Desired;
-use crate::executor_pod::{APP_BINDING_KIND, BATCH_ANNOTATION};
+use crate::executor_pod::APP_BINDING_KIND;
 use crate::workload::WorkloadKind;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
@@ -34,6 +34,9 @@ pub struct WorkloadInfo {
     /// How many hosts back the workload up: StatefulSet replicas, DaemonSet desired Pods, else 1 —
     /// and 0 for any workload scaled to zero (nothing can back it up: its target fails at once).
     pub hosts: i32,
+    /// How many Pods the workload has, as its status says (its controller counts the ones it owns
+    /// and that are not terminating).
+    pub pods: i32,
 }
 
 #[derive(Debug, Clone)]
@@ -61,7 +64,7 @@ impl TargetState {
 fn workload<K>(
     kind: WorkloadKind,
     object: K,
-    hosts: i32,
+    (hosts, pods): (i32, i32),
     selector: Option<LabelSelector>,
     template: Option<&PodTemplateSpec>,
 ) -> TargetState
@@ -82,6 +85,7 @@ where
         template_annotations: annotations.unwrap_or_default(),
         service_account,
         hosts,
+        pods,
     })
 }
 
@@ -122,7 +126,8 @@ pub async fn inspect(
             Some(d) => {
                 let spec = d.spec.clone().unwrap_or_default();
                 let hosts = i32::from(spec.replicas.unwrap_or(1) > 0);
-                workload(WorkloadKind::Deployment, d, hosts, Some(spec.selector), Some(&spec.template))
+                let pods = d.status.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+                workload(WorkloadKind::Deployment, d, (hosts, pods), Some(spec.selector), Some(&spec.template))
             }
             None => TargetState::Missing,
         },
@@ -130,7 +135,8 @@ pub async fn inspect(
             Some(s) => {
                 let spec = s.spec.clone().unwrap_or_default();
                 let replicas = spec.replicas.unwrap_or(1);
-                workload(WorkloadKind::StatefulSet, s, replicas, Some(spec.selector), Some(&spec.template))
+                let pods = s.status.as_ref().map_or(0, |s| s.replicas);
+                workload(WorkloadKind::StatefulSet, s, (replicas, pods), Some(spec.selector), Some(&spec.template))
             }
             None => TargetState::Missing,
         },
@@ -138,7 +144,8 @@ pub async fn inspect(
             Some(d) => {
                 let spec = d.spec.clone().unwrap_or_default();
                 let desired = d.status.as_ref().map_or(0, |s| s.desired_number_scheduled);
-                workload(WorkloadKind::DaemonSet, d, desired, Some(spec.selector), Some(&spec.template))
+                let pods = d.status.as_ref().map_or(0, |s| s.current_number_scheduled + s.number_misscheduled);
+                workload(WorkloadKind::DaemonSet, d, (desired, pods), Some(spec.selector), Some(&spec.template))
             }
             None => TargetState::Missing,
         },
@@ -146,7 +153,8 @@ pub async fn inspect(
             Some(r) => {
                 let spec = r.spec.clone().unwrap_or_default();
                 let hosts = i32::from(spec.replicas.unwrap_or(1) > 0);
-                workload(WorkloadKind::ReplicaSet, r, hosts, Some(spec.selector), spec.template.as_ref())
+                let pods = r.status.as_ref().map_or(0, |s| s.replicas);
+                workload(WorkloadKind::ReplicaSet, r, (hosts, pods), Some(spec.selector), spec.template.as_ref())
             }
             None => TargetState::Missing,
         },
@@ -156,7 +164,8 @@ pub async fn inspect(
                 let selector =
                     spec.selector.map(|labels| LabelSelector { match_labels: Some(labels), ..Default::default() });
                 let hosts = i32::from(spec.replicas.unwrap_or(1) > 0);
-                workload(WorkloadKind::ReplicationController, r, hosts, selector, spec.template.as_ref())
+                let pods = r.status.as_ref().map_or(0, |s| s.replicas);
+                workload(WorkloadKind::ReplicationController, r, (hosts, pods), selector, spec.template.as_ref())
             }
             None => TargetState::Missing,
         },
@@ -192,13 +201,14 @@ pub struct SidecarStatus {
     pub rolled: bool,
 }
 
-/// StashSidecarInjected: how many of the workload's Pods carry the sidecar (the webhook's annotation
-/// says so; `pods` is the controllers' cache of Pod metadata). Pods that predate the batch get it
-/// through one restart of the workload, never more: later edits of the batch change no pod template
-/// (the sidecar reads its configuration at run time).
+/// StashSidecarInjected: how many of the workload's Pods carry the sidecar: those among `injected`
+/// (the controllers' cache of the Pods the webhook labelled) that its selector matches, of the Pods
+/// its status counts. Pods that predate the batch get it through one restart of the workload, never
+/// more: later edits of the batch change no pod template (the sidecar reads its configuration at run
+/// time).
 pub async fn sidecar_status(
     client: &Client,
-    pods: &Store<PartialObjectMeta<Pod>>,
+    injected: &Store<PartialObjectMeta<Pod>>,
     namespace: &str,
     workload: &WorkloadInfo,
     batch: &BackupBatch,
@@ -208,18 +218,19 @@ pub async fn sidecar_status(
         let desired = Desired::new(SIDECAR_INJECTED, false, "NoSelector", "the workload has no usable selector");
         return Ok(SidecarStatus { desired, rolled: false });
     };
-    let (mut injected, mut total) = (0, 0);
     let unlabelled = BTreeMap::new();
-    for pod in pods.state() {
-        let meta = &pod.metadata;
-        if meta.namespace.as_deref() == Some(namespace)
-            && meta.deletion_timestamp.is_none()
-            && selector.matches(meta.labels.as_ref().unwrap_or(&unlabelled))
-        {
-            total += 1;
-            injected += usize::from(pod.annotations().contains_key(BATCH_ANNOTATION));
-        }
-    }
+    let injected = injected
+        .state()
+        .iter()
+        .filter(|pod| {
+            let meta = &pod.metadata;
+            meta.namespace.as_deref() == Some(namespace)
+                && meta.deletion_timestamp.is_none()
+                && selector.matches(meta.labels.as_ref().unwrap_or(&unlabelled))
+        })
+        .count();
+    // The status can lag behind the Pods for a moment.
+    let total = usize::try_from(workload.pods).unwrap_or(0).max(injected);
     if injected == total {
         let message = if total == 0 {
             "no Pods yet; they get the sidecar when created".to_string()
@@ -297,7 +308,7 @@ mod tests {
             let template: PodTemplateSpec =
                 serde_json::from_value(serde_json::json!({"spec": spec})).expect("a template");
             let deployment = Deployment { metadata: kube::core::ObjectMeta::default(), ..Default::default() };
-            match workload(WorkloadKind::Deployment, deployment, 1, None, Some(&template)) {
+            match workload(WorkloadKind::Deployment, deployment, (1, 0), None, Some(&template)) {
                 TargetState::Workload(info) => info.service_account,
                 other => panic!("{other:?}"),
             }

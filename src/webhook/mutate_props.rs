@@ -3,8 +3,8 @@
 
 use super::mutate::Mutator;
 use super::mutate_tests::{catalog, catalog_with_backend, review};
-use crate::executor_pod::BATCH_ANNOTATION;
 use crate::executor_pod::SIDECAR_NAME;
+use crate::executor_pod::{BATCH_ANNOTATION, SIDECAR_LABEL};
 use k8s_openapi::api::core::v1::{Pod, SecurityContext};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -152,8 +152,10 @@ fn targeted_pod() -> impl Strategy<Value = Value> {
     let annotation_key = prop_oneof![Just("a/b"), Just("c~d"), Just("stash.appscode.com/backup-batch"), Just("x")];
     let annotations = field(prop::collection::btree_map(annotation_key, "[a-z~/]{0,4}", 0..3));
     let run_as_user = prop::option::of(prop_oneof![Just(0i64), Just(1000)]);
-    (volumes, annotations, prop::sample::select(OWNERS.to_vec()), run_as_user).prop_flat_map(
-        |(volumes, annotations, (api_version, kind, name), run_as_user)| {
+    // Our label may be there already (a template copied from an injected Pod), with any value.
+    let sidecar_label = prop::option::of("[a-z]{0,4}");
+    (volumes, annotations, prop::sample::select(OWNERS.to_vec()), run_as_user, sidecar_label).prop_flat_map(
+        |(volumes, annotations, (api_version, kind, name), run_as_user, sidecar_label)| {
             let names: Vec<String> = match &volumes {
                 Field::Present(volumes) => {
                     volumes.iter().filter_map(|v| v["name"].as_str().map(String::from)).collect()
@@ -170,6 +172,9 @@ fn targeted_pod() -> impl Strategy<Value = Value> {
                                           "ownerReferences": [{"apiVersion": api_version, "kind": kind, "name": name,
                                                                "uid": "u", "controller": true}]});
                 annotations.set(&mut metadata, "annotations");
+                if let Some(value) = &sidecar_label {
+                    metadata["labels"][SIDECAR_LABEL.0] = json!(value);
+                }
                 let mut spec = json!({"containers": containers});
                 if let Some(init) = &init {
                     spec["initContainers"] = json!([init]);
@@ -271,6 +276,12 @@ fn check_targeted_pod(pod: &Value, backend: &Value) -> Result<bool, TestCaseErro
         }
     }
     prop_assert_eq!(&patched["metadata"]["annotations"][BATCH_ANNOTATION], "app-backup");
+    for (key, value) in pod["metadata"]["labels"].as_object().into_iter().flatten() {
+        if key != SIDECAR_LABEL.0 {
+            prop_assert_eq!(&patched["metadata"]["labels"][key], value);
+        }
+    }
+    prop_assert_eq!(&patched["metadata"]["labels"][SIDECAR_LABEL.0], SIDECAR_LABEL.1);
 
     let context: SecurityContext = serde_json::from_value(sidecars[0]["securityContext"].clone())
         .map_err(|e| TestCaseError::fail(format!("securityContext: {e}")))?;

@@ -3,9 +3,9 @@
 use super::decision::Catalog;
 use super::mutate::{BadReview, Mutator, Verdict};
 use crate::api::{BackupBatch, Repository};
-use crate::executor_pod::BATCH_ANNOTATION;
 use crate::executor_pod::SIDECAR_NAME;
 use crate::executor_pod::tests::assert_restricted;
+use crate::executor_pod::{BATCH_ANNOTATION, SIDECAR_LABEL};
 use base64::Engine;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -179,6 +179,27 @@ fn assert_injected(pod: &Pod, kind: &str, name: &str) {
     assert!(sidecar.resources.is_some());
     let annotations = pod.metadata.annotations.as_ref().expect("annotations");
     assert_eq!(annotations.get(BATCH_ANNOTATION).map(String::as_str), Some("app-backup"));
+    let labels = pod.metadata.labels.as_ref().expect("labels");
+    assert_eq!(labels.get(SIDECAR_LABEL.0).map(String::as_str), Some(SIDECAR_LABEL.1));
+}
+
+/// The sidecar label is added whatever shape the Pod's labels have: none, null, empty or some.
+#[test]
+fn the_sidecar_label_is_added_to_any_shape_of_labels() {
+    let mutator = mutator(true);
+    let owner = Some(("apps/v1", "StatefulSet", "db"));
+    for labels in [None, Some(Value::Null), Some(json!({})), Some(json!({"app": "db"}))] {
+        let mut pod = pod(owner);
+        match &labels {
+            None => drop(pod["metadata"].as_object_mut().and_then(|m| m.remove("labels"))),
+            Some(labels) => pod["metadata"]["labels"] = labels.clone(),
+        }
+        let patched = answer(&mutator, "CREATE", &pod, false).unwrap_or_else(|| panic!("{labels:?}: injected"));
+        let found = patched.metadata.labels.unwrap_or_default();
+        assert_eq!(found.get(SIDECAR_LABEL.0).map(String::as_str), Some(SIDECAR_LABEL.1), "{labels:?}");
+        let kept = labels.as_ref().and_then(|l| l.get("app")).and_then(Value::as_str);
+        assert_eq!(found.get("app").map(String::as_str), kept, "{labels:?}: the Pod's own labels stay");
+    }
 }
 
 #[test]

@@ -5,7 +5,7 @@ use super::decision::Injection;
 use super::pod_view::PodView;
 use crate::api::common::EmptyDirSettings;
 use crate::executor_pod::{
-    BATCH_ANNOTATION, SECRET_MOUNT_PATH, SIDECAR_NAME, TMP_MOUNT_PATH, executor_container, secret_volume,
+    BATCH_ANNOTATION, SECRET_MOUNT_PATH, SIDECAR_LABEL, SIDECAR_NAME, TMP_MOUNT_PATH, executor_container, secret_volume,
 };
 use k8s_openapi::api::core::v1::{Container, EmptyDirVolumeSource, Volume, VolumeMount};
 use kube::ResourceExt;
@@ -29,7 +29,8 @@ pub(crate) enum NotInjected {
     Patch(#[from] serde_json::Error),
 }
 
-/// The JSON patch (RFC 6902) that injects the sidecar, its volumes and the batch annotation, or why
+/// The JSON patch (RFC 6902) that injects the sidecar, its volumes, the batch annotation and the
+/// sidecar label, or why
 /// the Pod would not be valid with it.
 ///
 /// Written straight into bytes: building a `serde_json::Value` tree first cost more than answering
@@ -59,6 +60,12 @@ pub(crate) fn injection_patch(pod: &PodView, injection: &Injection, image: &str)
         None => patch.add("/metadata/annotations", &BTreeMap::from([(BATCH_ANNOTATION, &batch)]))?,
         // `/` in the key is escaped as `~1` in a JSON pointer.
         Some(_) => patch.add("/metadata/annotations/stash.appscode.com~1backup-batch", &batch)?,
+    }
+    // An empty or null labels map is replaced whole (a member cannot be added to null).
+    if pod.metadata.labels.is_empty() {
+        patch.add("/metadata/labels", &BTreeMap::from([SIDECAR_LABEL]))?;
+    } else {
+        patch.add("/metadata/labels/stash.appscode.com~1sidecar", &SIDECAR_LABEL.1)?;
     }
     Ok(patch.finish())
 }
