@@ -707,6 +707,18 @@ exec {restic} "$@"
     restic_wrapper(dir, &script)
 }
 
+/// A `restic` in `dir` that runs restic and logs each run to the file returned, as `start <args>`
+/// and `end <args>` lines in the order they happened.
+fn logging_restic(dir: &Path) -> (PathBuf, PathBuf) {
+    let calls = dir.join("calls");
+    let script = format!(
+        "#!/bin/sh\necho \"start $*\" >> '{calls}'\n'{restic}' \"$@\"\nrc=$?\necho \"end $*\" >> '{calls}'\nexit $rc\n",
+        calls = calls.display(),
+        restic = backends::restic().display()
+    );
+    (restic_wrapper(dir, &script), calls)
+}
+
 /// Writes `script` as an executable `restic` in `dir`, for the executors to run instead of restic.
 fn restic_wrapper(dir: &Path, script: &str) -> PathBuf {
     let path = dir.join("restic");
@@ -853,13 +865,7 @@ async fn a_finalize_measures_the_repository_beside_its_forget() {
     let second = setup.back_up_without_finalize().await;
 
     let scratch = tempfile::tempdir().expect("scratch dir");
-    let calls = scratch.path().join("calls");
-    let script = format!(
-        "#!/bin/sh\necho \"start $*\" >> '{calls}'\n'{restic}' \"$@\"\nrc=$?\necho \"end $*\" >> '{calls}'\nexit $rc\n",
-        calls = calls.display(),
-        restic = backends::restic().display()
-    );
-    let restic = restic_wrapper(scratch.path(), &script);
+    let (restic, calls) = logging_restic(scratch.path());
     setup.finalize_with(&second, &restic).await;
     let ran = std::fs::read_to_string(&calls).unwrap_or_default();
     let at = |edge: &str, command: &str| {
@@ -1184,13 +1190,8 @@ async fn a_restore_opens_the_repository_no_more_than_its_checks_need() {
     let theirs = theirs.expect("the other namespace's snapshot id");
 
     let scratch = tempfile::tempdir().expect("scratch dir");
-    let calls = scratch.path().join("calls");
-    let script = format!(
-        "#!/bin/sh\necho \"start $*\" >> '{calls}'\n'{restic}' \"$@\"\nrc=$?\necho \"end $*\" >> '{calls}'\nexit $rc\n",
-        calls = calls.display(),
-        restic = backends::restic().display()
-    );
-    setup.node.restic = restic_wrapper(scratch.path(), &script);
+    let (restic, calls) = logging_restic(scratch.path());
+    setup.node.restic = restic;
     let named = |id: &str| {
         json!({"target": {"alias": "uploads", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "uploads"},
             "volumeMounts": [{"name": "uploads", "mountPath": "/stash-data/uploads"}], "rules": [{"snapshots": [id]}]}})
