@@ -56,7 +56,7 @@ fn catalog(batches: usize) -> Catalog {
     for ns in 0..NAMESPACES {
         let repo: Repository = serde_json::from_value(json!({
             "apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
-            "metadata": {"name": "repo", "namespace": format!("team-{ns}")},
+            "metadata": {"name": "repo", "namespace": format!("team-{ns}"), "uid": format!("repo-{ns}"), "resourceVersion": "1"},
             "spec": {"backend": {"storageSecretName": "repo-secret", "s3": {"endpoint": "s3.example", "bucket": "b"}}}
         }))
         .expect("repository");
@@ -66,7 +66,7 @@ fn catalog(batches: usize) -> Catalog {
         let ns = format!("team-{}", i % NAMESPACES);
         let batch: BackupBatch = serde_json::from_value(json!({
             "apiVersion": "stash.appscode.com/v1beta1", "kind": "BackupBatch",
-            "metadata": {"name": format!("app-{i}-backup"), "namespace": ns},
+            "metadata": {"name": format!("app-{i}-backup"), "namespace": ns, "uid": format!("batch-{i}"), "resourceVersion": "1"},
             "spec": {"repository": {"name": "repo"}, "schedule": "*/30 * * * *", "members": [
                 {"target": {"alias": "web", "ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": format!("web-{i}")},
                             "paths": ["/var/www"], "volumeMounts": [{"name": "www", "mountPath": "/var/www"}]}},
@@ -147,7 +147,7 @@ async fn main() {
     let body = serde_json::to_vec(&review_body()).expect("JSON");
     std::fs::write(&args.body_out, &body).expect("body written");
     let metrics = Arc::new(Metrics::default());
-    let mutator = Arc::new(Mutator { catalog: catalog(args.batches), sidecar_image: "stash:0.1.0".into() });
+    let mutator = Arc::new(Mutator::new(catalog(args.batches), "stash:0.1.0".into()));
     let reviewed = mutator.review(&body).expect("the sample review is answered");
     assert_eq!(reviewed.verdict, stash::webhook::mutate::Verdict::Mutated, "the sample Pod is a target");
     let app = match args.mode {

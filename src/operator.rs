@@ -280,7 +280,7 @@ pub async fn run(
         })
     });
 
-    let mutator = Arc::new(Mutator { catalog, sidecar_image: config.sidecar_image.clone() });
+    let mutator = Arc::new(Mutator::new(catalog, config.sidecar_image.clone()));
     let webhook_app = routes::router(mutator, metrics.clone(), config.max_body_bytes);
     let webhook_listener = listen(config.webhook_addr).await?;
     let admin_listener = listen(config.admin_addr).await?;

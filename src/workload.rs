@@ -2,7 +2,7 @@
 //! the webhook (which Pods to inject) and the controller (which workloads to check and restart).
 
 /// A workload kind whose Pods can carry the sidecar.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WorkloadKind {
     Deployment,
     ReplicaSet,

@@ -57,7 +57,7 @@ async fn start_with(
     let serving = files.load(metrics.clone()).expect("the first pair loads");
     let verifier = client_auth.map(|auth| auth.verifier().expect("the client CA loads"));
     let tls = server_config(serving.clone(), verifier).expect("TLS config");
-    let mutator = Arc::new(Mutator { catalog: empty_catalog(), sidecar_image: "stash:test".into() });
+    let mutator = Arc::new(Mutator::new(empty_catalog(), "stash:test".into()));
     let app = routes::router(mutator, metrics.clone(), MAX_BODY);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");

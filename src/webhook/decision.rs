@@ -28,7 +28,7 @@ pub struct Catalog {
     pub targets: Arc<TargetIndex>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Workload {
     pub kind: WorkloadKind,
     pub name: String,
@@ -55,9 +55,8 @@ pub struct Injection {
     pub batch: Arc<BackupBatch>,
     pub member: usize,
     pub workload: Workload,
-    pub secret_name: String,
-    /// A `local` repository the sidecar mounts at its mountPath.
-    pub local_repository: Option<Box<crate::api::repository::LocalSpec>>,
+    /// The batch's Repository, authorised for the Pod's namespace, with a storage Secret named.
+    pub repository: Arc<Repository>,
 }
 
 impl Injection {
@@ -91,12 +90,10 @@ impl Catalog {
         let key = ObjectRef::new(&reference.name).within(tenancy::repository_namespace(namespace, reference));
         let found = self.repositories.get(&key);
         let labels = self.namespaces.get(&ObjectRef::new(namespace)).and_then(|n| n.metadata.labels.clone());
-        match tenancy::authorize_repository(namespace, reference, found.as_deref(), labels.as_ref()) {
-            Ok(repo) if !repo.spec.backend.storage_secret_name.is_empty() => {
-                let secret_name = repo.spec.backend.storage_secret_name.clone();
-                let local_repository = repo.spec.backend.local.clone().map(Box::new);
-                Decision::Inject(Injection { batch, member, workload, secret_name, local_repository })
-            }
+        let authorized = tenancy::authorize_repository(namespace, reference, found.as_deref(), labels.as_ref())
+            .is_ok_and(|repo| !repo.spec.backend.storage_secret_name.is_empty());
+        match found {
+            Some(repository) if authorized => Decision::Inject(Injection { batch, member, workload, repository }),
             _ => Decision::RepositoryUnknown { batch: batch.name_any() },
         }
     }

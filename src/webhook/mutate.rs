@@ -2,7 +2,7 @@
 
 use super::decision::{Catalog, Decision};
 use super::review::{ReviewRequestEnvelope, ReviewResponse, UidOnly};
-use super::sidecar::injection_patch;
+use super::sidecar::PatchCache;
 use crate::executor_pod::SIDECAR_NAME;
 use crate::metrics::AdmissionOperation;
 use kube::ResourceExt;
@@ -32,11 +32,16 @@ pub struct Reviewed {
 }
 
 pub struct Mutator {
-    pub catalog: Catalog,
-    pub sidecar_image: String,
+    catalog: Catalog,
+    sidecar_image: String,
+    patches: PatchCache,
 }
 
 impl Mutator {
+    pub fn new(catalog: Catalog, sidecar_image: String) -> Self {
+        Self { catalog, sidecar_image, patches: PatchCache::default() }
+    }
+
     pub fn review(&self, body: &[u8]) -> Result<Reviewed, BadReview> {
         let envelope: ReviewRequestEnvelope = match serde_json::from_slice(body) {
             Ok(envelope) => envelope,
@@ -53,7 +58,7 @@ impl Mutator {
             _ => return Ok(unchanged(ReviewResponse::allow(request.uid))),
         };
         match self.catalog.decide(&pod, namespace, SIDECAR_NAME) {
-            Decision::Inject(injection) => match injection_patch(&pod, &injection, &self.sidecar_image) {
+            Decision::Inject(injection) => match self.patches.patch(&pod, &injection, &self.sidecar_image) {
                 Ok(patch) => Ok(Reviewed {
                     operation,
                     verdict: Verdict::Mutated,

@@ -2,16 +2,19 @@
 //! with its own uid, and every targeted Pod gets a valid, idempotent patch or a reason why not.
 
 use super::mutate::Mutator;
-use super::mutate_tests::{catalog, catalog_with_backend, review};
+use super::mutate_tests::{Writers, catalog, catalog_of, catalog_with_backend, repository, review, test_batch};
+use crate::api::common::EmptyDirSettings;
 use crate::executor_pod::SIDECAR_NAME;
 use crate::executor_pod::{BATCH_ANNOTATION, SIDECAR_LABEL};
 use k8s_openapi::api::core::v1::{Pod, SecurityContext};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::runtime::watcher::Event;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use serde_json::{Value, json};
 
 fn mutator() -> Mutator {
-    Mutator { catalog: catalog(true), sidecar_image: "stash:test".into() }
+    Mutator::new(catalog(true), "stash:test".into())
 }
 
 /// Arbitrary JSON, biased towards the keys a Pod and a review use.
@@ -235,7 +238,7 @@ fn reviewed(mutator: &Mutator, pod: &Value) -> (Option<Value>, Vec<String>) {
 
 /// Checks one targeted Pod; `Ok(true)` when it was patched, `Ok(false)` when refused.
 fn check_targeted_pod(pod: &Value, backend: &Value) -> Result<bool, TestCaseError> {
-    let mutator = Mutator { catalog: catalog_with_backend(Some(backend.clone())), sidecar_image: "stash:test".into() };
+    let mutator = Mutator::new(catalog_with_backend(Some(backend.clone())), "stash:test".into());
     let (patched, warnings) = reviewed(&mutator, pod);
     let collides = !unique(&sidecar_paths(pod, backend));
     let Some(patched) = patched else {
@@ -319,4 +322,101 @@ fn targeted_pods_get_a_valid_idempotent_patch_or_a_reason() {
         "most generated Pods reach the patch: {patched} of {}",
         patched + refused
     );
+}
+
+/// `pod` with some of the facts a patch reads changed, one per bit of `changes`: Pods that differ
+/// in one of them are the ones a reused patch could confuse.
+fn varied(pod: &Value, changes: u8) -> Value {
+    let mut pod = pod.clone();
+    let change = |bit: u8| changes & (1 << bit) != 0;
+    if change(0) {
+        pod["metadata"]["annotations"] = Value::Null;
+    }
+    if change(1) {
+        pod["metadata"]["labels"] = json!({});
+    }
+    if change(2) {
+        pod["spec"]["securityContext"] = json!({"runAsUser": 0});
+    }
+    if change(3) {
+        pod["spec"]["volumes"] = Value::Null;
+    }
+    if let Some(volumes) = pod["spec"]["volumes"].as_array_mut() {
+        if change(4) {
+            volumes.retain(|v| v["name"] != "data");
+        }
+        if change(5) && !volumes.iter().any(|v| v["name"] == "stash-tmp-dir") {
+            volumes.push(json!({"name": "stash-tmp-dir", "emptyDir": {}}));
+        }
+    }
+    pod
+}
+
+/// The test batch, its members' temp dirs sized by `variant`, at `version`.
+fn batch_variant(variant: u8, version: usize) -> crate::api::BackupBatch {
+    let mut batch = test_batch(json!({"name": "repo"}));
+    batch.metadata.resource_version = Some(version.to_string());
+    for member in &mut batch.spec.members {
+        let size = Quantity(format!("{}Mi", 64 << variant));
+        member.temp_dir = Some(EmptyDirSettings { size_limit: Some(size), ..EmptyDirSettings::default() });
+    }
+    batch
+}
+
+/// The Repository with `backend`, at `version`.
+fn repository_at(backend: &Value, version: usize) -> crate::api::Repository {
+    let mut repository = repository("demo", backend.clone(), Value::Null);
+    repository.metadata.resource_version = Some(version.to_string());
+    repository
+}
+
+/// A mutator over a catalog holding `variant` of the batch and a Repository with `backend`.
+fn fresh_mutator(variant: u8, backend: &Value) -> Mutator {
+    let mut writers = Writers::default();
+    writers.batches.apply_watcher_event(&Event::Apply(batch_variant(variant, 1)));
+    writers.repositories.apply_watcher_event(&Event::Apply(repository_at(backend, 1)));
+    Mutator::new(catalog_of(&writers), "stash:test".into())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Rendered patches are reused across Pods and versions of the batch and the Repository: one
+    /// mutator that answered other Pods, before and after those objects changed, answers each Pod
+    /// exactly as a fresh mutator over the same objects does.
+    #[test]
+    fn a_mutator_answers_each_pod_as_a_fresh_one_would(
+        base in targeted_pod(),
+        first_backend in backend(),
+        // Mostly Pods of the same objects, now and then a new version of one of them.
+        steps in prop::collection::vec(
+            (0..64u8, prop::option::weighted(0.1, backend()), prop::option::weighted(0.1, 0..2u8)),
+            1..16,
+        )
+    ) {
+        let mut writers = Writers::default();
+        writers.batches.apply_watcher_event(&Event::Apply(batch_variant(0, 1)));
+        writers.repositories.apply_watcher_event(&Event::Apply(repository_at(&first_backend, 1)));
+        let catalog = catalog_of(&writers);
+        let targets = catalog.targets.clone();
+        let shared = Mutator::new(catalog, "stash:test".into());
+        let (mut variant, mut backend, mut version) = (0, first_backend, 1);
+        for (changes, next_backend, next_variant) in steps {
+            if let Some(next) = next_variant {
+                version += 1;
+                variant = next;
+                writers.batches.apply_watcher_event(&Event::Apply(batch_variant(variant, version)));
+                targets.invalidate();
+            }
+            if let Some(next) = next_backend {
+                version += 1;
+                backend = next;
+                writers.repositories.apply_watcher_event(&Event::Apply(repository_at(&backend, version)));
+            }
+            let body = review("CREATE", &varied(&base, changes), false);
+            let answered = shared.review(&body).expect("a readable review").review;
+            let fresh = fresh_mutator(variant, &backend).review(&body).expect("a readable review").review;
+            prop_assert_eq!(answered, fresh);
+        }
+    }
 }

@@ -33,7 +33,7 @@ fn batch(name: &str, repository: Value, targets: &[(&str, &str, &str)]) -> Backu
         .collect();
     serde_json::from_value(json!({
         "apiVersion": "stash.appscode.com/v1beta1", "kind": "BackupBatch",
-        "metadata": {"name": name, "namespace": "demo"},
+        "metadata": {"name": name, "namespace": "demo", "uid": format!("{name}-uid"), "resourceVersion": "1"},
         "spec": {"repository": repository, "members": members}
     }))
     .expect("a BackupBatch")
@@ -50,7 +50,7 @@ pub(super) fn catalog_with_backend(backend: Option<Value>) -> Catalog {
 }
 
 /// Repository `repo` of `namespace`, with `usagePolicy` unless null.
-fn repository(namespace: &str, mut backend: Value, usage_policy: Value) -> Repository {
+pub(super) fn repository(namespace: &str, mut backend: Value, usage_policy: Value) -> Repository {
     backend["storageSecretName"] = json!("repo-secret");
     let mut spec = json!({"backend": backend});
     if !usage_policy.is_null() {
@@ -58,17 +58,28 @@ fn repository(namespace: &str, mut backend: Value, usage_policy: Value) -> Repos
     }
     serde_json::from_value(json!({
         "apiVersion": "stash.appscode.com/v1alpha1", "kind": "Repository",
-        "metadata": {"name": "repo", "namespace": namespace}, "spec": spec
+        "metadata": {"name": "repo", "namespace": namespace, "uid": format!("{namespace}-repo-uid"),
+                     "resourceVersion": "1"},
+        "spec": spec
     }))
     .expect("a Repository")
 }
 
 /// A catalog whose batch names `reference` and whose only Repository (when given) is `repository`.
 fn catalog_naming(reference: Value, repository: Option<Repository>) -> Catalog {
-    let mut batches = Writer::<BackupBatch>::default();
-    batches.apply_watcher_event(&Event::Apply(batch(
+    let mut writers = Writers::default();
+    writers.batches.apply_watcher_event(&Event::Apply(test_batch(reference)));
+    if let Some(repository) = repository {
+        writers.repositories.apply_watcher_event(&Event::Apply(repository));
+    }
+    catalog_of(&writers)
+}
+
+/// The test batch `app-backup`, naming `repository`, with a member for each workload kind (and a Job).
+pub(super) fn test_batch(repository: Value) -> BackupBatch {
+    batch(
         "app-backup",
-        reference,
+        repository,
         &[
             ("apps/v1", "Deployment", "app"),
             ("apps/v1", "StatefulSet", "db"),
@@ -77,11 +88,18 @@ fn catalog_naming(reference: Value, repository: Option<Repository>) -> Catalog {
             ("v1", "ReplicationController", "legacy"),
             ("batch/v1", "Job", "migrate"),
         ],
-    )));
-    let mut repositories = Writer::<Repository>::default();
-    if let Some(repository) = repository {
-        repositories.apply_watcher_event(&Event::Apply(repository));
-    }
+    )
+}
+
+/// The writers of a catalog's batches and Repositories, for tests that change them.
+#[derive(Default)]
+pub(super) struct Writers {
+    pub batches: Writer<BackupBatch>,
+    pub repositories: Writer<Repository>,
+}
+
+/// A catalog reading the stores of `writers`, with the test ReplicaSets and Namespace.
+pub(super) fn catalog_of(writers: &Writers) -> Catalog {
     let mut replicasets = Writer::<PartialObjectMeta<ReplicaSet>>::default();
     for (name, owner) in [("app-7d9c5", Some("app")), ("bare", None), ("other-5f6d7", Some("other"))] {
         let owners: Vec<Value> = owner
@@ -99,7 +117,12 @@ fn catalog_naming(reference: Value, repository: Option<Repository>) -> Catalog {
     let mut namespaces = Writer::<PartialObjectMeta<Namespace>>::default();
     let demo = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo", "labels": {"team": "a"}}});
     namespaces.apply_watcher_event(&Event::Apply(serde_json::from_value(demo).expect("Namespace metadata")));
-    Catalog::new(batches.as_reader(), repositories.as_reader(), replicasets.as_reader(), namespaces.as_reader())
+    Catalog::new(
+        writers.batches.as_reader(),
+        writers.repositories.as_reader(),
+        replicasets.as_reader(),
+        namespaces.as_reader(),
+    )
 }
 
 fn pod(owner: Option<(&str, &str, &str)>) -> Value {
@@ -134,7 +157,7 @@ pub(super) fn review(operation: &str, object: &Value, dry_run: bool) -> Vec<u8> 
 }
 
 fn mutator(with_repository: bool) -> Mutator {
-    Mutator { catalog: catalog(with_repository), sidecar_image: IMAGE.into() }
+    Mutator::new(catalog(with_repository), IMAGE.into())
 }
 
 /// Answers `object`, checks the envelope, and returns the patched Pod when there was a patch.
@@ -265,7 +288,7 @@ fn pods_without_volumes_or_annotations_get_the_lists_created() {
 #[test]
 fn a_local_repository_is_mounted_writable_at_its_mount_path() {
     let backend = json!({"local": {"mountPath": "/safe/repo", "persistentVolumeClaim": {"claimName": "repo-pvc"}}});
-    let mutator = Mutator { catalog: catalog_with_backend(Some(backend)), sidecar_image: IMAGE.into() };
+    let mutator = Mutator::new(catalog_with_backend(Some(backend)), IMAGE.into());
     let patched = answer(&mutator, "CREATE", &pod(Some(("apps/v1", "StatefulSet", "db"))), false).expect("injected");
     let spec = patched.spec.expect("spec");
     let volume = spec.volumes.iter().flatten().find(|v| v.name == "stash-repository").expect("the repository volume");
@@ -313,12 +336,12 @@ fn a_pod_whose_batch_names_a_disallowed_foreign_repository_gets_no_patch() {
     };
     for policy in [Value::Null, json!({"allowedNamespaces": {"from": "Same"}}), selector("b-only")] {
         let catalog = catalog_naming(foreign.clone(), Some(repository("tenant-b", nfs.clone(), policy.clone())));
-        let mutator = Mutator { catalog, sidecar_image: IMAGE.into() };
+        let mutator = Mutator::new(catalog, IMAGE.into());
         assert!(answer(&mutator, "CREATE", &object, false).is_none(), "{policy}");
     }
     for policy in [json!({"allowedNamespaces": {"from": "All"}}), selector("a")] {
         let catalog = catalog_naming(foreign.clone(), Some(repository("tenant-b", nfs.clone(), policy.clone())));
-        let mutator = Mutator { catalog, sidecar_image: IMAGE.into() };
+        let mutator = Mutator::new(catalog, IMAGE.into());
         assert!(answer(&mutator, "CREATE", &object, false).is_some(), "{policy} allows demo");
     }
 }
@@ -354,7 +377,7 @@ fn warnings(mutator: &Mutator, object: &Value) -> Vec<String> {
 #[test]
 fn a_pod_that_already_has_our_volume_names_gets_free_ones() {
     let backend = json!({"local": {"mountPath": "/repo", "persistentVolumeClaim": {"claimName": "repo-pvc"}}});
-    let mutator = Mutator { catalog: catalog_with_backend(Some(backend)), sidecar_image: IMAGE.into() };
+    let mutator = Mutator::new(catalog_with_backend(Some(backend)), IMAGE.into());
     let mut object = pod(Some(("apps/v1", "StatefulSet", "db")));
     let theirs = json!([{"name": "data", "emptyDir": {}}, {"name": "stash-tmp-dir", "emptyDir": {}},
                         {"name": "stash-repository-secret", "emptyDir": {}}, {"name": "stash-repository", "emptyDir": {}}]);
@@ -381,7 +404,7 @@ fn a_pod_that_already_has_our_volume_names_gets_free_ones() {
 #[test]
 fn a_member_mount_at_the_repository_mount_path_is_not_injected_but_warned_about() {
     let backend = json!({"local": {"mountPath": "/data", "persistentVolumeClaim": {"claimName": "repo-pvc"}}});
-    let mutator = Mutator { catalog: catalog_with_backend(Some(backend)), sidecar_image: IMAGE.into() };
+    let mutator = Mutator::new(catalog_with_backend(Some(backend)), IMAGE.into());
     let object = pod(Some(("apps/v1", "StatefulSet", "db")));
     assert!(answer(&mutator, "CREATE", &object, false).is_none(), "no patch that mounts /data twice");
     let warnings = warnings(&mutator, &object);

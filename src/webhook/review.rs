@@ -8,6 +8,7 @@
 use super::pod_view::PodView;
 use base64::Engine;
 use serde::Deserialize;
+use std::sync::Arc;
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 
@@ -71,7 +72,7 @@ pub struct ReviewResponse {
     pub uid: String,
     pub allowed: bool,
     /// The JSON patch, as JSON bytes (base64-encoded on the wire).
-    pub patch: Option<Vec<u8>>,
+    pub patch: Option<Arc<[u8]>>,
     pub warnings: Vec<String>,
 }
 
@@ -82,7 +83,7 @@ impl ReviewResponse {
     }
 
     /// Allow the request with a JSON patch (its serialized bytes) applied.
-    pub fn patch(uid: String, patch_json: Vec<u8>) -> Self {
+    pub fn patch(uid: String, patch_json: Arc<[u8]>) -> Self {
         Self { uid, allowed: true, patch: Some(patch_json), warnings: Vec::new() }
     }
 

@@ -1,16 +1,18 @@
 //! The JSON patch that adds the `stash` sidecar to a Pod; the container it adds is shaped like every
 //! executor's, by [`crate::executor_pod`].
 
-use super::decision::Injection;
+use super::decision::{Injection, Workload};
 use super::pod_view::PodView;
 use crate::api::common::EmptyDirSettings;
 use crate::executor_pod::{
     BATCH_ANNOTATION, SECRET_MOUNT_PATH, SIDECAR_LABEL, SIDECAR_NAME, TMP_MOUNT_PATH, executor_container, secret_volume,
 };
 use k8s_openapi::api::core::v1::{Container, EmptyDirVolumeSource, Volume, VolumeMount};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 pub const TMP_VOLUME: &str = "stash-tmp-dir";
 pub const SECRET_VOLUME: &str = "stash-repository-secret";
@@ -29,22 +31,91 @@ pub(crate) enum NotInjected {
     Patch(#[from] serde_json::Error),
 }
 
-/// The JSON patch (RFC 6902) that injects the sidecar, its volumes, the batch annotation and the
-/// sidecar label, or why
-/// the Pod would not be valid with it.
-///
+/// Rendered patches, by everything a patch is made of: the versions of the batch and Repository,
+/// the member, and the few facts of the Pod the patch reads. The Pods of one workload share one
+/// shape, so admission renders a member's sidecar once per version instead of once per Pod.
+#[derive(Default)]
+pub(crate) struct PatchCache {
+    rendered: Mutex<HashMap<PatchKey, Arc<[u8]>>>,
+}
+
+/// Patches kept at most; older batch and Repository versions are never asked for again, so starting
+/// over when full bounds memory without tracking them.
+const CACHED_PATCHES_MAX: usize = 1024;
+
+impl PatchCache {
+    /// The JSON patch (RFC 6902) that injects the sidecar, its volumes, the batch annotation and the
+    /// sidecar label, or why the Pod would not be valid with it.
+    pub(crate) fn patch(&self, pod: &PodView, injection: &Injection, image: &str) -> Result<Arc<[u8]>, NotInjected> {
+        let names = VolumeNames::free_in(pod);
+        let Some(key) = PatchKey::new(pod, injection, &names) else {
+            return Ok(render(pod, injection, image, &names)?.into());
+        };
+        if let Some(rendered) = self.lock().get(&key) {
+            return Ok(rendered.clone());
+        }
+        let patch: Arc<[u8]> = render(pod, injection, image, &names)?.into();
+        let mut rendered = self.lock();
+        if rendered.len() >= CACHED_PATCHES_MAX {
+            rendered.clear();
+        }
+        rendered.insert(key, patch.clone());
+        Ok(patch)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PatchKey, Arc<[u8]>>> {
+        // A panic while holding the lock leaves a map of complete entries: still usable.
+        self.rendered.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Everything [`render`] reads. An object's uid and resourceVersion name its content exactly; an
+/// object without them (never one from the API server) is not cached.
+#[derive(PartialEq, Eq, Hash)]
+struct PatchKey {
+    batch: (String, String),
+    repository: (String, String),
+    member: usize,
+    workload: Workload,
+    names: VolumeNames,
+    /// Which of the member's volumeMounts name a volume of the Pod.
+    mounted: Vec<bool>,
+    runs_as_root: bool,
+    has_volumes: bool,
+    has_annotations: bool,
+    has_labels: bool,
+}
+
+impl PatchKey {
+    fn new(pod: &PodView, injection: &Injection, names: &VolumeNames) -> Option<Self> {
+        let version = |meta: &ObjectMeta| Some((meta.uid.clone()?, meta.resource_version.clone()?));
+        Some(Self {
+            batch: version(&injection.batch.metadata)?,
+            repository: version(&injection.repository.metadata)?,
+            member: injection.member,
+            workload: injection.workload.clone(),
+            names: names.clone(),
+            mounted: injection.member().target.volume_mounts.iter().map(|m| pod.has_volume(&m.name)).collect(),
+            runs_as_root: pod.runs_as_root(),
+            has_volumes: pod.spec.volumes.is_some(),
+            has_annotations: pod.metadata.annotations.is_some(),
+            has_labels: !pod.metadata.labels.is_empty(),
+        })
+    }
+}
+
 /// Written straight into bytes: building a `serde_json::Value` tree first cost more than answering
 /// the rest of the review (see BENCHMARKS.md).
-pub(crate) fn injection_patch(pod: &PodView, injection: &Injection, image: &str) -> Result<Vec<u8>, NotInjected> {
-    let names = VolumeNames::free_in(pod);
-    let container = sidecar_container(pod, injection, image, &names)?;
+fn render(pod: &PodView, injection: &Injection, image: &str, names: &VolumeNames) -> Result<Vec<u8>, NotInjected> {
+    let container = sidecar_container(pod, injection, image, names)?;
     let mut patch = PatchWriter::default();
     patch.add("/spec/containers/-", &container)?;
+    let backend = &injection.repository.spec.backend;
     let mut volumes = vec![
         tmp_volume(&names.tmp, injection.member().temp_dir.as_ref()),
-        secret_volume(&names.secret, &injection.secret_name),
+        secret_volume(&names.secret, &backend.storage_secret_name),
     ];
-    if let Some(local) = &injection.local_repository {
+    if let Some(local) = &backend.local {
         volumes.push(local.volume(&names.repository).0);
     }
     match pod.spec.volumes {
@@ -71,6 +142,7 @@ pub(crate) fn injection_patch(pod: &PodView, injection: &Injection, image: &str)
 }
 
 /// The names of the volumes the patch adds: ours, unless the Pod already has a volume of that name.
+#[derive(Clone, PartialEq, Eq, Hash)]
 struct VolumeNames {
     tmp: String,
     secret: String,
@@ -144,7 +216,7 @@ fn sidecar_container(
         read_only: Some(true),
         ..Default::default()
     });
-    if let Some(local) = &injection.local_repository {
+    if let Some(local) = &injection.repository.spec.backend.local {
         mounts.push(local.volume(&names.repository).1);
     }
     distinct_mount_paths(&mounts)?;
