@@ -102,7 +102,7 @@ impl Catalog {
     pub fn controlling_workload(&self, pod: &PodView, namespace: &str) -> Option<Workload> {
         let owner = pod.controller()?;
         let group = owner.api_version.split_once('/').map_or("", |(group, _)| group);
-        let kind = match (group, owner.kind.as_str()) {
+        let kind = match (group, &*owner.kind) {
             ("apps", "ReplicaSet") => {
                 return Some(self.replicaset_owner(pod, namespace, &owner.name));
             }
@@ -112,7 +112,7 @@ impl Catalog {
             // Jobs (and CronJobs through them) and foreign controllers are never targets.
             _ => return None,
         };
-        Some(Workload { kind, name: owner.name.clone() })
+        Some(Workload { kind, name: owner.name.to_string() })
     }
 
     /// A ReplicaSet's Deployment, from the cache; on a cache miss (a ReplicaSet created moments ago),
@@ -135,7 +135,7 @@ impl Catalog {
             .metadata
             .labels
             .get(POD_TEMPLATE_HASH)
-            .and_then(|hash| replicaset.strip_suffix(hash.as_str()))
+            .and_then(|hash| replicaset.strip_suffix(&**hash))
             .and_then(|prefix| prefix.strip_suffix('-'))
             .filter(|name| !name.is_empty());
         match by_convention {

@@ -47,14 +47,16 @@ impl Mutator {
             Ok(envelope) => envelope,
             Err(err) => return Self::unreadable(body, err),
         };
-        check_version(envelope.api_version)?;
+        check_version(envelope.api_version.as_deref())?;
         let request = envelope.request.ok_or(BadReview::NoRequest)?;
         let operation = AdmissionOperation::parse(&request.operation);
         let unchanged =
             |response: ReviewResponse| Reviewed { operation, verdict: Verdict::AllowedUnchanged, review: response };
         let namespace = request.namespace.as_deref().unwrap_or_default();
         let pod = match request.object {
-            Some(pod) if request.kind.is_core_v1_pod() && request.operation == "CREATE" && !namespace.is_empty() => pod,
+            Some(pod) if request.kind.is_core_v1_pod() && &*request.operation == "CREATE" && !namespace.is_empty() => {
+                pod
+            }
             _ => return Ok(unchanged(ReviewResponse::allow(request.uid))),
         };
         match self.catalog.decide(&pod, namespace, SIDECAR_NAME) {
@@ -89,7 +91,7 @@ impl Mutator {
         let Ok(envelope) = serde_json::from_slice::<UidOnly>(body) else {
             return Err(BadReview::Malformed(err));
         };
-        check_version(envelope.api_version)?;
+        check_version(envelope.api_version.as_deref())?;
         let request = envelope.request.ok_or(BadReview::NoRequest)?;
         let warning = format!("stash: Pod not mutated, its object could not be read: {err}");
         Ok(Reviewed {
@@ -100,9 +102,9 @@ impl Mutator {
     }
 }
 
-fn check_version(api_version: Option<String>) -> Result<(), BadReview> {
+fn check_version(api_version: Option<&str>) -> Result<(), BadReview> {
     match api_version {
-        Some(version) if version != super::review::API_VERSION => Err(BadReview::Version(version)),
+        Some(version) if version != super::review::API_VERSION => Err(BadReview::Version(version.to_string())),
         _ => Ok(()),
     }
 }

@@ -5,7 +5,7 @@
 //! would parse every field and lose the request `uid` on a malformed object; when the one-pass read
 //! fails, [`UidOnly`] recovers the `uid` so that the answer still echoes it.
 
-use super::pod_view::PodView;
+use super::pod_view::{PodView, Text};
 use base64::Engine;
 use serde::Deserialize;
 use std::sync::Arc;
@@ -14,25 +14,27 @@ pub const API_VERSION: &str = "admission.k8s.io/v1";
 
 #[derive(Deserialize, Debug)]
 #[serde(rename_all = "camelCase")]
-pub struct ReviewRequestEnvelope {
-    pub api_version: Option<String>,
-    pub request: Option<ReviewRequest>,
+pub struct ReviewRequestEnvelope<'a> {
+    #[serde(borrow)]
+    pub api_version: Option<Text<'a>>,
+    #[serde(borrow)]
+    pub request: Option<ReviewRequest<'a>>,
 }
 
 #[derive(Deserialize, Debug)]
 #[serde(rename_all = "camelCase")]
-pub struct ReviewRequest {
+pub struct ReviewRequest<'a> {
     pub uid: String,
-    #[serde(default)]
-    pub kind: RequestKind,
-    #[serde(default)]
-    pub operation: String,
-    #[serde(default)]
-    pub namespace: Option<String>,
+    #[serde(default, borrow)]
+    pub kind: RequestKind<'a>,
+    #[serde(default, borrow)]
+    pub operation: Text<'a>,
+    #[serde(default, borrow)]
+    pub namespace: Option<Text<'a>>,
     #[serde(default)]
     pub dry_run: Option<bool>,
-    #[serde(default)]
-    pub object: Option<PodView>,
+    #[serde(default, borrow)]
+    pub object: Option<PodView<'a>>,
 }
 
 /// The envelope with everything but the `uid` skipped: read when [`ReviewRequestEnvelope`] fails.
@@ -51,18 +53,18 @@ pub struct UidOnlyRequest {
 }
 
 #[derive(Deserialize, Debug, Default, PartialEq, Eq)]
-pub struct RequestKind {
-    #[serde(default)]
-    pub group: String,
-    #[serde(default)]
-    pub version: String,
-    #[serde(default)]
-    pub kind: String,
+pub struct RequestKind<'a> {
+    #[serde(default, borrow)]
+    pub group: Text<'a>,
+    #[serde(default, borrow)]
+    pub version: Text<'a>,
+    #[serde(default, borrow)]
+    pub kind: Text<'a>,
 }
 
-impl RequestKind {
+impl RequestKind<'_> {
     pub fn is_core_v1_pod(&self) -> bool {
-        self.group.is_empty() && self.version == "v1" && self.kind == "Pod"
+        self.group.is_empty() && &*self.version == "v1" && &*self.kind == "Pod"
     }
 }
 
