@@ -227,8 +227,8 @@ fn unique<T: Ord + Clone>(items: &[T]) -> bool {
 /// Reviews `pod`; returns the patched Pod (or `None`) and the warnings.
 fn reviewed(mutator: &Mutator, pod: &Value) -> (Option<Value>, Vec<String>) {
     let reviewed = mutator.review(&review("CREATE", pod, false)).expect("a readable review");
-    let patched = reviewed.review.patch.as_ref().map(|bytes| {
-        let patch: json_patch::Patch = serde_json::from_slice(bytes).expect("a JSON patch");
+    let patched = reviewed.review.patch.as_ref().map(|patch| {
+        let patch: json_patch::Patch = serde_json::from_slice(patch.json()).expect("a JSON patch");
         let mut patched = pod.clone();
         json_patch::patch(&mut patched, &patch).expect("the patch applies");
         patched

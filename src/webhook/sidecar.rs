@@ -3,6 +3,7 @@
 
 use super::decision::{Injection, Workload};
 use super::pod_view::PodView;
+use super::review::EncodedPatch;
 use crate::api::common::EmptyDirSettings;
 use crate::executor_pod::{
     BATCH_ANNOTATION, SECRET_MOUNT_PATH, SIDECAR_LABEL, SIDECAR_NAME, TMP_MOUNT_PATH, executor_container, secret_volume,
@@ -36,7 +37,7 @@ pub(crate) enum NotInjected {
 /// shape, so admission renders a member's sidecar once per version instead of once per Pod.
 #[derive(Default)]
 pub(crate) struct PatchCache {
-    rendered: Mutex<HashMap<PatchKey, Arc<[u8]>>>,
+    rendered: Mutex<HashMap<PatchKey, Arc<EncodedPatch>>>,
 }
 
 /// Patches kept at most; older batch and Repository versions are never asked for again, so starting
@@ -46,15 +47,20 @@ const CACHED_PATCHES_MAX: usize = 1024;
 impl PatchCache {
     /// The JSON patch (RFC 6902) that injects the sidecar, its volumes, the batch annotation and the
     /// sidecar label, or why the Pod would not be valid with it.
-    pub(crate) fn patch(&self, pod: &PodView, injection: &Injection, image: &str) -> Result<Arc<[u8]>, NotInjected> {
+    pub(crate) fn patch(
+        &self,
+        pod: &PodView,
+        injection: &Injection,
+        image: &str,
+    ) -> Result<Arc<EncodedPatch>, NotInjected> {
         let names = VolumeNames::free_in(pod);
         let Some(key) = PatchKey::new(pod, injection, &names) else {
-            return Ok(render(pod, injection, image, &names)?.into());
+            return Ok(Arc::new(EncodedPatch::new(render(pod, injection, image, &names)?)));
         };
         if let Some(rendered) = self.lock().get(&key) {
             return Ok(rendered.clone());
         }
-        let patch: Arc<[u8]> = render(pod, injection, image, &names)?.into();
+        let patch = Arc::new(EncodedPatch::new(render(pod, injection, image, &names)?));
         let mut rendered = self.lock();
         if rendered.len() >= CACHED_PATCHES_MAX {
             rendered.clear();
@@ -63,7 +69,7 @@ impl PatchCache {
         Ok(patch)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PatchKey, Arc<[u8]>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PatchKey, Arc<EncodedPatch>>> {
         // A panic while holding the lock leaves a map of complete entries: still usable.
         self.rendered.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
