@@ -691,8 +691,10 @@ fn restic_with_a_late_session(dir: &Path, setup: &Setup) -> PathBuf {
         r#"#!/bin/bash
 set -euo pipefail
 dir={dir}
-# The first restic run after the dry run starts the late session; the finalize may start two at once.
-if [[ -f $dir/after-dry-run ]] && mkdir $dir/late-claimed 2>/dev/null; then
+# The forget after the dry run starts the late session before it deletes anything. Not any run after
+# the dry run: a size measure runs beside the forget, and a backup there could meet forget's
+# exclusive lock, fail, and leave the finalize to start over past the late session.
+if [[ -f $dir/after-dry-run && " $* " == *" forget "* && " $* " != *" --dry-run "* ]] && mkdir $dir/late-claimed 2>/dev/null; then
   created=$(KUBECONFIG={admin} {stash} create-backupsession --invoker-name {BATCH} --namespace {ns})
   name=${{created#backupsession/}}; name=${{name% created}}
   {restic} backup --quiet --host late --tag "session=$name,batch={BATCH},namespace={ns}" $dir/data >&2
