@@ -14,8 +14,9 @@
 #   cluster.sh verify-down        list what a node left on this machine; fails if anything (run after down)
 #   cluster.sh kubeconfig         print the admin kubeconfig's path
 #   cluster.sh status             print each process's state and the API server's /readyz
-# With STASH_CLUSTER_AUDIT=1, the API server writes an audit log of every request (user agent, verb)
-# to <state>/audit.log, for benchmarks that count requests by client.
+# The API server writes an audit log to <state>/audit.log: of the requests service accounts send to
+# stash.appscode.com resources (tests count a sidecar's), or with STASH_CLUSTER_AUDIT=1 of every
+# request (user agent, verb), for benchmarks that count requests by client.
 #
 # The node is tainted stash.local/test-node:NoSchedule, so the Pods of tests written for a cluster without
 # a node stay Pending as before. A namespace opts in with the annotation
@@ -242,11 +243,15 @@ up() { # [--node]
     --initial-cluster "stash-test=http://127.0.0.1:$peer_port" --log-level warn
   wait_for etcd 30 curl -sf --max-time 2 "http://127.0.0.1:$etcd_port/health"
 
-  local extra=() kcm_controllers=$controllers
+  local extra=() kcm_controllers=$controllers rules
   if [[ ${STASH_CLUSTER_AUDIT:-} == 1 ]]; then
-    printf 'apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n' >"$state/audit-policy.yaml"
-    extra=(--audit-policy-file "$state/audit-policy.yaml" --audit-log-path "$state/audit.log")
+    rules='- level: Metadata'
+  else
+    # What tests count: the requests our executors and sidecars send to our resources.
+    rules=$'- level: Metadata\n  userGroups: [system:serviceaccounts]\n  resources: [{group: stash.appscode.com}]\n- level: None'
   fi
+  printf 'apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n%s\n' "$rules" >"$state/audit-policy.yaml"
+  extra=(--audit-policy-file "$state/audit-policy.yaml" --audit-log-path "$state/audit.log")
   if [[ $want == plain ]]; then
     extra+=(--service-cluster-ip-range 10.0.0.0/24 --authorization-mode RBAC)
   else

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 pub mod app_binding;
+pub mod audit;
 pub mod backends;
 pub mod cert_manager;
 pub mod data;
