@@ -1312,6 +1312,37 @@ async fn a_fresh_namespace_restores_the_sessions_of_the_namespace_it_names() {
     assert_eq!(page, "<h1>from the source namespace</h1>");
 }
 
+/// An idle sidecar costs the API server its watch and nothing more: between sessions it reads no
+/// batch and lists no session. It used to list its batch's sessions every 30 s and read the batch
+/// for each one kept in the history: per injected Pod, whether or not anything was running.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_sidecar_sends_no_request_but_its_watch() {
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut setup = Setup::new("idle", Backend::Local(repo.path())).await;
+    fixtures::create::<k8s_openapi::api::apps::v1::Deployment>(
+        &setup.ns,
+        json!({"metadata": {"name": "web"}, "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "c", "image": "registry.invalid/c:1"}],
+                "volumes": [{"name": "html", "persistentVolumeClaim": {"claimName": "web-html"}}]}}}}),
+    )
+    .await;
+    let member = json!({"target": {"alias": "web", "ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+        "paths": ["/var/www/html"]}});
+    setup.batch(vec![member], json!({"timeOut": "5m"})).await;
+    write_files(setup.node.root(), &[("var/www/html/index.html", "page")]);
+    let _sidecar = setup.node.spawn_sidecar(BATCH, "Deployment", "web", "web-5d8f7c9b4-abcde");
+    let session = setup.back_up().await;
+    assert_eq!(session.status.and_then(|s| s.phase), Some(BackupSessionPhase::Succeeded), "the sidecar backed up");
+    // The session's last updates reach the sidecar's watch within this.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let idle = k8s_openapi::jiff::Timestamp::now();
+    // Longer than the sidecar's 30 s between looks at its sessions.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let user = format!("system:serviceaccount:{}:{}", setup.ns.name, support::executors::WORKLOAD_ACCOUNT);
+    let sent = support::audit::requests_since(&user, idle);
+    assert!(sent.is_empty(), "the idle sidecar sent {sent:?}");
+}
+
 /// L10: the Lease a workload's sidecars take turns on goes with its batch (garbage collection), not
 /// left behind in the namespace forever.
 #[tokio::test(flavor = "multi_thread")]

@@ -1,7 +1,7 @@
-//! `stash run-backup`: the sidecar. It watches its batch's sessions (idle between them: one watch),
-//! and when its target is running takes the target's Lease — so one Pod of a Deployment backs up,
-//! and the Pods of a StatefulSet or DaemonSet take turns, each as its own host — then backs up and
-//! writes its host entry. The batch is read at run time: editing it restarts nothing.
+//! `stash run-backup`: the sidecar. It watches its batch's sessions (idle between them: one watch
+//! and no other request), and when its target is running takes the target's Lease — so one Pod of a
+//! Deployment backs up, and the Pods of a StatefulSet or DaemonSet take turns, each as its own host —
+//! then backs up and writes its host entry. The batch is read at run time: editing it restarts nothing.
 
 use super::executor::{AgentError, Executor};
 use super::files::FileBackup;
@@ -12,7 +12,8 @@ use crate::api::BackupSession;
 use crate::session::invoker_selector;
 use futures::StreamExt;
 use kube::ResourceExt;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -39,35 +40,26 @@ pub fn host_name(kind: &str, alias: &str, pod: Option<&str>, node: Option<&str>)
 pub async fn run(executor: &Executor, target: &SidecarTarget, cancel: CancellationToken) -> Result<(), AgentError> {
     let sessions = executor.api::<BackupSession>();
     let config = watcher::Config::default().labels(&invoker_selector(&target.batch));
-    let mut events = watcher(sessions, config).default_backoff().applied_objects().boxed();
+    // The watch keeps a store of the sessions, so that looking at them again costs no request.
+    let (store, writer) = reflector::store();
+    let mut events = watcher(sessions, config).default_backoff().reflect(writer).applied_objects().boxed();
     let mut recheck = tokio::time::interval(Duration::from_secs(30));
     loop {
-        let session = tokio::select! {
+        let candidates = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             event = events.next() => match event {
-                Some(Ok(session)) => Some(session),
-                Some(Err(err)) => { tracing::warn!(error = %err, "watching BackupSessions"); None }
+                Some(Ok(session)) => vec![Arc::new(session)],
+                // Visible: a 403 here means the Pod's ServiceAccount lacks the sidecar's role. (No
+                // Event: without that role it could not publish one either.) The watch retries.
+                Some(Err(err)) => { tracing::warn!(error = %err, "watching BackupSessions"); Vec::new() }
                 None => return Ok(()),
             },
-            _ = recheck.tick() => None,
+            // Again, for a turn that failed.
+            _ = recheck.tick() => store.state(),
         };
-        let candidates = match session {
-            Some(session) => vec![session],
-            None => {
-                let params = kube::api::ListParams::default().labels(&invoker_selector(&target.batch));
-                match executor.api::<BackupSession>().list(&params).await {
-                    Ok(list) => list.items,
-                    // Visible, not an empty list: a 403 here means the Pod's ServiceAccount lacks the
-                    // sidecar's role. (No Event: without that role it could not publish one either.)
-                    Err(err) => {
-                        tracing::warn!(error = %err, "listing BackupSessions");
-                        Vec::new()
-                    }
-                }
-            }
-        };
-        for session in candidates {
-            if let Err(err) = take_turn(executor, target, &session).await {
+        // A settled session has no turn left: it is not worth a read of the batch.
+        for session in candidates.iter().filter(|s| !s.is_settled()) {
+            if let Err(err) = take_turn(executor, target, session).await {
                 tracing::warn!(session = %session.name_any(), error = %err, "backing up failed");
             }
         }

@@ -17,7 +17,7 @@ use std::time::Duration;
 /// The executor Jobs' ServiceAccount, created by the operator per namespace.
 const EXECUTOR_ACCOUNT: &str = "stash-backup";
 /// The test workloads set no `serviceAccountName`: their Pods, and so their sidecars, run as this.
-const WORKLOAD_ACCOUNT: &str = "default";
+pub const WORKLOAD_ACCOUNT: &str = "default";
 
 /// The env var naming the host a restore Job restores (see `controller::restore_batch`).
 const RESTORE_HOST_ENV: &str = "STASH_RESTORE_HOST";
