@@ -1314,7 +1314,8 @@ async fn a_fresh_namespace_restores_the_sessions_of_the_namespace_it_names() {
 
 /// An idle sidecar costs the API server its watch and nothing more: between sessions it reads no
 /// batch and lists no session. It used to list its batch's sessions every 30 s and read the batch
-/// for each one kept in the history: per injected Pod, whether or not anything was running.
+/// for each one kept in the history: per injected Pod, whether or not anything was running. And in
+/// a session it reads the batch once, not at every update of the session's status.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_sidecar_sends_no_request_but_its_watch() {
     let repo = tempfile::tempdir().expect("repo dir");
@@ -1330,6 +1331,7 @@ async fn an_idle_sidecar_sends_no_request_but_its_watch() {
         "paths": ["/var/www/html"]}});
     setup.batch(vec![member], json!({"timeOut": "5m"})).await;
     write_files(setup.node.root(), &[("var/www/html/index.html", "page")]);
+    let started = k8s_openapi::jiff::Timestamp::now();
     let _sidecar = setup.node.spawn_sidecar(BATCH, "Deployment", "web", "web-5d8f7c9b4-abcde");
     let session = setup.back_up().await;
     assert_eq!(session.status.and_then(|s| s.phase), Some(BackupSessionPhase::Succeeded), "the sidecar backed up");
@@ -1341,6 +1343,10 @@ async fn an_idle_sidecar_sends_no_request_but_its_watch() {
     let user = format!("system:serviceaccount:{}:{}", setup.ns.name, support::executors::WORKLOAD_ACCOUNT);
     let sent = support::audit::requests_since(&user, idle);
     assert!(sent.is_empty(), "the idle sidecar sent {sent:?}");
+    let all = support::audit::requests_since(&user, started);
+    let batch_reads: Vec<&String> =
+        all.iter().filter(|r| r.starts_with("get ") && r.contains("/backupbatches/")).collect();
+    assert_eq!(batch_reads.len(), 1, "the sidecar read its batch once for the session: {all:?}");
 }
 
 /// L10: the Lease a workload's sidecars take turns on goes with its batch (garbage collection), not

@@ -8,11 +8,12 @@ use super::files::FileBackup;
 use super::job::{find_member, time_left};
 use super::progress::Reporter;
 use super::status::{self, Turn};
-use crate::api::BackupSession;
+use crate::api::{BackupBatch, BackupSession};
 use crate::session::invoker_selector;
 use futures::StreamExt;
 use kube::ResourceExt;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -44,6 +45,7 @@ pub async fn run(executor: &Executor, target: &SidecarTarget, cancel: Cancellati
     let (store, writer) = reflector::store();
     let mut events = watcher(sessions, config).default_backoff().reflect(writer).applied_objects().boxed();
     let mut recheck = tokio::time::interval(Duration::from_secs(30));
+    let mut batches = BatchPerSession::default();
     loop {
         let candidates = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
@@ -55,21 +57,69 @@ pub async fn run(executor: &Executor, target: &SidecarTarget, cancel: Cancellati
                 None => return Ok(()),
             },
             // Again, for a turn that failed.
-            _ = recheck.tick() => store.state(),
+            _ = recheck.tick() => {
+                let sessions = store.state();
+                batches.keep(&sessions);
+                sessions
+            }
         };
-        // A settled session has no turn left: it is not worth a read of the batch.
-        for session in candidates.iter().filter(|s| !s.is_settled()) {
-            if let Err(err) = take_turn(executor, target, session).await {
+        for session in &candidates {
+            // A settled session has no turn left: it is not worth a read of the batch.
+            if session.is_settled() {
+                batches.forget(session);
+                continue;
+            }
+            let turn = async {
+                let batch = batches.of(executor, &target.batch, session).await?;
+                take_turn(executor, target, session, &batch).await
+            };
+            if let Err(err) = turn.await {
                 tracing::warn!(session = %session.name_any(), error = %err, "backing up failed");
             }
         }
     }
 }
 
+/// The batch as it was read for each unsettled session, by the session's uid: read once per
+/// session rather than at each update of its status (every host's progress, every few seconds).
+/// A session runs by the batch as it started anyway: flags added later are refused.
+#[derive(Default)]
+struct BatchPerSession(HashMap<String, Arc<BackupBatch>>);
+
+impl BatchPerSession {
+    async fn of(
+        &mut self,
+        executor: &Executor,
+        name: &str,
+        session: &BackupSession,
+    ) -> Result<Arc<BackupBatch>, AgentError> {
+        let uid = session.uid().unwrap_or_default();
+        if let Some(batch) = self.0.get(&uid) {
+            return Ok(Arc::clone(batch));
+        }
+        let batch = Arc::new(executor.batch(name).await?);
+        self.0.insert(uid, Arc::clone(&batch));
+        Ok(batch)
+    }
+
+    fn forget(&mut self, session: &BackupSession) {
+        self.0.remove(&session.uid().unwrap_or_default());
+    }
+
+    /// Keeps the batches of the unsettled sessions among `sessions` (all there are) alone.
+    fn keep(&mut self, sessions: &[Arc<BackupSession>]) {
+        self.0.retain(|uid, _| sessions.iter().any(|s| !s.is_settled() && s.uid().as_deref() == Some(uid.as_str())));
+    }
+}
+
 /// Backs up for `session` if it is this host's turn.
-async fn take_turn(executor: &Executor, target: &SidecarTarget, session: &BackupSession) -> Result<(), AgentError> {
-    let batch = executor.batch(&target.batch).await?;
-    let (index, member) = find_member(&batch, &target.kind, &target.name)?;
+async fn take_turn(
+    executor: &Executor,
+    target: &SidecarTarget,
+    session: &BackupSession,
+    batch: &BackupBatch,
+) -> Result<(), AgentError> {
+    let (index, member) = find_member(batch, &target.kind, &target.name)?;
     let alias = member.target.host_alias();
     let settings = &executor.settings;
     let host = host_name(&target.kind, &alias, settings.pod_name.as_deref(), settings.node_name.as_deref())?;
@@ -81,7 +131,7 @@ async fn take_turn(executor: &Executor, target: &SidecarTarget, session: &Backup
             executor.namespace().to_string(),
             format!("stash-{}-{}-{}", target.batch, target.kind.to_ascii_lowercase(), target.name),
         )
-        .owned_by(super::plain_owner(&batch));
+        .owned_by(super::plain_owner(batch));
     let session_name = session.name_any();
     lease
         .hold_while(async {
