@@ -1312,14 +1312,9 @@ async fn a_fresh_namespace_restores_the_sessions_of_the_namespace_it_names() {
     assert_eq!(page, "<h1>from the source namespace</h1>");
 }
 
-/// An idle sidecar costs the API server its watch and nothing more: between sessions it reads no
-/// batch and lists no session. It used to list its batch's sessions every 30 s and read the batch
-/// for each one kept in the history: per injected Pod, whether or not anything was running. And in
-/// a session it reads the batch once, not at every update of the session's status.
-#[tokio::test(flavor = "multi_thread")]
-async fn an_idle_sidecar_sends_no_request_but_its_watch() {
-    let repo = tempfile::tempdir().expect("repo dir");
-    let mut setup = Setup::new("idle", Backend::Local(repo.path())).await;
+/// A batch of one member, the Deployment `web` whose page (`/var/www/html`, claim `web-html`) its
+/// sidecar backs up; the page is written, the sidecar not started.
+async fn a_web_member(setup: &mut Setup) {
     fixtures::create::<k8s_openapi::api::apps::v1::Deployment>(
         &setup.ns,
         json!({"metadata": {"name": "web"}, "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
@@ -1331,6 +1326,17 @@ async fn an_idle_sidecar_sends_no_request_but_its_watch() {
         "paths": ["/var/www/html"]}});
     setup.batch(vec![member], json!({"timeOut": "5m"})).await;
     write_files(setup.node.root(), &[("var/www/html/index.html", "page")]);
+}
+
+/// An idle sidecar costs the API server its watch and nothing more: between sessions it reads no
+/// batch and lists no session. It used to list its batch's sessions every 30 s and read the batch
+/// for each one kept in the history: per injected Pod, whether or not anything was running. And in
+/// a session it reads the batch once, not at every update of the session's status.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_sidecar_sends_no_request_but_its_watch() {
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut setup = Setup::new("idle", Backend::Local(repo.path())).await;
+    a_web_member(&mut setup).await;
     let started = k8s_openapi::jiff::Timestamp::now();
     let _sidecar = setup.node.spawn_sidecar(BATCH, "Deployment", "web", "web-5d8f7c9b4-abcde");
     let session = setup.back_up().await;
@@ -1355,17 +1361,7 @@ async fn an_idle_sidecar_sends_no_request_but_its_watch() {
 async fn a_targets_lease_goes_with_its_batch() {
     let repo = tempfile::tempdir().expect("repo dir");
     let mut setup = Setup::new("leasegc", Backend::Local(repo.path())).await;
-    fixtures::create::<k8s_openapi::api::apps::v1::Deployment>(
-        &setup.ns,
-        json!({"metadata": {"name": "web"}, "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
-            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "c", "image": "registry.invalid/c:1"}],
-                "volumes": [{"name": "html", "persistentVolumeClaim": {"claimName": "web-html"}}]}}}}),
-    )
-    .await;
-    let member = json!({"target": {"alias": "web", "ref": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
-        "paths": ["/var/www/html"]}});
-    setup.batch(vec![member], json!({"timeOut": "5m"})).await;
-    write_files(setup.node.root(), &[("var/www/html/index.html", "page")]);
+    a_web_member(&mut setup).await;
     let _sidecar = setup.node.spawn_sidecar(BATCH, "Deployment", "web", "web-5d8f7c9b4-abcde");
     setup.back_up().await;
     let leases = setup.ns.api::<Lease>();
