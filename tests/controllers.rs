@@ -397,6 +397,44 @@ async fn sessions_run_aggregate_skip_time_out_and_keep_a_bounded_history() {
     operator.stop().await;
 }
 
+/// A session's reconciles read its batch and Repository from the caches the batches' controller
+/// keeps, not with a GET each: a session is reconciled at every change of its status and its Jobs.
+/// The batch is read once to record the finished session (what that write carries must be the
+/// latest), twice when a reconcile comes before the cache has seen the record.
+#[tokio::test]
+async fn a_session_reads_its_batch_and_repository_from_caches() {
+    let ns = TestNamespace::new("sessioncache").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    fixtures::batch(&ns, "app-backup", vec![member("Deployment", "app")], json!({})).await;
+    batch_phase(&ns, "app-backup", BackupInvokerPhase::Ready).await;
+    let running = &operator;
+    let reads = move |resource: &'static str| async move {
+        let quoted = format!("\"{resource}\"");
+        let samples =
+            running.samples("stash_api_requests_total", |l| l.contains(r#"verb="get""#) && l.contains(&quoted)).await;
+        samples.values().sum::<f64>()
+    };
+    let before = (reads("backupbatches").await, reads("repositories").await);
+    let sessions = ns.api::<BackupSession>();
+    let session = new_session(&ns, "app-backup").await;
+    session_phase(&sessions, &session, BackupSessionPhase::Running).await;
+    report_host(&sessions, &session, 0, "app", HostPhase::Succeeded).await;
+    session_phase(&sessions, &session, BackupSessionPhase::Succeeded).await;
+    eventually("the finalize Job", Duration::from_secs(30), || {
+        let jobs = ns.api::<k8s_openapi::api::batch::v1::Job>();
+        let name = format!("{session}-finalize");
+        async move { jobs.get_opt(&name).await.ok().flatten() }
+    })
+    .await;
+    let batch_reads = reads("backupbatches").await - before.0;
+    assert!(batch_reads <= 2.0, "{batch_reads} GETs of the batch while the session ran");
+    assert_eq!(reads("repositories").await - before.1, 0.0, "GETs of the Repository while the session ran");
+    operator.stop().await;
+}
+
 #[tokio::test]
 async fn the_deadline_fails_a_session_nobody_finishes() {
     let ns = TestNamespace::new("deadline").await;

@@ -11,7 +11,7 @@ use super::grants;
 use super::observed;
 use super::progress::{self, Progress, STALLED};
 use super::targets::{self, TargetState};
-use crate::api::backup_batch::SessionRecord;
+use crate::api::backup_batch::{BackupBatchStatus, SessionRecord};
 use crate::api::backup_session::{
     BackupSessionPhase, BackupSessionStatus, BackupTargetStatus, DEFAULT_SESSION_TIMEOUT, HostBackupStats, HostPhase,
     TargetPhase,
@@ -61,11 +61,16 @@ pub async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Context>) -> Result
         tracing::debug!(kind = %invoker.kind, "a session of another invoker kind: left alone");
         return Ok(Action::await_change());
     }
-    let batch = batches.get_opt(&invoker.name).await?;
+    // From the batches' cache; a session created with its batch may come before the batch reached
+    // it, so a miss is read rather than taken for "does not exist".
+    let batch = match ctx.batches.get(&ObjectRef::new(&invoker.name).within(&namespace)) {
+        Some(batch) => Some(batch),
+        None => batches.get_opt(&invoker.name).await?.map(Arc::new),
+    };
     let mut status = session.status.clone().unwrap_or_default();
     let mut claimed = None;
 
-    let action = match (status.phase, batch.as_ref()) {
+    let action = match (status.phase, batch.as_deref()) {
         (Some(BackupSessionPhase::Succeeded | BackupSessionPhase::Failed | BackupSessionPhase::Skipped), batch) => {
             return finished(&session, batch, &ctx, &sessions).await;
         }
@@ -106,7 +111,7 @@ pub async fn reconcile(session: Arc<BackupSession>, ctx: Arc<Context>) -> Result
             publish(&ctx, &session, EventType::Warning, "BackupStalled", &note).await;
         }
     }
-    match (claimed, batch.as_ref()) {
+    match (claimed, batch.as_deref()) {
         (Some(Claimed::Exec(hook)), Some(batch)) => {
             let exec_pods = exec_pods(&ctx, &namespace, batch).await?;
             let handler = hook.handler(batch.spec.hooks.as_deref());
@@ -485,7 +490,16 @@ async fn batch_repository(
     ctx: &Context,
     namespace: &str,
 ) -> Result<Result<Repository, crate::tenancy::Refusal>, ControllerError> {
-    let repository = crate::tenancy::fetch_repository(&ctx.client, namespace, &batch.spec.repository).await?;
+    let reference = &batch.spec.repository;
+    let cached = ctx
+        .caches
+        .repositories
+        .get(&ObjectRef::new(&reference.name).within(crate::tenancy::repository_namespace(namespace, reference)));
+    // The same for the Repository: a miss is read before it is refused.
+    let repository = match cached {
+        Some(found) => crate::tenancy::authorize_found(&ctx.client, namespace, reference, Some(&found)).await?,
+        None => crate::tenancy::fetch_repository(&ctx.client, namespace, reference).await?,
+    };
     if let Ok(repository) = &repository {
         grants::ensure(ctx, namespace, repository).await?;
     }
@@ -591,22 +605,42 @@ fn replaces(current: Option<&SessionRecord>, candidate: &SessionRecord) -> bool 
 }
 
 /// Records a finished session in its batch's status (`lastSession`, `lastSuccessfulSession`) once,
-/// under a field manager of its own; the batch's reconcile exports its metrics from there.
+/// under a field manager of its own; the batch's reconcile exports its metrics from there. `batch`
+/// comes from the cache: when it says the record is there, it is (records only move forward); when
+/// it says one is missing, the batch is read again, for what the write carries must be the latest.
 async fn record_on_batch(session: &BackupSession, batch: &BackupBatch, ctx: &Context) -> Result<(), ControllerError> {
     let Some(record) = session_record(session) else { return Ok(()) };
-    let current = batch.status.as_ref();
-    let succeeded = record.phase == BackupSessionPhase::Succeeded;
-    let mut status = serde_json::Map::new();
-    if replaces(current.and_then(|s| s.last_session.as_ref()), &record) {
-        status.insert("lastSession".into(), serde_json::to_value(&record).unwrap_or_default());
+    if records_to_apply(&record, batch.status.as_ref()).is_empty() {
+        return Ok(());
     }
-    let newer_success = succeeded && replaces(current.and_then(|s| s.last_successful_session.as_ref()), &record);
-    if newer_success {
-        status.insert("lastSuccessfulSession".into(), serde_json::to_value(&record).unwrap_or_default());
+    let batches: Api<BackupBatch> = Api::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default());
+    let Some(latest) = batches.get_opt(&batch.name_any()).await? else { return Ok(()) };
+    let status = records_to_apply(&record, latest.status.as_ref());
+    if !status.is_empty() {
+        let patch =
+            serde_json::json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "BackupBatch", "status": status});
+        let params = PatchParams::apply(SESSION_RECORDS_MANAGER).force();
+        batches.patch_status(&batch.name_any(), &params, &Patch::Apply(&patch)).await?;
+    }
+    Ok(())
+}
+
+/// The batch status fields that record `record` over `current`; empty when there is nothing to
+/// record. Apply keeps what this manager applied before unless named again: the other record is
+/// carried.
+fn records_to_apply(
+    record: &SessionRecord,
+    current: Option<&BackupBatchStatus>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut status = serde_json::Map::new();
+    if replaces(current.and_then(|s| s.last_session.as_ref()), record) {
+        status.insert("lastSession".into(), serde_json::to_value(record).unwrap_or_default());
+    }
+    let succeeded = record.phase == BackupSessionPhase::Succeeded;
+    if succeeded && replaces(current.and_then(|s| s.last_successful_session.as_ref()), record) {
+        status.insert("lastSuccessfulSession".into(), serde_json::to_value(record).unwrap_or_default());
     }
     if !status.is_empty() {
-        let namespace = session.namespace().unwrap_or_default();
-        // Apply keeps what this manager applied before unless named again: carry the other record.
         for (key, kept) in [
             ("lastSession", current.and_then(|s| s.last_session.as_ref())),
             ("lastSuccessfulSession", current.and_then(|s| s.last_successful_session.as_ref())),
@@ -615,13 +649,8 @@ async fn record_on_batch(session: &BackupSession, batch: &BackupBatch, ctx: &Con
                 status.insert(key.into(), serde_json::to_value(kept).unwrap_or_default());
             }
         }
-        let patch =
-            serde_json::json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "BackupBatch", "status": status});
-        let batches: Api<BackupBatch> = Api::namespaced(ctx.client.clone(), &namespace);
-        let params = PatchParams::apply(SESSION_RECORDS_MANAGER).force();
-        batches.patch_status(&batch.name_any(), &params, &Patch::Apply(&patch)).await?;
     }
-    Ok(())
+    status
 }
 
 fn failed_targets(status: &BackupSessionStatus) -> String {
@@ -804,6 +833,61 @@ mod tests {
         assert!(!replaces(Some(&record), &older), "an older session finalized late does not replace it");
         assert!(replaces(Some(&older), &record));
         assert_eq!(session_record(&session("s", "s", 1, Some(BackupSessionPhase::Skipped))), None);
+    }
+
+    /// The batch status after `records_to_apply`'s fields are applied over `current`.
+    fn applied(
+        current: Option<BackupBatchStatus>,
+        fields: serde_json::Map<String, serde_json::Value>,
+    ) -> BackupBatchStatus {
+        let mut status = current.unwrap_or_default();
+        for (key, value) in fields {
+            let record = serde_json::from_value(value).expect("a record");
+            match key.as_str() {
+                "lastSession" => status.last_session = Some(record),
+                _ => status.last_successful_session = Some(record),
+            }
+        }
+        status
+    }
+
+    fn record(name: usize, (succeeded, finish): (bool, i64)) -> SessionRecord {
+        let phase = if succeeded { BackupSessionPhase::Succeeded } else { BackupSessionPhase::Failed };
+        let finish_time = Some(Time(Timestamp::from_second(finish).expect("time")));
+        SessionRecord { name: format!("s-{name}"), phase, finish_time }
+    }
+
+    proptest::proptest! {
+        /// Sessions finish and are recorded in any order, some more than once; a reconcile looks at
+        /// the batch as the cache held it at any earlier point. When that stale status has nothing
+        /// to record, the latest holds records at least as new: skipping the read never loses a
+        /// newer session.
+        #[test]
+        fn a_stale_batch_that_needs_no_record_never_hides_one(
+            sessions in proptest::collection::vec((proptest::bool::ANY, 0i64..20), 1..6),
+            recorded in proptest::collection::vec(0usize..6, 1..12),
+            stale_at in 0usize..12,
+            candidate in 0usize..6,
+        ) {
+            let of = |i: usize| record(i % sessions.len(), sessions[i % sessions.len()]);
+            let mut history = vec![None];
+            for i in recorded {
+                let latest = history.last().cloned().flatten();
+                let fields = records_to_apply(&of(i), latest.as_ref());
+                history.push(Some(applied(latest, fields)));
+            }
+            let stale = history[stale_at.min(history.len() - 1)].clone();
+            let latest = history.last().cloned().flatten();
+            let candidate = of(candidate);
+            if records_to_apply(&candidate, stale.as_ref()).is_empty() {
+                let latest = latest.expect("a stale status that holds a record has a successor");
+                let at_least = |r: &Option<SessionRecord>| r.as_ref().is_some_and(|r| r.finish_time >= candidate.finish_time);
+                proptest::prop_assert!(at_least(&latest.last_session));
+                if candidate.phase == BackupSessionPhase::Succeeded {
+                    proptest::prop_assert!(at_least(&latest.last_successful_session));
+                }
+            }
+        }
     }
 
     #[test]
