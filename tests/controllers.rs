@@ -400,9 +400,10 @@ async fn sessions_run_aggregate_skip_time_out_and_keep_a_bounded_history() {
 /// A session's reconciles read its batch and Repository from the caches the batches' controller
 /// keeps, not with a GET each: a session is reconciled at every change of its status and its Jobs.
 /// The batch is read once to record the finished session (what that write carries must be the
-/// latest), twice when a reconcile comes before the cache has seen the record.
+/// latest), twice when a reconcile comes before the cache has seen the record. A RestoreBatch's
+/// reconciles take the Repository from the cache too.
 #[tokio::test]
-async fn a_session_reads_its_batch_and_repository_from_caches() {
+async fn sessions_and_restores_read_the_batch_and_repository_from_caches() {
     let ns = TestNamespace::new("sessioncache").await;
     let operator = with_controllers(&ns).await;
     fixtures::secret(&ns, true).await;
@@ -424,7 +425,7 @@ async fn a_session_reads_its_batch_and_repository_from_caches() {
     report_host(&sessions, &session, 0, "app", HostPhase::Succeeded).await;
     session_phase(&sessions, &session, BackupSessionPhase::Succeeded).await;
     eventually("the finalize Job", Duration::from_secs(30), || {
-        let jobs = ns.api::<k8s_openapi::api::batch::v1::Job>();
+        let jobs = ns.api::<Job>();
         let name = format!("{session}-finalize");
         async move { jobs.get_opt(&name).await.ok().flatten() }
     })
@@ -432,6 +433,26 @@ async fn a_session_reads_its_batch_and_repository_from_caches() {
     let batch_reads = reads("backupbatches").await - before.0;
     assert!(batch_reads <= 2.0, "{batch_reads} GETs of the batch while the session ran");
     assert_eq!(reads("repositories").await - before.1, 0.0, "GETs of the Repository while the session ran");
+
+    let restore = json!({"target": {"alias": "data", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "data"}}});
+    fixtures::create::<stash::api::RestoreBatch>(
+        &ns,
+        json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "RestoreBatch",
+               "metadata": {"name": "bring-back", "namespace": ns.name},
+               "spec": {"repository": {"name": "repo"}, "members": [restore], "restoreFrom": {}}}),
+    )
+    .await;
+    eventually("the restore Job", Duration::from_secs(30), || {
+        let jobs = ns.api::<Job>();
+        async move {
+            jobs.list(&ListParams::default().labels("stash.appscode.com/restore-batch=bring-back"))
+                .await
+                .ok()
+                .filter(|l| !l.items.is_empty())
+        }
+    })
+    .await;
+    assert_eq!(reads("repositories").await - before.1, 0.0, "GETs of the Repository for the restore");
     operator.stop().await;
 }
 

@@ -490,16 +490,7 @@ async fn batch_repository(
     ctx: &Context,
     namespace: &str,
 ) -> Result<Result<Repository, crate::tenancy::Refusal>, ControllerError> {
-    let reference = &batch.spec.repository;
-    let cached = ctx
-        .caches
-        .repositories
-        .get(&ObjectRef::new(&reference.name).within(crate::tenancy::repository_namespace(namespace, reference)));
-    // The same for the Repository: a miss is read before it is refused.
-    let repository = match cached {
-        Some(found) => crate::tenancy::authorize_found(&ctx.client, namespace, reference, Some(&found)).await?,
-        None => crate::tenancy::fetch_repository(&ctx.client, namespace, reference).await?,
-    };
+    let repository = ctx.repository(namespace, &batch.spec.repository).await?;
     if let Ok(repository) = &repository {
         grants::ensure(ctx, namespace, repository).await?;
     }

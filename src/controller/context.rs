@@ -1,7 +1,9 @@
 //! What every reconcile shares: the client, the Event recorder, metrics, caches and settings.
 
-use crate::api::{BackupBatch, BackupSession, RestoreBatch};
+use crate::api::common::ObjectReference;
+use crate::api::{BackupBatch, BackupSession, Repository, RestoreBatch};
 use crate::metrics::Metrics;
+use crate::tenancy::{self, Refusal};
 use kube::Client;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -31,6 +33,23 @@ pub struct Context {
     /// Asks the BackupBatch controller to reconcile a batch: a Ready one is otherwise left alone
     /// while it is unchanged, and its members' Pods may have changed (see `backup_session::start`).
     pub recheck: futures::channel::mpsc::UnboundedSender<ObjectRef<BackupBatch>>,
+}
+
+impl Context {
+    /// The Repository `reference` names, authorised for `requester` (see `tenancy`), from the
+    /// cache; a miss is read rather than refused, for an object created a moment ago may not have
+    /// reached the cache yet.
+    pub(crate) async fn repository(
+        &self,
+        requester: &str,
+        reference: &ObjectReference,
+    ) -> Result<Result<Repository, Refusal>, kube::Error> {
+        let namespace = tenancy::repository_namespace(requester, reference);
+        match self.caches.repositories.get(&ObjectRef::new(&reference.name).within(namespace)) {
+            Some(found) => tenancy::authorize_found(&self.client, requester, reference, Some(&found)).await,
+            None => tenancy::fetch_repository(&self.client, requester, reference).await,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

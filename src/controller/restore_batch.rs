@@ -21,7 +21,6 @@ use crate::conditions::{self, Desired};
 use crate::executor_pod::{
     PVC_KIND, RESTORE_HOST_ENV, RESTORE_ROOT, data_mounts, database_task_refusal, is_database, rule_for,
 };
-use crate::tenancy;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{
@@ -46,7 +45,7 @@ pub async fn reconcile(restore: Arc<RestoreBatch>, ctx: Arc<Context>) -> Result<
     if matches!(status.phase, Some(RestorePhase::Succeeded | RestorePhase::Failed | RestorePhase::Invalid)) {
         return Ok(Action::await_change());
     }
-    let repository = match tenancy::fetch_repository(&ctx.client, &namespace, &restore.spec.repository).await? {
+    let repository = match ctx.repository(&namespace, &restore.spec.repository).await? {
         Ok(repository) => repository,
         Err(refusal) => {
             let refused = Desired::new("RepositoryFound", false, refusal.reason(), refusal.to_string());
