@@ -434,14 +434,7 @@ async fn sessions_and_restores_read_the_batch_and_repository_from_caches() {
     assert!(batch_reads <= 2.0, "{batch_reads} GETs of the batch while the session ran");
     assert_eq!(reads("repositories").await - before.1, 0.0, "GETs of the Repository while the session ran");
 
-    let restore = json!({"target": {"alias": "data", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "data"}}});
-    fixtures::create::<stash::api::RestoreBatch>(
-        &ns,
-        json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "RestoreBatch",
-               "metadata": {"name": "bring-back", "namespace": ns.name},
-               "spec": {"repository": {"name": "repo"}, "members": [restore], "restoreFrom": {}}}),
-    )
-    .await;
+    restore_of_data(&ns).await;
     eventually("the restore Job", Duration::from_secs(30), || {
         let jobs = ns.api::<Job>();
         async move {
@@ -454,6 +447,18 @@ async fn sessions_and_restores_read_the_batch_and_repository_from_caches() {
     .await;
     assert_eq!(reads("repositories").await - before.1, 0.0, "GETs of the Repository for the restore");
     operator.stop().await;
+}
+
+/// The RestoreBatch `bring-back` of the PVC `data` from the Repository `repo`, its latest session.
+async fn restore_of_data(ns: &TestNamespace) {
+    let restore = json!({"target": {"alias": "data", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "data"}}});
+    fixtures::create::<stash::api::RestoreBatch>(
+        ns,
+        json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "RestoreBatch",
+               "metadata": {"name": "bring-back", "namespace": ns.name},
+               "spec": {"repository": {"name": "repo"}, "members": [restore], "restoreFrom": {}}}),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -1179,14 +1184,7 @@ async fn schedule_less_batches_and_lone_restores_get_the_executor_identity() {
     fixtures::batch(&manual, "manual", vec![member("PersistentVolumeClaim", "data")], json!({})).await;
     fixtures::secret(&restore_only, true).await;
     fixtures::repository(&restore_only).await;
-    let restore = json!({"target": {"alias": "data", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "data"}}});
-    fixtures::create::<stash::api::RestoreBatch>(
-        &restore_only,
-        json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "RestoreBatch",
-               "metadata": {"name": "bring-back", "namespace": restore_only.name},
-               "spec": {"repository": {"name": "repo"}, "members": [restore], "restoreFrom": {}}}),
-    )
-    .await;
+    restore_of_data(&restore_only).await;
 
     let account = |ns: &TestNamespace, present: bool| {
         let accounts = ns.api::<k8s_openapi::api::core::v1::ServiceAccount>();
