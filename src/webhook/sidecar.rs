@@ -53,14 +53,15 @@ impl PatchCache {
         injection: &Injection,
         image: &str,
     ) -> Result<Arc<EncodedPatch>, NotInjected> {
-        let names = VolumeNames::free_in(pod);
-        let Some(key) = PatchKey::new(pod, injection, &names) else {
-            return Ok(Arc::new(EncodedPatch::new(render(pod, injection, image, &names)?)));
+        let encoded = |names: &VolumeNames| Ok(Arc::new(EncodedPatch::new(render(pod, injection, image, names)?)));
+        let key = match PatchKey::new(pod, injection, VolumeNames::free_in(pod)) {
+            Ok(key) => key,
+            Err(names) => return encoded(&names),
         };
         if let Some(rendered) = self.lock().get(&key) {
             return Ok(rendered.clone());
         }
-        let patch = Arc::new(EncodedPatch::new(render(pod, injection, image, &names)?));
+        let patch = encoded(&key.names)?;
         let mut rendered = self.lock();
         if rendered.len() >= CACHED_PATCHES_MAX {
             rendered.clear();
@@ -93,14 +94,21 @@ struct PatchKey {
 }
 
 impl PatchKey {
-    fn new(pod: &PodView, injection: &Injection, names: &VolumeNames) -> Option<Self> {
+    /// The key of the patch for `pod`, which takes `names`; without the batch's and Repository's
+    /// versions (nothing would say when a patch went stale) there is none, and `names` come back.
+    fn new(pod: &PodView, injection: &Injection, names: VolumeNames) -> Result<Self, VolumeNames> {
         let version = |meta: &ObjectMeta| Some((meta.uid.clone()?, meta.resource_version.clone()?));
-        Some(Self {
-            batch: version(&injection.batch.metadata)?,
-            repository: version(&injection.repository.metadata)?,
+        let (Some(batch), Some(repository)) =
+            (version(&injection.batch.metadata), version(&injection.repository.metadata))
+        else {
+            return Err(names);
+        };
+        Ok(Self {
+            batch,
+            repository,
             member: injection.member,
             workload: injection.workload.clone(),
-            names: names.clone(),
+            names,
             mounted: injection.member().target.volume_mounts.iter().map(|m| pod.has_volume(&m.name)).collect(),
             runs_as_root: pod.runs_as_root(),
             has_volumes: pod.spec.volumes.is_some(),
