@@ -762,6 +762,58 @@ async fn a_session_started_while_retention_runs_keeps_its_snapshots() {
     assert!(retention.is_some_and(|c| c.status == ConditionStatus::True), "retention ran");
 }
 
+/// A policy of `keepTags` alone, which keeps no manifest here, keeps the newest complete session and
+/// forgets the others (restic itself refuses a rule that keeps nothing of a group); and a forgotten
+/// session loses its manifest in a forget that ends before the forget of its data starts, so a
+/// finalize cut short never leaves a manifest whose data is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_by_tags_alone_forgets_a_sessions_manifest_before_its_data() {
+    let repo = tempfile::tempdir().expect("repo dir");
+    let mut setup = Setup::new("tagged", Backend::Local(repo.path())).await;
+    let member = setup.pvc_member().await;
+    let spec = json!({"retentionPolicy": {"name": "pinned", "keepTags": ["pinned"]}, "backupHistoryLimit": 5});
+    setup.batch(vec![member], spec).await;
+    let retained = async |setup: &Setup, session: &str| {
+        let status = setup.ns.api::<BackupSession>().get(session).await.expect("session").status.unwrap_or_default();
+        let applied = status.conditions.iter().find(|c| c.type_ == "RetentionPolicyApplied");
+        assert!(applied.is_some_and(|c| c.status == ConditionStatus::True), "{session}: {:?}", status.conditions);
+    };
+    let first = setup.back_up_without_finalize().await;
+    setup.finalize(&first).await;
+    retained(&setup, &first).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let second = setup.back_up_without_finalize().await;
+    let url = repo.path().to_string_lossy().into_owned();
+    let of_first = |setup: &Setup| -> Vec<Value> {
+        let tag = format!("session={first}");
+        serde_json::from_str(&setup.restic(&["-r", &url, "snapshots", "--json", "--no-lock", "--tag", &tag]))
+            .expect("JSON")
+    };
+    let is_manifest = |s: &Value| s["tags"].as_array().is_some_and(|t| t.iter().any(|t| t == "stash=manifest"));
+    let (manifest, data): (Vec<Value>, Vec<Value>) = of_first(&setup).into_iter().partition(is_manifest);
+    let id = |s: &[Value]| s.first().and_then(|s| s["id"].as_str()).expect("a snapshot").to_string();
+    let (manifest, data) = (id(&manifest), id(&data));
+
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let (restic, calls) = logging_restic(scratch.path());
+    setup.finalize_with(&second, &restic).await;
+    retained(&setup, &second).await;
+    let left = manifests(&setup, repo.path());
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0]["tags"].as_array().is_some_and(|t| t.contains(&json!(format!("session={second}")))), "{left:?}");
+    assert!(of_first(&setup).is_empty(), "the older session is forgotten");
+    let log = std::fs::read_to_string(&calls).expect("restic ran");
+    let at = |event: &str, id: &str| {
+        log.lines()
+            .position(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                words.first() == Some(&event) && words.contains(&"forget") && words.contains(&id)
+            })
+            .unwrap_or_else(|| panic!("no {event} of a forget of {id}:\n{log}"))
+    };
+    assert!(at("end", &manifest) < at("start", &data), "the manifest went first:\n{log}");
+}
+
 /// Restores the PVC member from the latest complete session: its index page and the session.
 async fn restored_page(setup: &mut Setup, name: &str) -> (String, Option<String>) {
     let restored = tempfile::tempdir().expect("restore dir");

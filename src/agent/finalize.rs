@@ -8,15 +8,15 @@ use super::integrity::{self, Check};
 use super::job::session_timeout;
 use super::locks;
 use super::manifest::{MANIFEST_HOST, MANIFEST_TAG};
-use super::retention::{self, NAMESPACE_TAG, Ownership};
+use super::retention::{self, NAMESPACE_TAG, Ownership, Plan};
 use crate::api::BackupSession;
 use crate::api::backup_session::BackupSessionPhase;
 use crate::api::backup_session::human_bytes;
 use crate::api::common::RetentionPolicy;
 use crate::api::repository::Repository;
 use crate::conditions::{self, Desired};
-use crate::restic::Restic;
 use crate::restic::output::Snapshot;
+use crate::restic::{IDS_PER_RUN, Restic};
 use crate::session::invoker_selector;
 use crate::status_write::update_status;
 use crate::tenancy::LeaseFor;
@@ -117,7 +117,7 @@ async fn finalize(
         Some(policy) => Some(plan_retention(executor, restic, &batch, &name, policy, &snapshots).await?),
         None => None,
     };
-    let forgotten: BTreeSet<&str> = retention.iter().flat_map(|r| r.forget.iter().map(String::as_str)).collect();
+    let forgotten: BTreeSet<&str> = retention.iter().flat_map(|r| r.plan.forget.iter().map(String::as_str)).collect();
     let left: Vec<&str> = snapshots
         .iter()
         .map(|s| s.id.as_str())
@@ -134,7 +134,9 @@ async fn finalize(
     let maintaining = async {
         let mut conditions = Vec::new();
         if let Some(retention) = &retention {
-            restic.forget(&retention.forget).await?;
+            for step in retention.plan.steps() {
+                restic.forget(step).await?;
+            }
             if retention.prune {
                 restic.prune().await?;
             }
@@ -168,14 +170,10 @@ async fn finalize(
         None => restic.stored_size(&[]).await?,
     };
     let data = snapshots.iter().filter(|s| !forgotten.contains(s.id.as_str()) && s.hostname != MANIFEST_HOST).count();
-    let removed = retention.as_ref().map(|r| r.forget.len());
+    let removed = retention.as_ref().map(|r| r.plan.forget.len());
     update_repository(executor, repository, session, Counts { size, data, removed, integrity }).await?;
     Ok(outcome)
 }
-
-/// Ids passed to one `restic stats`: ~650 KB of arguments, well inside Linux's 2 MiB for a command
-/// line under the default stack limit.
-const SIZED_BY_ID_MAX: usize = 10_000;
 
 /// When the Repository's size is measured.
 #[derive(Debug, PartialEq)]
@@ -189,10 +187,12 @@ enum Sizing<'a> {
 }
 
 fn sizing(left: Vec<&str>, prunes: bool) -> Sizing<'_> {
-    if prunes || left.is_empty() || left.len() > SIZED_BY_ID_MAX { Sizing::After } else { Sizing::Beside(left) }
+    if prunes || left.is_empty() || left.len() > IDS_PER_RUN { Sizing::After } else { Sizing::Beside(left) }
 }
 
 /// restic forget flags of a policy; empty when it keeps nothing explicitly (then nothing is removed).
+/// `keepTags` alone also keeps the newest manifest: restic refuses a rule that would keep nothing
+/// of a group ("refusing to delete last snapshot"), and retention keeps that session anyway.
 fn keep_flags(policy: &RetentionPolicy) -> Vec<String> {
     let mut flags = Vec::new();
     for (flag, value) in [
@@ -207,8 +207,12 @@ fn keep_flags(policy: &RetentionPolicy) -> Vec<String> {
             flags.extend([flag.to_string(), n.to_string()]);
         }
     }
+    let counted = !flags.is_empty();
     for tag in &policy.keep_tags {
         flags.extend(["--keep-tag".to_string(), tag.clone()]);
+    }
+    if !counted && !flags.is_empty() {
+        flags.extend(["--keep-last".to_string(), "1".to_string()]);
     }
     flags
 }
@@ -227,7 +231,8 @@ async fn plan_retention(
 ) -> Result<Retention, AgentError> {
     let flags = keep_flags(policy);
     if flags.is_empty() {
-        return Ok(Retention { forget: Vec::new(), prune: false, message: "the policy keeps everything".into() });
+        let message = "the policy keeps everything".into();
+        return Ok(Retention { plan: Plan::default(), prune: false, message });
     }
     let namespace = executor.namespace();
     let mut args = vec![
@@ -268,18 +273,17 @@ async fn plan_retention(
         unsettled: &unsettled,
     });
     let sessions = plan.keep.iter().cloned().collect::<Vec<_>>().join(", ");
-    let forget = plan.forget;
     if policy.dry_run {
-        let message = format!("dry run: would forget {} snapshots; keeping sessions {sessions}", forget.len());
-        return Ok(Retention { forget: Vec::new(), prune: false, message });
+        let message = format!("dry run: would forget {} snapshots; keeping sessions {sessions}", plan.forget.len());
+        return Ok(Retention { plan: Plan::default(), prune: false, message });
     }
-    let message = format!("forgot {} snapshots; keeping sessions {sessions}", forget.len());
-    Ok(Retention { prune: policy.prune && !forget.is_empty(), forget, message })
+    let message = format!("forgot {} snapshots; keeping sessions {sessions}", plan.forget.len());
+    Ok(Retention { prune: policy.prune && !plan.forget.is_empty(), plan, message })
 }
 
 /// What retention will do: the snapshots to forget, whether a prune follows, and what to say.
 struct Retention {
-    forget: Vec<String>,
+    plan: Plan,
     prune: bool,
     message: String,
 }
@@ -389,6 +393,8 @@ mod tests {
         };
         assert_eq!(keep_flags(&policy), ["--keep-last", "5", "--keep-daily", "7", "--keep-tag", "monthly"]);
         assert!(keep_flags(&RetentionPolicy::default()).is_empty());
+        let tags_alone = RetentionPolicy { keep_tags: vec!["pinned".into()], ..Default::default() };
+        assert_eq!(keep_flags(&tags_alone), ["--keep-tag", "pinned", "--keep-last", "1"]);
     }
 
     #[test]
@@ -396,7 +402,7 @@ mod tests {
         assert_eq!(sizing(vec!["a", "b"], false), Sizing::Beside(vec!["a", "b"]));
         assert_eq!(sizing(vec!["a", "b"], true), Sizing::After);
         assert_eq!(sizing(Vec::new(), false), Sizing::After, "no ids means every snapshot to restic");
-        assert_eq!(sizing(vec!["a"; SIZED_BY_ID_MAX + 1], false), Sizing::After);
+        assert_eq!(sizing(vec!["a"; IDS_PER_RUN + 1], false), Sizing::After);
     }
 
     #[test]

@@ -136,7 +136,20 @@ pub(crate) struct Observed<'a> {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Plan {
     pub keep: BTreeSet<String>,
+    /// Manifests first, then data, to be forgotten in that order (see [`Plan::steps`]).
     pub forget: Vec<String>,
+    /// How many of `forget`'s first ids are manifests.
+    pub manifests: usize,
+}
+
+impl Plan {
+    /// The forget in two steps, manifests then data: one `restic forget` deletes its ids in any order,
+    /// so a forget cut short (the Lease lost, the Pod evicted) could leave a manifest whose data is
+    /// gone; a session loses its manifest before any of its data.
+    pub(crate) fn steps(&self) -> [&[String]; 2] {
+        let (manifests, data) = self.forget.split_at(self.manifests.min(self.forget.len()));
+        [manifests, data]
+    }
 }
 
 /// Retention by whole sessions. Kept: what the keep rules keep, the newest complete session (by
@@ -158,12 +171,13 @@ pub(crate) fn plan(observed: &Observed<'_>) -> Plan {
         keep.insert(newest.to_string());
     }
     keep.extend(observed.unsettled.iter().cloned());
-    let forget = ours
+    let (manifests, data): (Vec<&Snapshot>, Vec<&Snapshot>) = ours
         .iter()
+        .copied()
         .filter(|s| s.tag("session").is_some_and(|session| !keep.contains(session)))
-        .map(|s| s.id.clone())
-        .collect();
-    Plan { keep, forget }
+        .partition(|s| is_manifest(s));
+    let forget = manifests.iter().chain(&data).map(|s| s.id.clone()).collect();
+    Plan { keep, forget, manifests: manifests.len() }
 }
 
 /// The session of the manifest with the latest time (the session's start); ties by session name.
@@ -350,14 +364,28 @@ mod tests {
     /// A random history: sessions start in order; each ends and is finalized later, interleaved at
     /// random with the others (`order` ranks the end and finalize events). At every finalize the keep
     /// rules keep an arbitrary subset of the manifests (`policy` bits).
-    fn history() -> impl Strategy<Value = (Vec<Outcome>, Vec<u32>, Vec<u64>)> {
+    /// `cuts`: how each finalize's forget would be cut short (which step, which of its ids gone).
+    fn history() -> impl Strategy<Value = (Vec<Outcome>, Vec<u32>, Vec<u64>, Vec<u64>)> {
         (1usize..8).prop_flat_map(|n| {
             (
                 proptest::collection::vec(outcome(), n),
                 proptest::collection::vec(any::<u32>(), 3 * n),
                 proptest::collection::vec(any::<u64>(), n),
+                proptest::collection::vec(any::<u64>(), n),
             )
         })
+    }
+
+    /// Every manifest in `repository` has the snapshots of both its targets.
+    fn manifests_are_whole(repository: &[Snapshot], targets: &[&str]) -> Result<(), TestCaseError> {
+        for manifest in repository.iter().filter(|s| is_manifest(s)) {
+            let session = manifest.tag("session").expect("tagged");
+            for target in targets {
+                let id = format!("snapshot-{session}-{target}");
+                prop_assert!(repository.iter().any(|s| s.id == id), "manifest of {session} without {id}");
+            }
+        }
+        Ok(())
     }
 
     #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -401,9 +429,10 @@ mod tests {
 
         /// After every finalize, in any order, whatever the keep rules: every kept manifest's snapshots
         /// exist, the newest finalized complete session is kept whole, and no unsettled session lost
-        /// data; no failed, skipped or empty session ever has a manifest.
+        /// data; no failed, skipped or empty session ever has a manifest. A finalize whose forget is
+        /// cut short at any point (then run again) leaves no manifest without its data either.
         #[test]
-        fn random_histories_never_lose_the_newest_complete_set((outcomes, ranks, policies) in history()) {
+        fn random_histories_never_lose_the_newest_complete_set((outcomes, ranks, policies, cuts) in history()) {
             let n = outcomes.len();
             let names: Vec<String> = (0..n).map(|i| format!("s{i}")).collect();
             let targets = ["a", "b"];
@@ -453,16 +482,17 @@ mod tests {
                         let kept_by_policy: BTreeSet<String> = manifests.iter().enumerate().filter(|(k, _)| policies[i] >> (k % 64) & 1 == 1).map(|(_, s)| s.clone()).collect();
                         let unsettled: BTreeSet<String> = phase.keys().filter(|&&j| j != i && !finalized.contains(&j)).map(|&j| names[j].clone()).collect();
                         let decided = plan(&Observed { namespace: NS, batch: BATCH, snapshots: &repository, kept_by_policy: &kept_by_policy, unsettled: &unsettled });
+                        // Cut short: the steps before the cut done, any of the cut step's ids gone.
+                        let [manifests_step, data_step] = decided.steps();
+                        let (done, cut_step): (&[String], _) = if cuts[i] & 1 == 0 { (&[], manifests_step) } else { (manifests_step, data_step) };
+                        let gone: Vec<&String> = cut_step.iter().enumerate().filter(|(k, _)| cuts[i] >> (1 + k % 63) & 1 == 1).map(|(_, id)| id).collect();
+                        let mut cut = repository.clone();
+                        cut.retain(|s| !done.contains(&s.id) && !gone.contains(&&s.id));
+                        manifests_are_whole(&cut, &targets)?;
+
                         repository.retain(|s| !decided.forget.contains(&s.id));
                         finalized.insert(i);
-
-                        for manifest in repository.iter().filter(|s| is_manifest(s)) {
-                            let session = manifest.tag("session").expect("tagged");
-                            for target in targets {
-                                let id = format!("snapshot-{session}-{target}");
-                                prop_assert!(repository.iter().any(|s| s.id == id), "manifest of {session} without {id}");
-                            }
-                        }
+                        manifests_are_whole(&repository, &targets)?;
                         let newest = finalized.iter().copied().filter(|&j| matches!(outcomes[j], Outcome::Succeeded)).max();
                         if let Some(j) = newest {
                             prop_assert!(repository.iter().any(|s| is_manifest(s) && s.tag("session") == Some(names[j].as_str())), "newest complete {} lost", names[j]);

@@ -23,6 +23,9 @@ pub const PINNED_VERSION: &str = "0.18.1";
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Environment variable naming the restic binary when `--restic-binary` is not given.
 pub const BINARY_ENV: &str = "STASH_RESTIC_BINARY";
+/// Snapshot ids passed to one restic run: ~650 KB of arguments, well inside Linux's 2 MiB for a
+/// command line under the default stack limit.
+pub(crate) const IDS_PER_RUN: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResticError {
@@ -380,10 +383,19 @@ impl Restic {
             let command = args.first().copied().unwrap_or_default().to_string();
             return ResticError::TooOld { command, message: self.secrets.redact(line.trim()) };
         }
+        // With --json restic says why it exits as JSON (`exit_error`); other JSON lines are progress.
+        let said = |line: &str| match line.starts_with('{') {
+            true => serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .filter(|v| v["message_type"] == "exit_error")
+                .and_then(|v| v["message"].as_str().map(str::to_string)),
+            false => Some(line.to_string()),
+        };
         let message = stderr
             .lines()
             .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('{'))
+            .filter(|l| !l.is_empty())
+            .filter_map(said)
             .rev()
             .take(3)
             .collect::<Vec<_>>()
@@ -517,13 +529,14 @@ impl Restic {
     }
 
     /// Forgets the snapshots `ids`.
+    /// Forgets `ids`, [`IDS_PER_RUN`] at a time: a long history's ids do not fit one command line.
     pub async fn forget(&self, ids: &[String]) -> Result<(), ResticError> {
-        if ids.is_empty() {
-            return Ok(());
+        for chunk in ids.chunks(IDS_PER_RUN) {
+            let mut args = vec!["forget"];
+            args.extend(chunk.iter().map(String::as_str));
+            self.run_quiet(&args).await?;
         }
-        let mut args = vec!["forget"];
-        args.extend(ids.iter().map(String::as_str));
-        self.run_quiet(&args).await
+        Ok(())
     }
 
     pub async fn prune(&self) -> Result<(), ResticError> {
@@ -740,6 +753,38 @@ mod tests {
         Restic::open(Some(script), location, secrets).expect("opened");
         let ran = std::fs::read_to_string(&calls).unwrap_or_default();
         assert_eq!(ran, "", "restic ran while opening");
+    }
+
+    /// A forget of more ids than fit one command line (a policy added to a long history) runs in
+    /// several restic runs that name every id once.
+    #[tokio::test]
+    async fn a_forget_of_many_ids_fits_the_command_line() {
+        let dir = tempfile::tempdir().expect("dir");
+        let calls = dir.path().join("calls");
+        let counting = format!(
+            "n=0; for a in \"$@\"; do case $a in id-*) n=$((n+1));; esac; done; echo $n >> '{}'",
+            calls.display()
+        );
+        let restic = restic_at(fake_restic(dir.path(), &counting), dir.path().join("repo").to_string_lossy().into());
+        // 64 characters each, as restic's ids: 2.6 MB of arguments in all.
+        let ids: Vec<String> = (0..40_000).map(|i| format!("id-{i:061}")).collect();
+        restic.forget(&ids).await.expect("forgotten");
+        let runs: Vec<usize> =
+            std::fs::read_to_string(&calls).expect("restic ran").lines().map(|l| l.parse().expect("a count")).collect();
+        assert!(runs.iter().all(|&n| n <= IDS_PER_RUN), "{runs:?}");
+        assert_eq!(runs.iter().sum::<usize>(), ids.len(), "{runs:?}");
+    }
+
+    /// Why restic exits, which it prints as JSON under `--json`, is the error's message.
+    #[tokio::test]
+    async fn a_failure_reported_as_json_says_why() {
+        let dir = tempfile::tempdir().expect("dir");
+        let refusal = r#"{"message_type":"exit_error","code":1,"message":"refusing to delete last snapshot"}"#;
+        let body = format!("echo '{{\"message_type\":\"status\"}}' >&2\necho '{refusal}' >&2\nexit 1");
+        let restic = restic_at(fake_restic(dir.path(), &body), dir.path().join("repo").to_string_lossy().into());
+        let failed = restic.run(&["forget", "--json"]).await.map_err(|e| e.to_string());
+        let message = failed.expect_err("restic failed");
+        assert!(message.ends_with("refusing to delete last snapshot"), "{message}");
     }
 
     /// A restic too old for a flag stash passes says which release stash needs, besides restic's words.
