@@ -430,14 +430,17 @@ struct Selection<'a> {
     /// Literal absolute paths chosen by `paths`/`include`; None: everything (also when a pattern is
     /// a glob, which is judged conservatively).
     chosen: Option<Vec<&'a str>>,
-    exclude: &'a [String],
+    /// The literal absolute excludes: what restic reads otherwise (an empty pattern, a glob, a
+    /// relative one) is judged to skip nothing.
+    exclude: Vec<&'a str>,
 }
 
 impl<'a> Selection<'a> {
     fn new(mounts: &'a [String], include: &'a [String], exclude: &'a [String]) -> Self {
-        let literal = |p: &String| p.starts_with('/') && !p.contains(['*', '?', '[']);
-        let chosen = (!include.is_empty() && include.iter().all(literal))
+        let literal = |p: &&String| p.starts_with('/') && !p.contains(['*', '?', '[', '\\']);
+        let chosen = (!include.is_empty() && include.iter().all(|p| literal(&p)))
             .then(|| include.iter().map(|p| p.trim_end_matches('/')).collect());
+        let exclude = exclude.iter().filter(literal).map(String::as_str).collect();
         Selection { mounts, chosen, exclude }
     }
 
@@ -578,6 +581,13 @@ mod tests {
         let excluded = strings(&["/var"]);
         let skipping = Selection::new(&mounts, &none, &excluded);
         assert!(!skipping.needs_walk(&strings(&["/stash-data", "/var"])), "what is excluded is not restored");
+        // restic excludes nothing for "" and reads a glob or a relative pattern its own way: judged
+        // to skip nothing, so the walk still proves where /var lands.
+        for pattern in ["", "va?", "/va[r]", "var", "/va\\r"] {
+            let unclear = strings(&[pattern]);
+            let selection = Selection::new(&mounts, &none, &unclear);
+            assert!(selection.needs_walk(&strings(&["/stash-data", "/var"])), "exclude {pattern:?}");
+        }
         let deep = strings(&["/stash-data/uploads"]);
         assert!(Selection::new(&deep, &none, &none).needs_walk(&strings(&["/stash-data"])));
         // restic records a relative target as its absolute path but stores it at the tree's root:

@@ -345,6 +345,11 @@ pub(crate) fn unsupported(spec: &RestoreBatchSpec) -> Option<Refusal> {
             if rule.snapshots.len() > 1 && rule.snapshots.iter().any(|s| s == "latest") {
                 return refuse(format!("{prefix}.target.rules[{r}].snapshots"), "`latest` or snapshot ids, not both");
             }
+            for (field, patterns) in [("paths", &rule.paths), ("include", &rule.include), ("exclude", &rule.exclude)] {
+                if patterns.iter().any(|p| p.trim().is_empty()) {
+                    return refuse(format!("{prefix}.target.rules[{r}].{field}"), "an empty pattern names no path");
+                }
+            }
             let filters = !(rule.paths.is_empty() && rule.include.is_empty() && rule.exclude.is_empty());
             if is_database(&member.target.reference.kind) && filters {
                 return refuse(format!("{prefix}.target.rules[{r}]"), "a database dump is replayed whole");
@@ -703,6 +708,12 @@ mod tests {
                 json!({"target": {"ref": pvc, "rules": [{"snapshots": ["latest", "b"]}]}}),
                 "spec.members[0].target.rules[0].snapshots",
             ),
+            // restic excludes nothing for an empty pattern: a rule that means something else is refused.
+            (
+                json!({"target": {"ref": pvc, "rules": [{"exclude": ["/a", ""]}]}}),
+                "spec.members[0].target.rules[0].exclude",
+            ),
+            (json!({"target": {"ref": pvc, "rules": [{"paths": [" "]}]}}), "spec.members[0].target.rules[0].paths"),
             (
                 json!({"target": {"ref": pvc}, "runtimeSettings": {"pod": {"serviceAccountName": "admin"}}}),
                 "spec.members[0].runtimeSettings.pod.serviceAccountName",
