@@ -404,14 +404,21 @@ async fn exec_in(pods: &Api<Pod>, pod: &str, container: &str, command: &[String]
     }
 }
 
-/// The last 300 bytes a stream printed, as text.
+/// The bytes of a hook's output kept to say why it failed.
+const TAIL_BYTES: usize = 300;
+
+/// The last [`TAIL_BYTES`] a stream printed, as text. The rest is dropped as it comes: a hook runs
+/// inside the operator, and one that prints gigabytes must not take the operator's memory.
 async fn tail(stream: Option<&mut (impl tokio::io::AsyncRead + Unpin)>) -> String {
     use tokio::io::AsyncReadExt;
     let Some(stream) = stream else { return String::new() };
-    let mut all = Vec::new();
-    let _ = stream.read_to_end(&mut all).await;
-    let start = all.len().saturating_sub(300);
-    String::from_utf8_lossy(&all[start..]).trim().to_string()
+    let mut kept = Vec::with_capacity(2 * TAIL_BYTES);
+    let mut chunk = [0u8; 8192];
+    while let Ok(read @ 1..) = stream.read(&mut chunk).await {
+        kept.extend_from_slice(&chunk[read.saturating_sub(TAIL_BYTES)..read]);
+        kept.drain(..kept.len().saturating_sub(TAIL_BYTES));
+    }
+    String::from_utf8_lossy(&kept).trim().to_string()
 }
 
 /// Whether a post-backup hook runs for a session that `succeeded`, with `retries_left`.
@@ -460,6 +467,26 @@ fn headers(headers: &[k8s_openapi::api::core::v1::HTTPHeader]) -> Result<reqwest
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The peak resident memory of this process (VmHWM), in bytes.
+    fn peak_memory() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
+        line.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()).expect("a number of kB") * 1024
+    }
+
+    /// A hook that prints a gigabyte costs the operator no more memory than the end it keeps.
+    #[tokio::test]
+    async fn a_hook_that_prints_a_lot_keeps_only_the_end() {
+        use tokio::io::AsyncReadExt;
+        let before = peak_memory();
+        let mut output = tokio::io::repeat(b'x').take(1 << 30).chain(&b" the end"[..]);
+        let kept = tail(Some(&mut output)).await;
+        assert_eq!(kept.len(), TAIL_BYTES);
+        assert!(kept.ends_with("x the end"), "{kept}");
+        let grown = peak_memory().saturating_sub(before);
+        assert!(grown < 256 << 20, "reading the output took {} MiB", grown >> 20);
+    }
 
     fn at(second: i64) -> Timestamp {
         Timestamp::from_second(second).expect("time")
