@@ -248,7 +248,7 @@ async fn plan_retention(
     ];
     args.extend(flags);
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let planned = dry_run(&restic.run(&argv).await?)?;
+    let planned = dry_run(&restic.run_listing(&argv).await?)?;
     let kept_by_policy: BTreeSet<String> =
         planned.keep.iter().filter_map(|s| s.tag("session").map(str::to_string)).collect();
 

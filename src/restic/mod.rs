@@ -45,6 +45,8 @@ pub enum ResticError {
     TooOld { command: String, message: String },
     #[error("restic {command} printed unexpected output: {message}")]
     Output { command: String, message: String },
+    #[error("restic {command} skipped a snapshot it could not load ({message}); a partial listing is not acted on")]
+    Partial { command: String, message: String },
     #[error("restic {command} printed {what}; the rest was not kept, to bound the executor's memory")]
     TooMuchOutput { command: String, what: String },
     #[error("reading the output of restic {command}: {source}")]
@@ -310,6 +312,31 @@ impl Restic {
         self.run_reading(args, Stdout::Document { limit: self.document_limit }).await.map(|f| f.stdout)
     }
 
+    /// Runs a restic command that loads the repository's snapshots and prints them as one document,
+    /// refused when restic skipped one (see [`Restic::refuse_skipped`]).
+    pub(crate) async fn run_listing(&self, args: &[&str]) -> Result<String, ResticError> {
+        let finished = self.run_reading(args, Stdout::Document { limit: self.document_limit }).await?;
+        self.refuse_skipped(args, finished).map(|f| f.stdout)
+    }
+
+    /// restic skips a snapshot it cannot load ("Ignoring …: failed to load snapshot") and still
+    /// exits 0. Retention must not act on that: a listing without the snapshot would judge its
+    /// session incomplete, or not kept by the policy, and forget the rest of it; a forget of a
+    /// manifest that skipped it would let the forget of its data leave it without data. A snapshot
+    /// whose file is gone (forgotten meanwhile) is no snapshot: skipping it is the truth.
+    fn refuse_skipped(&self, args: &[&str], finished: Finished) -> Result<Finished, ResticError> {
+        let gone =
+            |line: &str| ["no such file or directory", "does not exist", "(404)"].iter().any(|g| line.contains(g));
+        let skipped = finished.stderr.lines().find(|l| l.contains("failed to load snapshot") && !gone(l));
+        match skipped {
+            Some(line) => Err(ResticError::Partial {
+                command: args.first().copied().unwrap_or_default().to_string(),
+                message: self.secrets.redact(line.trim()),
+            }),
+            None => Ok(finished),
+        }
+    }
+
     /// Runs restic for its effect; its stdout is read and dropped.
     pub(crate) async fn run_quiet(&self, args: &[&str]) -> Result<(), ResticError> {
         self.run_reading(args, Stdout::Discard).await.map(drop)
@@ -519,7 +546,7 @@ impl Restic {
             args.push(tags.join(","));
         }
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let printed = self.run(&argv).await?;
+        let printed = self.run_listing(&argv).await?;
         let text = printed.trim();
         if text.is_empty() || text == "null" {
             return Ok(Vec::new());
@@ -534,7 +561,8 @@ impl Restic {
         for chunk in ids.chunks(IDS_PER_RUN) {
             let mut args = vec!["forget"];
             args.extend(chunk.iter().map(String::as_str));
-            self.run_quiet(&args).await?;
+            let finished = self.run_reading(&args, Stdout::Discard).await?;
+            self.refuse_skipped(&args, finished)?;
         }
         Ok(())
     }
@@ -773,6 +801,25 @@ mod tests {
             std::fs::read_to_string(&calls).expect("restic ran").lines().map(|l| l.parse().expect("a count")).collect();
         assert!(runs.iter().all(|&n| n <= IDS_PER_RUN), "{runs:?}");
         assert_eq!(runs.iter().sum::<usize>(), ids.len(), "{runs:?}");
+    }
+
+    /// A listing, or a forget, in which restic skipped a snapshot it could not load is an error,
+    /// not a listing without that snapshot or a forget that left it.
+    #[tokio::test]
+    async fn a_listing_or_forget_that_skipped_a_snapshot_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let body =
+            "echo '[]'\necho 'Ignoring \"329d823a\": failed to load snapshot 329d823a: invalid data returned' >&2";
+        let restic = restic_at(fake_restic(dir.path(), body), dir.path().join("repo").to_string_lossy().into());
+        let listed = restic.snapshots(&[]).await.map(|s| s.len()).map_err(|e| e.to_string());
+        let message = listed.expect_err("a partial listing");
+        assert!(message.contains("failed to load snapshot 329d823a"), "{message}");
+        let forgot = restic.forget(&["329d823a".to_string()]).await.map_err(|e| e.to_string());
+        assert!(forgot.expect_err("a partial forget").contains("failed to load snapshot"));
+        // One whose file is gone (another process forgot it meanwhile) is not in the repository.
+        let gone = "echo '[]'\necho 'Ignoring \"11\": failed to load snapshot 11: open r/snapshots/11: no such file or directory' >&2";
+        let restic = restic_at(fake_restic(dir.path(), gone), dir.path().join("repo").to_string_lossy().into());
+        assert_eq!(restic.snapshots(&[]).await.map(|s| s.len()).map_err(|e| e.to_string()), Ok(0));
     }
 
     /// Why restic exits, which it prints as JSON under `--json`, is the error's message.
