@@ -731,6 +731,34 @@ async fn sessions_of_other_invoker_kinds_are_left_alone() {
     operator.stop().await;
 }
 
+/// A session written by hand without the batch's labels (Stash's docs show such manifests) gets them
+/// before it runs: sidecars watch sessions by them, a sibling is found by them, and a finalize
+/// protects unsettled sessions by them. Without them, a second session ran beside it.
+#[tokio::test]
+async fn a_session_written_without_labels_gets_its_batchs_and_runs_alone() {
+    let ns = TestNamespace::new("unlabelled").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    fixtures::batch(&ns, "ours", vec![member("Deployment", "app")], json!({})).await;
+    let sessions = ns.api::<BackupSession>();
+    let by_hand: BackupSession = fixtures::create(
+        &ns,
+        json!({"apiVersion": "stash.appscode.com/v1beta1", "kind": "BackupSession",
+               "metadata": {"name": "ours-by-hand", "labels": {"stash.appscode.com/invoker-name": "other"}},
+               "spec": {"invoker": {"apiGroup": "stash.appscode.com", "kind": "BackupBatch", "name": "ours"}}}),
+    )
+    .await;
+    let name = kube::ResourceExt::name_any(&by_hand);
+    let labelled = session_phase(&sessions, &name, BackupSessionPhase::Running).await;
+    let labels = labelled.metadata.labels.unwrap_or_default();
+    assert_eq!(labels.get(stash::session::INVOKER_NAME_LABEL).map(String::as_str), Some("ours"), "{labels:?}");
+    let second = new_session(&ns, "ours").await;
+    session_phase(&sessions, &second, BackupSessionPhase::Skipped).await;
+    operator.stop().await;
+}
+
 /// A loopback HTTP server that records every request it gets as `<path> <body>` (trimmed), after
 /// waiting `delay`; hooks point at it.
 async fn hook_server(delay: Duration) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {

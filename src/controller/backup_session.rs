@@ -20,7 +20,7 @@ use crate::api::common::{Handler, TargetRef};
 use crate::api::{BackupBatch, BackupSession, Repository};
 use crate::conditions::{self, Desired};
 use crate::hooks::{self, Hook};
-use crate::session::{BACKUP_BATCH_KIND, create_backup_session, invoker_selector};
+use crate::session::{BACKUP_BATCH_KIND, create_backup_session, invoker_labels, invoker_selector};
 use crate::status_write::update_status;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -192,6 +192,15 @@ async fn start(
     sessions: &Api<BackupSession>,
     claimed: &mut Option<Claimed>,
 ) -> Result<Action, ControllerError> {
+    // A session written by hand may lack the batch's labels (Stash's docs show such manifests) or
+    // name another batch in them: sidecars watch sessions by them, and siblings are found and
+    // finalizes protect unsettled sessions by them. They are set first; the change comes back here.
+    let wanted = invoker_labels(&batch.name_any());
+    if wanted.iter().any(|(key, value)| session.labels().get(key) != Some(value)) {
+        let patch = serde_json::json!({"metadata": {"labels": wanted}});
+        sessions.patch(&session.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        return Ok(Action::await_change());
+    }
     let siblings = sessions.list(&ListParams::default().labels(&invoker_selector(&batch.name_any()))).await?;
     if let Some(other) = blocking_sibling(session, &siblings.items) {
         status.phase = Some(BackupSessionPhase::Skipped);
