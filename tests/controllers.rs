@@ -289,6 +289,15 @@ async fn bad_schedules_and_unsupported_drivers_make_the_batch_invalid() {
     assert_eq!(validation.reason.as_deref(), Some("TaskNotSupported"));
     let message = validation.message.clone().unwrap_or_default();
     assert!(message.starts_with("spec.members[0].task.name \"mongodb-backup-4.2.3\""), "{message}");
+    // A member field its backup would drop is refused by name: a PVC member's Job runs no hooks.
+    let hooked = json!({"target": {"alias": "files", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "data"}},
+                        "hooks": {"preBackup": {"httpGet": {"host": "127.0.0.1", "port": 80}}}});
+    fixtures::batch(&ns, "hooked", vec![hooked], json!({})).await;
+    let hooked = batch_phase(&ns, "hooked", BackupInvokerPhase::Invalid).await;
+    let validation = condition(&hooked, "ValidationPassed");
+    assert_eq!(validation.reason.as_deref(), Some("UnsupportedField"));
+    let message = validation.message.clone().unwrap_or_default();
+    assert!(message.starts_with("spec.members[0].hooks "), "{message}");
     operator.stop().await;
 }
 

@@ -12,7 +12,7 @@ use crate::api::backup_batch::{BackupBatchSpec, BackupBatchStatus, BackupInvoker
 use crate::api::common::{ConditionStatus, PodRuntimeSettings, TargetRef};
 use crate::api::{BackupBatch, Repository};
 use crate::conditions::{self, Desired};
-use crate::executor_pod::database_task_refusal;
+use crate::executor_pod::{database_task_refusal, is_database};
 use crate::tenancy::{self, Refusal};
 use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::Secret;
@@ -267,7 +267,7 @@ fn validate(batch: &BackupBatch, ctx: &Context) -> Desired {
     if let Some((reason, message)) = batch.spec.member_problem() {
         return Desired::new(VALIDATION_PASSED, false, reason, message);
     }
-    if let Some(message) = runtime_refusal(&batch.spec) {
+    if let Some(message) = runtime_refusal(&batch.spec).or_else(|| dropped_member_field(&batch.spec)) {
         return Desired::new(VALIDATION_PASSED, false, "UnsupportedField", message);
     }
     let tasks = batch.spec.members.iter().enumerate().map(|(index, member)| {
@@ -312,6 +312,45 @@ fn runtime_refusal(spec: &BackupBatchSpec) -> Option<String> {
         };
         if let Some((field, why)) = refused {
             return Some(format!("spec.members[{i}].runtimeSettings.{field} is not supported: {why}"));
+        }
+    }
+    None
+}
+
+/// A member field the way the member is backed up would drop: refused by name, never ignored. A
+/// Job (PVC and database members) runs no member hooks, a sidecar sends no exec hook, and a
+/// database is dumped whole.
+fn dropped_member_field(spec: &BackupBatchSpec) -> Option<String> {
+    for (i, member) in spec.members.iter().enumerate() {
+        let (target, kind) = (&member.target, &member.target.reference.kind);
+        let hooks = member.hooks.as_deref();
+        let pre = hooks.and_then(|h| h.pre_backup.as_ref());
+        let post = hooks.and_then(|h| h.post_backup.as_ref()).map(|p| &p.handler);
+        if is_job_model(member) && (pre.is_some() || post.is_some()) {
+            return Some(format!(
+                "spec.members[{i}].hooks is not supported for a {kind} member: its Job runs no hooks; use spec.hooks"
+            ));
+        }
+        for (field, handler) in [("preBackup", pre), ("postBackup", post)] {
+            if handler.is_some_and(|h| h.exec.is_some()) {
+                return Some(format!(
+                    "spec.members[{i}].hooks.{field}.exec is not supported: the sidecar sends httpGet, httpPost and \
+                     tcpSocket hooks; use spec.hooks for exec"
+                ));
+            }
+        }
+        if is_database(kind) {
+            let set = [
+                ("paths", !target.paths.is_empty()),
+                ("exclude", !target.exclude.is_empty()),
+                ("volumeMounts", !target.volume_mounts.is_empty()),
+                ("args", !target.args.is_empty()),
+            ];
+            if let Some((field, _)) = set.into_iter().find(|(_, set)| *set) {
+                return Some(format!(
+                    "spec.members[{i}].target.{field} is not supported for a database member: the dump is backed up whole"
+                ));
+            }
         }
     }
     None
@@ -565,6 +604,35 @@ mod tests {
         ];
         for (spec, field) in cases {
             let message = runtime_refusal(&spec).expect("refused");
+            assert!(message.starts_with(field), "{message}");
+        }
+    }
+
+    /// Member fields the member's backup would drop are refused by name instead of ignored.
+    #[test]
+    fn member_fields_a_backup_would_drop_are_refused_by_name() {
+        let spec = |member: serde_json::Value| -> BackupBatchSpec {
+            serde_json::from_value(serde_json::json!({"repository": {"name": "r"}, "members": [member]}))
+                .expect("a spec")
+        };
+        let pvc = serde_json::json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "d"});
+        let app = serde_json::json!({"apiVersion": "apps/v1", "kind": "Deployment", "name": "a"});
+        let db = serde_json::json!({"apiVersion": "v1", "kind": "Secret", "name": "pg"});
+        let http = serde_json::json!({"preBackup": {"httpGet": {"host": "h", "port": 80}}});
+        assert_eq!(dropped_member_field(&spec(serde_json::json!({"target": {"ref": app}, "hooks": http}))), None);
+        assert_eq!(dropped_member_field(&spec(serde_json::json!({"target": {"ref": pvc, "paths": ["/d"]}}))), None);
+        let cases = [
+            (serde_json::json!({"target": {"ref": pvc}, "hooks": http}), "spec.members[0].hooks "),
+            (serde_json::json!({"target": {"ref": db}, "hooks": http}), "spec.members[0].hooks "),
+            (
+                serde_json::json!({"target": {"ref": app}, "hooks": {"postBackup": {"exec": {"command": ["sync"]}}}}),
+                "spec.members[0].hooks.postBackup.exec ",
+            ),
+            (serde_json::json!({"target": {"ref": db, "paths": ["/x"]}}), "spec.members[0].target.paths "),
+            (serde_json::json!({"target": {"ref": db, "args": ["--compression=max"]}}), "spec.members[0].target.args "),
+        ];
+        for (member, field) in cases {
+            let message = dropped_member_field(&spec(member)).expect("refused");
             assert!(message.starts_with(field), "{message}");
         }
     }
