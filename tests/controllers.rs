@@ -276,6 +276,10 @@ async fn bad_schedules_and_unsupported_drivers_make_the_batch_invalid() {
     let validation = condition(&bad, "ValidationPassed");
     assert_eq!(validation.reason.as_deref(), Some("InvalidSchedule"));
     assert!(validation.message.clone().unwrap_or_default().contains("every tuesday"));
+    // croner reads seconds; a CronJob does not, and its API would refuse the trigger.
+    fixtures::batch(&ns, "seconds", vec![member("Deployment", "app")], json!({"schedule": "0 0 2 * * *"})).await;
+    let seconds = batch_phase(&ns, "seconds", BackupInvokerPhase::Invalid).await;
+    assert_eq!(condition(&seconds, "ValidationPassed").reason.as_deref(), Some("InvalidSchedule"));
     let snapshots = batch_phase(&ns, "snapshots", BackupInvokerPhase::Invalid).await;
     assert_eq!(condition(&snapshots, "ValidationPassed").reason.as_deref(), Some("DriverNotSupported"));
     assert!(ns.api::<CronJob>().get_opt("stash-trigger-bad-cron").await.expect("get").is_none());

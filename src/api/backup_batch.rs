@@ -34,7 +34,7 @@ pub struct BackupBatchSpec {
     #[serde(default)]
     pub driver: Driver,
     pub repository: ObjectReference,
-    /// Cron schedule of the trigger CronJob (standard five fields, or a `@every`/`@daily` macro).
+    /// Cron schedule of the trigger CronJob: five fields, or a macro such as `@daily` (not `@every`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<String>,
     /// Upper bound of one session (a duration such as `30m`).

@@ -7,7 +7,7 @@ use super::grants;
 use super::identity;
 use super::observed;
 use super::targets::{self, TargetState};
-use super::trigger::{CRONJOB_NAME_MAX, cronjob_name, trigger_cronjob};
+use super::trigger::{CRONJOB_NAME_MAX, cronjob_name, schedule_problem, trigger_cronjob};
 use crate::api::backup_batch::{BackupBatchSpec, BackupBatchStatus, BackupInvokerPhase, Driver, MemberConditions};
 use crate::api::common::{ConditionStatus, PodRuntimeSettings, TargetRef};
 use crate::api::{BackupBatch, Repository};
@@ -22,7 +22,6 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -260,9 +259,14 @@ fn validate(batch: &BackupBatch, ctx: &Context) -> Desired {
         );
     }
     if let Some(schedule) = &batch.spec.schedule
-        && let Err(err) = croner::Cron::from_str(schedule)
+        && let Some(problem) = schedule_problem(schedule, Timestamp::now())
     {
-        return Desired::new(VALIDATION_PASSED, false, "InvalidSchedule", format!("spec.schedule {schedule:?}: {err}"));
+        return Desired::new(
+            VALIDATION_PASSED,
+            false,
+            "InvalidSchedule",
+            format!("spec.schedule {schedule:?}: {problem}"),
+        );
     }
     if let Some((reason, message)) = batch.spec.member_problem() {
         return Desired::new(VALIDATION_PASSED, false, reason, message);

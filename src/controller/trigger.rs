@@ -27,9 +27,55 @@ pub fn cronjob_name(batch: &str) -> String {
 
 /// The first run of `cron` after `now`, in UTC (as the trigger CronJob reads it).
 pub(crate) fn next_run(cron: &str, now: Timestamp) -> Option<Timestamp> {
-    let parsed = croner::Cron::from_str(cron).ok()?;
+    let parsed = croner::Cron::from_str(croner_form(cron)).ok()?;
     let next = parsed.find_next_occurrence(&now.to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC), false).ok()?;
     Some(next.timestamp())
+}
+
+/// croner knows every macro Kubernetes does but `@midnight`.
+fn croner_form(cron: &str) -> &str {
+    if cron.trim() == "@midnight" { "@daily" } else { cron }
+}
+
+/// The macros a CronJob's schedule may be (`@every` aside, which croner cannot follow).
+const MACROS: [&str; 7] = ["@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"];
+const MONTHS: [&str; 12] = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"];
+const DAYS: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
+
+/// Why the trigger CronJob cannot run `schedule`, if it cannot. Kubernetes reads five fields
+/// (numbers, `*`, `?`, ranges, steps, lists, and names of months and weekdays) or a macro; croner,
+/// which finds the next run here, also reads seconds, `L`, `W` and `#`, which Kubernetes refuses
+/// with the CronJob. A date that never comes (`0 0 30 2 *`) is no schedule either.
+pub(crate) fn schedule_problem(schedule: &str, now: Timestamp) -> Option<String> {
+    let schedule = schedule.trim();
+    if schedule.starts_with('@') && !MACROS.contains(&schedule) {
+        return Some(format!("a CronJob's macros are {}", MACROS.join(", ")));
+    }
+    if !schedule.starts_with('@') {
+        let fields: Vec<&str> = schedule.split_whitespace().collect();
+        if fields.len() != 5 {
+            return Some(format!(
+                "{} fields; a CronJob's schedule has five: minute, hour, day of month, month, day of week",
+                fields.len()
+            ));
+        }
+        let names: [&[&str]; 5] = [&[], &[], &[], &MONTHS, &DAYS];
+        for (field, names) in fields.iter().zip(names) {
+            let known = |token: &str| {
+                token == "*"
+                    || token == "?"
+                    || (!token.is_empty() && token.bytes().all(|b| b.is_ascii_digit()))
+                    || names.contains(&token.to_ascii_lowercase().as_str())
+            };
+            if let Some(token) = field.split([',', '-', '/']).find(|token| !known(token)) {
+                return Some(format!("{token:?} in {field:?} is not a number, a name, * or ? a CronJob reads"));
+            }
+        }
+    }
+    if let Err(err) = croner::Cron::from_str(croner_form(schedule)) {
+        return Some(err.to_string());
+    }
+    next_run(schedule, now).is_none().then(|| "it never fires".to_string())
 }
 
 /// The CronJob that creates a BackupSession at every slot of the batch's schedule.
@@ -90,5 +136,26 @@ pub fn trigger_cronjob(batch: &BackupBatch, schedule: &str, image: &str) -> Cron
             ..Default::default()
         }),
         status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Schedules croner reads and Kubernetes refuses with the CronJob, or that never fire, are
+    /// problems; what a CronJob runs is not.
+    #[test]
+    fn a_schedule_is_what_a_cronjob_runs() {
+        let now = Timestamp::from_second(1_795_000_000).expect("time");
+        let good =
+            ["0 2 * * *", "*/15 * * * MON-FRI", "0 0 1 JAN,jul *", "0 0 ? * 0", "@daily", "@midnight", "@weekly"];
+        for schedule in good {
+            assert_eq!(schedule_problem(schedule, now), None, "{schedule}");
+        }
+        let bad = ["0 0 2 * * *", "0 0 L * *", "0 0 * * 5#3", "0 0 1W * *", "0 0 30 2 *", "@every 1h", "every tuesday"];
+        for schedule in bad.into_iter().chain(["0 0 1- * *", ""]) {
+            assert!(schedule_problem(schedule, now).is_some(), "{schedule}");
+        }
     }
 }
