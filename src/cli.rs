@@ -310,9 +310,14 @@ pub fn plugin_invocation(argv0: &std::ffi::OsStr) -> Option<String> {
     (plugin == "stash" || plugin.starts_with("stash_")).then(|| format!("kubectl {}", plugin.replace('_', "-")))
 }
 
-/// Parses a Go-style duration such as `30s` or `1h30m`.
+/// Parses a Go-style duration such as `30s` or `1h30m`, more than zero: every flag that takes one
+/// is a timeout, an interval or a lifetime, where 0 panics a timer or expires at once.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    crate::api::duration::DurationString::new(text).parse().map_err(|err| format!("{text:?}: {err}"))
+    match crate::api::duration::DurationString::new(text).parse() {
+        Ok(duration) if duration.is_zero() => Err(format!("{text:?}: must be more than 0")),
+        Ok(duration) => Ok(duration),
+        Err(err) => Err(format!("{text:?}: {err}")),
+    }
 }
 
 /// What every executor (sidecar, backup Job, finalize Job, restore) is told about where it runs.
@@ -485,6 +490,18 @@ pub struct BatchArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A duration flag is more than zero and within range, or clap says which flag is wrong.
+    #[test]
+    fn duration_flags_refuse_zero_and_odd_texts() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        for odd in ["0s", "0", "1s-1s", "99999999999999999999h", "-5m"] {
+            assert!(parse_duration(odd).is_err(), "{odd}");
+        }
+        let parsed = Cli::try_parse_from(["stash", "check", "app", "--timeout", "0s"]);
+        let message = parsed.map(drop).expect_err("refused").to_string();
+        assert!(message.contains("--timeout") && message.contains("more than 0"), "{message}");
+    }
 
     #[test]
     fn the_plugin_is_told_by_its_file_name() {
