@@ -283,25 +283,24 @@ async fn bad_schedules_and_unsupported_drivers_make_the_batch_invalid() {
     let snapshots = batch_phase(&ns, "snapshots", BackupInvokerPhase::Invalid).await;
     assert_eq!(condition(&snapshots, "ValidationPassed").reason.as_deref(), Some("DriverNotSupported"));
     assert!(ns.api::<CronJob>().get_opt("stash-trigger-bad-cron").await.expect("get").is_none());
+    // A batch of `member` is refused with `reason`, by the field its message starts with.
+    let refused = async |name: &str, member: serde_json::Value, reason: &str, field: &str| {
+        fixtures::batch(&ns, name, vec![member], json!({})).await;
+        let batch = batch_phase(&ns, name, BackupInvokerPhase::Invalid).await;
+        let validation = condition(&batch, "ValidationPassed");
+        assert_eq!(validation.reason.as_deref(), Some(reason));
+        let message = validation.message.clone().unwrap_or_default();
+        assert!(message.starts_with(field), "{message}");
+    };
     // A database member whose task names an engine stash does not dump is refused by name, never
     // dumped with pg_dump as if it were PostgreSQL.
     let mongo = json!({"target": {"alias": "mongo", "ref": {"apiVersion": "v1", "kind": "Secret", "name": "repo-secret"}},
                        "task": {"name": "mongodb-backup-4.2.3"}});
-    fixtures::batch(&ns, "mongo", vec![mongo], json!({})).await;
-    let mongo = batch_phase(&ns, "mongo", BackupInvokerPhase::Invalid).await;
-    let validation = condition(&mongo, "ValidationPassed");
-    assert_eq!(validation.reason.as_deref(), Some("TaskNotSupported"));
-    let message = validation.message.clone().unwrap_or_default();
-    assert!(message.starts_with("spec.members[0].task.name \"mongodb-backup-4.2.3\""), "{message}");
+    refused("mongo", mongo, "TaskNotSupported", "spec.members[0].task.name \"mongodb-backup-4.2.3\"").await;
     // A member field its backup would drop is refused by name: a PVC member's Job runs no hooks.
     let hooked = json!({"target": {"alias": "files", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "data"}},
                         "hooks": {"preBackup": {"httpGet": {"host": "127.0.0.1", "port": 80}}}});
-    fixtures::batch(&ns, "hooked", vec![hooked], json!({})).await;
-    let hooked = batch_phase(&ns, "hooked", BackupInvokerPhase::Invalid).await;
-    let validation = condition(&hooked, "ValidationPassed");
-    assert_eq!(validation.reason.as_deref(), Some("UnsupportedField"));
-    let message = validation.message.clone().unwrap_or_default();
-    assert!(message.starts_with("spec.members[0].hooks "), "{message}");
+    refused("hooked", hooked, "UnsupportedField", "spec.members[0].hooks ").await;
     operator.stop().await;
 }
 
