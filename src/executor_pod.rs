@@ -137,16 +137,31 @@ pub(crate) fn restricted() -> SecurityContext {
     }
 }
 
-/// What every executor (sidecar or backup Job) is told about its Pod, then the member's own env.
+/// What every executor is told about its Pod, from the downward API: the namespace it acts for
+/// (its tenancy checks), its lock-holder identity and its host name.
+const POD_FIELDS: [(&str, &str); 3] =
+    [("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace"), ("NODE_NAME", "spec.nodeName")];
+
+/// What every executor (sidecar or Job) is told about its Pod, then the member's own env, which
+/// may refer to these (`$(POD_NAME)`) and may not set them: validation refuses such an entry
+/// ([`env_refusal`]), and a sidecar the webhook injects for a batch refused so leaves it out.
 pub(crate) fn executor_env(runtime: Option<&ContainerRuntimeSettings>) -> Vec<EnvVar> {
-    let mut env = vec![
-        field_env("POD_NAME", "metadata.name"),
-        field_env("POD_NAMESPACE", "metadata.namespace"),
-        field_env("NODE_NAME", "spec.nodeName"),
-    ];
-    env.extend(runtime.map(|r| r.env.clone()).unwrap_or_default());
+    let mut env: Vec<EnvVar> = POD_FIELDS.iter().map(|(name, path)| field_env(name, path)).collect();
+    let own = runtime.map(|r| r.env.as_slice()).unwrap_or_default();
+    env.extend(own.iter().filter(|e| !POD_FIELDS.iter().any(|(name, _)| *name == e.name)).cloned());
     env
 }
+
+/// Why `runtime`'s env is refused, if it is: it names a variable the executor sets from its Pod
+/// (an executor told another namespace would run its checks as that namespace's).
+pub(crate) fn env_refusal(runtime: Option<&ContainerRuntimeSettings>) -> Option<String> {
+    let env = runtime.map(|r| r.env.as_slice()).unwrap_or_default();
+    let set = env.iter().find(|e| POD_FIELDS.iter().any(|(name, _)| *name == e.name))?;
+    Some(format!("container.env[{}]", set.name))
+}
+
+/// What [`env_refusal`] says of a refused variable.
+pub(crate) const ENV_REFUSED_WHY: &str = "stash sets it from the Pod";
 
 /// An environment variable from the Pod's own fields (the downward API).
 pub fn field_env(name: &str, path: &str) -> EnvVar {
@@ -233,5 +248,24 @@ pub(crate) mod tests {
             serde_json::from_value(serde_json::json!({"securityContext": {"runAsUser": 0}})).expect("runtime settings");
         let container = executor_container("stash", IMAGE, Vec::new(), Some(&runtime), Vec::new());
         assert_eq!(container.security_context, runtime.security_context, "the member's own context, as given");
+    }
+
+    /// A user's env may not set a variable an executor takes from its Pod: the namespace it acts
+    /// for is one.
+    #[test]
+    fn an_env_may_not_set_what_the_executor_takes_from_its_pod() {
+        let runtime = |name: &str| -> ContainerRuntimeSettings {
+            serde_json::from_value(
+                serde_json::json!({"env": [{"name": "A", "value": "$(POD_NAME)"}, {"name": name, "value": "b"}]}),
+            )
+            .expect("runtime settings")
+        };
+        assert_eq!(env_refusal(Some(&runtime("POD_NAMESPACE"))).as_deref(), Some("container.env[POD_NAMESPACE]"));
+        assert_eq!(env_refusal(Some(&runtime("B"))), None);
+        assert_eq!(env_refusal(None), None);
+        let env = executor_env(Some(&runtime("POD_NAMESPACE")));
+        let namespaces: Vec<&EnvVar> = env.iter().filter(|e| e.name == "POD_NAMESPACE").collect();
+        assert_eq!(namespaces.len(), 1, "{env:?}");
+        assert!(namespaces[0].value_from.is_some(), "from the Pod: {env:?}");
     }
 }

@@ -12,7 +12,7 @@ use crate::api::backup_batch::{BackupBatchSpec, BackupBatchStatus, BackupInvoker
 use crate::api::common::{ConditionStatus, PodRuntimeSettings, TargetRef};
 use crate::api::{BackupBatch, Repository};
 use crate::conditions::{self, Desired};
-use crate::executor_pod::{database_task_refusal, is_database};
+use crate::executor_pod::{ENV_REFUSED_WHY, database_task_refusal, env_refusal, is_database};
 use crate::tenancy::{self, Refusal};
 use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::Secret;
@@ -299,6 +299,14 @@ fn validate(batch: &BackupBatch, ctx: &Context) -> Desired {
 /// The batch's own settings apply to its trigger, finalize and hook Pods (its serviceAccountName
 /// to the trigger only); a member's to its Jobs; a sidecar's Pod is the workload's.
 fn runtime_refusal(spec: &BackupBatchSpec) -> Option<String> {
+    if let Some(field) = env_refusal(spec.runtime_settings.as_deref().and_then(|r| r.container.as_ref())) {
+        return Some(format!("spec.runtimeSettings.{field} is not supported: {ENV_REFUSED_WHY}"));
+    }
+    for (i, member) in spec.members.iter().enumerate() {
+        if let Some(field) = env_refusal(member.runtime_settings.as_deref().and_then(|r| r.container.as_ref())) {
+            return Some(format!("spec.members[{i}].runtimeSettings.{field} is not supported: {ENV_REFUSED_WHY}"));
+        }
+    }
     let batch = spec.runtime_settings.as_deref().and_then(|r| r.pod.as_ref());
     let batch = batch.map(|p| PodRuntimeSettings { service_account_name: None, ..p.clone() });
     if let Some((field, why)) = batch.as_ref().and_then(PodRuntimeSettings::refused_in_jobs) {
@@ -604,6 +612,14 @@ mod tests {
             (
                 batch(app(none.clone()), serde_json::json!({"pod": {"serviceAccountAnnotations": {"k": "v"}}})),
                 "spec.runtimeSettings.pod.serviceAccountAnnotations",
+            ),
+            // An executor takes the namespace it acts for from POD_NAMESPACE.
+            (
+                batch(
+                    app(none.clone()),
+                    serde_json::json!({"container": {"env": [{"name": "POD_NAMESPACE", "value": "b"}]}}),
+                ),
+                "spec.runtimeSettings.container.env[POD_NAMESPACE]",
             ),
         ];
         for (spec, field) in cases {

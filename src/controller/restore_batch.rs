@@ -19,7 +19,8 @@ use crate::api::restore_batch::{
 };
 use crate::conditions::{self, Desired};
 use crate::executor_pod::{
-    PVC_KIND, RESTORE_HOST_ENV, RESTORE_ROOT, data_mounts, database_task_refusal, is_database, rule_for,
+    ENV_REFUSED_WHY, PVC_KIND, RESTORE_HOST_ENV, RESTORE_ROOT, data_mounts, database_task_refusal, env_refusal,
+    is_database, rule_for,
 };
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
@@ -310,6 +311,9 @@ pub(crate) fn unsupported(spec: &RestoreBatchSpec) -> Option<Refusal> {
     if let Some((field, why)) = pod.and_then(|p| p.refused_in_jobs()) {
         return refuse(format!("spec.runtimeSettings.{field}"), why);
     }
+    if let Some(field) = env_refusal(spec.runtime_settings.as_deref().and_then(|r| r.container.as_ref())) {
+        return refuse(format!("spec.runtimeSettings.{field}"), ENV_REFUSED_WHY);
+    }
     if let Some(field) = hooks("spec", spec.hooks.as_deref()) {
         return refuse(field, "nothing would stop the application while its volumes are rewritten");
     }
@@ -334,6 +338,9 @@ pub(crate) fn unsupported(spec: &RestoreBatchSpec) -> Option<Refusal> {
         let pod = member.runtime_settings.as_deref().and_then(|r| r.pod.as_ref());
         if let Some((field, why)) = pod.and_then(|p| p.refused_in_jobs()) {
             return refuse(format!("{prefix}.runtimeSettings.{field}"), why);
+        }
+        if let Some(field) = env_refusal(member.runtime_settings.as_deref().and_then(|r| r.container.as_ref())) {
+            return refuse(format!("{prefix}.runtimeSettings.{field}"), ENV_REFUSED_WHY);
         }
         if !member.target.volume_claim_templates.is_empty() {
             return refuse(
@@ -717,6 +724,10 @@ mod tests {
             (
                 json!({"target": {"ref": pvc}, "runtimeSettings": {"pod": {"serviceAccountName": "admin"}}}),
                 "spec.members[0].runtimeSettings.pod.serviceAccountName",
+            ),
+            (
+                json!({"target": {"ref": pvc}, "runtimeSettings": {"container": {"env": [{"name": "POD_NAMESPACE", "value": "b"}]}}}),
+                "spec.members[0].runtimeSettings.container.env[POD_NAMESPACE]",
             ),
             (
                 json!({"target": {"ref": pvc}, "task": {"name": "pvc-restore", "params": [{"name": "a", "value": "b"}]}}),
