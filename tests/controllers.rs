@@ -1190,7 +1190,9 @@ async fn repository_selector_needs_every_expression_and_a_missing_one_reads_like
             .await
         }
     };
-    assert_eq!(granted(1).await, [format!("stash-repository-shared.{}", a.name)]);
+    // One binding for A's accounts, one of the status for A's executor account alone.
+    let both = [format!("stash-repository-shared.{}", a.name), format!("stash-status-shared.{}", a.name)];
+    assert_eq!(granted(2).await, both);
     let own = json!({"spec": {"repository": {"name": "repo"}}});
     batches.patch("allowed", &PatchParams::default(), &Patch::Merge(&own)).await.expect("repointed");
     granted(0).await;
@@ -1199,7 +1201,7 @@ async fn repository_selector_needs_every_expression_and_a_missing_one_reads_like
     // batch is, so an operator removed right after the deletion cannot leave it behind.
     let back = json!({"spec": {"repository": {"name": "shared", "namespace": b.name}}});
     batches.patch("allowed", &PatchParams::default(), &Patch::Merge(&back)).await.expect("pointed back");
-    granted(1).await;
+    granted(2).await;
     batches.delete("allowed", &Default::default()).await.expect("deleted");
     eventually("the batch gone", Duration::from_secs(60), || {
         let batches = batches.clone();

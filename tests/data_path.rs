@@ -996,6 +996,17 @@ async fn a_repository_another_namespace_allows_serves_it_under_its_own_accounts_
     assert_eq!(phase, Some(BackupSessionPhase::Succeeded), "the platform's own session");
     let expected = ("<h1>tenant</h1>".to_string(), Some(kube::ResourceExt::name_any(&tenant_session)));
     assert_eq!(restored_page(&mut tenant, "from-shared").await, expected, "the tenant restores its own data");
+    // The tenant's finalize reported the Repository's numbers as its executor account; any other Pod
+    // of the tenant may read the Repository but not rewrite its status (its integrity, say).
+    let dir = tempfile::tempdir().expect("kubeconfig dir");
+    fixtures::create::<k8s_openapi::api::core::v1::ServiceAccount>(&tenant.ns, json!({"metadata": {"name": "app"}}))
+        .await;
+    let other = support::executors::service_account_kubeconfig(&tenant.ns.name, "app", dir.path()).await;
+    let as_other: Api<Repository> = Api::namespaced(support::client_for(&other).await, &platform.ns.name);
+    as_other.get("repo").await.expect("any Pod of the tenant reads the Repository");
+    let forged = json!({"status": {"integrity": true}});
+    let patched = as_other.patch_status("repo", &PatchParams::default(), &Patch::Merge(&forged)).await;
+    assert!(matches!(patched, Err(kube::Error::Api(ref e)) if e.code == 403), "{patched:?}");
 
     shared.patch("repo", &PatchParams::default(), &Patch::Merge(allow("Same"))).await.expect("revoked");
     let dir = tempfile::tempdir().expect("kubeconfig dir");

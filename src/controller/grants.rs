@@ -4,10 +4,14 @@
 //!
 //! A grant is a Role and a RoleBinding in B, bound to A's ServiceAccounts (the group: B's policy
 //! admits namespaces, and the sidecar runs as whichever account a workload has). It lets them
-//! - `get` that one Repository, and `get`/`patch` its status (finalize reports the repository's numbers);
+//! - `get` that one Repository;
 //! - `get`/`update` the namespace's Repositories' Lease (`tenancy::NAMESPACE_LEASE`), which the
 //!   operator creates, so that creating the repository, retention and checks are serialised with
 //!   every other user's, whatever its namespace.
+//!
+//! A second Role and RoleBinding let A's executor account alone (`stash-backup`, which finalize Jobs
+//! run as) `get`/`patch` the Repository's status, where finalize reports the repository's numbers:
+//! not any Pod of A, which could otherwise rewrite B's integrity and silence B's alerts.
 //!
 //! Nothing else of B: no other object, no create, no Secret (A's Pods mount A's own). The operator
 //! makes a grant while a batch or an unfinished restore of A names the Repository and the one
@@ -15,6 +19,7 @@
 //! stops: `sweep` decides from the caches, poked by every reconcile and every few minutes.
 
 use super::context::{Context, ControllerError, FIELD_MANAGER, ignore_conflict, ignore_missing};
+use super::executor_job::BACKUP_SERVICE_ACCOUNT;
 use crate::api::common::ObjectReference;
 use crate::api::restore_batch::RestorePhase;
 use crate::api::{BackupBatch, Repository, RestoreBatch};
@@ -26,7 +31,7 @@ use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::core::{ObjectMeta, PartialObjectMeta};
 use kube::runtime::reflector::ObjectRef;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,7 +45,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(300);
 const SWEEP_COALESCE: Duration = Duration::from_secs(1);
 
 /// Repository `repository` of namespace `namespace`, granted to namespace `requester`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Grant {
     namespace: String,
     repository: String,
@@ -69,13 +74,19 @@ impl Grant {
         bounded(&format!("stash-repository-{}.{}", self.repository, self.requester), NAME_MAX)
     }
 
-    fn meta(&self) -> ObjectMeta {
+    /// The name of the Role and RoleBinding of the status, for the executor account alone: a prefix
+    /// no name of the other kind starts with, so that no Repository's name makes them meet.
+    fn status_name(&self) -> String {
+        bounded(&format!("stash-status-{}.{}", self.repository, self.requester), NAME_MAX)
+    }
+
+    fn meta(&self, name: String) -> ObjectMeta {
         let labels = [
             (crate::api::PART_OF.0.to_string(), crate::api::PART_OF.1.to_string()),
             (REQUESTER_LABEL.to_string(), self.requester.clone()),
         ];
         ObjectMeta {
-            name: Some(self.name()),
+            name: Some(name),
             namespace: Some(self.namespace.clone()),
             labels: Some(labels.into()),
             annotations: Some(BTreeMap::from([(REPOSITORY_ANNOTATION.to_string(), self.repository.clone())])),
@@ -83,7 +94,8 @@ impl Grant {
         }
     }
 
-    fn role(&self) -> Role {
+    /// The group's Role, and the executor account's Role of the status.
+    fn roles(&self) -> [Role; 2] {
         let rule = |group: &str, resource: &str, name: String, verbs: &[&str]| PolicyRule {
             api_groups: Some(vec![group.into()]),
             resources: Some(vec![resource.into()]),
@@ -92,27 +104,41 @@ impl Grant {
             ..Default::default()
         };
         let group = crate::api::common::GROUP;
-        Role {
-            metadata: self.meta(),
-            rules: Some(vec![
-                rule(group, "repositories", self.repository.clone(), &["get"]),
-                rule(group, "repositories/status", self.repository.clone(), &["get", "patch"]),
-                rule("coordination.k8s.io", "leases", NAMESPACE_LEASE.into(), &["get", "update"]),
-            ]),
-        }
+        [
+            Role {
+                metadata: self.meta(self.name()),
+                rules: Some(vec![
+                    rule(group, "repositories", self.repository.clone(), &["get"]),
+                    rule("coordination.k8s.io", "leases", NAMESPACE_LEASE.into(), &["get", "update"]),
+                ]),
+            },
+            Role {
+                metadata: self.meta(self.status_name()),
+                rules: Some(vec![rule(group, "repositories/status", self.repository.clone(), &["get", "patch"])]),
+            },
+        ]
     }
 
-    fn binding(&self) -> RoleBinding {
-        RoleBinding {
-            metadata: self.meta(),
-            role_ref: RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "Role".into(), name: self.name() },
-            subjects: Some(vec![Subject {
-                api_group: Some("rbac.authorization.k8s.io".into()),
-                kind: "Group".into(),
-                name: format!("system:serviceaccounts:{}", self.requester),
-                namespace: None,
-            }]),
-        }
+    /// The group's RoleBinding, and the executor account's of the status.
+    fn bindings(&self) -> [RoleBinding; 2] {
+        let binding = |name: String, subject: Subject| RoleBinding {
+            metadata: self.meta(name.clone()),
+            role_ref: RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "Role".into(), name },
+            subjects: Some(vec![subject]),
+        };
+        let group = Subject {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "Group".into(),
+            name: format!("system:serviceaccounts:{}", self.requester),
+            namespace: None,
+        };
+        let executor = Subject {
+            api_group: None,
+            kind: "ServiceAccount".into(),
+            name: BACKUP_SERVICE_ACCOUNT.into(),
+            namespace: Some(self.requester.clone()),
+        };
+        [binding(self.name(), group), binding(self.status_name(), executor)]
     }
 
     fn reference(&self) -> ObjectReference {
@@ -141,8 +167,8 @@ impl Grant {
 /// Whether `requester` needs one at all (a Repository of another namespace).
 pub(crate) async fn ensure(ctx: &Context, requester: &str, repository: &Repository) -> Result<bool, ControllerError> {
     let Some(grant) = Grant::needed(requester, repository) else { return Ok(false) };
-    let name = grant.name();
-    if ctx.caches.identity_present(&ctx.caches.grants, &grant.namespace, &name) {
+    // The status binding came second: a grant made before it still gives the group the status.
+    if ctx.caches.identity_present(&ctx.caches.grants, &grant.namespace, &grant.status_name()) {
         return Ok(true);
     }
     // The holder updates the Lease; only its creation needs a right no grant gives.
@@ -151,10 +177,14 @@ pub(crate) async fn ensure(ctx: &Context, requester: &str, repository: &Reposito
     ignore_conflict(leases.create(&PostParams::default(), &lease).await)?;
     let apply = PatchParams::apply(FIELD_MANAGER).force();
     let roles: Api<Role> = Api::namespaced(ctx.client.clone(), &grant.namespace);
-    roles.patch(&name, &apply, &Patch::Apply(&grant.role())).await?;
+    for role in grant.roles() {
+        roles.patch(&role.name_any(), &apply, &Patch::Apply(&role)).await?;
+    }
     let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), &grant.namespace);
-    bindings.patch(&name, &apply, &Patch::Apply(&grant.binding())).await?;
-    ctx.caches.identity_created::<RoleBinding>(&grant.namespace, &name);
+    for binding in grant.bindings() {
+        bindings.patch(&binding.name_any(), &apply, &Patch::Apply(&binding)).await?;
+        ctx.caches.identity_created::<RoleBinding>(&grant.namespace, &binding.name_any());
+    }
     tracing::info!(namespace = %grant.namespace, repository = %grant.repository, requester = %grant.requester,
         "granted the Repository to the namespace's ServiceAccounts");
     Ok(true)
@@ -164,7 +194,8 @@ pub(crate) async fn ensure(ctx: &Context, requester: &str, repository: &Reposito
 /// batch's or restore's cleanup, so that a grant goes before the last object using it does: the
 /// coalesced sweep could otherwise come after the operator itself was removed.
 pub(crate) async fn sweep(ctx: &Context) -> Result<(), ControllerError> {
-    let grants: Vec<Grant> = ctx.caches.grants.state().iter().filter_map(|b| Grant::of(b)).collect();
+    // A grant's two bindings stand for it alike.
+    let grants: BTreeSet<Grant> = ctx.caches.grants.state().iter().filter_map(|b| Grant::of(b)).collect();
     if grants.is_empty() {
         return Ok(());
     }
@@ -183,12 +214,13 @@ pub(crate) async fn sweep(ctx: &Context) -> Result<(), ControllerError> {
 }
 
 async fn revoke(ctx: &Context, grant: &Grant) -> Result<(), ControllerError> {
-    let name = grant.name();
-    ctx.caches.creation_undone::<RoleBinding>(&grant.namespace, &name);
     let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), &grant.namespace);
-    ignore_missing(bindings.delete(&name, &Default::default()).await)?;
     let roles: Api<Role> = Api::namespaced(ctx.client.clone(), &grant.namespace);
-    ignore_missing(roles.delete(&name, &Default::default()).await)?;
+    for name in [grant.name(), grant.status_name()] {
+        ctx.caches.creation_undone::<RoleBinding>(&grant.namespace, &name);
+        ignore_missing(bindings.delete(&name, &Default::default()).await)?;
+        ignore_missing(roles.delete(&name, &Default::default()).await)?;
+    }
     tracing::info!(namespace = %grant.namespace, repository = %grant.repository, requester = %grant.requester,
         "revoked the Repository's grant: no longer used or no longer allowed");
     Ok(())
@@ -263,22 +295,34 @@ mod tests {
     #[test]
     fn a_grant_reaches_one_repository_and_its_lease_for_one_namespace() {
         let grant = Grant::needed("tenant", &repository("platform", "repo")).expect("a grant");
-        let role = serde_json::to_value(grant.role()).expect("JSON");
+        let [role, status_role] = grant.roles().map(|r| serde_json::to_value(r).expect("JSON"));
         assert_eq!(
             role["rules"],
             json!([
                 {"apiGroups": ["stash.appscode.com"], "resources": ["repositories"], "resourceNames": ["repo"], "verbs": ["get"]},
-                {"apiGroups": ["stash.appscode.com"], "resources": ["repositories/status"], "resourceNames": ["repo"], "verbs": ["get", "patch"]},
                 {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["stash-repositories"], "verbs": ["get", "update"]},
             ])
         );
-        let binding = grant.binding();
-        let subjects = binding.subjects.clone().expect("subjects");
-        assert_eq!(subjects.len(), 1);
-        assert_eq!((subjects[0].kind.as_str(), subjects[0].name.as_str()), ("Group", "system:serviceaccounts:tenant"));
+        // Only the executor account reports the Repository's numbers: any other Pod of the tenant
+        // could rewrite the platform's integrity and silence its alerts.
+        assert_eq!(
+            status_role["rules"],
+            json!([{"apiGroups": ["stash.appscode.com"], "resources": ["repositories/status"], "resourceNames": ["repo"], "verbs": ["get", "patch"]}])
+        );
+        let [binding, status_binding] = grant.bindings();
+        let subject = |binding: &RoleBinding| {
+            let subjects = binding.subjects.clone().expect("subjects");
+            assert_eq!(subjects.len(), 1);
+            (subjects[0].kind.clone(), subjects[0].name.clone(), subjects[0].namespace.clone())
+        };
+        assert_eq!(subject(&binding), ("Group".into(), "system:serviceaccounts:tenant".into(), None));
+        assert_eq!(subject(&status_binding), ("ServiceAccount".into(), "stash-backup".into(), Some("tenant".into())));
         assert_eq!((binding.role_ref.kind.as_str(), binding.role_ref.name.as_str()), ("Role", grant.name().as_str()));
-        let cached = PartialObjectMeta::<RoleBinding> { metadata: binding.metadata, ..Default::default() };
-        assert_eq!(Grant::of(&cached), Some(grant));
+        assert_eq!(status_binding.role_ref.name, grant.status_name());
+        for binding in [binding, status_binding] {
+            let cached = PartialObjectMeta::<RoleBinding> { metadata: binding.metadata, ..Default::default() };
+            assert_eq!(Grant::of(&cached).as_ref(), Some(&grant));
+        }
     }
 
     #[test]
@@ -289,6 +333,9 @@ mod tests {
         assert_ne!(named("a-for-b", "c"), named("a", "b-for-c"));
         assert_ne!(named("x.y", "z"), named("x", "y-z"));
         assert!(named(&"r".repeat(253), "tenant").len() <= NAME_MAX);
+        let grant = |name: &str| Grant::needed("tenant", &repository("platform", name)).expect("a grant");
+        assert_ne!(grant("status-x").name(), grant("x").status_name());
+        assert_ne!(grant("x").name(), grant("x").status_name());
     }
 
     /// A grant is used while a live batch or an unfinished restore of the requester names that
