@@ -148,15 +148,20 @@ const POD_FIELDS: [(&str, &str); 3] =
 pub(crate) fn executor_env(runtime: Option<&ContainerRuntimeSettings>) -> Vec<EnvVar> {
     let mut env: Vec<EnvVar> = POD_FIELDS.iter().map(|(name, path)| field_env(name, path)).collect();
     let own = runtime.map(|r| r.env.as_slice()).unwrap_or_default();
-    env.extend(own.iter().filter(|e| !POD_FIELDS.iter().any(|(name, _)| *name == e.name)).cloned());
+    env.extend(own.iter().filter(|e| !from_the_pod(&e.name)).cloned());
     env
+}
+
+/// Whether an executor sets `name` from its Pod.
+fn from_the_pod(name: &str) -> bool {
+    POD_FIELDS.iter().any(|(field, _)| *field == name)
 }
 
 /// Why `runtime`'s env is refused, if it is: it names a variable the executor sets from its Pod
 /// (an executor told another namespace would run its checks as that namespace's).
 pub(crate) fn env_refusal(runtime: Option<&ContainerRuntimeSettings>) -> Option<String> {
     let env = runtime.map(|r| r.env.as_slice()).unwrap_or_default();
-    let set = env.iter().find(|e| POD_FIELDS.iter().any(|(name, _)| *name == e.name))?;
+    let set = env.iter().find(|e| from_the_pod(&e.name))?;
     Some(format!("container.env[{}]", set.name))
 }
 

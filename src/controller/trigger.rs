@@ -27,8 +27,11 @@ pub fn cronjob_name(batch: &str) -> String {
 
 /// The first run of `cron` after `now`, in UTC (as the trigger CronJob reads it).
 pub(crate) fn next_run(cron: &str, now: Timestamp) -> Option<Timestamp> {
-    let parsed = croner::Cron::from_str(croner_form(cron)).ok()?;
-    let next = parsed.find_next_occurrence(&now.to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC), false).ok()?;
+    first_after(&croner::Cron::from_str(croner_form(cron)).ok()?, now)
+}
+
+fn first_after(cron: &croner::Cron, now: Timestamp) -> Option<Timestamp> {
+    let next = cron.find_next_occurrence(&now.to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC), false).ok()?;
     Some(next.timestamp())
 }
 
@@ -72,10 +75,10 @@ pub(crate) fn schedule_problem(schedule: &str, now: Timestamp) -> Option<String>
             }
         }
     }
-    if let Err(err) = croner::Cron::from_str(croner_form(schedule)) {
-        return Some(err.to_string());
+    match croner::Cron::from_str(croner_form(schedule)) {
+        Err(err) => Some(err.to_string()),
+        Ok(cron) => first_after(&cron, now).is_none().then(|| "it never fires".to_string()),
     }
-    next_run(schedule, now).is_none().then(|| "it never fires".to_string())
 }
 
 /// The CronJob that creates a BackupSession at every slot of the batch's schedule.
