@@ -473,6 +473,57 @@ async fn restore_of_data(ns: &TestNamespace) {
     .await;
 }
 
+/// A finalize Job that failed (a backend down for longer than its one retry, a lock held) is made
+/// again after a backoff, as long as the session exists: until it succeeds the session is no
+/// restorable set and its data is never forgotten. Here the test plays the Job controller, for the
+/// cluster runs Pods nowhere: it marks the first Job Failed.
+#[tokio::test]
+async fn a_failed_finalize_job_is_made_again_after_a_backoff() {
+    let ns = TestNamespace::new("finalizeretry").await;
+    let operator = with_controllers(&ns).await;
+    fixtures::secret(&ns, true).await;
+    fixtures::repository(&ns).await;
+    fixtures::targets(&ns).await;
+    fixtures::batch(&ns, "app-backup", vec![member("Deployment", "app")], json!({})).await;
+    batch_phase(&ns, "app-backup", BackupInvokerPhase::Ready).await;
+    let sessions = ns.api::<BackupSession>();
+    let session = new_session(&ns, "app-backup").await;
+    session_phase(&sessions, &session, BackupSessionPhase::Running).await;
+    report_host(&sessions, &session, 0, "app", HostPhase::Succeeded).await;
+    session_phase(&sessions, &session, BackupSessionPhase::Succeeded).await;
+    let jobs = ns.api::<Job>();
+    let name = format!("{session}-finalize");
+    let first = eventually("the finalize Job", Duration::from_secs(30), || {
+        let (jobs, name) = (jobs.clone(), name.clone());
+        async move { jobs.get_opt(&name).await.ok().flatten() }
+    })
+    .await;
+    let started = first.metadata.creation_timestamp.clone().expect("created").0;
+    let failed = json!({"status": {
+        "startTime": started, "failed": 2, "active": 0,
+        "conditions": [
+            {"type": "FailureTarget", "status": "True", "reason": "BackoffLimitExceeded", "message": "two Pods failed"},
+            {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "two Pods failed"}]}});
+    jobs.patch_status(&name, &PatchParams::default(), &Patch::Merge(&failed)).await.expect("the Job failed");
+
+    let again = eventually("a new finalize Job", Duration::from_secs(90), || {
+        let (jobs, name, uid) = (jobs.clone(), name.clone(), first.metadata.uid.clone());
+        async move { jobs.get_opt(&name).await.ok().flatten().filter(|job| job.metadata.uid != uid) }
+    })
+    .await;
+    let attempt = again.metadata.annotations.as_ref().and_then(|a| a.get("stash.appscode.com/finalize-attempt"));
+    assert_eq!(attempt.map(String::as_str), Some("2"));
+    assert!(!stash::controller::backup_session::job_failed(&again), "the new Job starts afresh");
+    let events = ns.api::<k8s_openapi::api::core::v1::Event>();
+    let retried = events.list(&ListParams::default()).await.expect("events").items;
+    assert!(
+        retried.iter().any(|e| e.reason.as_deref() == Some("FinalizeRetried")
+            && e.involved_object.name.as_deref() == Some(session.as_str())),
+        "a Warning names the retry"
+    );
+    operator.stop().await;
+}
+
 #[tokio::test]
 async fn the_deadline_fails_a_session_nobody_finishes() {
     let ns = TestNamespace::new("deadline").await;

@@ -7,6 +7,7 @@
 use super::app_binding;
 use super::backup_job::{backup_job, finalize_job, hook_job, hook_job_name, is_job_model};
 use super::context::{Context, ControllerError, FIELD_MANAGER};
+use super::finalize_retry;
 use super::grants;
 use super::observed;
 use super::progress::{self, Progress, STALLED};
@@ -25,7 +26,7 @@ use crate::status_write::update_status;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
@@ -506,21 +507,50 @@ async fn batch_repository(
     Ok(repository)
 }
 
-/// A Succeeded or Failed session gets one finalize Job: retention, the manifest (when complete) and
-/// the Repository's status, done in the repository by `stash finalize-session`.
-async fn ensure_finalized(session: &BackupSession, batch: &BackupBatch, ctx: &Context) -> Result<(), ControllerError> {
+/// A Succeeded or Failed session gets a finalize Job: retention, the manifest (when complete) and
+/// the Repository's status, done in the repository by `stash finalize-session`. A Job that failed
+/// is replaced after a backoff (`finalize_retry`); the returned time is when to look again.
+async fn ensure_finalized(
+    session: &BackupSession,
+    batch: &BackupBatch,
+    ctx: &Context,
+) -> Result<Option<Timestamp>, ControllerError> {
     let phase = session.status.as_ref().and_then(|s| s.phase);
     if !matches!(phase, Some(BackupSessionPhase::Succeeded | BackupSessionPhase::Failed)) {
-        return Ok(());
+        return Ok(None);
     }
     let namespace = session.namespace().unwrap_or_default();
-    let Ok(repository) = batch_repository(batch, ctx, &namespace).await? else { return Ok(()) };
-    let job = finalize_job(batch, session, &repository, &ctx.trigger_image);
+    let Ok(repository) = batch_repository(batch, ctx, &namespace).await? else { return Ok(None) };
+    let mut job = finalize_job(batch, session, &repository, &ctx.trigger_image);
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
-    if jobs.get_opt(&job.name_any()).await?.is_none() {
-        create_job(ctx, &namespace, &job).await?;
+    let existing = jobs.get_opt(&job.name_any()).await?;
+    let observed = existing.as_ref().map(finalize_retry::Observed::of);
+    match finalize_retry::step(session.is_settled(), observed, now()) {
+        finalize_retry::Step::Wait => {}
+        finalize_retry::Step::RetryAt(when) => return Ok(Some(when)),
+        finalize_retry::Step::Make { attempt } => {
+            finalize_retry::mark(&mut job, attempt);
+            create_job(ctx, &namespace, &job).await?;
+        }
+        finalize_retry::Step::Replace { attempt } => {
+            // Only the Job that failed goes: a replacement another controller made stays.
+            let uid = existing.and_then(|j| j.metadata.uid);
+            let params = DeleteParams {
+                preconditions: Some(Preconditions { uid, resource_version: None }),
+                ..DeleteParams::background()
+            };
+            match jobs.delete(&job.name_any(), &params).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if matches!(e.code, 404 | 409) => return Ok(None),
+                Err(err) => return Err(err.into()),
+            }
+            finalize_retry::mark(&mut job, attempt);
+            create_job(ctx, &namespace, &job).await?;
+            let note = format!("finalize Job {} failed; attempt {attempt} started", job.name_any());
+            publish(ctx, session, EventType::Warning, "FinalizeRetried", &note).await;
+        }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Creates `job` unless a Job of its name exists: the name is the session's and the step's, so an
@@ -684,16 +714,17 @@ async fn finished(
     sessions: &Api<BackupSession>,
 ) -> Result<Action, ControllerError> {
     let Some(batch) = batch else { return Ok(Action::await_change()) };
-    ensure_finalized(session, batch, ctx).await?;
+    let finalize_again = ensure_finalized(session, batch, ctx).await?;
     record_on_batch(session, batch, ctx).await?;
     let status = session.status.clone().unwrap_or_default();
-    let mut action = Action::await_change();
+    // The earliest of the finalize's retry and the session's own retry wakes this session.
+    let mut wake = finalize_again;
     if status.phase == Some(BackupSessionPhase::Failed)
         && status.retried != Some(true)
         && let Some(next) = status.next_retry.as_ref().map(|t| t.0)
     {
         if now() < next {
-            action = Action::requeue(Duration::try_from(next.duration_since(now())).unwrap_or(POLL));
+            wake = Some(wake.map_or(next, |w| w.min(next)));
         } else {
             let namespace = session.namespace().unwrap_or_default();
             let retry = create_backup_session(
@@ -722,7 +753,7 @@ async fn finished(
         }
     }
     trim_history(batch, sessions).await?;
-    Ok(action)
+    Ok(wake.map_or_else(Action::await_change, |when| Action::requeue(until_then(when))))
 }
 
 /// Keeps the newest `backupHistoryLimit` finished sessions of the batch, and as many Skipped ones

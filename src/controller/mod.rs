@@ -7,6 +7,7 @@ pub mod backup_session;
 pub mod caches;
 pub mod context;
 pub mod executor_job;
+mod finalize_retry;
 mod grants;
 mod identity;
 pub mod leader;
