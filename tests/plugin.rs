@@ -176,7 +176,22 @@ fn lock_ids(setup: &Setup, repo: &str) -> Vec<String> {
 async fn unlock_removes_a_stale_lock_and_keeps_a_live_one() {
     let repo = tempfile::tempdir().expect("repo dir");
     let repo_arg = repo.path().to_string_lossy().into_owned();
-    let mut setup = Setup::new("plugin-unlock", Backend::Local(repo.path())).await;
+    unlock_keeps_the_live_lock(Setup::new("plugin-unlock", Backend::Local(repo.path())).await, &repo_arg).await;
+}
+
+/// On S3 only `restic unlock` removes a lock: it runs when a listing made right before it holds no
+/// lock restic would remove that is not proven stale.
+#[tokio::test(flavor = "multi_thread")]
+async fn unlock_on_s3_removes_a_stale_lock_through_restic_and_keeps_a_live_one() {
+    let server = backends::s3_server();
+    let repo_arg = format!("s3:http://127.0.0.1:{}/stash/plugin-unlock-s3", server.port);
+    unlock_keeps_the_live_lock(Setup::new("plugin-unlock-s3", Backend::S3(server.port)).await, &repo_arg).await;
+}
+
+/// A restic killed while it held its lock and one that still holds its own, in `repo_arg`; `kubectl
+/// stash unlock` removes the first only.
+async fn unlock_keeps_the_live_lock(mut setup: Setup, repo_arg: &str) {
+    let repo_arg = repo_arg.to_string();
     let member = setup.pvc_member().await;
     setup.batch(vec![member], json!({})).await;
     setup.restic(&["-r", &repo_arg, "init"]);

@@ -22,11 +22,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::PostParams;
 use kube::{Resource, ResourceExt};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 /// restic refreshes a held lock every 5 minutes (a new lock file) and calls it stale after this.
 const RESTIC_STALE_AFTER: Duration = Duration::from_secs(30 * 60);
+/// The time `restic unlock` may take, after our last look, to read the locks it removes.
+const UNLOCK_MARGIN: Duration = Duration::from_secs(5 * 60);
 /// A process start read from /proc (boot time in whole seconds plus clock ticks) may look this
 /// much later than the lock its holder wrote right after starting.
 const START_SLACK: SignedDuration = SignedDuration::from_secs(2);
@@ -149,16 +151,27 @@ pub(crate) fn judge(now: Option<Timestamp>, lock: &Lock, evidence: &Evidence) ->
     }
 }
 
-/// What `restic unlock` removes by its own rule: the holder's time more than 30 minutes behind our
-/// clock, or our kernel host name with no such process here (`gone_here`), whoever wrote it.
+/// What `restic unlock` may remove by its own rule: the holder's time more than 30 minutes behind
+/// the clock restic reads when it runs, or our kernel host name with no such process here
+/// (`gone_here`), whoever wrote it. That clock has moved on from `local_now` by then, so a lock
+/// counts from [`UNLOCK_MARGIN`] before restic's 30 minutes.
 fn restic_calls_stale(lock: &Lock, local_now: Timestamp, gone_here: bool) -> bool {
     let old = lock
         .time
         .parse::<Timestamp>()
         .ok()
         .and_then(|t| Duration::try_from(local_now.duration_since(t)).ok())
-        .is_some_and(|age| age > RESTIC_STALE_AFTER);
+        .is_some_and(|age| age > RESTIC_STALE_AFTER.saturating_sub(UNLOCK_MARGIN));
     old || gone_here
+}
+
+/// Whether `restic unlock` would remove only locks in `proven`, `listed` being the locks (each with
+/// whether its holder is this host's and gone here) as listed right before it runs: a lock written
+/// after the healer's look is judged too.
+fn unlock_removes_only(proven: &BTreeSet<&str>, listed: &[(String, Lock, bool)], local_now: Timestamp) -> bool {
+    listed
+        .iter()
+        .all(|(id, lock, gone_here)| proven.contains(id.as_str()) || !restic_calls_stale(lock, local_now, *gone_here))
 }
 
 /// A process's start from its /proc/<pid>/stat line and the boot time (seconds since the epoch).
@@ -353,7 +366,6 @@ async fn heal_seen<K: Resource<DynamicType = ()>>(
     let local_now = Timestamp::now();
     let mut verdicts = Vec::new();
     let mut for_restic = Vec::new();
-    let mut unlock_safe = true;
     for (id, lock) in locks {
         let named_here = (lock.hostname == own.name).then(|| process(lock.pid));
         let host = if let Some(process) = named_here.filter(|_| own.wrote(&lock)) {
@@ -369,10 +381,7 @@ async fn heal_seen<K: Resource<DynamicType = ()>>(
         let holder = format!("{kind} lock {short} (host {}, pid {})", lock.hostname, lock.pid);
         let verdict = |removed: bool, why: String| LockVerdict { id: id.clone(), holder: holder.clone(), removed, why };
         match judge(now, &lock, &evidence).why() {
-            None => {
-                unlock_safe &= !restic_would;
-                verdicts.push(verdict(false, "not provably stale".into()));
-            }
+            None => verdicts.push(verdict(false, "not provably stale".into())),
             Some(why) if restic.remove_lock(&id).await => {
                 let note = format!("removed stale restic {holder}: {why}");
                 executor.event(about, true, "StaleLockRemoved", note).await;
@@ -392,6 +401,18 @@ async fn heal_seen<K: Resource<DynamicType = ()>>(
     if for_restic.is_empty() {
         return Ok(verdicts);
     }
+    // Listed again: a lock written since the look above is one restic would read too.
+    let proven: BTreeSet<&str> = for_restic.iter().map(|v: &LockVerdict| v.id.as_str()).collect();
+    let listed: Vec<(String, Lock, bool)> = restic
+        .locks()
+        .await?
+        .into_iter()
+        .map(|(id, lock)| {
+            let gone_here = lock.hostname == own.name && process(lock.pid) == Process::Gone;
+            (id, lock, gone_here)
+        })
+        .collect();
+    let unlock_safe = unlock_removes_only(&proven, &listed, Timestamp::now());
     if unlock_safe {
         restic.unlock_stale().await?;
     }
@@ -482,6 +503,37 @@ mod tests {
         assert!(restic_calls_stale(&past, at(60), false));
         assert!(!restic_calls_stale(&future, at(60), false));
         assert!(restic_calls_stale(&lock("me", false), at(60), true));
+    }
+
+    /// `restic unlock` reads the locks and its clock after our look: a live lock whose holder's
+    /// clock runs 27 minutes behind, refreshed 2 minutes ago, is 29 minutes old by ours now and
+    /// 30 by the time restic reads it; and a lock written after our look is in restic's listing.
+    #[test]
+    fn restic_unlock_runs_only_when_a_fresh_listing_holds_nothing_it_may_remove_unproven() {
+        let mut behind = lock("db-0", true);
+        behind.time = at(0).to_string();
+        assert!(restic_calls_stale(&behind, at(29 * 60), false), "near restic's 30 minutes is near enough");
+        assert!(!restic_calls_stale(&behind, at(20 * 60), false));
+        let proven = BTreeSet::from(["dead"]);
+        let (dead, live) = ("dead".to_string(), "live".to_string());
+        let mut old = lock("db-0", false);
+        old.time = at(-3600).to_string();
+        assert!(unlock_removes_only(&proven, &[(dead.clone(), old.clone(), false)], at(0)));
+        assert!(unlock_removes_only(
+            &proven,
+            &[(dead.clone(), old.clone(), false), (live.clone(), lock("db-1", true), false)],
+            at(0)
+        ));
+        assert!(!unlock_removes_only(
+            &proven,
+            &[(dead.clone(), old.clone(), false), (live.clone(), old, false)],
+            at(0)
+        ));
+        assert!(!unlock_removes_only(
+            &proven,
+            &[(dead, lock("me", true), false), (live, lock("me", true), true)],
+            at(0)
+        ));
     }
 
     /// restic replaces a held lock every 5 minutes (a new id) and stops after 30 without: a lock this
