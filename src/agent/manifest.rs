@@ -82,7 +82,7 @@ pub async fn list(restic: &Restic, namespace: &str, batch: &str) -> Result<Vec<S
 fn of<'a>(listing: &'a [Snapshot], namespace: &str, batch: &str) -> Vec<&'a Snapshot> {
     let mut snapshots: Vec<&Snapshot> =
         listing.iter().filter(|s| is_manifest(s) && ownership(s, namespace, batch) != Ownership::Foreign).collect();
-    snapshots.sort_by(|a, b| a.time.cmp(&b.time));
+    snapshots.sort_by(Snapshot::chronological);
     snapshots
 }
 
@@ -156,7 +156,7 @@ fn choose<'a>(
         Some(SessionSelector { before: Some(before), .. }) => manifests
             .iter()
             .rev()
-            .find(|m| m.time.parse::<Timestamp>().is_ok_and(|t| t < before.0))
+            .find(|m| m.instant().is_some_and(|t| t < before.0))
             .ok_or_else(|| AgentError::Invalid(format!("no complete session of {batch} before {}", before.0)))?,
         _ => manifests
             .last()
@@ -224,5 +224,20 @@ mod tests {
         ];
         let ids: Vec<&str> = of(&listing, "prod", "app").into_iter().map(|s| s.id.as_str()).collect();
         assert_eq!(ids, ["legacy", "old", "new"]);
+    }
+
+    /// Times are instants, not texts: restic writes each in the zone of the restic that wrote it
+    /// (a TZ in an executor's env, another tool's manifests), and with or without a fraction.
+    #[test]
+    fn manifests_are_ordered_by_instant_whatever_the_zone_or_fraction() {
+        let tags = |session: &'static str| [MANIFEST_TAG, "batch=app", "namespace=prod", session];
+        let listing = [
+            listed("berlin", "2026-11-27T03:00:00+02:00", &tags("session=s1")),
+            listed("utc", "2026-11-27T02:00:00Z", &tags("session=s2")),
+            listed("fraction", "2026-11-27T02:00:00.5Z", &tags("session=s3")),
+        ];
+        let ids: Vec<&str> = of(&listing, "prod", "app").into_iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["berlin", "utc", "fraction"]);
+        assert_eq!(first_choice(&listing, "prod", "app", None), Some("s3"));
     }
 }

@@ -21,7 +21,6 @@ use crate::restic::Restic;
 use crate::restic::output::Snapshot;
 use crate::restic::secrets::SecretValues;
 use crate::status_write::update_status;
-use k8s_openapi::jiff::Timestamp;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -253,7 +252,7 @@ fn source<'a>(listing: &'a [Snapshot], wanted: &Wanted<'_>) -> Result<Source<'a>
     listing
         .iter()
         .filter(|s| stash_written(s) && s.hostname == source_host && paths.iter().all(|p| s.paths.contains(p)))
-        .max_by_key(|s| (s.time.parse::<Timestamp>().ok(), s.id.as_str()))
+        .max_by(Snapshot::chronological)
         .map(Source::StashLatest)
         .ok_or_else(|| {
             let with = if paths.is_empty() { String::new() } else { format!(" with paths {}", paths.join(", ")) };
@@ -560,6 +559,7 @@ async fn report(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::jiff::Timestamp;
     use proptest::prelude::*;
 
     fn strings(values: &[&str]) -> Vec<String> {

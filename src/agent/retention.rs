@@ -182,11 +182,7 @@ pub(crate) fn plan(observed: &Observed<'_>) -> Plan {
 
 /// The session of the manifest with the latest time (the session's start); ties by session name.
 fn newest_complete<'a>(manifests: &[&'a Snapshot]) -> Option<&'a str> {
-    manifests
-        .iter()
-        .filter_map(|s| Some((s.time.parse::<Timestamp>().ok()?, s.tag("session")?)))
-        .max()
-        .map(|(_, session)| session)
+    manifests.iter().filter_map(|s| Some((s.instant()?, s.tag("session")?))).max().map(|(_, session)| session)
 }
 
 #[cfg(test)]

@@ -84,10 +84,10 @@ pub(crate) fn snapshot_rows(snapshots: &[Snapshot], namespace: &str, batch: &str
     let ours = |s: &&Snapshot| ownership(s, namespace, batch) != Ownership::Foreign;
     let complete: BTreeSet<&str> =
         snapshots.iter().filter(ours).filter(|s| is_manifest(s)).filter_map(|s| s.tag("session")).collect();
-    let mut rows: Vec<SnapshotRow> = snapshots
-        .iter()
-        .filter(ours)
-        .filter(|s| !is_manifest(s))
+    let mut backups: Vec<&Snapshot> = snapshots.iter().filter(ours).filter(|s| !is_manifest(s)).collect();
+    backups.sort_by(Snapshot::chronological);
+    backups
+        .into_iter()
         .map(|s| SnapshotRow {
             id: s.id.clone(),
             time: s.time.clone(),
@@ -98,9 +98,7 @@ pub(crate) fn snapshot_rows(snapshots: &[Snapshot], namespace: &str, batch: &str
             session: s.tag("session").map(str::to_string),
             complete: s.tag("session").is_some_and(|session| complete.contains(session)),
         })
-        .collect();
-    rows.sort_by(|a, b| a.time.cmp(&b.time));
-    rows
+        .collect()
 }
 
 /// restic's nanosecond time to the second, in UTC; as given when it does not parse.
@@ -196,6 +194,18 @@ mod tests {
         assert!(text.contains("2.0 KiB") && text.contains("s-1"), "{text}");
         assert_eq!(whole_seconds("2026-11-26T15:36:12.700964076+01:00"), "2026-11-26T14:36:12Z");
         assert_eq!(whole_seconds("soon"), "soon");
+    }
+
+    /// Oldest first by instant: a restic in another zone writes a later text for an earlier time.
+    #[test]
+    fn rows_are_ordered_by_instant() {
+        let tags = ["session=s-1", "batch=app", "namespace=shop"];
+        let listed = [
+            snapshot("later", "2026-11-26T02:00:00Z", &tags, None),
+            snapshot("earlier", "2026-11-26T03:00:00+02:00", &tags, None),
+        ];
+        let ids: Vec<_> = snapshot_rows(&listed, "shop", "app").into_iter().map(|r| r.id).collect();
+        assert_eq!(ids, ["earlier", "later"]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! restic's `--json` output: backup progress lines, the final summary, snapshots and locks.
 
+use k8s_openapi::jiff::Timestamp;
 use serde::Deserialize;
 
 /// One line of `restic backup --json`.
@@ -134,6 +135,17 @@ pub struct SnapshotSummary {
 }
 
 impl Snapshot {
+    /// When the snapshot was taken: restic writes the time in the zone of the restic that took it,
+    /// so texts do not compare. None when restic's text does not parse.
+    pub fn instant(&self) -> Option<Timestamp> {
+        self.time.parse().ok()
+    }
+
+    /// Oldest first by instant, then by id (one order on every listing); unparsed times first.
+    pub fn chronological(a: &&Snapshot, b: &&Snapshot) -> std::cmp::Ordering {
+        (a.instant(), &a.id).cmp(&(b.instant(), &b.id))
+    }
+
     /// The value of a `key=value` tag.
     pub fn tag(&self, key: &str) -> Option<&str> {
         self.tags.iter().find_map(|t| t.strip_prefix(key).and_then(|rest| rest.strip_prefix('=')))
