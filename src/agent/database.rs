@@ -7,7 +7,7 @@
 use super::executor::AgentError;
 pub use crate::executor_pod::Engine;
 use crate::restic::secrets::SecretValues;
-use crate::restic::{BackupOutcome, Restic};
+use crate::restic::{BackupOutcome, Restic, ResticError};
 use std::process::Stdio;
 use tokio::process::Command;
 
@@ -110,13 +110,15 @@ impl Connection {
         let (dumped, backed_up) =
             tokio::join!(child.wait_with_output(), restic.backup_stdin(&filename, host, tags, None, stdin));
         let dumped = dumped.map_err(|e| AgentError::Database(format!("waiting for the dump: {e}")))?;
-        if !dumped.status.success() {
-            if let Ok(outcome) = &backed_up {
-                restic.forget(std::slice::from_ref(&outcome.summary.snapshot_id)).await?;
+        let failure = (!dumped.status.success()).then(|| self.tool_failure("dump", &dumped.stderr));
+        match ended(failure, backed_up) {
+            Ended::Saved(outcome) => Ok(outcome),
+            Ended::Forget { snapshot, failure } => {
+                restic.forget(&[snapshot]).await?;
+                Err(failure)
             }
-            return Err(AgentError::Database(self.tool_failure("dump", &dumped.stderr)));
+            Ended::Failed(failure) => Err(failure),
         }
-        Ok(backed_up?)
     }
 
     /// Streams the dump `file` of `snapshot` back into the database.
@@ -143,7 +145,34 @@ impl Connection {
         // Only the password is secret; host, port and user help the reader.
         let password = self.password();
         let tail = if password.is_empty() { tail } else { tail.replace(password, "<redacted>") };
+        let tail = if tail.is_empty() { "it printed nothing".to_string() } else { tail };
         format!("{what} of {} failed: {tail}", self.dump_filename())
+    }
+}
+
+/// How a dump streamed into restic ended.
+#[derive(Debug)]
+enum Ended {
+    Saved(BackupOutcome),
+    /// restic saved what a failed dump wrote: a snapshot that must go.
+    Forget {
+        snapshot: String,
+        failure: AgentError,
+    },
+    Failed(AgentError),
+}
+
+/// The end of a dump that failed with `dump_failure` (None when it succeeded) into a restic backup
+/// that ended with `backed_up`. A dump that fails leaves no snapshot behind.
+fn ended(dump_failure: Option<String>, backed_up: Result<BackupOutcome, ResticError>) -> Ended {
+    match (dump_failure, backed_up) {
+        (None, Ok(outcome)) => Ended::Saved(outcome),
+        (None, Err(err)) => Ended::Failed(err.into()),
+        (Some(failure), Ok(outcome)) => {
+            Ended::Forget { snapshot: outcome.summary.snapshot_id, failure: AgentError::Database(failure) }
+        }
+        // Which failed first is unknown, but a dump cut off by restic's exit says only "broken pipe".
+        (Some(failure), Err(err)) => Ended::Failed(AgentError::Database(format!("{err}; {failure}"))),
     }
 }
 
@@ -170,6 +199,20 @@ mod tests {
         let argv: Vec<String> = dump.as_std().get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         assert!(!argv.iter().any(|a| a.contains("pw-123")), "{argv:?}");
         assert!(Connection::from_secret(Engine::Postgres, SecretValues::from_map("/db", BTreeMap::new())).is_err());
+    }
+
+    /// When restic fails first (a wrong password, a backend down), the dump dies of the closed
+    /// pipe, often with nothing on stderr: restic's reason is the one that says what to fix.
+    #[test]
+    fn a_dump_cut_off_by_restic_says_why_restic_failed() {
+        let wrong = ResticError::WrongPassword("s3:http://127.0.0.1:9000/stash/shop".into());
+        let Ended::Failed(failure) = ended(Some("dump of shop.sql failed: ".into()), Err(wrong)) else {
+            panic!("nothing was saved");
+        };
+        let message = failure.to_string();
+        assert!(message.contains("wrong RESTIC_PASSWORD") && message.contains("dump of shop.sql failed"), "{message}");
+        let unreachable = ResticError::Unreachable { url: "rest:http://x".into(), reason: "refused".into() };
+        assert!(matches!(ended(None, Err(unreachable)), Ended::Failed(AgentError::Restic(_))));
     }
 
     /// L7: `mysqldump --databases <db>` reads a name starting with `-` as an option.
