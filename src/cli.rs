@@ -310,6 +310,23 @@ pub fn plugin_invocation(argv0: &std::ffi::OsStr) -> Option<String> {
     (plugin == "stash" || plugin.starts_with("stash_")).then(|| format!("kubectl {}", plugin.replace('_', "-")))
 }
 
+impl OperatorArgs {
+    /// What is wrong with the Lease flags, naming them: a Lease counts whole seconds, and a
+    /// renewal no sooner than the Lease expires would lose it between renewals.
+    pub fn lease_problem(&self) -> Result<(), String> {
+        if self.lease_duration.subsec_nanos() != 0 {
+            return Err(format!("--lease-duration {:?}: a Lease counts whole seconds", self.lease_duration));
+        }
+        if self.lease_renew_interval >= self.lease_duration {
+            return Err(format!(
+                "--lease-renew-interval {:?} must be shorter than --lease-duration {:?}, or the Lease expires between renewals",
+                self.lease_renew_interval, self.lease_duration
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Parses a Go-style duration such as `30s` or `1h30m`, more than zero: every flag that takes one
 /// is a timeout, an interval or a lifetime, where 0 panics a timer or expires at once.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -501,6 +518,25 @@ mod tests {
         let parsed = Cli::try_parse_from(["stash", "check", "app", "--timeout", "0s"]);
         let message = parsed.map(drop).expect_err("refused").to_string();
         assert!(message.contains("--timeout") && message.contains("more than 0"), "{message}");
+    }
+
+    /// A Lease counts whole seconds: `500ms` would be written as 0 (every replica may take it over
+    /// at once), and a renewal no sooner than the Lease expires loses it between renewals.
+    #[test]
+    fn lease_flags_are_whole_seconds_and_renewed_within_the_lease() {
+        let operator = |flags: &[&str]| {
+            let argv = [&["stash", "operator"], flags].concat();
+            match Cli::try_parse_from(argv).map_err(|e| e.to_string())?.command {
+                Command::Operator(args) => args.lease_problem(),
+                _ => Err("not the operator".into()),
+            }
+        };
+        assert_eq!(operator(&[]), Ok(()));
+        let fraction = operator(&["--lease-duration", "1500ms"]).expect_err("refused");
+        assert!(fraction.contains("--lease-duration") && fraction.contains("whole seconds"), "{fraction}");
+        let late = operator(&["--lease-duration", "5s", "--lease-renew-interval", "5s"]).expect_err("refused");
+        assert!(late.contains("--lease-renew-interval") && late.contains("--lease-duration"), "{late}");
+        assert_eq!(operator(&["--lease-duration", "6s", "--lease-renew-interval", "2s"]), Ok(()));
     }
 
     #[test]

@@ -15,6 +15,8 @@ enum MainError {
     Certs(#[from] stash::certs::CertError),
     #[error(transparent)]
     Operator(#[from] stash::operator::OperatorError),
+    #[error("{0}")]
+    Flags(String),
     #[error(transparent)]
     Session(#[from] stash::session::SessionError),
     #[error("connecting to the Kubernetes API (KUBECONFIG or in-cluster config): {0}")]
@@ -193,6 +195,7 @@ fn run(command: Command) -> Result<(), MainError> {
             args.ca_validity,
         )?),
         Command::Operator(args) => {
+            args.lease_problem().map_err(MainError::Flags)?;
             let config = operator_config(args);
             runtime()?.block_on(async {
                 let cancel = shutdown_on_signal();
