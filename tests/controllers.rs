@@ -418,11 +418,7 @@ async fn sessions_run_aggregate_skip_time_out_and_keep_a_bounded_history() {
 async fn sessions_and_restores_read_the_batch_and_repository_from_caches() {
     let ns = TestNamespace::new("sessioncache").await;
     let operator = with_controllers(&ns).await;
-    fixtures::secret(&ns, true).await;
-    fixtures::repository(&ns).await;
-    fixtures::targets(&ns).await;
-    fixtures::batch(&ns, "app-backup", vec![member("Deployment", "app")], json!({})).await;
-    batch_phase(&ns, "app-backup", BackupInvokerPhase::Ready).await;
+    ready_batch_of_app(&ns).await;
     let running = &operator;
     let reads = move |resource: &'static str| async move {
         let quoted = format!("\"{resource}\"");
@@ -432,10 +428,7 @@ async fn sessions_and_restores_read_the_batch_and_repository_from_caches() {
     };
     let before = (reads("backupbatches").await, reads("repositories").await);
     let sessions = ns.api::<BackupSession>();
-    let session = new_session(&ns, "app-backup").await;
-    session_phase(&sessions, &session, BackupSessionPhase::Running).await;
-    report_host(&sessions, &session, 0, "app", HostPhase::Succeeded).await;
-    session_phase(&sessions, &session, BackupSessionPhase::Succeeded).await;
+    let session = succeeded_session(&ns, &sessions).await;
     eventually("the finalize Job", Duration::from_secs(30), || {
         let jobs = ns.api::<Job>();
         let name = format!("{session}-finalize");
@@ -461,6 +454,24 @@ async fn sessions_and_restores_read_the_batch_and_repository_from_caches() {
     operator.stop().await;
 }
 
+/// The Ready batch `app-backup` of the Deployment `app`, on the Repository `repo`.
+async fn ready_batch_of_app(ns: &TestNamespace) {
+    fixtures::secret(ns, true).await;
+    fixtures::repository(ns).await;
+    fixtures::targets(ns).await;
+    fixtures::batch(ns, "app-backup", vec![member("Deployment", "app")], json!({})).await;
+    batch_phase(ns, "app-backup", BackupInvokerPhase::Ready).await;
+}
+
+/// A session of `app-backup` whose one host reported success, once it is Succeeded.
+async fn succeeded_session(ns: &TestNamespace, sessions: &Api<BackupSession>) -> String {
+    let session = new_session(ns, "app-backup").await;
+    session_phase(sessions, &session, BackupSessionPhase::Running).await;
+    report_host(sessions, &session, 0, "app", HostPhase::Succeeded).await;
+    session_phase(sessions, &session, BackupSessionPhase::Succeeded).await;
+    session
+}
+
 /// The RestoreBatch `bring-back` of the PVC `data` from the Repository `repo`, its latest session.
 async fn restore_of_data(ns: &TestNamespace) {
     let restore = json!({"target": {"alias": "data", "ref": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": "data"}}});
@@ -481,16 +492,9 @@ async fn restore_of_data(ns: &TestNamespace) {
 async fn a_failed_finalize_job_is_made_again_after_a_backoff() {
     let ns = TestNamespace::new("finalizeretry").await;
     let operator = with_controllers(&ns).await;
-    fixtures::secret(&ns, true).await;
-    fixtures::repository(&ns).await;
-    fixtures::targets(&ns).await;
-    fixtures::batch(&ns, "app-backup", vec![member("Deployment", "app")], json!({})).await;
-    batch_phase(&ns, "app-backup", BackupInvokerPhase::Ready).await;
+    ready_batch_of_app(&ns).await;
     let sessions = ns.api::<BackupSession>();
-    let session = new_session(&ns, "app-backup").await;
-    session_phase(&sessions, &session, BackupSessionPhase::Running).await;
-    report_host(&sessions, &session, 0, "app", HostPhase::Succeeded).await;
-    session_phase(&sessions, &session, BackupSessionPhase::Succeeded).await;
+    let session = succeeded_session(&ns, &sessions).await;
     let jobs = ns.api::<Job>();
     let name = format!("{session}-finalize");
     let first = eventually("the finalize Job", Duration::from_secs(30), || {
