@@ -10,7 +10,8 @@
 # `finalize` instead times `stash finalize-session` as the repository's history grows to 10, 100 and 1,000
 # complete sessions (a member snapshot and a manifest each, written by restic with the tags stash gives
 # them), each finalize forgetting the oldest session (keepLast: the history's size, no prune), against
-# restic's own forget decision and snapshot listing on the same repository in the same run.
+# restic's own forget decision and snapshot listing on the same repository in the same run; a
+# wrapper around stash's restic splits each finalize into the time some restic ran and stash's own.
 #   [STASH_RESTIC_BINARY=…] bench/backup.sh [size-in-MiB] [local|rest|s3] [data|finalize]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -226,12 +227,34 @@ if [[ $what == finalize ]]; then
     stash_backup "backup-$1" >/dev/null
     kubectl patch backupsession "$session" -n bench --subresource=status --type=json -p \
       '[{"op":"replace","path":"/status/phase","value":"Succeeded"},{"op":"replace","path":"/status/targets/0/phase","value":"Succeeded"}]' >/dev/null
-    stash_timed "$1" "$stash" finalize-session --session "$session" --secret-dir "$work/secret" \
-      --cache-dir "$work/cache-stash"
+    : >"$work/calls"
+    STASH_RESTIC_BINARY="$work/restic-logged" stash_timed "$1" "$stash" finalize-session --session "$session" \
+      --secret-dir "$work/secret" --cache-dir "$work/cache-stash"
+    # The wall time during which at least one restic ran (forget and stats run side by side).
+    python3 - "$1" "$work/calls" >>"$work/results" <<'PY'
+import sys
+kind, calls = sys.argv[1], sorted(tuple(map(int, line.split()[:2])) for line in open(sys.argv[2]))
+busy, end = 0, 0
+for start, stop in calls:
+    busy += max(0, stop - max(start, end))
+    end = max(end, stop)
+print("restic-busy", kind, busy // 1_000_000, len(calls))
+PY
     local finalized
     finalized=$(kubectl get backupsession "$session" -n bench -o jsonpath='{.status.conditions[?(@.type=="SessionFinalized")].status} {.status.conditions[?(@.type=="ManifestWritten")].status}')
     [[ $finalized == "True True" ]] || { echo "session $session: finalized, manifest written: $finalized" >&2; exit 1; }
   }
+  # stash's restic behind a wrapper that logs when each call starts and ends: what of a finalize
+  # is restic's, and what is ours.
+  cat >"$work/restic-logged" <<EOF
+#!/bin/sh
+start=\$(date +%s%N)
+"$STASH_RESTIC_BINARY" "\$@"
+status=\$?
+echo "\$start \$(date +%s%N) \$1" >>"$work/calls"
+exit \$status
+EOF
+  chmod +x "$work/restic-logged"
   fresh_repository "$stash_repo"
   # The first finalize of a repository also runs restic check; the timed ones find it checked.
   finalized_session warm-up
@@ -276,11 +299,15 @@ import statistics, sys
 backend, rows = sys.argv[1], [line.split() for line in open(sys.argv[2])]
 def median(tool, kind):
     return statistics.median(int(r[2]) for r in rows if r[0] == tool and r[1] == kind) / 1000
-print("| complete sessions | backend | stash finalize-session | restic forget --dry-run | restic snapshots | finalize / forget |")
-print("|---|---|---|---|---|---|")
+print("| complete sessions | backend | stash finalize-session | of it, restic running | of it, stash alone | restic calls | restic forget --dry-run | restic snapshots | finalize / forget |")
+print("|---|---|---|---|---|---|---|---|---|")
+def timed(tool, kind):
+    return [r for r in rows if r[0] == tool and r[1] == kind]
 for n in (10, 100, 1000):
     ours, forget, listing = median("stash", f"finalize-{n}"), median("restic", f"forget-{n}"), median("restic", f"snapshots-{n}")
-    print(f"| {n} | {backend} | {ours:.2f} s | {forget:.2f} s | {listing:.2f} s | {ours / forget:.2f} |")
+    busy, calls = median("restic-busy", f"finalize-{n}"), statistics.median(int(r[3]) for r in timed("restic-busy", f"finalize-{n}"))
+    alone = statistics.median(int(s[2]) - int(b[2]) for s, b in zip(timed("stash", f"finalize-{n}"), timed("restic-busy", f"finalize-{n}"))) / 1000
+    print(f"| {n} | {backend} | {ours:.2f} s | {busy:.2f} s | {alone:.2f} s | {calls:.0f} | {forget:.2f} s | {listing:.2f} s | {ours / forget:.2f} |")
 print("\nmedians of 3; the warm-up finalize (with restic check):", f"{median('stash', 'warm-up'):.2f} s")
 PY
   exit 0
