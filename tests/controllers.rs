@@ -369,21 +369,7 @@ async fn sessions_run_aggregate_skip_time_out_and_keep_a_bounded_history() {
     let left = sessions.list(&ListParams::default()).await.expect("list").items.len();
     assert_eq!(left, 3, "unfinalized sessions stay");
     for name in [&first, &third] {
-        stash::status_write::update_status(&sessions, name, |session| {
-            let status = session.status.get_or_insert_with(Default::default);
-            status.conditions.push(stash::api::common::Condition {
-                type_: stash::api::backup_session::SESSION_FINALIZED.into(),
-                status: ConditionStatus::True,
-                observed_generation: None,
-                last_transition_time: None,
-                reason: Some("Finalized".into()),
-                message: None,
-                severity: None,
-            });
-            true
-        })
-        .await
-        .expect("finalized");
+        fixtures::mark_finalized(&sessions, name).await;
     }
 
     // History (backupHistoryLimit: 1): the newest finalized session, and the newest skipped one.
@@ -525,6 +511,14 @@ async fn a_failed_finalize_job_is_made_again_after_a_backoff() {
             && e.involved_object.name.as_deref() == Some(session.as_str())),
         "a Warning names the retry"
     );
+
+    // Until its finalize succeeds the session is no restorable set: the batch does not call it its
+    // last success (nor its last session), which `StashBackupMissing` watches.
+    let batches = ns.api::<BackupBatch>();
+    let status = batches.get("app-backup").await.expect("the batch").status.unwrap_or_default();
+    assert_eq!((status.last_session, status.last_successful_session), (None, None), "recorded before it was finalized");
+    fixtures::mark_finalized(&sessions, &session).await;
+    assert_eq!(recorded_success(&ns, "app-backup").await, session);
     operator.stop().await;
 }
 
@@ -1583,7 +1577,18 @@ async fn measured_success(ns: &TestNamespace) -> (support::operator::RunningOper
     session_phase(&sessions, &name, BackupSessionPhase::Running).await;
     report_host(&sessions, &name, 0, "app", HostPhase::Succeeded).await;
     session_phase(&sessions, &name, BackupSessionPhase::Succeeded).await;
+    fixtures::mark_finalized(&sessions, &name).await;
     (operator, name)
+}
+
+/// The session batch `name` records as its last success (`status.lastSuccessfulSession`), once it does.
+async fn recorded_success(ns: &TestNamespace, name: &str) -> String {
+    let batches = ns.api::<BackupBatch>();
+    eventually("the last success recorded in the batch's status", Duration::from_secs(30), || {
+        let batches = batches.clone();
+        async move { Some(batches.get(name).await.ok()?.status?.last_successful_session?.name) }
+    })
+    .await
 }
 
 /// The `/metrics` line of `measured`'s last-success series, if exported.
@@ -1602,13 +1607,7 @@ async fn a_batchs_last_success_survives_an_operator_restart() {
         last_success(&ns, &operator.metrics().await)
     })
     .await;
-    let batches = ns.api::<BackupBatch>();
-    let recorded = eventually("the last success recorded in the batch's status", Duration::from_secs(30), || {
-        let batches = batches.clone();
-        async move { batches.get("measured").await.ok()?.status?.last_successful_session }
-    })
-    .await;
-    assert_eq!(recorded.name, name);
+    assert_eq!(recorded_success(&ns, "measured").await, name);
     operator.stop().await;
 
     let restarted = with_controllers(&ns).await;

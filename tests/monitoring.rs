@@ -127,6 +127,7 @@ async fn measured(ns: &TestNamespace) -> support::operator::RunningOperator {
     .await
     .expect("the host entry");
     session_phase(&sessions, &name, BackupSessionPhase::Succeeded).await;
+    fixtures::mark_finalized(&sessions, &name).await;
     let status = json!({"status": {"integrity": true, "totalSize": "2.0 GiB", "snapshotCount": 3,
         "snapshotsRemovedOnLastCleanup": 1}});
     ns.api::<Repository>()

@@ -634,7 +634,7 @@ fn replaces(current: Option<&SessionRecord>, candidate: &SessionRecord) -> bool 
     current.is_none_or(|current| current.name != candidate.name && current.finish_time <= candidate.finish_time)
 }
 
-/// Records a finished session in its batch's status (`lastSession`, `lastSuccessfulSession`) once,
+/// Records a finished, finalized session in its batch's status (`lastSession`, `lastSuccessfulSession`) once,
 /// under a field manager of its own; the batch's reconcile exports its metrics from there. `batch`
 /// comes from the cache: when it says the record is there, it is (records only move forward); when
 /// it says one is missing, the batch is read again, for what the write carries must be the latest.
@@ -715,7 +715,11 @@ async fn finished(
 ) -> Result<Action, ControllerError> {
     let Some(batch) = batch else { return Ok(Action::await_change()) };
     let finalize_again = ensure_finalized(session, batch, ctx).await?;
-    record_on_batch(session, batch, ctx).await?;
+    // A session is the batch's last success (or failure) once finalized: until its manifest is
+    // written it is no restorable set, and the alerts that read the record must not say otherwise.
+    if session.is_settled() {
+        record_on_batch(session, batch, ctx).await?;
+    }
     let status = session.status.clone().unwrap_or_default();
     // The earliest of the finalize's retry and the session's own retry wakes this session.
     let mut wake = finalize_again;

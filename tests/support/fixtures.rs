@@ -142,6 +142,25 @@ pub async fn report_host(sessions: &Api<BackupSession>, name: &str, index: usize
     .expect("writing the host entry");
 }
 
+/// Plays a finalize Job that finished: session `name` gets `SessionFinalized=True`.
+pub async fn mark_finalized(sessions: &Api<BackupSession>, name: &str) {
+    stash::status_write::update_status(sessions, name, |session| {
+        let status = session.status.get_or_insert_with(Default::default);
+        status.conditions.push(Condition {
+            type_: stash::api::backup_session::SESSION_FINALIZED.into(),
+            status: ConditionStatus::True,
+            observed_generation: None,
+            last_transition_time: None,
+            reason: Some("Finalized".into()),
+            message: None,
+            severity: None,
+        });
+        true
+    })
+    .await
+    .expect("finalized");
+}
+
 /// The shipped ValidatingAdmissionPolicy `policy` (deploy/base/admission-policy.yaml) applied, and
 /// bound to `ns` alone: the cluster is shared, and other tests create what it refuses.
 pub async fn bind_shipped_policy(ns: &TestNamespace, policy: &str) -> PolicyBinding {
