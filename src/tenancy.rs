@@ -108,7 +108,9 @@ pub(crate) const NAMESPACE_LEASE: &str = "stash-repositories";
 pub(crate) enum LeaseFor {
     /// `restic init`, which two hosts must never run at once.
     Creation,
-    /// Retention and checks (restic's own locks keep them safe; the Lease spares the waiting).
+    /// Retention and checks. restic's locks guard one command each; the Lease keeps whole finalizes
+    /// (list, plan, write the manifest, forget) one at a time, which retention's proofs assume, so
+    /// maintenance never goes on without it.
     Maintenance,
 }
 
