@@ -905,9 +905,10 @@ async fn the_integrity_check_runs_once_per_interval_not_on_every_finalize() {
 
 /// A finalize measures the Repository's size beside its forget, over the snapshots retention
 /// leaves, instead of after it over everything (one repository opening fewer in sequence), and the
-/// size is what restic measures of the repository once the finalize is done.
+/// size is what restic measures of the repository once the finalize is done. Its runs that only
+/// read take no restic lock.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_finalize_measures_the_repository_beside_its_forget() {
+async fn a_finalize_measures_beside_its_forget_and_locks_only_to_write() {
     let repo = tempfile::tempdir().expect("repo dir");
     let mut setup = Setup::new("sized", Backend::Local(repo.path())).await;
     let member = setup.pvc_member().await;
@@ -928,6 +929,16 @@ async fn a_finalize_measures_the_repository_beside_its_forget() {
             .unwrap_or_else(|| panic!("no {edge} {command} in {ran}"))
     };
     assert!(at("start", "stats") < at("end", "forget"), "the size is measured beside the forget: {ran}");
+    // restic's lock costs each run that takes it 200 ms of settling: a finalize holds the
+    // maintenance Lease, and only its writes need restic's lock against restic clients outside stash.
+    let reading = ["snapshots", "stats", "ls", "dump", "cat", "list"];
+    let locked_reads: Vec<&str> = ran
+        .lines()
+        .filter_map(|l| l.strip_prefix("start "))
+        .filter(|l| l.contains("--dry-run") || l.split_whitespace().any(|w| reading.contains(&w)))
+        .filter(|l| !l.split_whitespace().any(|w| w == "--no-lock"))
+        .collect();
+    assert!(locked_reads.is_empty(), "runs that only read took restic's lock: {locked_reads:?}");
 
     let url = repo.path().to_string_lossy().into_owned();
     let measured: Value =

@@ -235,10 +235,13 @@ async fn plan_retention(
         return Ok(Retention { plan: Plan::default(), prune: false, message });
     }
     let namespace = executor.namespace();
+    // The dry run only reads, under the maintenance Lease: restic's lock would add its 200 ms of
+    // settling, and the forget that acts on the plan takes the exclusive lock anyway.
     let mut args = vec![
         "forget".to_string(),
         "--json".into(),
         "--dry-run".into(),
+        "--no-lock".into(),
         "--group-by".into(),
         "host".into(),
         "--host".into(),
