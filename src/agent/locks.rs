@@ -366,8 +366,10 @@ async fn heal_seen<K: Resource<DynamicType = ()>>(
     let local_now = Timestamp::now();
     let mut verdicts = Vec::new();
     let mut for_restic = Vec::new();
+    // The process a lock names when its host is this kernel's: restic's rule and ours both read it.
+    let named_here = |lock: &Lock| (lock.hostname == own.name).then(|| process(lock.pid));
     for (id, lock) in locks {
-        let named_here = (lock.hostname == own.name).then(|| process(lock.pid));
+        let named_here = named_here(&lock);
         let host = if let Some(process) = named_here.filter(|_| own.wrote(&lock)) {
             Host::This(process)
         } else {
@@ -408,7 +410,7 @@ async fn heal_seen<K: Resource<DynamicType = ()>>(
         .await?
         .into_iter()
         .map(|(id, lock)| {
-            let gone_here = lock.hostname == own.name && process(lock.pid) == Process::Gone;
+            let gone_here = named_here(&lock) == Some(Process::Gone);
             (id, lock, gone_here)
         })
         .collect();
