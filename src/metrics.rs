@@ -148,6 +148,8 @@ pub(crate) enum StateGauge {
     LastSessionAddedBytes,
     Condition,
     Restores,
+    UnfinalizedSessions,
+    UnfinalizedSince,
     // Stash's own names and labels (`invoker_kind`, `invoker_name`, `namespace`, `driver`, `repository`).
     StashSessionSuccess,
     StashSessionDuration,
@@ -162,7 +164,7 @@ pub(crate) enum StateGauge {
 }
 
 impl StateGauge {
-    const ALL: [StateGauge; 18] = [
+    const ALL: [StateGauge; 20] = [
         Self::LastSuccess,
         Self::LastSessionSuccess,
         Self::ExpectedInterval,
@@ -171,6 +173,8 @@ impl StateGauge {
         Self::LastSessionAddedBytes,
         Self::Condition,
         Self::Restores,
+        Self::UnfinalizedSessions,
+        Self::UnfinalizedSince,
         Self::StashSessionSuccess,
         Self::StashSessionDuration,
         Self::StashTargetCount,
@@ -208,6 +212,14 @@ impl StateGauge {
                 "1 for each condition of a batch (target empty) or of one of its members, by type and status",
             ),
             Self::Restores => ("restorebatches", "RestoreBatches, by namespace and phase"),
+            Self::UnfinalizedSessions => (
+                "backupbatch_unfinalized_sessions",
+                "Finished sessions of the batch whose finalize (manifest, retention) has not completed",
+            ),
+            Self::UnfinalizedSince => (
+                "backupbatch_unfinalized_since_timestamp_seconds",
+                "When the oldest finished session of the batch not yet finalized finished (Unix time)",
+            ),
             Self::StashSessionSuccess => {
                 ("backup_session_success", "Stash's name: whether the last backup session succeeded (1) or not (0)")
             }

@@ -517,8 +517,31 @@ async fn a_failed_finalize_job_is_made_again_after_a_backoff() {
     let batches = ns.api::<BackupBatch>();
     let status = batches.get("app-backup").await.expect("the batch").status.unwrap_or_default();
     assert_eq!((status.last_session, status.last_successful_session), (None, None), "recorded before it was finalized");
+    // What the batch exports meanwhile: one session waiting on its finalize, and since when.
+    let ours = |labels: &str| labels.contains(&format!("namespace=\"{}\"", ns.name)) && labels.contains("app-backup");
+    let waiting = || async {
+        let count = operator.samples("stash_backupbatch_unfinalized_sessions", ours).await;
+        let since = operator.samples("stash_backupbatch_unfinalized_since_timestamp_seconds", ours).await;
+        (count.into_values().collect::<Vec<_>>(), since.into_values().collect::<Vec<_>>())
+    };
+    let (count, since) = eventually("the session counted", Duration::from_secs(30), || async {
+        Some(waiting().await).filter(|w| w.0 == [1.0])
+    })
+    .await;
+    let finished = sessions.get(&session).await.expect("the session");
+    let created = finished.metadata.creation_timestamp.as_ref().expect("created").0.as_second();
+    let took = finished.status.as_ref().and_then(|s| s.session_duration.clone()).expect("a duration");
+    let took: i64 = took.trim_end_matches('s').parse().expect("seconds");
+    assert_eq!(since, [(created + took) as f64], "since the session finished: its start and its duration");
+    assert_eq!(count, [1.0]);
     fixtures::mark_finalized(&sessions, &session).await;
     assert_eq!(recorded_success(&ns, "app-backup").await, session);
+    let (count, since) = eventually("none counted", Duration::from_secs(30), || async {
+        Some(waiting().await).filter(|w| w.0 == [0.0])
+    })
+    .await;
+    assert!(since.is_empty(), "no oldest once none waits: {since:?}");
+    assert_eq!(count, [0.0]);
     operator.stop().await;
 }
 

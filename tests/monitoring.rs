@@ -86,7 +86,7 @@ fn the_rules_pass_promtool_and_their_unit_tests() {
     // Every alert is tested, firing at least once, and names a runbook that exists.
     let tests = std::fs::read_to_string(tests).expect("the rule tests");
     let alerts: Vec<&str> = rules(&groups).filter_map(|r| r["alert"].as_str()).collect();
-    assert_eq!(alerts.len(), 7, "{alerts:?}");
+    assert_eq!(alerts.len(), 8, "{alerts:?}");
     for alert in alerts {
         assert!(
             tests.contains(&format!("alertname: {alert}\n        exp_alerts:\n          -")),
@@ -109,6 +109,20 @@ async fn measured(ns: &TestNamespace) -> support::operator::RunningOperator {
     fixtures::targets(ns).await;
     fixtures::batch(ns, "measured", vec![member("Deployment", "app")], json!({"schedule": "0 * * * *"})).await;
     let sessions = ns.api::<BackupSession>();
+    let name = succeeded_session(ns).await;
+    fixtures::mark_finalized(&sessions, &name).await;
+    let status = json!({"status": {"integrity": true, "totalSize": "2.0 GiB", "snapshotCount": 3,
+        "snapshotsRemovedOnLastCleanup": 1}});
+    ns.api::<Repository>()
+        .patch_status("repo", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("the Repository's status");
+    operator
+}
+
+/// A session of `measured` run to Succeeded by its one host, not finalized.
+async fn succeeded_session(ns: &TestNamespace) -> String {
+    let sessions = ns.api::<BackupSession>();
     let name =
         stash::session::create_backup_session(ns.client.clone(), &ns.name, "measured", None).await.expect("a session");
     let name = kube::ResourceExt::name_any(&name);
@@ -127,14 +141,7 @@ async fn measured(ns: &TestNamespace) -> support::operator::RunningOperator {
     .await
     .expect("the host entry");
     session_phase(&sessions, &name, BackupSessionPhase::Succeeded).await;
-    fixtures::mark_finalized(&sessions, &name).await;
-    let status = json!({"status": {"integrity": true, "totalSize": "2.0 GiB", "snapshotCount": 3,
-        "snapshotsRemovedOnLastCleanup": 1}});
-    ns.api::<Repository>()
-        .patch_status("repo", &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .expect("the Repository's status");
-    operator
+    name
 }
 
 /// The `/metrics` lines of `measured`'s series: ours (`batch=`) and Stash's (`invoker_name=`).
@@ -151,8 +158,9 @@ fn value(lines: &[String], metric: &str, labels: &[&str]) -> Option<f64> {
 }
 
 /// Every per-batch family, once the session's record and the Repository's status reached the batch.
-const PER_BATCH: [&str; 15] = [
+const PER_BATCH: [&str; 16] = [
     "stash_backup_last_success_timestamp_seconds",
+    "stash_backupbatch_unfinalized_sessions",
     "stash_backupbatch_last_session_success",
     "stash_backupbatch_expected_interval_seconds",
     "stash_backupbatch_paused",
@@ -211,10 +219,13 @@ async fn every_metric_the_rules_and_the_dashboard_query_is_exported() {
     let ns = TestNamespace::new("monnames").await;
     let operator = measured(&ns).await;
     all_series(&ns, &operator).await;
+    // A second session, left waiting on its finalize: the oldest-waiting series exists only then.
+    succeeded_session(&ns).await;
     exercise_restores_and_the_webhook(&ns, &operator).await;
-    let exported = eventually("the RestoreBatch counted", Duration::from_secs(30), || async {
+    let exported = eventually("the RestoreBatch and the waiting session counted", Duration::from_secs(30), || async {
         let exported = exported_names(&operator.metrics().await);
-        exported.contains("stash_restorebatches").then_some(exported)
+        let counted = ["stash_restorebatches", "stash_backupbatch_unfinalized_since_timestamp_seconds"];
+        counted.iter().all(|name| exported.contains(*name)).then_some(exported)
     })
     .await;
     operator.stop().await;
@@ -242,6 +253,11 @@ async fn a_batchs_series_come_from_its_objects_and_go_with_it() {
     assert_eq!(value(&lines, "stash_backupbatch_last_session_success", &[batch]), Some(1.0));
     assert_eq!(value(&lines, "stash_backupbatch_expected_interval_seconds", &[batch]), Some(3600.0));
     assert_eq!(value(&lines, "stash_backupbatch_paused", &[batch]), Some(0.0));
+    assert_eq!(
+        value(&lines, "stash_backupbatch_unfinalized_sessions", &[batch]),
+        Some(0.0),
+        "its one session is finalized"
+    );
     assert_eq!(value(&lines, "stash_backupbatch_last_session_added_bytes", &[batch]), Some(1_572_864.0));
     assert_eq!(value(&lines, "stash_backupbatch_sessions_total", &[batch, "phase=\"Succeeded\""]), Some(1.0));
     assert_eq!(value(&lines, "stash_backupbatch_session_duration_seconds_count", &[batch]), Some(1.0));

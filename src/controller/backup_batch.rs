@@ -37,6 +37,9 @@ pub const SIDECAR_INJECTED: &str = "StashSidecarInjected";
 const RECHECK: Duration = Duration::from_secs(10);
 /// How often a Ready batch using another namespace's Repository makes sure of its grant there.
 const REGRANT: Duration = Duration::from_secs(300);
+/// While a session of the batch waits on its finalize, how often the batch's series are computed
+/// again: a late finalize of an older session writes nothing on the batch that would wake it.
+const FINALIZE_LOOK: Duration = Duration::from_secs(300);
 
 #[tracing::instrument(skip_all, fields(namespace = batch.namespace().unwrap_or_default(), name = batch.name_any()))]
 pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
@@ -180,7 +183,7 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
         // The session records are the session controller's (see `write_status`).
         ..Default::default()
     };
-    export_series(&batch, &status, repository.as_ref().ok(), &ctx, &namespace);
+    let finalizes_pending = export_series(&batch, &status, repository.as_ref().ok(), &ctx, &namespace);
     write_status(&batch, &ctx, &namespace, status).await?;
 
     Ok(if phase != BackupInvokerPhase::Ready || sidecars_pending {
@@ -188,6 +191,8 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
     } else if granted_elsewhere {
         // Its grant lives in another namespace, where nothing it watches sees it go.
         Action::requeue(REGRANT)
+    } else if finalizes_pending {
+        Action::requeue(FINALIZE_LOOK)
     } else {
         Action::await_change()
     })
@@ -195,14 +200,15 @@ pub async fn reconcile(batch: Arc<BackupBatch>, ctx: Arc<Context>) -> Result<Act
 
 /// Exports the batch's series as of this reconcile: the status just computed (conditions) with the
 /// session records of the cached one, the sessions from the session controller's cache and the
-/// Repository read above, so the metrics cost no request of their own.
+/// Repository read above, so the metrics cost no request of their own. True while a session of the
+/// batch waits on its finalize.
 fn export_series(
     batch: &BackupBatch,
     status: &BackupBatchStatus,
     repository: Option<&Repository>,
     ctx: &Context,
     namespace: &str,
-) {
+) -> bool {
     let records = batch.status.as_ref();
     let observed = BackupBatch {
         status: Some(BackupBatchStatus {
@@ -212,8 +218,10 @@ fn export_series(
         }),
         ..batch.clone()
     };
-    let samples = observed::batch_series(&observed, &ctx.sessions.state(), repository, Timestamp::now());
+    let sessions = ctx.sessions.state();
+    let samples = observed::batch_series(&observed, &sessions, repository, Timestamp::now());
     ctx.metrics.controller.state.export(&observed::batch_owner(namespace, &batch.name_any()), samples);
+    observed::unfinalized(namespace, &batch.name_any(), &sessions).count > 0
 }
 
 /// Applies `status` unless the batch already has it. Our own write comes back as a watch event and

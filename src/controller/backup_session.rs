@@ -617,14 +617,11 @@ fn count_finished(ctx: &Context, namespace: &str, batch: &str, status: &BackupSe
     }
 }
 
-/// The record of a finished (Succeeded or Failed) session; its finish time is its creation plus its
-/// duration, so that every controller computes the same record for it.
+/// The record of a finished (Succeeded or Failed) session, with its finish time.
 fn session_record(session: &BackupSession) -> Option<SessionRecord> {
     let status = session.status.as_ref()?;
     let phase = status.phase.filter(|p| matches!(p, BackupSessionPhase::Succeeded | BackupSessionPhase::Failed))?;
-    let created = session.metadata.creation_timestamp.as_ref()?.0;
-    let seconds: i64 = status.session_duration.as_deref()?.trim_end_matches('s').parse().ok()?;
-    let finish_time = created.checked_add(SignedDuration::from_secs(seconds)).ok().map(Time);
+    let finish_time = Some(Time(observed::finish_time(session)?));
     Some(SessionRecord { name: session.name_any(), phase, finish_time })
 }
 
@@ -719,6 +716,9 @@ async fn finished(
     // written it is no restorable set, and the alerts that read the record must not say otherwise.
     if session.is_settled() {
         record_on_batch(session, batch, ctx).await?;
+    } else {
+        // The batch exports how many of its sessions wait on a finalize; it learns of this one here.
+        let _ = ctx.recheck.unbounded_send(ObjectRef::from_obj(batch));
     }
     let status = session.status.clone().unwrap_or_default();
     // The earliest of the finalize's retry and the session's own retry wakes this session.

@@ -9,6 +9,7 @@ use crate::api::common::Condition;
 use crate::api::restore_batch::RestorePhase;
 use crate::api::{BackupBatch, BackupSession, Repository, RestoreBatch};
 use crate::metrics::{Sample, SeriesLabels, StateGauge};
+use crate::session::BACKUP_BATCH_KIND;
 use k8s_openapi::jiff::Timestamp;
 use kube::{Resource, ResourceExt};
 use std::collections::BTreeMap;
@@ -82,6 +83,12 @@ pub(crate) fn batch_series(
         push(StateGauge::Condition, &condition_labels(&ours, target, condition), 1.0);
     }
 
+    let waiting = unfinalized(&namespace, &name, sessions);
+    push(StateGauge::UnfinalizedSessions, &ours, waiting.count as f64);
+    if let Some(since) = waiting.since {
+        push(StateGauge::UnfinalizedSince, &ours, since.as_second() as f64);
+    }
+
     if let Some(state) = repository.and_then(|r| r.status.as_ref()) {
         if let Some(integrity) = state.integrity {
             push(StateGauge::StashRepositoryIntegrity, &stash, f64::from(u8::from(integrity)));
@@ -97,6 +104,46 @@ pub(crate) fn batch_series(
         }
     }
     out
+}
+
+/// A batch's finished sessions whose finalize has not completed yet.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Unfinalized {
+    pub count: usize,
+    /// When the oldest of them finished.
+    pub since: Option<Timestamp>,
+}
+
+/// The sessions of `batch` among `sessions` that finished (Succeeded or Failed) and are not
+/// finalized: until its finalize completes a session is no restorable set, and retention keeps
+/// its data. A finalize that keeps failing is retried for as long as the session exists; this is
+/// what shows it before the batch's last success grows old.
+pub(crate) fn unfinalized(namespace: &str, batch: &str, sessions: &[Arc<BackupSession>]) -> Unfinalized {
+    let waiting = sessions.iter().filter(|s| {
+        let phase = s.status.as_ref().and_then(|st| st.phase);
+        s.spec.invoker.kind == BACKUP_BATCH_KIND
+            && s.spec.invoker.name == batch
+            && s.namespace().as_deref() == Some(namespace)
+            && s.metadata.deletion_timestamp.is_none()
+            && matches!(phase, Some(BackupSessionPhase::Succeeded | BackupSessionPhase::Failed))
+            && !s.is_settled()
+    });
+    waiting.fold(Unfinalized::default(), |seen, session| Unfinalized {
+        count: seen.count + 1,
+        since: match (seen.since, finish_time(session)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        },
+    })
+}
+
+/// When a finished session finished: its creation plus its duration, so that every controller
+/// computes the same time for it.
+pub(crate) fn finish_time(session: &BackupSession) -> Option<Timestamp> {
+    let created = session.metadata.creation_timestamp.as_ref()?.0;
+    let duration = session.status.as_ref()?.session_duration.as_deref()?;
+    let seconds: i64 = duration.trim_end_matches('s').parse().ok()?;
+    created.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(seconds)).ok()
 }
 
 /// The RestoreBatches by namespace and phase, and each finished one's outcome and duration under
@@ -282,8 +329,77 @@ mod tests {
         batch.spec.paused = true;
         let samples = batch_series(&batch, &[], None, Timestamp::UNIX_EPOCH);
         let gauges: Vec<StateGauge> = samples.iter().map(|s| s.gauge).collect();
-        assert_eq!(gauges, [StateGauge::Paused, StateGauge::Created]);
+        assert_eq!(gauges, [StateGauge::Paused, StateGauge::Created, StateGauge::UnfinalizedSessions]);
         assert_eq!(samples[0].value, 1.0);
+        assert_eq!(samples[2].value, 0.0, "none waits on a finalize");
+    }
+
+    #[test]
+    fn finished_sessions_not_finalized_are_counted_from_the_oldest() {
+        let at = |name: &str, namespace: &str, batch: &str, created: &str, status: serde_json::Value| {
+            Arc::new(
+                serde_json::from_value::<BackupSession>(json!({
+                    "apiVersion": "stash.appscode.com/v1beta1", "kind": "BackupSession",
+                    "metadata": {"name": name, "namespace": namespace, "creationTimestamp": created},
+                    "spec": {"invoker": {"apiGroup": "stash.appscode.com", "kind": "BackupBatch", "name": batch}},
+                    "status": status,
+                }))
+                .expect("a session"),
+            )
+        };
+        let finalized =
+            json!([{"type": "SessionFinalized", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}]);
+        let failed_finalize =
+            json!([{"type": "SessionFinalized", "status": "False", "lastTransitionTime": "2026-01-01T00:00:00Z"}]);
+        let mut deleting = (*at(
+            "deleting",
+            "team",
+            "app",
+            "2025-12-01T00:00:00Z",
+            json!({"phase": "Failed", "sessionDuration": "1s"}),
+        ))
+        .clone();
+        deleting.metadata.deletion_timestamp = deleting.metadata.creation_timestamp.clone();
+        let sessions = [
+            at("newer", "team", "app", "2026-01-02T00:00:00Z", json!({"phase": "Succeeded", "sessionDuration": "60s"})),
+            at(
+                "older",
+                "team",
+                "app",
+                "2026-01-01T00:00:00Z",
+                json!({"phase": "Failed", "sessionDuration": "30s", "conditions": failed_finalize}),
+            ),
+            at(
+                "done",
+                "team",
+                "app",
+                "2025-12-01T00:00:00Z",
+                json!({"phase": "Succeeded", "sessionDuration": "5s", "conditions": finalized}),
+            ),
+            at("skipped", "team", "app", "2025-12-01T00:00:00Z", json!({"phase": "Skipped"})),
+            at("running", "team", "app", "2025-12-01T00:00:00Z", json!({"phase": "Running"})),
+            at(
+                "another-batch",
+                "team",
+                "db",
+                "2025-12-01T00:00:00Z",
+                json!({"phase": "Succeeded", "sessionDuration": "5s"}),
+            ),
+            at(
+                "another-namespace",
+                "prod",
+                "app",
+                "2025-12-01T00:00:00Z",
+                json!({"phase": "Succeeded", "sessionDuration": "5s"}),
+            ),
+            Arc::new(deleting),
+        ];
+        let since = "2026-01-01T00:00:30Z".parse::<Timestamp>().expect("time");
+        assert_eq!(unfinalized("team", "app", &sessions), Unfinalized { count: 2, since: Some(since) });
+        let samples = batch_series(&batch(json!({})), &sessions, None, Timestamp::UNIX_EPOCH);
+        assert_eq!(value(&samples, StateGauge::UnfinalizedSessions, &[("batch", "app")]), Some(2.0));
+        assert_eq!(value(&samples, StateGauge::UnfinalizedSince, &[]), Some(since.as_second() as f64));
+        assert_eq!(unfinalized("team", "idle", &sessions), Unfinalized::default());
     }
 
     #[test]
