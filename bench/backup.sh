@@ -233,12 +233,22 @@ if [[ $what == finalize ]]; then
     # The wall time during which at least one restic ran (forget and stats run side by side).
     python3 - "$1" "$work/calls" >>"$work/results" <<'PY'
 import sys
-kind, calls = sys.argv[1], sorted(tuple(map(int, line.split()[:2])) for line in open(sys.argv[2]))
+kind, lines = sys.argv[1], [line.split() for line in open(sys.argv[2])]
+calls = sorted((int(l[0]), int(l[1])) for l in lines)
 busy, end = 0, 0
 for start, stop in calls:
     busy += max(0, stop - max(start, end))
     end = max(end, stop)
 print("restic-busy", kind, busy // 1_000_000, len(calls))
+# Each command's own wall time, summed over its calls (the two forgets are one row).
+commands = ("snapshots", "backup", "forget", "stats", "check", "prune", "list", "cat", "unlock")
+spent = {}
+for l in lines:
+    command = next((w for w in l[2:] if w in commands), "other")
+    command = "forget-dry-run" if command == "forget" and "--dry-run" in l else command
+    spent[command] = spent.get(command, 0) + (int(l[1]) - int(l[0])) // 1_000_000
+for command, ms in spent.items():
+    print("call", kind, ms, command)
 PY
     local finalized
     finalized=$(kubectl get backupsession "$session" -n bench -o jsonpath='{.status.conditions[?(@.type=="SessionFinalized")].status} {.status.conditions[?(@.type=="ManifestWritten")].status}')
@@ -251,7 +261,7 @@ PY
 start=\$(date +%s%N)
 "$STASH_RESTIC_BINARY" "\$@"
 status=\$?
-echo "\$start \$(date +%s%N) \$1" >>"$work/calls"
+echo "\$start \$(date +%s%N) \$*" >>"$work/calls"
 exit \$status
 EOF
   chmod +x "$work/restic-logged"
@@ -289,7 +299,7 @@ PY
       -p "{\"spec\":{\"retentionPolicy\":{\"name\":\"keep-$sessions\",\"keepLast\":$sessions}}}" >/dev/null
     for _ in 1 2 3; do
       finalized_session "finalize-$sessions"
-      restic_timed "forget-$sessions" forget --dry-run --json --group-by host --host stash-manifest \
+      restic_timed "forget-$sessions" forget --dry-run --no-lock --json --group-by host --host stash-manifest \
         --tag "$manifest_tags" --keep-last "$sessions"
       restic_timed "snapshots-$sessions" snapshots --json
     done
@@ -309,6 +319,16 @@ for n in (10, 100, 1000):
     alone = statistics.median(int(s[2]) - int(b[2]) for s, b in zip(timed("stash", f"finalize-{n}"), timed("restic-busy", f"finalize-{n}"))) / 1000
     print(f"| {n} | {backend} | {ours:.2f} s | {busy:.2f} s | {alone:.2f} s | {calls:.0f} | {forget:.2f} s | {listing:.2f} s | {ours / forget:.2f} |")
 print("\nmedians of 3; the warm-up finalize (with restic check):", f"{median('stash', 'warm-up'):.2f} s")
+# Each restic command of a finalize, its wall time summed over its calls (stats runs beside the forgets).
+order = ("snapshots", "backup", "forget-dry-run", "forget", "stats")
+print("\n| complete sessions | " + " | ".join(f"restic {c}" for c in order) + " |")
+print("|---|" + "---|" * len(order))
+for n in (10, 100, 1000):
+    cells = []
+    for command in order:
+        ms = [int(r[2]) for r in rows if r[0] == "call" and r[1] == f"finalize-{n}" and r[3] == command]
+        cells.append(f"{statistics.median(ms) / 1000:.2f} s" if ms else "-")
+    print(f"| {n} | " + " | ".join(cells) + " |")
 PY
   exit 0
 fi
