@@ -220,6 +220,8 @@ async fn every_metric_the_rules_and_the_dashboard_query_is_exported() {
     let operator = measured(&ns).await;
     all_series(&ns, &operator).await;
     // A second session, left waiting on its finalize: the oldest-waiting series exists only then.
+    // Session names are per second: one made in the first's second would be the first.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     succeeded_session(&ns).await;
     exercise_restores_and_the_webhook(&ns, &operator).await;
     let exported = eventually("the RestoreBatch and the waiting session counted", Duration::from_secs(30), || async {
