@@ -1,8 +1,9 @@
 //! The everyday commands: back up now, pause, resume, list sessions.
 
 use crate::agent::{AgentError, Executor, manifest};
-use crate::api::backup_session::{human_bytes, parse_bytes};
+use crate::api::backup_session::{SESSION_FINALIZED, human_bytes, parse_bytes};
 use crate::api::{BackupBatch, BackupSession, Repository};
+use crate::controller::observed::unfinalized;
 use crate::controller::trigger::next_run;
 use crate::session::{SessionError, create_backup_session, invoker_selector};
 use k8s_openapi::jiff::Timestamp;
@@ -112,6 +113,17 @@ fn render_description(
         |r| format!("{} at {}", r.name, r.finish_time.as_ref().map_or_else(|| "-".to_string(), |t| t.0.to_string())),
     );
     let _ = writeln!(out, "{:<14}{last}", "Last success:");
+    let namespace = batch.namespace().unwrap_or_default();
+    let waiting = unfinalized(&namespace, &batch.name_any(), sessions);
+    if waiting.count > 0 {
+        // A finalize that keeps failing: the session is no restorable set until it completes.
+        let oldest = waiting.oldest.map_or_else(String::new, |(finished, session)| {
+            let said = session.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == SESSION_FINALIZED));
+            let said = said.map(|c| format!(": {}", c.message.as_deref().unwrap_or("-"))).unwrap_or_default();
+            format!("; the oldest, {}, finished {finished}{said}", session.name_any())
+        });
+        let _ = writeln!(out, "{:<14}{} finished, not finalized yet{oldest}", "Finalizing:", waiting.count);
+    }
     let _ = writeln!(out, "\nConditions:");
     for c in &status.conditions {
         let _ = writeln!(
@@ -286,6 +298,21 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("site-2 STALLED: Deployment/web host web: no progress since"), "{text}");
+        assert!(!text.contains("Finalizing:"), "nothing waits on a finalize: {text}");
+
+        let waiting: BackupSession = serde_json::from_value(serde_json::json!({
+            "apiVersion": "stash.appscode.com/v1beta1", "kind": "BackupSession",
+            "metadata": {"name": "site-1b", "namespace": "shop", "creationTimestamp": "2026-11-26T02:30:00Z"},
+            "spec": {"invoker": {"apiGroup": "stash.appscode.com", "kind": "BackupBatch", "name": "site"}},
+            "status": {"phase": "Succeeded", "sessionDuration": "90s", "conditions": [{"type": "SessionFinalized",
+                "status": "False", "reason": "FinalizeFailed", "message": "the backend refused the connection"}]}
+        }))
+        .expect("a session");
+        let text = render_description(&batch, None, &[waiting], now);
+        assert!(
+            text.contains("Finalizing:   1 finished, not finalized yet; the oldest, site-1b, finished 2026-11-26T02:31:30Z: the backend refused the connection"),
+            "{text}"
+        );
     }
 
     #[test]

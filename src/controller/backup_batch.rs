@@ -221,7 +221,7 @@ fn export_series(
     let sessions = ctx.sessions.state();
     let samples = observed::batch_series(&observed, &sessions, repository, Timestamp::now());
     ctx.metrics.controller.state.export(&observed::batch_owner(namespace, &batch.name_any()), samples);
-    observed::unfinalized(namespace, &batch.name_any(), &sessions).count > 0
+    observed::unfinalized(namespace, &batch.name_any(), sessions.iter().map(|s| &**s)).count > 0
 }
 
 /// Applies `status` unless the batch already has it. Our own write comes back as a watch event and

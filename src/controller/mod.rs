@@ -11,7 +11,7 @@ mod finalize_retry;
 mod grants;
 mod identity;
 pub mod leader;
-mod observed;
+pub(crate) mod observed;
 pub mod progress;
 pub mod restore_batch;
 pub mod targets;

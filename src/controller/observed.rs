@@ -83,9 +83,9 @@ pub(crate) fn batch_series(
         push(StateGauge::Condition, &condition_labels(&ours, target, condition), 1.0);
     }
 
-    let waiting = unfinalized(&namespace, &name, sessions);
+    let waiting = unfinalized(&namespace, &name, sessions.iter().map(|s| &**s));
     push(StateGauge::UnfinalizedSessions, &ours, waiting.count as f64);
-    if let Some(since) = waiting.since {
+    if let Some((since, _)) = waiting.oldest {
         push(StateGauge::UnfinalizedSince, &ours, since.as_second() as f64);
     }
 
@@ -107,19 +107,23 @@ pub(crate) fn batch_series(
 }
 
 /// A batch's finished sessions whose finalize has not completed yet.
-#[derive(Debug, Default, PartialEq)]
-pub(crate) struct Unfinalized {
+#[derive(Debug, Default)]
+pub(crate) struct Unfinalized<'a> {
     pub count: usize,
-    /// When the oldest of them finished.
-    pub since: Option<Timestamp>,
+    /// The one of them that finished first, and when.
+    pub oldest: Option<(Timestamp, &'a BackupSession)>,
 }
 
 /// The sessions of `batch` among `sessions` that finished (Succeeded or Failed) and are not
 /// finalized: until its finalize completes a session is no restorable set, and retention keeps
 /// its data. A finalize that keeps failing is retried for as long as the session exists; this is
 /// what shows it before the batch's last success grows old.
-pub(crate) fn unfinalized(namespace: &str, batch: &str, sessions: &[Arc<BackupSession>]) -> Unfinalized {
-    let waiting = sessions.iter().filter(|s| {
+pub(crate) fn unfinalized<'a>(
+    namespace: &str,
+    batch: &str,
+    sessions: impl IntoIterator<Item = &'a BackupSession>,
+) -> Unfinalized<'a> {
+    let waiting = sessions.into_iter().filter(|s| {
         let phase = s.status.as_ref().and_then(|st| st.phase);
         s.spec.invoker.kind == BACKUP_BATCH_KIND
             && s.spec.invoker.name == batch
@@ -128,12 +132,13 @@ pub(crate) fn unfinalized(namespace: &str, batch: &str, sessions: &[Arc<BackupSe
             && matches!(phase, Some(BackupSessionPhase::Succeeded | BackupSessionPhase::Failed))
             && !s.is_settled()
     });
-    waiting.fold(Unfinalized::default(), |seen, session| Unfinalized {
-        count: seen.count + 1,
-        since: match (seen.since, finish_time(session)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
+    waiting.fold(Unfinalized::default(), |seen, session| {
+        let finished = finish_time(session).map(|t| (t, session));
+        let oldest = match (seen.oldest, finished) {
+            (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
             (a, b) => a.or(b),
-        },
+        };
+        Unfinalized { count: seen.count + 1, oldest }
     })
 }
 
@@ -395,11 +400,14 @@ mod tests {
             Arc::new(deleting),
         ];
         let since = "2026-01-01T00:00:30Z".parse::<Timestamp>().expect("time");
-        assert_eq!(unfinalized("team", "app", &sessions), Unfinalized { count: 2, since: Some(since) });
+        let waiting = unfinalized("team", "app", sessions.iter().map(|s| &**s));
+        let oldest = waiting.oldest.map(|(t, s)| (t, s.name_any()));
+        assert_eq!((waiting.count, oldest), (2, Some((since, "older".to_string()))));
         let samples = batch_series(&batch(json!({})), &sessions, None, Timestamp::UNIX_EPOCH);
         assert_eq!(value(&samples, StateGauge::UnfinalizedSessions, &[("batch", "app")]), Some(2.0));
         assert_eq!(value(&samples, StateGauge::UnfinalizedSince, &[]), Some(since.as_second() as f64));
-        assert_eq!(unfinalized("team", "idle", &sessions), Unfinalized::default());
+        let none = unfinalized("team", "idle", sessions.iter().map(|s| &**s));
+        assert_eq!((none.count, none.oldest.is_none()), (0, true));
     }
 
     #[test]
