@@ -13,6 +13,7 @@ use crate::api::common::{ConditionStatus, PodRuntimeSettings, TargetRef};
 use crate::api::{BackupBatch, Repository};
 use crate::conditions::{self, Desired};
 use crate::executor_pod::{ENV_REFUSED_WHY, database_task_refusal, env_refusal, is_database};
+use crate::metrics::StateGauge;
 use crate::tenancy::{self, Refusal};
 use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::Secret;
@@ -218,10 +219,12 @@ fn export_series(
         }),
         ..batch.clone()
     };
-    let sessions = ctx.sessions.state();
-    let samples = observed::batch_series(&observed, &sessions, repository, Timestamp::now());
+    let samples = observed::batch_series(&observed, &ctx.sessions.state(), repository, Timestamp::now());
+    // Read from the series just computed: another pass over every cached session would cost each
+    // reconcile as much again.
+    let waiting = samples.iter().any(|s| s.gauge == StateGauge::UnfinalizedSessions && s.value > 0.0);
     ctx.metrics.controller.state.export(&observed::batch_owner(namespace, &batch.name_any()), samples);
-    observed::unfinalized(namespace, &batch.name_any(), sessions.iter().map(|s| &**s)).count > 0
+    waiting
 }
 
 /// Applies `status` unless the batch already has it. Our own write comes back as a watch event and
